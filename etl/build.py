@@ -1,0 +1,224 @@
+"""Stage 1 orchestration: one date of raw log -> the Delta tables, with a report whose counts add up.
+
+The job (`jobs/build_samples.py`) is a thin wrapper around `build_date`. All row work runs in Spark;
+the driver only collects small per-reason counts.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl import samples as S
+from etl.config import Config, under_root
+from etl.tables import TableStore
+
+log = logging.getLogger(__name__)
+
+JOB = "build_samples"
+QUARANTINE_COLUMNS = ("source", "reason", "raw", "event_id", "job_run_id")
+
+
+class InputError(RuntimeError):
+    """The input a job was asked to read is not there (with the path that was looked for)."""
+
+
+@dataclass
+class DateReport:
+    dt: str
+    counts: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def identities(self) -> list[tuple[str, int, int]]:
+        """(name, left, right) for each accounting identity; left == right when nothing was lost."""
+        c = self.counts
+        q = c["quarantine"]
+        return [
+            ("raw_rows = valid_pv + valid_click + quarantined(search_log)",
+             c["raw_rows"], c["valid_pv"] + c["valid_click"] + sum(q["search_log"].values())),
+            ("valid_pv = pv_samples + dropped(no_positive, no_history)",
+             c["valid_pv"], c["pv_samples"] + sum(c["pv_dropped"].values())),
+            ("impressions = ctr_log + neg_downsampled",
+             c["impressions"], c["ctr_log"] + c["neg_downsampled"]),
+            ("impressions(kept PVs) = pv_items + neg_downsampled(kept PVs) + trimmed",
+             c["kept_pv_impressions"], c["pv_items"] + c["kept_pv_neg_downsampled"] + c["trimmed"]),
+            ("valid_click = positive impressions",
+             c["valid_click"], c["positive_impressions"]),
+            ("catalog_rows = items + quarantined(catalog)",
+             c["catalog_rows"], c["items"] + sum(q["catalog"].values())),
+            ("items = item_images + quarantined(image)",
+             c["items"], c["item_images"] + sum(q["image"].values())),
+            ("pv_samples = courier_train + dropped(no_positive_image, no_history_image)",
+             c["pv_samples"], c["courier_train"] + sum(c["train_dropped"].values())),
+        ]
+
+    def check(self) -> None:
+        bad = [f"{name}: {left} != {right}" for name, left, right in self.identities() if left != right]
+        if bad:
+            raise AssertionError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad))
+
+    def render(self) -> str:
+        c = self.counts
+        lines = [f"== build_samples {self.dt} =="]
+        for name, left, right in self.identities():
+            lines.append(f"  [{'ok' if left == right else 'MISMATCH'}] {name}: {left} = {right}")
+        for source, reasons in c["quarantine"].items():
+            for reason, n in sorted(reasons.items()):
+                lines.append(f"  quarantined {source}/{reason}: {n}")
+        for reason, n in sorted({**c["pv_dropped"], **c["train_dropped"]}.items()):
+            lines.append(f"  dropped {reason}: {n}")
+        lines.append("  table versions: " + ", ".join(f"{k}=v{v}" for k, v in self.versions.items()))
+        return "\n".join(lines)
+
+
+def date_range(start: str, end: str | None) -> list[str]:
+    d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end or start)
+    if d1 < d0:
+        raise ValueError(f"end date {end} is before start date {start}")
+    return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
+def _read_dated_text(spark, base: str, dates: list[str], pattern: str) -> DataFrame:
+    """Text lines of base/dt=<date>/<pattern> for the given dates, with a `dt` column."""
+    paths = [under_root(base, f"dt={d}") for d in dates]
+    return (spark.read.option("basePath", base).option("pathGlobFilter", pattern).text(paths)
+            .select("value", F.col("dt").cast("string").alias("dt")))
+
+
+def _existing_dates(base: str, dates: list[str]) -> list[str]:
+    return [d for d in dates if os.path.isdir(under_root(base, f"dt={d}"))]
+
+
+def _reason_counts(df: DataFrame, *keys: str) -> dict:
+    out: dict = {}
+    for row in df.groupBy(*keys).count().collect():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(row[k], {})
+        node[row[keys[-1]]] = row["count"]
+    return out
+
+
+def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) -> DateReport:
+    """Build every stage-1 table partition of one date and return its report (counts checked)."""
+    sc = cfg.samples
+    log_base = under_root(cfg.raw_root, "search_log")
+    catalog_base = under_root(cfg.raw_root, "catalog")
+    if not os.path.isdir(under_root(log_base, f"dt={date}")):
+        raise InputError(f"no raw search log for {date}: expected files under {log_base}/dt={date}/")
+    report = DateReport(dt=date)
+    d = dt.date.fromisoformat(date)
+    window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, -1, -1)]
+    log_dates = _existing_dates(log_base, window)
+    missing = sorted(set(window) - set(log_dates))
+    if missing:
+        log.warning("%s: no raw log for lookback date(s) %s; click history starts later", date, missing)
+
+    # ---- catalog: every catalog date up to this one defines the known items ---------------------
+    catalog_dates = sorted(p[3:] for p in os.listdir(catalog_base)
+                           if p.startswith("dt=") and p[3:] <= date) if os.path.isdir(catalog_base) else []
+    if not catalog_dates:
+        raise InputError(f"no item catalog on or before {date} under {catalog_base}")
+    catalog = S.parse_catalog(_read_dated_text(spark, catalog_base, catalog_dates, "*.jsonl"))
+    catalog = catalog.persist(StorageLevel.MEMORY_AND_DISK)
+    known_items = catalog.where(F.col("reason").isNull()).select("item_id")
+    todays_items = catalog.where((F.col("dt") == date) & F.col("reason").isNull())
+
+    # ---- events: parse, dedupe, check item references and clicks -------------------------------
+    raw = _read_dated_text(spark, log_base, log_dates, "*.jsonl")
+    events = S.parse_events(raw)
+    events = S.mark_duplicates(events)
+    events = S.mark_unknown_items(events, known_items)
+    events = S.mark_bad_clicks(events).persist(StorageLevel.MEMORY_AND_DISK)
+    valid = S.sessionize(events.where(F.col("reason").isNull()), sc.session_gap_minutes)
+    pvs = valid.where(F.col("event_type") == "pv")
+    clicks = valid.where(F.col("event_type") == "click")
+
+    # ---- samples -------------------------------------------------------------------------------
+    todays_pvs = S.click_history(pvs, clicks, sc.l_click).where(F.col("dt") == date)
+    labelled = S.label_pvs(todays_pvs, clicks, sc.neg_rate, sc.sampling_seed).persist(StorageLevel.MEMORY_AND_DISK)
+    samples = S.pv_samples(labelled, sc.l_pv, sc.sampling_seed).persist(StorageLevel.MEMORY_AND_DISK)
+    kept_samples = samples.where(F.col("drop_reason").isNull())
+
+    # ---- images --------------------------------------------------------------------------------
+    decoded = S.decode_images(todays_items, cfg.images_root, sc.image_px, sc.jpeg_quality).persist(
+        StorageLevel.MEMORY_AND_DISK)
+
+    # ---- quarantine: every rejected row of this date, with its reason ---------------------------
+    quarantine = (
+        events.where((F.col("dt") == date) & F.col("reason").isNotNull())
+        .select(F.lit("search_log").alias("source"), "reason", F.col("value").alias("raw"), "event_id")
+        .unionByName(catalog.where((F.col("dt") == date) & F.col("reason").isNotNull())
+                     .select(F.lit("catalog").alias("source"), "reason", F.col("value").alias("raw"),
+                             F.col("item_id").alias("event_id")))
+        .unionByName(decoded.where(F.col("reason").isNotNull()).join(todays_items, on="item_id", how="inner")
+                     .select(F.lit("image").alias("source"), decoded["reason"], F.col("value").alias("raw"),
+                             F.col("item_id").alias("event_id")))
+        .withColumn("job_run_id", F.lit(run_id))
+    )
+
+    # ---- writes: one commit per table, each replacing exactly this date's partition -------------
+    part = {"dt": date}
+    v = report.versions
+    v["quarantine"] = store.replace_partition(quarantine, "quarantine", {"dt": date, "job": JOB}, JOB, run_id)
+    v["items"] = store.replace_partition(
+        todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"),
+        "items", part, JOB, run_id)
+    v["item_images"] = store.replace_partition(
+        decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"),
+        "item_images", part, JOB, run_id)
+    v["pv_samples"] = store.replace_partition(
+        kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed"),
+        "pv_samples", part, JOB, run_id)
+    v["ctr_log"] = store.replace_partition(S.ctr_log(labelled), "ctr_log", part, JOB, run_id)
+    train = S.courier_train(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    v["courier_train"] = store.replace_partition(
+        train.where(F.col("drop_reason").isNull()).drop("drop_reason"), "courier_train", part, JOB, run_id)
+
+    # ---- counts (small aggregates collected to the driver) -------------------------------------
+    todays_events = events.where(F.col("dt") == date)
+    by_kind = _reason_counts(todays_events.fillna({"reason": "ok", "event_type": "?"}), "event_type", "reason")
+    q = _reason_counts(quarantine, "source", "reason")
+    agg = samples.groupBy(F.col("drop_reason").isNull().alias("kept")).agg(
+        F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
+        F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
+        F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos")).collect()
+    agg = {r["kept"]: r for r in agg}
+    zero = dict(pvs=0, impressions=0, neg=0, trimmed=0, pv_items=0, pos=0)
+    kept, dropped = (agg.get(k, zero) for k in (True, False))
+    c = report.counts
+    c["raw_rows"] = todays_events.count()
+    c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
+    c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
+    c["quarantine"] = {s: q.get(s, {}) for s in ("search_log", "catalog", "image")}
+    c["pv_samples"] = kept["pvs"]
+    c["pv_dropped"] = {r: n for r, n in _reason_counts(
+        samples.where(F.col("drop_reason").isNotNull()), "drop_reason").items()}
+    c["impressions"] = (kept["impressions"] or 0) + (dropped["impressions"] or 0)
+    c["neg_downsampled"] = (kept["neg"] or 0) + (dropped["neg"] or 0)
+    c["positive_impressions"] = (kept["pos"] or 0) + (dropped["pos"] or 0)
+    c["ctr_log"] = sum(f.num_records for f in store.files("ctr_log") if f.partition_values.get("dt") == date)
+    c["kept_pv_impressions"] = kept["impressions"] or 0
+    c["kept_pv_neg_downsampled"] = kept["neg"] or 0
+    c["trimmed"] = kept["trimmed"] or 0
+    c["pv_items"] = kept["pv_items"] or 0
+    c["catalog_rows"] = catalog.where(F.col("dt") == date).count()
+    c["items"] = todays_items.count()
+    c["item_images"] = decoded.where(F.col("reason").isNull()).count()
+    c["train_dropped"] = _reason_counts(train.where(F.col("drop_reason").isNotNull()), "drop_reason")
+    c["courier_train"] = train.where(F.col("drop_reason").isNull()).count()
+    for df in (events, catalog, labelled, samples, decoded, train):
+        df.unpersist()
+    report.check()
+    return report
+
+
+def report_json(reports: list[DateReport]) -> str:
+    return json.dumps([{"dt": r.dt, "counts": r.counts, "versions": r.versions} for r in reports], indent=2)

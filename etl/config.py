@@ -1,0 +1,302 @@
+"""Configuration: the one place that loads, validates and resolves the project's YAML config.
+
+A config file is a small tree of sections (``paths``, ``spark``, ``tables``, ``mlflow``, ``simulator``,
+``samples``). Each section is a frozen dataclass below; its fields are the only keys allowed, so a typo
+is an error that names the valid keys, not a silently ignored setting. Relative local paths resolve
+against the directory of the config file; URIs (``s3://...``, ``hdfs://...``) are kept as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used, with the key path that is wrong."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+@dataclass(frozen=True)
+class PathsConf:
+    # Every other local root defaults to a folder under data_root.
+    data_root: str = "../data"
+    raw_root: str | None = None  # search_log/dt=.../*.jsonl and catalog/dt=.../items.jsonl
+    images_root: str | None = None  # item images; catalog image_uri values resolve under it
+    tables_root: str | None = None  # one folder per Delta table
+    truth_root: str | None = None  # simulator's hidden truth (evaluation only, never a model input)
+    checkpoints_root: str | None = None
+
+
+@dataclass(frozen=True)
+class SparkConf:
+    master: str = "local[*]"  # ignored when spark-submit already set a master
+    app_name: str = "courier"
+    shuffle_partitions: int = 8
+    driver_memory: str = "4g"  # only applies when this process starts the JVM (not under spark-submit)
+    conf: dict = field(default_factory=dict)  # extra spark.* settings, passed through
+
+
+@dataclass(frozen=True)
+class TablesConf:
+    # delta-rs: Spark writes Parquet, deltalake commits (embedded default, no jars needed).
+    # spark-delta: native format("delta") with the Delta extension (clusters with the Delta jars).
+    # auto: spark-delta when the Delta jars are on Spark's class path, else delta-rs.
+    engine: str = "delta-rs"
+
+
+@dataclass(frozen=True)
+class MlflowConf:
+    tracking_uri: str | None = None  # default: sqlite db under data_root/mlflow
+    artifact_root: str | None = None  # default: data_root/mlflow/artifacts
+    experiment: str = "courier"
+
+
+@dataclass(frozen=True)
+class SimulatorConf:
+    preset: str = "demo"
+    seed: int = 7
+    start_date: str = "2026-11-20"
+    days: int | None = None  # default: the preset's
+    malformed_rate: float | None = None  # share of raw lines with one fault; default: the preset's
+    bad_image_rate: float | None = None  # share of new items with a missing/corrupt image
+    image_px: int | None = None  # rendered image size; default: the preset's
+
+
+@dataclass(frozen=True)
+class SamplesConf:
+    session_gap_minutes: int = 30  # a new session after this much inactivity (unless the log has session ids)
+    l_pv: int = 5  # PV items kept per sample, positives first (paper: 5)
+    l_click: int = 5  # click history length, most recent first (paper: 5)
+    neg_rate: float = 0.2  # share of non-clicked impressions kept (paper: 20%)
+    sampling_seed: int = 17  # part of the down-sampling hash: change it to draw another sample
+    history_lookback_days: int = 7  # raw log days read before the date for click history
+    image_px: int = 224  # item images are resized to image_px x image_px
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class Config:
+    env: str = "local"
+    paths: PathsConf = field(default_factory=PathsConf)
+    spark: SparkConf = field(default_factory=SparkConf)
+    tables: TablesConf = field(default_factory=TablesConf)
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
+    simulator: SimulatorConf = field(default_factory=SimulatorConf)
+    samples: SamplesConf = field(default_factory=SamplesConf)
+    source: str | None = None  # the file this config was loaded from
+
+    # ---- resolved paths: the only way the rest of the code reads a location -------------------
+    @property
+    def data_root(self) -> str:
+        return self.paths.data_root
+
+    def _root(self, value: str | None, default_sub: str) -> str:
+        return value if value is not None else _join(self.paths.data_root, default_sub)
+
+    @property
+    def raw_root(self) -> str:
+        return self._root(self.paths.raw_root, "raw")
+
+    @property
+    def images_root(self) -> str:
+        return self._root(self.paths.images_root, "raw/images")
+
+    @property
+    def tables_root(self) -> str:
+        return self._root(self.paths.tables_root, "tables")
+
+    @property
+    def truth_root(self) -> str:
+        return self._root(self.paths.truth_root, "truth")
+
+    @property
+    def checkpoints_root(self) -> str:
+        return self._root(self.paths.checkpoints_root, "checkpoints")
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return "sqlite:///" + _join(self.paths.data_root, "mlflow/mlflow.db")
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return self._root(self.mlflow.artifact_root, "mlflow/artifacts")
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _join(root: str, sub: str) -> str:
+    return root.rstrip("/") + "/" + sub if is_uri(root) else str(Path(root) / sub)
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Check a scalar against a field annotation (after `from __future__ import annotations`)."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing), {})  # noqa: S307
+    args = typing.get_args(hint)
+    allowed = args if args else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    for t in allowed:
+        if t is type(None):
+            continue
+        base = typing.get_origin(t) or t
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, bool):
+            continue
+        if isinstance(value, base):
+            return value
+        if base is str and isinstance(value, (dt.date,)):  # YAML turns 2026-11-20 into a date
+            return value.isoformat()
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        ftype = fields[name].type
+        if isinstance(ftype, str) and ftype.endswith("Conf"):
+            kwargs[name] = _build(globals()[ftype], value, key)
+        else:
+            kwargs[name] = _check_type(value, ftype, key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """Turn ["samples.neg_rate=0.3", ...] (CLI --set) into a nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key.path=value")
+        key, raw = pair.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.samples
+    checks = [
+        (0.0 < s.neg_rate <= 1.0, "samples.neg_rate must be in (0, 1]"),
+        (s.l_pv >= 1, "samples.l_pv must be >= 1"),
+        (s.l_click >= 2, "samples.l_click must be >= 2 (the UCS loss needs a target and a history)"),
+        (s.session_gap_minutes > 0, "samples.session_gap_minutes must be > 0"),
+        (s.history_lookback_days >= 0, "samples.history_lookback_days must be >= 0"),
+        (16 <= s.image_px <= 1024, "samples.image_px must be in [16, 1024]"),
+        (1 <= s.jpeg_quality <= 100, "samples.jpeg_quality must be in [1, 100]"),
+        (cfg.tables.engine in ("delta-rs", "spark-delta", "auto"),
+         "tables.engine must be one of delta-rs, spark-delta, auto"),
+        (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),
+        (cfg.simulator.preset in ("tiny", "demo", "bench"), "simulator.preset must be tiny, demo or bench"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    parse_date(cfg.simulator.start_date, "simulator.start_date")
+    bad_spark = [k for k in cfg.spark.conf if not str(k).startswith("spark.")]
+    if bad_spark:
+        raise ConfigError(f"spark.conf: keys must start with 'spark.', got {bad_spark}")
+
+
+def parse_date(value: str, what: str = "date") -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(f"{what}: expected YYYY-MM-DD, got {value!r}") from None
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    """Make local relative paths absolute against the config file's folder."""
+    def resolve(v: str | None) -> str | None:
+        if v is None or is_uri(v) or v.startswith("sqlite:"):
+            return v
+        return str((base_dir / os.path.expanduser(v)).resolve())
+
+    raw = dict(raw)
+    raw["paths"] = {k: resolve(v) for k, v in (raw.get("paths") or {}).items()}
+    if "data_root" not in raw["paths"]:
+        raw["paths"]["data_root"] = resolve(PathsConf.data_root)
+    ml = dict(raw.get("mlflow") or {})
+    if ml.get("artifact_root"):
+        ml["artifact_root"] = resolve(ml["artifact_root"])
+    uri = ml.get("tracking_uri")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        ml["tracking_uri"] = "sqlite:///" + resolve(uri[len("sqlite:///"):])
+    if ml:
+        raw["mlflow"] = ml
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> Config:
+    """Load, merge overrides into, resolve and validate a config file. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = _deep_merge(raw, overrides or {})
+    raw.pop("source", None)
+    raw = _resolve_paths(raw, path.parent.resolve())
+    cfg = _build(Config, raw, "")
+    cfg = dataclasses.replace(cfg, source=str(path.resolve()))
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain dict (for logging to MLflow and reports)."""
+    return dataclasses.asdict(cfg)
+
+
+def flat_params(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Flatten the named sections to {"samples.neg_rate": 0.2, ...} for MLflow params."""
+    d = to_dict(cfg)
+    return {f"{s}.{k}": v for s in sections for k, v in d[s].items()}
+
+
+def under_root(root: str, relative: str) -> str:
+    """Join a path from data (e.g. a catalog image_uri) to its root; refuse anything that escapes it."""
+    if is_uri(root):
+        if ".." in Path(relative).parts or relative.startswith("/"):
+            raise ConfigError(f"path {relative!r} escapes its root {root}")
+        return _join(root, relative)
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise ConfigError(f"path {relative!r} escapes its root {root}")
+    return str(target)

@@ -1,0 +1,323 @@
+"""Stage 1 transforms: raw search log -> validated events -> PV samples, CTR log and training rows.
+
+Every function here is a pure DataFrame -> DataFrame transform (the job wires them together and writes).
+The rules are the paper's (section 4.2 "Pre-training dataset"), made precise in DESIGN.md:
+- a PV is one result page (pv_id) shown to a user; an impression is positive when the same user
+  clicked that item on that PV;
+- click history: the user's last `l_click` distinct clicked items strictly before the PV's timestamp,
+  most recent first (index 0 is the latest click);
+- negative down-sampling keeps a non-clicked impression when a stable hash of (pv_id, item_id, seed)
+  falls under `neg_rate`, so every rerun on any cluster size keeps the same rows;
+- each PV is trimmed to `l_pv` items, positives first then by position; PVs without a positive or
+  without history are dropped with a counted reason.
+Rows that cannot be used get a `reason` instead of disappearing; the job writes them to `quarantine`.
+"""
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+# The raw log's event schema: every field is read as a string (or list of strings) so that a value of
+# the wrong type is a quarantine reason, not a parse failure of the whole line.
+RAW_EVENT_SCHEMA = T.StructType(
+    [T.StructField(n, T.StringType()) for n in
+     ("event_id", "event_type", "ts", "user_id", "pv_id", "query", "item_id", "session_id")]
+    + [T.StructField("items", T.ArrayType(T.StringType())), T.StructField("_corrupt_record", T.StringType())]
+)
+CATALOG_SCHEMA = T.StructType(
+    [T.StructField(n, T.StringType()) for n in ("item_id", "category", "title", "image_uri", "first_seen_dt")]
+    + [T.StructField("price", T.DoubleType()), T.StructField("_corrupt_record", T.StringType())]
+)
+EVENT_TYPES = ("pv", "click")
+_HASH_BUCKETS = 1 << 30
+
+
+def _first_reason(*cases: tuple[Column, str]) -> Column:
+    """The first matching reason of an ordered list of (condition, reason); null when none matches."""
+    expr = None
+    for cond, reason in cases:
+        expr = F.when(cond, F.lit(reason)) if expr is None else expr.when(cond, F.lit(reason))
+    return expr.otherwise(F.lit(None).cast("string"))
+
+
+def parse_events(raw: DataFrame) -> DataFrame:
+    """Raw JSON lines (value, dt) -> one row per line with typed fields and a `reason` (null = valid).
+
+    Reasons, first match wins: bad_json (not JSON / not an object of the right shape), null_id,
+    bad_event_type, bad_timestamp, empty_pv.
+    """
+    parsed = raw.select(
+        "value", "dt",
+        F.from_json("value", RAW_EVENT_SCHEMA,
+                    {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record"}).alias("e"),
+    )
+    is_pv = F.col("e.event_type") == "pv"
+    ts = F.to_timestamp("e.ts")
+    reason = _first_reason(
+        (F.col("e").isNull() | F.col("e._corrupt_record").isNotNull(), "bad_json"),
+        (F.col("e.event_id").isNull() | F.col("e.user_id").isNull() | F.col("e.pv_id").isNull()
+         | (~is_pv & F.col("e.item_id").isNull()), "null_id"),
+        (~F.col("e.event_type").isin(*EVENT_TYPES) | F.col("e.event_type").isNull(), "bad_event_type"),
+        (ts.isNull(), "bad_timestamp"),
+        (is_pv & (F.col("e.items").isNull() | (F.size("e.items") == 0)
+                  | F.exists("e.items", lambda x: x.isNull())), "empty_pv"),
+    )
+    return parsed.select(
+        "value", "dt",
+        F.col("e.event_id").alias("event_id"),
+        F.col("e.event_type").alias("event_type"),
+        ts.alias("ts"),
+        F.col("e.user_id").alias("user_id"),
+        F.col("e.pv_id").alias("pv_id"),
+        F.col("e.query").alias("query"),
+        F.col("e.items").alias("items"),
+        F.col("e.item_id").alias("item_id"),
+        F.col("e.session_id").alias("session_id"),
+        reason.alias("reason"),
+    )
+
+
+def mark_duplicates(events: DataFrame) -> DataFrame:
+    """Second and later copies of an event_id (among otherwise valid rows) get reason `duplicate`.
+
+    The copy kept is the earliest by (dt, ts, raw text): deterministic whatever the partitioning.
+    """
+    w = Window.partitionBy("event_id").orderBy("dt", "ts", "value")
+    rank = F.when(F.col("reason").isNull(), F.row_number().over(w))
+    return events.withColumn("reason", F.coalesce("reason", F.when(rank > 1, F.lit("duplicate"))))
+
+
+def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
+    """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`."""
+    known = items.select(F.col("item_id").alias("_known")).distinct()
+    refs = (events.where(F.col("reason").isNull())
+            .select("event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
+                                          .otherwise(F.array("item_id"))).alias("_ref")))
+    unknown = (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left")
+               .where(F.col("_known").isNull())
+               .select("event_id").distinct()
+               .withColumn("_unknown", F.lit(True)))
+    return (events.join(unknown, on="event_id", how="left")
+            .withColumn("reason", F.coalesce("reason", F.when(F.col("_unknown"), F.lit("unknown_item"))))
+            .drop("_unknown"))
+
+
+def mark_bad_clicks(events: DataFrame) -> DataFrame:
+    """Valid clicks that cannot label an impression get a reason.
+
+    orphan_click: no valid PV with that pv_id was read; click_not_on_pv: the item was not on the page;
+    click_user_mismatch: the PV was shown to another user; duplicate_click: a second click on the same
+    (pv, item) (labels are 0/1; the earliest click is kept).
+    """
+    pvs = events.where((F.col("reason").isNull()) & (F.col("event_type") == "pv")).select(
+        "pv_id", F.col("user_id").alias("_pv_user"), F.col("items").alias("_pv_items"))
+    clicks = events.where((F.col("reason").isNull()) & (F.col("event_type") == "click"))
+    w = Window.partitionBy("pv_id", "item_id").orderBy("ts", "event_id")
+    checked = (clicks.join(pvs, on="pv_id", how="left")
+               .withColumn("_click_rank", F.row_number().over(w))
+               .withColumn("reason", _first_reason(
+                   (F.col("_pv_user").isNull(), "orphan_click"),
+                   (F.col("_pv_user") != F.col("user_id"), "click_user_mismatch"),
+                   (~F.array_contains("_pv_items", F.col("item_id")), "click_not_on_pv"),
+                   (F.col("_click_rank") > 1, "duplicate_click"),
+               ))
+               .select("event_id", F.col("reason").alias("_click_reason")))
+    return (events.join(checked, on="event_id", how="left")
+            .withColumn("reason", F.coalesce("reason", "_click_reason"))
+            .drop("_click_reason"))
+
+
+def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
+    """Add session_id to valid events: the log's own session id, else a new session per user after
+    `gap_minutes` of inactivity (id = user_id + ':' + the session's first epoch second)."""
+    w = Window.partitionBy("user_id").orderBy(F.unix_micros("ts"), "event_id")
+    gap = F.unix_micros("ts") - F.lag(F.unix_micros("ts")).over(w)
+    starts = events.withColumn("_new", (gap.isNull() | (gap > gap_minutes * 60 * 1_000_000)).cast("int"))
+    starts = starts.withColumn("_start", F.when(F.col("_new") == 1, F.unix_seconds("ts")))
+    run = Window.partitionBy("user_id").orderBy(F.unix_micros("ts"), "event_id").rowsBetween(
+        Window.unboundedPreceding, Window.currentRow)
+    derived = F.concat_ws(":", "user_id", F.last("_start", ignorenulls=True).over(run).cast("string"))
+    return (starts.withColumn("session_id", F.coalesce("session_id", derived))
+            .drop("_new", "_start"))
+
+
+def click_history(pvs: DataFrame, clicks: DataFrame, l_click: int) -> DataFrame:
+    """Add click_history (the user's last `l_click` distinct clicked items strictly before the PV's
+    timestamp, most recent first) and click_history_ts to every PV.
+
+    A click at the PV's own timestamp or later is not history: the window ends 1 microsecond before.
+    """
+    timeline = (pvs.select("pv_id", "user_id", "ts", F.lit(None).cast("string").alias("_click_item"))
+                .unionByName(clicks.select(F.lit(None).cast("string").alias("pv_id"), "user_id", "ts",
+                                           F.col("item_id").alias("_click_item"))))
+    before = (Window.partitionBy("user_id").orderBy(F.unix_micros("ts"))
+              .rangeBetween(Window.unboundedPreceding, -1))
+    clicked = F.when(F.col("_click_item").isNotNull(),
+                     F.struct(F.unix_micros("ts").alias("t"), F.col("_click_item").alias("item")))
+    # Newest first; array_distinct keeps the first (most recent) occurrence of an item.
+    hist = (timeline.withColumn("_hist", F.reverse(F.array_sort(F.collect_list(clicked).over(before))))
+            .where(F.col("pv_id").isNotNull()))
+    items = F.slice(F.array_distinct(F.transform("_hist", lambda h: h["item"])), 1, l_click)
+    # _hist is newest first, so an item's first match is its latest click.
+    latest_ts = F.transform(items, lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
+    hist = hist.select("pv_id", items.alias("click_history"),
+                       F.transform(latest_ts, lambda t: F.timestamp_micros(t)).alias("click_history_ts"))
+    return pvs.join(hist, on="pv_id", how="left")
+
+
+def keep_negative(pv_id: Column, item_id: Column, neg_rate: float, seed: int) -> Column:
+    """Stable down-sampling decision: keep when hash(pv_id, item_id, seed) falls under neg_rate."""
+    bucket = F.pmod(F.xxhash64(pv_id, item_id, F.lit(seed)), F.lit(_HASH_BUCKETS))
+    return bucket < F.lit(int(neg_rate * _HASH_BUCKETS))
+
+
+def label_pvs(pvs: DataFrame, clicks: DataFrame, neg_rate: float, seed: int) -> DataFrame:
+    """Add `impressions`: array of struct(item_id, position, label, kept) in position order, where
+    kept = label or the down-sampling keeps it. No explode: arrays stay per PV."""
+    clicked = clicks.groupBy("pv_id").agg(F.collect_set("item_id").alias("_clicked"))
+    with_clicks = pvs.join(clicked, on="pv_id", how="left")
+    imps = F.transform("items", lambda item, pos: F.struct(
+        item.alias("item_id"),
+        pos.alias("position"),
+        F.coalesce(F.array_contains("_clicked", item), F.lit(False)).cast("int").alias("label"),
+    ))
+    imps = F.transform(imps, lambda s: s.withField(
+        "kept", (s["label"] == 1) | keep_negative(F.col("pv_id"), s["item_id"], neg_rate, seed)))
+    return with_clicks.withColumn("impressions", imps).drop("_clicked")
+
+
+def pv_samples(labelled: DataFrame, l_pv: int, sampling_seed: int) -> DataFrame:
+    """PV-grain samples with a `drop_reason` (null = kept): no_positive, then no_history.
+
+    pv_items/pv_labels/pv_positions: the kept impressions sorted positives first, then by position,
+    trimmed to l_pv. n_trimmed counts kept impressions cut by the trim.
+    """
+    kept = F.filter("impressions", lambda s: s["kept"])
+    # Sort key (1 - label, position): positives first, then page order.
+    ranked = F.array_sort(F.transform(kept, lambda s: F.struct(
+        (1 - s["label"]).alias("neg"), s["position"].alias("position"), s["item_id"].alias("item_id"))))
+    trimmed = F.slice(ranked, 1, l_pv)
+    n_pos = F.aggregate("impressions", F.lit(0), lambda acc, s: acc + s["label"])
+    return labelled.select(
+        F.sha2(F.concat_ws("|", "pv_id", F.lit(str(sampling_seed))), 256).substr(1, 16).alias("sample_id"),
+        "user_id", "session_id", "pv_id", "query", "ts",
+        F.transform(trimmed, lambda s: s["item_id"]).alias("pv_items"),
+        F.transform(trimmed, lambda s: 1 - s["neg"]).alias("pv_labels"),
+        F.transform(trimmed, lambda s: s["position"]).alias("pv_positions"),
+        F.coalesce("click_history", F.array().cast("array<string>")).alias("click_history"),
+        F.coalesce("click_history_ts", F.array().cast("array<timestamp>")).alias("click_history_ts"),
+        n_pos.alias("n_pos"),
+        F.size("impressions").alias("n_impressions"),
+        (F.size("impressions") - F.size(kept)).alias("n_neg_dropped"),
+        (F.size(kept) - F.size(trimmed)).alias("n_trimmed"),
+        _first_reason(
+            (n_pos == 0, "no_positive"),
+            (F.coalesce(F.size("click_history"), F.lit(0)) == 0, "no_history"),
+        ).alias("drop_reason"),
+        "dt",
+    )
+
+
+def ctr_log(labelled: DataFrame) -> DataFrame:
+    """Impression-grain CTR samples (not grouped, not trimmed; same down-sampling and history)."""
+    return (labelled.select("user_id", "session_id", "pv_id", "query", "ts", "click_history", "dt",
+                            F.explode(F.filter("impressions", lambda s: s["kept"])).alias("imp"))
+            .select("user_id", F.col("imp.item_id").alias("item_id"), "pv_id", "session_id", "query",
+                    F.col("imp.position").alias("position"), F.col("imp.label").alias("label"), "ts",
+                    F.coalesce("click_history", F.array().cast("array<string>")).alias("history"), "dt"))
+
+
+def parse_catalog(raw: DataFrame) -> DataFrame:
+    """Catalog JSON lines (value, dt) -> items with a `reason` (bad_json, null_id)."""
+    parsed = raw.select("value", "dt", F.from_json(
+        "value", CATALOG_SCHEMA, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record"}).alias("c"))
+    reason = _first_reason(
+        (F.col("c").isNull() | F.col("c._corrupt_record").isNotNull(), "bad_json"),
+        (F.col("c.item_id").isNull() | F.col("c.image_uri").isNull(), "null_id"),
+    )
+    return parsed.select(
+        "value", "dt",
+        F.col("c.item_id").alias("item_id"), F.col("c.category").alias("category"),
+        F.col("c.title").alias("title"), F.col("c.price").alias("price"),
+        F.coalesce("c.first_seen_dt", "dt").alias("first_seen_dt"),
+        F.col("c.image_uri").alias("image_uri"), reason.alias("reason"))
+
+
+IMAGE_RESULT_SCHEMA = T.StructType([
+    T.StructField("item_id", T.StringType()),
+    T.StructField("image", T.BinaryType()),
+    T.StructField("width", T.IntegerType()),
+    T.StructField("height", T.IntegerType()),
+    T.StructField("sha256", T.StringType()),
+    T.StructField("reason", T.StringType()),
+])
+
+
+def decode_images(items: DataFrame, images_root: str, image_px: int, jpeg_quality: int) -> DataFrame:
+    """Read, validate, resize (centre crop to image_px square) and JPEG-encode each item's image.
+
+    Runs in executors (Arrow batches); an image that is missing, undecodable or outside images_root
+    gets a reason instead of failing the job.
+    """
+    def decode_batches(batches):
+        from etl.images import load_and_resize
+
+        for pdf in batches:
+            rows = [load_and_resize(images_root, uri, image_px, jpeg_quality) for uri in pdf["image_uri"]]
+            out = pdf[["item_id"]].copy()
+            for i, col in enumerate(("image", "width", "height", "sha256", "reason")):
+                out[col] = [r[i] for r in rows]
+            yield out
+
+    return items.select("item_id", "image_uri").mapInPandas(decode_batches, IMAGE_RESULT_SCHEMA)
+
+
+def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
+    """Training rows for stage 2: kept PV samples with their PV and click-history images inline,
+    padded to l_pv / l_click with masks (1 = a real item with a usable image).
+
+    drop_reason (null = kept): no_positive_image (no clicked PV item has an image), then
+    no_history_image (no history item has an image).
+    """
+    slots = (samples.select("sample_id", F.lit("pv").alias("kind"),
+                            F.posexplode("pv_items").alias("slot", "item_id"))
+             .unionByName(samples.select("sample_id", F.lit("click").alias("kind"),
+                                         F.posexplode("click_history").alias("slot", "item_id"))))
+    images = item_images.select("item_id", "image")
+    joined = slots.join(images, on="item_id", how="left")
+    grouped = joined.groupBy("sample_id").agg(
+        F.array_sort(F.collect_list(F.struct("kind", "slot", "image"))).alias("_slots"))
+
+    def padded(kind: str, n: int, field: str, pad: Column) -> Column:
+        # Slots sorted by (kind, slot); a missing image becomes empty bytes with mask 0.
+        vals = F.transform(F.filter("_slots", lambda s: s["kind"] == kind), lambda s: s[field])
+        return F.concat(vals, F.array_repeat(pad, F.lit(n) - F.size(vals)))
+
+    def pad_to(col: str, n: int, pad: Column) -> Column:
+        return F.concat(F.col(col), F.array_repeat(pad, F.lit(n) - F.size(col)))
+
+    empty = F.lit(b"").cast("binary")
+    pv_images = F.transform(padded("pv", l_pv, "image", F.lit(None).cast("binary")),
+                            lambda b: F.coalesce(b, empty))
+    click_images = F.transform(padded("click", l_click, "image", F.lit(None).cast("binary")),
+                               lambda b: F.coalesce(b, empty))
+    rows = samples.join(grouped, on="sample_id", how="left").select(
+        "sample_id", "user_id", "session_id", "pv_id", "query", "ts",
+        pad_to("pv_items", l_pv, F.lit("")).alias("pv_items"),
+        pad_to("pv_labels", l_pv, F.lit(0)).alias("pv_labels"),
+        pv_images.alias("pv_images"),
+        pad_to("click_history", l_click, F.lit("")).alias("click_history"),
+        click_images.alias("click_images"),
+        "dt",
+    )
+    rows = (rows.withColumn("pv_mask", F.transform("pv_images", lambda b: (F.length(b) > 0).cast("int")))
+            .withColumn("click_mask", F.transform("click_images", lambda b: (F.length(b) > 0).cast("int"))))
+    has_pos_image = F.exists(F.arrays_zip("pv_labels", "pv_mask"),
+                             lambda z: (z["pv_labels"] == 1) & (z["pv_mask"] == 1))
+    return rows.withColumn("drop_reason", _first_reason(
+        (~has_pos_image, "no_positive_image"),
+        (~F.array_contains("click_mask", 1), "no_history_image"),
+    )).select("sample_id", "user_id", "session_id", "pv_id", "query", "ts",
+              "pv_items", "pv_labels", "pv_mask", "pv_images",
+              "click_history", "click_mask", "click_images", "drop_reason", "dt")

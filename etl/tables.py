@@ -1,0 +1,242 @@
+"""Table I/O: the one module that knows how Delta tables are written and read.
+
+Two engines behind one API (`TableStore`):
+- ``delta-rs`` (embedded default, no jars): Spark writes a partition's Parquet files into a fresh folder
+  ``<table>/<k>=<v>/.../<run>/``; the driver lists them as Delta ``AddAction``s (footer row counts only,
+  no data) and commits them with deltalake in ONE transaction that replaces exactly that partition.
+  Readers see the old or the new partition, never a mix; files of a failed run are never referenced
+  (``vacuum`` removes them). Reads take a version's file list from the Delta log and scan it with Spark.
+- ``spark-delta`` (clusters with the Delta jars): ``format("delta")`` with ``replaceWhere``.
+Nothing outside this module knows which engine is in use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Mapping
+
+from etl.config import Config, is_uri, under_root
+from etl.spark import uses_native_delta
+
+log = logging.getLogger(__name__)
+
+_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class TableError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TableFile:
+    uri: str
+    partition_values: dict
+    num_records: int | None
+    size_bytes: int
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _partition_dir(values: Mapping[str, str]) -> str:
+    for k, v in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", str(v)):
+            raise TableError(f"partition value {k}={v!r} has characters not allowed in a path")
+    return "/".join(f"{k}={v}" for k, v in values.items())
+
+
+class TableStore:
+    """Delta tables under ``cfg.tables_root``: one folder per table name."""
+
+    def __init__(self, spark, cfg: Config):
+        self.spark = spark
+        self.root = cfg.tables_root
+        self.native = uses_native_delta(cfg)
+        if not is_uri(self.root):
+            os.makedirs(self.root, exist_ok=True)
+
+    # ---- locations and metadata -----------------------------------------------------------------
+    def path(self, name: str) -> str:
+        if not _TABLE_NAME.match(name):
+            raise TableError(f"bad table name {name!r}: use lower_snake_case")
+        return under_root(self.root, name)
+
+    def _delta(self, name: str, version: int | None = None):
+        from deltalake import DeltaTable
+
+        path = self.path(name)
+        if not DeltaTable.is_deltatable(path):
+            raise TableError(f"table {name!r} does not exist at {path}; run the job that writes it first")
+        return DeltaTable(path, version=version) if version is not None else DeltaTable(path)
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.path(name))
+
+    def version(self, name: str) -> int | None:
+        return self._delta(name).version() if self.exists(name) else None
+
+    def history(self, name: str) -> list[dict]:
+        return self._delta(name).history()
+
+    def files(self, name: str, version: int | None = None) -> list[TableFile]:
+        """The data files of a table version with their partition values (for Petastorm readers)."""
+        dt = self._delta(name, version)
+        import pyarrow as pa
+
+        actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+        uris = dt.file_uris()
+        base = self.path(name).rstrip("/")
+        by_rel = {u[len(base) + 1:] if u.startswith(base) else u: u for u in uris}
+        parts = [c for c in actions if c.startswith("partition.")]
+        out = []
+        for i, rel in enumerate(actions["path"]):
+            uri = by_rel.get(rel) or by_rel.get(_unquote(rel)) or f"{base}/{rel}"
+            out.append(TableFile(
+                uri=uri,
+                partition_values={p[len("partition."):]: actions[p][i] for p in parts},
+                num_records=actions["num_records"][i],
+                size_bytes=actions["size_bytes"][i],
+            ))
+        return out
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def read(self, name: str, version: int | None = None):
+        """A Spark DataFrame of the table (latest or a pinned version), partition columns included."""
+        if self.native:
+            reader = self.spark.read.format("delta")
+            if version is not None:
+                reader = reader.option("versionAsOf", version)
+            return reader.load(self.path(name))
+        from pyspark.sql import functions as F
+        from pyspark.sql.types import StructType
+
+        dt = self._delta(name, version)
+        schema = StructType.fromJson(json.loads(dt.schema().to_json()))
+        partition_cols = dt.metadata().partition_columns
+        files = self.files(name, version)
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
+        frames: dict[tuple, list[str]] = {}
+        for f in files:
+            frames.setdefault(tuple(f.partition_values.get(c) for c in partition_cols), []).append(f.uri)
+        # One scan per partition value set, each tagged with its values (partition columns are not
+        # stored in Delta data files); unioned by name into the table's column order.
+        out = None
+        for values, uris in sorted(frames.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+            df = self.spark.read.schema(data_schema).parquet(*uris)
+            for col, value in zip(partition_cols, values):
+                df = df.withColumn(col, F.lit(value).cast(schema[col].dataType))
+            out = df if out is None else out.unionByName(df)
+        return out.select(*schema.fieldNames())
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def replace_partition(self, df, name: str, partition: Mapping[str, str], job: str = "",
+                          run_id: str = "") -> int:
+        """Replace exactly one partition (e.g. {"dt": "2026-11-20"}) with df's rows, in one commit.
+
+        df must not carry the partition columns' values other than `partition` (they are set here).
+        Returns the new table version.
+        """
+        partition = {k: str(v) for k, v in partition.items()}
+        cols = list(partition)
+        data = df.drop(*[c for c in cols if c in df.columns])
+        meta = {"job": job, "run_id": run_id, "partition": json.dumps(partition)}
+        if self.native:
+            from pyspark.sql import functions as F
+
+            for c, v in partition.items():
+                data = data.withColumn(c, F.lit(v))
+            where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+            (data.write.format("delta").mode("overwrite").option("replaceWhere", where)
+             .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name)))
+            return self.version(name)
+        rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
+        adds = self._write_files(data, name, rel_dir, partition)
+        schema = self._arrow_schema(data, partition_cols=cols)
+        self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
+        return self.version(name)
+
+    def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
+        """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
+        meta = {"job": job, "run_id": run_id}
+        if self.native:
+            (df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+             .option("userMetadata", json.dumps(meta)).save(self.path(name)))
+            return self.version(name)
+        adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
+        self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
+        return self.version(name)
+
+    def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = True) -> list[str]:
+        """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run."""
+        return self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                        enforce_retention_duration=retention_hours >= 168)
+
+    # ---- delta-rs internals ---------------------------------------------------------------------
+    def _write_files(self, data, name: str, rel_dir: str, partition: Mapping[str, str]):
+        import pyarrow.parquet as pq
+        from deltalake.transaction import AddAction
+
+        table_path = self.path(name)
+        folder = f"{table_path.rstrip('/')}/{rel_dir}"
+        data.write.mode("errorifexists").parquet(folder)
+        adds = []
+        if is_uri(folder):
+            raise TableError("delta-rs engine writes local tables only; use tables.engine: spark-delta on a cluster")
+        for fname in sorted(os.listdir(folder)):
+            if not fname.endswith(".parquet") or fname.startswith((".", "_")):
+                continue
+            fpath = os.path.join(folder, fname)
+            st = os.stat(fpath)
+            rows = pq.ParquetFile(fpath).metadata.num_rows
+            if rows == 0:
+                continue  # Spark writes a schema-only file for an empty frame; the log needs none
+            adds.append(AddAction(f"{rel_dir}/{fname}", st.st_size, dict(partition), int(st.st_mtime * 1000),
+                                  True, json.dumps({"numRecords": rows})))
+        return adds
+
+    @staticmethod
+    def _arrow_schema(data, partition_cols):
+        import pyarrow as pa
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(data.schema)
+        # Spark's parquet files hold UTC microseconds; Delta's `timestamp` is exactly that.
+        fields = [pa.field(f.name, f.type, f.nullable) for f in schema]
+        fields += [pa.field(c, pa.string(), True) for c in partition_cols]
+        return pa.schema(fields)
+
+    def _commit(self, name, adds, schema, partition_cols, partition_filters, meta):
+        from deltalake import DeltaTable, Schema
+        from deltalake.transaction import CommitProperties, create_table_with_add_actions
+
+        path = self.path(name)
+        props = CommitProperties(custom_metadata={k: v for k, v in meta.items() if v})
+        if not DeltaTable.is_deltatable(path):
+            create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error",
+                                          partition_by=partition_cols or None, commit_properties=props)
+            return
+        dt = DeltaTable(path)
+        current = dt.schema().to_json()
+        if Schema.from_arrow(schema).to_json() != current:
+            raise TableError(
+                f"table {name!r}: the new data's schema differs from the table's; refusing to mix them.\n"
+                f"table: {current}\nnew:   {Schema.from_arrow(schema).to_json()}")
+        dt.create_write_transaction(adds, mode="overwrite", schema=schema,
+                                    partition_by=partition_cols or None,
+                                    partition_filters=partition_filters, commit_properties=props)
+        log.info("committed %s v%s (%d files)", name, dt.version() + 1, len(adds))
+
+
+def _unquote(path: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(path)

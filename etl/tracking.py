@@ -1,0 +1,44 @@
+"""MLflow setup: the one place that points MLflow at the configured tracking store and experiment."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from etl.config import Config, is_uri
+
+log = logging.getLogger(__name__)
+
+
+def setup_mlflow(cfg: Config) -> str:
+    """Set the tracking URI, make sure the experiment exists with its artifact root; return its id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    import mlflow
+
+    uri = cfg.mlflow_tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        artifacts = cfg.mlflow_artifact_root
+        if not is_uri(artifacts):
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+            artifacts = Path(artifacts).resolve().as_uri()
+        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextlib.contextmanager
+def start_run(cfg: Config, run_name: str, tags: dict | None = None):
+    """An MLflow run in the project's experiment; the run is marked FAILED if the body raises."""
+    import mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name=run_name, tags={"courier.env": cfg.env, **(tags or {})}) as run:
+        yield run

@@ -1,0 +1,1 @@
+"""Stages 3-4: item embeddings, clusters and CTR features."""

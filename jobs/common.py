@@ -1,0 +1,37 @@
+"""What every job's entry point shares: the --conf/--set arguments, logging and the warning filter."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+# spark-submit runs a job file as a script: make the project's packages importable from it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from etl.config import Config, load_config, parse_overrides  # noqa: E402
+
+
+def quiet_warnings() -> None:
+    """Petastorm and pyarrow print many FutureWarnings on this stack; keep the job output readable."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--conf", default=os.path.join(_ROOT, "conf", "local.yaml"), help="config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set samples.neg_rate=0.3 (repeatable)")
+    return p
+
+
+def load_job_config(args: argparse.Namespace) -> Config:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_warnings()
+    return load_config(args.conf, parse_overrides(args.set))

@@ -1,0 +1,133 @@
+"""Baseline image pretraining objectives compared with COURIER (paper sec. 4.2.3, appendix E).
+
+* SimCLR: NT-Xent over two augmented views, negatives from the global batch (tau=0.2 in the paper).
+* SimSiam: predictor MLP + stop-gradient, negative cosine (no negatives, no gather needed).
+* Supervised: linear classifier over the item category, cross-entropy.
+
+Every loss returns this rank's share of the global mean, exactly like ``training.courier``: the sum over
+ranks is the single-process loss on the concatenated batch, so under DDP (which averages gradients)
+the trainer backwards ``loss * world_size()``; see the module docstring of ``training/courier.py``.
+
+Only torch / torchvision / numpy are imported.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.courier import _global_count, gather_with_grad, world_rank
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation (SimCLR / SimSiam views)
+# --------------------------------------------------------------------------------------------------
+def _augment_pipeline(size: tuple[int, int], strength: float):
+    from torchvision.transforms import v2
+
+    s = strength
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+    )
+
+
+def augment(images: torch.Tensor, size: Optional[int] = None, strength: float = 1.0) -> torch.Tensor:
+    """A light SimCLR-style view of each image of a batch (B, 3, H, W), uint8 or float in [0, 1].
+
+    Random resized crop (scale 0.2-1), horizontal flip, colour jitter (p 0.8), grayscale (p 0.2).
+    torchvision.transforms.v2 draws one set of random parameters per call, so the transform is applied
+    image by image to get independent views (torch's global RNG; seed it for reproducible views).
+    Returns the same dtype and device, spatial size ``size`` (default: the input's).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected (B, 3, H, W), got {tuple(images.shape)}")
+    hw = (size, size) if size is not None else tuple(images.shape[-2:])
+    pipe = _augment_pipeline(hw, strength)
+    return torch.stack([pipe(img) for img in images])
+
+
+# --------------------------------------------------------------------------------------------------
+# SimCLR
+# --------------------------------------------------------------------------------------------------
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, gather: Gather = gather_with_grad,
+                 rank: Optional[int] = None) -> torch.Tensor:
+    """NT-Xent (SimCLR) over the global batch.
+
+    z1, z2 (n, d): the two views of this rank's n images. Anchors are the 2n local views; candidates are
+    the 2N views of every rank (gathered with gradients) except the anchor itself; the positive is the
+    other view of the same image. Returns sum over local anchors / (2N global anchors).
+    """
+    n, d = z1.shape
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    z = F.normalize(torch.cat([z1, z2], dim=0).to(dtype), dim=-1)  # (2n, d) local anchors
+    z_all = gather(z)  # (2N, d), rank blocks of [view1; view2]
+    rank = world_rank() if rank is None else rank
+    idx = torch.arange(2 * n, device=z.device)
+    self_idx = rank * 2 * n + idx
+    pos_idx = rank * 2 * n + (idx + n) % (2 * n)
+    logits = z @ z_all.t() / tau  # (2n, 2N)
+    logits = logits.masked_fill(
+        torch.arange(z_all.shape[0], device=z.device)[None, :] == self_idx[:, None], float("-inf")
+    )
+    per = torch.logsumexp(logits, dim=1) - logits.gather(1, pos_idx[:, None]).squeeze(1)
+    return per.sum() / z_all.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# SimSiam
+# --------------------------------------------------------------------------------------------------
+class SimSiamPredictor(nn.Module):
+    """h: bottleneck MLP predictor (SimSiam: d -> d/4 -> d, BN + ReLU in the hidden layer)."""
+
+    def __init__(self, dim: int = 256, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = hidden or max(dim // 4, 1)
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def simsiam_loss(z1: torch.Tensor, z2: torch.Tensor, predictor: nn.Module, gather: Gather = gather_with_grad
+                 ) -> torch.Tensor:
+    """L = 1/2 D(h(z1), sg(z2)) + 1/2 D(h(z2), sg(z1)), D = -cos. Share of the global mean."""
+    p1, p2 = predictor(z1), predictor(z2)
+    per = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1) + F.cosine_similarity(p2, z1.detach(), dim=-1))
+    n = torch.tensor(float(per.numel()), device=per.device, dtype=per.dtype)
+    return per.sum() / _global_count(n, gather)
+
+
+# --------------------------------------------------------------------------------------------------
+# Supervised (item category)
+# --------------------------------------------------------------------------------------------------
+class CategoryClassifier(nn.Module):
+    def __init__(self, dim: int = 256, num_classes: int = 1000):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.fc(e)
+
+
+def supervised_loss(e: torch.Tensor, category: torch.Tensor, classifier: nn.Module,
+                    mask: Optional[torch.Tensor] = None, gather: Gather = gather_with_grad) -> torch.Tensor:
+    """Cross-entropy of a linear classifier over item categories (N,) on embeddings e (N, d); items with
+    mask 0 (padding) or category < 0 (unknown) are ignored. Share of the global mean."""
+    keep = category >= 0
+    if mask is not None:
+        keep = keep & mask.bool()
+    logits = classifier(e).float() if e.dtype == torch.float16 else classifier(e)
+    per = F.cross_entropy(logits, category.clamp_min(0), reduction="none")
+    per = torch.where(keep, per, torch.zeros_like(per))
+    return per.sum() / _global_count(keep.sum().to(per.dtype), gather).clamp_min(1)
