@@ -61,7 +61,8 @@ class DateReport:
     def check(self) -> None:
         bad = [f"{name}: {left} != {right}" for name, left, right in self.identities() if left != right]
         if bad:
-            raise AssertionError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad))
+            raise AssertionError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad)
+                                 + f"\ncounts: {json.dumps(self.counts)}")
 
     def render(self) -> str:
         c = self.counts
@@ -102,6 +103,15 @@ def _reason_counts(df: DataFrame, *keys: str) -> dict:
         for k in keys[:-1]:
             node = node.setdefault(row[k], {})
         node[row[keys[-1]]] = row["count"]
+    return out
+
+
+def _sum_by_reason(groups) -> dict:
+    out: dict = {}
+    for reasons in groups:
+        for reason, n in reasons.items():
+            if reason != "ok":
+                out[reason] = out.get(reason, 0) + n
     return out
 
 
@@ -182,38 +192,42 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) ->
     v["courier_train"] = store.replace_partition(
         train.where(F.col("drop_reason").isNull()).drop("drop_reason"), "courier_train", part, JOB, run_id)
 
-    # ---- counts (small aggregates collected to the driver) -------------------------------------
-    todays_events = events.where(F.col("dt") == date)
-    by_kind = _reason_counts(todays_events.fillna({"reason": "ok", "event_type": "?"}), "event_type", "reason")
-    q = _reason_counts(quarantine, "source", "reason")
-    agg = samples.groupBy(F.col("drop_reason").isNull().alias("kept")).agg(
-        F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
-        F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
-        F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos")).collect()
-    agg = {r["kept"]: r for r in agg}
-    zero = dict(pvs=0, impressions=0, neg=0, trimmed=0, pv_items=0, pos=0)
-    kept, dropped = (agg.get(k, zero) for k in (True, False))
+    # ---- counts: one small grouped aggregate per cached frame, collected to the driver -----------
     c = report.counts
-    c["raw_rows"] = todays_events.count()
+    by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
+                             "event_type", "reason")
+    c["raw_rows"] = sum(n for kinds in by_kind.values() for n in kinds.values())
     c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
     c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
-    c["quarantine"] = {s: q.get(s, {}) for s in ("search_log", "catalog", "image")}
-    c["pv_samples"] = kept["pvs"]
-    c["pv_dropped"] = {r: n for r, n in _reason_counts(
-        samples.where(F.col("drop_reason").isNotNull()), "drop_reason").items()}
-    c["impressions"] = (kept["impressions"] or 0) + (dropped["impressions"] or 0)
-    c["neg_downsampled"] = (kept["neg"] or 0) + (dropped["neg"] or 0)
-    c["positive_impressions"] = (kept["pos"] or 0) + (dropped["pos"] or 0)
+    catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
+    image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
+    c["quarantine"] = {
+        "search_log": _sum_by_reason(by_kind.values()),
+        "catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
+        "image": {r: n for r, n in image_reasons.items() if r != "ok"},
+    }
+    c["catalog_rows"] = sum(catalog_reasons.values())
+    c["items"] = catalog_reasons.get("ok", 0)
+    c["item_images"] = image_reasons.get("ok", 0)
+    agg = {r["drop_reason"]: r for r in samples.groupBy("drop_reason").agg(
+        F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
+        F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
+        F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos")).collect()}
+    kept = agg.get(None)
+    c["pv_samples"] = kept["pvs"] if kept else 0
+    c["pv_dropped"] = {r: row["pvs"] for r, row in agg.items() if r is not None}
+    c["impressions"] = sum(row["impressions"] for row in agg.values())
+    c["neg_downsampled"] = sum(row["neg"] for row in agg.values())
+    c["positive_impressions"] = sum(row["pos"] for row in agg.values())
+    c["kept_pv_impressions"] = kept["impressions"] if kept else 0
+    c["kept_pv_neg_downsampled"] = kept["neg"] if kept else 0
+    c["trimmed"] = kept["trimmed"] if kept else 0
+    c["pv_items"] = kept["pv_items"] if kept else 0
+    # Rows written, from the commit's own file statistics (no re-scan).
     c["ctr_log"] = sum(f.num_records for f in store.files("ctr_log") if f.partition_values.get("dt") == date)
-    c["kept_pv_impressions"] = kept["impressions"] or 0
-    c["kept_pv_neg_downsampled"] = kept["neg"] or 0
-    c["trimmed"] = kept["trimmed"] or 0
-    c["pv_items"] = kept["pv_items"] or 0
-    c["catalog_rows"] = catalog.where(F.col("dt") == date).count()
-    c["items"] = todays_items.count()
-    c["item_images"] = decoded.where(F.col("reason").isNull()).count()
-    c["train_dropped"] = _reason_counts(train.where(F.col("drop_reason").isNotNull()), "drop_reason")
-    c["courier_train"] = train.where(F.col("drop_reason").isNull()).count()
+    train_reasons = _reason_counts(train.fillna({"drop_reason": "ok"}), "drop_reason")
+    c["courier_train"] = train_reasons.pop("ok", 0)
+    c["train_dropped"] = train_reasons
     for df in (events, catalog, labelled, samples, decoded, train):
         df.unpersist()
     report.check()

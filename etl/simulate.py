@@ -28,7 +28,7 @@ Items
   the same hue: stripes (period 1/f), dots (radius 0.3/f on a 1/f grid) or checks (cells 1/f), with
   f ~ 2.8 (fine) or 1.2 (coarse) cycles per silhouette radius, +-10%. Jitter: centre +-0.15,
   radius U(0.52, 0.72) of the half-width, rotation +-25 degrees, pattern angle +-20 degrees and
-  phase, and Gaussian pixel noise (sd 0.03) everywhere, so no two images are identical.
+  phase, and grey-level Gaussian pixel noise (sd 0.03) everywhere, so no two images are identical.
 * Cold start: the first date holds the initial catalog (``items`` of the preset); each later date
   adds ``round(new_item_share * items)`` new items (10%), which appear in that date's pages and later.
 
@@ -99,8 +99,8 @@ Layout
     images_root/<item_id>.png                             image_uri in the catalog is relative to it
     truth_root/item_styles.parquet, user_tastes.parquet   hidden truth: evaluation only
 
-Within a part file the valid events are sorted by (ts, pv before click); malformed lines are
-inserted near the event they were copied from. Re-running replaces the date folders it generates,
+Within a date the valid events are sorted by (ts, pv before click); each malformed line is inserted
+after the event it was copied from, within about 2,000 lines. Re-running replaces the date folders it generates,
 the images of the items it generates (and removes the file of a missing-image item), the truth
 tables and the manifest.
 
@@ -264,20 +264,26 @@ def _affinity_idx(u_hues: np.ndarray, u_pattern, u_shape, u_scale, i_hue, i_patt
 def taste_affinity(item_styles, user_tastes, user_ids: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
     """Affinity of each (user_ids[k], item_ids[k]) pair, from the truth tables (pandas DataFrames as
     read from ``item_styles.parquet`` / ``user_tastes.parquet``). Evaluation only: never a model input.
-    ``>= TASTE_MATCH_THRESHOLD`` means taste-matching."""
-    it = item_styles.set_index("item_id")
-    ut = user_tastes.set_index("user_id")
-    items = it.loc[list(item_ids)]
-    users = ut.loc[list(user_ids)]
-    code = lambda vocab, vals: np.array([vocab.index(v) if v in vocab else -1 for v in vals])
-    hues = np.full((len(users), 2), -1)
-    for k, hs in enumerate(users["liked_hues"].tolist()):
+    ``>= TASTE_MATCH_THRESHOLD`` means taste-matching. Raises KeyError on an unknown id."""
+    import pandas as pd
+
+    ipos = pd.Index(item_styles["item_id"]).get_indexer(pd.Index(list(item_ids)))
+    upos = pd.Index(user_tastes["user_id"]).get_indexer(pd.Index(list(user_ids)))
+    if (ipos < 0).any() or (upos < 0).any():
+        raise KeyError("taste_affinity: an id is not in the truth tables")
+
+    def codes(vocab: Sequence[str], values) -> np.ndarray:  # -1 for a value outside vocab ("none")
+        return np.asarray(pd.Categorical(values, categories=list(vocab)).codes, dtype=np.int64)
+
+    hues = np.full((len(user_tastes), 2), -1, dtype=np.int64)
+    for k, hs in enumerate(user_tastes["liked_hues"].tolist()):
         for j, h in enumerate(list(hs)[:2]):
             hues[k, j] = HUES.index(h)
-    return _affinity_idx(hues, code(PATTERNS, users["liked_pattern"]), code(SHAPES, users["liked_shape"]),
-                         code(SCALES, users["liked_scale"]), code(HUES, items["hue"]),
-                         code(PATTERNS, items["pattern"]), code(SHAPES, items["shape"]),
-                         code(SCALES, items["scale"]))
+    it, ut = item_styles, user_tastes
+    return _affinity_idx(hues[upos], codes(PATTERNS, ut["liked_pattern"])[upos],
+                         codes(SHAPES, ut["liked_shape"])[upos], codes(SCALES, ut["liked_scale"])[upos],
+                         codes(HUES, it["hue"])[ipos], codes(PATTERNS, it["pattern"])[ipos],
+                         codes(SHAPES, it["shape"])[ipos], codes(SCALES, it["scale"])[ipos])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,53 +320,60 @@ def _render_params(items: dict, seed: int) -> dict:
 
 
 def _render_batch(items: dict, prm: dict, idx: np.ndarray, px: int, seed: int) -> np.ndarray:
-    """Render items idx -> (B, px, px, 3) uint8. Pure numpy, one pass over the batch."""
+    """Render items idx (all of one shape and one pattern) -> (B, px, px, 3) uint8, pure numpy."""
     f32 = np.float32
-    B = len(idx)
+    shape, pattern = int(items["shape"][idx[0]]), int(items["pattern"][idx[0]])
+    assert (items["shape"][idx] == shape).all() and (items["pattern"][idx] == pattern).all()
     g = (np.arange(px, dtype=f32) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
     X = g[None, None, :]
     Y = g[None, :, None]
     col = lambda a: np.asarray(a[idx], dtype=f32)[:, None, None]
-    cx, cy, r, rot, prot, freq = col(prm["cx"]), col(prm["cy"]), col(prm["radius"]), col(prm["rot"]), \
-        col(prm["prot"]), col(prm["freq"])
+    cx, cy, r, rot, prot, freq = (col(prm[k]) for k in ("cx", "cy", "radius", "rot", "prot", "freq"))
     dx, dy = X - cx, Y - cy
-    c, s = np.cos(rot), np.sin(rot)
-    u = (c * dx + s * dy) / r
-    v = (-s * dx + c * dy) / r
-    shape = items["shape"][idx][:, None, None]
-    # signed distance (local units, > 0 inside) of each silhouette
-    sd_circle = 1.0 - np.sqrt(u * u + v * v)
-    sd_square = 0.84 - np.maximum(np.abs(u), np.abs(v))
-    apex, base, half = -1.33, 0.67, 1.15
-    norm = math.hypot(base - apex, half)
-    sd_side = ((v - apex) * half - (base - apex) * np.abs(u)) / norm
-    sd_tri = np.minimum(base - v, sd_side)
-    sd = np.where(shape == 0, sd_circle, np.where(shape == 1, sd_square, sd_tri))
-    alpha = np.clip(sd * r * (px / 2) + 0.5, 0, 1)
-    # pattern in the silhouette's frame, turned by a small extra angle
-    pc, ps = np.cos(prot), np.sin(prot)
-    pu = pc * u + ps * v
-    pv = -ps * u + pc * v
-    ph = np.asarray(prm["phase"][idx], dtype=f32)
-    ph0, ph1 = ph[:, 0][:, None, None], ph[:, 1][:, None, None]
-    pattern = items["pattern"][idx][:, None, None]
-    stripes = np.clip(0.5 + 2.5 * np.sin(2 * np.pi * (freq * pu + ph0)), 0, 1)
-    du = (freq * pu + ph0) % 1.0 - 0.5
-    dv = (freq * pv + ph1) % 1.0 - 0.5
-    dots = (du * du + dv * dv < 0.09).astype(f32)
-    checks = ((np.floor(freq * pu + ph0) + np.floor(freq * pv + ph1)) % 2).astype(f32)
-    m = np.where(pattern == 1, stripes, np.where(pattern == 2, dots, np.where(pattern == 3, checks, 0)))
-    m = m.astype(f32)[..., None]
+    c, s = np.cos(rot) / r, np.sin(rot) / r
+    u = c * dx + s * dy  # silhouette frame, in radii
+    v = c * dy - s * dx
+    # signed distance (in radii, > 0 inside) of the silhouette
+    if shape == 0:
+        sd = 1.0 - np.sqrt(u * u + v * v)
+    elif shape == 1:
+        sd = 0.84 - np.maximum(np.abs(u), np.abs(v))
+    else:
+        apex, base, half = -1.33, 0.67, 1.15
+        norm = math.hypot(base - apex, half)
+        sd = np.minimum(base - v, ((v - apex) * half - (base - apex) * np.abs(u)) / norm)
+    alpha = np.clip(sd * (r * (px / 2)) + 0.5, 0, 1)  # anti-aliased edge, one pixel wide
+    # pattern mask in the silhouette's frame, turned by a small extra angle
+    if pattern == 0:
+        m = None
+    else:
+        ph = np.asarray(prm["phase"][idx], dtype=f32)
+        ph0, ph1 = ph[:, 0][:, None, None], ph[:, 1][:, None, None]
+        pc, ps = np.cos(prot) * freq, np.sin(prot) * freq
+        pu = pc * u + ps * v + ph0  # in pattern periods
+        if pattern == 1:  # stripes
+            m = np.clip(0.5 + 2.5 * np.sin(2 * np.pi * pu), 0, 1)
+        else:
+            pv = pc * v - ps * u + ph1
+            if pattern == 2:  # dots
+                du, dv = pu % 1.0 - 0.5, pv % 1.0 - 0.5
+                m = (du * du + dv * dv < 0.09).astype(f32)
+            else:  # checks
+                m = ((np.floor(pu) + np.floor(pv)) % 2).astype(f32)
     fill = np.asarray(prm["fill"][idx], dtype=f32)[:, None, None, :]
     pat = np.asarray(prm["pat"][idx], dtype=f32)[:, None, None, :]
-    obj = fill * (1 - m) + pat * m
     ga = col(prm["grad_angle"])
     bg = col(prm["bg"]) + 0.07 * (X * np.cos(ga) + Y * np.sin(ga))
-    a = alpha.astype(f32)[..., None]
-    img = bg[..., None] * (1 - a) + obj * a
-    noise = _rng(seed, _STREAM_RENDER, 1 + int(idx[0])).standard_normal(img.shape, dtype=f32)
-    img = img + 0.03 * noise
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    noise = _rng(seed, _STREAM_RENDER, 1 + int(idx[0])).standard_normal(alpha.shape, dtype=f32)
+    grey = bg * (1 - alpha) + 0.03 * noise  # background + grey-level pixel noise everywhere
+    img = alpha[..., None] * fill
+    if m is not None:
+        img += (alpha * m)[..., None] * (pat - fill)
+    img += grey[..., None]
+    np.clip(img, 0, 1, out=img)
+    img *= 255
+    img += 0.5
+    return img.astype(np.uint8)
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -369,7 +382,7 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -389,20 +402,24 @@ def _write_images(items: dict, images_root: Path, px: int, seed: int,
     rng_bad = _rng(seed, _STREAM_BADIMG, 1)
     n = items["n"]
     status = items["image_status"]
-    for start in range(0, n, _RENDER_BATCH):
-        idx = np.arange(start, min(n, start + _RENDER_BATCH))
-        batch = _render_batch(items, prm, idx, px, seed)
-        for k, i in enumerate(idx.tolist()):
-            path = images_root / f"{items['item_id'][i]}.png"
-            if status[i] == 1:  # image_missing
-                if path.exists() or path.is_symlink():
-                    path.unlink()
-                continue
-            data = _png_bytes(batch[k])
-            if status[i] == 2:  # image_corrupt
-                data = _corrupt_bytes(data, rng_bad)
-            with open(path, "wb") as fh:
-                fh.write(data)
+    # batches of one (shape, pattern) so each pixel computes only its own silhouette and pattern
+    order = np.lexsort((np.arange(n), items["pattern"], items["shape"]))
+    groups = np.split(order, np.flatnonzero(np.diff(items["shape"][order] * 8 + items["pattern"][order])) + 1)
+    for group in groups:
+        for start in range(0, len(group), _RENDER_BATCH):
+            idx = group[start:start + _RENDER_BATCH]
+            batch = _render_batch(items, prm, idx, px, seed)
+            for k, i in enumerate(idx.tolist()):
+                path = images_root / f"{items['item_id'][i]}.png"
+                if status[i] == 1:  # image_missing
+                    if path.exists() or path.is_symlink():
+                        path.unlink()
+                    continue
+                data = _png_bytes(batch[k])
+                if status[i] == 2:  # image_corrupt
+                    data = _corrupt_bytes(data, rng_bad)
+                with open(path, "wb") as fh:
+                    fh.write(data)
     _say(progress, f"simulate: rendered {n} images ({px}px) in {time.perf_counter() - t0:.1f}s")
 
 
@@ -581,8 +598,9 @@ def _build_day_lines(d: int, date: str, tr: dict, items: dict, users: dict, seed
 
     # ---- malformed rows ------------------------------------------------------------------------
     rng = _rng(seed, _STREAM_MALFORMED, d)
-    total = int(round(malformed_rate * n_valid / (1.0 - malformed_rate))) if malformed_rate > 0 else 0
-    minimum = int(cfg.get("min_malformed_per_kind", 0)) if malformed_rate > 0 else 0
+    on = malformed_rate > 0 and P > 0
+    total = int(round(malformed_rate * n_valid / (1.0 - malformed_rate))) if on else 0
+    minimum = int(cfg.get("min_malformed_per_kind", 0)) if on else 0
     counts = dict(zip(MALFORMED_KINDS, _split_counts(total, len(MALFORMED_KINDS), minimum)))
     pos_of_pv = np.empty(P, np.int64)  # position in `lines` of each PV
     pos_of_pv[np.asarray(idxs)[np.asarray(kinds) == 0]] = np.flatnonzero(np.asarray(kinds) == 0)
@@ -621,8 +639,6 @@ def _build_day_lines(d: int, date: str, tr: dict, items: dict, users: dict, seed
     span = max(1, min(n_valid, 2000))
     for kind in MALFORMED_KINDS:
         for _ in range(counts[kind]):
-            if n_valid == 0:
-                break
             pos = int(rng.integers(0, n_valid))
             key = pos + 0.5 + float(rng.random()) * span
             if kind == "bad_json":

@@ -75,7 +75,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, gather: G
     idx = torch.arange(2 * n, device=z.device)
     self_idx = rank * 2 * n + idx
     pos_idx = rank * 2 * n + (idx + n) % (2 * n)
-    logits = z @ z_all.t() / tau  # (2n, 2N)
+    with torch.autocast(z.device.type, enabled=False):  # keep the logits in fp32 under fp16 autocast
+        logits = z @ z_all.t() / tau  # (2n, 2N)
     logits = logits.masked_fill(
         torch.arange(z_all.shape[0], device=z.device)[None, :] == self_idx[:, None], float("-inf")
     )

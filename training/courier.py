@@ -324,9 +324,11 @@ def reconstruct(
             raise ValueError("mode='multihead' needs an nn.MultiheadAttention (see Reconstruction)")
         # rows without clicks: let them attend to the padding (finite) and zero them afterwards
         kpm = ~cmask & has_click[:, None]
-        r, alpha = mha(e_pv, e_click, e_click, key_padding_mask=kpm, need_weights=True, average_attn_weights=True)
+        w_dtype = mha.out_proj.weight.dtype
+        r, alpha = mha(e_pv.to(w_dtype), e_click.to(w_dtype), e_click.to(w_dtype), key_padding_mask=kpm,
+                       need_weights=True, average_attn_weights=True)
         keep = has_click[:, None, None].to(r.dtype)
-        return r * keep, alpha * keep
+        return (r * keep).to(e_pv.dtype), (alpha * keep).to(e_pv.dtype)
     raise ValueError(f"unknown reconstruction mode {mode!r}; one of {RECONSTRUCTION_MODES}")
 
 
@@ -390,7 +392,8 @@ def contrastive_loss(
     packed = gather(torch.cat([z, in_denom[:, None].to(dtype), pos[:, None].to(dtype)], dim=1))
     z_all, denom_all, pos_all = packed[:, :d], packed[:, d].bool(), packed[:, d + 1]
 
-    logits = z_all @ r.t() / tau  # (N_global, n_local): Sim(a, b) / tau
+    with torch.autocast(e_pv.device.type, enabled=False):  # autocast would run this matmul in fp16
+        logits = z_all @ r.t() / tau  # (N_global, n_local): Sim(a, b) / tau
     rank = world_rank() if rank is None else rank
     own = rank * n_local + torch.arange(n_local, device=e_pv.device)  # global index of a = b
     # D for column b, plus b itself so that unused columns never have an empty (all -inf) denominator
@@ -466,7 +469,13 @@ def courier_loss(
             raise ValueError("cfg.proj_head needs projector= (ImageEncoder.project)")
         e_pv, e_click = projector(e_pv), projector(e_click)  # loss on g(E); E itself is used downstream
     pv_mask, click_mask = pv_mask.bool(), click_mask.bool()
+    # the loss runs in (at least) fp32 even under fp16 autocast: tau = 0.05 makes logits up to 20
+    dtype = torch.promote_types(e_pv.dtype, torch.float32)
+    with torch.autocast(e_pv.device.type, enabled=False):
+        return _courier_loss_fp32(e_pv.to(dtype), pv_labels, pv_mask, e_click.to(dtype), click_mask, cfg, mha, gather)
 
+
+def _courier_loss_fp32(e_pv, pv_labels, pv_mask, e_click, click_mask, cfg, mha, gather):
     def one(e_t, labels, t_mask, e_hist, h_mask):
         r, _ = reconstruct(e_t, e_hist, h_mask, mode=cfg.reconstruction, mha=mha)
         has_hist = h_mask.any(-1, keepdim=True).expand_as(t_mask)  # a target needs a click history
