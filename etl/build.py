@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 
 from pyspark import StorageLevel
@@ -17,6 +16,7 @@ from pyspark.sql import functions as F
 
 from etl import samples as S
 from etl.config import Config, under_root
+from etl.spark import list_dir, path_exists
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ def _read_dated_text(spark, base: str, dates: list[str], pattern: str) -> DataFr
             .select("value", F.col("dt").cast("string").alias("dt")))
 
 
-def _existing_dates(base: str, dates: list[str]) -> list[str]:
-    return [d for d in dates if os.path.isdir(under_root(base, f"dt={d}"))]
+def _existing_dates(spark, base: str, dates: list[str]) -> list[str]:
+    present = set(list_dir(spark, base))
+    return [d for d in dates if f"dt={d}" in present]
 
 
 def _reason_counts(df: DataFrame, *keys: str) -> dict:
@@ -120,19 +121,18 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) ->
     sc = cfg.samples
     log_base = under_root(cfg.raw_root, "search_log")
     catalog_base = under_root(cfg.raw_root, "catalog")
-    if not os.path.isdir(under_root(log_base, f"dt={date}")):
+    if not path_exists(spark, under_root(log_base, f"dt={date}")):
         raise InputError(f"no raw search log for {date}: expected files under {log_base}/dt={date}/")
     report = DateReport(dt=date)
     d = dt.date.fromisoformat(date)
     window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, -1, -1)]
-    log_dates = _existing_dates(log_base, window)
+    log_dates = _existing_dates(spark, log_base, window)
     missing = sorted(set(window) - set(log_dates))
     if missing:
         log.warning("%s: no raw log for lookback date(s) %s; click history starts later", date, missing)
 
     # ---- catalog: every catalog date up to this one defines the known items ---------------------
-    catalog_dates = sorted(p[3:] for p in os.listdir(catalog_base)
-                           if p.startswith("dt=") and p[3:] <= date) if os.path.isdir(catalog_base) else []
+    catalog_dates = [p[3:] for p in list_dir(spark, catalog_base) if p.startswith("dt=") and p[3:] <= date]
     if not catalog_dates:
         raise InputError(f"no item catalog on or before {date} under {catalog_base}")
     catalog = S.parse_catalog(_read_dated_text(spark, catalog_base, catalog_dates, "*.jsonl"))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up the environment (idempotent) and run the test suite: real Spark, Delta, MLflow, torch.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k samples
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/env.sh
+VENV="${COURIER_VENV:-$ROOT/.venv}"
+export PYSPARK_PYTHON="$VENV/bin/python" PYSPARK_DRIVER_PYTHON="$VENV/bin/python" SPARK_LOCAL_IP=127.0.0.1
+exec "$VENV/bin/python" -m pytest -q "$@"

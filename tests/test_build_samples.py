@@ -1,0 +1,173 @@
+"""Stage 1 on a hand-written log with a known answer: real Spark, real Delta (delta-rs)."""
+from __future__ import annotations
+
+import pytest
+from conftest import click, pv, write_catalog, write_log
+
+D0, D1 = "2026-11-19", "2026-11-20"
+ITEMS = [f"i{k}" for k in range(1, 9)]
+DUP = click("b2", "2026-11-20T08:00:10Z", "u1", "p1", "i4")
+BAD_LINES = {
+    "bad_json": '{"event_id": "x1", "event_type": "pv"',
+    "null_id": pv("x2", "2026-11-20T09:00:00Z", None, "p9", ["i1"]),
+    "bad_timestamp": pv("x3", "yesterday", "u3", "p10", ["i1"]),
+    "unknown_item": pv("x4", "2026-11-20T09:00:00Z", "u3", "p11", ["i1", "zz"]),
+    "unknown_click_item": click("x5", "2026-11-20T09:00:01Z", "u3", "p5", "zz"),
+    "orphan_click": click("x6", "2026-11-20T09:00:01Z", "u3", "pX", "i1"),
+    "click_not_on_pv": click("x7", "2026-11-20T09:00:02Z", "u2", "p5", "i5"),
+}
+
+
+def write_known_log(cfg) -> None:
+    # i7's image file is missing and i8's is corrupt: they are valid catalog items without a usable image.
+    write_catalog(cfg, D0, ITEMS, missing={"i7"}, corrupt={"i8"}, extra_lines=["{bad catalog line"])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2", "i3"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+    write_log(cfg, D1, [
+        pv("b1", "2026-11-20T08:00:00Z", "u1", "p1", ["i2", "i3", "i4", "i5", "i6", "i1", "i7"]),
+        DUP,
+        click("b3", "2026-11-20T08:00:20Z", "u1", "p1", "i5"),
+        pv("b4", "2026-11-20T08:10:00Z", "u1", "p2", ["i1", "i2", "i3"]),
+        # A click on p1 at exactly p2's timestamp: not history for p2 (strictly before only).
+        click("b5", "2026-11-20T08:10:00Z", "u1", "p1", "i6"),
+        click("b6", "2026-11-20T08:10:30Z", "u1", "p2", "i2"),
+        # 49.5 minutes of inactivity: a new session.
+        pv("b7", "2026-11-20T09:00:00Z", "u1", "p3", ["i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8"]),
+        click("b8", "2026-11-20T09:00:10Z", "u1", "p3", "i6"),
+        click("b9", "2026-11-20T09:00:11Z", "u1", "p3", "i3"),
+        pv("b10", "2026-11-20T09:05:00Z", "u1", "p4", ["i3"]),  # no click: no_positive
+        pv("b11", "2026-11-20T09:00:00Z", "u2", "p5", ["i1", "i2"]),  # u2 never clicked before: no_history
+        click("b12", "2026-11-20T09:00:01Z", "u2", "p5", "i1"),
+        pv("b13", "2026-11-20T10:00:00Z", "u1", "p6", ["i1", "i7"]),  # the only positive has no image
+        click("b14", "2026-11-20T10:00:03Z", "u1", "p6", "i7"),
+        DUP,  # the same event again
+        *BAD_LINES.values(),
+    ])
+
+
+@pytest.fixture(scope="module")
+def known(spark, tmp_path_factory):
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from conftest import write_config
+
+    tmp = tmp_path_factory.mktemp("known")
+    # neg_rate 1.0 keeps every negative, so trim and order are checked without the sampler.
+    cfg = load_config(write_config(tmp, {"samples": {"neg_rate": 1.0, "image_px": 32}}))
+    write_known_log(cfg)
+    store = TableStore(spark, cfg)
+    reports = [build_date(spark, cfg, store, d, "run-1") for d in (D0, D1)]
+    return cfg, store, reports
+
+
+def rows_by(df, key):
+    return {r[key]: r.asDict() for r in df.collect()}
+
+
+def test_history_is_strictly_before_and_most_recent_first(known):
+    _, store, _ = known
+    s = rows_by(store.read("pv_samples").where("dt = '2026-11-20'"), "pv_id")
+    assert s["p1"]["click_history"] == ["i1"]  # from the day before (lookback)
+    assert s["p2"]["click_history"] == ["i5", "i4", "i1"]  # b5 (i6, same ts as p2) is not history
+    assert s["p3"]["click_history"] == ["i2", "i6", "i5", "i4", "i1"]  # l_click = 5, distinct
+    assert s["p3"]["click_history_ts"][0] > s["p3"]["click_history_ts"][1]
+
+
+def test_positives_first_then_position_and_trim(known):
+    _, store, reports = known
+    s = rows_by(store.read("pv_samples").where("dt = '2026-11-20'"), "pv_id")
+    assert s["p1"]["pv_items"] == ["i4", "i5", "i6", "i2", "i3"]
+    assert s["p1"]["pv_labels"] == [1, 1, 1, 0, 0]
+    assert s["p1"]["pv_positions"] == [2, 3, 4, 0, 1]
+    # p3 shows 8 items, 2 clicked: both first, then 3 negatives by position; 3 trimmed.
+    assert s["p3"]["pv_items"] == ["i3", "i6", "i1", "i2", "i4"]
+    assert s["p3"]["pv_labels"] == [1, 1, 0, 0, 0]
+    c = reports[1].counts
+    assert c["trimmed"] == 2 + 3  # p1 (7 items) and p3 (8 items); p2 and p6 fit
+    assert c["pv_items"] == 5 + 3 + 5 + 2
+
+
+def test_sessions_split_on_inactivity_gap(known):
+    _, store, _ = known
+    s = rows_by(store.read("pv_samples").where("dt = '2026-11-20'"), "pv_id")
+    assert s["p1"]["session_id"] == s["p2"]["session_id"]
+    assert s["p3"]["session_id"] != s["p2"]["session_id"]
+    assert s["p6"]["session_id"] not in (s["p1"]["session_id"], s["p3"]["session_id"])  # 55 min after p4
+    assert s["p1"]["session_id"] == "u1:" + str(1795161600)  # user + first epoch second of the session
+
+
+def test_drop_reasons_and_quarantine_reasons(known):
+    _, store, reports = known
+    c = reports[1].counts
+    assert set(rows_by(store.read("pv_samples").where("dt = '2026-11-20'"), "pv_id")) == {"p1", "p2", "p3", "p6"}
+    assert c["pv_dropped"] == {"no_positive": 1, "no_history": 1}
+    assert c["quarantine"]["search_log"] == {
+        "bad_json": 1, "null_id": 1, "bad_timestamp": 1, "unknown_item": 2, "duplicate": 1,
+        "orphan_click": 1, "click_not_on_pv": 1}
+    q = store.read("quarantine").where("dt = '2026-11-20'").collect()
+    assert sorted(r["event_id"] for r in q if r["reason"] == "unknown_item") == ["x4", "x5"]
+    assert all(r["raw"] and r["job_run_id"] == "run-1" for r in q)
+    c0 = reports[0].counts
+    assert c0["quarantine"]["catalog"] == {"bad_json": 1}
+    assert c0["quarantine"]["image"] == {"image_missing": 1, "image_corrupt": 1}
+    assert c0["items"] == 8 and c0["item_images"] == 6
+
+
+def test_dedupe_keeps_one_click(known):
+    _, store, _ = known
+    labels = [(r["item_id"], r["label"]) for r in
+              store.read("ctr_log").where("pv_id = 'p1'").orderBy("position").collect()]
+    assert labels == [("i2", 0), ("i3", 0), ("i4", 1), ("i5", 1), ("i6", 1), ("i1", 0), ("i7", 0)]
+
+
+def test_counts_add_up(known):
+    _, _, reports = known
+    for r in reports:
+        r.check()
+        assert all(left == right for _, left, right in r.identities())
+    c = reports[1].counts
+    assert c["raw_rows"] == 15 + len(BAD_LINES)
+    assert c["valid_pv"] == 6 and c["valid_click"] == 8
+    assert c["impressions"] == 7 + 3 + 8 + 1 + 2 + 2 == c["ctr_log"]  # neg_rate 1.0 keeps all
+
+
+def test_courier_train_masks_and_images(known):
+    _, store, reports = known
+    t = rows_by(store.read("courier_train").where("dt = '2026-11-20'"), "pv_id")
+    assert set(t) == {"p1", "p2", "p3"}
+    assert reports[1].counts["train_dropped"] == {"no_positive_image": 1}  # p6: its positive is i7
+    p2 = t["p2"]
+    assert p2["pv_items"] == ["i2", "i1", "i3", "", ""] and p2["pv_mask"] == [1, 1, 1, 0, 0]
+    assert p2["click_history"] == ["i5", "i4", "i1", "", ""] and p2["click_mask"] == [1, 1, 1, 0, 0]
+    assert all(len(b) > 0 for b in p2["pv_images"][:3]) and p2["pv_images"][3] == b""
+    from etl.images import decode_jpeg
+
+    assert decode_jpeg(p2["pv_images"][0]).shape == (32, 32, 3)
+    img = rows_by(store.read("item_images"), "item_id")
+    assert p2["pv_images"][0] == img["i2"]["image"]
+
+
+def test_rerun_is_idempotent(spark, known):
+    from etl.build import build_date
+
+    cfg, store, _ = known
+    tables = ("pv_samples", "ctr_log", "courier_train", "items", "item_images", "quarantine")
+
+    def snapshot():
+        out = {}
+        for t in tables:
+            df = store.read(t).where(f"dt = '{D1}'")
+            if t == "quarantine":
+                df = df.drop("job_run_id")
+            out[t] = sorted(map(repr, (r.asDict() for r in df.collect())))
+        return out
+
+    before, versions = snapshot(), {t: store.version(t) for t in tables}
+    build_date(spark, cfg, store, D1, "run-2")
+    assert snapshot() == before
+    assert {t: store.version(t) for t in tables} == {t: v + 1 for t, v in versions.items()}
+    # The older version is still readable (time travel) and holds the same rows.
+    assert store.read("pv_samples", version=versions["pv_samples"]).count() == store.read("pv_samples").count()
+    # Other dates' partitions are untouched by the rerun.
+    assert store.read("ctr_log").where(f"dt = '{D0}'").count() == 3
