@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
@@ -116,8 +118,11 @@ def _sum_by_reason(groups) -> dict:
     return out
 
 
-def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) -> DateReport:
-    """Build every stage-1 table partition of one date and return its report (counts checked)."""
+def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
+               progress: Callable[[str], None] | None = None) -> DateReport:
+    """Build every stage-1 table partition of one date and return its report (counts checked).
+
+    `progress` receives a line per table written (name, version, rows, seconds)."""
     sc = cfg.samples
     log_base = under_root(cfg.raw_root, "search_log")
     catalog_base = under_root(cfg.raw_root, "catalog")
@@ -127,9 +132,11 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) ->
     d = dt.date.fromisoformat(date)
     window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, -1, -1)]
     log_dates = _existing_dates(spark, log_base, window)
-    missing = sorted(set(window) - set(log_dates))
-    if missing:
-        log.warning("%s: no raw log for lookback date(s) %s; click history starts later", date, missing)
+    gaps = [x for x in window if x not in log_dates and x > log_dates[0]]
+    if gaps:
+        log.warning("%s: no raw log for date(s) %s inside the history window", date, gaps)
+    elif log_dates[0] > window[0]:
+        log.info("%s: the raw log starts on %s; click history is shorter before that", date, log_dates[0])
 
     # ---- catalog: every catalog date up to this one defines the known items ---------------------
     catalog_dates = [p[3:] for p in list_dir(spark, catalog_base) if p.startswith("dt=") and p[3:] <= date]
@@ -174,23 +181,23 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str) ->
     )
 
     # ---- writes: one commit per table, each replacing exactly this date's partition -------------
-    part = {"dt": date}
-    v = report.versions
-    v["quarantine"] = store.replace_partition(quarantine, "quarantine", {"dt": date, "job": JOB}, JOB, run_id)
-    v["items"] = store.replace_partition(
-        todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"),
-        "items", part, JOB, run_id)
-    v["item_images"] = store.replace_partition(
-        decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"),
-        "item_images", part, JOB, run_id)
-    v["pv_samples"] = store.replace_partition(
-        kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed"),
-        "pv_samples", part, JOB, run_id)
-    v["ctr_log"] = store.replace_partition(S.ctr_log(labelled), "ctr_log", part, JOB, run_id)
+    def write(name: str, df: DataFrame, partition: dict | None = None) -> None:
+        t0 = time.perf_counter()
+        report.versions[name] = store.replace_partition(df, name, partition or {"dt": date}, JOB, run_id)
+        if progress:
+            rows = sum(f.num_records or 0 for f in store.files(name)
+                       if f.partition_values.get("dt") == date and f.partition_values.get("job", JOB) == JOB)
+            progress(f"  {date} {name}: v{report.versions[name]}, {rows} rows, {time.perf_counter() - t0:.1f}s")
+
+    write("quarantine", quarantine, {"dt": date, "job": JOB})
+    write("items", todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"))
+    write("item_images",
+          decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"))
+    write("pv_samples", kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed"))
+    write("ctr_log", S.ctr_log(labelled))
     train = S.courier_train(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click).persist(
         StorageLevel.MEMORY_AND_DISK)
-    v["courier_train"] = store.replace_partition(
-        train.where(F.col("drop_reason").isNull()).drop("drop_reason"), "courier_train", part, JOB, run_id)
+    write("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
 
     # ---- counts: one small grouped aggregate per cached frame, collected to the driver -----------
     c = report.counts

@@ -75,6 +75,10 @@ def get_spark(cfg: Config, app_name: str | None = None):
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.showConsoleProgress": "false",
     }
+    log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
+    if os.path.exists(log4j) and "spark.driver.extraJavaOptions" not in cfg.spark.conf:
+        # Only takes effect when this process starts the JVM; spark-submit passes its own options.
+        settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
     if uses_native_delta(cfg):
         settings["spark.sql.extensions"] = DELTA_EXTENSION
         settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG

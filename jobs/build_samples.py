@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                            "tables.engine": cfg.tables.engine, "config": cfg.source})
         for i, date in enumerate(dates, 1):
             print(f"[{JOB}] {i}/{len(dates)} building {date} ...", flush=True)
-            report = build_date(spark, cfg, store, date, run.info.run_id)
+            report = build_date(spark, cfg, store, date, run.info.run_id,
+                                progress=lambda line: print(line, flush=True))
             reports.append(report)
             print(report.render(), flush=True)
             flat = {k: v for k, v in report.counts.items() if isinstance(v, int)}

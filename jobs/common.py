@@ -4,15 +4,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import warnings
 
-# spark-submit runs a job file as a script: make the project's packages importable from it.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from etl.config import Config, load_config, parse_overrides
 
-from etl.config import Config, load_config, parse_overrides  # noqa: E402
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def quiet_warnings() -> None:

@@ -22,6 +22,7 @@ read -r first last < <("$PY" -c 'import json,sys; d=sorted(json.load(open(sys.ar
 
 echo "== 2/2 build samples $first..$last =="
 "$VENV/bin/spark-submit" --master "local[*]" --driver-memory 4g \
+  --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" \
   jobs/build_samples.py --conf "$CONF" --date "$first" --end-date "$last"
 
 tables_root="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).tables_root)' "$CONF")"

@@ -171,3 +171,21 @@ def test_rerun_is_idempotent(spark, known):
     assert store.read("pv_samples", version=versions["pv_samples"]).count() == store.read("pv_samples").count()
     # Other dates' partitions are untouched by the rerun.
     assert store.read("ctr_log").where(f"dt = '{D0}'").count() == 3
+
+
+def test_courier_train_opens_with_a_petastorm_batch_reader(known):
+    from petastorm import make_batch_reader
+
+    from etl.images import decode_jpeg
+
+    _, store, _ = known
+    files = [f for f in store.files("courier_train") if f.partition_values["dt"] == D1]
+    seen = []
+    with make_batch_reader(["file://" + f.uri for f in files], num_epochs=1, reader_pool_type="thread",
+                           workers_count=2, shuffle_row_groups=False) as reader:
+        for batch in reader:
+            assert batch.pv_images.shape[1] == 5 and batch.click_mask.shape[1] == 5
+            seen += list(batch.pv_id)
+            for images, mask in zip(batch.pv_images, batch.pv_mask):
+                assert [decode_jpeg(b).shape for b, m in zip(images, mask) if m] == [(32, 32, 3)] * int(mask.sum())
+    assert sorted(seen) == ["p1", "p2", "p3"]
