@@ -85,6 +85,39 @@ class SamplesConf:
 
 
 @dataclass(frozen=True)
+class TrainConf:
+    """Stage 2: pre-training the image encoder (COURIER or a baseline) on a courier_train snapshot."""
+    method: str = "courier"  # courier | simclr | simsiam | supervised
+    backbone: str = "tiny_cnn"  # swin_t (the paper's; GPU default) | resnet18 | resnet50 | tiny_cnn (CPU)
+    dim: int = 256  # embedding size d
+    pretrained_path: str | None = None  # a local state dict; nothing is downloaded
+    grad_checkpointing: bool = False
+    batch_size: int = 32  # PV samples per worker (paper: 64 per GPU)
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (all epochs together)
+    lr: float = 1e-4  # Adam (paper: 1e-4)
+    weight_decay: float = 1e-6  # (paper: 1e-6)
+    tau: float = 0.05  # contrastive temperature (paper: 0.05)
+    # The paper's ablations (section 4.3): each switch off/changed gives one row of Table 6.
+    use_ucs: bool = True  # False: w/o UCS
+    use_contrast: bool = True  # False: w/o contrast
+    reconstruction: str = "attention"  # self_attention: w/o reconstruction; multihead: an extension
+    use_negatives: bool = True  # False: w/o negative PV items
+    proj_head: bool = False  # True: with projection head
+    backend: str = "ddp"  # ddp (TorchDistributor) | horovod
+    num_workers: int = 2  # training processes
+    local_mode: bool = True  # TorchDistributor: processes on the driver (True) or on executors
+    use_gpu: bool | None = None  # default: when CUDA is available
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    checkpoint_every: int = 50  # steps
+    max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts
+    log_every: int = 10  # steps between progress lines
+    decode_threads: int = 2  # JPEG decoding threads per worker
+    seed: int = 0
+    table_version: int | None = None  # pin a courier_train version (default: the latest)
+
+
+@dataclass(frozen=True)
 class Config:
     env: str = "local"
     paths: PathsConf = field(default_factory=PathsConf)
@@ -93,6 +126,7 @@ class Config:
     mlflow: MlflowConf = field(default_factory=MlflowConf)
     simulator: SimulatorConf = field(default_factory=SimulatorConf)
     samples: SamplesConf = field(default_factory=SamplesConf)
+    train: TrainConf = field(default_factory=TrainConf)
     source: str | None = None  # the file this config was loaded from
 
     # ---- resolved paths: the only way the rest of the code reads a location -------------------
@@ -221,6 +255,17 @@ def _validate(cfg: Config) -> None:
          "tables.engine must be one of delta-rs, spark-delta, auto"),
         (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),
         (cfg.simulator.preset in ("tiny", "demo", "bench"), "simulator.preset must be tiny, demo or bench"),
+        (cfg.train.method in ("courier", "simclr", "simsiam", "supervised"),
+         "train.method must be courier, simclr, simsiam or supervised"),
+        (cfg.train.backend in ("ddp", "horovod"), "train.backend must be ddp or horovod"),
+        (cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto, fp32, bf16 or fp16"),
+        (cfg.train.reconstruction in ("attention", "self_attention", "multihead"),
+         "train.reconstruction must be attention, self_attention or multihead"),
+        (cfg.train.batch_size >= 1 and cfg.train.num_workers >= 1 and cfg.train.epochs >= 1,
+         "train.batch_size, train.num_workers and train.epochs must be >= 1"),
+        (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),
+        (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1,
+         "train.checkpoint_every and train.max_bad_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

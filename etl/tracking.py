@@ -35,10 +35,15 @@ def setup_mlflow(cfg: Config) -> str:
 
 
 @contextlib.contextmanager
-def start_run(cfg: Config, run_name: str, tags: dict | None = None):
-    """An MLflow run in the project's experiment; the run is marked FAILED if the body raises."""
+def start_run(cfg: Config, run_name: str, tags: dict | None = None, run_id: str | None = None):
+    """An MLflow run in the project's experiment (or the existing `run_id`, to continue it);
+    the run is marked FAILED if the body raises."""
     import mlflow
 
     setup_mlflow(cfg)
+    if run_id:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     with mlflow.start_run(run_name=run_name, tags={"courier.env": cfg.env, **(tags or {})}) as run:
         yield run

@@ -1,0 +1,76 @@
+"""spark-submit jobs/train_courier.py --conf conf/local.yaml [--resume] [--run-name NAME]
+
+Stage 2: pre-train the image encoder (COURIER, or a baseline with train.method) on a pinned Delta
+version of courier_train, on `train.num_workers` processes (TorchDistributor: torch DDP, gloo on CPU,
+nccl on GPU; or Horovod with train.backend=horovod). Logs parameters, per-step losses, throughput and
+the data version to MLflow and registers the final encoder as `courier-encoder`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import job_parser, load_job_config  # noqa: E402
+
+JOB = "train_courier"
+TABLE = "courier_train"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = job_parser(__doc__)
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--run-name", default=None, help="names the run and its checkpoint folder "
+                   "(default: <method>-<backbone>-v<table version>)")
+    args = p.parse_args(argv)
+    cfg = load_job_config(args)
+
+    from dataclasses import asdict
+
+    from etl.config import flat_params, under_root
+    from etl.spark import get_spark
+    from etl.tables import TableStore
+    from etl.tracking import start_run
+    from training.launch import launch, register_encoder, run_marker
+
+    t = cfg.train
+    spark = get_spark(cfg, app_name=JOB)
+    store = TableStore(spark, cfg)
+    version = t.table_version if t.table_version is not None else store.version(TABLE)
+    if version is None:
+        raise SystemExit(f"{TABLE} does not exist yet: run jobs/build_samples.py first")
+    files = store.files(TABLE, version)
+    if not files:
+        raise SystemExit(f"{TABLE} v{version} has no rows to train on")
+    run_name = args.run_name or f"{t.method}-{t.backbone}-v{version}"
+    checkpoint_dir = under_root(cfg.checkpoints_root, run_name)
+    marker = run_marker(checkpoint_dir)
+    if args.resume and marker is None:
+        raise SystemExit(f"--resume: no run to resume in {checkpoint_dir}")
+    if not args.resume and marker is not None:
+        raise SystemExit(f"{checkpoint_dir} already holds run {marker['mlflow_run_id']}: pass --resume to "
+                         "continue it, or --run-name for a new run (nothing is overwritten)")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    with start_run(cfg, run_name, tags={"courier.job": JOB}, run_id=marker and marker["mlflow_run_id"]) as run:
+        import mlflow
+
+        if not args.resume:
+            mlflow.log_params({**flat_params(cfg, ("train",)), "data.table": TABLE, "data.version": version,
+                               "data.files": len(files), "data.rows": sum(f.num_records or 0 for f in files),
+                               "samples.image_px": cfg.samples.image_px})
+            mlflow.set_tags({"courier.data_version": str(version), "courier.method": t.method})
+        result = launch(cfg, spark, files, checkpoint_dir, run.info.run_id, resume=args.resume)
+        mlflow.log_metrics({"final_loss": result["losses"][-1] if result["losses"] else float("nan"),
+                            "steps": result["steps"], "skipped_steps": result["skipped"],
+                            "throughput_images_per_s": result["images_per_s"]})
+        version_info = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version)
+    print(f"[{JOB}] done: {result['steps']} steps ({result['skipped']} skipped), final loss "
+          f"{result['losses'][-1] if result['losses'] else float('nan'):.4f}, "
+          f"{result['images_per_s']:.1f} img/s; registered courier-encoder v{version_info.version}; "
+          f"checkpoints in {checkpoint_dir}", flush=True)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

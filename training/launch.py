@@ -1,0 +1,101 @@
+"""Driver side of stage 2: launch the per-process loop (TorchDistributor or Horovod) and register the
+trained encoder in MLflow. Imports Spark and MLflow lazily; the workers only run training/train.py."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+from etl.config import Config
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "courier-encoder"
+
+
+def run_marker(checkpoint_dir: str) -> dict | None:
+    """The run a checkpoint folder belongs to ({"mlflow_run_id": ...}), or None for a fresh folder."""
+    path = os.path.join(checkpoint_dir, "run.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _write_marker(checkpoint_dir: str, run_id: str) -> None:
+    with open(os.path.join(checkpoint_dir, "run.json"), "w") as fh:
+        json.dump({"mlflow_run_id": run_id}, fh)
+
+
+def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resume: bool):
+    from training.train import TrainSpec
+
+    return TrainSpec(
+        urls=["file://" + f.uri if "://" not in f.uri else f.uri for f in files],
+        train=dataclasses.asdict(cfg.train),
+        l_pv=cfg.samples.l_pv, l_click=cfg.samples.l_click, image_px=cfg.samples.image_px,
+        checkpoint_dir=checkpoint_dir, result_path=os.path.join(checkpoint_dir, "result.json"),
+        resume=resume, mlflow_run_id=run_id, mlflow_tracking_uri=cfg.mlflow_tracking_uri,
+        total_rows=sum(f.num_records or 0 for f in files))
+
+
+def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: bool = False) -> dict:
+    """Run training on cfg.train.num_workers processes; return rank 0's result dict."""
+    from training.train import train_fn
+
+    t = cfg.train
+    _write_marker(checkpoint_dir, run_id)
+    spec = dataclasses.asdict(make_spec(cfg, files, checkpoint_dir, run_id, resume))
+    result_path = spec["result_path"]
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    use_gpu = t.use_gpu
+    if use_gpu is None:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    spec["train"]["use_gpu"] = use_gpu
+    print(f"[train] {t.method} / {t.backbone} on {t.num_workers} {t.backend} worker(s), "
+          f"{'GPU' if use_gpu else 'CPU'}, {spec['total_rows']} rows", flush=True)
+    if t.backend == "ddp":
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        TorchDistributor(num_processes=t.num_workers, local_mode=t.local_mode, use_gpu=use_gpu).run(train_fn, spec)
+    else:
+        import horovod.spark
+
+        horovod.spark.run(train_fn, args=(spec,), num_proc=t.num_workers, use_gloo=True,
+                          env={**os.environ})
+    # TorchDistributor returns the last process's value, not rank 0's: rank 0 writes its own.
+    if not os.path.exists(result_path):
+        raise RuntimeError(f"training finished without a result from rank 0 ({result_path})")
+    with open(result_path) as fh:
+        return json.load(fh)
+
+
+def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int):
+    """Log the trained encoder to the run and register it as a new `courier-encoder` version with its
+    lineage (run, data version, method, backbone) as version tags."""
+    import mlflow
+    import torch
+    import torchvision
+
+    from training.courier import ImageEncoder
+
+    t = cfg.train
+    encoder = ImageEncoder(t.backbone, dim=t.dim, proj_head=t.proj_head)
+    encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
+    encoder.eval()
+    info = mlflow.pytorch.log_model(
+        encoder, name="encoder", registered_model_name=MODEL_NAME,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
+        code_paths=[os.path.dirname(os.path.abspath(__file__))])
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(MODEL_NAME, info.registered_model_version)
+    for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
+                       "method": t.method, "backbone": t.backbone, "image_px": str(cfg.samples.image_px),
+                       "dim": str(t.dim)}.items():
+        client.set_model_version_tag(MODEL_NAME, version.version, key, value)
+    return version

@@ -1,0 +1,284 @@
+"""The per-process training loop of stage 2 (what TorchDistributor or Horovod runs on every rank).
+
+`train_fn(spec)` is self-contained: it takes a plain dict (picklable, no Spark objects), reads its
+shard of a pinned `courier_train` snapshot, trains, checkpoints, and writes its result as JSON. Only
+torch and the project's training modules are imported at the top: this file runs on bare GPU workers.
+
+Step semantics (every rank, every step, in lock-step):
+1. next batch of this rank's shard, padded to `batch_size` rows with masked rows (all_gather needs
+   equal shapes); a rank whose shard is exhausted feeds an all-masked batch until every rank is done
+   (an all-reduced "has data" flag decides when the epoch ends), so every row is read exactly once;
+2. forward under autocast (fp16 + GradScaler on CUDA, bf16 or fp32 on CPU); each rank's loss is its
+   share of the global loss (see training/courier.py), so the backward is (loss * world_size);
+3. a non-finite loss on any rank skips the step on every rank (counted); `max_bad_steps` consecutive
+   skips abort the run with an error.
+Resume: the checkpoint holds model, optimizer, scaler, RNG state and (epoch, batch index); the reader
+is deterministic for (seed, epoch, rank), so skipping the consumed batches continues the same run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from training import distributed as dist
+from training.courier import CourierLossConfig, CourierModel, ImageEncoder
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("pv_images", "pv_labels", "pv_mask", "click_images", "click_mask")
+
+
+@dataclass
+class TrainSpec:
+    """Everything a worker needs, as plain values (built by the job on the driver)."""
+    urls: list
+    train: dict  # etl.config.TrainConf as a dict
+    l_pv: int
+    l_click: int
+    image_px: int
+    checkpoint_dir: str
+    result_path: str
+    resume: bool = False
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    total_rows: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---- small helpers ---------------------------------------------------------------------------------
+def pick_device(use_gpu: bool | None) -> torch.device:
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu is true but CUDA is not available on this worker")
+    if use_gpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: plain fp32)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def empty_batch(batch_size: int, l_pv: int, l_click: int, px: int) -> dict:
+    """A batch whose every slot is padding: what a rank with no rows left feeds."""
+    return {
+        "pv_images": torch.zeros(batch_size, l_pv, 3, px, px, dtype=torch.uint8),
+        "pv_labels": torch.zeros(batch_size, l_pv, dtype=torch.long),
+        "pv_mask": torch.zeros(batch_size, l_pv, dtype=torch.long),
+        "click_images": torch.zeros(batch_size, l_click, 3, px, px, dtype=torch.uint8),
+        "click_mask": torch.zeros(batch_size, l_click, dtype=torch.long),
+    }
+
+
+def pad_batch(batch: dict, batch_size: int) -> dict:
+    """Pad a (possibly short) batch to batch_size rows with zeros (= masked)."""
+    out = {}
+    for k in BATCH_KEYS:
+        t = torch.as_tensor(batch[k])
+        n = t.shape[0]
+        if n > batch_size:
+            raise ValueError(f"batch of {n} rows is larger than batch_size {batch_size}")
+        out[k] = t if n == batch_size else torch.cat([t, t.new_zeros((batch_size - n, *t.shape[1:]))])
+    return out
+
+
+def build_model(train: dict, gather) -> CourierModel:
+    encoder = ImageEncoder(train["backbone"], dim=train["dim"], pretrained_path=train.get("pretrained_path"),
+                           grad_checkpointing=train["grad_checkpointing"], proj_head=train["proj_head"])
+    loss_cfg = CourierLossConfig(tau=train["tau"], use_ucs=train["use_ucs"], use_contrast=train["use_contrast"],
+                                 reconstruction=train["reconstruction"], use_negatives=train["use_negatives"],
+                                 proj_head=train["proj_head"])
+    return CourierModel(encoder, loss_cfg, gather=gather)
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def last_checkpoint(checkpoint_dir: str) -> str | None:
+    path = os.path.join(checkpoint_dir, "last.pt")
+    return path if os.path.exists(path) else None
+
+
+def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict) -> str:
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "position": {k: torch.tensor(v) for k, v in position.items()},
+    }
+    path = os.path.join(checkpoint_dir, f"step-{position['global_step']:08d}.pt")
+    _atomic_save(state, path)
+    _atomic_save(state, os.path.join(checkpoint_dir, "last.pt"))
+    return path
+
+
+def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    return {k: int(v) for k, v in state["position"].items()}
+
+
+class _Tracker:
+    """Rank 0's metrics: MLflow when a run id is given, a JSONL file always, a periodic progress line."""
+
+    def __init__(self, spec: TrainSpec, total_steps: int | None):
+        self.enabled = dist.rank() == 0
+        self.total = total_steps
+        self.t0 = time.perf_counter()
+        self.images = 0
+        self.mlflow = None
+        if self.enabled and spec.mlflow_run_id:
+            import mlflow
+
+            mlflow.set_tracking_uri(spec.mlflow_tracking_uri)
+            self.mlflow = mlflow
+            self.run_id = spec.mlflow_run_id
+        self.jsonl = open(os.path.join(spec.checkpoint_dir, "metrics.jsonl"), "a") if self.enabled else None
+
+    def step(self, step: int, metrics: dict, images: int, every: int) -> None:
+        self.images += images
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        metrics = {**metrics, "images_per_s": self.images / max(elapsed, 1e-9)}
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.mlflow:
+            self.mlflow.tracking.MlflowClient().log_batch(
+                self.run_id, metrics=[self.mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
+                                      for k, v in metrics.items()])
+        if step % every == 0 or step == 1:
+            eta = ""
+            if self.total:
+                eta = f" eta {(self.total - step) * elapsed / max(step, 1):.0f}s"
+            print(f"[train] step {step}{'/' + str(self.total) if self.total else ''} "
+                  f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def train_fn(spec_dict: dict) -> dict:
+    """Train on this rank's shard; rank 0 writes checkpoints, the final encoder and the result JSON."""
+    from training.reader import iterate_batches
+
+    spec = TrainSpec(**spec_dict)
+    t = spec.train
+    backend = t["backend"]
+    dist.init(backend)
+    rank, world = dist.rank(), dist.world_size()
+    device = pick_device(t["use_gpu"])
+    torch.manual_seed(t["seed"])  # the same initial weights on every rank
+    model = build_model(t, dist.gather_with_grad_for(backend)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    amp_dtype = autocast_dtype(t["precision"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=(amp_dtype == torch.float16))
+    position = {"epoch": 0, "batch": 0, "global_step": 0, "skipped": 0}
+    if spec.resume:
+        path = last_checkpoint(spec.checkpoint_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {spec.checkpoint_dir}")
+        position = load_checkpoint(path, model, optimizer, scaler)
+        if rank == 0:
+            print(f"[train] resumed from {path} at step {position['global_step']}", flush=True)
+    model, optimizer = dist.wrap(backend, model, optimizer)
+    torch.manual_seed(t["seed"] + 1000 * rank + position["global_step"])
+
+    steps_per_epoch = math.ceil(spec.total_rows / (t["batch_size"] * world)) if spec.total_rows else None
+    total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
+    tracker = _Tracker(spec, total_steps)
+    bad_in_a_row, losses = 0, []
+    stop = False
+    for epoch in range(position["epoch"], t["epochs"]):
+        skip = position["batch"] if epoch == position["epoch"] else 0
+        batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
+                                  seed=t["seed"], epoch=epoch, skip_batches=skip,
+                                  decode_threads=t["decode_threads"], image_px=spec.image_px)
+        batch_index = skip
+        while True:
+            raw = next(batches, None)
+            has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long))
+            if int(has_data.item()) == 0:
+                break  # every rank's shard is exhausted
+            batch = (pad_batch(_as_dict(raw), t["batch_size"]) if raw is not None
+                     else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                loss, parts = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"],
+                                    batch["click_images"], batch["click_mask"])
+            # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
+            global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
+            batch_index += 1
+            if not torch.isfinite(global_loss).all():
+                bad_in_a_row += 1
+                position["skipped"] += 1
+                if bad_in_a_row >= t["max_bad_steps"]:
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} consecutive non-finite losses (last at epoch {epoch}, batch "
+                        f"{batch_index}); lower train.lr or use train.precision fp32/bf16")
+                continue
+            bad_in_a_row = 0
+            scaler.scale(loss * dist.loss_scale_for_backward(backend)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
+            step = position["global_step"]
+            losses.append(float(global_loss.item()))
+            metrics = {"loss": losses[-1], **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
+                                             for k, v in parts.items() if torch.is_tensor(v)}}
+            tracker.step(step, metrics, images * world, t["log_every"])
+            if step % t["checkpoint_every"] == 0 and rank == 0:
+                save_checkpoint(spec.checkpoint_dir, _unwrap(model), optimizer, scaler, position)
+            if t["max_steps"] and step >= t["max_steps"]:
+                stop = True
+                break
+        if stop:
+            break
+        position.update(epoch=epoch + 1, batch=0)
+    tracker.close()
+    result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
+              "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
+    if rank == 0:
+        save_checkpoint(spec.checkpoint_dir, _unwrap(model), optimizer, scaler, position)
+        encoder_path = os.path.join(spec.checkpoint_dir, "encoder.pt")
+        _atomic_save(_unwrap(model).encoder.state_dict(), encoder_path)
+        result["encoder_path"] = encoder_path
+        with open(spec.result_path + ".tmp", "w") as fh:
+            json.dump(result, fh)
+        os.replace(spec.result_path + ".tmp", spec.result_path)
+    # Free the model before tearing the group down: gloo can hang at exit otherwise (DESIGN.md).
+    del model, optimizer
+    dist.shutdown(backend)
+    return result
+
+
+def _as_dict(batch) -> dict:
+    return batch if isinstance(batch, dict) else {k: getattr(batch, k) for k in BATCH_KEYS}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
