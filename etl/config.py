@@ -115,6 +115,7 @@ class TrainConf:
     decode_threads: int = 2  # JPEG decoding threads per worker
     seed: int = 0
     table_version: int | None = None  # pin a courier_train version (default: the latest)
+    holdout_last_date: bool = True  # evaluate on the latest date's PVs, train on the others
 
 
 @dataclass(frozen=True)

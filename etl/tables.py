@@ -233,7 +233,7 @@ class TableStore:
         dt.create_write_transaction(adds, mode="overwrite", schema=schema,
                                     partition_by=partition_cols or None,
                                     partition_filters=partition_filters, commit_properties=props)
-        log.info("committed %s v%s (%d files)", name, dt.version() + 1, len(adds))
+        log.debug("committed %s (%d files)", name, len(adds))
 
 
 def _unquote(path: str) -> str:

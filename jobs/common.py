@@ -27,7 +27,7 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 
 def load_job_config(args: argparse.Namespace) -> Config:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "alembic", "urllib3"):
+    for noisy in ("py4j", "alembic", "urllib3", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_warnings()
     return load_config(args.conf, parse_overrides(args.set))

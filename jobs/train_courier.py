@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from etl.spark import get_spark
     from etl.tables import TableStore
     from etl.tracking import start_run
-    from training.launch import launch, register_encoder, run_marker
+    from training.launch import evaluate_holdout, launch, register_encoder, run_marker, split_holdout
 
     t = cfg.train
     spark = get_spark(cfg, app_name=JOB)
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     files = store.files(TABLE, version)
     if not files:
         raise SystemExit(f"{TABLE} v{version} has no rows to train on")
+    files, holdout = split_holdout(files, t.holdout_last_date)
     run_name = args.run_name or f"{t.method}-{t.backbone}-v{version}"
     checkpoint_dir = under_root(cfg.checkpoints_root, run_name)
     marker = run_marker(checkpoint_dir)
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                                "samples.image_px": cfg.samples.image_px})
             mlflow.set_tags({"courier.data_version": str(version), "courier.method": t.method})
         result = launch(cfg, spark, files, checkpoint_dir, run.info.run_id, resume=args.resume)
+        if holdout:
+            init, trained = (evaluate_holdout(cfg, holdout, p) for p in (None, result["encoder_path"]))
+            mlflow.log_metrics({"holdout_pv_auc": trained["pv_auc"], "holdout_pv_auc_init": init["pv_auc"],
+                                "holdout_pages": trained["pages"]})
+            print(f"[{JOB}] held-out PV ranking AUC ({trained['pages']} pages of "
+                  f"{holdout[0].partition_values.get('dt')}): trained {trained['pv_auc']:.4f} vs untrained "
+                  f"{init['pv_auc']:.4f}", flush=True)
         mlflow.log_metrics({"final_loss": result["losses"][-1] if result["losses"] else float("nan"),
                             "steps": result["steps"], "skipped_steps": result["skipped"],
                             "throughput_images_per_s": result["images_per_s"]})

@@ -91,7 +91,7 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
         encoder, name="encoder", registered_model_name=MODEL_NAME,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
-        code_paths=[os.path.dirname(os.path.abspath(__file__))])
+        code_paths=[os.path.dirname(os.path.abspath(__file__))], serialization_format="pickle")
     client = mlflow.MlflowClient()
     version = client.get_model_version(MODEL_NAME, info.registered_model_version)
     for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
@@ -99,3 +99,31 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
                        "dim": str(t.dim)}.items():
         client.set_model_version_tag(MODEL_NAME, version.version, key, value)
     return version
+
+
+def split_holdout(files, holdout_last_date: bool):
+    """(train files, held-out files): the latest dt is held out when asked and more than one dt exists."""
+    dates = sorted({f.partition_values.get("dt") for f in files})
+    if not holdout_last_date or len(dates) < 2:
+        return list(files), []
+    return ([f for f in files if f.partition_values.get("dt") != dates[-1]],
+            [f for f in files if f.partition_values.get("dt") == dates[-1]])
+
+
+def evaluate_holdout(cfg: Config, files, encoder_path: str | None) -> dict:
+    """pv_auc of the trained encoder (encoder_path) or of its random init (None) on held-out files."""
+    import torch
+
+    from training.courier import ImageEncoder
+    from training.evaluate import pv_ranking_auc
+    from training.reader import iterate_batches
+
+    t = cfg.train
+    torch.manual_seed(t.seed)  # the same initial weights the training started from
+    encoder = ImageEncoder(t.backbone, dim=t.dim, proj_head=t.proj_head, pretrained_path=t.pretrained_path)
+    if encoder_path:
+        encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
+    urls = [f.uri if "://" in f.uri else "file://" + f.uri for f in files]
+    batches = iterate_batches(urls, batch_size=64, rank=0, world_size=1, seed=0, epoch=0,
+                              decode_threads=t.decode_threads, image_px=cfg.samples.image_px)
+    return pv_ranking_auc(encoder, batches)

@@ -12,7 +12,7 @@ Step semantics (every rank, every step, in lock-step):
    share of the global loss (see training/courier.py), so the backward is (loss * world_size);
 3. a non-finite loss on any rank skips the step on every rank (counted); `max_bad_steps` consecutive
    skips abort the run with an error.
-Resume: the checkpoint holds model, optimizer, scaler, RNG state and (epoch, batch index); the reader
+Resume: the checkpoint holds model, optimizer, scaler and (epoch, batch index); randomness is seeded per step; the reader
 is deterministic for (seed, epoch, rank), so skipping the consumed batches continues the same run.
 """
 from __future__ import annotations
@@ -120,7 +120,6 @@ def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict) ->
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
         "position": {k: torch.tensor(v) for k, v in position.items()},
     }
     path = os.path.join(checkpoint_dir, f"step-{position['global_step']:08d}.pt")
@@ -134,7 +133,6 @@ def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
     return {k: int(v) for k, v in state["position"].items()}
 
 
@@ -202,8 +200,10 @@ def train_fn(spec_dict: dict) -> dict:
         position = load_checkpoint(path, model, optimizer, scaler)
         if rank == 0:
             print(f"[train] resumed from {path} at step {position['global_step']}", flush=True)
-    model, optimizer = dist.wrap(backend, model, optimizer)
-    torch.manual_seed(t["seed"] + 1000 * rank + position["global_step"])
+    raw_model = model
+    model = dist.wrap_model(model, backend)
+    optimizer = dist.wrap_optimizer(optimizer, raw_model, backend)
+    dist.broadcast_parameters(raw_model, optimizer)
 
     steps_per_epoch = math.ceil(spec.total_rows / (t["batch_size"] * world)) if spec.total_rows else None
     total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
@@ -221,10 +221,12 @@ def train_fn(spec_dict: dict) -> dict:
             has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long))
             if int(has_data.item()) == 0:
                 break  # every rank's shard is exhausted
-            batch = (pad_batch(_as_dict(raw), t["batch_size"]) if raw is not None
+            batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
                      else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
+            # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
+            torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
@@ -252,7 +254,7 @@ def train_fn(spec_dict: dict) -> dict:
                                              for k, v in parts.items() if torch.is_tensor(v)}}
             tracker.step(step, metrics, images * world, t["log_every"])
             if step % t["checkpoint_every"] == 0 and rank == 0:
-                save_checkpoint(spec.checkpoint_dir, _unwrap(model), optimizer, scaler, position)
+                save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
             if t["max_steps"] and step >= t["max_steps"]:
                 stop = True
                 break
@@ -263,22 +265,14 @@ def train_fn(spec_dict: dict) -> dict:
     result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
               "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
     if rank == 0:
-        save_checkpoint(spec.checkpoint_dir, _unwrap(model), optimizer, scaler, position)
+        save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
         encoder_path = os.path.join(spec.checkpoint_dir, "encoder.pt")
-        _atomic_save(_unwrap(model).encoder.state_dict(), encoder_path)
+        _atomic_save(raw_model.encoder.state_dict(), encoder_path)
         result["encoder_path"] = encoder_path
         with open(spec.result_path + ".tmp", "w") as fh:
             json.dump(result, fh)
         os.replace(spec.result_path + ".tmp", spec.result_path)
     # Free the model before tearing the group down: gloo can hang at exit otherwise (DESIGN.md).
-    del model, optimizer
+    del model, raw_model, optimizer
     dist.shutdown(backend)
     return result
-
-
-def _as_dict(batch) -> dict:
-    return batch if isinstance(batch, dict) else {k: getattr(batch, k) for k in BATCH_KEYS}
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)

@@ -1,0 +1,168 @@
+"""Stage 2 as users run it: spark-submit jobs/train_courier.py on the tiny preset (TorchDistributor,
+2 gloo processes, Petastorm reader, MLflow), kill-and-resume, and DDP == one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, write_config
+
+TRAIN_SETTINGS = {"batch_size": 16, "num_workers": 2, "epochs": 6, "lr": 1e-3, "checkpoint_every": 2,
+                  "log_every": 4, "decode_threads": 1}
+
+
+def _env():
+    return {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+def _submit(conf, job, *args, check=True, **popen):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
+           "--driver-java-options", f"-Dlog4j.configurationFile=file:{ROOT}/conf/log4j2.properties",
+           f"jobs/{job}.py", "--conf", str(conf), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True, **popen)
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    if check:
+        assert out.returncode == 0, f"{job} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    conf = write_config(tmp, {"samples": {"image_px": 32}, "train": TRAIN_SETTINGS})
+    subprocess.run([sys.executable, "jobs/simulate_search_log.py", "--conf", str(conf), "--preset", "tiny"],
+                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    _submit(conf, "build_samples", "--date", "2026-11-20", "--end-date", "2026-11-22")
+    out = _submit(conf, "train_courier", "--run-name", "full")
+    return conf, out.stdout
+
+
+def _checkpoints(conf, name):
+    from etl.config import load_config
+
+    return os.path.join(load_config(conf).checkpoints_root, name)
+
+
+def test_training_lowers_the_loss_and_beats_the_untrained_encoder(trained):
+    conf, out = trained
+    rows = [json.loads(line) for line in open(os.path.join(_checkpoints(conf, "full"), "metrics.jsonl"))]
+    steps_per_epoch = len(rows) // TRAIN_SETTINGS["epochs"]
+    first = sum(r["loss"] for r in rows[:steps_per_epoch]) / steps_per_epoch
+    last = sum(r["loss"] for r in rows[-steps_per_epoch:]) / steps_per_epoch
+    assert last < first - 0.3, (first, last)
+    line = next(x for x in out.splitlines() if "held-out PV ranking AUC" in x)
+    trained_auc = float(line.split("trained ")[1].split()[0])
+    untrained_auc = float(line.split("untrained ")[1].split()[0])
+    assert trained_auc > untrained_auc + 0.02, line
+
+
+def test_the_run_is_tracked_and_the_encoder_registered(trained):
+    import mlflow
+
+    from etl.config import load_config
+    from etl.tracking import setup_mlflow
+
+    conf, out = trained
+    setup_mlflow(load_config(conf))
+    client = mlflow.MlflowClient()
+    latest = client.search_model_versions("name = 'courier-encoder'")[0]
+    run = client.get_run(latest.run_id)
+    assert run.data.params["data.table"] == "courier_train" and run.data.params["train.backbone"] == "tiny_cnn"
+    assert latest.tags["data.version"] == run.data.params["data.version"] == "2"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(history) == int(run.data.metrics["steps"]) > 0
+    assert run.data.metrics["holdout_pv_auc"] > run.data.metrics["holdout_pv_auc_init"]
+    assert client.get_metric_history(run.info.run_id, "images_per_s")[-1].value > 0
+    model = mlflow.pytorch.load_model(f"models:/courier-encoder/{latest.version}")
+    assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 256)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(trained):
+    conf, _ = trained
+    ckpt = _checkpoints(conf, "killed")
+    proc = _submit(conf, "train_courier", "--run-name", "killed", stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not os.path.exists(os.path.join(ckpt, "step-00000006.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its 6th step"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its training processes, mid-run
+    proc.wait()
+    assert not os.path.exists(os.path.join(ckpt, "encoder.pt"))
+    again = _submit(conf, "train_courier", "--run-name", "killed", check=False)
+    assert again.returncode != 0 and "pass --resume" in again.stdout + again.stderr
+    out = _submit(conf, "train_courier", "--run-name", "killed", "--resume")
+    assert "resumed from" in out.stdout
+    full = torch.load(os.path.join(_checkpoints(conf, "full"), "encoder.pt"), weights_only=True)
+    resumed = torch.load(os.path.join(ckpt, "encoder.pt"), weights_only=True)
+    assert full.keys() == resumed.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ---- DDP through TorchDistributor equals one process on the concatenated batch --------------------
+def _ddp_step(batch_path: str, out_dir: str) -> None:
+    import torch
+
+    from training import distributed as D
+    from training.courier import CourierModel, ImageEncoder
+
+    D.init("ddp")
+    r, w = D.rank(), D.world_size()
+    batch = torch.load(batch_path, weights_only=True)
+    half = {k: v.chunk(w)[r] for k, v in batch.items()}
+    torch.manual_seed(0)
+    # eval(): BatchNorm's batch statistics differ per shard by design; the loss and gradient flow is
+    # what must match.
+    model = CourierModel(ImageEncoder("tiny_cnn", dim=32), gather=D.gather_with_grad_for("ddp")).double().eval()
+    ddp = D.wrap_model(model, "ddp")
+    loss, _ = ddp(half["pv_images"], half["pv_labels"], half["pv_mask"], half["click_images"], half["click_mask"])
+    (loss * D.loss_scale_for_backward("ddp")).backward()
+    total = D.all_reduce_sum(loss.detach())
+    torch.save({"loss": total, "grads": {n: p.grad for n, p in model.named_parameters()}},
+               os.path.join(out_dir, f"rank{r}.pt"))
+    del ddp, model
+    D.shutdown("ddp")
+
+
+def test_two_process_torchdistributor_equals_one_process(spark, tmp_path):
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from training.courier import CourierModel, ImageEncoder
+
+    g = torch.Generator().manual_seed(1)
+    B, lp, lc, px = 8, 5, 5, 16
+    labels = (torch.rand(B, lp, generator=g) < 0.3).long()
+    labels[:, 0] = 1
+    pv_mask = (torch.rand(B, lp, generator=g) < 0.9).long()
+    pv_mask[:, 0] = 1
+    click_mask = (torch.rand(B, lc, generator=g) < 0.8).long()
+    click_mask[:, :2] = 1
+    batch = {"pv_images": torch.randint(0, 255, (B, lp, 3, px, px), dtype=torch.uint8, generator=g),
+             "pv_labels": labels * pv_mask, "pv_mask": pv_mask,
+             "click_images": torch.randint(0, 255, (B, lc, 3, px, px), dtype=torch.uint8, generator=g),
+             "click_mask": click_mask}
+    torch.save(batch, tmp_path / "batch.pt")
+    from pyspark import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship _ddp_step itself, not a module path
+    TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
+        _ddp_step, str(tmp_path / "batch.pt"), str(tmp_path))
+
+    torch.manual_seed(0)
+    model = CourierModel(ImageEncoder("tiny_cnn", dim=32)).double().eval()
+    loss, _ = model(*(batch[k] for k in ("pv_images", "pv_labels", "pv_mask", "click_images", "click_mask")))
+    loss.backward()
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"].squeeze(), loss.detach(), rtol=1e-9, atol=1e-9)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
