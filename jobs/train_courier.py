@@ -7,6 +7,7 @@ the data version to MLflow and registers the final encoder as `courier-encoder`.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -20,6 +21,8 @@ TABLE = "courier_train"
 def main(argv: list[str] | None = None) -> int:
     p = job_parser(__doc__)
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--skip-if-done", action="store_true",
+                   help="exit 0 without training when this run name already finished (idempotent pipelines)")
     p.add_argument("--run-name", default=None, help="names the run and its checkpoint folder "
                    "(default: <method>-<backbone>-v<table version>)")
     args = p.parse_args(argv)
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or f"{t.method}-{t.backbone}-v{version}"
     checkpoint_dir = under_root(cfg.checkpoints_root, run_name)
     marker = run_marker(checkpoint_dir)
+    if args.skip_if_done and marker is not None and os.path.exists(os.path.join(checkpoint_dir, "done.json")):
+        print(f"[{JOB}] {run_name} already finished (MLflow run {marker['mlflow_run_id']}): nothing to do")
+        return 0
     if args.resume and marker is None:
         raise SystemExit(f"--resume: no run to resume in {checkpoint_dir}")
     if not args.resume and marker is not None:
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                             "steps": result["steps"], "skipped_steps": result["skipped"],
                             "throughput_images_per_s": result["images_per_s"]})
         version_info = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version)
+    with open(os.path.join(checkpoint_dir, "done.json"), "w") as fh:
+        json.dump({"mlflow_run_id": run.info.run_id, "model_version": version_info.version}, fh)
     print(f"[{JOB}] done: {result['steps']} steps ({result['skipped']} skipped), final loss "
           f"{result['losses'][-1] if result['losses'] else float('nan'):.4f}, "
           f"{result['images_per_s']:.1f} img/s; registered courier-encoder v{version_info.version}; "
