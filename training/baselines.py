@@ -60,12 +60,14 @@ def augment(images: torch.Tensor, size: Optional[int] = None, strength: float = 
 # SimCLR
 # --------------------------------------------------------------------------------------------------
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, gather: Gather = gather_with_grad,
-                 rank: Optional[int] = None) -> torch.Tensor:
+                 rank: Optional[int] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """NT-Xent (SimCLR) over the global batch.
 
     z1, z2 (n, d): the two views of this rank's n images. Anchors are the 2n local views; candidates are
     the 2N views of every rank (gathered with gradients) except the anchor itself; the positive is the
     other view of the same image. Returns sum over local anchors / (2N global anchors).
+    mask (n,): 0 marks padding images (the trainer pads every rank to the same n): they are neither
+    anchors nor candidates, and the global anchor count only counts real ones.
     """
     n, d = z1.shape
     dtype = torch.promote_types(z1.dtype, torch.float32)
@@ -80,8 +82,16 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, gather: G
     logits = logits.masked_fill(
         torch.arange(z_all.shape[0], device=z.device)[None, :] == self_idx[:, None], float("-inf")
     )
-    per = torch.logsumexp(logits, dim=1) - logits.gather(1, pos_idx[:, None]).squeeze(1)
-    return per.sum() / z_all.shape[0]
+    if mask is None:
+        per = torch.logsumexp(logits, dim=1) - logits.gather(1, pos_idx[:, None]).squeeze(1)
+        return per.sum() / z_all.shape[0]
+    real = torch.cat([mask, mask]).bool()  # (2n,)
+    real_all = gather(real.to(dtype)).bool()  # (2N,)
+    logits = logits.masked_fill(~real_all[None, :], float("-inf"))
+    pos = logits.gather(1, pos_idx[:, None]).squeeze(1)
+    per = torch.logsumexp(torch.where(real[:, None], logits, torch.zeros_like(logits)), dim=1) - pos
+    per = torch.where(real, per, torch.zeros_like(per))
+    return per.sum() / real_all.sum().clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,13 +110,17 @@ class SimSiamPredictor(nn.Module):
         return self.net(z)
 
 
-def simsiam_loss(z1: torch.Tensor, z2: torch.Tensor, predictor: nn.Module, gather: Gather = gather_with_grad
-                 ) -> torch.Tensor:
-    """L = 1/2 D(h(z1), sg(z2)) + 1/2 D(h(z2), sg(z1)), D = -cos. Share of the global mean."""
+def simsiam_loss(z1: torch.Tensor, z2: torch.Tensor, predictor: nn.Module, gather: Gather = gather_with_grad,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L = 1/2 D(h(z1), sg(z2)) + 1/2 D(h(z2), sg(z1)), D = -cos. Share of the global mean over the real
+    (mask 1) images."""
     p1, p2 = predictor(z1), predictor(z2)
     per = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1) + F.cosine_similarity(p2, z1.detach(), dim=-1))
-    n = torch.tensor(float(per.numel()), device=per.device, dtype=per.dtype)
-    return per.sum() / _global_count(n, gather)
+    if mask is None:
+        n = torch.tensor(float(per.numel()), device=per.device, dtype=per.dtype)
+        return per.sum() / _global_count(n, gather)
+    per = torch.where(mask.bool(), per, torch.zeros_like(per))
+    return per.sum() / _global_count(mask.bool().sum().to(per.dtype), gather).clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,3 +146,46 @@ def supervised_loss(e: torch.Tensor, category: torch.Tensor, classifier: nn.Modu
     per = F.cross_entropy(logits, category.clamp_min(0), reduction="none")
     per = torch.where(keep, per, torch.zeros_like(per))
     return per.sum() / _global_count(keep.sum().to(per.dtype), gather).clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The baselines as one module the trainer can run in place of CourierModel (train.method)
+# --------------------------------------------------------------------------------------------------
+class BaselineModel(nn.Module):
+    """SimCLR / SimSiam / supervised pre-training on the same images and encoder as COURIER.
+
+    forward() takes CourierModel's arguments (plus `categories` (B, l_pv) for supervised) and returns
+    (loss share, components). The images are every PV and history slot of the batch; padded slots (mask
+    0) are encoded too (all ranks must gather equal shapes) but take no part in the loss.
+    """
+
+    def __init__(self, encoder: nn.Module, method: str, gather: Gather = gather_with_grad, tau: float = 0.2,
+                 num_classes: int = 64):
+        super().__init__()
+        if method not in ("simclr", "simsiam", "supervised"):
+            raise ValueError(f"unknown baseline method {method!r}")
+        self.encoder, self.method, self.gather, self.tau = encoder, method, gather, tau
+        self.predictor = SimSiamPredictor(encoder.dim) if method == "simsiam" else None
+        self.classifier = CategoryClassifier(encoder.dim, num_classes) if method == "supervised" else None
+
+    def _embed(self, images):
+        e = self.encoder.encode(images)
+        return self.encoder.project(e) if self.encoder.proj is not None else e  # SimCLR's head, if any
+
+    def forward(self, pv_images, pv_labels, pv_mask, click_images, click_mask, categories=None):
+        if self.method == "supervised":
+            if categories is None:
+                raise ValueError("the supervised baseline needs item categories")
+            e = self.encoder.encode(pv_images.flatten(0, 1))
+            loss = supervised_loss(e, categories.reshape(-1), self.classifier, mask=pv_mask.reshape(-1),
+                                   gather=self.gather)
+            return loss, {"loss": loss.detach()}
+        images = torch.cat([pv_images.flatten(0, 1), click_images.flatten(0, 1)])
+        mask = torch.cat([pv_mask.reshape(-1), click_mask.reshape(-1)])
+        v1, v2 = augment(images), augment(images)  # two independent views of every image
+        z1, z2 = self._embed(v1), self._embed(v2)
+        if self.method == "simclr":
+            loss = nt_xent_loss(z1, z2, self.tau, self.gather, mask=mask)
+        else:
+            loss = simsiam_loss(z1, z2, self.predictor, self.gather, mask=mask)
+        return loss, {"loss": loss.detach()}

@@ -56,6 +56,11 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
 
         use_gpu = torch.cuda.is_available()
     spec["train"]["use_gpu"] = use_gpu
+    if t.method == "supervised":  # the class list, in a fixed order, for the category classifier
+        from etl.tables import TableStore
+
+        items = TableStore(spark, cfg).read("items").select("category").distinct()
+        spec["extra"]["categories"] = sorted(r["category"] for r in items.collect() if r["category"])
     print(f"[train] {t.method} / {t.backbone} on {t.num_workers} {t.backend} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {spec['total_rows']} rows", flush=True)
     if t.backend == "ddp":

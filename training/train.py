@@ -94,9 +94,14 @@ def pad_batch(batch: dict, batch_size: int) -> dict:
     return out
 
 
-def build_model(train: dict, gather) -> CourierModel:
+def build_model(train: dict, gather, num_classes: int = 0):
+    """CourierModel for method courier; BaselineModel for simclr / simsiam / supervised."""
     encoder = ImageEncoder(train["backbone"], dim=train["dim"], pretrained_path=train.get("pretrained_path"),
                            grad_checkpointing=train["grad_checkpointing"], proj_head=train["proj_head"])
+    if train["method"] != "courier":
+        from training.baselines import BaselineModel
+
+        return BaselineModel(encoder, train["method"], gather, num_classes=max(num_classes, 1))
     loss_cfg = CourierLossConfig(tau=train["tau"], use_ucs=train["use_ucs"], use_contrast=train["use_contrast"],
                                  reconstruction=train["reconstruction"], use_negatives=train["use_negatives"],
                                  proj_head=train["proj_head"])
@@ -188,7 +193,8 @@ def train_fn(spec_dict: dict) -> dict:
     rank, world = dist.rank(), dist.world_size()
     device = pick_device(t["use_gpu"])
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
-    model = build_model(t, dist.gather_with_grad_for(backend)).to(device)
+    categories = {c: i for i, c in enumerate(spec.extra.get("categories", []))}
+    model = build_model(t, dist.gather_with_grad_for(backend), len(categories)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     amp_dtype = autocast_dtype(t["precision"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp_dtype == torch.float16))
@@ -223,6 +229,12 @@ def train_fn(spec_dict: dict) -> dict:
                 break  # every rank's shard is exhausted
             batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
                      else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
+            extra = {}
+            if t["method"] == "supervised":  # the PV's searched category labels its items
+                cat = torch.full((t["batch_size"], spec.l_pv), -1, dtype=torch.long)
+                for i, q in enumerate(raw.queries if raw is not None else []):
+                    cat[i] = categories.get(q, -1)
+                extra["categories"] = cat.to(device)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
             # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
@@ -231,7 +243,7 @@ def train_fn(spec_dict: dict) -> dict:
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss, parts = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"],
-                                    batch["click_images"], batch["click_mask"])
+                                    batch["click_images"], batch["click_mask"], **extra)
             # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
             global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
             batch_index += 1
@@ -266,7 +278,7 @@ def train_fn(spec_dict: dict) -> dict:
               "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
     if rank == 0:
         save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
-        encoder_path = os.path.join(spec.checkpoint_dir, "encoder.pt")
+        encoder_path = os.path.join(spec.checkpoint_dir, "encoder.pt")  # the encoder alone, for stage 3
         _atomic_save(raw_model.encoder.state_dict(), encoder_path)
         result["encoder_path"] = encoder_path
         with open(spec.result_path + ".tmp", "w") as fh:
