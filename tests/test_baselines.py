@@ -1,0 +1,50 @@
+"""Baselines on padded batches: the masked losses equal the unmasked ones on the real rows only, and the
+trainer's BaselineModel runs each method."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.baselines import BaselineModel, SimSiamPredictor, nt_xent_loss, simsiam_loss
+from training.courier import ImageEncoder
+
+
+def _views(n=7, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def test_masked_nt_xent_equals_nt_xent_on_the_real_rows():
+    z1, z2 = _views()
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1])
+    real = mask.bool()
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.2, mask=mask), nt_xent_loss(z1[real], z2[real], 0.2))
+    assert nt_xent_loss(z1, z2, 0.2, mask=torch.zeros(7)).item() == 0.0
+
+
+def test_masked_simsiam_equals_simsiam_on_the_real_rows():
+    z1, z2 = _views(d=16)
+    torch.manual_seed(0)
+    pred = SimSiamPredictor(16).double().eval()  # its BatchNorm would see the padded rows in train mode
+    mask = torch.tensor([0, 1, 1, 0, 1, 1, 1])
+    real = mask.bool()
+    torch.testing.assert_close(simsiam_loss(z1, z2, pred, mask=mask), simsiam_loss(z1[real], z2[real], pred))
+
+
+@pytest.mark.parametrize("method", ["simclr", "simsiam", "supervised"])
+def test_baseline_model_trains_on_a_courier_batch(method):
+    torch.manual_seed(0)
+    B, lp, lc, px = 3, 5, 5, 16
+    model = BaselineModel(ImageEncoder("tiny_cnn", dim=32), method, num_classes=4)
+    pv_mask = torch.ones(B, lp, dtype=torch.long)
+    pv_mask[:, 3:] = 0
+    args = (torch.randint(0, 255, (B, lp, 3, px, px), dtype=torch.uint8), torch.zeros(B, lp, dtype=torch.long),
+            pv_mask, torch.randint(0, 255, (B, lc, 3, px, px), dtype=torch.uint8), torch.ones(B, lc, dtype=torch.long))
+    extra = {"categories": torch.tensor([[0] * lp, [1] * lp, [3] * lp])} if method == "supervised" else {}
+    loss, parts = model(*args, **extra)
+    assert torch.isfinite(loss) and parts["loss"] == loss.detach()
+    loss.backward()
+    assert model.encoder.embed.weight.grad.abs().sum() > 0
+    if method == "supervised":
+        with pytest.raises(ValueError, match="categories"):
+            model(*args)

@@ -1,0 +1,257 @@
+"""The stage-2 training reader (training/reader.py) on a real courier_train Delta table built by stage 1:
+real Petastorm reads, real JPEG decoding. Conservation over ranks and epochs, determinism and resume,
+decoded pixels against item_images, pinned Delta versions."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, write_config
+
+from etl.config import load_config
+
+D0 = "2026-11-20"
+
+
+@pytest.fixture(scope="module")
+def table(spark, tmp_path_factory):
+    """One simulated date built by stage 1 (4 shuffle partitions: several files), pinned at its version."""
+    from etl.build import build_date
+    from etl.simulate import simulate
+    from etl.tables import TableStore
+
+    tmp = tmp_path_factory.mktemp("reader")
+    cfg = load_config(write_config(tmp, {"samples": {"image_px": 32}}))
+    simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=5, days=1, progress=None)
+    store = TableStore(spark, cfg)
+    report = build_date(spark, cfg, store, D0, "run-reader")
+    version = report.versions["courier_train"]
+    files = store.files("courier_train", version)
+    rows = {r["sample_id"]: r.asDict() for r in store.read("courier_train", version=version).collect()}
+    return {"cfg": cfg, "store": store, "version": version, "urls": ["file://" + f.uri for f in files],
+            "files": files, "rows": rows, "tmp": tmp}
+
+
+def epoch_ids(urls, world_size, batch_size, epoch, seed=11, **kw):
+    from training.reader import iterate_batches
+
+    per_rank = []
+    for rank in range(world_size):
+        per_rank.append([[*b.sample_ids] for b in iterate_batches(
+            urls, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch, **kw)])
+    return per_rank
+
+
+def assert_conserved(per_rank, expected_ids, urls, world_size, batch_size):
+    from training.reader import batches_per_rank, rows_per_rank
+
+    seen = Counter(s for batches in per_rank for b in batches for s in b)
+    assert set(seen) == set(expected_ids) and set(seen.values()) == {1}, "a row missing or read twice"
+    assert [sum(map(len, batches)) for batches in per_rank] == rows_per_rank(urls, world_size)
+    assert [len(batches) for batches in per_rank] == batches_per_rank(urls, world_size, batch_size)
+    for batches in per_rank:
+        assert all(len(b) == batch_size for b in batches[:-1]) and (not batches or 0 < len(batches[-1]) <= batch_size)
+
+
+# ---- conservation --------------------------------------------------------------------------------
+def test_count_rows_from_footers_matches_the_delta_version(table):
+    from training.reader import count_rows, row_groups
+
+    n = len(table["rows"])
+    assert n > 20
+    assert count_rows(table["urls"]) == n == sum(f.num_records for f in table["files"])
+    assert len(table["files"]) > 1 and len(row_groups(table["urls"])) >= len(table["files"])
+
+
+def test_every_row_once_per_epoch_over_two_ranks(table):
+    urls, n = table["urls"], len(table["rows"])
+    sizes = [b for b in (5, 7, 6, 9, 11) if n % b][:2]  # batch sizes that do not divide the row count
+    for batch_size in sizes:
+        orders = []
+        for epoch in (0, 1):
+            per_rank = epoch_ids(urls, 2, batch_size, epoch, shuffle_rows=8)
+            assert_conserved(per_rank, table["rows"], urls, 2, batch_size)
+            orders.append(per_rank)
+        assert orders[0] != orders[1]
+
+
+def test_more_ranks_than_row_groups(table):
+    from training.reader import row_groups
+
+    urls = table["urls"]
+    world = len(row_groups(urls)) + 3  # some row groups are split between ranks
+    per_rank = epoch_ids(urls, world, 3, epoch=0)
+    assert_conserved(per_rank, table["rows"], urls, world, 3)
+    # far more ranks than rows: some ranks get nothing, none gets a row twice
+    world = len(table["rows"]) + 5
+    per_rank = epoch_ids(urls, world, 2, epoch=1, prefetch=0)
+    assert_conserved(per_rank, table["rows"], urls, world, 2)
+    assert sorted(len(b) for b in per_rank)[:5] == [0] * 5
+
+
+def test_files_with_several_row_groups(table, tmp_path):
+    """The same rows rewritten as Parquet files of 3-row row groups: each slice comes from the right
+    row group (petastorm reads exactly one), contents unchanged, every row once."""
+    import pyarrow.parquet as pq
+
+    from training.reader import iterate_batches, row_groups
+
+    urls = []
+    for k, f in enumerate(table["files"]):
+        path = tmp_path / f"part-{k}.parquet"
+        pq.write_table(pq.read_table(f.uri), path, row_group_size=3)
+        urls.append(str(path))  # plain paths are accepted too
+    groups = row_groups(urls)
+    assert len(groups) > 2 * len(urls) and {g.file_row_groups for g in groups} != {1}
+    for world in (2, 5):
+        assert_conserved(epoch_ids(urls, world, 4, epoch=0, shuffle_rows=5), table["rows"], urls, world, 4)
+
+    def by_id(batches):
+        out = {}
+        for b in batches:
+            for i, s in enumerate(b.sample_ids):
+                out[s] = (b.pv_labels[i], b.pv_mask[i], b.pv_images[i], b.click_mask[i], b.click_images[i])
+        return out
+
+    a = by_id(iterate_batches(urls, batch_size=8, rank=0, world_size=1, seed=1, epoch=0))
+    b = by_id(iterate_batches(table["urls"], batch_size=8, rank=0, world_size=1, seed=2, epoch=3))
+    assert a.keys() == b.keys()
+    for s in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[s], b[s])), s
+
+
+# ---- determinism and resume ------------------------------------------------------------------------
+def test_same_arguments_same_batches_whatever_the_threads(table):
+    from training.reader import iterate_batches
+
+    urls = table["urls"]
+    kw = dict(batch_size=6, rank=1, world_size=2, seed=4, epoch=2, shuffle_rows=10)
+    a = list(iterate_batches(urls, decode_threads=3, prefetch=3, **kw))
+    b = list(iterate_batches(list(reversed(urls)), decode_threads=1, prefetch=0, **kw))  # file order irrelevant
+    assert [x.sample_ids for x in a] == [x.sample_ids for x in b]
+    for x, y in zip(a, b):
+        assert all(torch.equal(p, q) for p, q in zip(x.model_inputs(), y.model_inputs()))
+    flat = [s for x in a for s in x.sample_ids]
+    other_epoch = [s for x in iterate_batches(urls, **{**kw, "epoch": 3}) for s in x.sample_ids]
+    other_seed = [s for x in iterate_batches(urls, **{**kw, "seed": 5}) for s in x.sample_ids]
+    assert flat != other_epoch and flat != other_seed
+
+
+def test_skip_batches_gives_the_tail_without_reading_or_decoding_the_head(table, monkeypatch):
+    import training.reader as R
+
+    urls = table["urls"]
+    kw = dict(batch_size=4, rank=0, world_size=1, seed=9, epoch=1, shuffle_rows=6)
+    full = list(R.iterate_batches(urls, **kw))
+    plan = R.plan_epoch(urls, rank=0, world_size=1, seed=9, epoch=1, shuffle_rows=6)
+    assert len(plan.windows) > 2
+    reads, decodes = [], []
+    read_slice, decode_one = R._read_slice, R._decode_one
+    monkeypatch.setattr(R, "_read_slice", lambda s: reads.append(s) or read_slice(s))
+    monkeypatch.setattr(R, "_decode_one", lambda d, px: decodes.append(1) or decode_one(d, px))
+    for k in (0, 1, 3, len(full) - 1, len(full), len(full) + 2):
+        reads.clear(), decodes.clear()
+        tail = list(R.iterate_batches(urls, skip_batches=k, prefetch=0, **kw))
+        assert [b.sample_ids for b in tail] == [b.sample_ids for b in full[k:]]
+        assert [b.index for b in tail] == list(range(k, len(full)))
+        for x, y in zip(tail, full[k:]):
+            assert all(torch.equal(p, q) for p, q in zip(x.model_inputs(), y.model_inputs()))
+        assert len(decodes) == sum(b.num_images for b in tail)  # skipped rows are never decoded
+        skipped_windows = 0
+        pos = 0
+        for w in plan.windows:
+            n = sum(s.num_rows for s in w)
+            skipped_windows += pos + n <= k * 4
+            pos += n
+        assert len(reads) == sum(len(w) for w in plan.windows[skipped_windows:])  # nor read
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+def test_tensors_equal_decoded_item_images(table):
+    from etl.images import decode_jpeg
+    from training.reader import iterate_batches
+
+    store, rows = table["store"], table["rows"]
+    images = {r["item_id"]: bytes(r["image"]) for r in store.read("item_images").collect()}
+    n_real = n_pad = 0
+    for batch in iterate_batches(table["urls"], batch_size=16, rank=0, world_size=1, seed=0, epoch=0):
+        assert batch.pv_images.dtype == torch.uint8 and batch.pv_images.shape[1:] == (5, 3, 32, 32)
+        assert batch.click_images.shape[1:] == (5, 3, 32, 32) and batch.pv_labels.dtype == torch.int64
+        for i, sid in enumerate(batch.sample_ids):
+            row = rows[sid]
+            for kind, items in (("pv", row["pv_items"]), ("click", row["click_history"])):
+                mask = getattr(batch, f"{kind}_mask")[i]
+                imgs = getattr(batch, f"{kind}_images")[i]
+                assert mask.tolist() == [bool(m) for m in row[f"{kind}_mask"]]
+                for j, item in enumerate(items):
+                    if mask[j]:
+                        want = decode_jpeg(images[item]).transpose(2, 0, 1)
+                        assert np.array_equal(imgs[j].numpy(), want), (sid, kind, j)
+                        n_real += 1
+                    else:
+                        assert not imgs[j].any()
+                        n_pad += 1
+            want_labels = [lab * m for lab, m in zip(row["pv_labels"], row["pv_mask"])]
+            assert batch.pv_labels[i].tolist() == want_labels
+    assert n_real > 100 and n_pad > 0
+
+
+def test_resize_to_image_px(table):
+    from training.reader import CourierBatch, iterate_batches
+
+    b = next(iterate_batches(table["urls"], batch_size=8, rank=0, world_size=1, seed=0, epoch=0, image_px=16))
+    assert b.pv_images.shape == (8, 5, 3, 16, 16) and b.click_images.shape == (8, 5, 3, 16, 16)
+    assert not b.pv_images[~b.pv_mask].any() and b.pv_images[b.pv_mask].float().mean() > 1
+    e = CourierBatch.empty(8, 5, 5, 16)
+    assert e.pv_images.shape == b.pv_images.shape and not e.pv_mask.any() and len(e) == 0
+
+
+# ---- Delta versions ------------------------------------------------------------------------------
+def test_pinned_old_version_reads_the_old_files(table):
+    import json
+
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    from training.reader import count_rows
+
+    store, old = table["store"], table["version"]
+    # Rerun the date with different content (a third of the samples): one new version replaces the
+    # partition. Spark reads every column as nullable; re-apply the table's schema (non-null fields).
+    schema = StructType.fromJson(json.loads(DeltaTable(store.path("courier_train"), version=old).schema().to_json()))
+    schema = StructType([f for f in schema.fields if f.name != "dt"])
+    subset = store.read("courier_train", version=old).where(F.abs(F.hash("sample_id")) % 3 == 0).drop("dt")
+    df = store.spark.createDataFrame(subset.rdd, schema)
+    new = store.replace_partition(df, "courier_train", {"dt": D0}, "test", "rerun")
+    assert new == old + 1
+    old_urls = ["file://" + f.uri for f in store.files("courier_train", old)]
+    new_urls = ["file://" + f.uri for f in store.files("courier_train", new)]
+    assert sorted(old_urls) == sorted(table["urls"]) and not set(old_urls) & set(new_urls)
+    new_ids = {r["sample_id"] for r in store.read("courier_train").collect()}
+    assert 0 < len(new_ids) < len(table["rows"])
+    assert_conserved(epoch_ids(old_urls, 2, 5, 0), table["rows"], old_urls, 2, 5)
+    assert_conserved(epoch_ids(new_urls, 2, 5, 0), new_ids, new_urls, 2, 5)
+    assert count_rows(old_urls) == len(table["rows"]) and count_rows(new_urls) == len(new_ids)
+
+
+# ---- contract ------------------------------------------------------------------------------------
+def test_bad_arguments(table):
+    from training.reader import count_rows, iterate_batches
+
+    with pytest.raises(ValueError, match="more than once"):
+        count_rows(table["urls"] + table["urls"][:1])
+    with pytest.raises(ValueError, match="rank"):
+        next(iterate_batches(table["urls"], batch_size=4, rank=2, world_size=2, seed=0, epoch=0))
+
+
+def test_import_pulls_no_spark_mlflow_or_petastorm():
+    code = ("import sys; import training.reader; "
+            "bad = [m for m in ('pyspark', 'mlflow', 'petastorm', 'deltalake') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), check=True, timeout=120)
