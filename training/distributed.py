@@ -1,0 +1,345 @@
+"""Backend-agnostic distributed helpers for the COURIER trainer: torch DDP ("ddp") or Horovod ("horovod").
+
+Tiny named functions in the style of facebookresearch/moco (``concat_all_gather`` & co.), so that the
+trainer never branches on the backend itself::
+
+    from training import distributed as D
+    D.init(backend)                                   # backend: "ddp" | "horovod"
+    raw = CourierModel(encoder, cfg, gather=D.gather_with_grad_for(backend))
+    model = D.wrap_model(raw, backend)                # DDP(raw) | raw
+    opt = D.wrap_optimizer(torch.optim.Adam(raw.parameters(), ...), raw, backend)
+    D.broadcast_parameters(raw, opt)                  # Horovod: rank 0's weights/state everywhere
+    loss, comps = model(...)
+    scaler.scale(loss * D.loss_scale_for_backward(backend)).backward()
+    D.optimizer_step(opt, scaler)                     # Horovod: synchronize, then step; then scaler.update()
+    global_loss = D.all_reduce_sum(loss.detach())     # the single-process loss on the global batch
+    D.shutdown(backend)                               # after deleting model and optimizer
+
+Loss / gradient convention (see ``training.courier``'s module docstring): every rank's loss is its
+*share* (sum of its targets' -log p / number of targets in the GLOBAL batch), so the sum over ranks is
+the single-process loss on the concatenated batch, and the gathers used for in-batch negatives SUM the
+gradients flowing back into each rank's embeddings. Both backends then AVERAGE parameter gradients over
+ranks: DDP always, Horovod because ``hvd.DistributedOptimizer`` uses ``op=hvd.Average`` (its default,
+kept here). Hence, for both backends::
+
+    (loss * loss_scale_for_backward(backend)).backward()   # loss_scale_for_backward = world_size()
+
+gives every rank exactly the single-process gradient after the averaging. (The alternative,
+``op=hvd.Sum`` without the scale, is numerically the same; we keep Average so that the two backends
+share one trainer line and Horovod's gradient compression/fp16 paths see averaged magnitudes.)
+
+Gathers with gradients:
+
+* ddp: ``training.courier.gather_with_grad`` (``torch.distributed.nn.functional.all_gather``; backward =
+  reduce-scatter SUM, the convention above);
+* horovod: ``hvd.allgather`` whose backward AVERAGES the incoming gradient over ranks
+  (``allreduce(grad, average=True)``); ``horovod_gather_with_grad`` multiplies that gradient by the
+  world size so it is the SUM, like torch's.
+
+Horovod is imported lazily: this module imports (and the "ddp" backend works) without Horovod.
+Horovod is installed by ``scripts/install_horovod.sh``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["ddp", "horovod"]
+BACKENDS: tuple[str, ...] = ("ddp", "horovod")
+
+_backend: Optional[str] = None  # set by init()
+
+
+def _check(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown distributed backend {backend!r}; one of {BACKENDS}")
+    return backend
+
+
+def _hvd():
+    """``horovod.torch``, imported on first use (clear error when it is not installed)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the 'horovod' backend needs Horovod with PyTorch support: run `bash scripts/install_horovod.sh` "
+            f"(import failed: {e})"
+        ) from e
+    return hvd
+
+
+def _hvd_on() -> bool:
+    hvd = sys.modules.get("horovod.torch")  # never imports Horovod just to ask
+    return hvd is not None and hvd.is_initialized()
+
+
+def current_backend() -> Optional[str]:
+    """The backend in use: the one ``init`` set up, else whichever is initialised, else None (1 process)."""
+    if _backend is not None:
+        return _backend
+    if dist.is_available() and dist.is_initialized():
+        return "ddp"
+    if _hvd_on():
+        return "horovod"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Process group lifecycle
+# --------------------------------------------------------------------------------------------------
+def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) -> None:
+    """Join the job's process group. Idempotent.
+
+    ddp: ``torch.distributed.init_process_group`` from the environment (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE as set by TorchDistributor or torchrun), gloo on CPU and nccl when CUDA is available
+    unless ``process_group_backend`` says otherwise; sets the CUDA device to LOCAL_RANK.
+    horovod: ``hvd.init()`` (gloo or MPI controller as launched by horovodrun / horovod.spark.run);
+    sets the CUDA device to ``hvd.local_rank()``.
+    """
+    global _backend
+    _check(backend)
+    if backend == "ddp":
+        if not dist.is_initialized():
+            pg = process_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend=pg, init_method="env://")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        hvd = _hvd()
+        if not hvd.is_initialized():
+            hvd.init()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(hvd.local_rank())
+    _backend = backend
+
+
+def shutdown(backend: Optional[Backend] = None) -> None:
+    """Leave the process group. Delete the model and optimizer first (gloo can hang at exit otherwise)."""
+    global _backend
+    backend = backend or current_backend()
+    if backend == "ddp" and dist.is_initialized():
+        dist.destroy_process_group()
+    elif backend == "horovod" and _hvd_on():
+        _hvd().shutdown()
+    _backend = None
+
+
+def rank() -> int:
+    b = current_backend()
+    if b == "ddp":
+        return dist.get_rank()
+    if b == "horovod":
+        return _hvd().rank()
+    return 0
+
+
+def local_rank() -> int:
+    b = current_backend()
+    if b == "ddp":
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    if b == "horovod":
+        return _hvd().local_rank()
+    return 0
+
+
+def world_size() -> int:
+    b = current_backend()
+    if b == "ddp":
+        return dist.get_world_size()
+    if b == "horovod":
+        return _hvd().size()
+    return 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    b = current_backend()
+    if b == "ddp":
+        dist.barrier()
+    elif b == "horovod":
+        _hvd().barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives without gradients (metrics, counts)
+# --------------------------------------------------------------------------------------------------
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, as a new tensor (``t`` is not modified; no gradient)."""
+    b = current_backend()
+    if b == "ddp":
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+    if b == "horovod":
+        hvd = _hvd()
+        return hvd.allreduce(t.detach(), op=hvd.Sum)
+    return t.detach().clone()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``t`` over ranks, as a new tensor (no gradient)."""
+    b = current_backend()
+    if b == "ddp":
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+    if b == "horovod":
+        hvd = _hvd()
+        return hvd.allreduce(t.detach(), op=hvd.Max)
+    return t.detach().clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model / optimizer plumbing
+# --------------------------------------------------------------------------------------------------
+def loss_scale_for_backward(backend: Optional[Backend] = None) -> int:
+    """Multiply the rank's loss share by this before ``backward()``: ``world_size()`` for both backends.
+
+    Both average parameter gradients over ranks (DDP always; Horovod through ``wrap_optimizer``'s
+    ``hvd.DistributedOptimizer(op=hvd.Average)``), while the sum of the shares is the global loss; the
+    scale turns the average back into the single-process gradient. 1 in a single process.
+    """
+    if backend is not None:
+        _check(backend)
+    return world_size()
+
+
+def wrap_model(model: nn.Module, backend: Backend, **ddp_kwargs) -> nn.Module:
+    """DDP(model) for "ddp" (device_ids set on CUDA); the model itself for "horovod" (it syncs gradients
+    in the optimizer)."""
+    _check(backend)
+    if backend == "horovod" or not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if torch.cuda.is_available() and "device_ids" not in ddp_kwargs:
+        ddp_kwargs["device_ids"] = [torch.cuda.current_device()]
+    return DDP(model, **ddp_kwargs)
+
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
+                   **hvd_kwargs) -> torch.optim.Optimizer:
+    """"horovod": ``hvd.DistributedOptimizer`` over the model's named parameters with op=Average (the
+    default; see ``loss_scale_for_backward``); "ddp": the optimizer itself (DDP reduces in backward)."""
+    _check(backend)
+    if backend == "ddp":
+        return optimizer
+    hvd = _hvd()
+    hvd_kwargs.setdefault("op", hvd.Average)
+    return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), **hvd_kwargs)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    """``optimizer.step()`` (through ``scaler.step`` when a GradScaler is given), right for both backends.
+
+    Horovod's DistributedOptimizer reduces gradients asynchronously while backward runs and waits for
+    them in ``step()``; a GradScaler unscales (and checks for inf) *before* calling ``step()``, i.e.
+    on gradients that are still being reduced in place, and the reduced, still-scaled values would
+    land afterwards. So for Horovod: ``synchronize()`` first, then step inside ``skip_synchronize()``
+    (Horovod's documented AMP recipe). DDP has reduced everything by the end of backward.
+    """
+    step = (lambda: scaler.step(optimizer)) if scaler is not None else optimizer.step
+    if hasattr(optimizer, "skip_synchronize"):  # hvd.DistributedOptimizer
+        optimizer.synchronize()
+        with optimizer.skip_synchronize():
+            step()
+    else:
+        step()
+
+
+def broadcast_parameters(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                         root_rank: int = 0) -> None:
+    """Make every rank start from ``root_rank``'s weights, buffers and optimizer state.
+
+    horovod: ``hvd.broadcast_parameters(model.state_dict())`` + ``hvd.broadcast_optimizer_state``.
+    ddp: broadcasts the state dict's tensors with ``torch.distributed.broadcast`` (DDP's constructor
+    already does this for the module it wraps; the optimizer state is created identically everywhere).
+    Single process: nothing.
+    """
+    b = current_backend()
+    if b == "horovod":
+        hvd = _hvd()
+        hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
+        if optimizer is not None:
+            hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+    elif b == "ddp" and world_size() > 1:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=root_rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathers that keep gradients (in-batch negatives from every rank)
+# --------------------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def _loss_rank() -> int:
+    """Where the losses of ``training.courier`` / ``training.baselines`` look for this rank's own block in
+    the gathered tensor: ``training.courier.world_rank()``."""
+    from training.courier import world_rank
+
+    return world_rank()
+
+
+def horovod_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Horovod counterpart of ``training.courier.gather_with_grad``: (N, ...) per rank -> (world * N, ...).
+
+    ``hvd.allgather``'s backward averages the gradient over ranks; ``_ScaleGrad`` multiplies it by the
+    world size so each rank's ``x`` receives the SUM of the gradients every rank sends to its block, as
+    with ``torch.distributed.nn.functional.all_gather``. Every rank must pass the same shape.
+
+    Block order: rank order, with one exception. The losses find this rank's own block at position
+    ``training.courier.world_rank()``, which asks torch.distributed only; under Horovod alone that is 0
+    on every rank, so this rank's block is moved to that position (the losses are symmetric in the
+    other blocks). Once ``training.courier.world_rank()`` knows Horovod this is plain rank order.
+    Identity in a single process.
+    """
+    hvd = _hvd()
+    n = hvd.size()
+    if n == 1:
+        return x
+    y = _ScaleGrad.apply(hvd.allgather(x), float(n))
+    if y.shape[0] != n * x.shape[0]:
+        raise ValueError(
+            f"horovod_gather_with_grad: ranks passed different first dimensions (gathered {y.shape[0]} rows "
+            f"from {n} ranks, {x.shape[0]} here); pad every rank's batch to the same shape"
+        )
+    r, p = hvd.rank(), _loss_rank()
+    if p != r:
+        blocks = list(y.split(x.shape[0]))
+        blocks.insert(p, blocks.pop(r))
+        y = torch.cat(blocks)
+    return y
+
+
+def gather_with_grad_for(backend: Backend) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``gather=`` to pass to ``training.courier.CourierModel`` / the losses for ``backend``."""
+    _check(backend)
+    if backend == "ddp":
+        from training.courier import gather_with_grad
+
+        return gather_with_grad
+    return horovod_gather_with_grad
