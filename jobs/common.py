@@ -29,5 +29,8 @@ def load_job_config(args: argparse.Namespace) -> Config:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "alembic", "urllib3", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Horovod's rendezvous server logs every key exchange on the root logger at INFO: keep its warnings only.
+    logging.getLogger().addFilter(
+        lambda record: record.levelno >= logging.WARNING or f"{os.sep}horovod{os.sep}" not in record.pathname)
     quiet_warnings()
     return load_config(args.conf, parse_overrides(args.set))

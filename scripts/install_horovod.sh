@@ -114,13 +114,30 @@ if ! cmake_ok; then
   cmake_ok || die "cmake >= 3.13 is still not on PATH after installing it into $VENV"
 fi
 
+REAL_CXX="$(command -v "${CXX:-g++}")" || die "C++ compiler ${CXX:-g++} not found"
+cuda_env=()
+if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
+  cuda_root="${CUDA_HOME:-/usr/local/cuda}"
+  [ -x "$cuda_root/bin/nvcc" ] && [ -f "$cuda_root/include/cuda_runtime.h" ] \
+    || die "nvcc is on PATH but no CUDA toolkit at $cuda_root (needs bin/nvcc and include/cuda_runtime.h); set CUDA_HOME to the toolkit root"
+  say "nvcc found: building the CUDA variant with CUDA_HOME=CUDAToolkit_ROOT=$cuda_root (torch is a CUDA build)"
+  cuda_env=(CUDA_HOME="$cuda_root" CUDAToolkit_ROOT="$cuda_root")
+else
+  say "no nvcc: building the CPU variant"
+fi
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/courier-horovod-build.XXXXXX")"
+ticker=""
+cleanup() {
+  if [ -n "$ticker" ]; then kill "$ticker" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT  # also when the build fails or is interrupted
 LOG="$CACHE_ROOT/build-$KEY.log"
 mkdir -p "$CACHE_ROOT"
 : > "$LOG"
 
 # C++20 wrapper: Horovod's CMake sets -std=c++14; the last -std on the command line wins.
-REAL_CXX="$(command -v "${CXX:-g++}")" || die "C++ compiler ${CXX:-g++} not found"
 cat > "$WORK/cxx20" <<EOF
 #!/bin/sh
 exec "$REAL_CXX" "\$@" -std=c++20
@@ -132,16 +149,8 @@ build_env=(
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
   HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   MAKEFLAGS="-j$JOBS"
+  ${cuda_env[@]+"${cuda_env[@]}"}
 )
-if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
-  cuda_root="${CUDA_HOME:-/usr/local/cuda}"
-  [ -x "$cuda_root/bin/nvcc" ] && [ -f "$cuda_root/include/cuda_runtime.h" ] \
-    || die "nvcc is on PATH but no CUDA toolkit at $cuda_root (needs bin/nvcc and include/cuda_runtime.h); set CUDA_HOME to the toolkit root"
-  say "nvcc found: building the CUDA variant with CUDA_HOME=CUDAToolkit_ROOT=$cuda_root (torch is a CUDA build)"
-  build_env+=(CUDA_HOME="$cuda_root" CUDAToolkit_ROOT="$cuda_root")
-else
-  say "no nvcc: building the CPU variant"
-fi
 
 say "building horovod $HVD_VERSION from source (~6.5 min on 2 cores, $JOBS jobs); log: $LOG"
 start=$SECONDS
@@ -154,7 +163,6 @@ start=$SECONDS
   done
 ) &
 ticker=$!
-trap 'kill "$ticker" 2>/dev/null || true' EXIT  # also when the build is interrupted
 set +e
 env "${build_env[@]}" "$PY" -m pip wheel -v --no-deps --no-build-isolation --no-cache-dir \
   "horovod==$HVD_VERSION" -w "$WORK/dist" >>"$LOG" 2>&1
@@ -162,10 +170,11 @@ rc=$?
 set -e
 kill "$ticker" 2>/dev/null || true
 wait "$ticker" 2>/dev/null || true
+ticker=""
 if [ $rc -ne 0 ]; then
   echo "[horovod] ---- last 40 lines of $LOG ----" >&2
   tail -n 40 "$LOG" >&2
-  die "building horovod $HVD_VERSION failed (pip exit $rc) after $((SECONDS - start)) s; full log: $LOG (look for 'CMake Error' or 'error:'); build dir: $WORK"
+  die "building horovod $HVD_VERSION failed (pip exit $rc) after $((SECONDS - start)) s; full log: $LOG (look for 'CMake Error' or 'error:')"
 fi
 whl="$(ls "$WORK"/dist/horovod-"$HVD_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
 [ -n "$whl" ] || die "pip reported success but wrote no horovod wheel into $WORK/dist; log: $LOG"
@@ -175,6 +184,5 @@ mkdir -p "$CACHE_DIR"
 rm -f "$CACHE_DIR"/horovod-*.whl
 cp "$whl" "$CACHE_DIR.tmp.$$" && mv "$CACHE_DIR.tmp.$$" "$CACHE_DIR/$(basename "$whl")"  # atomic on one fs
 cp "$LOG" "$CACHE_DIR/build.log"
-rm -rf "$WORK"
 say "cached in $CACHE_DIR"
 install_cached || die "could not install the freshly built wheel from $CACHE_DIR"

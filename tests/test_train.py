@@ -108,6 +108,27 @@ def test_kill_and_resume_equals_an_uninterrupted_run(trained):
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_horovod_backend_follows_the_ddp_run(trained):
+    """The same job with train.backend=horovod (horovod.spark.run, gloo) on the same data and seed takes the
+    same first steps as the DDP run: same global loss, and (through Adam) the same averaged gradients."""
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        if os.environ.get("COURIER_REQUIRE_HOROVOD") == "1":
+            raise
+        pytest.skip("horovod not installed (scripts/install_horovod.sh)")
+    conf, _ = trained
+    steps = 3
+    out = _submit(conf, "train_courier", "--run-name", "hvd", "--set", "train.backend=horovod",
+                  "--set", f"train.max_steps={steps}")
+    assert "horovod worker(s)" in out.stdout
+    rows = {n: [json.loads(x) for x in open(os.path.join(_checkpoints(conf, n), "metrics.jsonl"))]
+            for n in ("full", "hvd")}
+    assert [r["step"] for r in rows["hvd"]] == list(range(1, steps + 1))
+    for ddp_row, hvd_row in zip(rows["full"][:steps], rows["hvd"]):
+        assert hvd_row["loss"] == pytest.approx(ddp_row["loss"], rel=1e-4), (ddp_row, hvd_row)
+
+
 # ---- DDP through TorchDistributor equals one process on the concatenated batch --------------------
 def _ddp_step(batch_path: str, out_dir: str) -> None:
     import torch

@@ -238,7 +238,27 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, backend: 
         return optimizer
     hvd = _hvd()
     hvd_kwargs.setdefault("op", hvd.Average)
-    return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), **hvd_kwargs)
+    state = optimizer.state_dict() if optimizer.state else None
+    wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), **hvd_kwargs)
+    if state is not None:  # Horovod builds a new optimizer from the param groups: keep e.g. a resumed state
+        wrapped.load_state_dict(state)
+    _accept_set_to_none(wrapped)
+    return wrapped
+
+
+def _accept_set_to_none(optimizer: torch.optim.Optimizer) -> None:
+    """Horovod 0.28's ``DistributedOptimizer.zero_grad()`` takes no arguments; give it torch's
+    ``zero_grad(set_to_none=True)`` signature (same guard against in-flight reductions). The class is
+    Horovod's per-optimizer dynamic subclass, so nothing else is affected."""
+    cls = type(optimizer)
+    horovod_zero_grad = cls.zero_grad
+
+    def zero_grad(self, set_to_none: bool = True):
+        if getattr(self, "_handles", None):
+            return horovod_zero_grad(self)  # raises Horovod's "zero_grad before step" race error
+        return super(cls, self).zero_grad(set_to_none=set_to_none)
+
+    cls.zero_grad = zero_grad
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
@@ -263,7 +283,11 @@ def broadcast_parameters(model: nn.Module, optimizer: Optional[torch.optim.Optim
                          root_rank: int = 0) -> None:
     """Make every rank start from ``root_rank``'s weights, buffers and optimizer state.
 
-    horovod: ``hvd.broadcast_parameters(model.state_dict())`` + ``hvd.broadcast_optimizer_state``.
+    horovod: ``hvd.broadcast_optimizer_state`` (only when some rank's optimizer has state, e.g. after a
+    resume), then ``hvd.broadcast_parameters(model.state_dict())``. Horovod initialises an empty
+    optimizer state by taking one ``step()`` with zero gradients, which is not a no-op with weight decay
+    (Adam moves every weight by ~lr): fresh optimizers are therefore left alone (identical on every
+    rank anyway), and the parameters are broadcast last so that no such step survives.
     ddp: broadcasts the state dict's tensors with ``torch.distributed.broadcast`` (DDP's constructor
     already does this for the module it wraps; the optimizer state is created identically everywhere).
     Single process: nothing.
@@ -271,9 +295,11 @@ def broadcast_parameters(model: nn.Module, optimizer: Optional[torch.optim.Optim
     b = current_backend()
     if b == "horovod":
         hvd = _hvd()
-        hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
         if optimizer is not None:
-            hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+            has_state = all_reduce_max(torch.tensor([1 if optimizer.state else 0]))  # one decision for all
+            if int(has_state.item()):
+                hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
     elif b == "ddp" and world_size() > 1:
         with torch.no_grad():
             for t in model.state_dict().values():
