@@ -119,6 +119,67 @@ class TrainConf:
 
 
 @dataclass(frozen=True)
+class FeaturesConf:
+    """Stages 3-4: item embeddings, FAISS clusters, CTR features and the daily refresh."""
+    # The encoder embed_items/build_clusters use: "<model>@<alias>", "<model>/<version>" or "<model>/latest".
+    # train_courier --alias champion points the alias at the encoder it registers.
+    encoder_ref: str = "courier-encoder@champion"
+    # The clustering attach/refresh use; its encoder is the one tagged on it (lineage, not a second setting).
+    clusters_ref: str = "courier-clusters@current"
+    n_clusters: int = 1024  # C (paper: 1e5 for 6e7 items)
+    kmeans_iters: int = 20
+    kmeans_sample: int = 1_000_000  # k-means trains on at most this many items (a seeded sample)
+    kmeans_seed: int = 1234
+    large_c_threshold: int = 8192  # C >= this: HNSW assignment index (training and serving) instead of flat
+    hnsw_m: int = 32  # HNSW graph degree of the large-C index
+    hnsw_ef_search: int = 128  # HNSW search breadth: recall vs speed of the large-C assignment
+    embed_batch_size: int = 128  # images per encoder forward pass inside the embedding UDF
+    attach_batch_size: int = 8192  # vectors per Arrow batch of the assignment UDF
+    include_vector: bool = False  # ctr_train.item_vector (the L2-normalised image embedding)
+    drift_far_quantile: float = 0.95  # "far from every centroid" = beyond this quantile of the build's distances
+    drift_threshold: float = 0.15  # share of a day's new items that are far; above it a full re-cluster is due
+    executor_threads: int = 1  # torch/FAISS threads per Spark Python worker (Spark runs one per core)
+
+
+@dataclass(frozen=True)
+class CtrConf:
+    """Stage 4: the downstream CTR model trained on ctr_train dates and evaluated on later ones."""
+    # How the image enters the model (the paper's Table B1): none | vector | simscore | cluster_id.
+    feature_mode: str = "cluster_id"
+    table_version: int | None = None  # pin a ctr_train version (default: the latest)
+    train_dates: list | None = None  # explicit YYYY-MM-DD lists; default: every date before the eval dates
+    eval_dates: list | None = None  # default: the last `eval_last_n_dates` dates of the table version
+    eval_last_n_dates: int = 1
+    id_dim: int = 16  # item-/user-ID embedding size
+    cluster_dim: int = 16  # cluster-ID embedding size (cluster_id mode)
+    vector_dim: int = 16  # the image vector is projected to this size (vector mode)
+    context_dim: int = 8  # query (= searched category) and position embedding sizes
+    # Hidden MLP widths; with the output layer, 4 hidden layers make the paper's 5-layer MLP.
+    layers: list = field(default_factory=lambda: [256, 128, 64, 32])
+    attention_hidden: int = 32  # width of the target-attention unit over the click history
+    max_history: int = 5  # history items used, most recent first (stage 1 keeps l_click = 5)
+    item_buckets: int = 262144  # hashed item-ID buckets; >> items so seen items rarely collide
+    user_buckets: int = 65536
+    id_dropout: float = 0.1  # share of training IDs replaced by the OOV bucket, so cold items' path is trained
+    epochs: int = 3
+    lr: float = 0.002  # Adam
+    batch_size: int = 1024  # impressions per step (id tables update sparsely, so a step stays cheap)
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads
+    gauc_by: str = "pv_id"  # GAUC groups: pv_id (a result page, the paper's in-page ranking) | session_id
+
+
+@dataclass(frozen=True)
+class ReviewConf:
+    """Registry review gates: a challenger replaces @champion only when all of them pass."""
+    auc_tol: float = 0.001  # challenger AUC may be at most this much below the champion's
+    gauc_tol: float = 0.001  # same for GAUC
+    category_regression_limit: float = 0.005  # no category's AUC may drop by more than this
+    min_category_rows: int = 500  # categories with fewer eval rows are reported but not gated (noise)
+    min_eval_rows: int = 1000  # fewer eval rows than this: no decision is possible, the review refuses
+
+
+@dataclass(frozen=True)
 class Config:
     env: str = "local"
     paths: PathsConf = field(default_factory=PathsConf)
@@ -128,6 +189,9 @@ class Config:
     simulator: SimulatorConf = field(default_factory=SimulatorConf)
     samples: SamplesConf = field(default_factory=SamplesConf)
     train: TrainConf = field(default_factory=TrainConf)
+    features: FeaturesConf = field(default_factory=FeaturesConf)
+    ctr: CtrConf = field(default_factory=CtrConf)
+    review: ReviewConf = field(default_factory=ReviewConf)
     source: str | None = None  # the file this config was loaded from
 
     # ---- resolved paths: the only way the rest of the code reads a location -------------------
@@ -271,10 +335,72 @@ def _validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_features(cfg.features)
+    _validate_ctr(cfg.ctr, cfg.review)
     parse_date(cfg.simulator.start_date, "simulator.start_date")
     bad_spark = [k for k in cfg.spark.conf if not str(k).startswith("spark.")]
     if bad_spark:
         raise ConfigError(f"spark.conf: keys must start with 'spark.', got {bad_spark}")
+
+
+def _validate_features(f: FeaturesConf) -> None:
+    import re
+
+    for key in ("encoder_ref", "clusters_ref"):
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+(@[A-Za-z0-9_\-]+|/(\d+|latest))", getattr(f, key)):
+            raise ConfigError(f"features.{key}: expected <model>@<alias>, <model>/<version> or <model>/latest, "
+                              f"got {getattr(f, key)!r}")
+    checks = [
+        (f.n_clusters >= 2, "features.n_clusters must be >= 2"),
+        (f.kmeans_iters >= 1, "features.kmeans_iters must be >= 1"),
+        (f.kmeans_sample >= f.n_clusters, "features.kmeans_sample must be >= features.n_clusters"),
+        (f.large_c_threshold >= 2 and f.hnsw_m >= 4 and f.hnsw_ef_search >= 1,
+         "features.large_c_threshold >= 2, hnsw_m >= 4 and hnsw_ef_search >= 1"),
+        (f.embed_batch_size >= 1 and f.attach_batch_size >= 1 and f.executor_threads >= 1,
+         "features.embed_batch_size, attach_batch_size and executor_threads must be >= 1"),
+        (0.0 < f.drift_far_quantile < 1.0, "features.drift_far_quantile must be in (0, 1)"),
+        (0.0 <= f.drift_threshold <= 1.0, "features.drift_threshold must be in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _validate_ctr(c: CtrConf, r: ReviewConf) -> None:
+    checks = [
+        (c.feature_mode in ("none", "vector", "simscore", "cluster_id"),
+         "ctr.feature_mode must be none, vector, simscore or cluster_id"),
+        (c.gauc_by in ("pv_id", "session_id"), "ctr.gauc_by must be pv_id or session_id"),
+        (c.eval_last_n_dates >= 1, "ctr.eval_last_n_dates must be >= 1"),
+        (isinstance(c.layers, list) and len(c.layers) >= 1
+         and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in c.layers),
+         "ctr.layers must be a non-empty list of positive integers (hidden widths)"),
+        (min(c.id_dim, c.cluster_dim, c.vector_dim, c.context_dim, c.attention_hidden) >= 1,
+         "ctr.id_dim, cluster_dim, vector_dim, context_dim and attention_hidden must be >= 1"),
+        (c.max_history >= 1, "ctr.max_history must be >= 1"),
+        (c.item_buckets >= 2 and c.user_buckets >= 2, "ctr.item_buckets and ctr.user_buckets must be >= 2"),
+        (0.0 <= c.id_dropout < 1.0, "ctr.id_dropout must be in [0, 1)"),
+        (c.epochs >= 1 and c.batch_size >= 1 and c.threads >= 1, "ctr.epochs, batch_size and threads must be >= 1"),
+        (c.lr > 0, "ctr.lr must be > 0"),
+        (min(r.auc_tol, r.gauc_tol, r.category_regression_limit) >= 0,
+         "review.auc_tol, gauc_tol and category_regression_limit must be >= 0"),
+        (r.min_eval_rows >= 1 and r.min_category_rows >= 1, "review.min_eval_rows and min_category_rows must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for key in ("train_dates", "eval_dates"):
+        dates = getattr(c, key)
+        if dates is None:
+            continue
+        if not isinstance(dates, list) or not dates:
+            raise ConfigError(f"ctr.{key}: expected a non-empty list of YYYY-MM-DD dates")
+        for d in dates:
+            parse_date(d, f"ctr.{key}")
+    if c.train_dates and c.eval_dates:
+        overlap = sorted({str(d) for d in c.train_dates} & {str(d) for d in c.eval_dates})
+        if overlap:
+            raise ConfigError(f"ctr.train_dates and ctr.eval_dates overlap on {overlap}")
 
 
 def parse_date(value: str, what: str = "date") -> dt.date:

@@ -164,6 +164,43 @@ class TableStore:
         self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
         return self.version(name)
 
+    def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
+                           job: str = "", run_id: str = "") -> int:
+        """Replace the partitions ``fixed + {by: v}`` for every v in ``values`` with df's rows, in ONE
+        commit (several dates of a table seen whole or not at all). df carries the column ``by``; a row
+        whose value is not in ``values`` is an error. A value with no rows empties that partition.
+        The table is partitioned by ``[*fixed, by]``. Returns the new version (the current one when
+        ``values`` is empty: nothing to write)."""
+        from pyspark.sql import functions as F
+
+        fixed = {k: str(v) for k, v in (fixed or {}).items()}
+        values = sorted({str(v) for v in values})
+        if not values:
+            return self.version(name)
+        for v in values:
+            _partition_dir({by: v})
+        cols = [*fixed, by]
+        data = df.withColumn(by, F.col(by).cast("string")).drop(*[c for c in fixed if c in df.columns])
+        meta = {"job": job, "run_id": run_id, "partition": json.dumps({**fixed, by: values})}
+        if self.native:
+            for c, v in fixed.items():
+                data = data.withColumn(c, F.lit(v))
+            where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
+                                 [f"{by} IN ({', '.join(repr(v) for v in values)})"])
+            (data.select(*[c for c in data.columns if c not in cols], *cols).write.format("delta")
+             .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
+             .partitionBy(*cols).save(self.path(name)))
+            return self.version(name)
+        run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
+        adds = self._write_files(data, name, run_dir, fixed, by=by)
+        stray = sorted({a.partition_values[by] for a in adds} - set(values))
+        if stray:  # checked on the written files (no second pass over df); nothing is committed
+            raise TableError(f"table {name!r}: rows with {by} in {stray}, outside the partitions {values} being replaced")
+        schema = self._arrow_schema(data.drop(by), partition_cols=cols)
+        filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
+        self._commit(name, adds, schema, cols, filters, meta)
+        return self.version(name)
+
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
         meta = {"job": job, "run_id": run_id}
@@ -181,26 +218,32 @@ class TableStore:
                                         enforce_retention_duration=retention_hours >= 168)
 
     # ---- delta-rs internals ---------------------------------------------------------------------
-    def _write_files(self, data, name: str, rel_dir: str, partition: Mapping[str, str]):
+    def _write_files(self, data, name: str, rel_dir: str, partition: Mapping[str, str], by: str | None = None):
         import pyarrow.parquet as pq
         from deltalake.transaction import AddAction
 
         table_path = self.path(name)
         folder = f"{table_path.rstrip('/')}/{rel_dir}"
-        data.write.mode("errorifexists").parquet(folder)
-        adds = []
         if is_uri(folder):
             raise TableError("delta-rs engine writes local tables only; use tables.engine: spark-delta on a cluster")
-        for fname in sorted(os.listdir(folder)):
-            if not fname.endswith(".parquet") or fname.startswith((".", "_")):
-                continue
-            fpath = os.path.join(folder, fname)
-            st = os.stat(fpath)
-            rows = pq.ParquetFile(fpath).metadata.num_rows
-            if rows == 0:
-                continue  # Spark writes a schema-only file for an empty frame; the log needs none
-            adds.append(AddAction(f"{rel_dir}/{fname}", st.st_size, dict(partition), int(st.st_mtime * 1000),
-                                  True, json.dumps({"numRecords": rows})))
+        writer = data.write.mode("errorifexists")
+        (writer.partitionBy(by) if by else writer).parquet(folder)
+        # With `by`, Spark writes <folder>/<by>=<value>/part-*.parquet: one more level, its value from the name.
+        subdirs = ([(d, {by: _unquote(d.split("=", 1)[1])}) for d in sorted(os.listdir(folder)) if d.startswith(f"{by}=")]
+                   if by else [("", {})])
+        adds = []
+        for sub, extra in subdirs:
+            for fname in sorted(os.listdir(os.path.join(folder, sub))):
+                if not fname.endswith(".parquet") or fname.startswith((".", "_")):
+                    continue
+                fpath = os.path.join(folder, sub, fname)
+                st = os.stat(fpath)
+                rows = pq.ParquetFile(fpath).metadata.num_rows
+                if rows == 0:
+                    continue  # Spark writes a schema-only file for an empty frame; the log needs none
+                rel = f"{rel_dir}/{sub}/{fname}" if sub else f"{rel_dir}/{fname}"
+                adds.append(AddAction(rel, st.st_size, {**partition, **extra}, int(st.st_mtime * 1000),
+                                      True, json.dumps({"numRecords": rows})))
         return adds
 
     @staticmethod

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--skip-if-done", action="store_true",
                    help="exit 0 without training when this run name already finished (idempotent pipelines)")
+    p.add_argument("--alias", default=None, help="point this registry alias of courier-encoder (e.g. champion, "
+                   "which stage 3's features.encoder_ref reads) at the encoder this run registers")
     p.add_argument("--run-name", default=None, help="names the run and its checkpoint folder "
                    "(default: <method>-<backbone>-v<table version>)")
     args = p.parse_args(argv)
@@ -51,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     marker = run_marker(checkpoint_dir)
     if args.skip_if_done and marker is not None and os.path.exists(os.path.join(checkpoint_dir, "done.json")):
         print(f"[{JOB}] {run_name} already finished (MLflow run {marker['mlflow_run_id']}): nothing to do")
+        if args.alias:  # an idempotent pipeline still ends with the alias on this run's encoder
+            import mlflow
+
+            from etl.tracking import setup_mlflow
+            from training.launch import MODEL_NAME
+
+            with open(os.path.join(checkpoint_dir, "done.json")) as fh:
+                done_version = json.load(fh)["model_version"]
+            setup_mlflow(cfg)
+            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, args.alias, str(done_version))
+            print(f"[{JOB}] alias @{args.alias} -> courier-encoder v{done_version}", flush=True)
         return 0
     if args.resume and marker is None:
         raise SystemExit(f"--resume: no run to resume in {checkpoint_dir}")
@@ -77,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.log_metrics({"final_loss": result["losses"][-1] if result["losses"] else float("nan"),
                             "steps": result["steps"], "skipped_steps": result["skipped"],
                             "throughput_images_per_s": result["images_per_s"]})
-        version_info = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version)
+        version_info = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version,
+                                        alias=args.alias)
     with open(os.path.join(checkpoint_dir, "done.json"), "w") as fh:
         json.dump({"mlflow_run_id": run.info.run_id, "model_version": version_info.version}, fh)
     print(f"[{JOB}] done: {result['steps']} steps ({result['skipped']} skipped), final loss "

@@ -12,6 +12,7 @@ from etl.config import Config
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "courier-encoder"
+STATE_ARTIFACT = "encoder_state/encoder.pt"  # run artifact: the encoder's state dict (weights only)
 
 
 def run_marker(checkpoint_dir: str) -> dict | None:
@@ -79,7 +80,7 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
         return json.load(fh)
 
 
-def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int):
+def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int, alias: str | None = None):
     """Log the trained encoder to the run and register it as a new `courier-encoder` version with its
     lineage (run, data version, method, backbone) as version tags."""
     import mlflow
@@ -97,12 +98,18 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
         code_paths=[os.path.dirname(os.path.abspath(__file__))], serialization_format="pickle")
+    # The bare state dict too: stage 3 rebuilds ImageEncoder from the version's tags and loads this with
+    # torch.load(weights_only=True), so no pickled model is ever unpickled downstream.
+    mlflow.log_artifact(encoder_path, STATE_ARTIFACT.rsplit("/", 1)[0])
     client = mlflow.MlflowClient()
     version = client.get_model_version(MODEL_NAME, info.registered_model_version)
     for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
                        "method": t.method, "backbone": t.backbone, "image_px": str(cfg.samples.image_px),
-                       "dim": str(t.dim)}.items():
+                       "dim": str(t.dim), "proj_head": str(t.proj_head).lower(),
+                       "state_artifact": STATE_ARTIFACT}.items():
         client.set_model_version_tag(MODEL_NAME, version.version, key, value)
+    if alias:
+        client.set_registered_model_alias(MODEL_NAME, alias, version.version)
     return version
 
 

@@ -1,0 +1,106 @@
+"""Item embeddings inside Spark: a batched pandas UDF runs the registered encoder over item images.
+
+The driver broadcasts the encoder's state dict bytes once; each executor Python process rebuilds the
+ImageEncoder from the version's tags and loads the weights with ``torch.load(weights_only=True)`` on
+its first batch, then keeps it in a module-level cache keyed by the encoder version (Spark reuses its
+Python workers across tasks), so the model is loaded once per process, not per batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+from features.registry import EncoderSpec
+
+EMBEDDING_SCHEMA = T.StructType([
+    T.StructField("item_id", T.StringType()),
+    T.StructField("embedding", T.ArrayType(T.FloatType())),  # null: the image did not decode
+])
+
+_ENCODERS: dict = {}  # encoder_version -> ImageEncoder, one per Python process
+
+
+def load_encoder(spec: EncoderSpec, state: bytes):
+    """Rebuild the encoder from its tags and load its weights (weights only: nothing is unpickled)."""
+    import torch
+
+    from training.courier import ImageEncoder
+
+    encoder = ImageEncoder(spec.backbone, dim=spec.dim, proj_head=spec.proj_head)
+    encoder.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    return encoder.eval()
+
+
+def cached_encoder(spec: EncoderSpec, state_bc, threads: int):
+    encoder = _ENCODERS.get(spec.encoder_version)
+    if encoder is None:
+        import torch
+
+        torch.set_num_threads(threads)  # Spark already runs one Python worker per core
+        encoder = _ENCODERS[spec.encoder_version] = load_encoder(spec, bytes(state_bc.value))
+    return encoder
+
+
+def decode_image(data, px: int):
+    """JPEG/PNG bytes -> uint8 (3, px, px), or None when the bytes are not a readable image."""
+    import numpy as np
+    from PIL import Image
+
+    if data is None or len(data) == 0:
+        return None
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            img = img.convert("RGB")
+            if img.size != (px, px):  # stage 1 already centre-cropped to a square
+                img = img.resize((px, px), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    except Exception:  # noqa: BLE001 - any undecodable image becomes a null embedding (reserved id)
+        return None
+
+
+def embed_array(encoder, images, batch_size: int):
+    """uint8 (N, 3, H, W) -> float32 (N, d), in forward passes of batch_size."""
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            out.append(encoder.encode(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int, threads: int = 1,
+                 keep: tuple[str, ...] = ()) -> DataFrame:
+    """(item_id, image bytes, *keep) -> (item_id, embedding, *keep). One output row per input row; an
+    image that does not decode gets a null embedding (the reserved cluster id downstream), never a crash."""
+    spec_d = dataclasses.asdict(spec)
+
+    def run(batches):
+        import numpy as np
+        import pandas as pd
+
+        from features.embed import cached_encoder, decode_image, embed_array
+        from features.registry import EncoderSpec
+
+        s = EncoderSpec(**spec_d)
+        encoder = None
+        for pdf in batches:
+            arrays = [decode_image(b, s.image_px) for b in pdf["image"]]
+            ok = [i for i, a in enumerate(arrays) if a is not None]
+            result = [None] * len(arrays)
+            if ok:
+                encoder = encoder or cached_encoder(s, state_bc, threads)
+                vecs = embed_array(encoder, np.stack([arrays[i] for i in ok]), batch_size)
+                for j, i in enumerate(ok):
+                    result[i] = vecs[j]
+            out = pd.DataFrame({"item_id": pdf["item_id"].values, "embedding": result})
+            for c in keep:
+                out[c] = pdf[c].values
+            yield out
+
+    schema = T.StructType(EMBEDDING_SCHEMA.fields + [images.schema[c] for c in keep])
+    return images.select("item_id", "image", *keep).mapInPandas(run, schema)

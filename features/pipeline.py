@@ -1,0 +1,473 @@
+"""Orchestration of stages 3-4 (what the jobs call): read tables, run the transforms, write in as few
+commits as possible, and return a report whose counts add up. Jobs stay thin: config, session, MLflow.
+
+Writes (each one Delta commit; see etl.tables.TableStore.replace_partitions):
+- item_embeddings: partitions (encoder_version, dt)   dt = the item's first-seen date
+- item_clusters:   partitions (feature_version, dt)
+- ctr_train:       partitions (dt)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.config import Config
+from etl.tables import TableStore
+from features import NO_IMAGE_CLUSTER_ID
+from features import attach as A
+from features import clustering as K
+from features.embed import embed_images
+from features.registry import (ClustersSpec, EncoderSpec, clusters_index_bytes, clusters_spec, encoder_spec,
+                               encoder_state_bytes, parse_ref, register_clusters)
+
+
+class FeatureError(RuntimeError):
+    pass
+
+
+@dataclass
+class Report:
+    job: str
+    counts: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)  # table -> new version (absent: not written)
+    info: dict = field(default_factory=dict)
+    identities: list = field(default_factory=list)  # (text, left, right)
+
+    def check(self) -> None:
+        bad = [f"{t}: {a} != {b}" for t, a, b in self.identities if a != b]
+        if bad:
+            raise FeatureError(f"{self.job}: counts do not add up: " + "; ".join(bad))
+
+    def render(self) -> str:
+        lines = [f"[{self.job}] " + ", ".join(f"{k}={v}" for k, v in self.counts.items())]
+        lines += [f"[{self.job}] check {t}: {a} = {b} {'ok' if a == b else 'MISMATCH'}" for t, a, b in self.identities]
+        if self.versions:
+            lines.append(f"[{self.job}] tables: " + ", ".join(f"{t} v{v}" for t, v in self.versions.items()))
+        lines += [f"[{self.job}] {k}: {v}" for k, v in self.info.items()]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, default=str)
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+@dataclass
+class Encoder:
+    spec: EncoderSpec
+    state_bc: object
+
+
+@dataclass
+class Clusters:
+    spec: ClustersSpec
+    index_bc: object
+
+
+def load_encoder(spark, ref: str) -> Encoder:
+    spec = encoder_spec(ref)
+    return Encoder(spec, spark.sparkContext.broadcast(encoder_state_bytes(spec)))
+
+
+def load_clusters(spark, ref: str) -> Clusters:
+    spec = clusters_spec(ref)
+    data = np.frombuffer(clusters_index_bytes(spec), dtype=np.uint8)
+    return Clusters(spec, spark.sparkContext.broadcast(data))
+
+
+def _embed(cfg: Config, enc: Encoder, keep=()) -> Callable[[DataFrame], DataFrame]:
+    f = cfg.features
+    return lambda df: embed_images(df, enc.spec, enc.state_bc, f.embed_batch_size, f.executor_threads, keep=keep)
+
+
+def _assign(cfg: Config, clu: Clusters, keep=()) -> Callable[[DataFrame], DataFrame]:
+    return lambda df: K.assign_frame(df, clu.index_bc, clu.spec.clusters_version, clu.spec.dim,
+                                     cfg.features.executor_threads, keep=keep)
+
+
+def _arrow_batch(spark, cfg: Config) -> None:
+    # Rows per Arrow batch = per FAISS search call / encoder chunk: thousands amortise the Python hop.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.features.attach_batch_size))
+
+
+def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
+    out = {v: 0 for v in values}
+    for f in store.files(name):
+        pv = f.partition_values
+        if pv.get(key) in out and all(pv.get(k) == v for k, v in fixed.items()):
+            out[pv[key]] += f.num_records or 0
+    return out
+
+
+def _dates(df: DataFrame) -> list[str]:
+    return sorted(r["dt"] for r in df.select("dt").distinct().collect())
+
+
+def _persist(df: DataFrame) -> tuple[DataFrame, int]:
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    return df, df.count()
+
+
+# ---- stage 3a: embeddings -----------------------------------------------------------------------
+def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, run_id: str = "",
+                job: str = "embed_items") -> Report:
+    """item_images (the given first-seen dates, default all) -> item_embeddings of the encoder_ref."""
+    _arrow_batch(spark, cfg)
+    enc = load_encoder(spark, cfg.features.encoder_ref)
+    ev = enc.spec.encoder_version
+    images = store.read("item_images")
+    if dates:
+        images = images.where(F.col("dt").isin(dates))
+    todo = dates or _dates(images)
+    out = _embed(cfg, enc, keep=("dt",))(images.select("item_id", "image", "dt"))
+    r = Report(job, info={"encoder": enc.spec.ref, "encoder_version": ev, "dates": todo})
+    r.versions["item_embeddings"] = store.replace_partitions(out, "item_embeddings", by="dt", values=todo,
+                                                             fixed={"encoder_version": ev}, job=job, run_id=run_id)
+    written = store.read("item_embeddings").where((F.col("encoder_version") == ev) & F.col("dt").isin(todo))
+    agg = written.agg(F.count("*").alias("n"), F.sum(F.col("embedding").isNull().cast("int")).alias("null")).first()
+    r.counts = {"item_images": images.count(), "item_embeddings": agg["n"],
+                "embedded": agg["n"] - (agg["null"] or 0), "undecodable": agg["null"] or 0}
+    r.identities = [("item_images = item_embeddings", r.counts["item_images"], r.counts["item_embeddings"])]
+    r.check()
+    return r
+
+
+# ---- stage 3b: clusters -------------------------------------------------------------------------
+def _sample_matrix(emb: DataFrame, n: int, seed: int) -> np.ndarray:
+    """At most n usable embeddings, chosen by a stable hash of item_id (same sample on any cluster)."""
+    rows = (emb.where(F.col("embedding").isNotNull())
+            .orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(n).select("embedding").toPandas())
+    if rows.empty:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(rows["embedding"].to_numpy()).astype(np.float32)
+
+
+def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | None:
+    """The clusters_ref version when it already is what build_clusters would make (same encoder version,
+    C, iterations, sample and seed) and item_clusters holds it; else None."""
+    from features.registry import RegistryError, resolve
+
+    f = cfg.features
+    try:
+        spec = clusters_spec(f.clusters_ref)
+        enc = encoder_spec(f.encoder_ref)
+        tags = resolve(f.clusters_ref).tags
+    except RegistryError:
+        return None
+    same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
+            and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
+            and tags.get("kmeans_seed") == str(f.kmeans_seed))
+    if not same or not store.exists("item_clusters"):
+        return None
+    has = any(fl.partition_values.get("feature_version") == spec.feature_version for fl in store.files("item_clusters"))
+    return spec if has else None
+
+
+def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters") -> Report:
+    """k-means over item_embeddings of encoder_ref -> a new courier-clusters version (index, centroids,
+    stats in MLflow) and item_clusters for every item (reserved id where no usable embedding)."""
+    import faiss
+    import mlflow
+
+    f = cfg.features
+    _arrow_batch(spark, cfg)
+    enc = encoder_spec(f.encoder_ref)
+    ev = enc.encoder_version
+    if not store.exists("item_embeddings"):
+        raise FeatureError("item_embeddings does not exist: run jobs/embed_items.py first")
+    emb = store.read("item_embeddings").where(F.col("encoder_version") == ev).select("item_id", "embedding")
+    x = _sample_matrix(emb, f.kmeans_sample, f.kmeans_seed)
+    if len(x) < f.n_clusters:
+        raise FeatureError(f"{len(x)} usable embeddings of {ev} for n_clusters={f.n_clusters}: run embed_items "
+                           "for this encoder first, or lower features.n_clusters")
+    kind = K.index_type(f.n_clusters, f.large_c_threshold)
+    import time
+
+    t0 = time.perf_counter()
+    centroids = K.train_kmeans(x, f.n_clusters, f.kmeans_iters, f.kmeans_seed, f.kmeans_sample, kind,
+                               f.hnsw_m, f.hnsw_ef_search)
+    train_s = time.perf_counter() - t0
+    index = K.build_index(centroids, kind, f.hnsw_m, f.hnsw_ef_search)
+    data = K.serialize(index)
+    bc = spark.sparkContext.broadcast(data)
+    key = f"build-{run_id or os.getpid()}"
+    items = store.read("items").select("item_id", "dt")
+    dup = items.groupBy("item_id").count().where("count > 1").limit(5).collect()
+    if dup:
+        raise FeatureError(f"items holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
+    # Every catalog item gets a row: no embedding (no usable image) -> null -> the reserved id.
+    src = items.join(emb, on="item_id", how="left")
+    assigned, n = _persist(K.assign_frame(src, bc, key, int(x.shape[1]), f.executor_threads, keep=("dt",)))
+    sizes = {r["cluster_id"]: r["count"] for r in assigned.groupBy("cluster_id").count().collect()}
+    ids = np.repeat(np.array(list(sizes), np.int64), np.array(list(sizes.values()), np.int64))
+    stats = K.cluster_stats(ids, f.n_clusters)
+    ok = assigned.where(F.col("cluster_id") >= 0)
+    far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
+    mean = ok.agg(F.avg("distance")).first()[0]
+    tags = {"encoder_ref": enc.ref, "encoder_version": ev, "n_clusters": f.n_clusters, "dim": int(x.shape[1]),
+            "index_type": kind, "far_distance": far[0] if far else float("nan"), "far_quantile": f.drift_far_quantile,
+            "mean_distance": mean if mean is not None else float("nan"), "kmeans_iters": f.kmeans_iters,
+            "kmeans_sample": f.kmeans_sample, "kmeans_seed": f.kmeans_seed, "trained_on": len(x)}
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(index, os.path.join(tmp, "index.faiss"))
+        np.save(os.path.join(tmp, "centroids.npy"), centroids)
+        with open(os.path.join(tmp, "stats.json"), "w") as fh:
+            json.dump({**stats, "sizes": {str(k): v for k, v in sorted(sizes.items())}}, fh)
+        # The alias moves only after item_clusters holds this version (readers never see one without the other).
+        mv = register_clusters(tmp, run_id, tags, alias=None)
+    spec = clusters_spec(f"{mv.name}/{mv.version}")
+    fv = spec.feature_version
+    dates = _dates(items)
+    r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
+                          "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
+    r.versions["item_clusters"] = store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt"),
+                                                           "item_clusters", by="dt", values=dates,
+                                                           fixed={"feature_version": fv}, job=job, run_id=run_id)
+    name, kind_ref, alias = parse_ref(f.clusters_ref)
+    if kind_ref == "alias":
+        mlflow.MlflowClient().set_registered_model_alias(mv.name, alias, mv.version)
+        r.info["alias"] = f"@{alias} -> v{mv.version}"
+    written = sum(_rows_in(store, "item_clusters", "dt", dates, feature_version=fv).values())
+    r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
+                "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
+                "empty_clusters": stats["empty_clusters"]}
+    r.identities = [("items = item_clusters", n, written),
+                    ("item_clusters = assigned + no_image", written, stats["items"] + r.counts["no_image"])]
+    assigned.unpersist()
+    r.check()
+    return r
+
+
+# ---- stage 4: attach ----------------------------------------------------------------------------
+def feature_lookup(cfg: Config, store: TableStore, clu: Clusters, enc: Encoder | None, ctr_log: DataFrame,
+                   extra_clusters: DataFrame | None = None, extra_embeddings: DataFrame | None = None
+                   ) -> tuple[DataFrame, DataFrame]:
+    """(features for every item ctr_log mentions, the on-the-fly subset (item_id)). Known items come from
+    item_clusters/item_embeddings of the clustering's versions (plus not-yet-committed extras); the
+    others are embedded and assigned on the fly with the broadcast index."""
+    spec = clu.spec
+    clusters = (store.read("item_clusters").where(F.col("feature_version") == spec.feature_version)
+                if store.exists("item_clusters") else None)
+    embeddings = (store.read("item_embeddings").where(F.col("encoder_version") == spec.encoder_version)
+                  if store.exists("item_embeddings") else None)
+    if embeddings is not None and extra_embeddings is not None:  # extras win (a rerun after a partial commit)
+        embeddings = embeddings.join(extra_embeddings.select("item_id"), on="item_id", how="left_anti")
+    parts_c = [d.select("item_id", "cluster_id") for d in (clusters, extra_clusters) if d is not None]
+    parts_e = [d.select("item_id", "embedding") for d in (embeddings, extra_embeddings) if d is not None]
+    spark = ctr_log.sparkSession
+    if not parts_c:
+        parts_c = [spark.createDataFrame([], "item_id string, cluster_id int")]
+    if not parts_e:
+        parts_e = [spark.createDataFrame([], "item_id string, embedding array<float>")]
+    union = lambda ps: ps[0] if len(ps) == 1 else ps[0].unionByName(ps[1])  # noqa: E731
+    known = A.known_features(union(parts_c), union(parts_e))
+    needed = A.needed_items(ctr_log)
+    missing = needed.join(known.select("item_id"), on="item_id", how="left_anti")
+    if enc is None:
+        raise FeatureError("feature_lookup needs the encoder for items not yet clustered")
+    images = store.read("item_images").select("item_id", "image")
+    fly = A.on_the_fly_features(missing, images, _embed(cfg, enc), _assign(cfg, clu, keep=("embedding",)))
+    return known.join(needed, on="item_id", how="left_semi").unionByName(fly), missing
+
+
+def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id: str = "",
+                 job: str = "attach_features") -> Report:
+    """ctr_log partitions (dates) -> ctr_train partitions, one commit for all of them."""
+    _arrow_batch(spark, cfg)
+    clu = load_clusters(spark, cfg.features.clusters_ref)
+    enc = load_encoder(spark, clu.spec.encoder_ref)
+    ctr = store.read("ctr_log").where(F.col("dt").isin(dates))
+    feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
+    feats, n_feats = _persist(feats)
+    _check_unique(feats)
+    out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim)
+    r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
+    r.versions["ctr_train"] = store.replace_partitions(out, "ctr_train", by="dt", values=dates, job=job, run_id=run_id)
+    _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
+    feats.unpersist()
+    r.check()
+    return r
+
+
+def _check_unique(feats: DataFrame) -> None:
+    dup = feats.groupBy("item_id").count().where("count > 1").limit(5).collect()
+    if dup:  # a duplicate would multiply impressions: refuse rather than break conservation
+        raise FeatureError(f"item features hold item ids more than once: {[r['item_id'] for r in dup]}")
+
+
+def _attach_counts(r: Report, store, dates, fv, ctr, missing, feats) -> None:
+    in_rows = ctr.groupBy("dt").count().collect()
+    inn = {row["dt"]: row["count"] for row in in_rows}
+    out = _rows_in(store, "ctr_train", "dt", dates)
+    written = store.read("ctr_train").where(F.col("dt").isin(dates))
+    reserved = written.agg(F.sum((F.col("item_cluster_id") == NO_IMAGE_CLUSTER_ID).cast("int")).alias("r"),
+                           F.countDistinct("feature_version").alias("fv")).first()
+    r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(out.values()),
+                     "reserved_item_ids": reserved["r"] or 0, "on_the_fly_items": missing.count(),
+                     "feature_items": feats.count()})
+    r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), out[d]) for d in dates]
+
+
+# ---- the daily refresh --------------------------------------------------------------------------
+def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", job: str = "refresh_features",
+            hook: Callable[[str], None] | None = None) -> Report:
+    """Embed the items not yet clustered (first seen up to `date`), assign them to the current clusters,
+    and re-attach the ctr_train partitions that need it; everything is computed and materialised before
+    the first commit, then item_embeddings, item_clusters and ctr_train are committed in that order.
+
+    A failure before the commits leaves every table as it was; a failure between two commits leaves
+    each table whole and consistent on its own, and a rerun completes the rest (merges drop the rows
+    they replace). A rerun of a finished day finds nothing to do and commits nothing.
+    ``hook(stage)`` is called at "computed" and after each commit (tests inject failures there).
+    """
+    hook = hook or (lambda stage: None)
+    f = cfg.features
+    _arrow_batch(spark, cfg)
+    clu = load_clusters(spark, f.clusters_ref)
+    spec = clu.spec
+    fv, ev = spec.feature_version, spec.encoder_version
+    r = Report(job, info={"date": date, "feature_version": fv})
+    items = store.read("items").where(F.col("dt") <= date).select("item_id", "dt")
+    clustered = (store.read("item_clusters").where(F.col("feature_version") == fv)
+                 if store.exists("item_clusters") else None)
+    if clustered is None:
+        raise FeatureError(f"item_clusters has no rows of {fv}: run jobs/build_clusters.py first")
+    new, n_new = _persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
+    enc = load_encoder(spark, spec.encoder_ref)
+
+    emb_new = clu_new = None
+    new_dates: list[str] = []
+    if n_new:
+        images = store.read("item_images").select("item_id", "image")
+        emb_new, _ = _persist(_embed(cfg, enc, keep=("dt",))(new.join(images, on="item_id", how="inner")
+                                                            .select("item_id", "image", "dt")))
+        src = new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
+        clu_new, _ = _persist(_assign(cfg, clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
+        new_dates = _dates(new)
+        d = clu_new.where(F.col("cluster_id") >= 0).agg(
+            F.count("*").alias("n"), F.avg("distance").alias("mean"),
+            F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
+        r.counts.update({"new_items": n_new, "new_assigned": d["n"], "new_no_image": n_new - d["n"]})
+        r.info["drift"] = {"far_share": d["far"], "mean_distance": d["mean"], "build_mean_distance": spec.mean_distance,
+                           "far_distance": spec.far_distance, "expected_far_share": 1 - _far_q(spec)}
+        due = d["far"] is not None and d["far"] > f.drift_threshold
+        r.info["recluster_due"] = due
+        if due:
+            r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of {d['n']} new items are farther than "
+                                 f"the build's {_far_q(spec):.0%} distance ({spec.far_distance:.4f}) from every "
+                                 f"centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
+    else:
+        r.counts.update({"new_items": 0})
+    champion = _champion_version(f.encoder_ref)
+    if champion and champion != ev:
+        r.info["encoder_note"] = (f"{f.encoder_ref} is {champion} but the clusters belong to {ev}: run "
+                                  "embed_items and build_clusters to move the features to it")
+
+    # Which ctr_train partitions need (re)attaching: missing, of another feature version, or mentioning a new item.
+    log_dates = sorted({fl.partition_values["dt"] for fl in store.files("ctr_log")
+                        if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date})
+    have = ({row["dt"]: row["feature_version"] for row in
+             store.read("ctr_train").select("dt", "feature_version").distinct().collect()}
+            if store.exists("ctr_train") else {})
+    stale = {d for d in log_dates if have.get(d) != fv}
+    if n_new and log_dates:
+        ctr_all = store.read("ctr_log").where(F.col("dt").isin(log_dates))
+        mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
+                    .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
+        stale |= {row["dt"] for row in mentions.collect()}
+    affected = sorted(stale)
+    r.info["affected_partitions"] = affected
+
+    # ---- compute and materialise everything before the first commit ----
+    staged = {}
+    if n_new:
+        old_e = store.read("item_embeddings").where((F.col("encoder_version") == ev) & F.col("dt").isin(new_dates)) \
+            if store.exists("item_embeddings") else None
+        e_part = emb_new.select("item_id", "embedding", "dt")
+        if old_e is not None:  # a merge: the partition's other rows stay, rows of these items are replaced
+            e_part = old_e.select("item_id", "embedding", "dt").join(new.select("item_id"), "item_id", "left_anti") \
+                .unionByName(e_part)
+        staged["item_embeddings"] = _persist(e_part)
+        old_c = clustered.where(F.col("dt").isin(new_dates)).select("item_id", "cluster_id", "distance", "dt")
+        c_part = old_c.join(new.select("item_id"), "item_id", "left_anti").unionByName(
+            clu_new.select("item_id", "cluster_id", "distance", "dt"))
+        staged["item_clusters"] = _persist(c_part)
+    if affected:
+        ctr = store.read("ctr_log").where(F.col("dt").isin(affected))
+        feats, missing = feature_lookup(cfg, store, clu, enc, ctr,
+                                        extra_clusters=clu_new, extra_embeddings=emb_new)
+        feats, _ = _persist(feats)
+        _check_unique(feats)
+        out = A.attach(ctr, feats, fv, f.include_vector, spec.dim)
+        staged["ctr_train"] = _persist(out)
+        inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
+        outn = {row["dt"]: row["count"] for row in staged["ctr_train"][0].groupBy("dt").count().collect()}
+        r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in affected]
+        r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(outn.values()),
+                         "on_the_fly_items": missing.count()})
+    r.check()  # before any commit: a mismatch writes nothing
+    hook("computed")
+
+    # ---- commits: embeddings, then clusters, then the CTR rows that use them ----
+    if "item_embeddings" in staged:
+        r.versions["item_embeddings"] = store.replace_partitions(
+            staged["item_embeddings"][0], "item_embeddings", by="dt", values=new_dates,
+            fixed={"encoder_version": ev}, job=job, run_id=run_id)
+        hook("committed:item_embeddings")
+        r.versions["item_clusters"] = store.replace_partitions(
+            staged["item_clusters"][0], "item_clusters", by="dt", values=new_dates,
+            fixed={"feature_version": fv}, job=job, run_id=run_id)
+        hook("committed:item_clusters")
+    if "ctr_train" in staged:
+        r.versions["ctr_train"] = store.replace_partitions(staged["ctr_train"][0], "ctr_train", by="dt",
+                                                           values=affected, job=job, run_id=run_id)
+        hook("committed:ctr_train")
+    for df, _ in staged.values():
+        df.unpersist()
+    new.unpersist()
+    if not r.versions:
+        r.info["noop"] = "nothing new since the last run: no table changed"
+    return r
+
+
+def _far_q(spec: ClustersSpec) -> float:
+    from features.registry import resolve
+
+    try:
+        return float(resolve(f"{spec.name}/{spec.version}").tags.get("far_quantile", "0.95"))
+    except Exception:  # noqa: BLE001 - only for the message
+        return 0.95
+
+
+def _champion_version(ref: str) -> str | None:
+    from features.registry import RegistryError
+
+    try:
+        return encoder_spec(ref).encoder_version
+    except RegistryError:
+        return None
+
+
+def log_report(r: Report) -> None:
+    """Counts as metrics, table versions and the feature version as tags, the report as an artifact."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in r.counts.items() if isinstance(v, (int, float))})
+    drift = r.info.get("drift") or {}
+    mlflow.log_metrics({f"drift_{k}": float(v) for k, v in drift.items() if isinstance(v, (int, float))})
+    tags = {f"table_version.{t}": str(v) for t, v in r.versions.items()}
+    for key in ("feature_version", "encoder_version", "clusters", "encoder"):
+        if key in r.info:
+            tags[f"courier.{key}"] = str(r.info[key])
+    if "recluster_due" in r.info:
+        tags["courier.recluster_due"] = str(r.info["recluster_due"]).lower()
+    mlflow.set_tags(tags)
+    mlflow.log_text(r.to_json(), f"{r.job}_report.json")
