@@ -1,0 +1,239 @@
+"""ctr_train -> in-memory tensors for the CTR model.
+
+The CTR data is small (the demo: ~1e5-1e6 impressions), so a date range of one pinned ctr_train version
+is read once into pandas and turned into a few dense tensors; training then slices them by index (no
+per-row Python, no data loader). Everything here works without Spark except `read_ctr_frame`.
+
+ID features are **hashed** into fixed bucket counts (no vocabulary to ship with the model): bucket 0 is
+the shared out-of-vocabulary (OOV) bucket, ids hash into 1..buckets-1. The model remembers which buckets
+were seen in training (a buffer in its state_dict) and sends every other id to bucket 0, so items never
+seen in training (cold start) all take the same, trained OOV path (see `model.HashedEmbedding`).
+
+Cluster ids are embedded by value: embedding row = cluster_id + 2, row 1 = "no usable image"
+(`NO_IMAGE_CLUSTER_ID`, -1), row 0 = history padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+try:  # the reserved id is owned by stages 3-4 (features/); -1 is its contract value
+    from features import NO_IMAGE_CLUSTER_ID
+except ImportError:  # pragma: no cover - until features/ defines it
+    NO_IMAGE_CLUSTER_ID = -1
+
+TABLE = "ctr_train"
+QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids
+POSITION_BUCKETS = 64  # positions >= 63 share the last bucket
+MODES = ("none", "vector", "simscore", "cluster_id")
+
+BASE_COLUMNS = ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "history",
+                "item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version", "dt"]
+
+
+class CtrDataError(ValueError):
+    """ctr_train rows that break the stage-4 contract (message says which rule and how many rows)."""
+
+
+# ---- dates and reading -----------------------------------------------------------------------------
+def split_dates(available: list[str], train_dates: list | None, eval_dates: list | None,
+                eval_last_n: int) -> tuple[list[str], list[str]]:
+    """(train dates, eval dates): explicit lists must exist in the table; by default the last
+    `eval_last_n` dates are evaluated and every earlier date is trained on. Training on a date at or after
+    an evaluation date is refused (the evaluation must be on later data)."""
+    available = sorted(str(d) for d in available)
+    if not available:
+        raise CtrDataError(f"{TABLE} has no dates")
+    if eval_dates:
+        ev = sorted(str(d) for d in eval_dates)
+    else:
+        if len(available) <= eval_last_n:
+            raise CtrDataError(f"{TABLE} has {len(available)} date(s) {available}: need more than "
+                               f"ctr.eval_last_n_dates={eval_last_n} to keep any for training")
+        ev = available[-eval_last_n:]
+    tr = sorted(str(d) for d in train_dates) if train_dates else [d for d in available if d < ev[0]]
+    missing = sorted(set(tr + ev) - set(available))
+    if missing:
+        raise CtrDataError(f"{TABLE} has no partition for date(s) {missing}; available: {available}")
+    if not tr:
+        raise CtrDataError(f"no {TABLE} dates before the eval dates {ev} to train on")
+    if max(tr) >= min(ev):
+        raise CtrDataError(f"train dates {tr} must all precede the eval dates {ev}")
+    return tr, ev
+
+
+def read_ctr_frame(store, version: int, dates: list[str], with_vector: bool) -> pd.DataFrame:
+    """The rows of `dates` of ctr_train version `version` as pandas (via TableStore, Arrow collect)."""
+    from pyspark.sql import functions as F
+
+    sdf = store.read(TABLE, version)
+    cols = list(BASE_COLUMNS)
+    if with_vector:
+        if "item_vector" not in sdf.columns:
+            raise CtrDataError(f"feature_mode=vector needs {TABLE}.item_vector, which v{version} does not have "
+                               "(attach with features.include_vector: true)")
+        cols.append("item_vector")
+    missing = [c for c in cols if c not in sdf.columns]
+    if missing:
+        raise CtrDataError(f"{TABLE} v{version} lacks contract column(s) {missing}")
+    return sdf.where(F.col("dt").isin(list(dates))).select(*cols).toPandas()
+
+
+def table_dates(store, version: int) -> list[str]:
+    return sorted({f.partition_values.get("dt") for f in store.files(TABLE, version)} - {None})
+
+
+def feature_version_of(frame: pd.DataFrame) -> str:
+    """The one feature_version of the rows; a mix would mean cluster ids from different clusterings."""
+    values = frame["feature_version"].dropna().unique().tolist()
+    nulls = int(frame["feature_version"].isna().sum())
+    if nulls:
+        raise CtrDataError(f"{nulls} {TABLE} rows have a null feature_version")
+    if len(values) != 1:
+        raise CtrDataError(f"{TABLE} rows carry feature_version(s) {sorted(values)}: train and evaluate on dates "
+                           "attached with one clustering (re-run the attach job for the stale dates)")
+    return str(values[0])
+
+
+# ---- hashing ---------------------------------------------------------------------------------------
+def hash_ids(values, buckets: int) -> np.ndarray:
+    """Stable id -> bucket in 1..buckets-1 (pandas' fixed-key SipHash: the same in every process)."""
+    arr = np.asarray(values, dtype=object)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes, uniques = pd.factorize(arr)
+    if (codes < 0).any():
+        raise CtrDataError(f"{int((codes < 0).sum())} null ids")
+    h = pd.util.hash_array(np.asarray(uniques, dtype=object)) % np.uint64(buckets - 1) + np.uint64(1)
+    return h.astype(np.int64)[codes]
+
+
+def _flatten_lists(column: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, per-row lengths) of a list column; a null list is an empty one."""
+    values = column.to_numpy()
+    lens = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
+    parts = [np.asarray(v) for v in values if v is not None and len(v)]
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    if len(flat) != lens.sum():
+        raise CtrDataError(f"{name}: nested lists are not allowed")
+    return flat, lens
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+@dataclass
+class CtrTensors:
+    """Dense per-impression tensors (N rows, L = max_history) plus the image-vector table."""
+    label: torch.Tensor  # (N,) float
+    item: torch.Tensor  # (N,) hashed item bucket
+    user: torch.Tensor
+    query: torch.Tensor
+    position: torch.Tensor
+    hist_item: torch.Tensor  # (N, L) hashed; 0 where padded
+    hist_mask: torch.Tensor  # (N, L) bool
+    item_cluster: torch.Tensor  # (N,) cluster id + 2 (1 = no image)
+    hist_cluster: torch.Tensor  # (N, L)
+    sim: torch.Tensor  # (N, L) float, 0 where padded
+    item_vec: torch.Tensor  # (N,) row of vec_table (0 = none)
+    hist_vec: torch.Tensor  # (N, L)
+    vec_table: torch.Tensor  # (V, d) float; row 0 is zeros
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def take(self, idx: torch.Tensor) -> dict:
+        """A mini-batch as the model's input dict (image vectors gathered from the table here, so the
+        (N, L, d) history-vector tensor never exists)."""
+        return {"item": self.item[idx], "user": self.user[idx], "query": self.query[idx],
+                "position": self.position[idx], "hist_item": self.hist_item[idx], "hist_mask": self.hist_mask[idx],
+                "item_cluster": self.item_cluster[idx], "hist_cluster": self.hist_cluster[idx],
+                "sim": self.sim[idx], "item_vec": self.vec_table[self.item_vec[idx]],
+                "hist_vec": self.vec_table[self.hist_vec[idx]]}
+
+
+def vector_table(frames: list[pd.DataFrame]) -> tuple[pd.Index, np.ndarray]:
+    """item_id -> image vector from the rows' item_vector (one vector per item; history items borrow the
+    vector of the same item seen as an impression). Row 0 of the table is the zero 'no vector' row."""
+    parts = [f[["item_id", "item_vector"]] for f in frames if "item_vector" in f.columns]
+    if not parts:
+        return pd.Index([]), np.zeros((1, 1), dtype=np.float32)
+    both = pd.concat(parts, ignore_index=True)
+    both = both[both["item_vector"].notna()].drop_duplicates("item_id")
+    if both.empty:
+        return pd.Index([]), np.zeros((1, 1), dtype=np.float32)
+    lens = both["item_vector"].map(len)
+    if lens.nunique() != 1:
+        raise CtrDataError(f"item_vector lengths differ: {sorted(lens.unique().tolist())[:5]}")
+    table = np.zeros((len(both) + 1, int(lens.iloc[0])), dtype=np.float32)
+    table[1:] = np.stack(both["item_vector"].to_numpy()).astype(np.float32)
+    return pd.Index(both["item_id"].to_numpy()), table
+
+
+def encode(frame: pd.DataFrame, max_history: int, item_buckets: int, user_buckets: int,
+           vectors: tuple[pd.Index, np.ndarray] | None = None) -> CtrTensors:
+    """Check the contract and build the tensors. Violations raise CtrDataError with counts; truncated
+    histories (longer than max_history) are counted in stats, never silently."""
+    n = len(frame)
+    labels = frame["label"].to_numpy()
+    if frame["label"].isna().any() or not np.isin(labels, (0, 1)).all():
+        raise CtrDataError(f"label must be 0/1: {int((~np.isin(labels, (0, 1))).sum())} rows are not")
+    cid = frame["item_cluster_id"]
+    if cid.isna().any():
+        raise CtrDataError(f"{int(cid.isna().sum())} rows have a null item_cluster_id "
+                           f"(items without an image must carry {NO_IMAGE_CLUSTER_ID})")
+    hist, hlen = _flatten_lists(frame["history"], "history")
+    hcid, clen = _flatten_lists(frame["history_cluster_ids"], "history_cluster_ids")
+    sims, slen = _flatten_lists(frame["sim_scores"], "sim_scores")
+    for name, other in (("history_cluster_ids", clen), ("sim_scores", slen)):
+        bad = int((other != hlen).sum())
+        if bad:
+            raise CtrDataError(f"{bad} rows have {name} not aligned with history (different lengths)")
+    cids = cid.to_numpy().astype(np.int64)
+    low = min(cids.min(initial=0), hcid.astype(np.int64).min(initial=0))
+    if low < NO_IMAGE_CLUSTER_ID:
+        raise CtrDataError(f"cluster ids must be >= {NO_IMAGE_CLUSTER_ID}, found {low}")
+    if len(sims) and not np.isfinite(sims.astype(np.float64)).all():
+        raise CtrDataError("sim_scores has NaN or infinite values")
+
+    L = max_history
+    rows = np.repeat(np.arange(n), hlen)
+    pos = np.arange(len(hist)) - np.repeat(np.cumsum(hlen) - hlen, hlen)  # index within the row's history
+    keep = pos < L  # most recent first: truncation drops the oldest clicks
+    rows, pos = rows[keep], pos[keep]
+    hist_item = np.zeros((n, L), dtype=np.int64)
+    hist_item[rows, pos] = hash_ids(hist[keep], item_buckets)
+    hist_mask = np.zeros((n, L), dtype=bool)
+    hist_mask[rows, pos] = True
+    hist_cluster = np.zeros((n, L), dtype=np.int64)
+    hist_cluster[rows, pos] = hcid[keep].astype(np.int64) - NO_IMAGE_CLUSTER_ID + 1
+    sim = np.zeros((n, L), dtype=np.float32)
+    sim[rows, pos] = sims[keep].astype(np.float32)
+
+    index, table = vectors if vectors is not None else (pd.Index([]), np.zeros((1, 1), dtype=np.float32))
+    item_vec = index.get_indexer(frame["item_id"].to_numpy()) + 1  # -1 (unknown) -> row 0
+    hist_vec = np.zeros((n, L), dtype=np.int64)
+    hist_vec[rows, pos] = index.get_indexer(hist[keep]) + 1 if len(index) else 0
+
+    stats = {"rows": n, "positives": int(labels.sum()), "history_items": int(hlen.sum()),
+             "histories_truncated": int((hlen > L).sum()), "rows_without_history": int((hlen == 0).sum()),
+             "rows_without_image": int((cids == NO_IMAGE_CLUSTER_ID).sum()),
+             "rows_without_vector": int((item_vec == 0).sum())}
+    t = torch.from_numpy
+    return CtrTensors(
+        label=t(labels.astype(np.float32)), item=t(hash_ids(frame["item_id"].to_numpy(), item_buckets)),
+        user=t(hash_ids(frame["user_id"].to_numpy(), user_buckets)),
+        query=t(hash_ids(frame["query"].fillna("<null>").to_numpy(), QUERY_BUCKETS)),
+        position=t(np.clip(frame["position"].fillna(POSITION_BUCKETS - 1).to_numpy().astype(np.int64), 0,
+                           POSITION_BUCKETS - 1)),
+        hist_item=t(hist_item), hist_mask=t(hist_mask),
+        item_cluster=t(cids - NO_IMAGE_CLUSTER_ID + 1), hist_cluster=t(hist_cluster), sim=t(sim),
+        item_vec=t(item_vec.astype(np.int64)), hist_vec=t(hist_vec), vec_table=t(table), stats=stats)
+
+
+def seen_items(frame: pd.DataFrame) -> set[str]:
+    """Every item id of the frame, as an impression or in a history (what 'seen in training' means)."""
+    hist, _ = _flatten_lists(frame["history"], "history")
+    return set(frame["item_id"].unique().tolist()) | set(hist.tolist())

@@ -1,0 +1,185 @@
+"""The review report: a markdown page with PNG plots (matplotlib, Agg) for the MLflow UI, and the
+one-screen text summary printed on stdout.
+
+Plots: AUC/GAUC per model (every ctr-model version on the same snapshot, labelled by feature mode),
+per-category AUC gain of the challenger over the champion sorted like the paper's Fig. 4, the training
+curves, and a t-SNE of item embeddings coloured by category and by the simulator's hidden hue (like
+Figs. 5/6) when an item_embeddings table is given.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a job host
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def plot_models(outcome, path: str) -> None:
+    plt = _plt()
+    rows = {r["version"]: r for r in outcome.others}
+    for v, rep in outcome.reports.items():  # re-scored numbers win over logged ones
+        rows[v] = {"version": v, "feature_mode": outcome.tags[v].get("feature_mode"),
+                   "auc": rep["overall"]["auc"], "gauc": rep["overall"]["gauc"]}
+    items = sorted(rows.values(), key=lambda r: int(r["version"]))
+    labels = [f"v{r['version']}\n{r['feature_mode']}" + ("\n(challenger)" if r["version"] == outcome.challenger else
+                                                       "\n(champion)" if r["version"] == outcome.champion else "")
+              for r in items]
+    x = np.arange(len(items))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(items) + 2), 4))
+    ax.bar(x - 0.2, [r["auc"] for r in items], 0.4, label="AUC")
+    ax.bar(x + 0.2, [r["gauc"] for r in items], 0.4, label="GAUC")
+    vals = [v for r in items for v in (r["auc"], r["gauc"]) if not math.isnan(v)]
+    if vals:
+        ax.set_ylim(max(0.0, min(vals) - 0.02), min(1.0, max(vals) + 0.02))
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_title(f"ctr-model on {outcome.snapshot}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def category_gains(outcome) -> list[tuple[str, float, int]]:
+    """(category, challenger AUC - champion AUC, rows), sorted by gain (the paper's Fig. 4 order)."""
+    if outcome.champion not in outcome.reports:
+        return []
+    a, b = outcome.reports[outcome.challenger]["by_category"], outcome.reports[outcome.champion]["by_category"]
+    out = [(c, a[c]["auc"] - b[c]["auc"], a[c]["rows"]) for c in a if c in b]
+    return sorted((r for r in out if not math.isnan(r[1])), key=lambda r: r[1])
+
+
+def plot_category_gains(outcome, path: str) -> bool:
+    gains = category_gains(outcome)
+    if not gains:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(gains) + 2), 3.5))
+    ax.bar([g[0] for g in gains], [100 * g[1] for g in gains],
+           color=["tab:red" if g[1] < 0 else "tab:green" for g in gains])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("AUC gain (%)")
+    ax.set_title(f"v{outcome.challenger} vs champion v{outcome.champion} per category", fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(outcome, path: str) -> bool:
+    curves = {v: c for v, c in outcome.curves.items() if c}
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for v, c in sorted(curves.items(), key=lambda kv: int(kv[0])):
+        label = f"v{v} {outcome.tags[v].get('feature_mode')}"
+        axes[0].plot([p["epoch"] for p in c], [p.get("train_loss", np.nan) for p in c], marker="o", label=label)
+        axes[1].plot([p["epoch"] for p in c], [p.get("eval_auc", np.nan) for p in c], marker="o", label=label)
+    axes[0].set(title="train loss", xlabel="epoch")
+    axes[1].set(title="eval AUC", xlabel="epoch")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_tsne(embeddings: np.ndarray, colourings: dict[str, np.ndarray], path: str, seed: int = 0) -> bool:
+    """t-SNE of item embeddings (rows) with one panel per colouring (e.g. category, hidden hue)."""
+    if len(embeddings) < 10 or not colourings:
+        return False
+    from sklearn.manifold import TSNE
+
+    xy = TSNE(n_components=2, perplexity=min(30, max(5, len(embeddings) // 20)), init="pca",
+              random_state=seed).fit_transform(np.asarray(embeddings, dtype=np.float32))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(colourings), figsize=(5 * len(colourings), 4.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], colourings.items()):
+        cats = sorted(set(values.tolist()))
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        for i, c in enumerate(cats):
+            m = values == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(i % cmap.N), label=str(c))
+        ax.set_title(f"item embeddings, coloured by {name}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=6, markerscale=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary_text(outcome) -> str:
+    """The one-screen stdout summary."""
+    lines = [f"== ctr-model review: challenger v{outcome.challenger} vs champion "
+             f"{'v' + outcome.champion if outcome.champion else '(none)'} ==",
+             f"snapshot: {outcome.snapshot}"]
+    if outcome.reports:
+        lines.append(f"{'model':<22}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'cold AUC':>10}{'rows':>9}")
+        for v, rep in sorted(outcome.reports.items(), key=lambda kv: int(kv[0])):
+            o, cold = rep["overall"], rep.get("cold_start", {})
+            role = "challenger" if v == outcome.challenger else "champion"
+            name = f"v{v} {outcome.tags[v].get('feature_mode')} ({role})"
+            lines.append(f"{name:<22}{_fmt(o['auc']):>8}{_fmt(o['gauc']):>8}{_fmt(o['logloss']):>9}"
+                         f"{_fmt(cold.get('auc')):>10}{o['rows']:>9}")
+        gains = category_gains(outcome)
+        if gains:
+            lines.append("category AUC gain: " + ", ".join(f"{c} {100 * g:+.2f}%" for c, g, _ in gains))
+    for g in outcome.gates:
+        lines.append(f"  [{'PASS' if g.passed else 'FAIL'}] {g.name}: {g.detail}")
+    lines.append(f"decision: {outcome.decision.upper()} - " + "; ".join(outcome.reasons))
+    return "\n".join(lines)
+
+
+def write_report(outcome, folder: str, tsne: tuple[np.ndarray, dict] | None = None) -> str:
+    """Write review.md and its PNGs into folder; returns the markdown path."""
+    os.makedirs(folder, exist_ok=True)
+    md = [f"# ctr-model review: v{outcome.challenger}", "",
+          f"**Decision: {outcome.decision}** — " + "; ".join(outcome.reasons), "",
+          f"- challenger: v{outcome.challenger} ({outcome.tags.get(outcome.challenger, {}).get('feature_mode')})",
+          f"- champion: {'v' + outcome.champion if outcome.champion else 'none'}",
+          f"- evaluation snapshot: `{outcome.snapshot}` (both models re-scored on it)", ""]
+    if outcome.gates:
+        md += ["| gate | result | detail |", "|---|---|---|"]
+        md += [f"| {g.name} | {'pass' if g.passed else 'FAIL'} | {g.detail} |" for g in outcome.gates]
+        md.append("")
+    if outcome.reports:
+        md += ["| model | feature mode | AUC | GAUC | log loss | cold-start AUC | warm AUC | rows |",
+               "|---|---|---|---|---|---|---|---|"]
+        for v, rep in sorted(outcome.reports.items(), key=lambda kv: int(kv[0])):
+            o = rep["overall"]
+            md.append(f"| v{v} | {outcome.tags[v].get('feature_mode')} | {_fmt(o['auc'])} | {_fmt(o['gauc'])} | "
+                      f"{_fmt(o['logloss'])} | {_fmt(rep.get('cold_start', {}).get('auc'))} | "
+                      f"{_fmt(rep.get('warm', {}).get('auc'))} | {o['rows']} |")
+        md.append("")
+        plot_models(outcome, os.path.join(folder, "auc_gauc.png"))
+        md += ["## AUC and GAUC per model", "", "![AUC/GAUC](auc_gauc.png)", ""]
+    if plot_category_gains(outcome, os.path.join(folder, "category_gain.png")):
+        md += ["## Per-category AUC gain (challenger − champion; cf. the paper's Fig. 4)", "",
+               "![category gains](category_gain.png)", ""]
+        md += ["| category | gain | rows |", "|---|---|---|"]
+        md += [f"| {c} | {100 * g:+.2f}% | {n} |" for c, g, n in category_gains(outcome)]
+        md.append("")
+    if plot_curves(outcome, os.path.join(folder, "training_curves.png")):
+        md += ["## Training curves", "", "![curves](training_curves.png)", ""]
+    if tsne is not None and plot_tsne(tsne[0], tsne[1], os.path.join(folder, "tsne.png")):
+        md += ["## t-SNE of item embeddings (cf. the paper's Figs. 5/6)", "", "![t-SNE](tsne.png)", ""]
+    path = os.path.join(folder, "review.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    return path

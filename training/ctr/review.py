@@ -1,0 +1,246 @@
+"""Registry review: may a challenger `ctr-model` version replace the current @champion?
+
+1. Both versions must carry the same evaluation snapshot (same ctr_train Delta version, feature_version
+   and eval dates, from their lineage tags); otherwise the review refuses: numbers from different data
+   are not comparable, and another feature_version means the cluster ids mean different things.
+2. Both models are **re-scored** here on that pinned snapshot (not trusted from their training runs), with
+   the same GAUC grouping and the same cold-start item set (eval items seen in neither model's training
+   dates).
+3. Gates (config `review:`), all must pass:
+   - eval rows >= min_eval_rows (otherwise refused: too little evidence for any decision);
+   - AUC(challenger) >= AUC(champion) - auc_tol, and the same for GAUC with gauc_tol;
+   - no category with >= min_category_rows eval rows loses more than category_regression_limit AUC.
+   A NaN metric (a one-class eval slice) fails its gate: nothing is promoted on an undefined number.
+4. Promotion = setting the alias `champion` on the challenger. With no champion yet, the challenger is
+   promoted only when `allow_first` is given (and it has enough eval rows and finite metrics).
+
+`gate_checks` is the pure part (reports in, gates out); `run_review` does the registry and data work.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class ReviewOutcome:
+    decision: str  # promoted | rejected | refused
+    reasons: list[str]
+    challenger: str | None = None  # version numbers as strings
+    champion: str | None = None
+    snapshot: str | None = None
+    gates: list[Gate] = field(default_factory=list)
+    reports: dict = field(default_factory=dict)  # version -> metrics report on the snapshot
+    tags: dict = field(default_factory=dict)  # version -> lineage tags
+    curves: dict = field(default_factory=dict)  # version -> [{epoch, train_loss, eval_auc, ...}]
+    others: list[dict] = field(default_factory=list)  # other versions on the same snapshot (logged metrics)
+
+    @property
+    def exit_code(self) -> int:
+        return {PROMOTED: 0, REJECTED: 1, REFUSED: 2}[self.decision]
+
+
+def _bad(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def gate_checks(challenger: dict, champion: dict, review) -> list[Gate]:
+    """The promotion gates for two metric reports (training.ctr.metrics.evaluate_predictions) of the same
+    rows. Pure: no registry, no data."""
+    gates = []
+    rows = challenger["overall"]["rows"]
+    gates.append(Gate("min_eval_rows", rows >= review.min_eval_rows, f"{rows} eval rows (need >= {review.min_eval_rows})"))
+    for metric, tol in (("auc", review.auc_tol), ("gauc", review.gauc_tol)):
+        a, b = challenger["overall"][metric], champion["overall"][metric]
+        if _bad(a) or _bad(b):
+            gates.append(Gate(metric, False, f"{metric.upper()} undefined (challenger {a}, champion {b})"))
+            continue
+        gates.append(Gate(metric, a >= b - tol, f"{metric.upper()} {a:.4f} vs champion {b:.4f} "
+                                                f"(delta {a - b:+.4f}, tolerance -{tol})"))
+    worst, regressed, skipped = None, [], []
+    for cat, m in sorted(challenger["by_category"].items()):
+        c = champion["by_category"].get(cat)
+        if c is None or m["rows"] < review.min_category_rows:
+            skipped.append(cat)
+            continue
+        if _bad(m["auc"]) or _bad(c["auc"]):
+            regressed.append(f"{cat} (AUC undefined)")
+            continue
+        delta = m["auc"] - c["auc"]
+        worst = delta if worst is None else min(worst, delta)
+        if delta < -review.category_regression_limit:
+            regressed.append(f"{cat} {delta:+.4f}")
+    detail = (f"worst category delta {worst:+.4f} (limit -{review.category_regression_limit})" if worst is not None
+              else "no category large enough to gate")
+    if regressed:
+        detail = f"regressed: {', '.join(regressed)}; " + detail
+    if skipped:
+        detail += f"; not gated (< {review.min_category_rows} rows): {', '.join(skipped)}"
+    gates.append(Gate("categories", not regressed, detail))
+    return gates
+
+
+def first_model_checks(report: dict, review) -> list[Gate]:
+    o = report["overall"]
+    return [Gate("min_eval_rows", o["rows"] >= review.min_eval_rows,
+                 f"{o['rows']} eval rows (need >= {review.min_eval_rows})"),
+            Gate("metrics_defined", not (_bad(o["auc"]) or _bad(o["gauc"])),
+                 f"AUC {o['auc']}, GAUC {o['gauc']}")]
+
+
+def run_review(cfg, store, challenger_version: str | None = None, allow_first: bool = False,
+               progress=print) -> ReviewOutcome:
+    """Registry + data side of the review; sets @champion when the gates pass. Needs MLflow set up."""
+    import mlflow
+
+    from training.ctr import data as ctr_data
+    from training.ctr.metrics import evaluate_predictions
+    from training.ctr.registry import CHAMPION, MODEL_NAME, Snapshot, champion, load_version
+    from training.ctr.train import score_frame
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    except mlflow.exceptions.MlflowException:
+        versions = []
+    if not versions:
+        return ReviewOutcome(REFUSED, [f"no {MODEL_NAME} version is registered: run jobs/train_ctr.py first"])
+    by_number = {str(v.version): v for v in versions}
+    chall_v = str(challenger_version) if challenger_version else max(by_number, key=int)
+    if chall_v not in by_number:
+        return ReviewOutcome(REFUSED, [f"{MODEL_NAME} has no version {chall_v} (have {sorted(by_number, key=int)})"])
+    chall = by_number[chall_v]
+    champ = champion(client)
+    out = ReviewOutcome(REFUSED, [], challenger=chall_v, champion=str(champ.version) if champ else None)
+    try:
+        snap = Snapshot.from_tags(chall.tags)
+    except ValueError as exc:
+        out.reasons.append(f"challenger v{chall_v}: {exc}")
+        return out
+    out.snapshot = snap.key
+    if champ is not None and str(champ.version) == chall_v:
+        out.reasons.append(f"v{chall_v} already holds @{CHAMPION}: nothing to review")
+        return out
+    if champ is None and not allow_first:
+        out.reasons.append(f"no @{CHAMPION} yet: promoting the first model needs the explicit --allow-first flag")
+        return out
+    if champ is not None:
+        try:
+            champ_snap = Snapshot.from_tags(champ.tags)
+        except ValueError as exc:
+            out.reasons.append(f"champion v{champ.version}: {exc}")
+            return out
+        diff = snap.differences(champ_snap)
+        if diff:
+            out.reasons.append(
+                f"evaluation snapshots differ (challenger v{chall_v} vs champion v{champ.version}): {'; '.join(diff)}. "
+                f"Retrain the challenger with ctr.table_version={champ_snap.table_version} and "
+                f"ctr.eval_dates={list(champ_snap.eval_dates)} on the same feature version, or review against a "
+                "champion on this snapshot")
+            return out
+
+    # Re-score every model on the pinned snapshot.
+    models = {chall_v: chall} if champ is None else {chall_v: chall, str(champ.version): champ}
+    loaded = {v: load_version(mv) for v, mv in models.items()}
+    with_vector = any(m.spec.feature_mode == "vector" for m, _ in loaded.values())
+    train_dates = sorted({d for _, tags in loaded.values() for d in tags.get("train.dates", "").split(",") if d})
+    ev = ctr_data.read_ctr_frame(store, snap.table_version, list(snap.eval_dates), with_vector)
+    if ev.empty:
+        out.reasons.append(f"the snapshot {snap.key} has no rows (were its partitions replaced and vacuumed?)")
+        return out
+    fv = ctr_data.feature_version_of(ev)
+    if fv != snap.feature_version:
+        out.reasons.append(f"ctr_train v{snap.table_version} eval rows carry feature_version {fv!r}, the tags say "
+                           f"{snap.feature_version!r}: the snapshot is not what the models were evaluated on")
+        return out
+    tr = ctr_data.read_ctr_frame(store, snap.table_version, train_dates, with_vector) if train_dates else None
+    seen = ctr_data.seen_items(tr) if tr is not None else set()
+    cold = set(ev["item_id"].unique().tolist()) - seen
+    for v, (model, tags) in loaded.items():
+        probs = score_frame(model, ev, [tr] if tr is not None else None)
+        out.reports[v] = evaluate_predictions(ev, probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
+        out.tags[v] = tags
+        out.curves[v] = _curve(client, tags.get("run_id"))
+    out.others = [{"version": str(v.version), "feature_mode": v.tags.get("feature_mode"),
+                   "auc": _float(v.tags.get("eval.auc")), "gauc": _float(v.tags.get("eval.gauc"))}
+                  for v in versions if v.tags.get("eval.snapshot") == snap.key]
+
+    if champ is None:
+        out.gates = first_model_checks(out.reports[chall_v], cfg.review)
+    else:
+        out.gates = gate_checks(out.reports[chall_v], out.reports[str(champ.version)], cfg.review)
+    failed = [g for g in out.gates if not g.passed]
+    if any(g.name in ("min_eval_rows", "metrics_defined") for g in failed):
+        out.decision = REFUSED
+        out.reasons = [f"{g.name}: {g.detail}" for g in failed]
+        return out
+    if failed:
+        out.decision = REJECTED
+        out.reasons = [f"{g.name}: {g.detail}" for g in failed]
+    else:
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, chall_v)
+        out.decision = PROMOTED
+        out.reasons = ["first model, promoted with --allow-first"] if champ is None else ["every gate passed"]
+    return out
+
+
+def _float(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _curve(client, run_id: str | None) -> list[dict]:
+    if not run_id:
+        return []
+    points: dict[int, dict] = {}
+    for key in ("train_loss", "eval_auc", "eval_logloss"):
+        try:
+            for m in client.get_metric_history(run_id, key):
+                points.setdefault(int(m.step), {"epoch": int(m.step)})[key] = m.value
+        except Exception:  # noqa: BLE001 - a run without a curve is reported as such, not an error
+            pass
+    return [points[k] for k in sorted(points)]
+
+
+def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
+    """(embeddings, {"category": .., "hidden hue": ..}) for the t-SNE panel, or None when no
+    item_embeddings table exists. Uses the latest table version and, when it holds several encoders,
+    the rows of the largest encoder_version; the hue comes from the simulator's truth table (evaluation
+    only) when present."""
+    import numpy as np
+    import pandas as pd
+
+    if not store.exists("item_embeddings"):
+        return None
+    sdf = store.read("item_embeddings")
+    cols = [c for c in ("item_id", "embedding", "encoder_version") if c in sdf.columns]
+    if "embedding" not in cols or "item_id" not in cols:
+        return None
+    emb = sdf.select(*cols).toPandas()
+    if emb.empty:
+        return None
+    if "encoder_version" in emb.columns:
+        emb = emb[emb["encoder_version"] == emb["encoder_version"].max()]
+    emb = emb.drop_duplicates("item_id")
+    emb = emb.sample(n=min(max_items, len(emb)), random_state=seed).reset_index(drop=True)
+    colourings = {}
+    if store.exists("items"):
+        cats = store.read("items").select("item_id", "category").toPandas().drop_duplicates("item_id")
+        colourings["category"] = emb[["item_id"]].merge(cats, on="item_id", how="left")["category"].fillna("?").to_numpy()
+    truth = os.path.join(cfg.truth_root, "item_styles.parquet")
+    if os.path.exists(truth):
+        styles = pd.read_parquet(truth, columns=["item_id", "hue"])
+        colourings["hidden hue"] = emb[["item_id"]].merge(styles, on="item_id", how="left")["hue"].fillna("?").to_numpy()
+    return np.stack(emb["embedding"].to_numpy()).astype(np.float32), colourings
