@@ -61,7 +61,7 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
         if done is not None:
             progress(f"[{JOB}] ctr-model v{done.version} was already trained from these inputs "
                      f"({snap.key}, config {digest}): nothing to do")
-            return {"skipped": True, "model_version": done.version, "snapshot": snap.key}
+            return {"skipped": True, "model_version": str(done.version), "snapshot": snap.key}
     progress(f"[{JOB}] {snap.key}: train {train_dates} ({len(tr)} rows), eval {eval_dates} ({len(ev)} rows), "
              f"feature_mode={ctr.feature_mode}")
     name = run_name or f"ctr-{ctr.feature_mode}-v{version}"
@@ -92,7 +92,7 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
              f"groups)  logloss {_f(o['logloss'])}  rows {o['rows']}; cold-start items {len(result.cold_items)}: "
              f"AUC {_f(cold.get('auc'))} on {cold.get('rows', 0)} rows")
     progress(f"[{JOB}] registered ctr-model v{mv.version} (run {run.info.run_id}); fit {result.seconds['fit']:.1f} s")
-    return {"skipped": False, "model_version": mv.version, "run_id": run.info.run_id, "snapshot": snap.key,
+    return {"skipped": False, "model_version": str(mv.version), "run_id": run.info.run_id, "snapshot": snap.key,
             "report": result.report, "curve": result.curve, "data_stats": result.data_stats,
             "seconds": result.seconds}
 

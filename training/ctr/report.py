@@ -130,12 +130,12 @@ def summary_text(outcome) -> str:
              f"{'v' + outcome.champion if outcome.champion else '(none)'} ==",
              f"snapshot: {outcome.snapshot}"]
     if outcome.reports:
-        lines.append(f"{'model':<22}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'cold AUC':>10}{'rows':>9}")
+        lines.append(f"{'model':<30}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'cold AUC':>10}{'rows':>9}")
         for v, rep in sorted(outcome.reports.items(), key=lambda kv: int(kv[0])):
             o, cold = rep["overall"], rep.get("cold_start", {})
             role = "challenger" if v == outcome.challenger else "champion"
             name = f"v{v} {outcome.tags[v].get('feature_mode')} ({role})"
-            lines.append(f"{name:<22}{_fmt(o['auc']):>8}{_fmt(o['gauc']):>8}{_fmt(o['logloss']):>9}"
+            lines.append(f"{name:<30}{_fmt(o['auc']):>8}{_fmt(o['gauc']):>8}{_fmt(o['logloss']):>9}"
                          f"{_fmt(cold.get('auc')):>10}{o['rows']:>9}")
         gains = category_gains(outcome)
         if gains:

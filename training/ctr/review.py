@@ -95,7 +95,7 @@ def first_model_checks(report: dict, review) -> list[Gate]:
     return [Gate("min_eval_rows", o["rows"] >= review.min_eval_rows,
                  f"{o['rows']} eval rows (need >= {review.min_eval_rows})"),
             Gate("metrics_defined", not (_bad(o["auc"]) or _bad(o["gauc"])),
-                 f"AUC {o['auc']}, GAUC {o['gauc']}")]
+                 f"AUC {o['auc']:.4f}, GAUC {o['gauc']:.4f}")]
 
 
 def run_review(cfg, store, challenger_version: str | None = None, allow_first: bool = False,

@@ -1,0 +1,133 @@
+"""The CTR model on a synthetic ctr_train (real Spark + Delta): it learns cluster-ID signal, every image
+feature mode trains, weights round-trip without pickle, contract violations are clear errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.ctr_synth import DATES, synth_frame, write_ctr_train
+
+CTR = {"epochs": 3, "layers": [64, 32], "batch_size": 256, "lr": 0.005, "id_dim": 8, "cluster_dim": 8,
+       "item_buckets": 65536, "user_buckets": 4096}
+
+
+@pytest.fixture(scope="module")
+def table(spark, tmp_path_factory):
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from tests.conftest import write_config
+
+    tmp = tmp_path_factory.mktemp("ctr_model")
+    cfg = load_config(write_config(tmp, {"ctr": CTR}))
+    store = TableStore(spark, cfg)
+    version = write_ctr_train(spark, store, rows_per_date=2000)
+    return cfg, store, version
+
+
+@pytest.fixture(scope="module")
+def frames(table):
+    from training.ctr.pipeline import load_frames, resolve_dates
+
+    cfg, store, _ = table
+    version, train_dates, eval_dates = resolve_dates(store, cfg.ctr)
+    return load_frames(store, version, train_dates, eval_dates, with_vector=True)
+
+
+def test_snapshot_is_pinned_and_dates_split(table, frames):
+    cfg, store, version = table
+    tr, ev, snap = frames
+    assert snap.table_version == version and snap.feature_version == "fv-test"
+    assert snap.eval_dates == (DATES[-1],)
+    assert sorted(tr["dt"].unique()) == DATES[:2] and len(tr) == 4000 and len(ev) == 2000
+
+
+@pytest.fixture(scope="module")
+def results(table, frames):
+    from training.ctr.train import fit_and_evaluate
+
+    cfg, _, _ = table
+    tr, ev, _ = frames
+    return {mode: fit_and_evaluate(tr, ev, cfg.ctr, mode) for mode in ("none", "cluster_id", "simscore", "vector")}
+
+
+def test_cluster_ids_beat_no_image_feature_on_cold_items(results):
+    none, cluster = results["none"].report, results["cluster_id"].report
+    # The label is a cluster match and every eval item is new: only the image feature can help.
+    assert cluster["overall"]["auc"] > none["overall"]["auc"] + 0.1, (cluster["overall"], none["overall"])
+    assert cluster["overall"]["auc"] > 0.65
+    assert cluster["overall"]["gauc"] > none["overall"]["gauc"]
+    assert cluster["cold_start"]["rows"] == 2000  # all eval items are new
+    assert cluster["cold_start"]["auc"] == pytest.approx(cluster["overall"]["auc"])
+
+
+def test_every_mode_trains_and_reports(results):
+    for mode, r in results.items():
+        assert len(r.curve) == 3 and all(math.isfinite(p["train_loss"]) for p in r.curve), mode
+        assert r.curve[-1]["train_loss"] < r.curve[0]["train_loss"], mode
+        assert set(r.report["by_category"]) == {"cat0", "cat1", "cat2", "cat3"}
+        assert r.data_stats["eval"]["rows_without_image"] > 0
+    assert results["simscore"].report["overall"]["auc"] > results["none"].report["overall"]["auc"] + 0.1
+
+
+def test_weights_round_trip_with_weights_only_load(results, frames, tmp_path):
+    import numpy as np
+
+    from training.ctr.train import load_model, save_model, score_frame
+
+    _, ev, _ = frames
+    r = results["cluster_id"]
+    save_model(r.model, str(tmp_path / "m"))
+    loaded = load_model(str(tmp_path / "m"))  # torch.load(weights_only=True) inside
+    np.testing.assert_allclose(score_frame(loaded, ev), r.eval_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_model(table, frames):
+    import numpy as np
+
+    from training.ctr.train import fit_and_evaluate
+
+    cfg, _, _ = table
+    tr, ev, _ = frames
+    a = fit_and_evaluate(tr.head(1500), ev.head(500), cfg.ctr, "cluster_id")
+    b = fit_and_evaluate(tr.head(1500), ev.head(500), cfg.ctr, "cluster_id")
+    np.testing.assert_array_equal(a.eval_probs, b.eval_probs)
+
+
+def test_contract_violations_are_clear_errors(table):
+    from training.ctr.data import CtrDataError, encode, feature_version_of, split_dates
+
+    cfg, _, _ = table
+    f = synth_frame(1, DATES[0], 50, 0)
+    bad = f.copy()
+    bad.at[3, "sim_scores"] = [0.5] * (len(bad.at[3, "history"]) + 1)
+    with pytest.raises(CtrDataError, match="1 rows have sim_scores not aligned with history"):
+        encode(bad, 5, 1024, 1024)
+    bad = f.copy()
+    bad["item_cluster_id"] = bad["item_cluster_id"].astype("float")
+    bad.loc[0, "item_cluster_id"] = None
+    with pytest.raises(CtrDataError, match="null item_cluster_id"):
+        encode(bad, 5, 1024, 1024)
+    mixed = f.copy()
+    mixed.loc[0, "feature_version"] = "other"
+    with pytest.raises(CtrDataError, match="feature_version"):
+        feature_version_of(mixed)
+    with pytest.raises(CtrDataError, match="must all precede"):
+        split_dates(DATES, [DATES[2]], [DATES[1]], 1)
+    with pytest.raises(CtrDataError, match="no partition"):
+        split_dates(DATES, None, ["2030-01-01"], 1)
+    with pytest.raises(CtrDataError, match="need more than"):
+        split_dates(DATES[:1], None, None, 1)
+
+
+def test_config_rejects_bad_ctr_and_review_values(tmp_path):
+    from etl.config import ConfigError, load_config
+    from tests.conftest import write_config
+
+    for section, values, msg in [("ctr", {"feature_mode": "pixels"}, "feature_mode"),
+                                 ("ctr", {"layers": [64, 0]}, "layers"),
+                                 ("ctr", {"bogus": 1}, "unknown key"),
+                                 ("ctr", {"train_dates": ["2026-11-20"], "eval_dates": ["2026-11-20"]}, "overlap"),
+                                 ("review", {"auc_tol": -0.1}, "auc_tol")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(write_config(tmp_path, {section: values}))

@@ -1,0 +1,153 @@
+"""Registry review on real MLflow (sqlite) + Delta: first model needs the flag, a better challenger is
+promoted, a worse one is not, mismatched snapshots are refused; the jobs run as subprocesses."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ctr_synth import DATES, write_ctr_train
+
+ROOT = Path(__file__).resolve().parents[1]
+CTR = {"epochs": 3, "layers": [64, 32], "batch_size": 256, "lr": 0.005, "id_dim": 8, "cluster_dim": 8,
+       "item_buckets": 65536, "user_buckets": 4096}
+REVIEW = {"min_eval_rows": 500, "min_category_rows": 200, "auc_tol": 0.002, "gauc_tol": 0.002,
+          "category_regression_limit": 0.01}
+
+
+@pytest.fixture(scope="module")
+def env(spark, tmp_path_factory):
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from etl.tracking import setup_mlflow
+    from tests.conftest import write_config
+
+    tmp = tmp_path_factory.mktemp("review")
+    conf = write_config(tmp, {"ctr": CTR, "review": REVIEW})
+    cfg = load_config(conf)
+    store = TableStore(spark, cfg)
+    write_ctr_train(spark, store, rows_per_date=2000)
+    setup_mlflow(cfg)
+    return conf, cfg, store
+
+
+def _train(env, **ctr):
+    import dataclasses
+
+    from training.ctr.pipeline import train_and_register
+
+    conf, cfg, store = env
+    cfg = dataclasses.replace(cfg, ctr=dataclasses.replace(cfg.ctr, **ctr))
+    return train_and_register(cfg, store, progress=lambda m: None)
+
+
+def _champion():
+    import mlflow
+
+    from training.ctr.registry import MODEL_NAME
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _review(env, version, allow_first=False):
+    from jobs.review_model import review_and_report
+
+    _, cfg, store = env
+    return review_and_report(cfg, store, version, allow_first, with_tsne=False)
+
+
+def test_review_sequence(env, capsys):
+    import mlflow
+
+    from training.ctr.registry import MODEL_NAME
+    from training.ctr.train import load_model
+
+    v_none = _train(env, feature_mode="none")["model_version"]
+    mv = mlflow.MlflowClient().get_model_version(MODEL_NAME, v_none)
+    assert mv.tags["feature_mode"] == "none" and mv.tags["feature_version"] == "fv-test"
+    assert mv.tags["eval.dates"] == DATES[-1] and mv.tags["ctr_train.version"] == "2"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source)
+    assert set(os.listdir(local)) >= {"weights.pt", "model_spec.json", "eval_report.json"}
+    load_model(local)  # a state_dict + JSON spec, loaded with weights_only=True
+
+    # 1. The first model is promoted only with the explicit flag.
+    out = _review(env, v_none)
+    assert out.decision == "refused" and "--allow-first" in out.reasons[0] and _champion() is None
+    out = _review(env, v_none, allow_first=True)
+    assert out.decision == "promoted" and _champion() == v_none
+
+    # 2. A better challenger (cluster ids on a table whose label is a cluster match) is promoted.
+    v_cluster = _train(env, feature_mode="cluster_id")["model_version"]
+    out = _review(env, v_cluster)
+    assert out.decision == "promoted", out.reasons
+    assert out.reports[v_cluster]["overall"]["auc"] > out.reports[v_none]["overall"]["auc"] + 0.05
+    assert _champion() == v_cluster
+    summary = capsys.readouterr().out
+    assert "decision: PROMOTED" in summary and "[PASS] auc" in summary
+
+    # 3. A worse challenger is rejected and the alias stays.
+    v_worse = _train(env, feature_mode="none", seed=1)["model_version"]
+    out = _review(env, v_worse)
+    assert out.decision == "rejected" and out.exit_code == 1
+    assert any(r.startswith("auc:") for r in out.reasons) and _champion() == v_cluster
+    assert mlflow.MlflowClient().get_model_version(MODEL_NAME, v_worse).tags["review.decision"] == "rejected"
+
+    # 4. A challenger evaluated on another snapshot (other eval dates) is refused, alias untouched.
+    v_other = _train(env, feature_mode="cluster_id", train_dates=[DATES[0]], eval_dates=[DATES[1]])["model_version"]
+    out = _review(env, v_other)
+    assert out.decision == "refused" and "evaluation snapshots differ" in out.reasons[0]
+    assert "eval dates" in out.reasons[0] and _champion() == v_cluster
+
+    # The review run holds the report and its plots.
+    runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'review_model'", output_format="list")
+    promoted = [r for r in runs if r.data.tags.get("review.challenger") == v_cluster][0]
+    files = {os.path.basename(f.path) for f in mlflow.MlflowClient().list_artifacts(promoted.info.run_id, "review")}
+    assert {"review.md", "auc_gauc.png", "category_gain.png", "training_curves.png"} <= files
+
+
+def test_feature_version_mismatch_is_refused(env):
+    from training.ctr.registry import Snapshot
+
+    a = Snapshot(3, "fv-a", ("2026-11-22",))
+    b = Snapshot(3, "fv-b", ("2026-11-22",))
+    assert a.differences(b) == ["feature_version 'fv-a' vs 'fv-b'"]
+    assert Snapshot(4, "fv-a", ("2026-11-22",)).differences(a) == ["ctr_train version 4 vs 3"]
+
+
+def test_category_gate_is_pure_and_can_fail():
+    from etl.config import ReviewConf
+    from training.ctr.review import gate_checks
+
+    def rep(auc, cats):
+        return {"overall": {"auc": auc, "gauc": auc, "rows": 5000},
+                "by_category": {c: {"auc": a, "rows": 1000} for c, a in cats.items()}}
+
+    review = ReviewConf(category_regression_limit=0.005, min_eval_rows=1000)
+    gates = {g.name: g for g in gate_checks(rep(0.70, {"a": 0.75, "b": 0.60}), rep(0.70, {"a": 0.70, "b": 0.65}), review)}
+    assert gates["auc"].passed and not gates["categories"].passed and "b -0.0500" in gates["categories"].detail
+    gates = {g.name: g for g in gate_checks(rep(float("nan"), {}), rep(0.7, {}), review)}
+    assert not gates["auc"].passed  # an undefined metric never passes
+
+
+def test_jobs_run_as_scripts(env):
+    conf, _, _ = env
+    envvars = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args, "--conf", str(conf)], cwd=ROOT, env=envvars,
+                              capture_output=True, text=True, timeout=600)
+
+    first = run("jobs/train_ctr.py", "--set", "ctr.feature_mode=simscore", "--skip-if-done")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "registered ctr-model v" in first.stdout
+    again = run("jobs/train_ctr.py", "--set", "ctr.feature_mode=simscore", "--skip-if-done")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    review = run("jobs/review_model.py", "--no-tsne")
+    assert review.returncode in (0, 1), review.stderr[-3000:]
+    assert "== ctr-model review" in review.stdout and "decision:" in review.stdout
