@@ -166,9 +166,10 @@ def assign_frame(df: DataFrame, index_bc, key: str, dim: int, threads: int = 1,
             index = index or _cached_index(key, index_bc, threads)
             ids, dist = assign(index, x)
             cols = [rb.column(0), pa.array(ids, pa.int32()), pa.array(dist, pa.float32(), mask=np.isnan(dist))]
-            cols += [rb.column(2 + i) for i in range(len(keep))]
+            cols += [emb if c == "embedding" else rb.column(2 + extra.index(c)) for c in keep]
             yield pa.RecordBatch.from_arrays(cols, names=names)
 
     schema = T.StructType(ASSIGNMENT_SCHEMA.fields + [df.schema[c] for c in keep])
     names = schema.fieldNames()
-    return df.select("item_id", "embedding", *keep).mapInArrow(run, schema)
+    extra = [c for c in keep if c != "embedding"]
+    return df.select("item_id", "embedding", *extra).mapInArrow(run, schema)

@@ -6,13 +6,15 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 from etl.config import Config
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "courier-encoder"
-STATE_ARTIFACT = "encoder_state/encoder.pt"  # run artifact: the encoder's state dict (weights only)
+STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: the encoder's state dict (weights only)
 
 
 def run_marker(checkpoint_dir: str) -> dict | None:
@@ -98,15 +100,19 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
         code_paths=[os.path.dirname(os.path.abspath(__file__))], serialization_format="pickle")
-    # The bare state dict too: stage 3 rebuilds ImageEncoder from the version's tags and loads this with
-    # torch.load(weights_only=True), so no pickled model is ever unpickled downstream.
-    mlflow.log_artifact(encoder_path, STATE_ARTIFACT.rsplit("/", 1)[0])
     client = mlflow.MlflowClient()
     version = client.get_model_version(MODEL_NAME, info.registered_model_version)
+    # The bare state dict too: stage 3 rebuilds ImageEncoder from the version's tags and loads this with
+    # torch.load(weights_only=True), so no pickled model is ever unpickled downstream. One folder per
+    # version: a run that registers two encoders must not overwrite the first one's weights.
+    state_artifact = STATE_ARTIFACT.format(version=version.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
+        mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
     for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
                        "method": t.method, "backbone": t.backbone, "image_px": str(cfg.samples.image_px),
                        "dim": str(t.dim), "proj_head": str(t.proj_head).lower(),
-                       "state_artifact": STATE_ARTIFACT}.items():
+                       "state_artifact": state_artifact}.items():
         client.set_model_version_tag(MODEL_NAME, version.version, key, value)
     if alias:
         client.set_registered_model_alias(MODEL_NAME, alias, version.version)

@@ -1,0 +1,371 @@
+"""Stages 3-4 on the simulator's tiny preset, all real: Spark, Delta (delta-rs), FAISS, MLflow, torch.
+
+One module fixture walks the daily flow once (stage 1 for day 1, a tiny COURIER encoder trained for a
+few steps, embed -> clusters -> attach), the tests then check the pieces and the day-2 refresh in order.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, write_config
+
+D1, D2, EMPTY_DAY = "2026-11-20", "2026-11-21", "2026-11-25"
+FEATURES = {"n_clusters": 12, "kmeans_iters": 20, "kmeans_sample": 1000, "attach_batch_size": 256,
+            "embed_batch_size": 64}
+TRAIN = {"batch_size": 16, "num_workers": 1, "epochs": 8, "max_steps": 30, "lr": 1e-3, "checkpoint_every": 100,
+         "log_every": 10, "decode_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def world(spark, tmp_path_factory):
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.simulate import simulate
+    from etl.tables import TableStore
+    from etl.tracking import start_run
+    from features import pipeline as P
+    from training.courier import ImageEncoder
+    from training.launch import launch, register_encoder
+
+    t0 = time.perf_counter()
+    tmp = tmp_path_factory.mktemp("features")
+    cfg = load_config(write_config(tmp, {"train": TRAIN, "features": FEATURES}))
+    simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=7, image_px=32)
+    store = TableStore(spark, cfg)
+    build_date(spark, cfg, store, D1, "test")
+    ckpt = os.path.join(cfg.checkpoints_root, "tiny")
+    os.makedirs(ckpt)
+    with start_run(cfg, "train tiny") as run:
+        result = launch(cfg, spark, store.files("courier_train"), ckpt, run.info.run_id)
+        trained = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=0, alias="champion")
+        torch.manual_seed(cfg.train.seed)  # the weights the training started from
+        init_path = os.path.join(ckpt, "init.pt")
+        torch.save(ImageEncoder(cfg.train.backbone, dim=cfg.train.dim).state_dict(), init_path)
+        untrained = register_encoder(cfg, init_path, run.info.run_id, data_version=0)
+    t_train = time.perf_counter() - t0
+    reports = {}
+    with start_run(cfg, "features") as run:
+        reports["embed"] = P.embed_items(spark, cfg, store, None, run.info.run_id)
+        reports["clusters"] = P.build_clusters(spark, cfg, store, run.info.run_id)
+        reports["attach"] = P.attach_dates(spark, cfg, store, [D1], run.info.run_id)
+    print(f"\n[world] stage 1 + training {t_train:.0f}s, features {time.perf_counter() - t0 - t_train:.0f}s")
+    return {"cfg": cfg, "store": store, "spark": spark, "reports": reports,
+            "trained": trained.version, "untrained": untrained.version}
+
+
+def _clusters(world):
+    from etl.tracking import setup_mlflow
+    from features.pipeline import load_clusters
+
+    setup_mlflow(world["cfg"])
+    return load_clusters(world["spark"], world["cfg"].features.clusters_ref)
+
+
+def _versions(store):
+    return {t: store.version(t) for t in ("item_embeddings", "item_clusters", "ctr_train")}
+
+
+def _snapshot(store):
+    out = {}
+    for t in ("item_embeddings", "item_clusters", "ctr_train"):
+        rows = store.read(t).toPandas().to_json(orient="records", lines=True, double_precision=15)
+        out[t] = sorted(rows.splitlines())
+    return out
+
+
+# ---- the broadcast index and the vectorised UDF -----------------------------------------------------
+def test_udf_assignments_equal_direct_faiss_search(world):
+    from pyspark.sql import types as T
+
+    from features import NO_IMAGE_CLUSTER_ID
+    from features import clustering as K
+
+    spark, store = world["spark"], world["store"]
+    clu = _clusters(world)
+    index = K.deserialize(clu.index_bc.value)  # what MLflow stored = what executors get
+    emb = store.read("item_embeddings").where("embedding is not null").select("item_id", "embedding").toPandas()
+    x = np.stack(emb["embedding"].to_numpy()).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x_extra = rng.normal(size=(500, x.shape[1])).astype(np.float32)  # plenty of off-catalog vectors too
+    rows = [(i, v.tolist()) for i, v in zip(emb["item_id"], x)]
+    rows += [(f"rand{i}", v.tolist()) for i, v in enumerate(x_extra)]
+    rows += [("nan", [float("nan")] * x.shape[1]), ("null", None), ("zero", [0.0] * x.shape[1]),
+             ("short", [1.0, 2.0])]
+    schema = T.StructType([T.StructField("item_id", T.StringType()),
+                           T.StructField("embedding", T.ArrayType(T.FloatType()))])
+    df = spark.createDataFrame(rows, schema).repartition(3)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")  # many batches per task
+    got = {r["item_id"]: (r["cluster_id"], r["distance"])
+           for r in K.assign_frame(df, clu.index_bc, "t-udf", clu.spec.dim).collect()}
+    assert len(got) == len(rows)
+    want_ids, want_dist = K.assign(index, np.concatenate([x, x_extra]))
+    sims, nn = index.search(K.normalize(np.concatenate([x, x_extra]))[0], 1)  # raw FAISS, by hand
+    assert (nn[:, 0] == want_ids).all()
+    names = list(emb["item_id"]) + [f"rand{i}" for i in range(len(x_extra))]
+    assert [got[n][0] for n in names] == want_ids.tolist()
+    np.testing.assert_allclose([got[n][1] for n in names], want_dist, atol=1e-6)
+    for bad in ("nan", "null", "zero", "short"):
+        assert got[bad] == (NO_IMAGE_CLUSTER_ID, None), bad
+    # Round trip: serialise -> bytes -> index gives the same search, and the HNSW (large-C) kind too.
+    again = K.deserialize(K.serialize(index).tobytes())
+    assert (again.search(K.normalize(x)[0], 3)[1] == index.search(K.normalize(x)[0], 3)[1]).all()
+    centroids = K.train_kmeans(np.concatenate([x, x_extra]), 20, 5, kind="hnsw", hnsw_m=8)
+    hnsw = K.build_index(centroids, "hnsw", hnsw_m=8)
+    assert (K.deserialize(K.serialize(hnsw)).search(K.normalize(x)[0], 1)[1] == hnsw.search(K.normalize(x)[0], 1)[1]).all()
+
+
+def test_clusters_are_registered_with_their_encoder_and_stats(world):
+    import mlflow
+
+    from features.registry import resolve
+
+    rep = world["reports"]["clusters"]
+    assert rep.counts["items"] == rep.counts["item_clusters"] > 0
+    assert rep.counts["no_image"] >= 1  # the tiny preset has a missing and a corrupt image per date
+    mv = resolve(world["cfg"].features.clusters_ref)
+    assert mv.tags["encoder_version"] == f"courier-encoder-v{world['trained']}"
+    assert mv.tags["n_clusters"] == "12" and mv.tags["index_type"] == "flat"
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(mv.run_id, "clusters")}
+    assert files == {"clusters/index.faiss", "clusters/centroids.npy", "clusters/stats.json"}
+    stats = rep.info["cluster_stats"]
+    assert stats["clusters"] == 12 and stats["items"] == rep.counts["assigned"] and stats["imbalance"] >= 1.0
+
+
+# ---- ctr_train: conservation, reserved ids, sim scores ----------------------------------------------
+def test_ctr_train_one_row_per_impression_with_reserved_ids(world):
+    from features import NO_IMAGE_CLUSTER_ID
+
+    cfg, store = world["cfg"], world["store"]
+    log = store.read("ctr_log").where(f"dt = '{D1}'").toPandas()
+    out = store.read("ctr_train").where(f"dt = '{D1}'").toPandas()
+    assert len(out) == len(log) > 0
+    key = ["pv_id", "position", "item_id"]
+    assert out[key].drop_duplicates().shape[0] == len(out)
+    merged = log.merge(out, on=key, suffixes=("", "_t"))
+    assert len(merged) == len(log)
+    assert (merged["history"].map(list) == merged["history_t"].map(list)).all()
+    assert list(out.columns) == ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "ts",
+                                 "history", "item_cluster_id", "history_cluster_ids", "sim_scores",
+                                 "feature_version", "dt"]
+    assert (out["history_cluster_ids"].map(len) == out["history"].map(len)).all()
+    assert (out["sim_scores"].map(len) == out["history"].map(len)).all()
+    truth = pd.read_parquet(os.path.join(cfg.truth_root, "item_styles.parquet")).set_index("item_id")
+    bad = set(truth.index[truth["image_status"] != "ok"])
+    shown_bad = out[out["item_id"].isin(bad)]
+    assert len(shown_bad) > 0, "the tiny preset shows items without a usable image"
+    assert (shown_bad["item_cluster_id"] == NO_IMAGE_CLUSTER_ID).all()
+    assert (out.loc[~out["item_id"].isin(bad), "item_cluster_id"] >= 0).all()
+    assert (shown_bad["sim_scores"].map(lambda s: all(v == 0.0 for v in s))).all()
+    # History slots: cluster ids and sim scores agree with item_clusters / item_embeddings.
+    cl = store.read("item_clusters").toPandas().set_index("item_id")["cluster_id"]
+    emb = store.read("item_embeddings").toPandas().set_index("item_id")["embedding"]
+    checked = 0
+    for row in out[out["history"].map(len) > 0].head(80).itertuples():
+        for h, cid, s in zip(row.history, row.history_cluster_ids, row.sim_scores):
+            assert cid == cl[h]
+            if h in bad or row.item_id in bad:
+                assert s == 0.0
+            else:
+                a, b = np.asarray(emb[row.item_id]), np.asarray(emb[h])
+                assert abs(s - a @ b / np.linalg.norm(a) / np.linalg.norm(b)) < 1e-4
+                checked += 1
+    assert checked > 20
+
+
+def test_attach_handles_nan_embeddings_missing_images_and_empty_input(world):
+    from pyspark.sql import types as T
+
+    from features import NO_IMAGE_CLUSTER_ID
+    from features import attach as A
+
+    spark = world["spark"]
+    nan = [float("nan")] * 4
+    emb = spark.createDataFrame([("a", [1.0, 0.0, 0.0, 0.0]), ("b", [1.0, 1.0, 0.0, 0.0]), ("n", nan)],
+                                "item_id string, embedding array<float>")
+    clusters = spark.createDataFrame([("a", 0), ("b", 1), ("n", NO_IMAGE_CLUSTER_ID), ("x", NO_IMAGE_CLUSTER_ID)],
+                                     "item_id string, cluster_id int")
+    feats = A.known_features(clusters, emb)
+    log_schema = T.StructType([T.StructField(c, t) for c, t in [
+        ("user_id", T.StringType()), ("item_id", T.StringType()), ("pv_id", T.StringType()),
+        ("session_id", T.StringType()), ("query", T.StringType()), ("position", T.IntegerType()),
+        ("label", T.IntegerType()), ("ts", T.TimestampType()), ("history", T.ArrayType(T.StringType())),
+        ("dt", T.StringType())]])
+    import datetime as dt
+
+    ts = dt.datetime(2026, 11, 20)
+    rows = [("u", "a", "p1", "s", "q", 0, 1, ts, ["b", "n", "x", "zz"], D1),  # zz: in no table at all
+            ("u", "n", "p1", "s", "q", 1, 0, ts, ["b", "n", "x", "zz"], D1),
+            ("u", "x", "p2", "s", "q", 0, 0, ts, [], D1),
+            ("u", "zz", "p3", "s", "q", 0, 0, ts, ["a"], D1)]
+    log = spark.createDataFrame(rows, log_schema)
+    out = {r["item_id"]: r for r in A.attach(log, feats, "fv", True, 4).collect()}
+    assert len(out) == 4
+    assert out["a"]["item_cluster_id"] == 0
+    assert out["a"]["history_cluster_ids"] == [1, NO_IMAGE_CLUSTER_ID, NO_IMAGE_CLUSTER_ID, NO_IMAGE_CLUSTER_ID]
+    np.testing.assert_allclose(out["a"]["sim_scores"], [2 ** -0.5, 0, 0, 0], atol=1e-6)
+    assert out["n"]["item_cluster_id"] == NO_IMAGE_CLUSTER_ID and out["n"]["sim_scores"] == [0.0] * 4
+    assert out["n"]["item_vector"] == [0.0] * 4
+    assert out["x"]["history_cluster_ids"] == [] and out["zz"]["item_cluster_id"] == NO_IMAGE_CLUSTER_ID
+    assert A.attach(log.limit(0), feats, "fv", False, 4).count() == 0
+
+
+# ---- cluster quality: trained vs untrained encoder -------------------------------------------------
+_QUALITY: dict = {}
+
+
+def _quality(world):
+    """Purity/NMI of C=12 k-means clusters against the hidden styles, for the trained and the untrained
+    encoder (its initial weights), over every day-1 item with an image; printed for the record."""
+    if _QUALITY:
+        return _QUALITY
+    from etl.tracking import setup_mlflow
+    from features import clustering as K
+    from features import quality as Q
+    from features.embed import decode_image, embed_array, load_encoder
+    from features.registry import encoder_spec, encoder_state_bytes
+
+    cfg, store = world["cfg"], world["store"]
+    setup_mlflow(cfg)
+    truth = pd.read_parquet(os.path.join(cfg.truth_root, "item_styles.parquet"))
+    imgs = store.read("item_images").where(f"dt = '{D1}'").select("item_id", "image").toPandas()
+    x = np.stack([decode_image(b, cfg.samples.image_px) for b in imgs["image"]])
+    for name in ("trained", "untrained"):
+        spec = encoder_spec(f"courier-encoder/{world[name]}")
+        e = embed_array(load_encoder(spec, encoder_state_bytes(spec)), x, 64)
+        ids, _ = K.assign(K.build_index(K.train_kmeans(e, 12, 20, 1234), "flat"), e)
+        _QUALITY[name] = {a: Q.purity_nmi(ids, Q.style_labels(truth, imgs["item_id"], a))
+                          for a in ("style", "hue", "pattern", "shape", "scale")}
+    rand = np.random.default_rng(0).integers(0, 12, len(imgs))
+    _QUALITY["chance"] = {a: Q.purity_nmi(rand, Q.style_labels(truth, imgs["item_id"], a))
+                          for a in ("style", "hue", "pattern", "shape", "scale")}
+    for name, f in _QUALITY.items():
+        print(f"\n[cluster quality, {len(imgs)} items, C=12] {name:9s} " +
+              "  ".join(f"{a}: purity {p:.3f} NMI {n:.3f}" for a, (p, n) in f.items()))
+    return _QUALITY
+
+
+def test_same_style_items_share_clusters_far_above_chance(world, capsys):
+    with capsys.disabled():
+        q = _quality(world)
+    # NMI against the full style tuple (~100 values over ~150 items) is high even by chance, so the
+    # bar is per attribute: the hue family (6 values) far above chance, the four attributes together above.
+    for name in ("trained", "untrained"):
+        assert q[name]["hue"][1] > q["chance"]["hue"][1] + 0.2, q
+        assert _mean_nmi(q[name]) > _mean_nmi(q["chance"]) + 0.05, q
+
+
+def test_trained_encoder_clusters_styles_better_than_untrained(world, capsys):
+    with capsys.disabled():
+        q = _quality(world)
+    assert _mean_nmi(q["trained"]) > _mean_nmi(q["untrained"]), q
+
+
+def _mean_nmi(f: dict) -> float:
+    return float(np.mean([f[a][1] for a in ("hue", "pattern", "shape", "scale")]))
+
+
+# ---- day 2: on-the-fly assignment, the refresh (failure, success, rerun), empty day ------------------
+@pytest.fixture(scope="module")
+def day2(world):
+    from etl.build import build_date
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    build_date(spark, cfg, store, D2, "test")
+    with start_run(cfg, "attach day 2 before its refresh") as run:
+        report = P.attach_dates(spark, cfg, store, [D2], run.info.run_id)
+    on_the_fly = store.read("ctr_train").where(f"dt = '{D2}'").select("item_id", "item_cluster_id").toPandas()
+    return {"attach": report, "on_the_fly": dict(zip(on_the_fly["item_id"], on_the_fly["item_cluster_id"]))}
+
+
+def test_items_not_yet_clustered_are_assigned_on_the_fly(world, day2):
+    store = world["store"]
+    rep = day2["attach"]
+    assert rep.counts["on_the_fly_items"] > 0  # day 2's new items are in no item_clusters yet
+    assert rep.counts["ctr_log"] == rep.counts["ctr_train"] > 0
+    items_d2 = set(store.read("items").where(f"dt = '{D2}'").toPandas()["item_id"])
+    shown_new = items_d2 & set(day2["on_the_fly"])
+    assert shown_new, "day 2 shows some of its new items"
+
+
+def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2):
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    before_v, before = _versions(store), _snapshot(store)
+
+    class Boom(RuntimeError):
+        pass
+
+    def fail(stage):
+        if stage == "computed":  # everything computed and materialised, nothing committed yet
+            raise Boom(stage)
+
+    with pytest.raises(Boom):
+        P.refresh(spark, cfg, store, D2, hook=fail)
+    assert _versions(store) == before_v and _snapshot(store) == before
+
+    def fail_between(stage):  # one table committed, the others not: a rerun completes without duplicates
+        if stage == "committed:item_embeddings":
+            raise Boom(stage)
+
+    with pytest.raises(Boom):
+        P.refresh(spark, cfg, store, D2, hook=fail_between)
+    assert store.version("item_embeddings") == before_v["item_embeddings"] + 1
+    assert store.version("item_clusters") == before_v["item_clusters"]
+    assert store.version("ctr_train") == before_v["ctr_train"]
+
+
+def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    fv = _clusters(world).spec.feature_version
+    with start_run(cfg, "refresh day 2") as run:
+        rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
+    print("\n" + rep.render())
+    assert rep.counts["new_items"] > 0 and set(rep.versions) == {"item_embeddings", "item_clusters", "ctr_train"}
+    assert rep.info["affected_partitions"] == [D2]
+    assert 0.0 <= rep.info["drift"]["far_share"] <= 1.0 and "recluster_due" in rep.info
+    items = store.read("items").toPandas()
+    clusters = store.read("item_clusters").where(f"feature_version = '{fv}'").toPandas()
+    emb = store.read("item_embeddings").toPandas()
+    assert sorted(clusters["item_id"]) == sorted(items["item_id"])  # every item once, none twice
+    assert emb["item_id"].is_unique and len(emb) == store.read("item_images").count()
+    # The refresh assigns new items exactly as the on-the-fly path did (same encoder, same index).
+    cid = dict(zip(clusters["item_id"], clusters["cluster_id"]))
+    assert all(cid[i] == c for i, c in day2["on_the_fly"].items())
+    ctr = store.read("ctr_train").toPandas()
+    log = store.read("ctr_log").toPandas()
+    assert ctr.groupby("dt").size().to_dict() == log.groupby("dt").size().to_dict()
+    assert (ctr["item_cluster_id"] == ctr["item_id"].map(cid)).all()
+
+    versions, content = _versions(store), _snapshot(store)
+    again = P.refresh(spark, cfg, store, D2)
+    assert again.versions == {} and "noop" in again.info
+    assert _versions(store) == versions and _snapshot(store) == content
+    empty = P.refresh(spark, cfg, store, EMPTY_DAY)  # no new items, no new log: nothing to do, no crash
+    assert empty.versions == {} and _versions(store) == versions
+
+
+def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(world, day2):
+    conf = world["cfg"].source
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    submit = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
+              "--driver-java-options", f"-Dlog4j.configurationFile=file:{ROOT}/conf/log4j2.properties"]
+    out = subprocess.run([*submit, "jobs/attach_features.py", "--conf", conf, "--date", EMPTY_DAY],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"ctr_log({EMPTY_DAY}) = ctr_train({EMPTY_DAY}): 0 = 0 ok" in out.stdout
+    store = world["store"]
+    assert store.read("ctr_train").where(f"dt = '{EMPTY_DAY}'").count() == 0
