@@ -74,6 +74,10 @@ def get_spark(cfg: Config, app_name: str | None = None):
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.showConsoleProgress": "false",
+        # The plans of the job's cached frames nest each other's full lineage (courier_train's is ~10.7M
+        # characters), and AQE re-renders the plan text at every re-optimisation: unbounded, that alone
+        # ran the driver out of heap at 0.05x the bench preset. Truncates only the text (UI, logs).
+        "spark.sql.maxPlanStringLength": "100000",
     }
     log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
     if os.path.exists(log4j) and "spark.driver.extraJavaOptions" not in cfg.spark.conf:
