@@ -2,7 +2,11 @@
 # The whole pipeline, end to end, on the embedded default (conf/local.yaml unless COURIER_CONF is set):
 #   1. simulate a search log (preset from the config; COURIER_PRESET overrides)
 #   2. spark-submit jobs/build_samples.py over every simulated date
-#   3. spark-submit jobs/train_courier.py on the latest courier_train version
+#   3. spark-submit jobs/train_courier.py on the latest courier_train version (-> courier-encoder@champion)
+#   4. item embeddings + FAISS k-means (jobs/embed_items.py, jobs/build_clusters.py)
+#   5. cluster-ID features on ctr_train (jobs/attach_features.py; jobs/refresh_features.py, the daily job)
+#   6. CTR models without and with the image feature (jobs/train_ctr.py)
+#   7. registry review of the image-feature model against @champion (jobs/review_model.py)
 # Idempotent: a rerun regenerates the same log and replaces the same table partitions.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,21 +19,60 @@ export PYSPARK_PYTHON="$PY" PYSPARK_DRIVER_PYTHON="$PY" SPARK_LOCAL_IP="${SPARK_
 
 sim_args=()
 [ -n "${COURIER_PRESET:-}" ] && sim_args+=(--preset "$COURIER_PRESET")
-echo "== 1/3 simulate search log =="
+echo "== 1/7 simulate search log =="
 "$PY" jobs/simulate_search_log.py --conf "$CONF" "${sim_args[@]}"
 
 raw_root="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).raw_root)' "$CONF")"
 read -r first last < <("$PY" -c 'import json,sys; d=sorted(json.load(open(sys.argv[1]))["dates"]); print(d[0], d[-1])' "$raw_root/manifest.json")
 
-echo "== 2/3 build samples $first..$last =="
-"$VENV/bin/spark-submit" --master "local[*]" --driver-memory 4g \
-  --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" \
-  jobs/build_samples.py --conf "$CONF" --date "$first" --end-date "$last"
+submit() {  # spark-submit a job with the project's logging config
+  "$VENV/bin/spark-submit" --master "local[*]" --driver-memory 4g \
+    --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" "$@"
+}
 
-echo "== 3/3 pre-train the COURIER encoder =="
-"$VENV/bin/spark-submit" --master "local[*]" --driver-memory 4g \
-  --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" \
-  jobs/train_courier.py --conf "$CONF" --skip-if-done
+echo "== 2/7 build samples $first..$last =="
+submit jobs/build_samples.py --conf "$CONF" --date "$first" --end-date "$last"
+
+echo "== 3/7 pre-train the COURIER encoder (registered as courier-encoder, alias @champion) =="
+submit jobs/train_courier.py --conf "$CONF" --skip-if-done --alias champion
+
+echo "== 4/7 item embeddings and FAISS clusters =="
+submit jobs/embed_items.py --conf "$CONF"
+submit jobs/build_clusters.py --conf "$CONF" --skip-if-current
+
+echo "== 5/7 attach cluster-ID features to ctr_train =="
+submit jobs/attach_features.py --conf "$CONF" --date "$first" --end-date "$last"
+submit jobs/refresh_features.py --conf "$CONF" --date "$last"   # the scheduled daily job; nothing new here
+
+echo "== 6/7 CTR models: no image feature (baseline) and COURIER cluster IDs =="
+ctr_version() {  # the ctr-model version a train_ctr run registered (or found already trained)
+  sed -n 's/.*ctr-model v\([0-9][0-9]*\).*/\1/p' "$1" | tail -n1
+}
+log_dir="$(mktemp -d)"; trap 'rm -rf "$log_dir"' EXIT
+"$PY" jobs/train_ctr.py --conf "$CONF" --set ctr.feature_mode=none --skip-if-done | tee "$log_dir/none.log"
+"$PY" jobs/train_ctr.py --conf "$CONF" --set ctr.feature_mode=cluster_id --skip-if-done | tee "$log_dir/cluster.log"
+baseline="$(ctr_version "$log_dir/none.log")"; challenger="$(ctr_version "$log_dir/cluster.log")"
+[ -n "$baseline" ] && [ -n "$challenger" ] || { echo "ERROR: could not read the ctr-model versions from train_ctr's output" >&2; exit 1; }
+
+echo "== 7/7 registry review: ctr-model v$challenger (cluster_id) vs @champion =="
+review() {  # exit 0 promoted, 1 rejected by a gate, 2 refused (e.g. already champion): all are outcomes
+  local rc=0
+  "$PY" jobs/review_model.py --conf "$CONF" "$@" || rc=$?
+  [ "$rc" -le 2 ] || { echo "ERROR: review_model failed (exit $rc)" >&2; exit "$rc"; }
+}
+champion="$("$PY" -c 'import sys
+from etl.config import load_config
+from etl.tracking import setup_mlflow
+import mlflow
+setup_mlflow(load_config(sys.argv[1]))
+try:
+    print(mlflow.MlflowClient().get_model_version_by_alias("ctr-model", "champion").version)
+except Exception:
+    print("")' "$CONF" 2>/dev/null)"
+if [ -z "$champion" ]; then  # a fresh registry: the baseline becomes the first champion, explicitly
+  review --version "$baseline" --allow-first --no-tsne
+fi
+review --version "$challenger"
 
 tables_root="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).tables_root)' "$CONF")"
 uri="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).mlflow_tracking_uri)' "$CONF")"
@@ -37,4 +80,6 @@ cat <<MSG
 
 Done. Tables (Delta): $tables_root
 MLflow UI:  $VENV/bin/mlflow ui --backend-store-uri $uri --host 127.0.0.1 --port 5000
+            (experiment "courier": runs of every stage; Models: courier-encoder, courier-clusters, ctr-model;
+             the review report is the review/review.md artifact of the latest review run)
 MSG
