@@ -1,0 +1,103 @@
+"""All four stages on the tiny preset, in one process, every component real (Spark, Delta via delta-rs,
+TorchDistributor, FAISS, MLflow registry): simulate -> samples -> COURIER (a few steps) -> embeddings ->
+clusters -> attach -> CTR models -> registry review. scripts/pipeline.sh runs the same chain as jobs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+from conftest import write_config
+
+TRAIN = {"batch_size": 16, "num_workers": 1, "epochs": 1, "max_steps": 6, "checkpoint_every": 100,
+         "log_every": 3, "decode_threads": 1}
+FEATURES = {"n_clusters": 8, "kmeans_iters": 10, "attach_batch_size": 256, "embed_batch_size": 64}
+CTR = {"epochs": 2, "batch_size": 128, "layers": [32, 16], "item_buckets": 4096, "user_buckets": 1024}
+REVIEW = {"min_eval_rows": 50, "min_category_rows": 50}
+
+
+def test_simulate_to_review_on_tiny(spark, tmp_path):
+    import mlflow
+
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.simulate import simulate
+    from etl.tables import TableStore
+    from etl.tracking import setup_mlflow, start_run
+    from features import NO_IMAGE_CLUSTER_ID
+    from features import pipeline as P
+    from jobs.review_model import review_and_report
+    from training.ctr.pipeline import train_and_register
+    from training.ctr.registry import CHAMPION, MODEL_NAME
+    from training.launch import launch, register_encoder
+
+    cfg = load_config(write_config(tmp_path, {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW}))
+    simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=7, image_px=32)
+    dates = sorted(json.load(open(os.path.join(cfg.raw_root, "manifest.json")))["dates"])
+    assert len(dates) == 3
+
+    # Stage 1: every date, counts checked by build_date itself.
+    store = TableStore(spark, cfg)
+    reports = [build_date(spark, cfg, store, d, "e2e") for d in dates]
+    counts = {t: store.read(t).count() for t in ("items", "item_images", "pv_samples", "ctr_log", "courier_train")}
+    assert all(n > 0 for n in counts.values()), counts
+    dropped = sum(sum(r.counts["train_dropped"].values()) for r in reports)  # PVs without usable images
+    assert counts["courier_train"] + dropped == counts["pv_samples"]
+
+    # Stage 2: a few steps of COURIER, registered with the alias stage 3 reads.
+    setup_mlflow(cfg)
+    ckpt = os.path.join(cfg.checkpoints_root, "e2e")
+    os.makedirs(ckpt)
+    with start_run(cfg, "e2e-train") as run:
+        result = launch(cfg, spark, store.files("courier_train"), ckpt, run.info.run_id)
+        encoder = register_encoder(cfg, result["encoder_path"], run.info.run_id,
+                                   data_version=store.version("courier_train"), alias="champion")
+    assert result["steps"] == TRAIN["max_steps"]
+
+    # Stages 3-4: embeddings of every decodable image, k-means, features on every ctr_log impression.
+    with start_run(cfg, "e2e-features") as run:
+        P.embed_items(spark, cfg, store, None, run.info.run_id)
+        P.build_clusters(spark, cfg, store, run.info.run_id)
+        P.attach_dates(spark, cfg, store, dates, run.info.run_id)
+    emb = store.read("item_embeddings")
+    assert emb.select("item_id").distinct().count() == counts["item_images"]
+    assert {r["encoder_version"] for r in emb.select("encoder_version").distinct().collect()} \
+        == {f"courier-encoder-v{encoder.version}"}
+    clusters = store.read("item_clusters").select("item_id", "cluster_id").toPandas()
+    assert clusters["cluster_id"].between(NO_IMAGE_CLUSTER_ID, FEATURES["n_clusters"] - 1).all()
+    assert (clusters["cluster_id"] >= 0).mean() > 0.9
+    ctr_train = store.read("ctr_train").toPandas()
+    assert len(ctr_train) == counts["ctr_log"]  # one row per impression, none lost or duplicated
+    assert ctr_train["feature_version"].nunique() == 1
+    # every impression carries its item's cluster, and items without a usable image the reserved id
+    expected = ctr_train[["item_id"]].merge(clusters, on="item_id", how="left")["cluster_id"]
+    assert (ctr_train["item_cluster_id"].to_numpy() == expected.fillna(NO_IMAGE_CLUSTER_ID).to_numpy()).all()
+    assert (ctr_train["item_cluster_id"] == NO_IMAGE_CLUSTER_ID).any()  # the simulator's missing images
+
+    # Stage 4: a baseline without image feature and a cluster-ID model on the same snapshot.
+    def train_ctr(mode):
+        mode_cfg = dataclasses.replace(cfg, ctr=dataclasses.replace(cfg.ctr, feature_mode=mode))
+        out = train_and_register(mode_cfg, store, run_name=f"e2e-{mode}", progress=lambda m: None)
+        assert out["report"]["overall"]["rows"] > 0
+        return out
+    baseline, challenger = train_ctr("none"), train_ctr("cluster_id")
+    assert baseline["snapshot"] == challenger["snapshot"]
+
+    # Review: the first model needs the explicit flag; then the cluster-ID model is gated against it.
+    client = mlflow.MlflowClient()
+    first = review_and_report(cfg, store, baseline["model_version"], allow_first=False, with_tsne=False)
+    assert first.decision == "refused"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    first = review_and_report(cfg, store, baseline["model_version"], allow_first=True, with_tsne=False)
+    assert first.decision == "promoted"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == baseline["model_version"]
+    second = review_and_report(cfg, store, challenger["model_version"], with_tsne=True)
+    assert second.decision in ("promoted", "rejected"), second.reasons
+    holder = str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
+    assert holder == (challenger["model_version"] if second.decision == "promoted" else baseline["model_version"])
+    review_runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'review_model'", output_format="list")
+    assert len(review_runs) == 3
+    artifacts = {a.path for a in client.list_artifacts(review_runs[0].info.run_id, "review")}
+    assert "review/review.md" in artifacts
