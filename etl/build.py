@@ -195,12 +195,6 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
           decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"))
     write("pv_samples", kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed"))
     write("ctr_log", S.ctr_log(labelled))
-    # Not cached: the rows carry ~10 JPEGs each and the in-memory columnar cache builds whole batches on
-    # the heap (OutOfMemoryError at 0.25x the bench preset); the drop reasons are counted below from
-    # S.courier_train_reasons, the same rows without the image bytes.
-    train = S.courier_train(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click)
-    write("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
-
     # ---- counts: one small grouped aggregate per cached frame, collected to the driver -----------
     c = report.counts
     by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
@@ -234,13 +228,21 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
     c["pv_items"] = kept["pv_items"] if kept else 0
     # Rows written, from the commit's own file statistics (no re-scan).
     c["ctr_log"] = sum(f.num_records for f in store.files("ctr_log") if f.partition_values.get("dt") == date)
+    # Only `samples` is still needed: free the other caches before the image-heavy courier_train step.
+    for df in (events, catalog, labelled, decoded):
+        df.unpersist()
+    # Not cached: the rows carry ~10 JPEGs each and the in-memory columnar cache builds whole batches on
+    # the heap (OutOfMemoryError at 0.25x the bench preset); the drop reasons are counted below from
+    # S.courier_train_reasons, the same rows without the image bytes.
+    train = S.courier_train(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click)
+    write("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
+
     train_reasons = _reason_counts(
         S.courier_train_reasons(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click)
         .fillna({"drop_reason": "ok"}), "drop_reason")
     c["courier_train"] = train_reasons.pop("ok", 0)
     c["train_dropped"] = train_reasons
-    for df in (events, catalog, labelled, samples, decoded):
-        df.unpersist()
+    samples.unpersist()
     report.check()
     return report
 

@@ -54,7 +54,19 @@ def get_spark(cfg: Config, app_name: str | None = None):
     from pyspark import SparkConf as JSparkConf, SparkContext
     from pyspark.sql import SparkSession
 
-    SparkContext._ensure_initialized()  # joins spark-submit's JVM, whose conf carries its master
+    launch = {}
+    if SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # This process starts the JVM (plain `python`, not spark-submit): the heap size and JVM options
+        # are only read at launch, so they must be given now. Set on the builder afterwards they were
+        # silently ignored and the driver ran with Spark's default 1g heap whatever driver_memory said.
+        launch["spark.driver.memory"] = cfg.spark.driver_memory
+        log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
+        if os.path.exists(log4j):
+            launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
+        launch.update({k: str(v) for k, v in cfg.spark.conf.items()
+                       if k in ("spark.driver.memory", "spark.driver.extraJavaOptions")})
+    # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
+    SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()
     builder = SparkSession.builder.appName(app_name or cfg.spark.app_name)
     if not submitted.contains("spark.master"):
