@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from etl.tracking import register_version
+
 ENCODER_MODEL = "courier-encoder"
 CLUSTERS_MODEL = "courier-clusters"
 CLUSTERS_ARTIFACT = "clusters"  # run artifact folder: index.faiss, centroids.npy, stats.json
@@ -140,15 +142,11 @@ def register_clusters(folder: str, run_id: str, tags: dict, alias: str | None):
     import mlflow
 
     mlflow.log_artifacts(folder, CLUSTERS_ARTIFACT)
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(CLUSTERS_MODEL)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(CLUSTERS_MODEL, description="FAISS centroid index of COURIER item "
-                                       "embeddings (stage 3); tags name the encoder version it belongs to")
     source = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{CLUSTERS_ARTIFACT}"
-    mv = client.create_model_version(CLUSTERS_MODEL, source, run_id=run_id,
-                                     tags={k: str(v) for k, v in tags.items()})
+    mv = register_version(CLUSTERS_MODEL, source, run_id, tags,
+                          description="FAISS centroid index of COURIER item embeddings (stage 3); "
+                                      "tags name the encoder version it belongs to")
+    client = mlflow.MlflowClient()
     if alias:
         client.set_registered_model_alias(CLUSTERS_MODEL, alias, mv.version)
     return mv

@@ -20,6 +20,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from etl.tracking import register_version
+
 MODEL_NAME = "ctr-model"
 CHAMPION = "champion"
 ARTIFACT_DIR = "ctr_model"
@@ -80,14 +82,9 @@ def register(result, run_id: str, snapshot: Snapshot, train_dates: list[str], ex
         with open(os.path.join(folder, "eval_report.json"), "w") as fh:
             json.dump(nan_to_none(result.report), fh, indent=1, sort_keys=True)
         mlflow.log_artifacts(folder, ARTIFACT_DIR)
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(MODEL_NAME)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(MODEL_NAME, description="Downstream CTR model (COURIER stage 4); "
-                                       "weights are a state_dict + model_spec.json (training/ctr/train.py load_model)")
-    source = mlflow.get_artifact_uri(ARTIFACT_DIR)
-    return client.create_model_version(MODEL_NAME, source=source, run_id=run_id, tags=tags)
+    return register_version(MODEL_NAME, mlflow.get_artifact_uri(ARTIFACT_DIR), run_id, tags,
+                            description="Downstream CTR model (COURIER stage 4); weights are a state_dict + "
+                                        "model_spec.json (training/ctr/train.py load_model)")
 
 
 def find_done(config_digest: str):
