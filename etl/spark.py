@@ -45,6 +45,9 @@ def uses_native_delta(cfg: Config) -> bool:
     return cfg.tables.engine == "auto" and delta_jars_present(cfg.spark.conf)
 
 
+_LOG4J = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
+
+
 def get_spark(cfg: Config, app_name: str | None = None):
     """Start (or join, under spark-submit) the session with the project's settings."""
     check_java()
@@ -55,21 +58,23 @@ def get_spark(cfg: Config, app_name: str | None = None):
     from pyspark.sql import SparkSession
 
     launch = {}
-    if SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ:
+    launches_jvm = SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ
+    if launches_jvm:
         # This process starts the JVM (plain `python`, not spark-submit): the heap size and JVM options
         # are only read at launch, so they must be given now. Set on the builder afterwards they were
         # silently ignored and the driver ran with Spark's default 1g heap whatever driver_memory said.
+        # The master too: the launcher otherwise records its own default (local[*]) as if submitted.
+        launch["spark.master"] = cfg.spark.master
         launch["spark.driver.memory"] = cfg.spark.driver_memory
-        log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
-        if os.path.exists(log4j):
-            launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
+        if os.path.exists(_LOG4J):
+            launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
         launch.update({k: str(v) for k, v in cfg.spark.conf.items()
                        if k in ("spark.driver.memory", "spark.driver.extraJavaOptions")})
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()
     builder = SparkSession.builder.appName(app_name or cfg.spark.app_name)
-    if not submitted.contains("spark.master"):
+    if launches_jvm or not submitted.contains("spark.master"):
         master = cfg.spark.master
         builder = builder.master(master)
         if master.startswith("local"):
@@ -91,10 +96,9 @@ def get_spark(cfg: Config, app_name: str | None = None):
         # ran the driver out of heap at 0.05x the bench preset. Truncates only the text (UI, logs).
         "spark.sql.maxPlanStringLength": "100000",
     }
-    log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
-    if os.path.exists(log4j) and "spark.driver.extraJavaOptions" not in cfg.spark.conf:
+    if os.path.exists(_LOG4J) and "spark.driver.extraJavaOptions" not in cfg.spark.conf:
         # Only takes effect when this process starts the JVM; spark-submit passes its own options.
-        settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
+        settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
     if uses_native_delta(cfg):
         settings["spark.sql.extensions"] = DELTA_EXTENSION
         settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG
