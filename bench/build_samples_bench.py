@@ -216,8 +216,8 @@ def render(all_results: list[dict], meta: dict) -> str:
         "session for every measurement."
         + (f" Extra Spark settings: {', '.join(f'`{k}={v}`' for k, v in meta['spark_conf'].items())}."
            if meta.get("spark_conf") else ""))
-    add(f"- Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}; other "
-        "engineers' tests shared the 2 cores, so the floor is re-measured between builds and medians are used.")
+    add(f"- Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}; a "
+        "load above the core count means other work shared the cores, so the floor is re-measured between builds and medians are used.")
     add("- Input: simulator `bench` preset (seed 7, one date, 20,000 items + images) with `users` scaled; "
         "floor = `read.text` + `from_json(RAW_EVENT_SCHEMA)` + `groupBy(user_id)` (count + hash of every "
         "field) to `noop`; build = `etl.build.build_date` of that date into an empty table root "
