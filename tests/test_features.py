@@ -352,9 +352,23 @@ def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
     emb = store.read("item_embeddings").toPandas()
     assert sorted(clusters["item_id"]) == sorted(items["item_id"])  # every item once, none twice
     assert emb["item_id"].is_unique and len(emb) == store.read("item_images").count()
-    # The refresh assigns new items exactly as the on-the-fly path did (same encoder, same index).
+    # The refresh assigns new items as the on-the-fly path did (same encoder, same index). The two paths
+    # embed an image in differently sized batches, and CPU conv kernels chosen per batch size differ in
+    # the last float bits, so an item almost equidistant to two centroids may flip: allowed only for such
+    # near-ties.
+    from features import clustering as K
+
     cid = dict(zip(clusters["item_id"], clusters["cluster_id"]))
-    assert all(cid[i] == c for i, c in day2["on_the_fly"].items())
+    flipped = [i for i, c in day2["on_the_fly"].items() if cid[i] != c]
+    assert len(flipped) <= 0.02 * len(day2["on_the_fly"]), flipped
+    if flipped:
+        index = K.deserialize(_clusters(world).index_bc.value)
+        centroids = index.reconstruct_n(0, index.ntotal)
+        vectors = dict(zip(emb["item_id"], emb["embedding"]))
+        for i in flipped:
+            x = K.normalize(np.asarray([vectors[i]], np.float32))[0][0]
+            sims = centroids @ x
+            assert abs(sims[cid[i]] - sims[day2["on_the_fly"][i]]) < 1e-4, (i, sims[cid[i]], sims[day2["on_the_fly"][i]])
     ctr = store.read("ctr_train").toPandas()
     log = store.read("ctr_log").toPandas()
     assert ctr.groupby("dt").size().to_dict() == log.groupby("dt").size().to_dict()
