@@ -175,30 +175,27 @@ def barrier() -> None:
 # --------------------------------------------------------------------------------------------------
 # Collectives without gradients (metrics, counts)
 # --------------------------------------------------------------------------------------------------
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks, as a new tensor (``t`` is not modified; no gradient)."""
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """``op`` ("sum" | "max") of ``t`` over ranks, as a new tensor (``t`` is not modified; no gradient)."""
     b = current_backend()
     if b == "ddp":
         out = t.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return out
     if b == "horovod":
         hvd = _hvd()
-        return hvd.allreduce(t.detach(), op=hvd.Sum)
+        return hvd.allreduce(t.detach(), op={"sum": hvd.Sum, "max": hvd.Max}[op])
     return t.detach().clone()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, as a new tensor (``t`` is not modified; no gradient)."""
+    return _all_reduce(t, "sum")
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise max of ``t`` over ranks, as a new tensor (no gradient)."""
-    b = current_backend()
-    if b == "ddp":
-        out = t.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return out
-    if b == "horovod":
-        hvd = _hvd()
-        return hvd.allreduce(t.detach(), op=hvd.Max)
-    return t.detach().clone()
+    return _all_reduce(t, "max")
 
 
 # --------------------------------------------------------------------------------------------------
