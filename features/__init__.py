@@ -18,4 +18,13 @@ Contract with the CTR model (unchanged from the issue/DESIGN.md):
 NO_IMAGE_CLUSTER_ID = -1
 NO_IMAGE_SIM_SCORE = 0.0
 
-__all__ = ["NO_IMAGE_CLUSTER_ID", "NO_IMAGE_SIM_SCORE"]
+__all__ = ["NO_IMAGE_CLUSTER_ID", "NO_IMAGE_SIM_SCORE", "content_key"]
+
+
+def content_key(name: str, data) -> str:
+    """Cache key of a broadcast model/index in the executors' Python workers: its name and a digest of
+    its bytes. Spark reuses Python workers across jobs, and a name alone (``courier-encoder-v1``) can
+    stand for different weights in another registry or after a registry was recreated."""
+    import hashlib
+
+    return f"{name}:{hashlib.sha256(memoryview(data).cast('B')).hexdigest()[:16]}"

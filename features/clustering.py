@@ -13,7 +13,7 @@ import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
-from features import NO_IMAGE_CLUSTER_ID
+from features import NO_IMAGE_CLUSTER_ID, content_key
 
 ASSIGNMENT_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType()),
@@ -144,6 +144,7 @@ def assign_frame(df: DataFrame, index_bc, key: str, dim: int, threads: int = 1,
     Python) and searched in one FAISS call. A null, wrong-length, NaN or zero embedding gets
     NO_IMAGE_CLUSTER_ID and a null distance. Batch size: spark.sql.execution.arrow.maxRecordsPerBatch.
     """
+    key = content_key(key, index_bc.value)  # the executors' index cache must not mix up two indexes
     def run(batches):
         import numpy as np
         import pyarrow as pa

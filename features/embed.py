@@ -2,8 +2,9 @@
 
 The driver broadcasts the encoder's state dict bytes once; each executor Python process rebuilds the
 ImageEncoder from the version's tags and loads the weights with ``torch.load(weights_only=True)`` on
-its first batch, then keeps it in a module-level cache keyed by the encoder version (Spark reuses its
-Python workers across tasks), so the model is loaded once per process, not per batch.
+its first batch, then keeps it in a module-level cache keyed by the encoder version and a digest of its
+weights (Spark reuses its Python workers across tasks and jobs), so the model is loaded once per
+process, not per batch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import io
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from features import content_key
 from features.registry import EncoderSpec
 
 EMBEDDING_SCHEMA = T.StructType([
@@ -34,13 +36,14 @@ def load_encoder(spec: EncoderSpec, state: bytes):
     return encoder.eval()
 
 
-def cached_encoder(spec: EncoderSpec, state_bc, threads: int):
-    encoder = _ENCODERS.get(spec.encoder_version)
+def cached_encoder(key: str, spec: EncoderSpec, state_bc, threads: int):
+    """The encoder for `key` (features.content_key of the weights), loaded once per Python process."""
+    encoder = _ENCODERS.get(key)
     if encoder is None:
         import torch
 
         torch.set_num_threads(threads)  # Spark already runs one Python worker per core
-        encoder = _ENCODERS[spec.encoder_version] = load_encoder(spec, bytes(state_bc.value))
+        encoder = _ENCODERS[key] = load_encoder(spec, bytes(state_bc.value))
     return encoder
 
 
@@ -78,6 +81,7 @@ def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int
     """(item_id, image bytes, *keep) -> (item_id, embedding, *keep). One output row per input row; an
     image that does not decode gets a null embedding (the reserved cluster id downstream), never a crash."""
     spec_d = dataclasses.asdict(spec)
+    key = content_key(spec.encoder_version, state_bc.value)  # on the driver, once
 
     def run(batches):
         import numpy as np
@@ -93,7 +97,7 @@ def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int
             ok = [i for i, a in enumerate(arrays) if a is not None]
             result = [None] * len(arrays)
             if ok:
-                encoder = encoder or cached_encoder(s, state_bc, threads)
+                encoder = encoder or cached_encoder(key, s, state_bc, threads)
                 vecs = embed_array(encoder, np.stack([arrays[i] for i in ok]), batch_size)
                 for j, i in enumerate(ok):
                     result[i] = vecs[j]

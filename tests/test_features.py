@@ -121,6 +121,26 @@ def test_udf_assignments_equal_direct_faiss_search(world):
     assert (K.deserialize(K.serialize(hnsw)).search(K.normalize(x)[0], 1)[1] == hnsw.search(K.normalize(x)[0], 1)[1]).all()
 
 
+def test_executor_index_cache_follows_the_index_not_its_name(world):
+    """Spark reuses Python workers across jobs: two different indexes under one name must not share a
+    cached index (a stale cache once mixed up another registry's courier-clusters-v1 with this one's)."""
+    from pyspark.sql import types as T
+
+    from features import clustering as K
+
+    spark = world["spark"]
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    schema = T.StructType([T.StructField("item_id", T.StringType()),
+                           T.StructField("embedding", T.ArrayType(T.FloatType()))])
+    df = spark.createDataFrame([(str(i), v.tolist()) for i, v in enumerate(x)], schema).repartition(4)
+    for seed in (1, 2):  # same name, different centroids
+        index = K.build_index(K.normalize(rng.normal(size=(6, 8)).astype(np.float32))[0], "flat")
+        bc = spark.sparkContext.broadcast(K.serialize(index))
+        got = {r["item_id"]: r["cluster_id"] for r in K.assign_frame(df, bc, "courier-clusters-v1", 8).collect()}
+        assert [got[str(i)] for i in range(len(x))] == K.assign(index, x)[0].tolist(), seed
+
+
 def test_clusters_are_registered_with_their_encoder_and_stats(world):
     import mlflow
 
