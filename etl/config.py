@@ -70,6 +70,7 @@ class SimulatorConf:
     malformed_rate: float | None = None  # share of raw lines with one fault; default: the preset's
     bad_image_rate: float | None = None  # share of new items with a missing/corrupt image
     image_px: int | None = None  # rendered image size; default: the preset's
+    style_drift_from: str | None = None  # new items from this date on get an unseen visual style (drift tests)
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,11 @@ import numpy as np
 CATEGORIES = ("dress", "shoe", "bag", "shirt", "skirt", "hat", "scarf", "coat")
 HUES = ("red", "orange", "yellow", "green", "blue", "purple")
 HUE_DEGREES = (0.0, 30.0, 55.0, 120.0, 215.0, 285.0)
+# Style drift (``style_drift_from``): items first seen on or after that date get a hue family no user
+# likes and no earlier item has, on a dark background: a visual style the clusters have never seen.
+DRIFT_HUE = "magenta"
+DRIFT_HUE_DEGREES = 320.0
+DRIFT_BACKGROUND_SHIFT = 0.65  # the grey background level drops from U(0.80, 0.95) to U(0.15, 0.30)
 PATTERNS = ("plain", "stripes", "dots", "checks")
 SHAPES = ("circle", "square", "triangle")
 SCALES = ("fine", "coarse")  # plain items have scale "none"
@@ -282,7 +287,7 @@ def taste_affinity(item_styles, user_tastes, user_ids: Sequence[str], item_ids: 
     it, ut = item_styles, user_tastes
     return _affinity_idx(hues[upos], codes(PATTERNS, ut["liked_pattern"])[upos],
                          codes(SHAPES, ut["liked_shape"])[upos], codes(SCALES, ut["liked_scale"])[upos],
-                         codes(HUES, it["hue"])[ipos], codes(PATTERNS, it["pattern"])[ipos],
+                         codes(HUES + (DRIFT_HUE,), it["hue"])[ipos], codes(PATTERNS, it["pattern"])[ipos],
                          codes(SHAPES, it["shape"])[ipos], codes(SCALES, it["scale"])[ipos])
 
 
@@ -304,7 +309,7 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _render_params(items: dict, seed: int) -> dict:
     rng = _rng(seed, _STREAM_RENDER)
     n = items["n"]
-    hue_deg = np.asarray(HUE_DEGREES)[items["hue"]] + rng.uniform(-10, 10, n)
+    hue_deg = np.asarray(HUE_DEGREES + (DRIFT_HUE_DEGREES,))[items["hue"]] + rng.uniform(-10, 10, n)
     fill = _hsv_to_rgb(hue_deg / 360.0, rng.uniform(0.55, 0.9, n), rng.uniform(0.7, 0.95, n))
     dark = rng.random(n) < 0.6
     pat = np.where(dark[:, None], fill * 0.45, fill * 0.35 + 0.65).astype(np.float32)
@@ -314,7 +319,7 @@ def _render_params(items: dict, seed: int) -> dict:
         cx=rng.uniform(-0.15, 0.15, n), cy=rng.uniform(-0.15, 0.15, n),
         radius=rng.uniform(0.52, 0.72, n), rot=np.deg2rad(rng.uniform(-25, 25, n)),
         prot=np.deg2rad(rng.uniform(-20, 20, n)), phase=rng.random((n, 2)),
-        bg=rng.uniform(0.80, 0.95, n),
+        bg=rng.uniform(0.80, 0.95, n) - DRIFT_BACKGROUND_SHIFT * (items["hue"] == len(HUES)),
         grad_angle=2 * np.pi * items["category"] / len(CATEGORIES) + rng.uniform(-0.2, 0.2, n),
     )
 
@@ -715,7 +720,7 @@ def _write_truth(truth_root: Path, items: dict, users: dict, dates: list[str]) -
     it = pa.table({
         "item_id": pa.array(items["item_id"], pa.string()),
         "category": pa.array(np.asarray(CATEGORIES, dtype=object)[items["category"]].tolist(), pa.string()),
-        "hue": pa.array(np.asarray(HUES, dtype=object)[items["hue"]].tolist(), pa.string()),
+        "hue": pa.array(np.asarray(HUES + (DRIFT_HUE,), dtype=object)[items["hue"]].tolist(), pa.string()),
         "pattern": pa.array(np.asarray(PATTERNS, dtype=object)[items["pattern"]].tolist(), pa.string()),
         "shape": pa.array(np.asarray(SHAPES, dtype=object)[items["shape"]].tolist(), pa.string()),
         "scale": pa.array(scale_names[items["scale"]].tolist(), pa.string()),
@@ -765,11 +770,14 @@ def _pick_bad_images(items: dict, cfg: dict, seed: int, rate: float, n_days: int
 def simulate(out_root: str | Path, images_root: str | Path, truth_root: str | Path, *, preset: str = "demo",
              seed: int = 7, start_date: str = "2026-11-20", days: int | None = None,
              malformed_rate: float | None = None, bad_image_rate: float | None = None,
-             image_px: int | None = None, progress: Callable[[str], None] | None = print) -> dict:
+             image_px: int | None = None, style_drift_from: str | None = None,
+             progress: Callable[[str], None] | None = print) -> dict:
     """Generate a seeded search log, catalog, images and truth tables; return the manifest.
 
     See the module docstring for the generative model and the layout. Deterministic for a given
-    (preset, seed, start_date, days, rates, image_px).
+    (preset, seed, start_date, days, rates, image_px, style_drift_from). ``style_drift_from`` (a date
+    after the first): the items first seen on or after it get the drift style (DRIFT_HUE on a dark
+    background), so that the feature refresh can be seen to detect drift; every other draw is unchanged.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
@@ -792,6 +800,11 @@ def simulate(out_root: str | Path, images_root: str | Path, truth_root: str | Pa
     t_all = time.perf_counter()
 
     items = _make_items(cfg, seed, n_days)
+    if style_drift_from is not None:
+        if style_drift_from not in dates[1:]:
+            raise ValueError(f"style_drift_from {style_drift_from!r} must be one of the simulated dates after the "
+                             f"first ({', '.join(dates[1:]) or 'none: simulate at least 2 days'})")
+        items["hue"] = np.where(items["first_day"] >= dates.index(style_drift_from), len(HUES), items["hue"])
     users = _make_users(cfg, seed)
     bad_images = _pick_bad_images(items, cfg, seed, img_rate, n_days)
     _say(progress, f"simulate: preset={preset} seed={seed} days={n_days} items={items['n']} users={users['n']}")
@@ -802,7 +815,7 @@ def simulate(out_root: str | Path, images_root: str | Path, truth_root: str | Pa
                       "items": int(items["n"]), "users": int(users["n"]), "image_px": px,
                       "malformed_rate": rate, "bad_image_rate": img_rate,
                       "categories": list(CATEGORIES), "click_model": dict(CLICK_MODEL),
-                      "taste_match_threshold": TASTE_MATCH_THRESHOLD}
+                      "taste_match_threshold": TASTE_MATCH_THRESHOLD, "style_drift_from": style_drift_from}
     part_lines = int(cfg["part_lines"])
     for d, date in enumerate(dates):
         t0 = time.perf_counter()
@@ -846,9 +859,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--malformed-rate", type=float)
     ap.add_argument("--bad-image-rate", type=float)
     ap.add_argument("--image-px", type=int)
+    ap.add_argument("--style-drift-from", help="date from which new items get an unseen visual style")
     a = ap.parse_args(argv)
     simulate(a.out, a.images, a.truth, preset=a.preset, seed=a.seed, start_date=a.start_date, days=a.days,
-             malformed_rate=a.malformed_rate, bad_image_rate=a.bad_image_rate, image_px=a.image_px)
+             malformed_rate=a.malformed_rate, bad_image_rate=a.bad_image_rate, image_px=a.image_px,
+             style_drift_from=a.style_drift_from)
     return 0
 
 

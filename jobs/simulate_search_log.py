@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.raw_root, cfg.images_root, cfg.truth_root,
         preset=args.preset or sim.preset, seed=args.seed if args.seed is not None else sim.seed,
         start_date=sim.start_date, days=sim.days, malformed_rate=sim.malformed_rate,
-        bad_image_rate=sim.bad_image_rate, image_px=sim.image_px,
+        bad_image_rate=sim.bad_image_rate, image_px=sim.image_px, style_drift_from=sim.style_drift_from,
         progress=lambda line: print(line, flush=True))
     dates = sorted(manifest["dates"])
     print(json.dumps({"dates": dates, "items": manifest["items"], "users": manifest["users"],
