@@ -1,7 +1,10 @@
 """The training reader of stage 2: a pinned ``courier_train`` snapshot -> batches of uint8 image tensors.
 
-Built on Petastorm's ``make_batch_reader`` (Parquet reads) and PIL (JPEG decoding). Only numpy and torch
-are imported at module level: no pyspark, mlflow or deltalake, so this runs on bare training workers.
+Parquet row groups are read with pyarrow through ``etl.fs`` (local paths, ``file://`` and the object
+store's ``s3a://`` / ``s3://`` URIs from the Delta log alike; the footers and columns it returns are what
+Petastorm's ``make_batch_reader`` returned for one row group) and JPEGs decoded with PIL. Only numpy and
+torch are imported at module level: no pyspark, mlflow, petastorm or deltalake, so this runs on bare
+training workers.
 
 Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_size)``)
 ------------------------------------------------------------------------------------
@@ -19,9 +22,8 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
 4. A rank's slices are grouped into windows of at least ``shuffle_rows`` rows; the rows of a window are
    permuted with a generator seeded by ``(seed, epoch, rank, window)`` (a bounded shuffle buffer whose
    content and order depend only on the footers), and batches are cut from the concatenated windows.
-5. Each slice is read by its own ``make_batch_reader`` over its one file, restricted to its one row group
-   (``cur_shard=row_group, shard_count=row_groups_in_file``), with the ``dummy`` pool: nothing depends on
-   thread timing. JPEG decoding runs in a thread pool whose workers write into disjoint slots of
+5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
+   are checked against the footer): nothing depends on thread timing. JPEG decoding runs in a thread pool whose workers write into disjoint slots of
    preallocated arrays (PIL releases the GIL while decoding), so the result does not depend on timing
    either. A background thread (``prefetch``) prepares the next batches while the caller trains.
 
@@ -172,7 +174,7 @@ class EpochPlan:
 
 
 def normalize_url(url: str) -> str:
-    """Absolute local paths become file:// URLs (petastorm needs a scheme); URLs pass through."""
+    """Absolute local paths become file:// URLs; URLs (file://, s3a://, s3://) pass through."""
     url = str(url)
     if "://" in url:
         return url
@@ -190,9 +192,10 @@ def _canonical(urls: Sequence[str]) -> tuple:
 def _footer(url: str) -> tuple:
     """Row counts of the row groups of one Parquet file, from its footer only."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
-    filesystem, path = pafs.FileSystem.from_uri(url)
+    from etl import fs
+
+    filesystem, path = fs.filesystem(url)
     with filesystem.open_input_file(path) as fh:
         meta = pq.ParquetFile(fh).metadata
         return tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
@@ -281,26 +284,45 @@ def _window_permutation(n: int, seed: int, epoch: int, rank: int, window: int) -
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading (petastorm) and decoding (PIL)
+# Reading (pyarrow, through etl.fs) and decoding (PIL)
 # --------------------------------------------------------------------------------------------------
-def _read_slice(s: Slice) -> dict:
-    """The COLUMNS of one slice as numpy arrays, read by petastorm from exactly one row group."""
-    from petastorm import make_batch_reader
+def _column_numpy(name: str, column) -> np.ndarray:
+    """One Arrow column as numpy the way petastorm's batch reader gives it: a list column (fixed
+    length, l_pv / l_click) is a (rows, length) matrix -- object dtype for the image bytes, so bytes are
+    never truncated to a fixed width -- and a string column an object array."""
+    import pyarrow as pa
 
-    quiet_petastorm_warnings()
+    values = column.to_pandas().values
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        try:
+            return np.vstack(values.tolist())
+        except ValueError:
+            lengths = sorted({len(v) for v in values if v is not None})
+            raise RuntimeError(f"list column {name} has rows of different lengths "
+                               f"{lengths[:5]}: courier_train pads to l_pv / l_click") from None
+    return values
+
+
+def _read_slice(s: Slice) -> dict:
+    """The COLUMNS of one slice as numpy arrays, read from exactly one row group of one file.
+
+    Read with pyarrow through ``etl.fs`` (local paths, file:// and s3a:// / s3:// alike). Petastorm
+    0.12.1 on pyarrow 14 reaches object stores only through fsspec's s3fs: its legacy ParquetDataset
+    refuses pyarrow.fs filesystems (``validate_schema`` "not supported with the new Dataset API"), and
+    this reader only ever asked it for one row group, which pyarrow reads directly."""
+    import pyarrow.parquet as pq
+
+    from etl import fs
+
     rg = s.row_group
-    shard = {"cur_shard": rg.index, "shard_count": rg.file_row_groups} if rg.file_row_groups > 1 else {}
-    parts = []
-    with make_batch_reader([rg.url], schema_fields=[f"^{c}$" for c in COLUMNS], reader_pool_type="dummy",
-                           shuffle_row_groups=False, shuffle_rows=False, num_epochs=1, **shard) as reader:
-        for b in reader:
-            parts.append({c: getattr(b, c) for c in COLUMNS})
-    got = sum(len(p["sample_id"]) for p in parts)
-    if got != rg.num_rows:  # a dropped or duplicated row group must never pass silently
-        raise RuntimeError(f"petastorm returned {got} rows for row group {rg.index} of {rg.url}, "
+    filesystem, path = fs.filesystem(rg.url)
+    with filesystem.open_input_file(path) as fh:
+        table = pq.ParquetFile(fh).read_row_group(rg.index, columns=list(COLUMNS))
+    if table.num_rows != rg.num_rows:  # a short or long read must never pass silently
+        raise RuntimeError(f"read {table.num_rows} rows from row group {rg.index} of {rg.url}, "
                            f"the footer says {rg.num_rows}")
-    cols = {c: (parts[0][c] if len(parts) == 1 else np.concatenate([p[c] for p in parts])) for c in COLUMNS}
-    return {c: v[s.start:s.stop] for c, v in cols.items()}
+    table = table.slice(s.start, s.num_rows).combine_chunks()
+    return {c: _column_numpy(c, table.column(c)) for c in COLUMNS}
 
 
 def _concat(chunks: list) -> dict:
