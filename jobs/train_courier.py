@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataclasses import asdict
 
+    from etl import fs
     from etl.config import flat_params, under_root
     from etl.spark import get_spark
     from etl.tables import TableStore
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.launch import evaluate_holdout, launch, register_encoder, run_marker, split_holdout
 
     t = cfg.train
+    fs.configure(fs.options_for(cfg))  # checkpoints_root may be an object store
     spark = get_spark(cfg, app_name=JOB)
     store = TableStore(spark, cfg)
     version = t.table_version if t.table_version is not None else store.version(TABLE)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or f"{t.method}-{t.backbone}-v{version}"
     checkpoint_dir = under_root(cfg.checkpoints_root, run_name)
     marker = run_marker(checkpoint_dir)
-    if args.skip_if_done and marker is not None and os.path.exists(os.path.join(checkpoint_dir, "done.json")):
+    if args.skip_if_done and marker is not None and fs.exists(fs.join(checkpoint_dir, "done.json")):
         print(f"[{JOB}] {run_name} already finished (MLflow run {marker['mlflow_run_id']}): nothing to do")
         if args.alias:  # an idempotent pipeline still ends with the alias on this run's encoder
             import mlflow
@@ -59,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             from etl.tracking import setup_mlflow
             from training.launch import MODEL_NAME
 
-            with open(os.path.join(checkpoint_dir, "done.json")) as fh:
-                done_version = json.load(fh)["model_version"]
+            done_version = json.loads(fs.read_text(fs.join(checkpoint_dir, "done.json")))["model_version"]
             setup_mlflow(cfg)
             mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, args.alias, str(done_version))
             print(f"[{JOB}] alias @{args.alias} -> courier-encoder v{done_version}", flush=True)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and marker is not None:
         raise SystemExit(f"{checkpoint_dir} already holds run {marker['mlflow_run_id']}: pass --resume to "
                          "continue it, or --run-name for a new run (nothing is overwritten)")
-    os.makedirs(checkpoint_dir, exist_ok=True)
+    fs.makedirs(checkpoint_dir)
     with start_run(cfg, run_name, tags={"courier.job": JOB}, run_id=marker and marker["mlflow_run_id"]) as run:
         import mlflow
 
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                             "throughput_images_per_s": result["images_per_s"]})
         version_info = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version,
                                         alias=args.alias)
-    with open(os.path.join(checkpoint_dir, "done.json"), "w") as fh:
-        json.dump({"mlflow_run_id": run.info.run_id, "model_version": version_info.version}, fh)
+    fs.write_text(fs.join(checkpoint_dir, "done.json"),
+                  json.dumps({"mlflow_run_id": run.info.run_id, "model_version": version_info.version}))
     print(f"[{JOB}] done: {result['steps']} steps ({result['skipped']} skipped), final loss "
           f"{result['losses'][-1] if result['losses'] else float('nan'):.4f}, "
           f"{result['images_per_s']:.1f} img/s; registered courier-encoder v{version_info.version}; "

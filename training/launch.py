@@ -6,9 +6,9 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 
+from etl import fs
 from etl.config import Config
 
 log = logging.getLogger(__name__)
@@ -19,16 +19,14 @@ STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: the enco
 
 def run_marker(checkpoint_dir: str) -> dict | None:
     """The run a checkpoint folder belongs to ({"mlflow_run_id": ...}), or None for a fresh folder."""
-    path = os.path.join(checkpoint_dir, "run.json")
-    if not os.path.exists(path):
+    path = fs.join(checkpoint_dir, "run.json")
+    if not fs.exists(path):
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    return json.loads(fs.read_text(path))
 
 
 def _write_marker(checkpoint_dir: str, run_id: str) -> None:
-    with open(os.path.join(checkpoint_dir, "run.json"), "w") as fh:
-        json.dump({"mlflow_run_id": run_id}, fh)
+    fs.write_text(fs.join(checkpoint_dir, "run.json"), json.dumps({"mlflow_run_id": run_id}))
 
 
 def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resume: bool):
@@ -38,9 +36,12 @@ def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resum
         urls=["file://" + f.uri if "://" not in f.uri else f.uri for f in files],
         train=dataclasses.asdict(cfg.train),
         l_pv=cfg.samples.l_pv, l_click=cfg.samples.l_click, image_px=cfg.samples.image_px,
-        checkpoint_dir=checkpoint_dir, result_path=os.path.join(checkpoint_dir, "result.json"),
+        checkpoint_dir=checkpoint_dir, result_path=fs.join(checkpoint_dir, "result.json"),
         resume=resume, mlflow_run_id=run_id, mlflow_tracking_uri=cfg.mlflow_tracking_uri,
-        total_rows=sum(f.num_records or 0 for f in files))
+        total_rows=sum(f.num_records or 0 for f in files),
+        # Executors on other machines reach the object store with the driver's settings, not their env.
+        storage=fs.options_for(cfg).as_dict() if any(fs.is_object_store(u) for u in
+                                                      [checkpoint_dir, *(f.uri for f in files)]) else None)
 
 
 def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: bool = False) -> dict:
@@ -51,8 +52,7 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
     _write_marker(checkpoint_dir, run_id)
     spec = dataclasses.asdict(make_spec(cfg, files, checkpoint_dir, run_id, resume))
     result_path = spec["result_path"]
-    if os.path.exists(result_path):
-        os.remove(result_path)
+    fs.remove(result_path)
     use_gpu = t.use_gpu
     if use_gpu is None:
         import torch
@@ -76,10 +76,9 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
         horovod.spark.run(train_fn, args=(spec,), num_proc=t.num_workers, use_gloo=True,
                           env={**os.environ})
     # TorchDistributor returns the last process's value, not rank 0's: rank 0 writes its own.
-    if not os.path.exists(result_path):
+    if not fs.exists(result_path):
         raise RuntimeError(f"training finished without a result from rank 0 ({result_path})")
-    with open(result_path) as fh:
-        return json.load(fh)
+    return json.loads(fs.read_text(result_path))
 
 
 def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int, alias: str | None = None):
@@ -90,10 +89,11 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
     import torchvision
 
     from training.courier import ImageEncoder
+    from training.train import load_state
 
     t = cfg.train
     encoder = ImageEncoder(t.backbone, dim=t.dim, proj_head=t.proj_head)
-    encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
+    encoder.load_state_dict(load_state(encoder_path))
     encoder.eval()
     info = mlflow.pytorch.log_model(
         encoder, name="encoder", registered_model_name=MODEL_NAME,
@@ -107,7 +107,7 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
     # version: a run that registers two encoders must not overwrite the first one's weights.
     state_artifact = STATE_ARTIFACT.format(version=version.version)
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
+        fs.copy_to_local(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
         mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
     for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
                        "method": t.method, "backbone": t.backbone, "image_px": str(cfg.samples.image_px),
@@ -135,12 +135,13 @@ def evaluate_holdout(cfg: Config, files, encoder_path: str | None) -> dict:
     from training.courier import ImageEncoder
     from training.evaluate import pv_ranking_auc
     from training.reader import iterate_batches
+    from training.train import load_state
 
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights the training started from
     encoder = ImageEncoder(t.backbone, dim=t.dim, proj_head=t.proj_head, pretrained_path=t.pretrained_path)
     if encoder_path:
-        encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
+        encoder.load_state_dict(load_state(encoder_path))
     urls = [f.uri if "://" in f.uri else "file://" + f.uri for f in files]
     batches = iterate_batches(urls, batch_size=64, rank=0, world_size=1, seed=0, epoch=0,
                               decode_threads=t.decode_threads, image_px=cfg.samples.image_px)

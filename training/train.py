@@ -12,11 +12,14 @@ Step semantics (every rank, every step, in lock-step):
    share of the global loss (see training/courier.py), so the backward is (loss * world_size);
 3. a non-finite loss on any rank skips the step on every rank (counted); `max_bad_steps` consecutive
    skips abort the run with an error.
+Files (checkpoints, metrics, the result) go through etl.fs: checkpoint_dir is a local folder or an
+s3a:// prefix alike; a worker on another machine reaches the object store with the spec's `storage`.
 Resume: the checkpoint holds model, optimizer, scaler and (epoch, batch index); randomness is seeded per step; the reader
 is deterministic for (seed, epoch, rank), so skipping the consumed batches continues the same run.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from etl import fs
 from training import distributed as dist
 from training.courier import CourierLossConfig, CourierModel, ImageEncoder
 
@@ -49,6 +53,7 @@ class TrainSpec:
     mlflow_tracking_uri: str | None = None
     total_rows: int = 0
     extra: dict = field(default_factory=dict)
+    storage: dict | None = None  # etl.fs.S3Options as a dict: executors need not share the driver's env
 
 
 # ---- small helpers ---------------------------------------------------------------------------------
@@ -108,33 +113,40 @@ def build_model(train: dict, gather, num_classes: int = 0):
     return CourierModel(encoder, loss_cfg, gather=gather)
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_state(obj, path: str) -> None:
+    """torch.save to a local path or an object-store URI, atomically (etl.fs.write_bytes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fs.write_bytes(path, buf.getvalue())
+
+
+def load_state(path: str):
+    """torch.load(weights_only=True) from a local path or an object-store URI: tensors and plain
+    containers only, nothing else is unpickled."""
+    return torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu", weights_only=True)
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:
-    path = os.path.join(checkpoint_dir, "last.pt")
-    return path if os.path.exists(path) else None
+    path = fs.join(checkpoint_dir, "last.pt")
+    return path if fs.exists(path) else None
 
 
 def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict) -> str:
-    os.makedirs(checkpoint_dir, exist_ok=True)
+    fs.makedirs(checkpoint_dir)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "position": {k: torch.tensor(v) for k, v in position.items()},
     }
-    path = os.path.join(checkpoint_dir, f"step-{position['global_step']:08d}.pt")
-    _atomic_save(state, path)
-    _atomic_save(state, os.path.join(checkpoint_dir, "last.pt"))
+    path = fs.join(checkpoint_dir, f"step-{position['global_step']:08d}.pt")
+    save_state(state, path)
+    save_state(state, fs.join(checkpoint_dir, "last.pt"))
     return path
 
 
 def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -142,7 +154,9 @@ def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
 
 
 class _Tracker:
-    """Rank 0's metrics: MLflow when a run id is given, a JSONL file always, a periodic progress line."""
+    """Rank 0's metrics: MLflow when a run id is given, a JSONL file always, a periodic progress line.
+    The JSONL lines are buffered and appended at each checkpoint and at the end (an object cannot be
+    appended to: each flush rewrites it, so flushing per step would be quadratic)."""
 
     def __init__(self, spec: TrainSpec, total_steps: int | None):
         self.enabled = dist.rank() == 0
@@ -156,7 +170,8 @@ class _Tracker:
             mlflow.set_tracking_uri(spec.mlflow_tracking_uri)
             self.mlflow = mlflow
             self.run_id = spec.mlflow_run_id
-        self.jsonl = open(os.path.join(spec.checkpoint_dir, "metrics.jsonl"), "a") if self.enabled else None
+        self.jsonl = fs.join(spec.checkpoint_dir, "metrics.jsonl") if self.enabled else None
+        self.pending: list[str] = []
 
     def step(self, step: int, metrics: dict, images: int, every: int) -> None:
         self.images += images
@@ -164,7 +179,7 @@ class _Tracker:
             return
         elapsed = time.perf_counter() - self.t0
         metrics = {**metrics, "images_per_s": self.images / max(elapsed, 1e-9)}
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.pending.append(json.dumps({"step": step, **metrics}) + "\n")
         if self.mlflow:
             self.mlflow.tracking.MlflowClient().log_batch(
                 self.run_id, metrics=[self.mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
@@ -176,9 +191,13 @@ class _Tracker:
             print(f"[train] step {step}{'/' + str(self.total) if self.total else ''} "
                   f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
 
+    def flush(self):
+        if self.jsonl and self.pending:
+            fs.append_text(self.jsonl, "".join(self.pending))
+            self.pending = []
+
     def close(self):
-        if self.jsonl:
-            self.jsonl.close()
+        self.flush()
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -187,6 +206,8 @@ def train_fn(spec_dict: dict) -> dict:
     from training.reader import iterate_batches
 
     spec = TrainSpec(**spec_dict)
+    if spec.storage is not None:
+        fs.configure(spec.storage)
     t = spec.train
     backend = t["backend"]
     dist.init(backend)
@@ -267,6 +288,7 @@ def train_fn(spec_dict: dict) -> dict:
             tracker.step(step, metrics, images * world, t["log_every"])
             if step % t["checkpoint_every"] == 0 and rank == 0:
                 save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
+                tracker.flush()
             if t["max_steps"] and step >= t["max_steps"]:
                 stop = True
                 break
@@ -278,12 +300,10 @@ def train_fn(spec_dict: dict) -> dict:
               "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
     if rank == 0:
         save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
-        encoder_path = os.path.join(spec.checkpoint_dir, "encoder.pt")  # the encoder alone, for stage 3
-        _atomic_save(raw_model.encoder.state_dict(), encoder_path)
+        encoder_path = fs.join(spec.checkpoint_dir, "encoder.pt")  # the encoder alone, for stage 3
+        save_state(raw_model.encoder.state_dict(), encoder_path)
         result["encoder_path"] = encoder_path
-        with open(spec.result_path + ".tmp", "w") as fh:
-            json.dump(result, fh)
-        os.replace(spec.result_path + ".tmp", spec.result_path)
+        fs.write_text(spec.result_path, json.dumps(result))
     # Free the model before tearing the group down: gloo can hang at exit otherwise (DESIGN.md).
     del model, raw_model, optimizer
     dist.shutdown(backend)

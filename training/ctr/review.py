@@ -18,8 +18,8 @@
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from dataclasses import dataclass, field
 
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
@@ -239,8 +239,10 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
     if store.exists("items"):
         cats = store.read("items").select("item_id", "category").toPandas().drop_duplicates("item_id")
         colourings["category"] = emb[["item_id"]].merge(cats, on="item_id", how="left")["category"].fillna("?").to_numpy()
-    truth = os.path.join(cfg.truth_root, "item_styles.parquet")
-    if os.path.exists(truth):
-        styles = pd.read_parquet(truth, columns=["item_id", "hue"])
+    from etl import fs
+
+    truth = fs.join(cfg.truth_root, "item_styles.parquet")  # local or on the object store
+    if fs.exists(truth):
+        styles = pd.read_parquet(io.BytesIO(fs.read_bytes(truth)), columns=["item_id", "hue"])
         colourings["hidden hue"] = emb[["item_id"]].merge(styles, on="item_id", how="left")["hue"].fillna("?").to_numpy()
     return np.stack(emb["embedding"].to_numpy()).astype(np.float32), colourings
