@@ -2,6 +2,9 @@
 
 Writes a seeded synthetic search log, item catalog and item images under the config's raw/images
 roots (and the hidden truth under truth_root), in the layout build_samples reads. See docs/simulator.md.
+
+Roots on an object store (s3a://...) are written the way other systems deliver logs there: the files
+are generated in a local staging folder and uploaded, file by file, to the same relative paths.
 """
 from __future__ import annotations
 
@@ -20,15 +23,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_job_config(args)
 
+    import tempfile
+
+    from etl import fs
     from etl.simulate import simulate
 
+    roots = {"raw": cfg.raw_root, "images": cfg.images_root, "truth": cfg.truth_root}
+    remote = {k: r for k, r in roots.items() if fs.is_object_store(r)}
+    staging = tempfile.TemporaryDirectory(prefix="courier-simulate-") if remote else None
+    local = {k: (os.path.join(staging.name, k) if k in remote else r) for k, r in roots.items()}
     sim = cfg.simulator
     manifest = simulate(
-        cfg.raw_root, cfg.images_root, cfg.truth_root,
+        local["raw"], local["images"], local["truth"],
         preset=args.preset or sim.preset, seed=args.seed if args.seed is not None else sim.seed,
         start_date=sim.start_date, days=sim.days, malformed_rate=sim.malformed_rate,
         bad_image_rate=sim.bad_image_rate, image_px=sim.image_px, style_drift_from=sim.style_drift_from,
         progress=lambda line: print(line, flush=True))
+    if remote:
+        options = fs.options_for(cfg)
+        for k, uri in remote.items():
+            n = fs.upload_tree(local[k], uri, options)
+            print(f"[simulate] uploaded {n} {k} file(s) to {uri}", flush=True)
+        staging.cleanup()
     dates = sorted(manifest["dates"])
     print(json.dumps({"dates": dates, "items": manifest["items"], "users": manifest["users"],
                       "raw_root": cfg.raw_root}, indent=2))

@@ -108,3 +108,15 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_upload_tree(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    files = {"top.txt": b"1", "a/x.bin": bytes(range(256)), "a/b/y.png": b"\x89PNG" * 1000}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    assert fs.upload_tree(str(src), fs.join(root, "up")) == 3
+    for rel, data in files.items():
+        assert fs.read_bytes(fs.join(root, "up", *rel.split("/"))) == data
+    assert fs.list_names(fs.join(root, "up")) == ["a", "top.txt"]
