@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline, end to end, on the embedded default (conf/local.yaml unless COURIER_CONF is set):
+# The whole pipeline, end to end, on the embedded default (conf/local.yaml unless COURIER_CONF is set;
+# the config's spark.master and driver_memory are what spark-submit is given, so the same script runs on
+# local[*] and on a cluster, e.g. COURIER_CONF=conf/cluster.local.yaml after scripts/cluster_up.sh):
 #   1. simulate a search log (preset from the config; COURIER_PRESET overrides)
 #   2. spark-submit jobs/build_samples.py over every simulated date
 #   3. spark-submit jobs/train_courier.py on the latest courier_train version (-> courier-encoder@champion)
@@ -22,11 +24,28 @@ sim_args=()
 echo "== 1/7 simulate search log =="
 "$PY" jobs/simulate_search_log.py --conf "$CONF" "${sim_args[@]}"
 
-raw_root="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).raw_root)' "$CONF")"
-read -r first last < <("$PY" -c 'import json,sys; d=sorted(json.load(open(sys.argv[1]))["dates"]); print(d[0], d[-1])' "$raw_root/manifest.json")
+conf_value() {  # one value of the loaded config (paths resolved, validated): conf_value spark.master
+  "$PY" -c 'import sys; from etl.config import load_config
+c = load_config(sys.argv[1])
+print({"spark.master": c.spark.master, "spark.driver_memory": c.spark.driver_memory, "raw_root": c.raw_root,
+       "spark.jars": c.spark.conf.get("spark.jars", ""),
+       "tables_root": c.tables_root, "mlflow_tracking_uri": c.mlflow_tracking_uri}[sys.argv[2]])' "$CONF" "$1"
+}
+raw_root="$(conf_value raw_root)"
+# The manifest may lie on an object store (s3a://): read it through the project's storage layer.
+read -r first last < <("$PY" -c 'import json, sys
+from etl import fs
+from etl.config import load_config
+fs.configure(fs.options_for(load_config(sys.argv[1])))
+d = sorted(json.loads(fs.read_text(sys.argv[2]))["dates"]); print(d[0], d[-1])' "$CONF" "$raw_root/manifest.json")
+MASTER="$(conf_value spark.master)"; DRIVER_MEMORY="$(conf_value spark.driver_memory)"
+JARS="$(conf_value spark.jars)"
+echo "Spark master: $MASTER (spark.master in $CONF)"
 
-submit() {  # spark-submit a job with the project's logging config
-  "$VENV/bin/spark-submit" --master "local[*]" --driver-memory 4g \
+submit() {  # spark-submit a job with the config's master, driver memory and jars, and the project's logging
+  # config. The jars (e.g. Delta, hadoop-aws) go on the command line: set later, in the session, they would
+  # reach the executors but not the driver's class path, which opens s3a:// itself.
+  "$VENV/bin/spark-submit" --master "$MASTER" --driver-memory "$DRIVER_MEMORY" ${JARS:+--jars "$JARS"} \
     --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" "$@"
 }
 
@@ -74,12 +93,16 @@ if [ -z "$champion" ]; then  # a fresh registry: the baseline becomes the first 
 fi
 review --version "$challenger"
 
-tables_root="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).tables_root)' "$CONF")"
-uri="$("$PY" -c 'import sys; from etl.config import load_config; print(load_config(sys.argv[1]).mlflow_tracking_uri)' "$CONF")"
+tables_root="$(conf_value tables_root)"
+uri="$(conf_value mlflow_tracking_uri)"
+case "$uri" in
+  http://*|https://*) ui="$uri (the tracking server's own UI)" ;;
+  *) ui="$VENV/bin/mlflow ui --backend-store-uri $uri --host 127.0.0.1 --port 5000" ;;
+esac
 cat <<MSG
 
 Done. Tables (Delta): $tables_root
-MLflow UI:  $VENV/bin/mlflow ui --backend-store-uri $uri --host 127.0.0.1 --port 5000
+MLflow UI:  $ui
             (experiment "courier": runs of every stage; Models: courier-encoder, courier-clusters, ctr-model;
              the review report is the review/review.md artifact of the latest review run)
 MSG
