@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,6 +434,36 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     return raw
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, key: str, environ: Mapping[str, str]) -> Any:
+    """Replace ``${NAME}`` (or ``${NAME:-default}``) in string values with environment variables, so a
+    config can point at services whose endpoints are chosen at start (conf/cluster.local.yaml and the
+    cluster.env of scripts/cluster_up.sh) without any secret in the file. A variable that is not set and
+    has no default is an error naming the key and the variable."""
+    if isinstance(node, Mapping):
+        return {k: _interpolate(v, f"{key}.{k}" if key else str(k), environ) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{key}[{i}]", environ) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def value(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{key}: environment variable {name} is not set (the value is {node!r}); "
+                          f"for conf/cluster.local.yaml, `source <run dir>/cluster.env` first")
+
+    out = _ENV_REF.sub(value, node)
+    if "${" in out:
+        raise ConfigError(f"{key}: malformed ${{...}} reference in {node!r}")
+    return out
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> Config:
     """Load, merge overrides into, resolve and validate a config file. Raises ConfigError."""
     path = Path(path)
@@ -444,6 +475,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> Co
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = _deep_merge(raw, overrides or {})
     raw.pop("source", None)
+    raw = _interpolate(raw, "", os.environ)
     raw = _resolve_paths(raw, path.parent.resolve())
     cfg = _build(Config, raw, "")
     cfg = dataclasses.replace(cfg, source=str(path.resolve()))

@@ -45,17 +45,37 @@ def uses_native_delta(cfg: Config) -> bool:
     return cfg.tables.engine == "auto" and delta_jars_present(cfg.spark.conf)
 
 
+# Settings the driver JVM reads only at launch: given later (on the builder) they are silently ignored.
+# The jars must be on the driver's class path from the start (the s3a file system and the Delta
+# extension are looked up by class name when the session starts).
+_LAUNCH_ONLY = ("spark.driver.memory", "spark.driver.extraJavaOptions", "spark.driver.extraClassPath",
+                "spark.jars", "spark.jars.packages", "spark.jars.repositories", "spark.jars.ivy",
+                "spark.driver.host", "spark.driver.bindAddress")
+
 _LOG4J = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
+
+
+def check_endpoints(cfg: Config) -> None:
+    """Fail within seconds, naming the endpoint, when the configured S3A endpoint does not answer
+    (S3A would retry its calls for minutes)."""
+    from etl.services import check_tcp
+
+    endpoint = cfg.spark.conf.get("spark.hadoop.fs.s3a.endpoint")
+    if endpoint:
+        check_tcp("S3 endpoint (spark.hadoop.fs.s3a.endpoint)", str(endpoint))
 
 
 def get_spark(cfg: Config, app_name: str | None = None):
     """Start (or join, under spark-submit) the session with the project's settings."""
     check_java()
+    check_endpoints(cfg)
     # Executors must run this very interpreter (the project's virtualenv), not whatever is on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark import SparkConf as JSparkConf, SparkContext
     from pyspark.sql import SparkSession
+
+    from etl.services import check_spark_master
 
     launch = {}
     launches_jvm = SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ
@@ -65,11 +85,12 @@ def get_spark(cfg: Config, app_name: str | None = None):
         # silently ignored and the driver ran with Spark's default 1g heap whatever driver_memory said.
         # The master too: the launcher otherwise records its own default (local[*]) as if submitted.
         launch["spark.master"] = cfg.spark.master
+        # A dead standalone master: Spark would retry registering for minutes before giving up.
+        check_spark_master(cfg.spark.master)
         launch["spark.driver.memory"] = cfg.spark.driver_memory
         if os.path.exists(_LOG4J):
             launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
-        launch.update({k: str(v) for k, v in cfg.spark.conf.items()
-                       if k in ("spark.driver.memory", "spark.driver.extraJavaOptions")})
+        launch.update({k: str(v) for k, v in cfg.spark.conf.items() if k in _LAUNCH_ONLY})
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()

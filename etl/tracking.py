@@ -11,12 +11,26 @@ from etl.config import Config, is_uri
 log = logging.getLogger(__name__)
 
 
+def check_tracking_endpoints(cfg: Config) -> None:
+    """A tracking server URI must answer, and so must the S3 endpoint of an s3:// artifact root, within
+    seconds: MLflow's and boto3's own retries would take minutes to report a stopped server."""
+    from etl.services import check_http_health, check_tcp
+
+    uri = cfg.mlflow_tracking_uri
+    if uri.startswith(("http://", "https://")):
+        check_http_health("MLflow tracking server (mlflow.tracking_uri)", uri)
+    s3_endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if cfg.mlflow_artifact_root.startswith("s3://") and s3_endpoint:
+        check_tcp("S3 endpoint of the MLflow artifact root (MLFLOW_S3_ENDPOINT_URL)", s3_endpoint)
+
+
 def setup_mlflow(cfg: Config) -> str:
     """Set the tracking URI, make sure the experiment exists with its artifact root; return its id."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     import mlflow
 
     uri = cfg.mlflow_tracking_uri
+    check_tracking_endpoints(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

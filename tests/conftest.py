@@ -13,6 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ("cluster_services",)  # the `cluster_services` fixture (tests marked `cluster`)
+
 
 def write_config(tmp_path: Path, overrides: dict | None = None) -> Path:
     """A config file whose data root is tmp_path/data (tiny Spark, few partitions)."""
