@@ -47,3 +47,44 @@ def test_paths_from_data_stay_under_their_root(tmp_path):
     for bad in ("../x.png", "/etc/passwd", "a/../../x"):
         with pytest.raises(ConfigError):
             under_root(str(tmp_path), bad)
+
+
+def test_environment_references_are_interpolated(tmp_path, monkeypatch):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("paths:\n  data_root: s3a://${T_BUCKET}/courier\n"
+                    "spark:\n  master: ${T_MASTER:-local[2]}\n  conf:\n    spark.hadoop.fs.s3a.endpoint: http://${T_HOST}:9\n"
+                    "mlflow:\n  tracking_uri: ${T_MLFLOW}\n")
+    monkeypatch.setenv("T_BUCKET", "b-1")
+    monkeypatch.setenv("T_HOST", "127.0.0.1")
+    monkeypatch.setenv("T_MLFLOW", "http://127.0.0.1:5999")
+    monkeypatch.delenv("T_MASTER", raising=False)
+    cfg = load_config(conf)
+    assert cfg.tables_root == "s3a://b-1/courier/tables"
+    assert cfg.spark.master == "local[2]"  # the default after :-
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9"
+    assert cfg.mlflow_tracking_uri == "http://127.0.0.1:5999"
+    monkeypatch.setenv("T_MASTER", "spark://127.0.0.1:7077")
+    assert load_config(conf).spark.master == "spark://127.0.0.1:7077"
+    # --set values are interpolated too
+    assert load_config(conf, parse_overrides(["paths.raw_root=s3a://${T_BUCKET}/raw"])).raw_root == "s3a://b-1/raw"
+    monkeypatch.delenv("T_BUCKET")
+    with pytest.raises(ConfigError, match=r"paths.data_root: environment variable T_BUCKET is not set"):
+        load_config(conf)
+
+
+def test_cluster_local_config_needs_the_cluster_env(monkeypatch):
+    names = ("COURIER_BUCKET", "SPARK_MASTER_URL", "COURIER_SPARK_CLASSPATH", "COURIER_S3_ENDPOINT",
+             "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+    for n in names:
+        monkeypatch.delenv(n, raising=False)
+    with pytest.raises(ConfigError, match="is not set"):
+        load_config(ROOT / "conf" / "cluster.local.yaml")
+    for n, v in zip(names, ("b", "spark://127.0.0.1:7", "/jars/*", "http://127.0.0.1:8", "us-east-1",
+                            "http://127.0.0.1:9")):
+        monkeypatch.setenv(n, v)
+    cfg = load_config(ROOT / "conf" / "cluster.local.yaml")
+    assert cfg.tables.engine == "spark-delta" and cfg.spark.master == "spark://127.0.0.1:7"
+    roots = [cfg.raw_root, cfg.images_root, cfg.tables_root, cfg.checkpoints_root, cfg.truth_root]
+    assert all(r.startswith("s3a://b/") for r in roots), roots
+    assert cfg.mlflow_artifact_root == "s3://b/mlflow/artifacts"
+    assert cfg.spark.conf["spark.executor.extraClassPath"] == "/jars/*"
