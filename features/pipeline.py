@@ -456,6 +456,25 @@ def _champion_version(ref: str) -> str | None:
         return None
 
 
+def refresh_status(r: Report) -> dict:
+    """The refresh's one-line status for schedulers and operators: new items (assigned / without a usable
+    image), the drift share and whether a re-cluster is due, and the table versions committed."""
+    drift = r.info.get("drift") or {}
+    return {"date": r.info.get("date"), "feature_version": r.info.get("feature_version"),
+            "new_items": r.counts.get("new_items", 0), "new_assigned": r.counts.get("new_assigned", 0),
+            "new_no_image": r.counts.get("new_no_image", 0), "drift_far_share": drift.get("far_share"),
+            "recluster_due": bool(r.info.get("recluster_due", False)),
+            "committed": dict(r.versions), "noop": not r.versions}
+
+
+def render_status(status: dict) -> str:
+    share = status["drift_far_share"]
+    drift = "n/a" if share is None else f"{share:.1%}{' RE-CLUSTER DUE' if status['recluster_due'] else ''}"
+    committed = ", ".join(f"{t} v{v}" for t, v in status["committed"].items()) or "nothing (no-op)"
+    return (f"{status['date']} items new={status['new_items']} assigned={status['new_assigned']} "
+            f"no_image={status['new_no_image']} drift={drift} committed: {committed}")
+
+
 def log_report(r: Report) -> None:
     """Counts as metrics, table versions and the feature version as tags, the report as an artifact."""
     import mlflow

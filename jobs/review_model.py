@@ -8,9 +8,12 @@ artifacts of an MLflow run and prints a one-screen summary.
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
 mismatched snapshots, no champion without --allow-first, too few eval rows, unknown version).
+With --status-file (schedulers): the decision is written there as one JSON line and the exit status is
+0 whenever the review reached a decision, so that a crash (non-zero) is never mistaken for a rejection.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default=None, help="challenger version (default: the latest ctr-model version)")
     p.add_argument("--allow-first", action="store_true", help="promote the challenger when no @champion exists yet")
     p.add_argument("--no-tsne", action="store_true", help="leave the item-embedding t-SNE out of the report")
+    p.add_argument("--status-file", default=None,
+                   help="write the decision as one JSON line here and exit 0 on any decision (for schedulers)")
     args = p.parse_args(argv)
     cfg = load_job_config(args)
 
@@ -40,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
                                     with_tsne=not args.no_tsne)
     finally:
         spark.stop()
+    if args.status_file:
+        with open(args.status_file, "w") as fh:
+            fh.write(json.dumps({"decision": outcome.decision, "challenger": outcome.challenger,
+                                 "champion_before": outcome.champion, "reasons": outcome.reasons}) + "\n")
+        return 0
     return outcome.exit_code
 
 
