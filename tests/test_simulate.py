@@ -275,3 +275,28 @@ def test_presets_and_arguments():
     assert b["days"] == 1 and b["users"] * b["pvs_per_user_day"] * b["page_size"] >= 5_000_000
     with pytest.raises(ValueError):
         S.simulate("x", "y", "z", preset="huge", progress=None)
+
+
+def test_style_drift_changes_only_the_new_items_of_the_drift_dates(runs, tmp_path):
+    base, manifest, _, _ = runs
+    drift = tmp_path / "drift"
+    out = _run(drift, style_drift_from=manifest["start_date"][:8] + "22")
+    assert out["style_drift_from"] == "2026-11-22"
+    styles = pd.read_parquet(drift / "truth" / "item_styles.parquet")
+    plain = pd.read_parquet(base / "truth" / "item_styles.parquet")
+    drifted = styles["first_seen_dt"] >= "2026-11-22"
+    assert drifted.sum() == 15 and (styles.loc[drifted, "hue"] == S.DRIFT_HUE).all()
+    assert (styles.loc[~drifted, "hue"] == plain.loc[~drifted, "hue"]).all()  # every other draw unchanged
+    assert S.DRIFT_HUE not in set(plain["hue"])
+    # Before the drift date the files are byte for byte the undrifted run's; the drifted images are darker.
+    a, b = _tree_hash(base / "raw"), _tree_hash(drift / "raw")
+    earlier = [k for k in a if "2026-11-22" not in k and k != "manifest.json"]
+    assert earlier and {k: a[k] for k in earlier} == {k: b[k] for k in earlier}
+    ids = styles.loc[drifted, "item_id"]
+    same = [i for i in styles.loc[~drifted, "item_id"] if (base / "images" / f"{i}.png").exists()]
+    assert all((base / "images" / f"{i}.png").read_bytes() == (drift / "images" / f"{i}.png").read_bytes() for i in same)
+    lum = [np.asarray(Image.open(drift / "images" / f"{i}.png").convert("L")).mean()
+           for i in ids if (drift / "images" / f"{i}.png").exists()]
+    assert lum and max(lum) < 110  # dark background (undrifted: grey level 0.80-0.95 of 255)
+    with pytest.raises(ValueError, match="style_drift_from"):
+        _run(tmp_path / "bad", style_drift_from="2026-11-20")  # the first date has no new items to drift
