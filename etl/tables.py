@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Mapping
@@ -29,6 +31,30 @@ _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class TableError(RuntimeError):
     pass
+
+
+class CommitConflict(TableError):
+    """A commit kept conflicting with concurrent writers' commits (after COMMIT_ATTEMPTS tries)."""
+
+
+COMMIT_ATTEMPTS = 4  # tries of one commit that loses races to concurrent writers (see _retry_conflicts)
+# Delta's commit-conflict exceptions: delta-rs raises CommitFailedError (or a "table already exists" on a
+# racing create); delta-spark's come through py4j named by their Java class.
+_CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
+                     "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+                     "ConcurrentWriteException", "MetadataChangedException", "ProtocolChangedException",
+                     "DeltaConcurrentModificationException")
+
+
+def _is_commit_conflict(e: BaseException) -> bool:
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    if isinstance(e, CommitFailedError):
+        return True
+    if isinstance(e, DeltaError) and "already exists" in str(e):
+        return True
+    text = f"{type(e).__name__} {e}"
+    return any(m in text for m in _CONFLICT_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -155,8 +181,9 @@ class TableStore:
             for c, v in partition.items():
                 data = data.withColumn(c, F.lit(v))
             where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
-            (data.write.format("delta").mode("overwrite").option("replaceWhere", where)
-             .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name)))
+            self._retry_conflicts(name, lambda: (
+                data.write.format("delta").mode("overwrite").option("replaceWhere", where)
+                .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
             return self.version(name)
         rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
         adds = self._write_files(data, name, rel_dir, partition)
@@ -187,9 +214,10 @@ class TableStore:
                 data = data.withColumn(c, F.lit(v))
             where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
                                  [f"{by} IN ({', '.join(repr(v) for v in values)})"])
-            (data.select(*[c for c in data.columns if c not in cols], *cols).write.format("delta")
-             .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
-             .partitionBy(*cols).save(self.path(name)))
+            self._retry_conflicts(name, lambda: (
+                data.select(*[c for c in data.columns if c not in cols], *cols).write.format("delta")
+                .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
+                .partitionBy(*cols).save(self.path(name))))
             return self.version(name)
         run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
         adds = self._write_files(data, name, run_dir, fixed, by=by)
@@ -205,8 +233,9 @@ class TableStore:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
         meta = {"job": job, "run_id": run_id}
         if self.native:
-            (df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-             .option("userMetadata", json.dumps(meta)).save(self.path(name)))
+            self._retry_conflicts(name, lambda: (
+                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+                .option("userMetadata", json.dumps(meta)).save(self.path(name))))
             return self.version(name)
         adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
         self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
@@ -257,7 +286,31 @@ class TableStore:
         fields += [pa.field(c, pa.string(), True) for c in partition_cols]
         return pa.schema(fields)
 
+    def _retry_conflicts(self, name: str, commit):
+        """Run `commit` (a write that ends in one Delta commit); when it loses a race with another
+        writer's commit to the same table, run it again, at most COMMIT_ATTEMPTS times in all.
+        Both engines already fold in concurrent commits that do not conflict (e.g. replaces of other
+        partitions); what reaches here is a real conflict (same partition, a concurrent create), and
+        running the whole write again on the new table state is correct for a replace."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                return commit()
+            except Exception as e:  # noqa: BLE001 - only commit conflicts are retried; the rest re-raise
+                if not _is_commit_conflict(e):
+                    raise
+                first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                if attempt == COMMIT_ATTEMPTS:
+                    raise CommitConflict(f"table {name!r}: the commit conflicted with concurrent writers "
+                                         f"{attempt} times; giving up: {first_line}") from e
+                log.warning("table %r: commit conflicted with a concurrent writer (attempt %d of %d), "
+                            "retrying: %s", name, attempt, COMMIT_ATTEMPTS, first_line)
+                time.sleep(0.2 * attempt + random.random() * 0.3)  # de-synchronise the racing writers
+
     def _commit(self, name, adds, schema, partition_cols, partition_filters, meta):
+        self._retry_conflicts(name, lambda: self._commit_once(name, adds, schema, partition_cols,
+                                                             partition_filters, meta))
+
+    def _commit_once(self, name, adds, schema, partition_cols, partition_filters, meta):
         from deltalake import DeltaTable, Schema
         from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
