@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
+from s3_server import s3_server  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 D0, NEW_DATES = "2026-11-20", ["2026-11-21", "2026-11-22", "2026-11-23", "2026-11-24"]
@@ -175,3 +176,46 @@ def test_delta_spark_concurrent_partition_replaces_all_land(tmp_path):
 
 if __name__ == "__main__":
     native_main(Path(sys.argv[1]))
+
+
+def test_delta_rs_commits_race_safely_on_the_object_store(s3_server):
+    """The store gives delta-rs the put-if-absent its S3 commits rely on (no lock service configured):
+    a second `If-None-Match: *` put of a key is refused, and eight appends released together each land
+    as their own version, none lost."""
+    import threading
+
+    import boto3
+    import pyarrow as pa
+    from botocore.exceptions import ClientError
+    from deltalake import DeltaTable, write_deltalake
+
+    o = s3_server.options
+    s3 = boto3.client("s3", endpoint_url=o.endpoint, region_name=o.region, aws_access_key_id=o.access_key,
+                      aws_secret_access_key=o.secret_key)
+    s3.put_object(Bucket=s3_server.bucket, Key="cas/k", Body=b"first", IfNoneMatch="*")
+    with pytest.raises(ClientError, match="PreconditionFailed"):
+        s3.put_object(Bucket=s3_server.bucket, Key="cas/k", Body=b"second", IfNoneMatch="*")
+    assert s3.get_object(Bucket=s3_server.bucket, Key="cas/k")["Body"].read() == b"first"
+
+    opts = {"AWS_ENDPOINT_URL": o.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": o.region,
+            "AWS_ACCESS_KEY_ID": o.access_key, "AWS_SECRET_ACCESS_KEY": o.secret_key}
+    uri = f"s3://{s3_server.bucket}/race/t"
+    write_deltalake(uri, pa.table({"x": [0]}), storage_options=opts)
+    n, errors = 8, []
+    barrier = threading.Barrier(n)
+
+    def append(i):
+        barrier.wait()
+        try:
+            write_deltalake(uri, pa.table({"x": [i + 1]}), mode="append", storage_options=opts)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e)[:300])
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    table = DeltaTable(uri, storage_options=opts)
+    assert errors == [] and table.version() == n
+    assert sorted(table.to_pyarrow_dataset().to_table().column("x").to_pylist()) == list(range(n + 1))
