@@ -28,7 +28,6 @@ conf_value() {  # one value of the loaded config (paths resolved, validated): co
   "$PY" -c 'import sys; from etl.config import load_config
 c = load_config(sys.argv[1])
 print({"spark.master": c.spark.master, "spark.driver_memory": c.spark.driver_memory, "raw_root": c.raw_root,
-       "spark.jars": c.spark.conf.get("spark.jars", ""),
        "tables_root": c.tables_root, "mlflow_tracking_uri": c.mlflow_tracking_uri}[sys.argv[2]])' "$CONF" "$1"
 }
 raw_root="$(conf_value raw_root)"
@@ -39,13 +38,23 @@ from etl.config import load_config
 fs.configure(fs.options_for(load_config(sys.argv[1])))
 d = sorted(json.loads(fs.read_text(sys.argv[2]))["dates"]); print(d[0], d[-1])' "$CONF" "$raw_root/manifest.json")
 MASTER="$(conf_value spark.master)"; DRIVER_MEMORY="$(conf_value spark.driver_memory)"
-JARS="$(conf_value spark.jars)"
+# The config's settings the driver JVM reads only at launch (jars, class path, driver host ...): given on
+# the command line, because set later, in the session, the Delta and S3A classes would not be on the
+# driver's class path (etl/spark.py lists them; it gives them itself when it launches the JVM).
+launch_conf=()
+while IFS= read -r kv; do [ -n "$kv" ] && launch_conf+=(--conf "$kv"); done < <("$PY" -c 'import sys
+import etl.spark as S
+from etl.config import load_config
+conf = load_config(sys.argv[1]).spark.conf
+keys = getattr(S, "_LAUNCH_ONLY", ("spark.jars", "spark.jars.packages", "spark.driver.extraClassPath"))
+for k in keys:
+    if k in conf and k not in ("spark.driver.memory", "spark.driver.extraJavaOptions"):
+        print(f"{k}={conf[k]}")' "$CONF")
 echo "Spark master: $MASTER (spark.master in $CONF)"
 
-submit() {  # spark-submit a job with the config's master, driver memory and jars, and the project's logging
-  # config. The jars (e.g. Delta, hadoop-aws) go on the command line: set later, in the session, they would
-  # reach the executors but not the driver's class path, which opens s3a:// itself.
-  "$VENV/bin/spark-submit" --master "$MASTER" --driver-memory "$DRIVER_MEMORY" ${JARS:+--jars "$JARS"} \
+submit() {  # spark-submit a job with the config's master, driver memory and launch settings, and the
+  # project's logging config
+  "$VENV/bin/spark-submit" --master "$MASTER" --driver-memory "$DRIVER_MEMORY" ${launch_conf[@]+"${launch_conf[@]}"} \
     --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" "$@"
 }
 
