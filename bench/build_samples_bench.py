@@ -136,11 +136,12 @@ def run_build(spark, cfg, tables_root: Path, label: str) -> dict:
     cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, tables_root=str(tables_root)))
     store = TableStore(spark, cfg)
     marks: list[tuple[str, float, int]] = []
-    line_re = re.compile(r"^\s*\S+ (\w+): v\d+, (\d+) rows")
+    line_re = re.compile(r"^\s*\S+ (\w+): staged (\d+) rows")
 
-    def progress(line: str) -> None:  # the job's own per-table callback (it also lists the commit's files)
+    def progress(line: str) -> None:  # the job's own per-table callback (staged rows, from the files' stats)
         m = line_re.match(line)
-        marks.append((m.group(1) if m else line.strip(), time.perf_counter(), int(m.group(2)) if m else 0))
+        if m:  # gather/verify/commit lines: their time falls into the next table's / "counts"
+            marks.append((m.group(1), time.perf_counter(), int(m.group(2))))
 
     t0 = time.perf_counter()
     try:

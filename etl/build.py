@@ -1,10 +1,15 @@
-"""Stage 1 orchestration: one date of raw log -> the Delta tables, with a report whose counts add up.
+"""Stage 1 orchestration: one date of raw log -> the Delta tables, verified before they are published.
 
-The job (`jobs/build_samples.py`) is a thin wrapper around `build_date`. All row work runs in Spark;
-the driver only collects small per-reason counts.
+`build_date` reads as: gather the inputs (every file read or reported, earlier dates published, a
+fingerprint) -> stop when the fingerprint equals the published one (`unchanged`) -> compute (every
+table's rows staged as uncommitted files, counts taken) -> verify (every identity, with counts
+anchored outside the code they check) -> commit (all tables of the date published as a unit, see
+etl.publish). A date that does not add up commits nothing. All row work runs in Spark; the driver
+collects per-reason counts, file listings and today's image paths.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -18,57 +23,92 @@ from pyspark.sql import functions as F
 
 from etl import samples as S
 from etl.config import Config, under_root
-from etl.spark import list_dir, path_exists
+from etl.inputs import (InputError, discover, fingerprint, glob_escape, plan_images, read_image_files,
+                        scan_files)
+from etl.publish import STAGE1_TABLES, PublishError, PublishLog, pause_hook, recover
+from etl.spark import list_dir
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)
 
 JOB = "build_samples"
-QUARANTINE_COLUMNS = ("source", "reason", "raw", "event_id", "job_run_id")
+QUARANTINE_COLUMNS = ("source", "reason", "detail", "raw", "raw_b64", "event_id", "job_run_id")
+# Part of every date's fingerprint: bump it when a rule changes what the same input builds.
+RULES_VERSION = 2
+# Keys whose duplicates in a staged table name the offending ids when a count does not add up.
+TABLE_KEYS = {"pv_samples": ("pv_id",), "ctr_log": ("pv_id", "item_id"), "courier_train": ("pv_id",),
+              "items": ("item_id",), "item_images": ("item_id",)}
+
+__all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "date_range",
+           "report_json"]
 
 
-class InputError(RuntimeError):
-    """The input a job was asked to read is not there (with the path that was looked for)."""
+class VerifyError(RuntimeError):
+    """A date's counts do not add up; nothing of it was committed."""
 
 
 @dataclass
 class DateReport:
     dt: str
+    status: str = "built"  # built | unchanged
     counts: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    note: str = ""
 
     def identities(self) -> list[tuple[str, int, int]]:
         """(name, left, right) for each accounting identity; left == right when nothing was lost."""
+        if self.status != "built":
+            return []
         c = self.counts
         q = c["quarantine"]
+        t = c["table_rows"]
+        qt = c["quarantine_table"]
+        keys = sorted({(s, r) for s in q for r in q[s]} | {(s, r) for s in qt for r in qt[s]})
+        agree = sum(q.get(s, {}).get(r, 0) == qt.get(s, {}).get(r, 0) for s, r in keys)
         return [
+            ("raw_lines(files) = raw_rows(parsed)", c["raw_lines"], c["raw_rows"]),
             ("raw_rows = valid_pv + valid_click + quarantined(search_log)",
              c["raw_rows"], c["valid_pv"] + c["valid_click"] + sum(q["search_log"].values())),
             ("valid_pv = pv_samples + dropped(no_positive, no_history)",
              c["valid_pv"], c["pv_samples"] + sum(c["pv_dropped"].values())),
-            ("impressions = ctr_log + neg_downsampled",
-             c["impressions"], c["ctr_log"] + c["neg_downsampled"]),
+            ("impressions = ctr_log(table) + neg_downsampled",
+             c["impressions"], t["ctr_log"] + c["neg_downsampled"]),
             ("impressions(kept PVs) = pv_items + neg_downsampled(kept PVs) + trimmed",
              c["kept_pv_impressions"], c["pv_items"] + c["kept_pv_neg_downsampled"] + c["trimmed"]),
             ("valid_click = positive impressions",
              c["valid_click"], c["positive_impressions"]),
+            ("catalog_lines(files) = catalog_rows(parsed)", c["catalog_lines"], c["catalog_rows"]),
             ("catalog_rows = items + quarantined(catalog)",
              c["catalog_rows"], c["items"] + sum(q["catalog"].values())),
             ("items = item_images + quarantined(image)",
              c["items"], c["item_images"] + sum(q["image"].values())),
             ("pv_samples = courier_train + dropped(no_positive_image, no_history_image)",
              c["pv_samples"], c["courier_train"] + sum(c["train_dropped"].values())),
+            ("pv_samples(table) = pv_samples", t["pv_samples"], c["pv_samples"]),
+            ("courier_train(table) = courier_train", t["courier_train"], c["courier_train"]),
+            ("items(table) = items", t["items"], c["items"]),
+            ("item_images(table) = item_images", t["item_images"], c["item_images"]),
+            ("quarantine(table) = quarantined(all sources)",
+             t["quarantine"], sum(n for reasons in q.values() for n in reasons.values())),
+            ("quarantine(table) by (source, reason) = quarantined: reasons that agree", len(keys), agree),
         ]
 
+    def mismatches(self) -> list[str]:
+        return [f"{name}: {left} != {right}" for name, left, right in self.identities() if left != right]
+
     def check(self) -> None:
-        bad = [f"{name}: {left} != {right}" for name, left, right in self.identities() if left != right]
+        bad = self.mismatches()
         if bad:
-            raise AssertionError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad)
-                                 + f"\ncounts: {json.dumps(self.counts)}")
+            raise VerifyError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad))
 
     def render(self) -> str:
+        if self.status != "built":
+            return f"== build_samples {self.dt} ==\n  {self.status}: {self.note}"
         c = self.counts
         lines = [f"== build_samples {self.dt} =="]
+        for source, f in c["files"].items():
+            lines.append(f"  read {source}: {f['files']} file(s), {f['bytes']} bytes, {f['lines']} lines; "
+                         f"ignored {len(f['ignored'])} {f['ignored'] or ''}".rstrip())
         for name, left, right in self.identities():
             lines.append(f"  [{'ok' if left == right else 'MISMATCH'}] {name}: {left} = {right}")
         for source, reasons in c["quarantine"].items():
@@ -76,6 +116,10 @@ class DateReport:
                 lines.append(f"  quarantined {source}/{reason}: {n}")
         for reason, n in sorted({**c["pv_dropped"], **c["train_dropped"]}.items()):
             lines.append(f"  dropped {reason}: {n}")
+        lines.append(f"  repeated_on_page (an item listed again on the same page, first position kept): "
+                     f"{c['repeated_on_page']}")
+        if self.note:
+            lines.append(f"  {self.note}")
         lines.append("  table versions: " + ", ".join(f"{k}=v{v}" for k, v in self.versions.items()))
         return "\n".join(lines)
 
@@ -85,18 +129,6 @@ def date_range(start: str, end: str | None) -> list[str]:
     if d1 < d0:
         raise ValueError(f"end date {end} is before start date {start}")
     return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
-
-
-def _read_dated_text(spark, base: str, dates: list[str], pattern: str) -> DataFrame:
-    """Text lines of base/dt=<date>/<pattern> for the given dates, with a `dt` column."""
-    paths = [under_root(base, f"dt={d}") for d in dates]
-    return (spark.read.option("basePath", base).option("pathGlobFilter", pattern).text(paths)
-            .select("value", F.col("dt").cast("string").alias("dt")))
-
-
-def _existing_dates(spark, base: str, dates: list[str]) -> list[str]:
-    present = set(list_dir(spark, base))
-    return [d for d in dates if f"dt={d}" in present]
 
 
 def _reason_counts(df: DataFrame, *keys: str) -> dict:
@@ -118,38 +150,92 @@ def _sum_by_reason(groups) -> dict:
     return out
 
 
-def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
-               progress: Callable[[str], None] | None = None) -> DateReport:
-    """Build every stage-1 table partition of one date and return its report (counts checked).
+# ---- gather: what the date reads, whether it may be built, and its fingerprint ----------------------
+@dataclass
+class DateInputs:
+    dt: str
+    log_files: dict  # date -> DateInput (today and the history window)
+    catalog_files: dict  # date -> DateInput (every catalog date up to today)
+    scans: dict  # path -> FileScan
+    catalog: DataFrame  # parsed catalog of every date up to today (persisted)
+    images: object  # ImagePlan of today's items
+    fingerprint: str
+    published: dict  # dt -> manifest entry of the dates published so far
 
-    `progress` receives a line per table written (name, version, rows, seconds)."""
+
+def _dated_lines(spark, base: str, files: dict) -> DataFrame:
+    paths = [glob_escape(f.path) for d in sorted(files) for f in files[d].read]
+    if not paths:
+        return spark.createDataFrame([], "value string, dt string, file string")
+    name = F.element_at(F.split(F.input_file_name(), "/"), -1)  # names are unique within a date folder
+    return (spark.read.option("basePath", base).text(paths)
+            .select("value", F.col("dt").cast("string").alias("dt"), name.alias("file")))
+
+
+def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: bool) -> DateInputs:
     sc = cfg.samples
     log_base = under_root(cfg.raw_root, "search_log")
     catalog_base = under_root(cfg.raw_root, "catalog")
-    if not path_exists(spark, under_root(log_base, f"dt={date}")):
+    today = discover(spark, log_base, date, sc.input_ignore)
+    if today is None:
         raise InputError(f"no raw search log for {date}: expected files under {log_base}/dt={date}/")
-    report = DateReport(dt=date)
     d = dt.date.fromisoformat(date)
-    window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, -1, -1)]
-    log_dates = _existing_dates(spark, log_base, window)
-    gaps = [x for x in window if x not in log_dates and x > log_dates[0]]
-    if gaps:
-        log.warning("%s: no raw log for date(s) %s inside the history window", date, gaps)
-    elif log_dates[0] > window[0]:
-        log.info("%s: the raw log starts on %s; click history is shorter before that", date, log_dates[0])
-
-    # ---- catalog: every catalog date up to this one defines the known items ---------------------
+    window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, 0, -1)]
+    log_files = {x: f for x in window if (f := discover(spark, log_base, x, sc.input_ignore)) is not None}
+    log_files[date] = today
     catalog_dates = [p[3:] for p in list_dir(spark, catalog_base) if p.startswith("dt=") and p[3:] <= date]
     if not catalog_dates:
         raise InputError(f"no item catalog on or before {date} under {catalog_base}")
-    catalog = S.parse_catalog(_read_dated_text(spark, catalog_base, catalog_dates, "*.jsonl"))
-    catalog = catalog.persist(StorageLevel.MEMORY_AND_DISK)
+    catalog_files = {x: discover(spark, catalog_base, x, sc.input_ignore) for x in catalog_dates}
+
+    # Order between dates: a date reads the click history and the catalog (and so the item images) of
+    # earlier dates; building it before they are published would mask those items' images.
+    published = plog.published_dates()
+    earlier = sorted({x for x in log_files if x < date} | {x for x in catalog_dates if x < date})
+    missing = [x for x in earlier if x not in published]
+    if missing:
+        raise PublishError(f"{date}: earlier date(s) {missing} have raw input inside this date's history/catalog "
+                           f"window but are not published yet; build them first (a --date .. --end-date range "
+                           f"builds in order)")
+
+    scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read])
+    if sum(scans[f.path].lines for f in today.read) == 0 and not allow_empty:
+        raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
+                         f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
+                         f"ones (pass --allow-empty to publish an empty date)")
+
+    catalog = S.parse_catalog(_dated_lines(spark, catalog_base, catalog_files)).persist(StorageLevel.MEMORY_AND_DISK)
+    todays = [(r["item_id"], r["image_uri"]) for r in catalog.where(
+        (F.col("dt") == date) & F.col("reason").isNull()).select("item_id", "image_uri").collect()]
+    images = plan_images(spark, todays, cfg.images_root, sc.max_image_bytes)
+    parts = {
+        "rules": RULES_VERSION,
+        "samples": dataclasses.asdict(sc),
+        "images_root": cfg.images_root,
+        "files": sorted((kind, x, f.name, scans[f.path].size, scans[f.path].sha256)
+                        for kind, files in (("search_log", log_files), ("catalog", catalog_files))
+                        for x, di in files.items() for f in di.read),
+        "images": sorted(images.listing) + sorted(images.rejected),
+        # courier_train joins the item images of earlier dates: their published builds are inputs too.
+        "earlier": {x: published[x].get("fingerprint") for x in sorted(published) if x < date},
+    }
+    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fingerprint(parts), published)
+
+
+# ---- compute: every table's rows staged (uncommitted), every count taken --------------------------
+def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: str,
+            progress: Callable[[str], None] | None) -> tuple[dict, DateReport]:
+    sc = cfg.samples
+    date = inputs.dt
+    report = DateReport(dt=date)
+    c = report.counts
+    catalog = inputs.catalog
     known_items = catalog.where(F.col("reason").isNull()).select("item_id")
     todays_items = catalog.where((F.col("dt") == date) & F.col("reason").isNull())
 
     # ---- events: parse, dedupe, check item references and clicks -------------------------------
-    raw = _read_dated_text(spark, log_base, log_dates, "*.jsonl")
-    events = S.parse_events(raw)
+    raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
+    events = S.parse_events(raw, sc.ts_skew_minutes)
     events = S.mark_duplicates(events)
     events = S.mark_unknown_items(events, known_items)
     events = S.mark_bad_clicks(events).persist(StorageLevel.MEMORY_AND_DISK)
@@ -163,89 +249,211 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
     samples = S.pv_samples(labelled, sc.l_pv, sc.sampling_seed).persist(StorageLevel.MEMORY_AND_DISK)
     kept_samples = samples.where(F.col("drop_reason").isNull())
 
-    # ---- images --------------------------------------------------------------------------------
-    decoded = S.decode_images(todays_items, cfg.images_root, sc.image_px, sc.jpeg_quality).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    # ---- images: listed by the driver, read by the executors, decoded per row -------------------
+    plan = inputs.images
+    rejected = spark.createDataFrame(
+        [(i, None, None, None, None, r, dtl) for i, r, dtl in plan.rejected], S.IMAGE_RESULT_SCHEMA)
+    decoded = (S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality, sc.max_image_pixels)
+               .unionByName(rejected).persist(StorageLevel.MEMORY_AND_DISK))
 
     # ---- quarantine: every rejected row of this date, with its reason ---------------------------
     quarantine = (
         events.where((F.col("dt") == date) & F.col("reason").isNotNull())
-        .select(F.lit("search_log").alias("source"), "reason", F.col("value").alias("raw"), "event_id")
+        .select(F.lit("search_log").alias("source"), "reason", "detail", F.col("value").alias("raw"), "raw_b64",
+                "event_id")
         .unionByName(catalog.where((F.col("dt") == date) & F.col("reason").isNotNull())
-                     .select(F.lit("catalog").alias("source"), "reason", F.col("value").alias("raw"),
-                             F.col("item_id").alias("event_id")))
+                     .select(F.lit("catalog").alias("source"), "reason", "detail", F.col("value").alias("raw"),
+                             "raw_b64", F.col("item_id").alias("event_id")))
         .unionByName(decoded.where(F.col("reason").isNotNull()).join(todays_items, on="item_id", how="inner")
-                     .select(F.lit("image").alias("source"), decoded["reason"], F.col("value").alias("raw"),
+                     .select(F.lit("image").alias("source"), decoded["reason"], decoded["detail"],
+                             F.col("value").alias("raw"), F.lit(None).cast("string").alias("raw_b64"),
                              F.col("item_id").alias("event_id")))
         .withColumn("job_run_id", F.lit(run_id))
+        .select(*QUARANTINE_COLUMNS)
     )
 
-    # ---- writes: one commit per table, each replacing exactly this date's partition -------------
-    def write(name: str, df: DataFrame, partition: dict | None = None) -> None:
+    staged: dict = {}
+
+    def stage(name: str, df: DataFrame, partition: dict | None = None) -> None:
         t0 = time.perf_counter()
-        report.versions[name] = store.replace_partition(df, name, partition or {"dt": date}, JOB, run_id)
+        staged[name] = store.stage_partition(df, name, partition or {"dt": date})
         if progress:
-            rows = sum(f.num_records or 0 for f in store.files(name)
-                       if f.partition_values.get("dt") == date and f.partition_values.get("job", JOB) == JOB)
-            progress(f"  {date} {name}: v{report.versions[name]}, {rows} rows, {time.perf_counter() - t0:.1f}s")
+            progress(f"  {date} {name}: staged {staged[name].rows} rows, {time.perf_counter() - t0:.1f}s")
 
-    write("quarantine", quarantine, {"dt": date, "job": JOB})
-    write("items", todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"))
-    write("item_images",
-          decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"))
-    write("pv_samples", kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed"))
-    write("ctr_log", S.ctr_log(labelled))
-    # ---- counts: one small grouped aggregate per cached frame, collected to the driver -----------
-    c = report.counts
-    by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
-                             "event_type", "reason")
-    c["raw_rows"] = sum(n for kinds in by_kind.values() for n in kinds.values())
-    c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
-    c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
-    catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
-    image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
-    c["quarantine"] = {
-        "search_log": _sum_by_reason(by_kind.values()),
-        "catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
-        "image": {r: n for r, n in image_reasons.items() if r != "ok"},
-    }
-    c["catalog_rows"] = sum(catalog_reasons.values())
-    c["items"] = catalog_reasons.get("ok", 0)
-    c["item_images"] = image_reasons.get("ok", 0)
-    agg = {r["drop_reason"]: r for r in samples.groupBy("drop_reason").agg(
-        F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
-        F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
-        F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos")).collect()}
-    kept = agg.get(None)
-    c["pv_samples"] = kept["pvs"] if kept else 0
-    c["pv_dropped"] = {r: row["pvs"] for r, row in agg.items() if r is not None}
-    c["impressions"] = sum(row["impressions"] for row in agg.values())
-    c["neg_downsampled"] = sum(row["neg"] for row in agg.values())
-    c["positive_impressions"] = sum(row["pos"] for row in agg.values())
-    c["kept_pv_impressions"] = kept["impressions"] if kept else 0
-    c["kept_pv_neg_downsampled"] = kept["neg"] if kept else 0
-    c["trimmed"] = kept["trimmed"] if kept else 0
-    c["pv_items"] = kept["pv_items"] if kept else 0
-    # Rows written, from the commit's own file statistics (no re-scan).
-    c["ctr_log"] = sum(f.num_records for f in store.files("ctr_log") if f.partition_values.get("dt") == date)
-    # Only `samples` is still needed: free the other caches before the image-heavy courier_train step.
-    for df in (events, catalog, labelled, decoded):
-        df.unpersist()
-    # Not cached: the rows carry ~10 JPEGs each and the in-memory columnar cache builds whole batches on
-    # the heap (OutOfMemoryError at 0.25x the bench preset); the drop reasons are counted below from
-    # S.courier_train_reasons, the same rows without the image bytes.
-    train = S.courier_train(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click)
-    write("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
+    try:
+        stage("quarantine", quarantine, {"dt": date, "job": JOB})
+        stage("items", todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"))
+        stage("item_images",
+              decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"))
+        stage("pv_samples", kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed",
+                                              "repeated_on_page"))
+        stage("ctr_log", S.ctr_log(labelled))
 
-    train_reasons = _reason_counts(
-        S.courier_train_reasons(kept_samples, store.read("item_images"), sc.l_pv, sc.l_click)
-        .fillna({"drop_reason": "ok"}), "drop_reason")
-    c["courier_train"] = train_reasons.pop("ok", 0)
-    c["train_dropped"] = train_reasons
-    samples.unpersist()
-    report.check()
-    return report
+        # ---- counts: one small grouped aggregate per cached frame, collected to the driver -------
+        today_files = inputs.log_files[date]
+        c["files"] = {
+            kind: {"files": len(di.read), "bytes": sum(inputs.scans[f.path].size for f in di.read),
+                   "lines": sum(inputs.scans[f.path].lines for f in di.read),
+                   "ignored": [f.name for f in di.ignored]}
+            for kind, di in (("search_log", today_files), ("catalog", inputs.catalog_files.get(date)))
+            if di is not None}
+        # The anchor: lines counted from the files' bytes, not by the parser being checked.
+        c["raw_lines"] = c["files"]["search_log"]["lines"]
+        c["catalog_lines"] = c["files"].get("catalog", {}).get("lines", 0)
+        by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
+                                 "event_type", "reason")
+        c["raw_rows"] = sum(n for kinds in by_kind.values() for n in kinds.values())
+        c["rows_by_file"] = {r["file"]: r["count"] for r in
+                             events.where(F.col("dt") == date).groupBy("file").count().collect()}
+        c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
+        c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
+        catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
+        image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
+        c["quarantine"] = {
+            "search_log": _sum_by_reason(by_kind.values()),
+            "catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
+            "image": {r: n for r, n in image_reasons.items() if r != "ok"},
+        }
+        c["catalog_rows"] = sum(catalog_reasons.values())
+        c["items"] = catalog_reasons.get("ok", 0)
+        c["item_images"] = image_reasons.get("ok", 0)
+        agg = {r["drop_reason"]: r for r in samples.groupBy("drop_reason").agg(
+            F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
+            F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
+            F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos"),
+            F.sum("repeated_on_page").alias("repeated")).collect()}
+        kept = agg.get(None)
+        c["pv_samples"] = kept["pvs"] if kept else 0
+        c["pv_dropped"] = {r: row["pvs"] for r, row in agg.items() if r is not None}
+        c["impressions"] = sum(row["impressions"] for row in agg.values())
+        c["repeated_on_page"] = sum(row["repeated"] for row in agg.values())
+        c["neg_downsampled"] = sum(row["neg"] for row in agg.values())
+        c["positive_impressions"] = sum(row["pos"] for row in agg.values())
+        c["kept_pv_impressions"] = kept["impressions"] if kept else 0
+        c["kept_pv_neg_downsampled"] = kept["neg"] if kept else 0
+        c["trimmed"] = kept["trimmed"] if kept else 0
+        c["pv_items"] = kept["pv_items"] if kept else 0
+        # Only `samples` is still needed: free the other caches before the image-heavy courier_train step.
+        for df in (events, catalog, labelled, decoded):
+            df.unpersist()
+
+        # courier_train joins the images of this date (staged, not committed yet) and of the earlier
+        # dates (published); never a later date's, so a date's rows do not depend on build order.
+        images = store.read_staged(staged["item_images"])
+        if store.exists("item_images"):
+            images = store.read("item_images").where(F.col("dt") < date).unionByName(images)
+        # Not cached: the rows carry ~10 JPEGs each and the in-memory columnar cache builds whole
+        # batches on the heap (OutOfMemoryError at 0.25x the bench preset); the drop reasons are
+        # counted from S.courier_train_reasons, the same rows without the image bytes.
+        train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click)
+        stage("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
+        train_reasons = _reason_counts(
+            S.courier_train_reasons(kept_samples, images, sc.l_pv, sc.l_click).fillna({"drop_reason": "ok"}),
+            "drop_reason")
+        c["courier_train"] = train_reasons.pop("ok", 0)
+        c["train_dropped"] = train_reasons
+        samples.unpersist()
+        # Rows of every staged table from its files' own statistics (Parquet footers), no re-scan;
+        # the quarantine's reasons from its staged files (a small table), not from the frame above.
+        c["table_rows"] = {name: s.rows for name, s in staged.items()}
+        c["ctr_log"] = c["table_rows"]["ctr_log"]  # the impression-grain rows written (an MLflow metric)
+        c["quarantine_table"] = _reason_counts(store.read_staged(staged["quarantine"]), "source", "reason")
+    except BaseException:
+        discard(store, staged)
+        raise
+    return staged, report
+
+
+def discard(store: TableStore, staged: dict) -> None:
+    for s in staged.values():
+        store.discard_staged(s)
+
+
+# ---- verify: every identity before anything is committed ----------------------------------------
+def verify(store: TableStore, staged: dict, report: DateReport, inputs: DateInputs) -> None:
+    bad = report.mismatches()
+    if not bad:
+        return
+    lines = [f"{report.dt}: counts do not add up; nothing was committed:"] + [f"  {b}" for b in bad]
+    for name, key in TABLE_KEYS.items():
+        dup = (store.read_staged(staged[name]).groupBy(*key).count().where(F.col("count") > 1)
+               .orderBy(*key).limit(5).collect())
+        if dup:
+            lines.append(f"  first ids repeated in {name}: " + ", ".join(
+                "/".join(str(r[k]) for k in key) + f" (x{r['count']})" for r in dup))
+    if report.counts["raw_lines"] != report.counts["raw_rows"]:
+        parsed = report.counts["rows_by_file"]
+        for f in inputs.log_files[report.dt].read:
+            if parsed.get(f.name, 0) != inputs.scans[f.path].lines:
+                lines.append(f"  {f.name}: {inputs.scans[f.path].lines} lines in the file, "
+                             f"{parsed.get(f.name, 0)} parsed")
+    lines.append("counts: " + json.dumps(report.counts, sort_keys=True))
+    discard(store, staged)
+    raise VerifyError("\n".join(lines))
+
+
+# ---- commit: the date's tables published as a unit ----------------------------------------------
+def commit(store: TableStore, plog: PublishLog, staged: dict, report: DateReport, inputs: DateInputs,
+           run_id: str, progress: Callable[[str], None] | None) -> None:
+    with plog.lock(run_id):
+        if plog.latest() is None:
+            # First publish in this store: what exists now (tables written before the publish log)
+            # is the published state, so recovery below has a reference.
+            legacy = {n: store.latest_version(n) for n in STAGE1_TABLES if store.latest_version(n) is not None}
+            plog.append({"dt": None, "run_id": run_id, "status": "init", "tables": legacy, "dates": {}})
+        undone = recover(store, plog)
+        if undone:
+            report.note = "recovered an unfinished publish: " + "; ".join(undone)
+        try:
+            for n, name in enumerate(STAGE1_TABLES, 1):
+                report.versions[name] = store.commit_staged(staged[name], JOB, run_id)
+                if progress:
+                    progress(f"  {report.dt} {name}: committed v{report.versions[name]}")
+                pause_hook(n)
+        except Exception:
+            # A commit failed part-way: undo this run's commits now (a killed run is undone by the next).
+            recover(store, plog)
+            discard(store, staged)
+            raise
+        latest = plog.latest()
+        dates = {**latest["dates"], report.dt: {"fingerprint": inputs.fingerprint, "run_id": run_id}}
+        plog.append({"dt": report.dt, "run_id": run_id, "status": "published",
+                     "tables": {**latest["tables"], **report.versions}, "dates": dates,
+                     "rows": report.counts["table_rows"]})
+
+
+def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
+               progress: Callable[[str], None] | None = None, allow_empty: bool = False,
+               force: bool = False) -> DateReport:
+    """Build, verify and publish every stage-1 table partition of one date; return its report.
+
+    A date whose fingerprint equals its published one is `unchanged` (nothing committed) unless
+    `force` (e.g. after a code change that did not bump RULES_VERSION).
+
+    `progress` receives a line per table staged/committed. Raises InputError (input missing, empty or
+    unreadable), PublishError (earlier dates unpublished, lock held) or VerifyError (counts do not add
+    up); in each case nothing of the date was committed."""
+    say = progress or (lambda line: log.info(line))
+    t0 = time.perf_counter()
+    plog = PublishLog(cfg.tables_root, store.spark)
+    inputs = gather_inputs(spark, cfg, plog, date, allow_empty)
+    say(f"  {date} inputs gathered and fingerprinted: {time.perf_counter() - t0:.1f}s")
+    try:
+        previous = inputs.published.get(date)
+        if previous and previous.get("fingerprint") == inputs.fingerprint and not force:
+            return DateReport(dt=date, status="unchanged", note=(
+                f"inputs and config identical to the published run {previous.get('run_id')}; nothing committed"))
+        staged, report = compute(spark, cfg, store, inputs, run_id, progress)
+        say(f"  {date} computed and staged: {time.perf_counter() - t0:.1f}s")
+        verify(store, staged, report, inputs)
+        commit(store, plog, staged, report, inputs, run_id, progress)
+        say(f"  {date} verified and published: {time.perf_counter() - t0:.1f}s")
+        return report
+    finally:
+        inputs.catalog.unpersist()
 
 
 def report_json(reports: list[DateReport]) -> str:
-    return json.dumps([{"dt": r.dt, "counts": r.counts, "versions": r.versions} for r in reports], indent=2)
+    return json.dumps([{"dt": r.dt, "status": r.status, "counts": r.counts, "versions": r.versions,
+                        "note": r.note} for r in reports], indent=2)
+

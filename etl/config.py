@@ -84,6 +84,12 @@ class SamplesConf:
     history_lookback_days: int = 7  # raw log days read before the date for click history
     image_px: int = 224  # item images are resized to image_px x image_px
     jpeg_quality: int = 90
+    ts_skew_minutes: int = 10  # events may be this far outside their date folder's day (clock skew)
+    max_image_pixels: int = 25_000_000  # width x height from the header; larger -> image_too_large
+    max_image_bytes: int = 50_000_000  # image file size; larger -> image_too_large (never read)
+    # File names in a raw date folder that are skipped and counted (fnmatch); any other file that is
+    # not *.jsonl / *.json (optionally .gz / .bz2) fails the date.
+    input_ignore: list = field(default_factory=lambda: ["_*", ".*"])
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,10 @@ def _validate(cfg: Config) -> None:
         (s.history_lookback_days >= 0, "samples.history_lookback_days must be >= 0"),
         (16 <= s.image_px <= 1024, "samples.image_px must be in [16, 1024]"),
         (1 <= s.jpeg_quality <= 100, "samples.jpeg_quality must be in [1, 100]"),
+        (s.ts_skew_minutes >= 0, "samples.ts_skew_minutes must be >= 0"),
+        (s.max_image_pixels >= 1 and s.max_image_bytes >= 1, "samples.max_image_pixels and max_image_bytes must be >= 1"),
+        (isinstance(s.input_ignore, list) and all(isinstance(x, str) and x for x in s.input_ignore),
+         "samples.input_ignore must be a list of non-empty file name patterns"),
         (cfg.tables.engine in ("delta-rs", "spark-delta", "auto"),
          "tables.engine must be one of delta-rs, spark-delta, auto"),
         (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),

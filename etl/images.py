@@ -1,41 +1,93 @@
-"""Image helpers shared by stage 1 (building item_images) and the readers (decoding)."""
+"""Image helpers shared by stage 1 (building item_images) and the readers (decoding).
+
+`normalize_image` is a pure function over the bytes of one file: stage 1 reads the files through
+Spark's `binaryFile` source (so `images_root` may be local or `s3a://...`) and calls it per row. It
+never raises for a bad image; the reason says what was wrong.
+
+Conversion rules to 8-bit RGB (documented in the README, "Stage 1"):
+- animated images (GIF, APNG, WebP): the first frame;
+- EXIF orientation is applied (a phone photo stored sideways is turned upright);
+- transparency (RGBA, LA, PA, a palette with a transparent index): composited on white, the usual
+  background of a product image;
+- 16-bit and 32-bit integer greyscale (I;16*, I): the high byte (value / 257, rounded), not a clip at 255;
+  float greyscale (F): clipped to [0, 255];
+- CMYK, YCbCr, LAB, HSV, 1-bit and 8-bit greyscale: Pillow's conversion to RGB.
+Then a centre crop to a square, a bicubic resize to `px` x `px` and a JPEG encode.
+"""
 from __future__ import annotations
 
 import hashlib
 import io
 
-from etl.config import ConfigError, under_root
+# Reasons an image is quarantined (the contract with etl.build and the README's reason table).
+IMAGE_MISSING = "image_missing"
+IMAGE_ESCAPES_ROOT = "image_path_escapes_root"
+IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_CORRUPT = "image_corrupt"
 
 
-def load_and_resize(images_root: str, image_uri: str, px: int, quality: int):
-    """(jpeg_bytes, width, height, sha256, reason): reason is None on success, else one of
-    image_path_escapes_root, image_missing, image_corrupt."""
-    from PIL import Image, UnidentifiedImageError
+def _to_rgb(img):
+    from PIL import Image, ImageOps
+
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        wide = np.asarray(img, dtype=np.int64)
+        # I;16 is 0..65535; mode I from a 16-bit PNG holds the same range.
+        eight = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if mode == "F":
+        import numpy as np
+
+        eight = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):
+    """(jpeg_bytes, width, height, sha256, reason, detail) for the bytes of one image file.
+
+    reason is None on success, else image_too_large (width x height from the header is over
+    max_pixels; nothing is decoded) or image_corrupt (any decoder failure; detail names the exception
+    class). width/height are the output's (px)."""
+    import warnings
+
+    from PIL import Image
 
     try:
-        path = under_root(images_root, image_uri)
-    except ConfigError:
-        return None, None, None, None, "image_path_escapes_root"
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None, None, None, None, "image_missing"
-    try:
-        with Image.open(io.BytesIO(raw)) as probe:
-            probe.verify()  # catches truncated/garbled files that open() alone accepts
-        with Image.open(io.BytesIO(raw)) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            img = img.resize((px, px), Image.BICUBIC)
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=quality)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None, None, None, None, "image_corrupt"
-    data = buf.getvalue()
-    return data, px, px, hashlib.sha256(data).hexdigest(), None
+        with warnings.catch_warnings():
+            # Pillow's own bomb check (a warning, or an error above 2x its limit) is replaced by ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+                if w * h > max_pixels:
+                    return None, None, None, None, IMAGE_TOO_LARGE, f"{w}x{h} > {max_pixels} pixels"
+                probe.verify()  # catches truncated/garbled files that open() alone accepts
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = _to_rgb(img)
+                w, h = rgb.size
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                rgb = rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC)
+                buf = io.BytesIO()
+                rgb.save(buf, format="JPEG", quality=quality)
+    except Image.DecompressionBombError as e:  # only when max_pixels is above Pillow's own hard limit
+        return None, None, None, None, IMAGE_TOO_LARGE, str(e)[:200]
+    except Exception as e:  # noqa: BLE001 - one bad image must never fail the date; the class is the detail
+        return None, None, None, None, IMAGE_CORRUPT, type(e).__name__
+    out = buf.getvalue()
+    return out, px, px, hashlib.sha256(out).hexdigest(), None, None
 
 
 def decode_jpeg(data: bytes):

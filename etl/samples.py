@@ -18,19 +18,17 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-# The raw log's event schema: every field is read as a string (or list of strings) so that a value of
-# the wrong type is a quarantine reason, not a parse failure of the whole line.
-RAW_EVENT_SCHEMA = T.StructType(
-    [T.StructField(n, T.StringType()) for n in
-     ("event_id", "event_type", "ts", "user_id", "pv_id", "query", "item_id", "session_id")]
-    + [T.StructField("items", T.ArrayType(T.StringType())), T.StructField("_corrupt_record", T.StringType())]
-)
-CATALOG_SCHEMA = T.StructType(
-    [T.StructField(n, T.StringType()) for n in ("item_id", "category", "title", "image_uri", "first_seen_dt")]
-    + [T.StructField("price", T.DoubleType()), T.StructField("_corrupt_record", T.StringType())]
-)
+# The raw log's contract: each line is ONE JSON object; these fields have these JSON types (null is
+# allowed and handled by the semantic checks). A value of another type is quarantined as
+# `wrong_type:<field>`, never coerced. Other fields are ignored (producers add fields over time).
+EVENT_FIELDS = {"event_id": "string", "event_type": "string", "ts": "string", "user_id": "string",
+                "pv_id": "string", "query": "string", "item_id": "string", "session_id": "string",
+                "items": "string_list"}
+CATALOG_FIELDS = {"item_id": "string", "category": "string", "title": "string", "image_uri": "string",
+                  "first_seen_dt": "string", "price": "number"}
 EVENT_TYPES = ("pv", "click")
 _HASH_BUCKETS = 1 << 30
+_SPARK_TYPES = {"string": T.StringType(), "string_list": T.ArrayType(T.StringType()), "number": T.DoubleType()}
 
 
 def _first_reason(*cases: tuple[Column, str]) -> Column:
@@ -41,51 +39,167 @@ def _first_reason(*cases: tuple[Column, str]) -> Column:
     return expr.otherwise(F.lit(None).cast("string"))
 
 
-def parse_events(raw: DataFrame) -> DataFrame:
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise _Reject("bad_json", "duplicate key " + next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise _Reject("bad_json", f"{name} is not JSON")
+
+
+def _type_ok(value, kind: str) -> bool:
+    if value is None:
+        return True
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "string_list":
+        return isinstance(value, list) and all(isinstance(v, str) or v is None for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # number
+
+
+def parse_line(data: bytes, fields: dict) -> tuple[dict | None, str, str | None, str | None]:
+    """(values, text, reason, detail) for one raw line; a pure function (the fuzz test calls it too).
+
+    Strict: UTF-8 (else bad_encoding), not blank (blank_line), exactly one JSON object (bad_json;
+    anything after it: trailing_content), each contract field of its JSON type (wrong_type:<field>).
+    `text` is the line decoded with undecodable bytes replaced by U+FFFD, readable by every reader.
+    """
+    import json
+
+    text = data.decode("utf-8", errors="replace")
+    try:
+        try:
+            strict = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Reject("bad_encoding", f"invalid UTF-8 at byte {e.start}") from None
+        if not strict.strip():
+            raise _Reject("blank_line")
+        decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        body = strict.lstrip(" \t\r\n\ufeff")
+        try:
+            obj, end = decoder.raw_decode(body)
+        except json.JSONDecodeError as e:
+            raise _Reject("bad_json", e.msg) from None
+        except RecursionError:
+            raise _Reject("bad_json", "nested too deeply") from None
+        if body[end:].strip(" \t\r\n"):
+            raise _Reject("trailing_content", f"{len(body) - end} characters after the object")
+        if not isinstance(obj, dict):
+            raise _Reject("bad_json", f"a JSON {type(obj).__name__}, not an object")
+        for name, kind in fields.items():
+            if not _type_ok(obj.get(name), kind):
+                raise _Reject(f"wrong_type:{name}", f"{type(obj.get(name)).__name__}, expected {kind}")
+    except _Reject as r:
+        return None, text, r.reason, r.detail
+    return {name: obj.get(name) for name in fields}, text, None, None
+
+
+def parse_json_lines(raw: DataFrame, fields: dict) -> DataFrame:
+    """Raw lines (value, dt, file) -> (value, raw_b64, dt, file, <fields>, reason, detail), one row
+    per line (file: the input file's name, for per-file counts).
+
+    The only Python step of stage 1: Spark's JSON functions coerce any value into a string field and
+    ignore what follows the first object on a line (measured with from_json), which would silently
+    keep half of a line holding two events. The parser runs on the executors over Arrow batches.
+    value: the line as readable text (U+FFFD where bytes were not UTF-8); raw_b64: the original bytes,
+    base64, for lines that were not valid UTF-8 (null otherwise).
+    """
+    names = list(fields)
+    out_schema = T.StructType(
+        [T.StructField("value", T.StringType()), T.StructField("raw_b64", T.StringType()),
+         T.StructField("dt", T.StringType()), T.StructField("file", T.StringType())]
+        + [T.StructField(n, _SPARK_TYPES[fields[n]]) for n in names]
+        + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+
+    def parse(batches):
+        import base64
+
+        import pandas as pd
+
+        for pdf in batches:
+            rows = []
+            for data, dt_, file_ in zip(pdf["_bytes"], pdf["dt"], pdf["file"]):
+                data = bytes(data)
+                values, text, reason, detail = parse_line(data, fields)
+                values = values or {}
+                b64 = base64.b64encode(data).decode("ascii") if reason == "bad_encoding" else None
+                rows.append([text, b64, dt_, file_] + [_as_spark(values.get(n), fields[n]) for n in names]
+                            + [reason, detail])
+            yield pd.DataFrame(rows, columns=["value", "raw_b64", "dt", "file", *names, "reason", "detail"])
+
+    return raw.select(F.col("value").cast("binary").alias("_bytes"), "dt", "file").mapInPandas(parse, out_schema)
+
+
+def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
     """Raw JSON lines (value, dt) -> one row per line with typed fields and a `reason` (null = valid).
 
-    Reasons, first match wins: bad_json (not JSON / not an object of the right shape), null_id,
-    bad_event_type, bad_timestamp, empty_pv.
+    Reasons, first match wins: the parser's (bad_encoding, blank_line, bad_json, trailing_content,
+    wrong_type:<field>), then bad_event_type (missing or not pv/click), null_id, bad_timestamp,
+    ts_outside_date (outside the date folder's UTC day widened by ts_skew_minutes), empty_pv.
     """
-    parsed = raw.select(
-        "value", "dt",
-        F.from_json("value", RAW_EVENT_SCHEMA,
-                    {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record"}).alias("e"),
-    )
-    is_pv = F.col("e.event_type") == "pv"
-    ts = F.to_timestamp("e.ts")
-    reason = _first_reason(
-        (F.col("e").isNull() | F.col("e._corrupt_record").isNotNull(), "bad_json"),
-        (F.col("e.event_id").isNull() | F.col("e.user_id").isNull() | F.col("e.pv_id").isNull()
-         | (~is_pv & F.col("e.item_id").isNull()), "null_id"),
-        (~F.col("e.event_type").isin(*EVENT_TYPES) | F.col("e.event_type").isNull(), "bad_event_type"),
+    parsed = parse_json_lines(raw, EVENT_FIELDS)
+    is_pv = F.col("event_type") == "pv"
+    ts = F.to_timestamp("ts_raw")
+    day_start = F.unix_micros(F.to_timestamp("dt"))
+    skew = ts_skew_minutes * 60 * 1_000_000
+    outside = ((F.unix_micros(ts) < day_start - skew)
+               | (F.unix_micros(ts) >= day_start + 86_400 * 1_000_000 + skew))
+    reason = F.coalesce("reason", _first_reason(
+        (F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "bad_event_type"),
+        (F.col("event_id").isNull() | F.col("user_id").isNull() | F.col("pv_id").isNull()
+         | (~is_pv & F.col("item_id").isNull()), "null_id"),
         (ts.isNull(), "bad_timestamp"),
-        (is_pv & (F.col("e.items").isNull() | (F.size("e.items") == 0)
-                  | F.exists("e.items", lambda x: x.isNull())), "empty_pv"),
-    )
-    return parsed.select(
-        "value", "dt",
-        F.col("e.event_id").alias("event_id"),
-        F.col("e.event_type").alias("event_type"),
-        ts.alias("ts"),
-        F.col("e.user_id").alias("user_id"),
-        F.col("e.pv_id").alias("pv_id"),
-        F.col("e.query").alias("query"),
-        F.col("e.items").alias("items"),
-        F.col("e.item_id").alias("item_id"),
-        F.col("e.session_id").alias("session_id"),
-        reason.alias("reason"),
+        (outside, "ts_outside_date"),
+        (is_pv & (F.col("items").isNull() | (F.size("items") == 0)
+                  | F.exists("items", lambda x: x.isNull())), "empty_pv"),
+    ))
+    return parsed.withColumnRenamed("ts", "ts_raw").select(
+        "value", "raw_b64", "dt", "file", "event_id", "event_type", ts.alias("ts"), "user_id", "pv_id", "query",
+        "items", "item_id", "session_id", reason.alias("reason"),
+        F.when(F.col("reason").isNotNull(), F.col("detail"))
+        .when(reason == "ts_outside_date", F.concat(F.lit("ts "), F.col("ts_raw"))).alias("detail"),
     )
 
 
 def mark_duplicates(events: DataFrame) -> DataFrame:
-    """Second and later copies of an event_id (among otherwise valid rows) get reason `duplicate`.
-
-    The copy kept is the earliest by (dt, ts, raw text): deterministic whatever the partitioning.
+    """Among valid rows: the same event_id, or the same pv_id on PV events, with different content ->
+    every copy `conflicting_duplicate` (which one is right cannot be known); identical copies ->
+    all but the earliest `duplicate`. The earliest is by (dt, ts, event_id, raw text): deterministic
+    whatever the partitioning. Invalid rows (already quarantined) take no part.
     """
-    w = Window.partitionBy("event_id").orderBy("dt", "ts", "value")
-    rank = F.when(F.col("reason").isNull(), F.row_number().over(w))
-    return events.withColumn("reason", F.coalesce("reason", F.when(rank > 1, F.lit("duplicate"))))
+    valid = F.col("reason").isNull()
+    is_pv = F.col("event_type") == "pv"
+    body = F.to_json(F.struct("event_type", F.col("ts").cast("string"), "user_id", "pv_id", "query", "items",
+                              "item_id", "session_id"))
+    by_event = Window.partitionBy("event_id")
+    # PV rows and the rest apart, so the clicks of a page are not one partition with its PV.
+    by_pv = Window.partitionBy("pv_id", (valid & is_pv).alias("_pv_row"))
+    order = [F.col("reason").isNotNull(), "dt", "ts", "event_id", "value"]  # valid rows rank first
+    versions_e = F.size(F.collect_set(F.when(valid, body)).over(by_event))
+    versions_p = F.size(F.collect_set(F.when(valid & is_pv, body)).over(by_pv))
+    rank_e = F.row_number().over(by_event.orderBy(*order))
+    rank_p = F.row_number().over(by_pv.orderBy(*order))
+    return events.withColumn("reason", F.coalesce("reason", F.when(valid, _first_reason(
+        ((versions_e > 1) | (is_pv & (versions_p > 1)), "conflicting_duplicate"),
+        ((rank_e > 1) | (is_pv & (rank_p > 1)), "duplicate"),
+    ))))
+
+
+def _as_spark(value, kind: str):
+    if value is None:
+        return None
+    if kind == "number":
+        return float(value)
+    return value
 
 
 def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
@@ -106,22 +220,24 @@ def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
 def mark_bad_clicks(events: DataFrame) -> DataFrame:
     """Valid clicks that cannot label an impression get a reason.
 
-    orphan_click: no valid PV with that pv_id was read; click_not_on_pv: the item was not on the page;
-    click_user_mismatch: the PV was shown to another user; duplicate_click: a second click on the same
-    (pv, item) (labels are 0/1; the earliest click is kept).
+    orphan_click: no valid PV with that pv_id was read; click_user_mismatch: the PV was shown to another
+    user; click_not_on_pv: the item was not on the page; click_before_pv: the click is timed before its
+    PV; duplicate_click: a second click on the same (pv, item) (labels are 0/1; the earliest click
+    that passed the other checks is kept).
     """
     pvs = events.where((F.col("reason").isNull()) & (F.col("event_type") == "pv")).select(
-        "pv_id", F.col("user_id").alias("_pv_user"), F.col("items").alias("_pv_items"))
+        "pv_id", F.col("user_id").alias("_pv_user"), F.col("items").alias("_pv_items"), F.col("ts").alias("_pv_ts"))
     clicks = events.where((F.col("reason").isNull()) & (F.col("event_type") == "click"))
-    w = Window.partitionBy("pv_id", "item_id").orderBy("ts", "event_id")
+    first = _first_reason(
+        (F.col("_pv_user").isNull(), "orphan_click"),
+        (F.col("_pv_user") != F.col("user_id"), "click_user_mismatch"),
+        (~F.array_contains("_pv_items", F.col("item_id")), "click_not_on_pv"),
+        (F.col("ts") < F.col("_pv_ts"), "click_before_pv"),
+    )
+    w = Window.partitionBy("pv_id", "item_id").orderBy(F.col("_first").isNotNull(), "ts", "event_id")
     checked = (clicks.join(pvs, on="pv_id", how="left")
-               .withColumn("_click_rank", F.row_number().over(w))
-               .withColumn("reason", _first_reason(
-                   (F.col("_pv_user").isNull(), "orphan_click"),
-                   (F.col("_pv_user") != F.col("user_id"), "click_user_mismatch"),
-                   (~F.array_contains("_pv_items", F.col("item_id")), "click_not_on_pv"),
-                   (F.col("_click_rank") > 1, "duplicate_click"),
-               ))
+               .withColumn("_first", first)
+               .withColumn("reason", F.coalesce("_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click"))))
                .select("event_id", F.col("reason").alias("_click_reason")))
     return (events.join(checked, on="event_id", how="left")
             .withColumn("reason", F.coalesce("reason", "_click_reason"))
@@ -177,14 +293,21 @@ def label_pvs(pvs: DataFrame, clicks: DataFrame, neg_rate: float, seed: int) -> 
     kept = label or the down-sampling keeps it. No explode: arrays stay per PV."""
     clicked = clicks.groupBy("pv_id").agg(F.collect_set("item_id").alias("_clicked"))
     with_clicks = pvs.join(clicked, on="pv_id", how="left")
-    imps = F.transform("items", lambda item, pos: F.struct(
-        item.alias("item_id"),
-        pos.alias("position"),
-        F.coalesce(F.array_contains("_clicked", item), F.lit(False)).cast("int").alias("label"),
+    # An item listed twice on a page is one impression at its first position (an item is a repeat
+    # when it occurs among the items before it); the repeats are counted (repeated_on_page), not kept.
+    listed = F.transform("items", lambda item, pos: F.struct(
+        item.alias("item_id"), pos.alias("position"),
+        F.exists(F.slice("items", F.lit(1), pos), lambda x: x == item).alias("repeat")))
+    firsts = F.filter(listed, lambda s: ~s["repeat"])
+    imps = F.transform(firsts, lambda s: F.struct(
+        s["item_id"].alias("item_id"),
+        s["position"].alias("position"),
+        F.coalesce(F.array_contains("_clicked", s["item_id"]), F.lit(False)).cast("int").alias("label"),
     ))
     imps = F.transform(imps, lambda s: s.withField(
         "kept", (s["label"] == 1) | keep_negative(F.col("pv_id"), s["item_id"], neg_rate, seed)))
-    return with_clicks.withColumn("impressions", imps).drop("_clicked")
+    return (with_clicks.withColumn("impressions", imps).drop("_clicked")
+            .withColumn("repeated_on_page", F.size("items") - F.size("impressions")))
 
 
 def pv_samples(labelled: DataFrame, l_pv: int, sampling_seed: int) -> DataFrame:
@@ -209,6 +332,7 @@ def pv_samples(labelled: DataFrame, l_pv: int, sampling_seed: int) -> DataFrame:
         F.coalesce("click_history_ts", F.array().cast("array<timestamp>")).alias("click_history_ts"),
         n_pos.alias("n_pos"),
         F.size("impressions").alias("n_impressions"),
+        "repeated_on_page",
         (F.size("impressions") - F.size(kept)).alias("n_neg_dropped"),
         (F.size(kept) - F.size(trimmed)).alias("n_trimmed"),
         _first_reason(
@@ -229,19 +353,23 @@ def ctr_log(labelled: DataFrame) -> DataFrame:
 
 
 def parse_catalog(raw: DataFrame) -> DataFrame:
-    """Catalog JSON lines (value, dt) -> items with a `reason` (bad_json, null_id)."""
-    parsed = raw.select("value", "dt", F.from_json(
-        "value", CATALOG_SCHEMA, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record"}).alias("c"))
-    reason = _first_reason(
-        (F.col("c").isNull() | F.col("c._corrupt_record").isNotNull(), "bad_json"),
-        (F.col("c.item_id").isNull() | F.col("c.image_uri").isNull(), "null_id"),
-    )
-    return parsed.select(
-        "value", "dt",
-        F.col("c.item_id").alias("item_id"), F.col("c.category").alias("category"),
-        F.col("c.title").alias("title"), F.col("c.price").alias("price"),
-        F.coalesce("c.first_seen_dt", "dt").alias("first_seen_dt"),
-        F.col("c.image_uri").alias("image_uri"), reason.alias("reason"))
+    """Catalog JSON lines (value, dt) -> items with a `reason` (null = valid).
+
+    Reasons: the parser's (bad_encoding, blank_line, bad_json, trailing_content, wrong_type:<field>),
+    null_id (no item_id or image_uri), duplicate_item (an item_id an earlier catalog row already
+    defines: an earlier date, or earlier on the same date by raw text; the first definition wins).
+    """
+    parsed = parse_json_lines(raw, CATALOG_FIELDS)
+    reason = F.coalesce("reason", _first_reason(
+        (F.col("item_id").isNull() | F.col("image_uri").isNull(), "null_id"),
+    ))
+    rows = parsed.withColumn("reason", reason)
+    w = Window.partitionBy("item_id").orderBy(F.col("reason").isNotNull(), "dt", "value")
+    return rows.select(
+        "value", "raw_b64", "dt", "item_id", "category", "title", "price",
+        F.coalesce("first_seen_dt", "dt").alias("first_seen_dt"), "image_uri",
+        F.coalesce("reason", F.when(F.row_number().over(w) > 1, F.lit("duplicate_item"))).alias("reason"),
+        "detail")
 
 
 IMAGE_RESULT_SCHEMA = T.StructType([
@@ -251,26 +379,25 @@ IMAGE_RESULT_SCHEMA = T.StructType([
     T.StructField("height", T.IntegerType()),
     T.StructField("sha256", T.StringType()),
     T.StructField("reason", T.StringType()),
+    T.StructField("detail", T.StringType()),
 ])
 
 
-def decode_images(items: DataFrame, images_root: str, image_px: int, jpeg_quality: int) -> DataFrame:
-    """Read, validate, resize (centre crop to image_px square) and JPEG-encode each item's image.
-
-    Runs in executors (Arrow batches); an image that is missing, undecodable or outside images_root
-    gets a reason instead of failing the job.
-    """
+def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels: int) -> DataFrame:
+    """(item_id, content) -> IMAGE_RESULT_SCHEMA: each file's bytes validated, centre-cropped to an
+    image_px square and JPEG-encoded (etl.images.normalize_image), on the executors over Arrow
+    batches. A bad image gets a reason (image_too_large, image_corrupt) instead of failing the job."""
     def decode_batches(batches):
-        from etl.images import load_and_resize
+        from etl.images import normalize_image
 
         for pdf in batches:
-            rows = [load_and_resize(images_root, uri, image_px, jpeg_quality) for uri in pdf["image_uri"]]
+            rows = [normalize_image(bytes(c), image_px, jpeg_quality, max_pixels) for c in pdf["content"]]
             out = pdf[["item_id"]].copy()
-            for i, col in enumerate(("image", "width", "height", "sha256", "reason")):
+            for i, col in enumerate(("image", "width", "height", "sha256", "reason", "detail")):
                 out[col] = [r[i] for r in rows]
             yield out
 
-    return items.select("item_id", "image_uri").mapInPandas(decode_batches, IMAGE_RESULT_SCHEMA)
+    return files.select("item_id", "content").mapInPandas(decode_batches, IMAGE_RESULT_SCHEMA)
 
 
 def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click: int) -> DataFrame:

@@ -92,10 +92,24 @@ class TableStore:
             raise TableError(f"bad table name {name!r}: use lower_snake_case")
         return under_root(self.root, name)
 
+    def _pin(self, name: str) -> tuple[bool, int | None]:
+        """(pinned, version): stage-1 tables are read at the version of the latest publish manifest
+        (etl.publish); pinned with version None = not published yet. Other tables: (False, None)."""
+        from etl.publish import STAGE1_TABLES, PublishLog
+
+        if name not in STAGE1_TABLES:
+            return False, None
+        pins = PublishLog(self.root, self.spark).pins()
+        return (False, None) if pins is None else (True, pins.get(name))
+
     def _delta(self, name: str, version: int | None = None):
         from deltalake import DeltaTable
 
         path = self.path(name)
+        if version is None:
+            pinned, version = self._pin(name)
+            if pinned and version is None:
+                raise TableError(f"table {name!r} has no published version yet; run the job that writes it first")
         if not DeltaTable.is_deltatable(path):
             raise TableError(f"table {name!r} does not exist at {path}; run the job that writes it first")
         return DeltaTable(path, version=version) if version is not None else DeltaTable(path)
@@ -103,10 +117,34 @@ class TableStore:
     def exists(self, name: str) -> bool:
         from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(self.path(name))
+        pinned, version = self._pin(name)
+        return DeltaTable.is_deltatable(self.path(name)) and (not pinned or version is not None)
 
     def version(self, name: str) -> int | None:
         return self._delta(name).version() if self.exists(name) else None
+
+    def _written(self, name: str) -> int | None:
+        """The version a direct write (replace_partition/replace_partitions/overwrite) created. On a
+        stage-1 table under a publish log it is published alone (a manifest moving only its pin), so
+        readers see it and publish recovery does not take it for an orphan."""
+        from etl.publish import STAGE1_TABLES, PublishLog
+
+        version = self.latest_version(name)
+        if name in STAGE1_TABLES and version is not None:
+            plog = PublishLog(self.root, self.spark)
+            if plog.latest() is not None:
+                with plog.lock(f"direct write {name}"):
+                    m = plog.latest()
+                    plog.append({"dt": None, "run_id": "", "status": f"direct write of {name}",
+                                 "tables": {**m["tables"], name: version}, "dates": m["dates"]})
+        return version
+
+    def latest_version(self, name: str) -> int | None:
+        """The newest committed version, published or not (writers and publish recovery only)."""
+        from deltalake import DeltaTable
+
+        path = self.path(name)
+        return DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
 
     def history(self, name: str) -> list[dict]:
         return self._delta(name).history()
@@ -137,6 +175,8 @@ class TableStore:
         """A Spark DataFrame of the table (latest or a pinned version), partition columns included."""
         if self.native:
             reader = self.spark.read.format("delta")
+            if version is None:
+                version = self.version(name)
             if version is not None:
                 reader = reader.option("versionAsOf", version)
             return reader.load(self.path(name))
@@ -144,6 +184,7 @@ class TableStore:
         from pyspark.sql.types import StructType
 
         dt = self._delta(name, version)
+        version = dt.version()  # one snapshot for the schema and the file list (pins can move)
         schema = StructType.fromJson(json.loads(dt.schema().to_json()))
         partition_cols = dt.metadata().partition_columns
         files = self.files(name, version)
@@ -184,12 +225,12 @@ class TableStore:
             self._retry_conflicts(name, lambda: (
                 data.write.format("delta").mode("overwrite").option("replaceWhere", where)
                 .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
-            return self.version(name)
+            return self._written(name)
         rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
         adds = self._write_files(data, name, rel_dir, partition)
         schema = self._arrow_schema(data, partition_cols=cols)
         self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
-        return self.version(name)
+        return self._written(name)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
                            job: str = "", run_id: str = "") -> int:
@@ -218,7 +259,7 @@ class TableStore:
                 data.select(*[c for c in data.columns if c not in cols], *cols).write.format("delta")
                 .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
                 .partitionBy(*cols).save(self.path(name))))
-            return self.version(name)
+            return self._written(name)
         run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
         adds = self._write_files(data, name, run_dir, fixed, by=by)
         stray = sorted({a.partition_values[by] for a in adds} - set(values))
@@ -227,7 +268,7 @@ class TableStore:
         schema = self._arrow_schema(data.drop(by), partition_cols=cols)
         filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
         self._commit(name, adds, schema, cols, filters, meta)
-        return self.version(name)
+        return self._written(name)
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
@@ -236,10 +277,89 @@ class TableStore:
             self._retry_conflicts(name, lambda: (
                 df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
                 .option("userMetadata", json.dumps(meta)).save(self.path(name))))
-            return self.version(name)
+            return self._written(name)
         adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
         self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
-        return self.version(name)
+        return self._written(name)
+
+    # ---- staged writes: files first, commit later (stage 1 verifies between the two) -------------
+    def stage_partition(self, df, name: str, partition: Mapping[str, str]) -> "Staged":
+        """Write df's rows for one partition as files no version refers to yet; commit_staged()
+        publishes them as one partition replace, discard_staged() removes them."""
+        partition = {k: str(v) for k, v in partition.items()}
+        data = df.drop(*[c for c in partition if c in df.columns])
+        run = f"run-{uuid.uuid4().hex[:12]}"
+        if self.native:
+            folder = f"{self.path(name).rstrip('/')}/_staging/{run}"
+            data.write.mode("errorifexists").parquet(folder)
+            staged_df = self.spark.read.parquet(folder)
+            # Spark answers count() from the Parquet footers: no data pass.
+            return Staged(name, partition, folder, [], None, data.schema, staged_df.count(), None)
+        rel_dir = f"{_partition_dir(partition)}/{run}"
+        adds = self._write_files(data, name, rel_dir, partition)
+        schema = self._arrow_schema(data, partition_cols=list(partition))
+        return Staged(name, partition, f"{self.path(name).rstrip('/')}/{rel_dir}", adds, schema, data.schema,
+                      sum(json.loads(a.stats)["numRecords"] for a in adds), sum(a.size for a in adds))
+
+    def read_staged(self, staged: "Staged"):
+        """The staged rows as a DataFrame, partition columns included (as the committed table will read)."""
+        from pyspark.sql import functions as F
+
+        if staged.adds or self.native:
+            uris = ([f"{self.path(staged.name).rstrip('/')}/{a.path}" for a in staged.adds]
+                    if not self.native else [staged.folder])
+            df = self.spark.read.schema(staged.spark_schema).parquet(*uris)
+        else:
+            df = self.spark.createDataFrame([], staged.spark_schema)
+        for c, v in staged.partition.items():
+            df = df.withColumn(c, F.lit(v))
+        return df
+
+    def commit_staged(self, staged: "Staged", job: str = "", run_id: str = "") -> int:
+        """Commit staged files as one replace of their partition. Returns the new (latest) version."""
+        name, partition = staged.name, staged.partition
+        meta = {"job": job, "run_id": run_id, "partition": json.dumps(partition)}
+        if self.native:
+            from pyspark.sql import functions as F
+
+            data = self.spark.read.parquet(staged.folder)
+            for c, v in partition.items():
+                data = data.withColumn(c, F.lit(v))
+            where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+            (data.write.format("delta").mode("overwrite").option("replaceWhere", where)
+             .option("userMetadata", json.dumps(meta)).partitionBy(*partition).save(self.path(name)))
+            self._delete_folder(staged.folder)
+            return self.latest_version(name)
+        self._commit(name, staged.adds, staged.arrow_schema, list(partition),
+                     [(c, "=", v) for c, v in partition.items()], meta)
+        return self.latest_version(name)
+
+    def discard_staged(self, staged: "Staged") -> None:
+        self._delete_folder(staged.folder)
+
+    def restore(self, name: str, version: int) -> int:
+        """Make `version`'s content the table's newest version (one commit). Returns the new version."""
+        if self.native:
+            self.spark.sql(f"RESTORE TABLE delta.`{self.path(name)}` TO VERSION AS OF {int(version)}")
+        else:
+            from deltalake import DeltaTable
+
+            DeltaTable(self.path(name)).restore(int(version))
+        return self.latest_version(name)
+
+    def drop_table(self, name: str) -> None:
+        """Remove a table's folder (publish recovery: a table no published version refers to)."""
+        self._delete_folder(self.path(name))
+
+    def _delete_folder(self, path: str) -> None:
+        if is_uri(path):
+            jvm = self.spark.sparkContext._jvm
+            jpath = jvm.org.apache.hadoop.fs.Path(path)
+            jpath.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration()).delete(jpath, True)
+        else:
+            import shutil
+
+            shutil.rmtree(_local_path(path), ignore_errors=True)
 
     def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = True) -> list[str]:
         """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run."""
@@ -330,6 +450,19 @@ class TableStore:
                                     partition_by=partition_cols or None,
                                     partition_filters=partition_filters, commit_properties=props)
         log.debug("committed %s (%d files)", name, len(adds))
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Files of one partition written but not committed (see TableStore.stage_partition)."""
+    name: str
+    partition: dict
+    folder: str
+    adds: list
+    arrow_schema: object
+    spark_schema: object
+    rows: int
+    size_bytes: int | None
 
 
 def _unquote(path: str) -> str:

@@ -1,8 +1,10 @@
 """spark-submit jobs/build_samples.py --conf conf/local.yaml --date 2026-11-20 [--end-date 2026-11-24]
 
 Stage 1: raw search log -> quarantine, items, item_images, pv_samples, ctr_log, courier_train (Delta,
-partitioned by dt). Rerunning a date replaces exactly that date's partitions. Dates of a range are
-built in order (a date's courier_train reads the item images of earlier dates).
+partitioned by dt). Each date is verified before it is published, and its six tables are published as
+a unit; a date whose inputs and config did not change since its last publish commits nothing
+(`unchanged`). Dates of a range are built in order (a date reads the item images of earlier dates).
+Exit codes: 0 built/unchanged, 1 the input or the counts refused publishing, 2 bad arguments/config.
 """
 from __future__ import annotations
 
@@ -10,44 +12,64 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import CliError, date_arg, run_job  # noqa: E402
+
+JOB = "build_samples"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--date", required=True, help="first date to build (YYYY-MM-DD)")
     p.add_argument("--end-date", default=None, help="last date to build, inclusive (default: --date)")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
+    p.add_argument("--allow-empty", action="store_true",
+                   help="publish a date whose raw log folder holds no lines (replaces its tables with empty ones)")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild a date even when its inputs and config are unchanged since its last publish")
 
+
+def check_args(args) -> None:
+    args.date = date_arg("--date", args.date)
+    args.end_date = date_arg("--end-date", args.end_date)
+    if args.end_date and args.end_date < args.date:
+        raise CliError(f"--end-date {args.end_date}: before --date {args.date}")
+
+
+def body(ctx) -> int:
     import mlflow
 
-    from etl.build import JOB, build_date, date_range, report_json
+    from etl.build import build_date, date_range, report_json
     from etl.config import flat_params
-    from etl.spark import get_spark
     from etl.tables import TableStore
-    from etl.tracking import start_run
 
-    dates = date_range(args.date, args.end_date)
-    spark = get_spark(cfg, app_name=JOB)
-    store = TableStore(spark, cfg)
+    dates = date_range(ctx.args.date, ctx.args.end_date)
+    store = TableStore(ctx.spark, ctx.cfg)
+    run_id = ctx.run.info.run_id
+    mlflow.log_params({**flat_params(ctx.cfg, ("samples",)), "dates": ",".join(dates),
+                       "tables.engine": ctx.cfg.tables.engine, "config": ctx.cfg.source})
     reports = []
-    with start_run(cfg, run_name=f"{JOB} {dates[0]}..{dates[-1]}", tags={"courier.job": JOB}) as run:
-        mlflow.log_params({**flat_params(cfg, ("samples",)), "dates": ",".join(dates),
-                           "tables.engine": cfg.tables.engine, "config": cfg.source})
+    try:
         for i, date in enumerate(dates, 1):
             print(f"[{JOB}] {i}/{len(dates)} building {date} ...", flush=True)
-            report = build_date(spark, cfg, store, date, run.info.run_id,
+            report = build_date(ctx.spark, ctx.cfg, store, date, run_id, allow_empty=ctx.args.allow_empty,
+                                force=ctx.args.force,
                                 progress=lambda line: print(line, flush=True))
             reports.append(report)
             print(report.render(), flush=True)
-            flat = {k: v for k, v in report.counts.items() if isinstance(v, int)}
-            mlflow.log_metrics({f"{k}": v for k, v in flat.items()}, step=i - 1)
-            mlflow.set_tags({f"table_version.{t}.{date}": str(ver) for t, ver in report.versions.items()})
+            mlflow.set_tag(f"status.{date}", report.status)
+            mlflow.log_metrics({k: v for k, v in report.counts.items() if isinstance(v, int)}, step=i - 1)
+            mlflow.set_tags({f"table_version.{t}.{date}": str(v) for t, v in report.versions.items()})
+    finally:
         mlflow.log_text(report_json(reports), "build_samples_report.json")
-    print(f"[{JOB}] done: {len(dates)} date(s); MLflow run {run.info.run_id}", flush=True)
-    spark.stop()
+    built = sum(r.status == "built" for r in reports)
+    print(f"[{JOB}] done: {len(dates)} date(s), {built} built, {len(dates) - built} unchanged; "
+          f"MLflow run {run_id}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from etl.build import InputError, PublishError, VerifyError
+
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_args,
+                   expected_errors=(InputError, PublishError, VerifyError), argv=argv)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,10 @@ def test_rerun_is_idempotent(spark, known):
         return out
 
     before, versions = snapshot(), {t: store.version(t) for t in tables}
-    build_date(spark, cfg, store, D1, "run-2")
+    # Same inputs and config: nothing to do, nothing committed.
+    assert build_date(spark, cfg, store, D1, "run-2").status == "unchanged"
+    assert {t: store.version(t) for t in tables} == versions
+    build_date(spark, cfg, store, D1, "run-2", force=True)
     assert snapshot() == before
     assert {t: store.version(t) for t in tables} == {t: v + 1 for t, v in versions.items()}
     # The older version is still readable (time travel) and holds the same rows.

@@ -17,7 +17,7 @@ EXPECTED_COLUMNS = {
                       "pv_mask", "pv_images", "click_history", "click_mask", "click_images", "dt"],
     "item_images": ["item_id", "image", "width", "height", "sha256", "dt"],
     "items": ["item_id", "category", "title", "price", "first_seen_dt", "image_uri", "dt"],
-    "quarantine": ["source", "reason", "raw", "event_id", "job_run_id", "dt", "job"],
+    "quarantine": ["source", "reason", "detail", "raw", "raw_b64", "event_id", "job_run_id", "dt", "job"],
 }
 
 
@@ -44,7 +44,7 @@ def test_spark_submit_prints_a_report_that_adds_up(submitted):
     assert "wrote 3 date(s) 2026-11-20..2026-11-22" in sim_out
     for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
         assert f"== build_samples {date} ==" in out
-    assert out.count("[ok]") == 3 * 8 and "MISMATCH" not in out
+    assert out.count("[ok]") == 3 * 16 and "MISMATCH" not in out
     assert "quarantined search_log/bad_json" in out and "done: 3 date(s)" in out
 
 

@@ -1,0 +1,228 @@
+"""Stage 1 input discovery and the counts taken from the input files themselves.
+
+Every file of a raw date folder is either read or reported:
+- `*.jsonl` / `*.json`, plain or compressed with a codec Spark's text source reads natively
+  (`.gz`, `.bz2`), are read as JSON lines (one object per line);
+- names matching `samples.input_ignore` (default `_*` and `.*`: `_SUCCESS`, `.crc` files) are skipped
+  and counted;
+- anything else fails the date with a message listing the files: `.zst` too, because Hadoop's
+  ZStandardCodec needs the native libhadoop that pip's pyspark does not ship (measured: "native
+  zStandard library not available"), and a sub-folder (no partition layout is expected below dt=).
+
+`scan_files` reads each file's bytes once, on the executors through Spark's `binaryFile` source (so
+`s3a://` roots work), and returns per file: size, sha256 of the stored bytes and the number of lines
+after decompression with Python's own gzip/bz2 (not Hadoop's codecs). That line count is the anchor
+the report's `raw_rows` is checked against: it does not share code with the parser it checks.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+READ_SUFFIXES = (".jsonl", ".json")
+SPARK_CODECS = ("", ".gz", ".bz2")  # what Spark's text source decompresses without native libraries
+UNSUPPORTED_CODECS = (".zst", ".zstd", ".lz4", ".snappy", ".xz", ".zip", ".deflate")
+
+
+class InputError(RuntimeError):
+    """The input of a date cannot be used as it is (missing, empty, or files the job cannot read)."""
+
+
+@dataclass(frozen=True)
+class RawFile:
+    path: str  # fully qualified (file:/..., s3a://...)
+    name: str
+    size: int
+    mtime: int  # milliseconds
+
+
+@dataclass
+class DateInput:
+    """The files of one raw date folder, sorted into read / ignored."""
+    dt: str
+    read: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
+
+
+def _codec(name: str) -> str:
+    for c in (".gz", ".bz2"):
+        if name.endswith(c):
+            return c
+    return ""
+
+
+def classify(name: str, ignore: list[str]) -> str:
+    """'read', 'ignored' or 'unsupported' for a file name in a raw date folder."""
+    if any(fnmatch.fnmatchcase(name, p) for p in ignore):
+        return "ignored"
+    stem = name[: -len(_codec(name))] if _codec(name) else name
+    return "read" if stem.endswith(READ_SUFFIXES) else "unsupported"
+
+
+def _fs(spark, path: str):
+    jvm = spark.sparkContext._jvm
+    jpath = jvm.org.apache.hadoop.fs.Path(path)
+    return jpath, jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+
+def qualify(spark, path: str) -> str:
+    jpath, fs = _fs(spark, path)
+    return str(fs.makeQualified(jpath).toString())
+
+
+def discover(spark, base: str, date: str, ignore: list[str]) -> DateInput | None:
+    """The files of base/dt=<date>/ (None when the folder does not exist). Raises InputError listing
+    every file that is neither readable nor ignored."""
+    jpath, fs = _fs(spark, f"{base.rstrip('/')}/dt={date}")
+    if not fs.exists(jpath):
+        return None
+    out, bad = DateInput(dt=date), []
+    for st in sorted(fs.listStatus(jpath), key=lambda s: str(s.getPath().getName())):
+        name = str(st.getPath().getName())
+        f = RawFile(str(st.getPath().toString()), name, int(st.getLen()), int(st.getModificationTime()))
+        kind = "unsupported" if st.isDirectory() else classify(name, ignore)
+        if kind == "read":
+            out.read.append(f)
+        elif kind == "ignored":
+            out.ignored.append(f)
+        else:
+            bad.append(name + ("/" if st.isDirectory() else ""))
+    if bad:
+        zst = [b for b in bad if b.endswith(UNSUPPORTED_CODECS)]
+        hint = (" (Spark reads .gz and .bz2 natively; .zst needs Hadoop native libraries this Spark lacks:"
+                " decompress them, e.g. `zstd -d --rm`, or recompress as .gz)") if zst else ""
+        raise InputError(f"{base}/dt={date}: {len(bad)} file(s) the job cannot read: {bad}{hint}. "
+                         f"Readable: *.jsonl, *.json (+ .gz, .bz2); ignored: {ignore} (samples.input_ignore)")
+    return out
+
+
+@dataclass(frozen=True)
+class FileScan:
+    size: int
+    sha256: str
+    lines: int
+
+
+def _scan_bytes(name: str, data: bytes) -> tuple[str, int]:
+    import bz2
+    import gzip
+
+    digest = hashlib.sha256(data).hexdigest()
+    if name.endswith(".gz"):
+        data = gzip.decompress(data)
+    elif name.endswith(".bz2"):
+        data = bz2.decompress(data)
+    # Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines() does (a last line
+    # without a newline counts; a final newline adds none). It drops a UTF-8 BOM at the file start.
+    return digest, len(data.splitlines())
+
+
+def scan_files(spark, files: list[RawFile]) -> dict[str, FileScan]:
+    """{path: FileScan} for every file, computed on the executors from the stored bytes."""
+    # Spark's file sources skip zero-length files: those are answered here without reading.
+    empty = {f.path: FileScan(0, hashlib.sha256(b"").hexdigest(), 0) for f in files if f.size == 0}
+    files = [f for f in files if f.size > 0]
+    if not files:
+        return empty
+    from pyspark.sql import types as T
+
+    schema = T.StructType([T.StructField("path", T.StringType()), T.StructField("sha256", T.StringType()),
+                           T.StructField("lines", T.LongType()), T.StructField("size", T.LongType())])
+
+    def scan(batches):
+        import pandas as pd
+
+        for pdf in batches:
+            rows = [(p, *_scan_bytes(p, bytes(c)), len(c)) for p, c in zip(pdf["path"], pdf["content"])]
+            yield pd.DataFrame(rows, columns=["path", "sha256", "lines", "size"])
+
+    df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
+          .select("path", "content"))
+    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.mapInPandas(scan, schema).collect()}
+    # binaryFile reports paths qualified like listStatus does; fall back to the name for safety.
+    out = dict(empty)
+    for f in files:
+        hit = got.get(f.path) or next((v for k, v in got.items() if k.endswith("/" + f.name)), None)
+        if hit is None:
+            raise InputError(f"{f.path}: listed but could not be read back (removed while the job ran?)")
+        out[f.path] = hit
+    return out
+
+
+def glob_escape(path: str) -> str:
+    """Spark treats [, ], {, }, *, ? in a load path as a glob; a literal file name must be escaped."""
+    out = []
+    for ch in path:
+        out.append("\\" + ch if ch in "[]{}*?\\" else ch)
+    return "".join(out)
+
+
+def fingerprint(parts: dict) -> str:
+    """A stable sha256 of a JSON-able description of everything a date's output depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class ImagePlan:
+    """Today's items sorted by what the driver learnt from listing their folders (no bytes read)."""
+    to_read: list = field(default_factory=list)  # (item_id, qualified path)
+    rejected: list = field(default_factory=list)  # (item_id, reason, detail)
+    listing: list = field(default_factory=list)  # (image_uri, size, mtime) of every file to read
+
+
+def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes: int) -> ImagePlan:
+    """Resolve each (item_id, image_uri) under images_root and list the folders that hold them.
+
+    image_path_escapes_root: the uri leaves images_root (absolute, `..`, a scheme, a symlink out);
+    image_missing: no such file (or a folder); image_too_large: the file is over max_bytes (never read).
+    Listing is per distinct parent folder through Hadoop's FileSystem, so local and s3a:// roots behave
+    alike; Spark's binaryFile source then reads only the files that passed.
+    """
+    from etl.config import ConfigError, under_root
+    from etl.images import IMAGE_CORRUPT, IMAGE_ESCAPES_ROOT, IMAGE_MISSING, IMAGE_TOO_LARGE
+
+    plan = ImagePlan()
+    wanted: dict[str, list] = {}
+    for item_id, uri in items:
+        try:
+            if "://" in uri or uri.startswith("/"):
+                raise ConfigError(uri)
+            path = under_root(images_root, uri)
+        except ConfigError:
+            plan.rejected.append((item_id, IMAGE_ESCAPES_ROOT, uri[:200]))
+            continue
+        wanted.setdefault(qualify(spark, path), []).append((item_id, uri))
+    parents: dict[str, dict] = {}
+    for q in wanted:
+        parent = q.rsplit("/", 1)[0]
+        if parent not in parents:
+            jpath, fs = _fs(spark, parent)
+            statuses = fs.listStatus(jpath) if fs.exists(jpath) and fs.getFileStatus(jpath).isDirectory() else []
+            parents[parent] = {str(s.getPath().toString()): s for s in statuses}
+        st = parents[parent].get(q)
+        for item_id, uri in wanted[q]:
+            if st is None or st.isDirectory():
+                plan.rejected.append((item_id, IMAGE_MISSING, uri[:200]))
+            elif int(st.getLen()) == 0:  # Spark's binaryFile source skips empty files
+                plan.rejected.append((item_id, IMAGE_CORRUPT, "empty file"))
+            elif int(st.getLen()) > max_bytes:
+                plan.rejected.append((item_id, IMAGE_TOO_LARGE, f"{int(st.getLen())} bytes > {max_bytes}"))
+            else:
+                plan.to_read.append((item_id, q))
+                plan.listing.append((uri, int(st.getLen()), int(st.getModificationTime())))
+    return plan
+
+
+def read_image_files(spark, plan: ImagePlan):
+    """(item_id, content) of the planned files, read by the executors (binaryFile source)."""
+    from pyspark.sql import types as T
+
+    pairs = spark.createDataFrame(plan.to_read or [], T.StructType([
+        T.StructField("item_id", T.StringType()), T.StructField("path", T.StringType())]))
+    if not plan.to_read:
+        return pairs.select("item_id", pairs["path"].cast("binary").alias("content"))
+    paths = sorted({p for _, p in plan.to_read})
+    files = spark.read.format("binaryFile").load([glob_escape(p) for p in paths]).select("path", "content")
+    return pairs.join(files, on="path", how="inner").select("item_id", "content")

@@ -1,0 +1,203 @@
+"""The publish log: the tables of one stage-1 date become visible together, or not at all.
+
+Delta has no multi-table transaction, and stage 1 writes six tables per date. Each table's partition
+replace is one Delta commit (`etl.tables`); this module makes the *set* atomic for readers:
+
+- `<tables_root>/_publish/<seq>.json` manifests, written once each (create-if-absent, never
+  rewritten). Each holds the cumulative state after a publish: `tables` = the version of every
+  stage-1 table readers must use, `dates` = {dt: fingerprint of the inputs it was built from}.
+- `TableStore` reads, `version()` and `files()` of a stage-1 table pin to the latest manifest's version
+  (a table not in it does not exist for readers). Versions committed after it are invisible.
+- A run stages every table's files, verifies the counts, then, holding `_publish/_lock`, first undoes
+  any versions committed after the latest manifest (a run killed between two commits: `restore` to
+  the published version; a table the log never published is removed), commits its tables one by one
+  and appends a manifest. Readers move from the old set to the new one at that last write.
+- The lock holds the host and pid of its run: a lock whose process is gone (same host) is taken over;
+  any other is an error naming the lock file.
+
+Test hook (documented, test-only): `COURIER_PAUSE_AFTER_COMMIT=<n>:<marker path>` makes the run
+write the marker file and sleep after its n-th table commit, so a test can SIGKILL it there.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+
+from etl.config import is_uri
+
+log = logging.getLogger(__name__)
+
+# The stage-1 tables published as a unit (the contract with etl.tables and etl.build).
+STAGE1_TABLES = ("quarantine", "items", "item_images", "pv_samples", "ctr_log", "courier_train")
+PUBLISH_DIR = "_publish"
+LOCK_NAME = "_lock"
+PAUSE_ENV = "COURIER_PAUSE_AFTER_COMMIT"
+
+
+class PublishError(RuntimeError):
+    """A date cannot be published (order between dates, a held lock, a conflicting publish)."""
+
+
+class PublishLog:
+    """Manifests under <tables_root>/_publish (local paths; URIs through Hadoop's FileSystem)."""
+
+    def __init__(self, tables_root: str, spark=None):
+        self.dir = tables_root.rstrip("/") + "/" + PUBLISH_DIR
+        self.spark = spark
+
+    # ---- a tiny file layer: os for local paths (O_EXCL is atomic), Hadoop FS for URIs -------------
+    def _hfs(self, path: str):
+        if self.spark is None:
+            raise PublishError(f"{path}: a Spark session is needed to reach this file system")
+        jvm = self.spark.sparkContext._jvm
+        jpath = jvm.org.apache.hadoop.fs.Path(path)
+        return jpath, jpath.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration())
+
+    def _list(self) -> list[str]:
+        if not is_uri(self.dir):
+            return sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
+        jpath, fs = self._hfs(self.dir)
+        return sorted(str(s.getPath().getName()) for s in fs.listStatus(jpath)) if fs.exists(jpath) else []
+
+    def _read(self, name: str) -> str:
+        path = f"{self.dir}/{name}"
+        if not is_uri(path):
+            with open(path, encoding="utf-8") as fh:
+                return fh.read()
+        jpath, fs = self._hfs(path)
+        stream = fs.open(jpath)
+        try:
+            return self.spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+        finally:
+            stream.close()
+
+    def _create(self, name: str, text: str) -> bool:
+        """Write a new file; False when it already exists (another run got there first)."""
+        path = f"{self.dir}/{name}"
+        if not is_uri(path):
+            os.makedirs(self.dir, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return True
+        jpath, fs = self._hfs(path)
+        if fs.exists(jpath):
+            return False
+        out = fs.create(jpath, False)
+        try:
+            out.write(bytearray(text.encode("utf-8")))
+        finally:
+            out.close()
+        return True
+
+    def _delete(self, name: str) -> None:
+        path = f"{self.dir}/{name}"
+        if not is_uri(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return
+        jpath, fs = self._hfs(path)
+        fs.delete(jpath, False)
+
+    # ---- manifests ------------------------------------------------------------------------------
+    def latest(self) -> dict | None:
+        names = [n for n in self._list() if n.endswith(".json")]
+        return json.loads(self._read(names[-1])) if names else None
+
+    def pins(self) -> dict | None:
+        """{table: version} readers use; None when nothing was ever published (read the latest)."""
+        m = self.latest()
+        return None if m is None else dict(m["tables"])
+
+    def published_dates(self) -> dict:
+        m = self.latest()
+        return dict(m["dates"]) if m else {}
+
+    def append(self, entry: dict) -> dict:
+        """Write the next manifest (seq = latest + 1). Raises PublishError if another run wrote it."""
+        m = self.latest()
+        seq = 0 if m is None else m["seq"] + 1
+        entry = {**entry, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if not self._create(f"{seq:020d}.json", json.dumps(entry, indent=1, sort_keys=True)):
+            raise PublishError(f"{self.dir}: manifest {seq} was written by another run while this one "
+                               "held no lock; rerun the date")
+        return entry
+
+    # ---- the lock -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, run_id: str, wait_s: float = 300.0):
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        deadline = time.monotonic() + wait_s
+        while not self._create(LOCK_NAME, json.dumps(me)):
+            try:
+                holder = json.loads(self._read(LOCK_NAME))
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                log.warning("taking over the publish lock of run %s (process %s is gone)",
+                            holder.get("run_id"), holder.get("pid"))
+                self._delete(LOCK_NAME)
+                continue
+            if time.monotonic() > deadline:
+                raise PublishError(f"{self.dir}/{LOCK_NAME} is held by {holder or 'an unreadable lock'}; "
+                                   "if that run is dead on another host, remove the file")
+            time.sleep(1.0)
+        try:
+            yield
+        finally:
+            self._delete(LOCK_NAME)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pause_hook(commits_done: int) -> None:
+    """Test-only: pause after the n-th commit so a test can kill the run there (see module doc)."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    n, _, marker = spec.partition(":")
+    if int(n) == commits_done:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3600)
+
+
+def recover(store, plog: PublishLog) -> list[str]:
+    """Undo stage-1 commits made after the latest manifest (a run that died between two commits).
+    Call with the lock held. Returns what was done, one line per table."""
+    pins = plog.pins()
+    done = []
+    for name in STAGE1_TABLES:
+        latest = store.latest_version(name)
+        if latest is None:
+            continue
+        pinned = None if pins is None else pins.get(name)
+        if pins is not None and pinned is None:
+            store.drop_table(name)
+            done.append(f"{name}: removed (created by a run that never published)")
+        elif pinned is not None and latest > pinned:
+            store.restore(name, pinned)
+            done.append(f"{name}: restored to published v{pinned} (v{pinned + 1}..v{latest} unpublished)")
+    for line in done:
+        log.warning("publish recovery: %s", line)
+    return done

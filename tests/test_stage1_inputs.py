@@ -1,0 +1,243 @@
+"""Stage 1 against real-world input (real Spark, real Delta): files of every kind in a date folder,
+strict parsing and semantic reasons, image limits, empty/missing input, order between dates, cheap
+reruns, and verify-before-publish with a deliberately broken transform."""
+from __future__ import annotations
+
+import base64
+import bz2
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import click, pv, write_catalog, write_config, write_jsonl
+
+D0, D1, D2 = "2026-11-19", "2026-11-20", "2026-11-21"
+ITEMS = [f"i{k}" for k in range(1, 9)]
+BAD_BYTES = b'{"event_id": "y9", "event_type": "pv", "user_id": "u\xff\xfe"}'
+# D1's faults, one per reason, each line on its own (reason -> line).
+FAULTS = {
+    "trailing_content": json.dumps(pv("y1", "2026-11-20T11:00:00Z", "u5", "q1", ["i1"]))
+    + json.dumps(click("y1b", "2026-11-20T11:00:01Z", "u5", "q1", "i1")),
+    "wrong_type:user_id": json.dumps(pv("y2", "2026-11-20T11:00:00Z", 5, "q2", ["i1"])),
+    "wrong_type:items": json.dumps(pv("y3", "2026-11-20T11:00:00Z", "u5", "q3", "i1")),
+    "bad_event_type": json.dumps({"event_id": "y4", "event_type": "view", "ts": "2026-11-20T11:00:00Z",
+                                  "user_id": "u5", "pv_id": "q4"}),
+    "blank_line": "",
+}
+OUTSIDE = [pv("t1", "1970-01-01T00:00:00Z", "u6", "r1", ["i1"]), pv("t2", "2999-01-01T00:00:00Z", "u6", "r2", ["i1"]),
+           pv("t3", "2026-11-21T02:00:00Z", "u6", "r3", ["i1"])]
+
+
+def write_d1(cfg) -> None:
+    base = Path(cfg.raw_root) / "search_log" / f"dt={D1}"
+    main = [
+        pv("b1", "2026-11-20T08:00:00Z", "u1", "p1", ["i2", "i3", "i2", "i4"]),  # i2 listed twice
+        click("b2", "2026-11-20T08:00:10Z", "u1", "p1", "i2"),
+        click("b3", "2026-11-20T07:59:00Z", "u1", "p1", "i3"),  # before its PV
+        # the same event_id with different content: both copies are conflicting
+        click("b4", "2026-11-20T08:00:20Z", "u1", "p1", "i4"),
+        click("b4", "2026-11-20T08:00:21Z", "u1", "p1", "i4"),
+        # the same pv_id on two PV events with different items: both conflicting (their click: orphan)
+        pv("b5", "2026-11-20T09:00:00Z", "u2", "p5", ["i1", "i2"]),
+        pv("b6", "2026-11-20T09:00:00Z", "u2", "p5", ["i1", "i3"]),
+        click("b7", "2026-11-20T09:00:05Z", "u2", "p5", "i1"),
+        *OUTSIDE,
+        *FAULTS.values(),
+    ]
+    write_jsonl(base / "part-00000.jsonl", main)
+    with (base / "part-00000.jsonl").open("ab") as fh:
+        fh.write(BAD_BYTES + b"\n")
+    more = [pv("c1", "2026-11-20T10:00:00Z", "u1", "p6", ["i1", "i5"]),
+            click("c2", "2026-11-20T10:00:05Z", "u1", "p6", "i5")]
+    (base / "part-00001.jsonl.gz").write_bytes(gzip.compress(("\n".join(map(json.dumps, more)) + "\n").encode()))
+    last = [pv("c3", "2026-11-20T12:00:00Z", "u1", "p7", ["i6", "i1"]), click("c4", "2026-11-20T12:00:09Z", "u1", "p7", "i6")]
+    (base / "part-00002.json.bz2").write_bytes(bz2.compress("\n".join(map(json.dumps, last)).encode()))  # no final \n
+    (base / "_SUCCESS").write_text("")
+    (base / ".part-00000.jsonl.tmp").write_bytes(b"partial")
+
+
+def write_inputs(cfg) -> None:
+    images = Path(cfg.images_root)
+    extra = [
+        json.dumps({"item_id": "i9", "category": "dress", "title": "huge", "price": 1.0, "image_uri": "i9.png"}),
+        json.dumps({"item_id": "i10", "category": "dress", "title": "out", "price": 1.0, "image_uri": "../i1.png"}),
+        json.dumps({"item_id": "i1", "category": "dress", "title": "again", "price": 2.0, "image_uri": "i1.png"}),
+        json.dumps({"item_id": "i11", "category": "dress", "title": "t", "price": "cheap", "image_uri": "i1.png"}),
+    ]
+    write_catalog(cfg, D0, ITEMS, extra_lines=extra)
+    from test_stage1_parsing import _png_header_only
+
+    (images / "i9.png").write_bytes(_png_header_only(20000, 20000))
+    write_jsonl(Path(cfg.raw_root) / "search_log" / f"dt={D0}" / "part-00000.jsonl",
+                [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2", "i3"]),
+                 click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1"),
+                 click("a2", "2026-11-19T10:00:06Z", "u1", "p0", "i3"),
+                 pv("a3", "2026-11-19T11:00:00Z", "u1", "p00", ["i1"]),
+                 click("a4", "2026-11-19T11:00:05Z", "u1", "p00", "i1")])  # i1 clicked again, later
+    write_d1(cfg)
+
+
+@pytest.fixture(scope="module")
+def messy(spark, tmp_path_factory):
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    tmp = tmp_path_factory.mktemp("messy")
+    cfg = load_config(write_config(tmp, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_inputs(cfg)
+    store = TableStore(spark, cfg)
+    reports = {d: build_date(spark, cfg, store, d, "run-1") for d in (D0, D1)}
+    return cfg, store, reports
+
+
+def test_every_file_is_read_or_reported(messy):
+    _, _, reports = messy
+    f = reports[D1].counts["files"]["search_log"]
+    assert f["files"] == 3 and sorted(f["ignored"]) == [".part-00000.jsonl.tmp", "_SUCCESS"]
+    assert f["lines"] == 8 + len(OUTSIDE) + len(FAULTS) + 1 + 2 + 2  # gzip and bzip2 lines included
+    assert reports[D1].counts["raw_lines"] == reports[D1].counts["raw_rows"] == f["lines"]
+
+
+def test_unreadable_files_fail_the_date_listing_them(spark, messy):
+    from etl.build import InputError, build_date
+
+    cfg, store, _ = messy
+    bad = Path(cfg.raw_root) / "search_log" / "dt=2026-11-25"
+    bad.mkdir(parents=True)
+    (bad / "part-00000.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    (bad / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match=r"\['notes.txt', 'part-00000.jsonl.zst'\].*zstd -d"):
+        build_date(spark, cfg, store, "2026-11-25", "run-x")
+    shutil.rmtree(bad)
+
+
+def test_strict_parsing_and_semantic_reasons(messy):
+    _, store, reports = messy
+    q = reports[D1].counts["quarantine"]["search_log"]
+    assert q == {**{r: 1 for r in FAULTS}, "bad_encoding": 1, "ts_outside_date": 3, "click_before_pv": 1,
+                 "conflicting_duplicate": 4, "orphan_click": 1}
+    rows = store.read("quarantine").where(f"dt = '{D1}' and source = 'search_log'").collect()
+    by_reason: dict = {}
+    for r in rows:
+        by_reason.setdefault(r["reason"], []).append(r)
+    assert sorted(r["event_id"] for r in by_reason["conflicting_duplicate"]) == ["b4", "b4", "b5", "b6"]
+    assert by_reason["click_before_pv"][0]["event_id"] == "b3"
+    assert {r["event_id"] for r in by_reason["ts_outside_date"]} == {"t1", "t2", "t3"}
+    assert by_reason["wrong_type:user_id"][0]["raw"] == FAULTS["wrong_type:user_id"]
+    enc = by_reason["bad_encoding"][0]
+    assert base64.b64decode(enc["raw_b64"]) == BAD_BYTES and "\ufffd" in enc["raw"]
+    assert all(r["raw_b64"] is None for r in rows if r["reason"] != "bad_encoding")
+    # The quarantine stays readable by a non-Spark Delta reader (valid UTF-8 everywhere).
+    import pyarrow.fs as pafs
+    from deltalake import DeltaTable
+
+    path = str(Path(store.root) / "quarantine")
+    ds = DeltaTable(path).to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, pafs.LocalFileSystem()))
+    assert "\ufffd" in "".join(ds.to_table(columns=["raw"]).column("raw").to_pylist())
+
+
+def test_item_listed_twice_keeps_its_first_position(messy):
+    _, store, reports = messy
+    assert reports[D1].counts["repeated_on_page"] == 1
+    p1 = [(r["item_id"], r["position"], r["label"]) for r in
+          store.read("ctr_log").where("pv_id = 'p1'").orderBy("position").collect()]
+    assert p1 == [("i2", 0, 1), ("i3", 1, 0), ("i4", 3, 0)]  # b3 (before the PV) and b4 (conflicting) label nothing
+
+
+def test_click_history_ts_is_the_latest_click_of_a_repeated_item(messy):
+    _, store, _ = messy
+    p1 = store.read("pv_samples").where("pv_id = 'p1'").collect()[0]
+    assert p1["click_history"] == ["i1", "i3"]
+    assert [t.isoformat() for t in p1["click_history_ts"]] == ["2026-11-19T11:00:05", "2026-11-19T10:00:06"]
+
+
+def test_catalog_and_image_reasons(messy):
+    _, store, reports = messy
+    c = reports[D0].counts
+    assert c["quarantine"]["catalog"] == {"duplicate_item": 1, "wrong_type:price": 1}
+    assert c["quarantine"]["image"] == {"image_too_large": 1, "image_path_escapes_root": 1}
+    q = {r["event_id"]: r for r in store.read("quarantine").where(f"dt = '{D0}' and source = 'image'").collect()}
+    assert "400000000 pixels" in q["i9"]["detail"] and q["i10"]["reason"] == "image_path_escapes_root"
+    assert c["items"] == 10 and c["item_images"] == 8
+
+
+def test_rerun_is_unchanged_then_a_changed_file_rebuilds_that_date_only(spark, messy):
+    from etl.build import build_date
+    from etl.publish import STAGE1_TABLES
+
+    cfg, store, _ = messy
+    before = {t: store.version(t) for t in STAGE1_TABLES}
+    again = build_date(spark, cfg, store, D1, "run-2")
+    assert again.status == "unchanged" and not again.versions
+    assert {t: store.version(t) for t in STAGE1_TABLES} == before
+    d0_files = sorted(f.uri for f in store.files("pv_samples") if f.partition_values["dt"] == D0)
+    with (Path(cfg.raw_root) / "search_log" / f"dt={D1}" / "part-00000.jsonl").open("a") as fh:
+        fh.write(json.dumps(pv("z1", "2026-11-20T20:00:00Z", "u1", "p9", ["i1", "i2"])) + "\n")
+    rebuilt = build_date(spark, cfg, store, D1, "run-3")
+    assert rebuilt.status == "built" and rebuilt.counts["raw_rows"] == again_rows(messy) + 1
+    assert {t: store.version(t) for t in STAGE1_TABLES} == {t: v + 1 for t, v in before.items()}
+    assert sorted(f.uri for f in store.files("pv_samples") if f.partition_values["dt"] == D0) == d0_files
+    assert build_date(spark, cfg, store, D1, "run-4").status == "unchanged"
+
+
+def again_rows(messy) -> int:
+    return messy[2][D1].counts["raw_rows"]
+
+
+def test_empty_folder_is_refused_unless_allowed(spark, messy):
+    from etl.build import InputError, build_date
+
+    cfg, store, _ = messy
+    folder = Path(cfg.raw_root) / "search_log" / f"dt={D2}"
+    folder.mkdir(parents=True)
+    (folder / "_SUCCESS").write_text("")
+    (folder / "part-00000.jsonl").write_text("")
+    with pytest.raises(InputError, match="holds no lines.*--allow-empty"):
+        build_date(spark, cfg, store, D2, "run-e")
+    assert store.read("pv_samples").where(f"dt = '{D2}'").count() == 0
+    report = build_date(spark, cfg, store, D2, "run-e2", allow_empty=True)
+    assert report.status == "built" and report.counts["raw_rows"] == 0 and report.versions
+    with pytest.raises(InputError, match="no raw search log for 2026-11-22"):
+        build_date(spark, cfg, store, "2026-11-22", "run-m")
+
+
+def test_a_date_before_its_earlier_dates_fails_naming_them(spark, messy, tmp_path):
+    from etl.build import PublishError, build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    cfg, _, _ = messy
+    other = load_config(write_config(tmp_path, {"samples": {"image_px": 16}, "paths": {
+        "raw_root": cfg.raw_root, "images_root": cfg.images_root}}))
+    store = TableStore(spark, other)
+    with pytest.raises(PublishError, match=r"earlier date\(s\) \['2026-11-19'\].*not published"):
+        build_date(spark, other, store, D1, "run-o")
+    assert not store.exists("pv_samples")
+
+
+def test_counts_that_do_not_add_up_commit_nothing_and_name_the_ids(spark, messy, monkeypatch):
+    """Mutations: a transform that doubles ctr_log rows, and a parser that loses lines. Both used to
+    pass identities computed from the same frames; here the table statistics and the raw line count
+    from the files disagree, and nothing is committed."""
+    import dataclasses
+
+    from etl import samples as S
+    from etl.build import VerifyError, build_date
+    from etl.publish import STAGE1_TABLES
+
+    cfg, store, _ = messy
+    cfg2 = dataclasses.replace(cfg, samples=dataclasses.replace(cfg.samples, sampling_seed=99))  # not `unchanged`
+    before = {t: store.latest_version(t) for t in STAGE1_TABLES}
+    real_ctr_log, real_parse = S.ctr_log, S.parse_events
+    monkeypatch.setattr(S, "ctr_log", lambda labelled: real_ctr_log(labelled).unionByName(
+        real_ctr_log(labelled).where("pv_id = 'p6'")))
+    with pytest.raises(VerifyError, match=r"(?s)impressions = ctr_log.*first ids repeated in ctr_log: p6/i1"):
+        build_date(spark, cfg2, store, D1, "run-v")
+    monkeypatch.setattr(S, "ctr_log", real_ctr_log)
+    monkeypatch.setattr(S, "parse_events", lambda raw, skew: real_parse(raw, skew).where("event_id != 'c1' or dt != '2026-11-20'"))
+    with pytest.raises(VerifyError, match=r"(?s)raw_lines\(files\) = raw_rows.*part-00001.jsonl.gz: 2 lines in the file, 1 parsed"):
+        build_date(spark, cfg2, store, D1, "run-w")
+    assert {t: store.latest_version(t) for t in STAGE1_TABLES} == before

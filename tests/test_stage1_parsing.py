@@ -1,0 +1,142 @@
+"""Stage 1 strict line parsing and image normalisation: pure functions, no Spark."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etl.images import normalize_image
+from etl.samples import CATALOG_FIELDS, EVENT_FIELDS, parse_line
+
+GOOD = {"event_id": "e1", "event_type": "pv", "ts": "2026-11-20T08:00:00Z", "user_id": "u1", "pv_id": "p1",
+        "query": "dress", "items": ["i1", "i2"]}
+
+
+def reason(line) -> tuple:
+    data = line if isinstance(line, bytes) else line.encode()
+    values, text, r, detail = parse_line(data, EVENT_FIELDS)
+    return r, detail, values
+
+
+@pytest.mark.parametrize("line, expected", [
+    (json.dumps(GOOD), None),
+    ("  " + json.dumps(GOOD) + " \r", None),  # surrounding whitespace is not content
+    ("", "blank_line"),
+    ("   ", "blank_line"),
+    ('{"event_id": "e1"', "bad_json"),
+    ("[1, 2]", "bad_json"),  # JSON, but not an object
+    ('{"event_id": "e1", "event_id": "e2"}', "bad_json"),  # duplicate key: which one is meant?
+    ('{"event_id": NaN}', "bad_json"),
+    (json.dumps(GOOD) + json.dumps(GOOD), "trailing_content"),  # two objects on one line
+    (json.dumps(GOOD) + " x", "trailing_content"),
+    (json.dumps({**GOOD, "user_id": 42}), "wrong_type:user_id"),  # a number where the contract says string
+    (json.dumps({**GOOD, "items": "i1"}), "wrong_type:items"),  # a string where it says list
+    (json.dumps({**GOOD, "items": ["i1", 2]}), "wrong_type:items"),
+    (json.dumps({**GOOD, "ts": 1795161600}), "wrong_type:ts"),
+    (json.dumps({**GOOD, "extra": {"a": 1}}), None),  # fields outside the contract are ignored
+])
+def test_strict_line_reasons(line, expected):
+    r, detail, values = reason(line)
+    assert r == expected, detail
+    if expected is None:
+        assert values["items"] == ["i1", "i2"] and values["user_id"] == "u1"
+    else:
+        assert values is None
+
+
+def test_undecodable_bytes_are_marked_and_recoverable():
+    data = json.dumps(GOOD).encode()[:20] + b"\xff\xfe" + json.dumps(GOOD).encode()[20:]
+    values, text, r, detail = parse_line(data, EVENT_FIELDS)
+    assert r == "bad_encoding" and "byte 20" in detail
+    assert "\ufffd\ufffd" in text and text.encode("utf-8")  # valid UTF-8 for every reader
+
+
+def test_catalog_price_is_a_number_not_a_bool_or_string():
+    line = {"item_id": "i1", "image_uri": "i1.png", "price": 9.5}
+    assert parse_line(json.dumps(line).encode(), CATALOG_FIELDS)[2] is None
+    assert parse_line(json.dumps({**line, "price": "9.5"}).encode(), CATALOG_FIELDS)[2] == "wrong_type:price"
+    assert parse_line(json.dumps({**line, "price": True}).encode(), CATALOG_FIELDS)[2] == "wrong_type:price"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_parse_to_values_or_a_reason(data):
+    values, text, r, detail = parse_line(data, EVENT_FIELDS)
+    assert (values is None) != (r is None)
+    text.encode("utf-8")  # always writable as a string column
+    if r is None:
+        assert set(values) == set(EVENT_FIELDS)
+
+
+# ---- images ------------------------------------------------------------------------------------------
+def _save(img, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny (wrong) body: what a decompression bomb
+    looks like to a reader that checks the header first."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _decoded(data: bytes, px: int = 8):
+    from etl.images import decode_jpeg
+
+    jpeg, w, h, sha, r, detail = normalize_image(data, px, 95, 1_000_000)
+    assert r is None, (r, detail)
+    assert (w, h) == (px, px) and len(sha) == 64
+    return decode_jpeg(jpeg)
+
+
+def test_header_pixel_limit_before_decoding():
+    jpeg, *_, r, detail = normalize_image(_png_header_only(20000, 20000), 8, 90, 25_000_000)
+    assert jpeg is None and r == "image_too_large" and "400000000 pixels" in detail
+    *_, r, detail = normalize_image(_png_header_only(6000, 5000), 8, 90, 25_000_000)  # under Pillow's own limit
+    assert r == "image_too_large" and detail == "6000x5000 > 25000000 pixels"
+
+
+def test_every_decoder_failure_is_image_corrupt_with_the_class():
+    from PIL import Image
+
+    good = _save(Image.new("RGB", (16, 16), (10, 200, 30)), "PNG")
+    for data in (b"", b"not an image", good[:40], b"\x89PNG\r\n\x1a\n" + b"\0" * 64):
+        *_, r, detail = normalize_image(data, 8, 90, 1_000_000)
+        assert r == "image_corrupt" and detail and detail[0].isupper(), (data[:10], detail)
+
+
+def test_mode_conversion_rules():
+    import numpy as np
+    from PIL import Image
+
+    # CMYK: Pillow's conversion (pure cyan -> (0, 255, 255)).
+    cmyk = _decoded(_save(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=100))
+    assert cmyk.shape == (8, 8, 3) and cmyk[..., 0].mean() < 20 and cmyk[..., 1:].mean() > 235
+    # 16-bit greyscale: the high byte (40000 / 257 = 156), not a clip at 255.
+    grey16 = Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16))
+    g = _decoded(_save(grey16, "PNG"))
+    assert abs(float(g.mean()) - 156) < 3
+    # Palette with a transparent index: composited on white.
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    pal.paste(1, (0, 0, 16, 8))  # top half index 1 (blue, opaque), bottom half index 0 (red, transparent)
+    p = _decoded(_save(pal, "PNG", transparency=0), px=16)
+    assert p[:6, :, 2].mean() > 200 and p[:6, :, 0].mean() < 40  # blue stays blue
+    assert p[10:, :].mean() > 235  # transparent red -> white
+    # RGBA with alpha 0 -> white.
+    assert _decoded(_save(Image.new("RGBA", (16, 16), (255, 0, 0, 0)), "PNG")).mean() > 250
+    # Animated GIF: the first frame.
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    gif = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    first = _decoded(gif)
+    assert first[..., 0].mean() > 200 and first[..., 1].mean() < 60
