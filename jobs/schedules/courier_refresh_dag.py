@@ -70,7 +70,9 @@ with DAG(
 
     done = EmptyOperator(task_id="done")
     embed = job("embed_items", "embed_items.py")
-    cluster = job("build_clusters", "build_clusters.py", "--skip-if-current")
+    # No --skip-if-current here: with the same encoder and k-means settings that flag would keep the old
+    # clustering, but this branch runs because the items changed (drift) or a person asked for it.
+    cluster = job("build_clusters", "build_clusters.py")
     reattach = job("attach_features", "attach_features.py",
                    f"--date {START} --end-date {DAY}")
     train_ctr = job("train_ctr", "train_ctr.py", "--skip-if-done")
