@@ -1,0 +1,241 @@
+"""The whole tiny pipeline on the cluster-in-a-box (pytest -m cluster): Spark standalone master + 2
+workers, the S3 object store, native Delta on it and the MLflow server with S3 artifacts.
+
+`scripts/pipeline.sh` runs with COURIER_CONF pointing at the services (simulate -> build_samples ->
+train_courier on the executors -> embed/cluster -> attach -> refresh -> train_ctr -> review), exactly as
+a user runs it. Then:
+* every table equals the one a local[*] run of the same stages writes on local disk with delta-rs
+  (row-set hashes per table and partition; both runs start from fresh registries, so the encoder and
+  feature version names match too);
+* the row work ran on the executors of both workers (tasks per worker from Spark's event logs, which
+  are what Spark's history REST API serves), the training processes included (TorchDistributor
+  local_mode false);
+* the registry holds the encoder, the clustering and the reviewed CTR models, with their artifacts in
+  the object store.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.pending]
+
+# The tiny stage settings (as in tests/test_end_to_end.py), 2 training processes on 2 executors.
+TRAIN = {"batch_size": 16, "num_workers": 2, "epochs": 1, "max_steps": 6, "checkpoint_every": 3,
+         "log_every": 3, "decode_threads": 1, "local_mode": False}
+FEATURES = {"n_clusters": 8, "kmeans_iters": 10, "attach_batch_size": 256, "embed_batch_size": 64}
+CTR = {"epochs": 2, "batch_size": 128, "layers": [32, 16], "item_buckets": 4096, "user_buckets": 1024}
+REVIEW = {"min_eval_rows": 50, "min_category_rows": 50}
+STAGE_SETTINGS = {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW,
+                  "samples": {"image_px": 32},
+                  # two dates (train on the first, hold out the second) keep the run within minutes
+                  "simulator": {"preset": "tiny", "seed": 7, "image_px": 32, "days": 2}}
+
+# Tables and the columns that legitimately differ between two runs: the job run id of the rejects, and
+# the registry version names (the services' MLflow server is shared by the session's tests, so the
+# encoder / clustering of this run need not be version 1 there).
+TABLES = ("quarantine", "items", "item_images", "pv_samples", "ctr_log", "courier_train", "item_embeddings",
+          "item_clusters", "ctr_train")
+RUN_SPECIFIC = {"quarantine": ("job_run_id",), "item_embeddings": ("encoder_version",),
+                "item_clusters": ("feature_version",), "ctr_train": ("feature_version",)}
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def cluster_config(services, tmp_path: Path) -> Path:
+    """The services' config with the tiny settings, every root under a fresh prefix of the bucket."""
+    conf = yaml.safe_load(Path(services.conf_path).read_text())
+    prefix = f"s3a://{services.bucket}/test-{uuid.uuid4().hex[:8]}"
+    paths = {"data_root": str(tmp_path / "cluster-data"), "raw_root": f"{prefix}/raw",
+             "images_root": f"{prefix}/raw/images", "truth_root": f"{prefix}/truth",
+             "tables_root": f"{prefix}/tables", "checkpoints_root": f"{prefix}/checkpoints"}
+    events = tmp_path / "spark-events"
+    events.mkdir()
+    conf = _deep_update(conf, {**STAGE_SETTINGS, "paths": paths, "spark": {"conf": {
+        # One event log per application: what Spark's history REST API serves, kept after the app ends.
+        "spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri()}}})
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+# ---- row-set hashes ----------------------------------------------------------------------------------
+def table_hashes(spark, cfg, tables=TABLES) -> dict:
+    """{table: {partition values: sorted xxhash64 of every row}}: equal dicts = equal row sets. The
+    registry version columns are left out of the hash; each table must hold exactly one of them."""
+    from pyspark.sql import functions as F
+
+    from etl.tables import TableStore
+
+    store = TableStore(spark, cfg)
+    out = {}
+    for name in tables:
+        df = store.read(name)
+        skipped = RUN_SPECIFIC.get(name, ())
+        cols = [c for c in df.columns if c not in skipped]
+        for c in skipped:
+            if c.endswith("_version"):
+                assert df.select(c).distinct().count() == 1, f"{name}.{c}: more than one version"
+        parts = [c for c in ("dt", "job") if c in df.columns]
+        rows = df.select(F.concat_ws("/", *[F.col(c).cast("string") for c in parts]).alias("p"),
+                         F.xxhash64(*cols).alias("h")).collect()
+        by_part = defaultdict(list)
+        for r in rows:
+            by_part[r["p"]].append(int(r["h"]))
+        out[name] = {p: sorted(h) for p, h in sorted(by_part.items())}
+    return out
+
+
+def _hashes_in_subprocess(conf: Path, env: dict) -> dict:
+    """table_hashes under another config (the cluster's: its own Spark session, S3A and native Delta)."""
+    code = ("import json, sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]\n"
+            "from etl.config import load_config\nfrom etl.spark import get_spark\n"
+            "import test_cluster_pipeline as T\n"
+            "cfg = load_config(sys.argv[1]); spark = get_spark(cfg, app_name='table_hashes')\n"
+            "print('HASHES ' + json.dumps(T.table_hashes(spark, cfg)))\nspark.stop()\n")
+    r = subprocess.run([sys.executable, "-c", code, str(conf), str(ROOT), str(ROOT / "tests")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("HASHES "))
+    return json.loads(line[len("HASHES "):])
+
+
+# ---- where the tasks ran -----------------------------------------------------------------------------
+def tasks_per_worker(events_dir: Path) -> dict:
+    """{application name: Counter(worker UI port -> tasks finished on executors of that worker)}.
+
+    The executors of both workers are on 127.0.0.1: a worker is told apart by the port of its web UI,
+    which is in each executor's log URLs (SparkListenerExecutorAdded)."""
+    out = {}
+    for path in glob.glob(str(events_dir / "*")):
+        app, worker_of, tasks = None, {}, Counter()
+        with open(path) as fh:
+            for line in fh:
+                e = json.loads(line)
+                kind = e.get("Event")
+                if kind == "SparkListenerApplicationStart":
+                    app = e["App Name"]
+                elif kind == "SparkListenerExecutorAdded":
+                    urls = " ".join(e["Executor Info"].get("Log Urls", {}).values())
+                    m = re.search(r"//[^/:]+:(\d+)/", urls)
+                    worker_of[e["Executor ID"]] = m.group(1) if m else e["Executor Info"]["Host"]
+                elif kind == "SparkListenerTaskEnd":
+                    tasks[worker_of.get(e["Task Info"]["Executor ID"], "driver")] += 1
+        out.setdefault(app, Counter()).update(tasks)
+    return out
+
+
+# ---- the test ----------------------------------------------------------------------------------------
+def test_tiny_pipeline_on_the_cluster_equals_local(cluster_services, spark, tmp_path):
+    import mlflow
+
+    conf = cluster_config(cluster_services, tmp_path)
+    env = cluster_services.environ(COURIER_CONF=str(conf), COURIER_PRESET="tiny", PYTHONUNBUFFERED="1")
+    log = tmp_path / "pipeline.log"
+    with open(log, "w") as fh:
+        r = subprocess.run(["bash", "scripts/pipeline.sh"], cwd=ROOT, env=env, stdout=fh,
+                           stderr=subprocess.STDOUT, timeout=3600)  # minutes idle; far more on busy cores
+    out = log.read_text()
+    assert r.returncode == 0, out[-6000:]
+    assert f"Spark master: {cluster_services.spark_master}" in out
+
+    # The same stages on local[*] with delta-rs on local disk (the session's Spark).
+    local_cfg = _local_reference(spark, conf, tmp_path)
+    local = table_hashes(spark, local_cfg)
+    remote = _hashes_in_subprocess(conf, env)
+    for name in TABLES:
+        assert remote[name].keys() == local[name].keys(), name
+        for part in local[name]:
+            assert len(remote[name][part]) == len(local[name][part]), (name, part)
+            assert remote[name][part] == local[name][part], f"{name} {part}: different rows"
+
+    # Row work on the executors of both workers (the master's REST view names them by their UI port),
+    # for the Spark jobs of every stage, the training processes included.
+    with urllib.request.urlopen(cluster_services.spark_rest + "/json/", timeout=10) as resp:
+        workers = {w["webuiaddress"].rsplit(":", 1)[1] for w in json.load(resp)["workers"] if w["state"] == "ALIVE"}
+    assert len(workers) == 2, workers
+    per_app = tasks_per_worker(tmp_path / "spark-events")
+    for app in ("build_samples", "train_courier", "embed_items", "build_clusters", "attach_features"):
+        counts = per_app.get(app)
+        assert counts, f"no event log of {app}: {sorted(per_app)}"
+        assert set(counts) == workers and min(counts.values()) > 0, (app, counts)
+
+    # The registry on the MLflow server, artifacts in the object store.
+    mlflow.set_tracking_uri(cluster_services.mlflow_uri)
+    client = mlflow.MlflowClient()
+    enc = client.get_model_version_by_alias("courier-encoder", "champion")
+    assert client.get_run(enc.run_id).info.artifact_uri.startswith("s3://")
+    assert client.get_model_version_by_alias("courier-clusters", "current")
+    assert client.get_model_version_by_alias("ctr-model", "champion")
+    assert "registry review" in out and "Done. Tables (Delta): s3a://" in out
+
+
+def local_config(cluster_conf: Path, root: Path) -> Path:
+    """The cluster run's config with every stage setting kept and only the deployment changed: local
+    paths, local[2] Spark without the cluster's conf, delta-rs, a sqlite MLflow store, training
+    processes on the driver."""
+    conf = yaml.safe_load(cluster_conf.read_text())
+    conf["paths"] = {"data_root": str(root / "data")}
+    conf["spark"] = {"master": "local[2]", "shuffle_partitions": conf["spark"].get("shuffle_partitions", 4),
+                     "driver_memory": "2g"}
+    conf["tables"] = {"engine": "delta-rs"}
+    conf["mlflow"] = {"experiment": conf["mlflow"].get("experiment", "courier")}
+    conf["train"] = {**conf["train"], "local_mode": True}
+    conf.pop("env", None)
+    path = root / "local.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def _local_reference(spark, cluster_conf: Path, tmp_path: Path):
+    """simulate -> build_samples -> train_courier (2 processes) -> embed -> clusters -> attach on local
+    disk through the session's local Spark and delta-rs, in process (the jobs' own functions)."""
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.simulate import simulate
+    from etl.tables import TableStore
+    from etl.tracking import start_run
+    from features import pipeline as P
+    from training.launch import launch, register_encoder
+
+    root = tmp_path / "local"
+    root.mkdir()
+    cfg = load_config(local_config(cluster_conf, root))
+    sim = cfg.simulator
+    simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=sim.seed, start_date=sim.start_date,
+             days=sim.days, malformed_rate=sim.malformed_rate, bad_image_rate=sim.bad_image_rate,
+             image_px=sim.image_px, style_drift_from=sim.style_drift_from, progress=None)
+    dates = sorted(json.loads(Path(cfg.raw_root, "manifest.json").read_text())["dates"])
+    store = TableStore(spark, cfg)
+    for d in dates:
+        build_date(spark, cfg, store, d, "local-reference")
+    version = store.version("courier_train")
+    from training.launch import split_holdout
+
+    files, _ = split_holdout(store.files("courier_train", version), cfg.train.holdout_last_date)
+    ckpt = os.path.join(cfg.checkpoints_root, "reference")
+    os.makedirs(ckpt)
+    with start_run(cfg, "reference-train") as run:
+        result = launch(cfg, spark, files, ckpt, run.info.run_id)
+        register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version, alias="champion")
+    with start_run(cfg, "reference-features") as run:
+        P.embed_items(spark, cfg, store, None, run.info.run_id)
+        P.build_clusters(spark, cfg, store, run.info.run_id)
+        P.attach_dates(spark, cfg, store, dates, run.info.run_id)
+    return cfg
