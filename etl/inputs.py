@@ -21,6 +21,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from etl.spark import hadoop_path
+
 READ_SUFFIXES = (".jsonl", ".json")
 SPARK_CODECS = ("", ".gz", ".bz2")  # what Spark's text source decompresses without native libraries
 UNSUPPORTED_CODECS = (".zst", ".zstd", ".lz4", ".snappy", ".xz", ".zip", ".deflate")
@@ -61,21 +63,15 @@ def classify(name: str, ignore: list[str]) -> str:
     return "read" if stem.endswith(READ_SUFFIXES) else "unsupported"
 
 
-def _fs(spark, path: str):
-    jvm = spark.sparkContext._jvm
-    jpath = jvm.org.apache.hadoop.fs.Path(path)
-    return jpath, jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-
-
 def qualify(spark, path: str) -> str:
-    jpath, fs = _fs(spark, path)
+    jpath, fs = hadoop_path(spark, path)
     return str(fs.makeQualified(jpath).toString())
 
 
 def discover(spark, base: str, date: str, ignore: list[str]) -> DateInput | None:
     """The files of base/dt=<date>/ (None when the folder does not exist). Raises InputError listing
     every file that is neither readable nor ignored."""
-    jpath, fs = _fs(spark, f"{base.rstrip('/')}/dt={date}")
+    jpath, fs = hadoop_path(spark, f"{base.rstrip('/')}/dt={date}")
     if not fs.exists(jpath):
         return None
     out, bad = DateInput(dt=date), []
@@ -198,7 +194,7 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
     for q in wanted:
         parent = q.rsplit("/", 1)[0]
         if parent not in parents:
-            jpath, fs = _fs(spark, parent)
+            jpath, fs = hadoop_path(spark, parent)
             statuses = fs.listStatus(jpath) if fs.exists(jpath) and fs.getFileStatus(jpath).isDirectory() else []
             parents[parent] = {str(s.getPath().toString()): s for s in statuses}
         st = parents[parent].get(q)

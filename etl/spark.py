@@ -132,7 +132,8 @@ def get_spark(cfg: Config, app_name: str | None = None):
     return spark
 
 
-def _hadoop_path(spark, path: str):
+def hadoop_path(spark, path: str):
+    """(Hadoop Path, its FileSystem) for a path on any file system Spark can read."""
     jvm = spark.sparkContext._jvm
     jpath = jvm.org.apache.hadoop.fs.Path(path)
     return jpath, jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
@@ -140,13 +141,13 @@ def _hadoop_path(spark, path: str):
 
 def path_exists(spark, path: str) -> bool:
     """Whether a file or folder exists, on any file system Spark can read (local, HDFS, S3...)."""
-    jpath, fs = _hadoop_path(spark, path)
+    jpath, fs = hadoop_path(spark, path)
     return bool(fs.exists(jpath))
 
 
 def list_dir(spark, path: str) -> list[str]:
     """Names of the entries of a folder (empty when it does not exist), on any Spark file system."""
-    jpath, fs = _hadoop_path(spark, path)
+    jpath, fs = hadoop_path(spark, path)
     if not fs.exists(jpath):
         return []
     return sorted(str(s.getPath().getName()) for s in fs.listStatus(jpath))
