@@ -249,10 +249,9 @@ def _join(root: str, sub: str) -> str:
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Check a scalar against a field annotation (after `from __future__ import annotations`)."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing), {})  # noqa: S307
-    args = typing.get_args(hint)
-    allowed = args if args else (hint,)
+    """Check a scalar against a field's resolved type hint (typing.get_type_hints, never eval)."""
+    args = typing.get_args(annotation)
+    allowed = args if args else (annotation,)
     if value is None:
         if type(None) in allowed:
             return None
@@ -278,6 +277,7 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # the string annotations resolved in this module's namespace
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{prefix}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
@@ -288,7 +288,7 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
         if isinstance(ftype, str) and ftype.endswith("Conf"):
             kwargs[name] = _build(globals()[ftype], value, key)
         else:
-            kwargs[name] = _check_type(value, ftype, key)
+            kwargs[name] = _check_type(value, hints[name], key)
     return cls(**kwargs)
 
 

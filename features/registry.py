@@ -19,6 +19,14 @@ class RegistryError(RuntimeError):
     pass
 
 
+def version_number(versioned_name: str) -> int:
+    """'courier-encoder-v10' -> 10: versions compare as numbers ('v9' < 'v10'), never as strings."""
+    m = re.search(r"-v(\d+)$", versioned_name)
+    if not m:
+        raise RegistryError(f"{versioned_name!r} is not a <model>-v<N> version name")
+    return int(m.group(1))
+
+
 def parse_ref(ref: str) -> tuple[str, str, str]:
     """'m@champion' -> (m, 'alias', 'champion'); 'm/3' -> (m, 'version', '3'); 'm/latest' -> (m, 'latest', '')."""
     m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?:@([A-Za-z0-9_\-]+)|/(\d+|latest))", ref)

@@ -10,4 +10,5 @@ bash scripts/install_airflow.sh   # Airflow 3 in its own venv: the scheduled-ref
 export COURIER_REQUIRE_HOROVOD="${COURIER_REQUIRE_HOROVOD:-1}" COURIER_REQUIRE_AIRFLOW="${COURIER_REQUIRE_AIRFLOW:-1}"
 VENV="${COURIER_VENV:-$ROOT/.venv}"
 export PYSPARK_PYTHON="$VENV/bin/python" PYSPARK_DRIVER_PYTHON="$VENV/bin/python" SPARK_LOCAL_IP=127.0.0.1
-exec "$VENV/bin/python" -m pytest -q "$@"
+# The slowest tests are listed at the end of every run: the CI budget is watched from there.
+exec "$VENV/bin/python" -m pytest -q --durations=25 "$@"

@@ -151,3 +151,43 @@ def test_jobs_run_as_scripts(env):
     review = run("jobs/review_model.py", "--no-tsne")
     assert review.returncode in (0, 1), review.stderr[-3000:]
     assert "== ctr-model review" in review.stdout and "decision:" in review.stdout
+
+
+def test_newest_encoder_is_chosen_by_number_not_by_string(spark, tmp_path):
+    """The t-SNE sample keeps the rows of the newest encoder: v10 is newer than v9 (string max says v9)."""
+    from pyspark.sql import types as T
+
+    from features.registry import RegistryError, version_number
+    from training.ctr.review import embedding_sample
+
+    assert version_number("courier-encoder-v10") > version_number("courier-encoder-v9")
+    with pytest.raises(RegistryError):
+        version_number("courier-encoder-latest")
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from tests.conftest import write_config
+
+    cfg = load_config(write_config(tmp_path))
+    store = TableStore(spark, cfg)
+    schema = T.StructType([T.StructField("item_id", T.StringType()),
+                           T.StructField("embedding", T.ArrayType(T.FloatType())),
+                           T.StructField("encoder_version", T.StringType()), T.StructField("dt", T.StringType())])
+    for v in (9, 10):
+        rows = [(f"i{k}", [float(v), 0.0], f"courier-encoder-v{v}", "2026-11-20") for k in range(12)]
+        store.replace_partition(spark.createDataFrame(rows, schema), "item_embeddings",
+                                {"encoder_version": f"courier-encoder-v{v}", "dt": "2026-11-20"})
+    emb, _ = embedding_sample(store, cfg)
+    assert emb.shape == (12, 2) and set(emb[:, 0].tolist()) == {10.0}
+
+
+def test_hue_panel_draws_each_hue_family_in_its_own_colour():
+    from matplotlib.colors import to_rgba
+
+    from training.ctr.report import _plt, panel_colours
+
+    hues = ["?", "green", "magenta", "orange"]
+    assert panel_colours(hues, _plt()) == [to_rgba("lightgrey"), to_rgba("green"), to_rgba("magenta"),
+                                           to_rgba("orange")]
+    categories = panel_colours(["dress", "shoes"], _plt())
+    assert len(set(categories)) == 2 and to_rgba("green") not in categories

@@ -98,6 +98,18 @@ def plot_curves(outcome, path: str) -> bool:
     return True
 
 
+def panel_colours(values: list, plt) -> list:
+    """One colour per value. Values that are colour names (the hidden hue families: red, ..., magenta)
+    are drawn in that colour, so the "green" cluster is green; unknown values ("?") grey; anything
+    else (categories) from the tab10/tab20 palette."""
+    from matplotlib.colors import is_color_like, to_rgba
+
+    if values and all(is_color_like(v) or v == "?" for v in values):
+        return [to_rgba(v) if v != "?" else to_rgba("lightgrey") for v in values]
+    cmap = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(len(values))]
+
+
 def plot_tsne(embeddings: np.ndarray, colourings: dict[str, np.ndarray], path: str, seed: int = 0) -> bool:
     """t-SNE of item embeddings (rows) with one panel per colouring (e.g. category, hidden hue)."""
     if len(embeddings) < 10 or not colourings:
@@ -110,10 +122,9 @@ def plot_tsne(embeddings: np.ndarray, colourings: dict[str, np.ndarray], path: s
     fig, axes = plt.subplots(1, len(colourings), figsize=(5 * len(colourings), 4.5), squeeze=False)
     for ax, (name, values) in zip(axes[0], colourings.items()):
         cats = sorted(set(values.tolist()))
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-        for i, c in enumerate(cats):
+        for c, colour in zip(cats, panel_colours(cats, plt)):
             m = values == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(i % cmap.N), label=str(c))
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, color=colour, label=str(c))
         ax.set_title(f"item embeddings, coloured by {name}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

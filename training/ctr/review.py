@@ -232,7 +232,10 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
     if emb.empty:
         return None
     if "encoder_version" in emb.columns:
-        emb = emb[emb["encoder_version"] == emb["encoder_version"].max()]
+        from features.registry import version_number
+
+        newest = max(emb["encoder_version"].unique(), key=version_number)  # v10 is newer than v9
+        emb = emb[emb["encoder_version"] == newest]
     emb = emb.drop_duplicates("item_id")
     emb = emb.sample(n=min(max_items, len(emb)), random_state=seed).reset_index(drop=True)
     colourings = {}
