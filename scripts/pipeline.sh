@@ -43,13 +43,10 @@ MASTER="$(conf_value spark.master)"; DRIVER_MEMORY="$(conf_value spark.driver_me
 # driver's class path (etl/spark.py lists them; it gives them itself when it launches the JVM).
 launch_conf=()
 while IFS= read -r kv; do [ -n "$kv" ] && launch_conf+=(--conf "$kv"); done < <("$PY" -c 'import sys
-import etl.spark as S
 from etl.config import load_config
-conf = load_config(sys.argv[1]).spark.conf
-keys = getattr(S, "_LAUNCH_ONLY", ("spark.jars", "spark.jars.packages", "spark.driver.extraClassPath"))
-for k in keys:
-    if k in conf and k not in ("spark.driver.memory", "spark.driver.extraJavaOptions"):
-        print(f"{k}={conf[k]}")' "$CONF")
+from etl.spark import launch_settings
+for k, v in launch_settings(load_config(sys.argv[1])).items():
+    print(f"{k}={v}")' "$CONF")
 echo "Spark master: $MASTER (spark.master in $CONF)"
 
 submit() {  # spark-submit a job with the config's master, driver memory and launch settings, and the
