@@ -115,10 +115,13 @@ def ref_courier_loss(e_pv, labels, pv_mask, e_click, click_mask, cfg, mha=None, 
     lab, pm, cm = labels.tolist(), pv_mask.tolist(), click_mask.tolist()
     loss = ref_term(pv, lab, pm, cl, cm, cfg, mha)
     if cfg.use_ucs:
-        loss = loss + ref_term(
-            [[c[0]] for c in cl], [[1] for _ in cl], [[m[0]] for m in cm], [c[1:] for c in cl], [m[1:] for m in cm],
-            cfg, mha,
-        )
+        # sec. 3.4 on the clicks that have an image: the latest is the target, the older ones its history;
+        # a user with fewer than 2 of them has no sequence term and is no one's negative
+        seqs = [[c for c, m in zip(cl[b], cm[b]) if m] for b in range(len(cl))]
+        used = [s for s in seqs if len(s) >= 2]
+        if used:
+            loss = loss + ref_term([[s[0]] for s in used], [[1] for _ in used], [[1] for _ in used],
+                                   [s[1:] for s in used], [[1] * len(s[1:]) for s in used], cfg, mha)
     return loss
 
 
@@ -142,6 +145,9 @@ def make_batch(seed, B=4, lp=5, lc=4, d=6):
     pv_mask[2] = True
     click_mask[2] = True
     labels[2, 1] = 1
+    # the latest click's image missing, older clicks present: the latest usable click is the UCS target
+    if B > 3:
+        click_mask[3] = torch.tensor([False, True] + [True] * (lc - 2))
     return e_pv, labels, pv_mask, e_click, click_mask
 
 
@@ -193,6 +199,27 @@ def test_loss_matches_loop_reference(name, seed):
     junk_click = torch.where(click_mask[..., None], e_click, torch.randn_like(e_click) * 100)
     again, _ = loss_mod(junk_pv, labels, pv_mask, junk_click, click_mask, projector=projector)
     torch.testing.assert_close(again, got, rtol=1e-12, atol=1e-12)
+
+
+def test_ucs_sequence_is_the_clicks_that_have_an_image():
+    """Sec. 3.4 on usable clicks: a one-click user has no sequence term and is nobody's negative; a user
+    whose latest click lost its image is a target through the latest click that has one."""
+    cfg = CourierLossConfig()
+    e_pv, labels, pv_mask, e_click, click_mask = make_batch(0)
+    loss_mod, _ = fixed_modules(cfg, e_pv.shape[-1])
+    _, comps = loss_mod(e_pv, labels, pv_mask, e_click, click_mask)
+    # samples 0 (no click) and 1 (one click) take no part; 2 (all clicks) and 3 (slot 0 masked) do
+    assert int(comps["n_pos_ucs"]) == int((click_mask.sum(-1) >= 2).sum())
+    # the one-click user's click can be anything: the sequence loss does not see it
+    moved = e_click.clone()
+    moved[1, 0] = torch.randn(e_click.shape[-1], dtype=DT) * 10
+    _, comps_moved = loss_mod(e_pv, labels, pv_mask, moved, click_mask)
+    torch.testing.assert_close(comps_moved["l_ucs"], comps["l_ucs"], rtol=1e-12, atol=1e-12)
+    # sample 3's target is its latest usable click (slot 1): moving it changes the sequence loss
+    moved = e_click.clone()
+    moved[3, 1] = torch.randn(e_click.shape[-1], dtype=DT) * 10
+    _, comps_moved = loss_mod(e_pv, labels, pv_mask, moved, click_mask)
+    assert not torch.allclose(comps_moved["l_ucs"], comps["l_ucs"])
 
 
 def test_no_positive_gives_zero_with_grad():

@@ -458,9 +458,10 @@ def courier_loss(
     L_pv: targets (optimised columns) are the real PV items with label 1 of samples that have at least
     one real click; the denominators hold every real PV item of the global batch (only the label-1
     ones when ``use_negatives=False``).
-    L_ucs: target = latest click E_click^0 (as a 1-item "PV list", label 1), history = E_click^{1:};
-    optimised when the sample has the latest click and at least one older click; the denominator holds
-    every rank's latest clicks. Each term is normalised by its own global number of optimised targets
+    L_ucs (sec. 3.4): the sequence is the user's clicks that have an image (``usable_clicks_first``);
+    target = its latest click (as a 1-item "PV list", label 1), history = its older clicks. A sample
+    with fewer than 2 usable clicks has no sequence loss: it is neither a target nor in any denominator
+    (the denominator holds every rank's targets, all positives). Each term is normalised by its own global number of optimised targets
     (module docstring). Components: the detached shares l_pv, l_ucs, loss, and the LOCAL target counts
     n_pos_pv, n_pos_ucs.
     """
@@ -473,6 +474,16 @@ def courier_loss(
     dtype = torch.promote_types(e_pv.dtype, torch.float32)
     with torch.autocast(e_pv.device.type, enabled=False):
         return _courier_loss_fp32(e_pv.to(dtype), pv_labels, pv_mask, e_click.to(dtype), click_mask, cfg, mha, gather)
+
+
+def usable_clicks_first(e_click: torch.Tensor, click_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The click sequence with its usable clicks (mask 1) moved to the front, order kept.
+
+    e_click (B, l_click, d), click_mask (B, l_click) bool -> the same shapes, where index 0 is the most
+    recent click that has an image. A click whose image is missing is not part of the sequence (sec.
+    3.4 sorts the user's clicked *images* by time), so the latest usable click is the UCS target."""
+    order = torch.argsort((~click_mask).to(torch.int8), dim=1, stable=True)  # real clicks first, stable
+    return e_click.gather(1, order[..., None].expand_as(e_click)), click_mask.gather(1, order)
 
 
 def _courier_loss_fp32(e_pv, pv_labels, pv_mask, e_click, click_mask, cfg, mha, gather):
@@ -490,9 +501,11 @@ def _courier_loss_fp32(e_pv, pv_labels, pv_mask, e_click, click_mask, cfg, mha, 
     comps = {"l_pv": l_pv.detach(), "n_pos_pv": n_pv.detach()}
     total = l_pv
     if cfg.use_ucs:
-        l_ucs, n_ucs = one(
-            e_click[:, :1], torch.ones_like(click_mask[:, :1]), click_mask[:, :1], e_click[:, 1:], click_mask[:, 1:]
-        )
+        e_seq, seq_mask = usable_clicks_first(e_click, click_mask)  # index 0 = latest click with an image
+        # a sequence needs a target and a history: with fewer than 2 usable clicks it is no UCS target
+        # and, since the UCS "PV list" is the batch of targets, no negative either
+        in_ucs = seq_mask[:, :1] & seq_mask[:, 1:].any(-1, keepdim=True)  # (B, 1)
+        l_ucs, n_ucs = one(e_seq[:, :1], torch.ones_like(in_ucs), in_ucs, e_seq[:, 1:], seq_mask[:, 1:])
         total = total + l_ucs
         comps.update(l_ucs=l_ucs.detach(), n_pos_ucs=n_ucs.detach())
     comps["loss"] = total.detach()
