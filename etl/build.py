@@ -39,8 +39,7 @@ RULES_VERSION = 2
 TABLE_KEYS = {"pv_samples": ("pv_id",), "ctr_log": ("pv_id", "item_id"), "courier_train": ("pv_id",),
               "items": ("item_id",), "item_images": ("item_id",)}
 
-__all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "date_range",
-           "report_json"]
+__all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "report_json"]
 
 
 class VerifyError(RuntimeError):
@@ -122,13 +121,6 @@ class DateReport:
             lines.append(f"  {self.note}")
         lines.append("  table versions: " + ", ".join(f"{k}=v{v}" for k, v in self.versions.items()))
         return "\n".join(lines)
-
-
-def date_range(start: str, end: str | None) -> list[str]:
-    d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end or start)
-    if d1 < d0:
-        raise ValueError(f"end date {end} is before start date {start}")
-    return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
 
 
 def _reason_counts(df: DataFrame, *keys: str) -> dict:

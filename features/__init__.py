@@ -15,8 +15,7 @@ Contract with the CTR model (unchanged from the issue/DESIGN.md):
   that failed to decode, or an embedding with NaN/inf or zero norm); its sim scores are 0.0.
 """
 
-NO_IMAGE_CLUSTER_ID = -1
-NO_IMAGE_SIM_SCORE = 0.0
+from etl.contracts import NO_IMAGE_CLUSTER_ID, NO_IMAGE_SIM_SCORE  # noqa: F401 - owned by etl.contracts
 
 __all__ = ["NO_IMAGE_CLUSTER_ID", "NO_IMAGE_SIM_SCORE", "content_key"]
 

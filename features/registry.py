@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from etl.tracking import register_version
 
-ENCODER_MODEL = "courier-encoder"
-CLUSTERS_MODEL = "courier-clusters"
+from etl.contracts import CLUSTERS_MODEL, ENCODER_MODEL  # noqa: F401 - re-exported for stages 3-4
 CLUSTERS_ARTIFACT = "clusters"  # run artifact folder: index.faiss, centroids.npy, stats.json
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import CliError, date_arg, run_job  # noqa: E402
+from jobs.common import CliError, date_arg, date_range, run_job  # noqa: E402
 
 JOB = "build_samples"
 
@@ -36,7 +36,7 @@ def check_args(args) -> None:
 def body(ctx) -> int:
     import mlflow
 
-    from etl.build import build_date, date_range, report_json
+    from etl.build import build_date, report_json
     from etl.config import flat_params
     from etl.tables import TableStore
 

@@ -60,6 +60,16 @@ def date_arg(flag: str, value: str | None) -> str | None:
         raise CliError(f"{flag} {value}: not a date (YYYY-MM-DD)") from None
 
 
+def date_range(start: str, end: str | None) -> list[str]:
+    """Every date from start to end (inclusive; end None = start only), in order."""
+    import datetime as dt
+
+    d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end or start)
+    if d1 < d0:
+        raise CliError(f"--end-date {end} is before --date {start}")
+    return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
 @dataclass
 class JobContext:
     args: argparse.Namespace

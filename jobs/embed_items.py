@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import date_range, job_parser, load_job_config  # noqa: E402
 
 JOB = "embed_items"
 
@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from etl.build import date_range
     from etl.config import flat_params
     from etl.spark import get_spark
     from etl.tables import TableStore

@@ -87,11 +87,12 @@ review() {  # exit 0 promoted, 1 rejected by a gate, 2 refused (e.g. already cha
 }
 champion="$("$PY" -c 'import sys
 from etl.config import load_config
+from etl.contracts import CHAMPION, CTR_MODEL
 from etl.tracking import setup_mlflow
 import mlflow
 setup_mlflow(load_config(sys.argv[1]))
 try:
-    print(mlflow.MlflowClient().get_model_version_by_alias("ctr-model", "champion").version)
+    print(mlflow.MlflowClient().get_model_version_by_alias(CTR_MODEL, CHAMPION).version)
 except Exception:
     print("")' "$CONF" 2>/dev/null)"
 if [ -z "$champion" ]; then  # a fresh registry: the baseline becomes the first champion, explicitly

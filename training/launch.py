@@ -10,10 +10,10 @@ import tempfile
 
 from etl import fs
 from etl.config import Config
+from etl.contracts import ENCODER_MODEL as MODEL_NAME
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "courier-encoder"
 STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: the encoder's state dict (weights only)
 
 

@@ -20,10 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-try:  # the reserved id is owned by stages 3-4 (features/); -1 is its contract value
-    from features import NO_IMAGE_CLUSTER_ID
-except ImportError:  # pragma: no cover - until features/ defines it
-    NO_IMAGE_CLUSTER_ID = -1
+from etl.contracts import NO_IMAGE_CLUSTER_ID
 
 TABLE = "ctr_train"
 QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids

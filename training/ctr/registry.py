@@ -20,10 +20,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
 from etl.tracking import register_version
 
-MODEL_NAME = "ctr-model"
-CHAMPION = "champion"
 ARTIFACT_DIR = "ctr_model"
 
 
