@@ -31,16 +31,6 @@ def write_config(tmp_path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `pending` (long end-to-end runs not yet proven within the CI budget) run only on request."""
-    if os.environ.get("COURIER_PENDING_TESTS") == "1":
-        return
-    skip = pytest.mark.skip(reason="pending: run with COURIER_PENDING_TESTS=1")
-    for item in items:
-        if "pending" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def spark():
     from etl.config import load_config

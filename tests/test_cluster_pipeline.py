@@ -30,7 +30,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-pytestmark = [pytest.mark.cluster, pytest.mark.pending]
+pytestmark = pytest.mark.cluster
 
 # The tiny stage settings (as in tests/test_end_to_end.py), 2 training processes on 2 executors.
 TRAIN = {"batch_size": 16, "num_workers": 2, "epochs": 1, "max_steps": 6, "checkpoint_every": 3,

@@ -125,7 +125,6 @@ def _status_lines(output: str, key: str) -> list[dict]:
     return out
 
 
-@pytest.mark.pending
 def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     import mlflow
 
