@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from etl import samples as S
@@ -133,6 +132,21 @@ def _reason_counts(df: DataFrame, *keys: str) -> dict:
     return out
 
 
+def materialize(df: DataFrame) -> DataFrame:
+    """df computed once, its lineage cut: a local checkpoint kept on the executors (memory, spilling to
+    disk). Later steps read these rows instead of re-running the plan: the mark_* steps join events
+    with themselves, so without it each use re-parses the input (in Python) and re-runs the windows,
+    and every action re-analyses a plan of ~1e5 characters. A lost executor loses its blocks: the date
+    then fails (nothing is published) and is rerun. `release` frees the blocks."""
+    return df.localCheckpoint(eager=True)
+
+
+def release(*frames: DataFrame) -> None:
+    """Free the blocks of materialized frames now rather than when the JVM collects them."""
+    for df in frames:
+        df._jdf.queryExecution().logical().rdd().unpersist(False)
+
+
 def _sum_by_reason(groups) -> dict:
     out: dict = {}
     for reasons in groups:
@@ -149,7 +163,7 @@ class DateInputs:
     log_files: dict  # date -> DateInput (today and the history window)
     catalog_files: dict  # date -> DateInput (every catalog date up to today)
     scans: dict  # path -> FileScan
-    catalog: DataFrame  # parsed catalog of every date up to today (persisted)
+    catalog: DataFrame  # parsed catalog of every date up to today (materialized)
     images: object  # ImagePlan of today's items
     fingerprint: str
     published: dict  # dt -> manifest entry of the dates published so far
@@ -196,7 +210,7 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                          f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
                          f"ones (pass --allow-empty to publish an empty date)")
 
-    catalog = S.parse_catalog(_dated_lines(spark, catalog_base, catalog_files)).persist(StorageLevel.MEMORY_AND_DISK)
+    catalog = materialize(S.parse_catalog(_dated_lines(spark, catalog_base, catalog_files)))
     todays = [(r["item_id"], r["image_uri"]) for r in catalog.where(
         (F.col("dt") == date) & F.col("reason").isNull()).select("item_id", "image_uri").collect()]
     images = plan_images(spark, todays, cfg.images_root, sc.max_image_bytes)
@@ -227,26 +241,28 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
 
     # ---- events: parse, dedupe, check item references and clicks -------------------------------
     raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
-    events = S.parse_events(raw, sc.ts_skew_minutes)
-    events = S.mark_duplicates(events)
-    events = S.mark_unknown_items(events, known_items)
-    events = S.mark_bad_clicks(events).persist(StorageLevel.MEMORY_AND_DISK)
+    # Each step materialized: every mark_* step joins its input with itself (see materialize).
+    parsed = materialize(S.parse_events(raw, sc.ts_skew_minutes))
+    deduped = materialize(S.mark_duplicates(parsed))
+    referenced = materialize(S.mark_unknown_items(deduped, known_items))
+    events = materialize(S.mark_bad_clicks(referenced))
+    release(parsed, deduped, referenced)
     valid = S.sessionize(events.where(F.col("reason").isNull()), sc.session_gap_minutes)
     pvs = valid.where(F.col("event_type") == "pv")
     clicks = valid.where(F.col("event_type") == "click")
 
     # ---- samples -------------------------------------------------------------------------------
     todays_pvs = S.click_history(pvs, clicks, sc.l_click).where(F.col("dt") == date)
-    labelled = S.label_pvs(todays_pvs, clicks, sc.neg_rate, sc.sampling_seed).persist(StorageLevel.MEMORY_AND_DISK)
-    samples = S.pv_samples(labelled, sc.l_pv, sc.sampling_seed).persist(StorageLevel.MEMORY_AND_DISK)
+    labelled = materialize(S.label_pvs(todays_pvs, clicks, sc.neg_rate, sc.sampling_seed))
+    samples = materialize(S.pv_samples(labelled, sc.l_pv, sc.sampling_seed))
     kept_samples = samples.where(F.col("drop_reason").isNull())
 
     # ---- images: listed by the driver, read by the executors, decoded per row -------------------
     plan = inputs.images
     rejected = spark.createDataFrame(
         [(i, None, None, None, None, r, dtl) for i, r, dtl in plan.rejected], S.IMAGE_RESULT_SCHEMA)
-    decoded = (S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality, sc.max_image_pixels)
-               .unionByName(rejected).persist(StorageLevel.MEMORY_AND_DISK))
+    decoded = materialize(S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality,
+                                          sc.max_image_pixels).unionByName(rejected))
 
     # ---- quarantine: every rejected row of this date, with its reason ---------------------------
     quarantine = (
@@ -325,26 +341,26 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         c["kept_pv_neg_downsampled"] = kept["neg"] if kept else 0
         c["trimmed"] = kept["trimmed"] if kept else 0
         c["pv_items"] = kept["pv_items"] if kept else 0
-        # Only `samples` is still needed: free the other caches before the image-heavy courier_train step.
-        for df in (events, catalog, labelled, decoded):
-            df.unpersist()
+        # Only `samples` is still needed: free the other frames before the image-heavy courier_train step.
+        release(events, labelled, decoded)
 
         # courier_train joins the images of this date (staged, not committed yet) and of the earlier
         # dates (published); never a later date's, so a date's rows do not depend on build order.
         images = store.read_staged(staged["item_images"])
         if store.exists("item_images"):
             images = store.read("item_images").where(F.col("dt") < date).unionByName(images)
-        # Not cached: the rows carry ~10 JPEGs each and the in-memory columnar cache builds whole
-        # batches on the heap (OutOfMemoryError at 0.25x the bench preset); the drop reasons are
-        # counted from S.courier_train_reasons, the same rows without the image bytes.
-        train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click)
+        # Never cached (the rows carry ~10 JPEGs each; the in-memory columnar cache builds whole batches
+        # on the heap: OutOfMemoryError at 0.25x the bench preset): the drop reasons are observed in
+        # the same pass that writes the kept rows.
+        reasons = Observation("courier_train drop reasons")
+        train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click).observe(
+            reasons, F.count_if(F.col("drop_reason").isNull()).alias("ok"),
+            *[F.count_if(F.col("drop_reason") == r).alias(r) for r in S.TRAIN_DROP_REASONS])
         stage("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
-        train_reasons = _reason_counts(
-            S.courier_train_reasons(kept_samples, images, sc.l_pv, sc.l_click).fillna({"drop_reason": "ok"}),
-            "drop_reason")
-        c["courier_train"] = train_reasons.pop("ok", 0)
-        c["train_dropped"] = train_reasons
-        samples.unpersist()
+        observed = reasons.get
+        c["courier_train"] = observed["ok"]
+        c["train_dropped"] = {r: observed[r] for r in S.TRAIN_DROP_REASONS if observed[r]}
+        release(samples)
         # Rows of every staged table from its files' own statistics (Parquet footers), no re-scan;
         # the quarantine's reasons from its staged files (a small table), not from the frame above.
         c["table_rows"] = {name: s.rows for name, s in staged.items()}
@@ -442,7 +458,7 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
         say(f"  {date} verified and published: {time.perf_counter() - t0:.1f}s")
         return report
     finally:
-        inputs.catalog.unpersist()
+        release(inputs.catalog)
 
 
 def report_json(reports: list[DateReport]) -> str:

@@ -27,6 +27,8 @@ EVENT_FIELDS = {"event_id": "string", "event_type": "string", "ts": "string", "u
 CATALOG_FIELDS = {"item_id": "string", "category": "string", "title": "string", "image_uri": "string",
                   "first_seen_dt": "string", "price": "number"}
 EVENT_TYPES = ("pv", "click")
+# courier_train's drop reasons, in the order they are tested (the first that holds is the row's)
+TRAIN_DROP_REASONS = ("no_positive_image", "no_history_image")
 _HASH_BUCKETS = 1 << 30
 _SPARK_TYPES = {"string": T.StringType(), "string_list": T.ArrayType(T.StringType()), "number": T.DoubleType()}
 
@@ -442,24 +444,10 @@ def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click
             .withColumn("click_mask", F.transform("click_images", lambda b: (F.length(b) > 0).cast("int"))))
     has_pos_image = F.exists(F.arrays_zip("pv_labels", "pv_mask"),
                              lambda z: (z["pv_labels"] == 1) & (z["pv_mask"] == 1))
+    no_positive_image, no_history_image = TRAIN_DROP_REASONS
     return rows.withColumn("drop_reason", _first_reason(
-        (~has_pos_image, "no_positive_image"),
-        (~F.array_contains("click_mask", 1), "no_history_image"),
+        (~has_pos_image, no_positive_image),
+        (~F.array_contains("click_mask", 1), no_history_image),
     )).select("sample_id", "user_id", "session_id", "pv_id", "query", "ts",
               "pv_items", "pv_labels", "pv_mask", "pv_images",
               "click_history", "click_mask", "click_images", "drop_reason", "dt")
-
-
-def courier_train_reasons(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
-    """(sample_id, drop_reason) of every `courier_train` row, without the JPEG bytes.
-
-    Each usable image is replaced by a one-byte stand-in (null and empty stay as they are), so the masks
-    (length > 0) and therefore the drop reasons are exactly `courier_train`'s, while the shuffle and the
-    regrouping carry a byte per slot instead of an image. The job counts its drop reasons from this rather
-    than caching the training rows: those carry ~10 JPEGs each, and Spark's in-memory columnar cache
-    builds each batch on the heap, which ran out of memory at 0.25x the bench preset.
-    """
-    stand_in = item_images.select(
-        "item_id",
-        F.when(F.length("image") > 0, F.lit(b"\x01").cast("binary")).otherwise(F.col("image")).alias("image"))
-    return courier_train(samples, stand_in, l_pv, l_click).select("sample_id", "drop_reason")

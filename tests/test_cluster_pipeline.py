@@ -5,8 +5,10 @@ workers, the S3 object store, native Delta on it and the MLflow server with S3 a
 train_courier on the executors -> embed/cluster -> attach -> refresh -> train_ctr -> review), exactly as
 a user runs it. Then:
 * every table equals the one a local[*] run of the same stages writes on local disk with delta-rs
-  (row-set hashes per table and partition; both runs start from fresh registries, so the encoder and
-  feature version names match too);
+  (row-set hashes per table and partition). The local run embeds with the encoder the cluster trained
+  (its weights fetched from the MLflow server): two trainings never give bit-equal weights (the
+  reader's order follows the Parquet file names, which are random per write), while the same weights
+  must give bit-equal embeddings, clusters and features on executors and on local[*];
 * the row work ran on the executors of both workers (tasks per worker from Spark's event logs, which
   are what Spark's history REST API serves), the training processes included (TorchDistributor
   local_mode false);
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import subprocess
 import sys
@@ -155,8 +156,10 @@ def test_tiny_pipeline_on_the_cluster_equals_local(cluster_services, spark, tmp_
     assert r.returncode == 0, out[-6000:]
     assert f"Spark master: {cluster_services.spark_master}" in out
 
-    # The same stages on local[*] with delta-rs on local disk (the session's Spark).
-    local_cfg = _local_reference(spark, conf, tmp_path)
+    # The same stages on local[*] with delta-rs on local disk (the session's Spark), embedding with the
+    # encoder the cluster trained.
+    encoder = _fetch_cluster_encoder(cluster_services, env, tmp_path)
+    local_cfg = _local_reference(spark, conf, tmp_path, encoder)
     local = table_hashes(spark, local_cfg)
     remote = _hashes_in_subprocess(conf, env)
     for name in TABLES:
@@ -203,16 +206,33 @@ def local_config(cluster_conf: Path, root: Path) -> Path:
     return path
 
 
-def _local_reference(spark, cluster_conf: Path, tmp_path: Path):
-    """simulate -> build_samples -> train_courier (2 processes) -> embed -> clusters -> attach on local
-    disk through the session's local Spark and delta-rs, in process (the jobs' own functions)."""
+def _fetch_cluster_encoder(services, env: dict, tmp_path: Path) -> Path:
+    """The weights of courier-encoder@champion on the services' MLflow server (S3 artifacts), fetched
+    in a child process that has the run's credentials."""
+    code = ("import sys, mlflow\nfrom etl.contracts import CHAMPION, ENCODER_MODEL\n"
+            "from training.launch import STATE_ARTIFACT\n"
+            "mlflow.set_tracking_uri(sys.argv[1])\n"
+            "v = mlflow.MlflowClient().get_model_version_by_alias(ENCODER_MODEL, CHAMPION)\n"
+            "print('ENCODER ' + mlflow.artifacts.download_artifacts(run_id=v.run_id, "
+            "artifact_path=STATE_ARTIFACT.format(version=v.version), dst_path=sys.argv[2]))\n")
+    out = tmp_path / "cluster-encoder"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", code, services.mlflow_uri, str(out)], env={**env, "PYTHONPATH": str(ROOT)},
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return Path(next(x for x in r.stdout.splitlines() if x.startswith("ENCODER "))[len("ENCODER "):])
+
+
+def _local_reference(spark, cluster_conf: Path, tmp_path: Path, encoder: Path):
+    """simulate -> build_samples -> (the cluster's encoder registered) -> embed -> clusters -> attach on
+    local disk through the session's local Spark and delta-rs, in process (the jobs' own functions)."""
     from etl.build import build_date
     from etl.config import load_config
     from etl.simulate import simulate
     from etl.tables import TableStore
     from etl.tracking import start_run
     from features import pipeline as P
-    from training.launch import launch, register_encoder
+    from training.launch import register_encoder
 
     root = tmp_path / "local"
     root.mkdir()
@@ -225,15 +245,9 @@ def _local_reference(spark, cluster_conf: Path, tmp_path: Path):
     store = TableStore(spark, cfg)
     for d in dates:
         build_date(spark, cfg, store, d, "local-reference")
-    version = store.version("courier_train")
-    from training.launch import split_holdout
-
-    files, _ = split_holdout(store.files("courier_train", version), cfg.train.holdout_last_date)
-    ckpt = os.path.join(cfg.checkpoints_root, "reference")
-    os.makedirs(ckpt)
-    with start_run(cfg, "reference-train") as run:
-        result = launch(cfg, spark, files, ckpt, run.info.run_id)
-        register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=version, alias="champion")
+    with start_run(cfg, "reference-encoder") as run:  # the cluster's weights, registered locally
+        register_encoder(cfg, str(encoder), run.info.run_id, data_version=store.version("courier_train"),
+                         alias="champion")
     with start_run(cfg, "reference-features") as run:
         P.embed_items(spark, cfg, store, None, run.info.run_id)
         P.build_clusters(spark, cfg, store, run.info.run_id)
