@@ -119,27 +119,36 @@ def _hashes_in_subprocess(conf: Path, env: dict) -> dict:
 
 # ---- where the tasks ran -----------------------------------------------------------------------------
 def tasks_per_worker(events_dir: Path) -> dict:
-    """{application name: Counter(worker UI port -> tasks finished on executors of that worker)}.
+    """{application name: Counter(worker UI port -> tasks finished on executors of that worker)}, the
+    applications of one name added up."""
+    out = {}
+    for app, _, tasks in applications(events_dir):
+        out.setdefault(app, Counter()).update(tasks)
+    return out
+
+
+def applications(events_dir: Path) -> list:
+    """[(application name, start time ms, Counter(worker UI port -> tasks))], one per event log, by start.
 
     The executors of both workers are on 127.0.0.1: a worker is told apart by the port of its web UI,
     which is in each executor's log URLs (SparkListenerExecutorAdded)."""
-    out = {}
+    out = []
     for path in glob.glob(str(events_dir / "*")):
-        app, worker_of, tasks = None, {}, Counter()
+        app, started, worker_of, tasks = None, 0, {}, Counter()
         with open(path) as fh:
             for line in fh:
                 e = json.loads(line)
                 kind = e.get("Event")
                 if kind == "SparkListenerApplicationStart":
-                    app = e["App Name"]
+                    app, started = e["App Name"], e["Timestamp"]
                 elif kind == "SparkListenerExecutorAdded":
                     urls = " ".join(e["Executor Info"].get("Log Urls", {}).values())
                     m = re.search(r"//[^/:]+:(\d+)/", urls)
                     worker_of[e["Executor ID"]] = m.group(1) if m else e["Executor Info"]["Host"]
                 elif kind == "SparkListenerTaskEnd":
                     tasks[worker_of.get(e["Task Info"]["Executor ID"], "driver")] += 1
-        out.setdefault(app, Counter()).update(tasks)
-    return out
+        out.append((app, started, tasks))
+    return sorted(out, key=lambda a: a[1])
 
 
 # ---- the test ----------------------------------------------------------------------------------------
@@ -187,6 +196,19 @@ def test_tiny_pipeline_on_the_cluster_equals_local(cluster_services, spark, tmp_
     assert client.get_model_version_by_alias("courier-clusters", "current")
     assert client.get_model_version_by_alias("ctr-model", "champion")
     assert "registry review" in out and "Done. Tables (Delta): s3a://" in out
+
+    # The second training backend on the executors: horovod.spark.run, 2 processes over gloo, from the
+    # same courier_train on the object store.
+    hv_log = tmp_path / "horovod.log"
+    with open(hv_log, "w") as fh:
+        r = subprocess.run([sys.executable, "jobs/train_courier.py", "--conf", str(conf), "--set", "train.backend=horovod",
+                            "--set", "train.max_steps=2", "--run-name", "horovod-on-the-cluster"], cwd=ROOT, env=env,
+                           stdout=fh, stderr=subprocess.STDOUT, timeout=1800)
+    hv = hv_log.read_text()
+    assert r.returncode == 0, hv[-6000:]
+    assert "on 2 horovod worker(s)" in hv and "done: 2 steps" in hv, hv[-3000:]
+    last_train = [tasks for app, _, tasks in applications(tmp_path / "spark-events") if app == "train_courier"][-1]
+    assert set(last_train) == workers and min(last_train.values()) > 0, last_train  # a process per worker
 
 
 def local_config(cluster_conf: Path, root: Path) -> Path:
