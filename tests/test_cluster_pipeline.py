@@ -189,8 +189,9 @@ def test_tiny_pipeline_on_the_cluster_equals_local(cluster_services, spark, tmp_
         assert set(counts) == workers and min(counts.values()) > 0, (app, counts)
 
     # The registry on the MLflow server, artifacts in the object store.
-    mlflow.set_tracking_uri(cluster_services.mlflow_uri)
-    client = mlflow.MlflowClient()
+    # The server for both tracking and registry: the local reference above set the process's registry
+    # URI to its own sqlite store.
+    client = mlflow.MlflowClient(tracking_uri=cluster_services.mlflow_uri, registry_uri=cluster_services.mlflow_uri)
     enc = client.get_model_version_by_alias("courier-encoder", "champion")
     assert client.get_run(enc.run_id).info.artifact_uri.startswith("s3://")
     assert client.get_model_version_by_alias("courier-clusters", "current")
