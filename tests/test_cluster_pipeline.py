@@ -13,7 +13,9 @@ a user runs it. Then:
   are what Spark's history REST API serves), the training processes included (TorchDistributor
   local_mode false);
 * the registry holds the encoder, the clustering and the reviewed CTR models, with their artifacts in
-  the object store.
+  the object store;
+* the second training backend runs there too: train_courier with train.backend=horovod
+  (horovod.spark.run, one process per worker) from the same courier_train on the object store.
 """
 from __future__ import annotations
 
