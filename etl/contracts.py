@@ -10,7 +10,6 @@ CTR_MODEL = "ctr-model"  # stage 4: the downstream CTR model
 
 # ---- MLflow registry: aliases -------------------------------------------------------------------
 CHAMPION = "champion"  # the encoder / CTR model in use; only a review (or --alias) moves it
-CURRENT = "current"  # the clustering whose ids ctr_train carries
 
 # ---- reserved feature values ----------------------------------------------------------------------
 NO_IMAGE_CLUSTER_ID = -1  # cluster id of an item without a usable image (missing, undecodable, bad embedding)

@@ -49,16 +49,16 @@ def uses_native_delta(cfg: Config) -> bool:
 # The jars must be on the driver's class path from the start (the s3a file system and the Delta
 # extension are looked up by class name when the session starts).
 LAUNCH_ONLY = ("spark.driver.memory", "spark.driver.extraJavaOptions", "spark.driver.extraClassPath",
-                "spark.jars", "spark.jars.packages", "spark.jars.repositories", "spark.jars.ivy",
-                "spark.driver.host", "spark.driver.bindAddress")
+               "spark.jars", "spark.jars.packages", "spark.jars.repositories", "spark.jars.ivy",
+               "spark.driver.host", "spark.driver.bindAddress")
+_JVM_FLAGS = ("spark.driver.memory", "spark.driver.extraJavaOptions")  # spark-submit has flags of its own
 
 
-
-def launch_settings(cfg: Config) -> dict[str, str]:
-    """The config's spark.conf entries a launcher (spark-submit) must give on its command line,
-    except the heap and JVM options, which spark-submit has flags of its own for."""
-    skip = ("spark.driver.memory", "spark.driver.extraJavaOptions")
-    return {k: str(v) for k, v in cfg.spark.conf.items() if k in LAUNCH_ONLY and k not in skip}
+def launch_settings(cfg: Config, with_jvm_flags: bool = False) -> dict[str, str]:
+    """The config's spark.conf entries that must be given when the driver JVM is launched; without
+    `with_jvm_flags`, not the heap and JVM options (what spark-submit's --conf needs)."""
+    return {k: str(v) for k, v in cfg.spark.conf.items()
+            if k in LAUNCH_ONLY and (with_jvm_flags or k not in _JVM_FLAGS)}
 
 
 _LOG4J = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
@@ -99,7 +99,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
         launch["spark.driver.memory"] = cfg.spark.driver_memory
         if os.path.exists(_LOG4J):
             launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
-        launch.update({k: str(v) for k, v in cfg.spark.conf.items() if k in LAUNCH_ONLY})
+        launch.update(launch_settings(cfg, with_jvm_flags=True))
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()

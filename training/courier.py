@@ -461,8 +461,8 @@ def courier_loss(
     L_ucs (sec. 3.4): the sequence is the user's clicks that have an image (``usable_clicks_first``);
     target = its latest click (as a 1-item "PV list", label 1), history = its older clicks. A sample
     with fewer than 2 usable clicks has no sequence loss: it is neither a target nor in any denominator
-    (the denominator holds every rank's targets, all positives). Each term is normalised by its own global number of optimised targets
-    (module docstring). Components: the detached shares l_pv, l_ucs, loss, and the LOCAL target counts
+    (the denominator holds every rank's targets, all positives). Each term is normalised by its own
+    global number of optimised targets (module docstring). Components: the detached shares l_pv, l_ucs, loss, and the LOCAL target counts
     n_pos_pv, n_pos_ucs.
     """
     if cfg.proj_head:
