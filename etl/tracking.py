@@ -62,16 +62,3 @@ def start_run(cfg: Config, run_name: str, tags: dict | None = None, run_id: str 
     with mlflow.start_run(run_name=run_name, tags={"courier.env": cfg.env, **(tags or {})}) as run:
         yield run
 
-
-def register_version(name: str, source: str, run_id: str, tags: dict, description: str = ""):
-    """A new version of registered model `name` from an artifact `source` of `run_id` (the registered
-    model is created on first use, with `description`); tag values are stored as strings."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=description)
-    return client.create_model_version(name, source=source, run_id=run_id,
-                                       tags={k: str(v) for k, v in tags.items()})

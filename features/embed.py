@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from features import content_key
-from features.registry import EncoderSpec
+from etl.registry import EncoderSpec
 
 EMBEDDING_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType()),
@@ -88,7 +88,7 @@ def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int
         import pandas as pd
 
         from features.embed import cached_encoder, decode_image, embed_array
-        from features.registry import EncoderSpec
+        from etl.registry import EncoderSpec
 
         s = EncoderSpec(**spec_d)
         encoder = None

@@ -26,8 +26,9 @@ from features import NO_IMAGE_CLUSTER_ID
 from features import attach as A
 from features import clustering as K
 from features.embed import embed_images
-from features.registry import (ClustersSpec, EncoderSpec, clusters_index_bytes, clusters_spec, encoder_spec,
-                               encoder_state_bytes, parse_ref, register_clusters)
+from etl import registry
+from etl.registry import (ClustersSpec, EncoderSpec, RegistryError, clusters_index_bytes, clusters_spec, encoder_spec,
+                          encoder_state_bytes, parse_ref, register_clusters)
 
 
 class FeatureError(RuntimeError):
@@ -153,13 +154,11 @@ def _sample_matrix(emb: DataFrame, n: int, seed: int) -> np.ndarray:
 def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | None:
     """The clusters_ref version when it already is what build_clusters would make (same encoder version,
     C, iterations, sample and seed) and item_clusters holds it; else None."""
-    from features.registry import RegistryError, resolve
-
     f = cfg.features
     try:
         spec = clusters_spec(f.clusters_ref)
         enc = encoder_spec(f.encoder_ref)
-        tags = resolve(f.clusters_ref).tags
+        tags = registry.resolve(f.clusters_ref).tags
     except RegistryError:
         return None
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
@@ -175,7 +174,6 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     """k-means over item_embeddings of encoder_ref -> a new courier-clusters version (index, centroids,
     stats in MLflow) and item_clusters for every item (reserved id where no usable embedding)."""
     import faiss
-    import mlflow
 
     f = cfg.features
     _arrow_batch(spark, cfg)
@@ -222,7 +220,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
         with open(os.path.join(tmp, "stats.json"), "w") as fh:
             json.dump({**stats, "sizes": {str(k): v for k, v in sorted(sizes.items())}}, fh)
         # The alias moves only after item_clusters holds this version (readers never see one without the other).
-        mv = register_clusters(tmp, run_id, tags, alias=None)
+        mv = register_clusters(tmp, run_id, tags)
     spec = clusters_spec(f"{mv.name}/{mv.version}")
     fv = spec.feature_version
     dates = _dates(items)
@@ -233,7 +231,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
                                                            fixed={"feature_version": fv}, job=job, run_id=run_id)
     name, kind_ref, alias = parse_ref(f.clusters_ref)
     if kind_ref == "alias":
-        mlflow.MlflowClient().set_registered_model_alias(mv.name, alias, mv.version)
+        registry.set_alias(mv.name, alias, mv.version)
         r.info["alias"] = f"@{alias} -> v{mv.version}"
     written = sum(_rows_in(store, "item_clusters", "dt", dates, feature_version=fv).values())
     r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
@@ -357,12 +355,12 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
             F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
         r.counts.update({"new_items": n_new, "new_assigned": d["n"], "new_no_image": n_new - d["n"]})
         r.info["drift"] = {"far_share": d["far"], "mean_distance": d["mean"], "build_mean_distance": spec.mean_distance,
-                           "far_distance": spec.far_distance, "expected_far_share": 1 - _far_q(spec)}
+                           "far_distance": spec.far_distance, "expected_far_share": 1 - spec.far_quantile}
         due = d["far"] is not None and d["far"] > f.drift_threshold
         r.info["recluster_due"] = due
         if due:
             r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of {d['n']} new items are farther than "
-                                 f"the build's {_far_q(spec):.0%} distance ({spec.far_distance:.4f}) from every "
+                                 f"the build's {spec.far_quantile:.0%} distance ({spec.far_distance:.4f}) from every "
                                  f"centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
     else:
         r.counts.update({"new_items": 0})
@@ -438,18 +436,7 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     return r
 
 
-def _far_q(spec: ClustersSpec) -> float:
-    from features.registry import resolve
-
-    try:
-        return float(resolve(f"{spec.name}/{spec.version}").tags.get("far_quantile", "0.95"))
-    except Exception:  # noqa: BLE001 - only for the message
-        return 0.95
-
-
 def _champion_version(ref: str) -> str | None:
-    from features.registry import RegistryError
-
     try:
         return encoder_spec(ref).encoder_version
     except RegistryError:
@@ -476,9 +463,11 @@ def render_status(status: dict) -> str:
 
 
 def log_report(r: Report) -> None:
-    """Counts as metrics, table versions and the feature version as tags, the report as an artifact."""
+    """The report printed, and logged to the active MLflow run: counts as metrics, table versions and the
+    feature version as tags, the report itself as an artifact."""
     import mlflow
 
+    print(r.render(), flush=True)
     mlflow.log_metrics({k: float(v) for k, v in r.counts.items() if isinstance(v, (int, float))})
     drift = r.info.get("drift") or {}
     mlflow.log_metrics({f"drift_{k}": float(v) for k, v in drift.items() if isinstance(v, (int, float))})

@@ -13,37 +13,32 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import date_range, job_parser, load_job_config  # noqa: E402
+from jobs.common import date_range, run_job  # noqa: E402
 
 JOB = "attach_features"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--date", required=True, help="first ctr_log date (YYYY-MM-DD)")
     p.add_argument("--end-date", default=None, help="last date, inclusive (default: --date)")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
-    import mlflow
 
+def body(ctx) -> None:
     from etl.config import flat_params
-    from etl.spark import get_spark
-    from etl.tables import TableStore
-    from etl.tracking import start_run
     from features.pipeline import attach_dates, log_report
 
-    dates = date_range(args.date, args.end_date)
-    spark = get_spark(cfg, app_name=JOB)
-    store = TableStore(spark, cfg)
-    with start_run(cfg, run_name=f"{JOB} {dates[0]}..{dates[-1]}", tags={"courier.job": JOB}) as run:
-        mlflow.log_params({**flat_params(cfg, ("features",)), "dates": ",".join(dates)})
-        report = attach_dates(spark, cfg, store, dates, run.info.run_id, JOB)
-        print(report.render(), flush=True)
-        log_report(report)
-    print(f"[{JOB}] done; MLflow run {run.info.run_id}", flush=True)
-    spark.stop()
-    return 0
+    dates = date_range(ctx.args.date, ctx.args.end_date)
+    params = {**flat_params(ctx.cfg, ("features",)), "dates": ",".join(dates)}
+    with ctx.mlflow_run(f"{JOB} {dates[0]}..{dates[-1]}", params=params) as run:
+        log_report(attach_dates(ctx.spark, ctx.cfg, ctx.store, dates, run.info.run_id, JOB))
+    ctx.say(f"done; MLflow run {run.info.run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from etl.registry import RegistryError
+    from features.pipeline import FeatureError
+
+    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(FeatureError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

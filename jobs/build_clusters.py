@@ -13,48 +13,43 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import run_job  # noqa: E402
 
 JOB = "build_clusters"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--skip-if-current", action="store_true",
                    help="exit 0 when features.clusters_ref already is a clustering of the same encoder with the "
                         "same settings and item_clusters holds it (idempotent pipelines)")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
+
+def body(ctx) -> None:
     import mlflow
 
     from etl.config import flat_params
-    from etl.spark import get_spark
-    from etl.tables import TableStore
-    from etl.tracking import setup_mlflow, start_run
+    from etl.tracking import setup_mlflow
     from features.pipeline import build_clusters, current_clusters_match, log_report
 
-    spark = get_spark(cfg, app_name=JOB)
-    store = TableStore(spark, cfg)
-    if args.skip_if_current:
-        setup_mlflow(cfg)
-        spec = current_clusters_match(cfg, store)
+    if ctx.args.skip_if_current:
+        setup_mlflow(ctx.cfg)
+        spec = current_clusters_match(ctx.cfg, ctx.store)
         if spec is not None:
-            print(f"[{JOB}] {cfg.features.clusters_ref} is already {spec.name} v{spec.version} of "
-                  f"{spec.encoder_version} with these settings: nothing to do", flush=True)
-            spark.stop()
-            return 0
-    with start_run(cfg, run_name=f"{JOB} C={cfg.features.n_clusters}", tags={"courier.job": JOB}) as run:
-        mlflow.log_params(flat_params(cfg, ("features",)))
-        report = build_clusters(spark, cfg, store, run.info.run_id, JOB)
-        print(report.render(), flush=True)
+            return ctx.say(f"{ctx.cfg.features.clusters_ref} is already {spec.name} v{spec.version} of "
+                           f"{spec.encoder_version} with these settings: nothing to do")
+    with ctx.mlflow_run(f"{JOB} C={ctx.cfg.features.n_clusters}", params=flat_params(ctx.cfg, ("features",))) as run:
+        report = build_clusters(ctx.spark, ctx.cfg, ctx.store, run.info.run_id, JOB)
         log_report(report)
-        stats = report.info["cluster_stats"]
-        mlflow.log_metrics({f"cluster_{k}": float(v) for k, v in stats.items()})
+        mlflow.log_metrics({f"cluster_{k}": float(v) for k, v in report.info["cluster_stats"].items()})
         mlflow.log_metric("kmeans_seconds", report.info["kmeans_seconds"])
-    print(f"[{JOB}] done; MLflow run {run.info.run_id}", flush=True)
-    spark.stop()
-    return 0
+    ctx.say(f"done; MLflow run {run.info.run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from etl.registry import RegistryError
+    from features.pipeline import FeatureError
+
+    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(FeatureError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

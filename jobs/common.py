@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -70,26 +71,69 @@ def date_range(start: str, end: str | None) -> list[str]:
     return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
 
 
+class JobError(RuntimeError):
+    """A job cannot go on (a missing input, a refused rerun...): its message is printed without a
+    traceback and the job exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class JobContext:
+    """What a job's body gets: its arguments and config, the Spark session (None for jobs that run
+    without one), the table store on it, and a way to open the job's MLflow run."""
+    name: str
     args: argparse.Namespace
     cfg: Config
     spark: Any
-    run: Any  # the MLflow run
+
+    @property
+    def store(self):
+        from etl.tables import TableStore
+
+        if getattr(self, "_store", None) is None:
+            self._store = TableStore(self.spark, self.cfg)
+        return self._store
+
+    def mlflow_run(self, run_name: str | None = None, tags: dict | None = None, run_id: str | None = None,
+                   params: dict | None = None):
+        """The job's MLflow run (tagged courier.job; `run_id` continues an existing run), with `params`
+        logged when given."""
+        from etl.tracking import start_run
+
+        @contextlib.contextmanager
+        def opened():
+            with start_run(self.cfg, run_name or self.name, tags={"courier.job": self.name, **(tags or {})},
+                           run_id=run_id) as run:
+                if params:
+                    import mlflow
+
+                    mlflow.log_params(params)
+                yield run
+        return opened()
+
+    def say(self, message: str) -> None:
+        print(f"[{self.name}] {message}", flush=True)
 
 
-def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-            body: Callable[[JobContext], int], check_args: Callable[[argparse.Namespace], None] | None = None,
-            expected_errors: tuple = (), argv: list[str] | None = None) -> int:
-    """The frame every job shares: arguments and config (errors: one line, exit 2), the Spark session,
-    one MLflow run, the body, and the session stopped whatever happens. `expected_errors` (bad input,
-    a refused publish...) print their message without a traceback and exit 1."""
+def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None,
+            body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
+            expected_errors: tuple | dict = (), argv: list[str] | None = None, spark: bool = True) -> int:
+    """The frame every job shares: arguments and config (errors: one line, exit 2), logging, the Spark
+    session (unless `spark=False`), the body, and the session stopped whatever happens. The body opens
+    its MLflow run with `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors`
+    (bad input, a refused publish...: a tuple of exception types -> exit 1, or a dict type -> status)
+    and JobError print their message without a traceback."""
     import yaml
 
     from etl.config import ConfigError
 
+    codes = expected_errors if isinstance(expected_errors, dict) else {e: 1 for e in expected_errors}
     p = job_parser(description, one_line_errors=True)
-    add_arguments(p)
+    if add_arguments:
+        add_arguments(p)
     args = p.parse_args(argv)
     try:
         if check_args:
@@ -98,17 +142,20 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     except (CliError, ConfigError, yaml.YAMLError) as e:
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    from etl.spark import get_spark
-    from etl.tracking import start_run
-
-    spark = None
+    session = None
     try:
-        spark = get_spark(cfg, app_name=name)
-        with start_run(cfg, run_name=name, tags={"courier.job": name}) as run:
-            return body(JobContext(args, cfg, spark, run))
-    except expected_errors as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 1
+        if spark:
+            from etl.spark import get_spark
+
+            session = get_spark(cfg, app_name=name)
+        status = body(JobContext(name, args, cfg, session))
+        return 0 if status is None else int(status)
+    except JobError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        return e.code
+    except tuple(codes) as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        return next(code for kind, code in codes.items() if isinstance(e, kind))
     finally:
-        if spark is not None:
-            spark.stop()
+        if session is not None:
+            session.stop()

@@ -16,7 +16,7 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import date_arg, run_job  # noqa: E402
 
 JOB = "refresh_features"
 
@@ -34,40 +34,41 @@ def _fault_hook():
     return hook
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--date", required=True, help="the day to refresh (YYYY-MM-DD)")
     p.add_argument("--status-file", default=None,
                    help="also write the day's one-line status (JSON) to this file, for schedulers")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
-    import mlflow
 
-    from etl.config import flat_params, parse_date
-    from etl.spark import get_spark
-    from etl.tables import TableStore
-    from etl.tracking import start_run
+def check_args(args) -> None:
+    args.date = date_arg("--date", args.date)
+
+
+def body(ctx) -> None:
+    from etl.config import flat_params
     from features.pipeline import log_report, refresh, refresh_status, render_status
 
-    date = parse_date(args.date, "--date").isoformat()
-    spark = get_spark(cfg, app_name=JOB)
-    store = TableStore(spark, cfg)
-    with start_run(cfg, run_name=f"{JOB} {date}", tags={"courier.job": JOB, "courier.date": date}) as run:
-        mlflow.log_params({**flat_params(cfg, ("features",)), "date": date})
-        report = refresh(spark, cfg, store, date, run.info.run_id, JOB, hook=_fault_hook())
-        print(report.render(), flush=True)
+    date = ctx.args.date
+    params = {**flat_params(ctx.cfg, ("features",)), "date": date}
+    with ctx.mlflow_run(f"{JOB} {date}", tags={"courier.date": date}, params=params) as run:
+        report = refresh(ctx.spark, ctx.cfg, ctx.store, date, run.info.run_id, JOB, hook=_fault_hook())
         log_report(report)
         if report.info.get("recluster_due"):
-            print(f"[{JOB}] {report.info['message']}", flush=True)
+            ctx.say(report.info["message"])
         status = refresh_status(report)
-        print(f"[{JOB}] status {render_status(status)}", flush=True)
-        if args.status_file:
-            with open(args.status_file, "w") as fh:
+        ctx.say(f"status {render_status(status)}")
+        if ctx.args.status_file:
+            with open(ctx.args.status_file, "w") as fh:
                 fh.write(json.dumps(status, sort_keys=True) + "\n")
-    print(f"[{JOB}] done; MLflow run {run.info.run_id}", flush=True)
-    spark.stop()
-    return 0
+    ctx.say(f"done; MLflow run {run.info.run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from etl.registry import RegistryError
+    from features.pipeline import FeatureError
+
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_args,
+                   expected_errors=(FeatureError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

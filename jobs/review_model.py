@@ -13,75 +13,39 @@ With --status-file (schedulers): the decision is written there as one JSON line 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import run_job  # noqa: E402
 
 JOB = "review_model"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--version", default=None, help="challenger version (default: the latest ctr-model version)")
     p.add_argument("--allow-first", action="store_true", help="promote the challenger when no @champion exists yet")
     p.add_argument("--no-tsne", action="store_true", help="leave the item-embedding t-SNE out of the report")
     p.add_argument("--status-file", default=None,
                    help="write the decision as one JSON line here and exit 0 on any decision (for schedulers)")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
-    from etl.spark import get_spark
-    from etl.tables import TableStore
+
+def body(ctx) -> int:
     from etl.tracking import setup_mlflow
+    from training.ctr.review import log_review, promote, validate, write_status
 
-    spark = get_spark(cfg, app_name=JOB)
-    try:
-        setup_mlflow(cfg)
-        outcome = review_and_report(cfg, TableStore(spark, cfg), args.version, args.allow_first,
-                                    with_tsne=not args.no_tsne)
-    finally:
-        spark.stop()
-    if args.status_file:
-        with open(args.status_file, "w") as fh:
-            fh.write(json.dumps({"decision": outcome.decision, "challenger": outcome.challenger,
-                                 "champion_before": outcome.champion, "reasons": outcome.reasons}) + "\n")
+    setup_mlflow(ctx.cfg)
+    outcome = validate(ctx.cfg, ctx.store, ctx.args.version, ctx.args.allow_first)  # gates: read-only
+    promote(outcome)  # deployment: @champion moves only when every gate passed
+    log_review(ctx.cfg, ctx.store, outcome, with_tsne=not ctx.args.no_tsne)
+    if ctx.args.status_file:
+        write_status(outcome, ctx.args.status_file)
         return 0
     return outcome.exit_code
 
 
-def review_and_report(cfg, store, version=None, allow_first=False, with_tsne=True):
-    """Review, then log the report in an MLflow run (also for refusals: the record says why)."""
-    import mlflow
-
-    from etl.tracking import start_run
-    from training.ctr.registry import MODEL_NAME
-    from training.ctr.report import summary_text, write_report
-    from training.ctr.review import embedding_sample, run_review
-
-    outcome = run_review(cfg, store, version, allow_first)
-    tsne = embedding_sample(store, cfg) if with_tsne and outcome.reports else None
-    with start_run(cfg, f"review-{MODEL_NAME}-v{outcome.challenger or 'none'}", tags={"courier.job": JOB}) as run:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_report(outcome, tmp, tsne)
-            mlflow.log_artifacts(tmp, "review")
-        mlflow.set_tags({"review.decision": outcome.decision, "review.challenger": str(outcome.challenger),
-                         "review.champion_before": str(outcome.champion), "review.snapshot": str(outcome.snapshot)})
-        for v, rep in outcome.reports.items():
-            role = "challenger" if v == outcome.challenger else "champion"
-            mlflow.log_metrics({f"{role}.auc": rep["overall"]["auc"], f"{role}.gauc": rep["overall"]["gauc"]})
-        run_id = run.info.run_id
-    if outcome.challenger and outcome.reports:
-        client = mlflow.MlflowClient()
-        for key, value in {"review.decision": outcome.decision, "review.run_id": run_id}.items():
-            client.set_model_version_tag(MODEL_NAME, outcome.challenger, key, value)
-    print(summary_text(outcome), flush=True)
-    print(f"report: MLflow run {run_id}, artifacts review/review.md (+ PNGs); "
-          f"UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1", flush=True)
-    return outcome
+def main(argv: list[str] | None = None) -> int:
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv)
 
 
 if __name__ == "__main__":

@@ -13,33 +13,29 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import run_job  # noqa: E402
+
+JOB = "train_ctr"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--run-name", default=None, help="MLflow run name (default: ctr-<feature_mode>-v<table version>)")
     p.add_argument("--skip-if-done", action="store_true",
                    help="exit 0 without training when a ctr-model version was trained from the same config "
                         "and snapshot (idempotent pipelines)")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
-    from etl.spark import get_spark
-    from etl.tables import TableStore
+
+def body(ctx) -> None:
+    from training.ctr.pipeline import train_and_register
+
+    train_and_register(ctx.cfg, ctx.store, run_name=ctx.args.run_name, skip_if_done=ctx.args.skip_if_done,
+                       progress=lambda m: print(m, flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
     from training.ctr.data import CtrDataError
-    from training.ctr.pipeline import JOB, train_and_register
 
-    spark = get_spark(cfg, app_name=JOB)
-    try:
-        train_and_register(cfg, TableStore(spark, cfg), run_name=args.run_name, skip_if_done=args.skip_if_done,
-                           progress=lambda m: print(m, flush=True))
-    except CtrDataError as exc:
-        print(f"[{JOB}] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        spark.stop()
-    return 0
+    return run_job(JOB, __doc__, add_arguments, body, expected_errors={CtrDataError: 2}, argv=argv)
 
 
 if __name__ == "__main__":

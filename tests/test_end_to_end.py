@@ -27,9 +27,9 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     from etl.tracking import setup_mlflow, start_run
     from features import NO_IMAGE_CLUSTER_ID
     from features import pipeline as P
-    from jobs.review_model import review_and_report
+    from training.ctr.review import review_and_report
     from training.ctr.pipeline import train_and_register
-    from training.ctr.registry import CHAMPION, MODEL_NAME
+    from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
     from training.launch import launch, register_encoder
 
     cfg = load_config(write_config(tmp_path, {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW}))

@@ -144,7 +144,7 @@ def test_executor_index_cache_follows_the_index_not_its_name(world):
 def test_clusters_are_registered_with_their_encoder_and_stats(world):
     import mlflow
 
-    from features.registry import resolve
+    from etl.registry import resolve
 
     rep = world["reports"]["clusters"]
     assert rep.counts["items"] == rep.counts["item_clusters"] > 0
@@ -250,7 +250,7 @@ def _quality(world):
     from features import clustering as K
     from features import quality as Q
     from features.embed import decode_image, embed_array, load_encoder
-    from features.registry import encoder_spec, encoder_state_bytes
+    from etl.registry import encoder_spec, encoder_state_bytes
 
     cfg, store = world["cfg"], world["store"]
     setup_mlflow(cfg)

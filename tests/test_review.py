@@ -47,7 +47,7 @@ def _train(env, **ctr):
 def _champion():
     import mlflow
 
-    from training.ctr.registry import MODEL_NAME
+    from etl.contracts import CTR_MODEL as MODEL_NAME
 
     try:
         return str(mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version)
@@ -56,7 +56,7 @@ def _champion():
 
 
 def _review(env, version, allow_first=False):
-    from jobs.review_model import review_and_report
+    from training.ctr.review import review_and_report
 
     _, cfg, store = env
     return review_and_report(cfg, store, version, allow_first, with_tsne=False)
@@ -65,7 +65,7 @@ def _review(env, version, allow_first=False):
 def test_review_sequence(env, capsys):
     import mlflow
 
-    from training.ctr.registry import MODEL_NAME
+    from etl.contracts import CTR_MODEL as MODEL_NAME
     from training.ctr.train import load_model
 
     v_none = _train(env, feature_mode="none")["model_version"]
@@ -112,7 +112,7 @@ def test_review_sequence(env, capsys):
 
 
 def test_feature_version_mismatch_is_refused(env):
-    from training.ctr.registry import Snapshot
+    from etl.registry import Snapshot
 
     a = Snapshot(3, "fv-a", ("2026-11-22",))
     b = Snapshot(3, "fv-b", ("2026-11-22",))
@@ -157,7 +157,7 @@ def test_newest_encoder_is_chosen_by_number_not_by_string(spark, tmp_path):
     """The t-SNE sample keeps the rows of the newest encoder: v10 is newer than v9 (string max says v9)."""
     from pyspark.sql import types as T
 
-    from features.registry import RegistryError, version_number
+    from etl.registry import RegistryError, version_number
     from training.ctr.review import embedding_sample
 
     assert version_number("courier-encoder-v10") > version_number("courier-encoder-v9")

@@ -9,12 +9,93 @@ import os
 import tempfile
 
 from etl import fs
-from etl.config import Config
+from etl.config import Config, flat_params, under_root
+from etl import registry
 from etl.contracts import ENCODER_MODEL as MODEL_NAME
 
 log = logging.getLogger(__name__)
+TABLE = "courier_train"
 
-STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: the encoder's state dict (weights only)
+
+class TrainError(RuntimeError):
+    """Training cannot start: no data, or a checkpoint folder that belongs to another run."""
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """What one train_courier run trains on and where it keeps its checkpoints."""
+    run_name: str
+    data_version: int
+    files: list
+    holdout: list
+    checkpoint_dir: str
+    marker: dict | None  # the run the checkpoint folder already belongs to
+
+    @property
+    def done_path(self) -> str:
+        return fs.join(self.checkpoint_dir, "done.json")
+
+
+def plan_training(cfg: Config, store, run_name: str | None, resume: bool, skip_if_done: bool) -> TrainPlan:
+    """The pinned courier_train version and its files (latest date held out when asked), and the
+    checkpoint folder; refuses to start over an existing run unless resuming it."""
+    t = cfg.train
+    version = t.table_version if t.table_version is not None else store.version(TABLE)
+    if version is None:
+        raise TrainError(f"{TABLE} does not exist yet: run jobs/build_samples.py first")
+    files = store.files(TABLE, version)
+    if not files:
+        raise TrainError(f"{TABLE} v{version} has no rows to train on")
+    files, holdout = split_holdout(files, t.holdout_last_date)
+    name = run_name or f"{t.method}-{t.backbone}-v{version}"
+    checkpoint_dir = under_root(cfg.checkpoints_root, name)
+    plan = TrainPlan(name, version, files, holdout, checkpoint_dir, run_marker(checkpoint_dir))
+    if skip_if_done and plan.marker is not None and fs.exists(plan.done_path):
+        return plan
+    if resume and plan.marker is None:
+        raise TrainError(f"--resume: no run to resume in {checkpoint_dir}")
+    if not resume and plan.marker is not None:
+        raise TrainError(f"{checkpoint_dir} already holds run {plan.marker['mlflow_run_id']}: pass --resume to "
+                         "continue it, or --run-name for a new run (nothing is overwritten)")
+    return plan
+
+
+def finished_version(plan: TrainPlan) -> str | None:
+    """The courier-encoder version a finished run registered, or None when the run is not done."""
+    if plan.marker is None or not fs.exists(plan.done_path):
+        return None
+    return str(json.loads(fs.read_text(plan.done_path))["model_version"])
+
+
+def train_params(cfg: Config, plan: TrainPlan) -> dict:
+    return {**flat_params(cfg, ("train",)), "data.table": TABLE, "data.version": plan.data_version,
+            "data.files": len(plan.files), "data.rows": sum(f.num_records or 0 for f in plan.files),
+            "samples.image_px": cfg.samples.image_px}
+
+
+def log_holdout(cfg: Config, plan: TrainPlan, encoder_path: str) -> str | None:
+    """Held-out PV ranking AUC of the trained encoder vs its random init, logged; a line for the log."""
+    import mlflow
+
+    if not plan.holdout:
+        return None
+    init, trained = (evaluate_holdout(cfg, plan.holdout, p) for p in (None, encoder_path))
+    mlflow.log_metrics({"holdout_pv_auc": trained["pv_auc"], "holdout_pv_auc_init": init["pv_auc"],
+                        "holdout_pages": trained["pages"]})
+    return (f"held-out PV ranking AUC ({trained['pages']} pages of {plan.holdout[0].partition_values.get('dt')}): "
+            f"trained {trained['pv_auc']:.4f} vs untrained {init['pv_auc']:.4f}")
+
+
+def log_result(result: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({"final_loss": result["losses"][-1] if result["losses"] else float("nan"),
+                        "steps": result["steps"], "skipped_steps": result["skipped"],
+                        "throughput_images_per_s": result["images_per_s"]})
+
+
+def mark_done(plan: TrainPlan, run_id: str, model_version: str) -> None:
+    fs.write_text(plan.done_path, json.dumps({"mlflow_run_id": run_id, "model_version": model_version}))
 
 
 def run_marker(checkpoint_dir: str) -> dict | None:
@@ -96,26 +177,22 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
     encoder.load_state_dict(load_state(encoder_path))
     encoder.eval()
     info = mlflow.pytorch.log_model(
-        encoder, name="encoder", registered_model_name=MODEL_NAME,
+        encoder, name="encoder",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
         code_paths=[os.path.dirname(os.path.abspath(__file__))], serialization_format="pickle")
-    client = mlflow.MlflowClient()
-    version = client.get_model_version(MODEL_NAME, info.registered_model_version)
+    version = registry.register_logged_model(MODEL_NAME, info.model_uri)
     # The bare state dict too: stage 3 rebuilds ImageEncoder from the version's tags and loads this with
     # torch.load(weights_only=True), so no pickled model is ever unpickled downstream. One folder per
     # version: a run that registers two encoders must not overwrite the first one's weights.
-    state_artifact = STATE_ARTIFACT.format(version=version.version)
+    state_artifact = registry.ENCODER_STATE_ARTIFACT.format(version=version.version)
     with tempfile.TemporaryDirectory() as tmp:
         fs.copy_to_local(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
         mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
-    for key, value in {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version),
-                       "method": t.method, "backbone": t.backbone, "image_px": str(cfg.samples.image_px),
-                       "dim": str(t.dim), "proj_head": str(t.proj_head).lower(),
-                       "state_artifact": state_artifact}.items():
-        client.set_model_version_tag(MODEL_NAME, version.version, key, value)
+    registry.tag_version(MODEL_NAME, version.version, registry.encoder_tags(
+        run_id, data_version, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head, state_artifact))
     if alias:
-        client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+        registry.set_alias(MODEL_NAME, alias, version.version)
     return version
 
 

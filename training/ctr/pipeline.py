@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from typing import Callable
 
+from etl import registry
+from etl.contracts import CTR_MODEL
+from etl.registry import Snapshot
 from training.ctr import data as ctr_data
-from training.ctr.registry import Snapshot
 
 JOB = "train_ctr"
+ARTIFACT_DIR = "ctr_model"  # run artifact folder of a registered ctr-model version
 
 
 def resolve_dates(store, ctr) -> tuple[int, list[str], list[str]]:
@@ -46,18 +50,17 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
     from etl.config import flat_params
     from etl.tracking import start_run
     from training.ctr.metrics import flat_metrics, nan_to_none
-    from training.ctr.registry import config_hash, find_done, register
     from training.ctr.train import fit_and_evaluate
 
     ctr = cfg.ctr
     version, train_dates, eval_dates = resolve_dates(store, ctr)
     tr, ev, snap = load_frames(store, version, train_dates, eval_dates, ctr.feature_mode == "vector")
-    digest = config_hash(dataclasses.asdict(ctr), snap, train_dates)
+    digest = registry.ctr_config_hash(dataclasses.asdict(ctr), snap, train_dates)
     if skip_if_done:
         from etl.tracking import setup_mlflow
 
         setup_mlflow(cfg)
-        done = find_done(digest)
+        done = registry.find_by_tag(CTR_MODEL, "config_hash", digest)
         if done is not None:
             progress(f"[{JOB}] ctr-model v{done.version} was already trained from these inputs "
                      f"({snap.key}, config {digest}): nothing to do")
@@ -85,7 +88,9 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
                                        "curve": result.curve, "data_stats": result.data_stats,
                                        "seconds": result.seconds}), fh, indent=1, sort_keys=True)
             mlflow.log_artifact(path)
-        mv = register(result, run.info.run_id, snap, train_dates, {"config_hash": digest, "gauc_by": ctr.gauc_by})
+        mv = register(result, registry.ctr_tags(run.info.run_id, snap, ctr.feature_mode, train_dates,
+                                                result.report["overall"]["auc"], result.report["overall"]["gauc"],
+                                                digest, ctr.gauc_by))
     o = result.report["overall"]
     cold = result.report.get("cold_start", {})
     progress(f"[{JOB}] eval {snap.key}: AUC {_f(o['auc'])}  GAUC {_f(o['gauc'])} ({o['gauc_groups']} {ctr.gauc_by} "
@@ -95,6 +100,26 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
     return {"skipped": False, "model_version": str(mv.version), "run_id": run.info.run_id, "snapshot": snap.key,
             "report": result.report, "curve": result.curve, "data_stats": result.data_stats,
             "seconds": result.seconds}
+
+
+def register(result, tags: dict):
+    """Log the model folder to the active run and register it as a new `ctr-model` version. The folder
+    holds weights.pt (a state_dict), model_spec.json, lineage.json (the tags) and eval_report.json;
+    nothing is pickled."""
+    import mlflow
+
+    from training.ctr.metrics import nan_to_none
+    from training.ctr.train import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, ARTIFACT_DIR)
+        save_model(result.model, folder, extra=tags)
+        with open(os.path.join(folder, "eval_report.json"), "w") as fh:
+            json.dump(nan_to_none(result.report), fh, indent=1, sort_keys=True)
+        mlflow.log_artifacts(folder, ARTIFACT_DIR)
+    return registry.register_version(CTR_MODEL, mlflow.get_artifact_uri(ARTIFACT_DIR), tags["run_id"], tags,
+                                     description="Downstream CTR model (COURIER stage 4); weights are a "
+                                                 "state_dict + model_spec.json (training/ctr/train.py load_model)")
 
 
 def _f(x) -> str:

@@ -11,10 +11,13 @@
    - AUC(challenger) >= AUC(champion) - auc_tol, and the same for GAUC with gauc_tol;
    - no category with >= min_category_rows eval rows loses more than category_regression_limit AUC.
    A NaN metric (a one-class eval slice) fails its gate: nothing is promoted on an undefined number.
-4. Promotion = setting the alias `champion` on the challenger. With no champion yet, the challenger is
-   promoted only when `allow_first` is given (and it has enough eval rows and finite metrics).
+4. Promotion = setting the alias `champion` on the challenger (etl.registry.promote). With no champion
+   yet, the challenger is promoted only when `allow_first` is given (and it has enough eval rows and
+   finite metrics).
 
-`gate_checks` is the pure part (reports in, gates out); `run_review` does the registry and data work.
+`gate_checks` is the pure part (reports in, gates out); `validate` reads the registry and the data and
+decides (approved / rejected / refused) without writing anything; `promote` moves the alias of an
+approved challenger; `run_review` is the two in that order.
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ import io
 import math
 from dataclasses import dataclass, field
 
+from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
+
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
+APPROVED = "approved"  # every gate passed; becomes PROMOTED once the alias moved
 
 
 @dataclass
@@ -98,21 +104,31 @@ def first_model_checks(report: dict, review) -> list[Gate]:
                  f"AUC {o['auc']:.4f}, GAUC {o['gauc']:.4f}")]
 
 
-def run_review(cfg, store, challenger_version: str | None = None, allow_first: bool = False,
-               progress=print) -> ReviewOutcome:
-    """Registry + data side of the review; sets @champion when the gates pass. Needs MLflow set up."""
-    import mlflow
+def run_review(cfg, store, challenger_version: str | None = None, allow_first: bool = False) -> ReviewOutcome:
+    """Validate the challenger, then promote it when approved. Needs MLflow set up."""
+    return promote(validate(cfg, store, challenger_version, allow_first))
 
+
+def promote(outcome: ReviewOutcome) -> ReviewOutcome:
+    """Deployment of an approved challenger: @champion moves to it (the registry's only alias change)."""
+    from etl import registry
+
+    if outcome.decision == APPROVED:
+        registry.promote(MODEL_NAME, outcome.challenger)
+        outcome.decision = PROMOTED
+    return outcome
+
+
+def validate(cfg, store, challenger_version: str | None = None, allow_first: bool = False) -> ReviewOutcome:
+    """Registry + data side of the review, read-only: the challenger's and champion's lineage, both
+    re-scored on the pinned snapshot, the gates, and the decision (approved / rejected / refused)."""
+    from etl import registry
+    from etl.registry import Snapshot
     from training.ctr import data as ctr_data
     from training.ctr.metrics import evaluate_predictions
-    from training.ctr.registry import CHAMPION, MODEL_NAME, Snapshot, champion, load_version
-    from training.ctr.train import score_frame
+    from training.ctr.train import load_registered, score_frame
 
-    client = mlflow.MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    except mlflow.exceptions.MlflowException:
-        versions = []
+    versions = registry.versions(MODEL_NAME)
     if not versions:
         return ReviewOutcome(REFUSED, [f"no {MODEL_NAME} version is registered: run jobs/train_ctr.py first"])
     by_number = {str(v.version): v for v in versions}
@@ -120,7 +136,7 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
     if chall_v not in by_number:
         return ReviewOutcome(REFUSED, [f"{MODEL_NAME} has no version {chall_v} (have {sorted(by_number, key=int)})"])
     chall = by_number[chall_v]
-    champ = champion(client)
+    champ = registry.alias_version(MODEL_NAME, CHAMPION)
     out = ReviewOutcome(REFUSED, [], challenger=chall_v, champion=str(champ.version) if champ else None)
     try:
         snap = Snapshot.from_tags(chall.tags)
@@ -151,7 +167,7 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
 
     # Re-score every model on the pinned snapshot.
     models = {chall_v: chall} if champ is None else {chall_v: chall, str(champ.version): champ}
-    loaded = {v: load_version(mv) for v, mv in models.items()}
+    loaded = {v: load_registered(mv) for v, mv in models.items()}
     with_vector = any(m.spec.feature_mode == "vector" for m, _ in loaded.values())
     train_dates = sorted({d for _, tags in loaded.values() for d in tags.get("train.dates", "").split(",") if d})
     ev = ctr_data.read_ctr_frame(store, snap.table_version, list(snap.eval_dates), with_vector)
@@ -170,7 +186,7 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
         probs = score_frame(model, ev, [tr] if tr is not None else None)
         out.reports[v] = evaluate_predictions(ev, probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
         out.tags[v] = tags
-        out.curves[v] = _curve(client, tags.get("run_id"))
+        out.curves[v] = _curve(tags.get("run_id"))
     out.others = [{"version": str(v.version), "feature_mode": v.tags.get("feature_mode"),
                    "auc": _float(v.tags.get("eval.auc")), "gauc": _float(v.tags.get("eval.gauc"))}
                   for v in versions if v.tags.get("eval.snapshot") == snap.key]
@@ -188,8 +204,7 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
         out.decision = REJECTED
         out.reasons = [f"{g.name}: {g.detail}" for g in failed]
     else:
-        client.set_registered_model_alias(MODEL_NAME, CHAMPION, chall_v)
-        out.decision = PROMOTED
+        out.decision = APPROVED
         out.reasons = ["first model, promoted with --allow-first"] if champ is None else ["every gate passed"]
     return out
 
@@ -201,9 +216,12 @@ def _float(x):
         return float("nan")
 
 
-def _curve(client, run_id: str | None) -> list[dict]:
+def _curve(run_id: str | None) -> list[dict]:
+    import mlflow
+
     if not run_id:
         return []
+    client = mlflow.MlflowClient()
     points: dict[int, dict] = {}
     for key in ("train_loss", "eval_auc", "eval_logloss"):
         try:
@@ -232,7 +250,7 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
     if emb.empty:
         return None
     if "encoder_version" in emb.columns:
-        from features.registry import version_number
+        from etl.registry import version_number
 
         newest = max(emb["encoder_version"].unique(), key=version_number)  # v10 is newer than v9
         emb = emb[emb["encoder_version"] == newest]
@@ -249,3 +267,50 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
         styles = pd.read_parquet(io.BytesIO(fs.read_bytes(truth)), columns=["item_id", "hue"])
         colourings["hidden hue"] = emb[["item_id"]].merge(styles, on="item_id", how="left")["hue"].fillna("?").to_numpy()
     return np.stack(emb["embedding"].to_numpy()).astype(np.float32), colourings
+
+
+def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: str = "review_model") -> str:
+    """The review's record, also for refusals (it says why): an MLflow run with the report (review.md,
+    PNGs), the decision as tags and the metrics; the challenger version tagged with the decision. Prints
+    the one-screen summary; returns the run id."""
+    import tempfile
+
+    import mlflow
+
+    from etl import registry
+    from etl.tracking import start_run
+    from training.ctr.report import summary_text, write_report
+
+    tsne = embedding_sample(store, cfg) if with_tsne and outcome.reports else None
+    with start_run(cfg, f"review-{MODEL_NAME}-v{outcome.challenger or 'none'}", tags={"courier.job": job}) as run:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report(outcome, tmp, tsne)
+            mlflow.log_artifacts(tmp, "review")
+        mlflow.set_tags({"review.decision": outcome.decision, "review.challenger": str(outcome.challenger),
+                         "review.champion_before": str(outcome.champion), "review.snapshot": str(outcome.snapshot)})
+        for v, rep in outcome.reports.items():
+            role = "challenger" if v == outcome.challenger else "champion"
+            mlflow.log_metrics({f"{role}.auc": rep["overall"]["auc"], f"{role}.gauc": rep["overall"]["gauc"]})
+        run_id = run.info.run_id
+    if outcome.challenger and outcome.reports:
+        registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(outcome.decision, run_id))
+    print(summary_text(outcome), flush=True)
+    print(f"report: MLflow run {run_id}, artifacts review/review.md (+ PNGs); "
+          f"UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1", flush=True)
+    return run_id
+
+
+def write_status(outcome: ReviewOutcome, path: str) -> None:
+    """The decision as one JSON line, for schedulers (which then tell a crash from a rejection)."""
+    import json
+
+    with open(path, "w") as fh:
+        fh.write(json.dumps({"decision": outcome.decision, "challenger": outcome.challenger,
+                             "champion_before": outcome.champion, "reasons": outcome.reasons}) + "\n")
+
+
+def review_and_report(cfg, store, version=None, allow_first=False, with_tsne=True) -> ReviewOutcome:
+    """validate -> promote -> log_review (what jobs/review_model.py does)."""
+    outcome = promote(validate(cfg, store, version, allow_first))
+    log_review(cfg, store, outcome, with_tsne)
+    return outcome

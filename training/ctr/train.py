@@ -151,6 +151,17 @@ def save_model(model: CTRModel, folder: str, extra: dict | None = None) -> None:
             json.dump(extra, fh, indent=2, sort_keys=True)
 
 
+def load_registered(version) -> tuple[CTRModel, dict]:
+    """(model, lineage tags) of a registered ctr-model ModelVersion; weights read with weights_only=True."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp)
+        return load_model(local), dict(version.tags)
+
+
 def load_model(folder: str) -> CTRModel:
     with open(os.path.join(folder, SPEC)) as fh:
         spec = ModelSpec.from_json(fh.read())
