@@ -20,23 +20,20 @@ from typing import Callable
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
+from etl import catalog as T
 from etl import samples as S
 from etl.config import Config, under_root
 from etl.inputs import (InputError, discover, fingerprint, glob_escape, plan_images, read_image_files,
                         scan_files)
-from etl.publish import STAGE1_TABLES, PublishError, PublishLog, pause_hook, recover
+from etl.publish import PublishError, PublishLog, pause_hook, recover
 from etl.spark import list_dir
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)
 
 JOB = "build_samples"
-QUARANTINE_COLUMNS = ("source", "reason", "detail", "raw", "raw_b64", "event_id", "job_run_id")
 # Part of every date's fingerprint: bump it when a rule changes what the same input builds.
 RULES_VERSION = 2
-# Keys whose duplicates in a staged table name the offending ids when a count does not add up.
-TABLE_KEYS = {"pv_samples": ("pv_id",), "ctr_log": ("pv_id", "item_id"), "courier_train": ("pv_id",),
-              "items": ("item_id",), "item_images": ("item_id",)}
 
 __all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "report_json"]
 
@@ -277,7 +274,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
                              F.col("value").alias("raw"), F.lit(None).cast("string").alias("raw_b64"),
                              F.col("item_id").alias("event_id")))
         .withColumn("job_run_id", F.lit(run_id))
-        .select(*QUARANTINE_COLUMNS)
+        .select(*T.QUARANTINE.columns)
     )
 
     staged: dict = {}
@@ -289,13 +286,13 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
             progress(f"  {date} {name}: staged {staged[name].rows} rows, {time.perf_counter() - t0:.1f}s")
 
     try:
-        stage("quarantine", quarantine, {"dt": date, "job": JOB})
-        stage("items", todays_items.select("item_id", "category", "title", "price", "first_seen_dt", "image_uri"))
-        stage("item_images",
-              decoded.where(F.col("reason").isNull()).select("item_id", "image", "width", "height", "sha256"))
-        stage("pv_samples", kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed",
+        stage(T.QUARANTINE, quarantine, {"dt": date, "job": JOB})
+        stage(T.ITEMS, todays_items.select(*T.ITEMS.columns))
+        stage(T.ITEM_IMAGES,
+              decoded.where(F.col("reason").isNull()).select(*T.ITEM_IMAGES.columns))
+        stage(T.PV_SAMPLES, kept_samples.drop("drop_reason", "n_impressions", "n_neg_dropped", "n_trimmed",
                                               "repeated_on_page"))
-        stage("ctr_log", S.ctr_log(labelled))
+        stage(T.CTR_LOG, S.ctr_log(labelled))
 
         # ---- counts: one small grouped aggregate per cached frame, collected to the driver -------
         today_files = inputs.log_files[date]
@@ -346,9 +343,9 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
 
         # courier_train joins the images of this date (staged, not committed yet) and of the earlier
         # dates (published); never a later date's, so a date's rows do not depend on build order.
-        images = store.read_staged(staged["item_images"])
-        if store.exists("item_images"):
-            images = store.read("item_images").where(F.col("dt") < date).unionByName(images)
+        images = store.read_staged(staged[T.ITEM_IMAGES])
+        if store.exists(T.ITEM_IMAGES):
+            images = store.read(T.ITEM_IMAGES).where(F.col("dt") < date).unionByName(images)
         # Never cached (the rows carry ~10 JPEGs each; the in-memory columnar cache builds whole batches
         # on the heap: OutOfMemoryError at 0.25x the bench preset): the drop reasons are observed in
         # the same pass that writes the kept rows.
@@ -356,7 +353,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click).observe(
             reasons, F.count_if(F.col("drop_reason").isNull()).alias("ok"),
             *[F.count_if(F.col("drop_reason") == r).alias(r) for r in S.TRAIN_DROP_REASONS])
-        stage("courier_train", train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
+        stage(T.COURIER_TRAIN, train.where(F.col("drop_reason").isNull()).drop("drop_reason"))
         observed = reasons.get
         c["courier_train"] = observed["ok"]
         c["train_dropped"] = {r: observed[r] for r in S.TRAIN_DROP_REASONS if observed[r]}
@@ -365,7 +362,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         # the quarantine's reasons from its staged files (a small table), not from the frame above.
         c["table_rows"] = {name: s.rows for name, s in staged.items()}
         c["ctr_log"] = c["table_rows"]["ctr_log"]  # the impression-grain rows written (an MLflow metric)
-        c["quarantine_table"] = _reason_counts(store.read_staged(staged["quarantine"]), "source", "reason")
+        c["quarantine_table"] = _reason_counts(store.read_staged(staged[T.QUARANTINE]), "source", "reason")
     except BaseException:
         discard(store, staged)
         raise
@@ -383,7 +380,7 @@ def verify(store: TableStore, staged: dict, report: DateReport, inputs: DateInpu
     if not bad:
         return
     lines = [f"{report.dt}: counts do not add up; nothing was committed:"] + [f"  {b}" for b in bad]
-    for name, key in TABLE_KEYS.items():
+    for name, key in ((t, t.key) for t in T.STAGE1 if t.key):
         dup = (store.read_staged(staged[name]).groupBy(*key).count().where(F.col("count") > 1)
                .orderBy(*key).limit(5).collect())
         if dup:
@@ -407,13 +404,13 @@ def commit(store: TableStore, plog: PublishLog, staged: dict, report: DateReport
         if plog.latest() is None:
             # First publish in this store: what exists now (tables written before the publish log)
             # is the published state, so recovery below has a reference.
-            legacy = {n: store.latest_version(n) for n in STAGE1_TABLES if store.latest_version(n) is not None}
+            legacy = {n: store.latest_version(n) for n in T.STAGE1 if store.latest_version(n) is not None}
             plog.append({"dt": None, "run_id": run_id, "status": "init", "tables": legacy, "dates": {}})
         undone = recover(store, plog)
         if undone:
             report.note = "recovered an unfinished publish: " + "; ".join(undone)
         try:
-            for n, name in enumerate(STAGE1_TABLES, 1):
+            for n, name in enumerate(T.STAGE1, 1):
                 report.versions[name] = store.commit_staged(staged[name], JOB, run_id)
                 if progress:
                     progress(f"  {report.dt} {name}: committed v{report.versions[name]}")

@@ -27,12 +27,11 @@ import os
 import socket
 import time
 
+from etl import catalog
 from etl.config import is_uri
 
 log = logging.getLogger(__name__)
 
-# The stage-1 tables published as a unit (the contract with etl.tables and etl.build).
-STAGE1_TABLES = ("quarantine", "items", "item_images", "pv_samples", "ctr_log", "courier_train")
 PUBLISH_DIR = "_publish"
 LOCK_NAME = "_lock"
 PAUSE_ENV = "COURIER_PAUSE_AFTER_COMMIT"
@@ -187,7 +186,7 @@ def recover(store, plog: PublishLog) -> list[str]:
     Call with the lock held. Returns what was done, one line per table."""
     pins = plog.pins()
     done = []
-    for name in STAGE1_TABLES:
+    for name in catalog.STAGE1:
         latest = store.latest_version(name)
         if latest is None:
             continue

@@ -23,6 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from etl.catalog import COURIER_TRAIN
 from etl.contracts import CHAMPION, CLUSTERS_MODEL, CTR_MODEL, ENCODER_MODEL
 
 CLUSTERS_ARTIFACT = "clusters"  # run artifact folder of a clustering: index.faiss, centroids.npy, stats.json
@@ -148,7 +149,7 @@ def promote(name: str, version: str) -> None:
 # ---- courier-encoder ----------------------------------------------------------------------------
 def encoder_tags(run_id: str, data_version: int, method: str, backbone: str, image_px: int, dim: int,
                  proj_head: bool, state_artifact: str) -> dict:
-    return {"run_id": run_id, "data.table": "courier_train", "data.version": str(data_version), "method": method,
+    return {"run_id": run_id, "data.table": COURIER_TRAIN, "data.version": str(data_version), "method": method,
             "backbone": backbone, "image_px": str(image_px), "dim": str(dim), "proj_head": str(proj_head).lower(),
             "state_artifact": state_artifact}
 

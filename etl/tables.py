@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Mapping
 
+from etl import catalog
 from etl.config import Config, is_uri, under_root
 from etl.spark import uses_native_delta
 
@@ -95,9 +96,9 @@ class TableStore:
     def _pin(self, name: str) -> tuple[bool, int | None]:
         """(pinned, version): stage-1 tables are read at the version of the latest publish manifest
         (etl.publish); pinned with version None = not published yet. Other tables: (False, None)."""
-        from etl.publish import STAGE1_TABLES, PublishLog
+        from etl.publish import PublishLog
 
-        if name not in STAGE1_TABLES:
+        if name not in catalog.STAGE1:
             return False, None
         pins = PublishLog(self.root, self.spark).pins()
         return (False, None) if pins is None else (True, pins.get(name))
@@ -127,10 +128,10 @@ class TableStore:
         """The version a direct write (replace_partition/replace_partitions/overwrite) created. On a
         stage-1 table under a publish log it is published alone (a manifest moving only its pin), so
         readers see it and publish recovery does not take it for an orphan."""
-        from etl.publish import STAGE1_TABLES, PublishLog
+        from etl.publish import PublishLog
 
         version = self.latest_version(name)
-        if name in STAGE1_TABLES and version is not None:
+        if name in catalog.STAGE1 and version is not None:
             plog = PublishLog(self.root, self.spark)
             if plog.latest() is not None:
                 with plog.lock(f"direct write {name}"):
@@ -205,6 +206,15 @@ class TableStore:
         return out.select(*schema.fieldNames())
 
     # ---- writes ---------------------------------------------------------------------------------
+    @staticmethod
+    def check_contract(df, name: str) -> None:
+        """A frame written to a catalogued table must have exactly its contract's columns (etl.catalog)."""
+        entry = catalog.table(name)
+        problems = entry.problems(df.columns) if entry is not None else []
+        if problems:
+            raise TableError(f"frame written to {name!r} breaks its contract (etl.catalog): {'; '.join(problems)}; "
+                             f"expected {list(entry.columns)} + partitions {list(entry.partition_by)}")
+
     def replace_partition(self, df, name: str, partition: Mapping[str, str], job: str = "",
                           run_id: str = "") -> int:
         """Replace exactly one partition (e.g. {"dt": "2026-11-20"}) with df's rows, in one commit.
@@ -212,6 +222,7 @@ class TableStore:
         df must not carry the partition columns' values other than `partition` (they are set here).
         Returns the new table version.
         """
+        self.check_contract(df, name)
         partition = {k: str(v) for k, v in partition.items()}
         cols = list(partition)
         data = df.drop(*[c for c in cols if c in df.columns])
@@ -241,6 +252,7 @@ class TableStore:
         ``values`` is empty: nothing to write)."""
         from pyspark.sql import functions as F
 
+        self.check_contract(df, name)
         fixed = {k: str(v) for k, v in (fixed or {}).items()}
         values = sorted({str(v) for v in values})
         if not values:
@@ -272,6 +284,7 @@ class TableStore:
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
+        self.check_contract(df, name)
         meta = {"job": job, "run_id": run_id}
         if self.native:
             self._retry_conflicts(name, lambda: (
@@ -286,6 +299,7 @@ class TableStore:
     def stage_partition(self, df, name: str, partition: Mapping[str, str]) -> "Staged":
         """Write df's rows for one partition as files no version refers to yet; commit_staged()
         publishes them as one partition replace, discard_staged() removes them."""
+        self.check_contract(df, name)
         partition = {k: str(v) for k, v in partition.items()}
         data = df.drop(*[c for c in partition if c in df.columns])
         run = f"run-{uuid.uuid4().hex[:12]}"

@@ -20,13 +20,13 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from etl import catalog as T, registry
 from etl.config import Config
 from etl.tables import TableStore
 from features import NO_IMAGE_CLUSTER_ID
 from features import attach as A
 from features import clustering as K
 from features.embed import embed_images
-from etl import registry
 from etl.registry import (ClustersSpec, EncoderSpec, RegistryError, clusters_index_bytes, clusters_spec, encoder_spec,
                           encoder_state_bytes, parse_ref, register_clusters)
 
@@ -124,15 +124,15 @@ def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, 
     _arrow_batch(spark, cfg)
     enc = load_encoder(spark, cfg.features.encoder_ref)
     ev = enc.spec.encoder_version
-    images = store.read("item_images")
+    images = store.read(T.ITEM_IMAGES)
     if dates:
         images = images.where(F.col("dt").isin(dates))
     todo = dates or _dates(images)
     out = _embed(cfg, enc, keep=("dt",))(images.select("item_id", "image", "dt"))
     r = Report(job, info={"encoder": enc.spec.ref, "encoder_version": ev, "dates": todo})
-    r.versions["item_embeddings"] = store.replace_partitions(out, "item_embeddings", by="dt", values=todo,
+    r.versions[T.ITEM_EMBEDDINGS] = store.replace_partitions(out, T.ITEM_EMBEDDINGS, by="dt", values=todo,
                                                              fixed={"encoder_version": ev}, job=job, run_id=run_id)
-    written = store.read("item_embeddings").where((F.col("encoder_version") == ev) & F.col("dt").isin(todo))
+    written = store.read(T.ITEM_EMBEDDINGS).where((F.col("encoder_version") == ev) & F.col("dt").isin(todo))
     agg = written.agg(F.count("*").alias("n"), F.sum(F.col("embedding").isNull().cast("int")).alias("null")).first()
     r.counts = {"item_images": images.count(), "item_embeddings": agg["n"],
                 "embedded": agg["n"] - (agg["null"] or 0), "undecodable": agg["null"] or 0}
@@ -164,9 +164,9 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
             and tags.get("kmeans_seed") == str(f.kmeans_seed))
-    if not same or not store.exists("item_clusters"):
+    if not same or not store.exists(T.ITEM_CLUSTERS):
         return None
-    has = any(fl.partition_values.get("feature_version") == spec.feature_version for fl in store.files("item_clusters"))
+    has = any(fl.partition_values.get("feature_version") == spec.feature_version for fl in store.files(T.ITEM_CLUSTERS))
     return spec if has else None
 
 
@@ -179,9 +179,9 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     _arrow_batch(spark, cfg)
     enc = encoder_spec(f.encoder_ref)
     ev = enc.encoder_version
-    if not store.exists("item_embeddings"):
+    if not store.exists(T.ITEM_EMBEDDINGS):
         raise FeatureError("item_embeddings does not exist: run jobs/embed_items.py first")
-    emb = store.read("item_embeddings").where(F.col("encoder_version") == ev).select("item_id", "embedding")
+    emb = store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == ev).select("item_id", "embedding")
     x = _sample_matrix(emb, f.kmeans_sample, f.kmeans_seed)
     if len(x) < f.n_clusters:
         raise FeatureError(f"{len(x)} usable embeddings of {ev} for n_clusters={f.n_clusters}: run embed_items "
@@ -197,7 +197,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     data = K.serialize(index)
     bc = spark.sparkContext.broadcast(data)
     key = f"build-{run_id or os.getpid()}"
-    items = store.read("items").select("item_id", "dt")
+    items = store.read(T.ITEMS).select("item_id", "dt")
     dup = items.groupBy("item_id").count().where("count > 1").limit(5).collect()
     if dup:
         raise FeatureError(f"items holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
@@ -226,14 +226,14 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     dates = _dates(items)
     r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
                           "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
-    r.versions["item_clusters"] = store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt"),
-                                                           "item_clusters", by="dt", values=dates,
+    r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt"),
+                                                           T.ITEM_CLUSTERS, by="dt", values=dates,
                                                            fixed={"feature_version": fv}, job=job, run_id=run_id)
     name, kind_ref, alias = parse_ref(f.clusters_ref)
     if kind_ref == "alias":
         registry.set_alias(mv.name, alias, mv.version)
         r.info["alias"] = f"@{alias} -> v{mv.version}"
-    written = sum(_rows_in(store, "item_clusters", "dt", dates, feature_version=fv).values())
+    written = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
     r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
                 "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
                 "empty_clusters": stats["empty_clusters"]}
@@ -252,10 +252,10 @@ def feature_lookup(cfg: Config, store: TableStore, clu: Clusters, enc: Encoder |
     item_clusters/item_embeddings of the clustering's versions (plus not-yet-committed extras); the
     others are embedded and assigned on the fly with the broadcast index."""
     spec = clu.spec
-    clusters = (store.read("item_clusters").where(F.col("feature_version") == spec.feature_version)
-                if store.exists("item_clusters") else None)
-    embeddings = (store.read("item_embeddings").where(F.col("encoder_version") == spec.encoder_version)
-                  if store.exists("item_embeddings") else None)
+    clusters = (store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == spec.feature_version)
+                if store.exists(T.ITEM_CLUSTERS) else None)
+    embeddings = (store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == spec.encoder_version)
+                  if store.exists(T.ITEM_EMBEDDINGS) else None)
     if embeddings is not None and extra_embeddings is not None:  # extras win (a rerun after a partial commit)
         embeddings = embeddings.join(extra_embeddings.select("item_id"), on="item_id", how="left_anti")
     parts_c = [d.select("item_id", "cluster_id") for d in (clusters, extra_clusters) if d is not None]
@@ -271,7 +271,7 @@ def feature_lookup(cfg: Config, store: TableStore, clu: Clusters, enc: Encoder |
     missing = needed.join(known.select("item_id"), on="item_id", how="left_anti")
     if enc is None:
         raise FeatureError("feature_lookup needs the encoder for items not yet clustered")
-    images = store.read("item_images").select("item_id", "image")
+    images = store.read(T.ITEM_IMAGES).select("item_id", "image")
     fly = A.on_the_fly_features(missing, images, _embed(cfg, enc), _assign(cfg, clu, keep=("embedding",)))
     return known.join(needed, on="item_id", how="left_semi").unionByName(fly), missing
 
@@ -282,13 +282,13 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     _arrow_batch(spark, cfg)
     clu = load_clusters(spark, cfg.features.clusters_ref)
     enc = load_encoder(spark, clu.spec.encoder_ref)
-    ctr = store.read("ctr_log").where(F.col("dt").isin(dates))
+    ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
     feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
     feats, n_feats = _persist(feats)
     _check_unique(feats)
     out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim)
     r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
-    r.versions["ctr_train"] = store.replace_partitions(out, "ctr_train", by="dt", values=dates, job=job, run_id=run_id)
+    r.versions[T.CTR_TRAIN] = store.replace_partitions(out, T.CTR_TRAIN, by="dt", values=dates, job=job, run_id=run_id)
     _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
     feats.unpersist()
     r.check()
@@ -304,8 +304,8 @@ def _check_unique(feats: DataFrame) -> None:
 def _attach_counts(r: Report, store, dates, fv, ctr, missing, feats) -> None:
     in_rows = ctr.groupBy("dt").count().collect()
     inn = {row["dt"]: row["count"] for row in in_rows}
-    out = _rows_in(store, "ctr_train", "dt", dates)
-    written = store.read("ctr_train").where(F.col("dt").isin(dates))
+    out = _rows_in(store, T.CTR_TRAIN, "dt", dates)
+    written = store.read(T.CTR_TRAIN).where(F.col("dt").isin(dates))
     reserved = written.agg(F.sum((F.col("item_cluster_id") == NO_IMAGE_CLUSTER_ID).cast("int")).alias("r"),
                            F.countDistinct("feature_version").alias("fv")).first()
     r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(out.values()),
@@ -333,9 +333,9 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     spec = clu.spec
     fv, ev = spec.feature_version, spec.encoder_version
     r = Report(job, info={"date": date, "feature_version": fv})
-    items = store.read("items").where(F.col("dt") <= date).select("item_id", "dt")
-    clustered = (store.read("item_clusters").where(F.col("feature_version") == fv)
-                 if store.exists("item_clusters") else None)
+    items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
+    clustered = (store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
+                 if store.exists(T.ITEM_CLUSTERS) else None)
     if clustered is None:
         raise FeatureError(f"item_clusters has no rows of {fv}: run jobs/build_clusters.py first")
     new, n_new = _persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
@@ -344,7 +344,7 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     emb_new = clu_new = None
     new_dates: list[str] = []
     if n_new:
-        images = store.read("item_images").select("item_id", "image")
+        images = store.read(T.ITEM_IMAGES).select("item_id", "image")
         emb_new, _ = _persist(_embed(cfg, enc, keep=("dt",))(new.join(images, on="item_id", how="inner")
                                                             .select("item_id", "image", "dt")))
         src = new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
@@ -370,14 +370,14 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
                                   "embed_items and build_clusters to move the features to it")
 
     # Which ctr_train partitions need (re)attaching: missing, of another feature version, or mentioning a new item.
-    log_dates = sorted({fl.partition_values["dt"] for fl in store.files("ctr_log")
+    log_dates = sorted({fl.partition_values["dt"] for fl in store.files(T.CTR_LOG)
                         if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date})
     have = ({row["dt"]: row["feature_version"] for row in
-             store.read("ctr_train").select("dt", "feature_version").distinct().collect()}
-            if store.exists("ctr_train") else {})
+             store.read(T.CTR_TRAIN).select("dt", "feature_version").distinct().collect()}
+            if store.exists(T.CTR_TRAIN) else {})
     stale = {d for d in log_dates if have.get(d) != fv}
     if n_new and log_dates:
-        ctr_all = store.read("ctr_log").where(F.col("dt").isin(log_dates))
+        ctr_all = store.read(T.CTR_LOG).where(F.col("dt").isin(log_dates))
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
                     .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
         stale |= {row["dt"] for row in mentions.collect()}
@@ -387,27 +387,27 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     # ---- compute and materialise everything before the first commit ----
     staged = {}
     if n_new:
-        old_e = store.read("item_embeddings").where((F.col("encoder_version") == ev) & F.col("dt").isin(new_dates)) \
-            if store.exists("item_embeddings") else None
+        old_e = store.read(T.ITEM_EMBEDDINGS).where((F.col("encoder_version") == ev) & F.col("dt").isin(new_dates)) \
+            if store.exists(T.ITEM_EMBEDDINGS) else None
         e_part = emb_new.select("item_id", "embedding", "dt")
         if old_e is not None:  # a merge: the partition's other rows stay, rows of these items are replaced
             e_part = old_e.select("item_id", "embedding", "dt").join(new.select("item_id"), "item_id", "left_anti") \
                 .unionByName(e_part)
-        staged["item_embeddings"] = _persist(e_part)
+        staged[T.ITEM_EMBEDDINGS] = _persist(e_part)
         old_c = clustered.where(F.col("dt").isin(new_dates)).select("item_id", "cluster_id", "distance", "dt")
         c_part = old_c.join(new.select("item_id"), "item_id", "left_anti").unionByName(
             clu_new.select("item_id", "cluster_id", "distance", "dt"))
-        staged["item_clusters"] = _persist(c_part)
+        staged[T.ITEM_CLUSTERS] = _persist(c_part)
     if affected:
-        ctr = store.read("ctr_log").where(F.col("dt").isin(affected))
+        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(affected))
         feats, missing = feature_lookup(cfg, store, clu, enc, ctr,
                                         extra_clusters=clu_new, extra_embeddings=emb_new)
         feats, _ = _persist(feats)
         _check_unique(feats)
         out = A.attach(ctr, feats, fv, f.include_vector, spec.dim)
-        staged["ctr_train"] = _persist(out)
+        staged[T.CTR_TRAIN] = _persist(out)
         inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
-        outn = {row["dt"]: row["count"] for row in staged["ctr_train"][0].groupBy("dt").count().collect()}
+        outn = {row["dt"]: row["count"] for row in staged[T.CTR_TRAIN][0].groupBy("dt").count().collect()}
         r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in affected]
         r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(outn.values()),
                          "on_the_fly_items": missing.count()})
@@ -415,17 +415,17 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     hook("computed")
 
     # ---- commits: embeddings, then clusters, then the CTR rows that use them ----
-    if "item_embeddings" in staged:
-        r.versions["item_embeddings"] = store.replace_partitions(
-            staged["item_embeddings"][0], "item_embeddings", by="dt", values=new_dates,
+    if T.ITEM_EMBEDDINGS in staged:
+        r.versions[T.ITEM_EMBEDDINGS] = store.replace_partitions(
+            staged[T.ITEM_EMBEDDINGS][0], T.ITEM_EMBEDDINGS, by="dt", values=new_dates,
             fixed={"encoder_version": ev}, job=job, run_id=run_id)
         hook("committed:item_embeddings")
-        r.versions["item_clusters"] = store.replace_partitions(
-            staged["item_clusters"][0], "item_clusters", by="dt", values=new_dates,
+        r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
+            staged[T.ITEM_CLUSTERS][0], T.ITEM_CLUSTERS, by="dt", values=new_dates,
             fixed={"feature_version": fv}, job=job, run_id=run_id)
         hook("committed:item_clusters")
-    if "ctr_train" in staged:
-        r.versions["ctr_train"] = store.replace_partitions(staged["ctr_train"][0], "ctr_train", by="dt",
+    if T.CTR_TRAIN in staged:
+        r.versions[T.CTR_TRAIN] = store.replace_partitions(staged[T.CTR_TRAIN][0], T.CTR_TRAIN, by="dt",
                                                            values=affected, job=job, run_id=run_id)
         hook("committed:ctr_train")
     for df, _ in staged.values():

@@ -192,3 +192,16 @@ def test_courier_train_opens_with_a_petastorm_batch_reader(known):
             for images, mask in zip(batch.pv_images, batch.pv_mask):
                 assert [decode_jpeg(b).shape for b, m in zip(images, mask) if m] == [(32, 32, 3)] * int(mask.sum())
     assert sorted(seen) == ["p1", "p2", "p3"]
+
+
+def test_written_tables_match_the_catalogue(known):
+    """Every stage-1 table as written: the catalogue's data columns in order, then its partition columns."""
+    from deltalake import DeltaTable
+
+    from etl import catalog
+
+    _, store, _ = known
+    for table in catalog.STAGE1:
+        dt = DeltaTable(store.path(table))
+        assert [f.name for f in dt.schema().fields] == [*table.columns, *table.partition_by], table
+        assert list(dt.metadata().partition_columns) == list(table.partition_by), table

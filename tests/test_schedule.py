@@ -23,7 +23,7 @@ AIRFLOW = Path(os.environ.get("COURIER_AIRFLOW_VENV", ROOT / ".venv-airflow")) /
 PY = sys.executable
 TASKS = {"build_samples", "refresh_features", "recluster_due", "done", "embed_items", "build_clusters",
          "attach_features", "train_ctr", "review_model"}
-STAGE1 = ("quarantine", "items", "item_images", "pv_samples", "ctr_log", "courier_train")
+from etl.catalog import CTR_TRAIN, ITEM_CLUSTERS, ITEM_EMBEDDINGS, STAGE1  # noqa: E402
 
 TRAIN = {"batch_size": 16, "num_workers": 1, "epochs": 1, "max_steps": 6, "checkpoint_every": 100,
          "log_every": 3, "decode_threads": 1, "local_mode": True}
@@ -196,7 +196,7 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     assert (champion is not None) == (review[-1]["decision"] == "promoted")
 
     # A rerun of a done day commits nothing: every table keeps its version.
-    every = STAGE1 + ("item_embeddings", "item_clusters", "ctr_train")
+    every = STAGE1 + (ITEM_EMBEDDINGS, ITEM_CLUSTERS, CTR_TRAIN)
     before = _versions(spark, cfg, every)
     rerun = day(dates[1])
     assert "state=success" in (rerun.stdout + rerun.stderr)

@@ -166,7 +166,7 @@ def test_catalog_and_image_reasons(messy):
 
 def test_rerun_is_unchanged_then_a_changed_file_rebuilds_that_date_only(spark, messy):
     from etl.build import build_date
-    from etl.publish import STAGE1_TABLES
+    from etl.catalog import STAGE1 as STAGE1_TABLES
 
     cfg, store, _ = messy
     before = {t: store.version(t) for t in STAGE1_TABLES}
@@ -226,7 +226,7 @@ def test_counts_that_do_not_add_up_commit_nothing_and_name_the_ids(spark, messy,
 
     from etl import samples as S
     from etl.build import VerifyError, build_date
-    from etl.publish import STAGE1_TABLES
+    from etl.catalog import STAGE1 as STAGE1_TABLES
 
     cfg, store, _ = messy
     cfg2 = dataclasses.replace(cfg, samples=dataclasses.replace(cfg.samples, sampling_seed=99))  # not `unchanged`

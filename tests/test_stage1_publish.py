@@ -18,7 +18,8 @@ D0, D1 = "2026-11-19", "2026-11-20"
 def test_killed_between_commits_readers_see_the_published_set_and_the_next_run_recovers(spark, tmp_path):
     from etl.build import build_date
     from etl.config import load_config
-    from etl.publish import STAGE1_TABLES, PublishLog
+    from etl.catalog import STAGE1 as STAGE1_TABLES
+    from etl.publish import PublishLog
     from etl.tables import TableStore
 
     conf = write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}})

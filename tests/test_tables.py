@@ -45,3 +45,21 @@ def test_replace_partition_and_time_travel(spark, cfg_factory):
         store.read("missing_table")
     with pytest.raises(TableError, match="bad table name"):
         store.path("../escape")
+
+
+def test_writes_to_a_catalogued_table_are_checked_against_its_contract(spark, cfg_factory):
+    from etl import catalog
+    from etl.tables import TableError, TableStore
+
+    store = TableStore(spark, cfg_factory())
+    row = ("i1", "dress", "t", 9.5, "2026-11-20", "file:///x.jpg")
+    good = spark.createDataFrame([row], list(catalog.ITEMS.columns))
+    store.replace_partition(good, catalog.ITEMS, {"dt": "2026-11-20"})
+    with pytest.raises(TableError, match=r"missing column\(s\) \['image_uri'\]"):
+        store.replace_partition(good.drop("image_uri"), catalog.ITEMS, {"dt": "2026-11-21"})
+    with pytest.raises(TableError, match=r"column\(s\) \['extra'\] not in the contract"):
+        store.replace_partitions(good.withColumn("extra", F.lit(1)).withColumn("dt", F.lit("2026-11-21")),
+                                 catalog.ITEMS, by="dt", values=["2026-11-21"])
+    # Nothing of the refused writes reached the table; an optional column is allowed where declared.
+    assert [r["dt"] for r in store.read(catalog.ITEMS).collect()] == ["2026-11-20"]
+    assert catalog.CTR_TRAIN.problems([*catalog.CTR_TRAIN.columns, "item_vector", "dt"]) == []

@@ -8,13 +8,12 @@ import logging
 import os
 import tempfile
 
-from etl import fs
+from etl import catalog as T, fs, registry
 from etl.config import Config, flat_params, under_root
-from etl import registry
 from etl.contracts import ENCODER_MODEL as MODEL_NAME
 
 log = logging.getLogger(__name__)
-TABLE = "courier_train"
+TABLE = T.COURIER_TRAIN
 
 
 class TrainError(RuntimeError):
@@ -143,7 +142,7 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
     if t.method == "supervised":  # the class list, in a fixed order, for the category classifier
         from etl.tables import TableStore
 
-        items = TableStore(spark, cfg).read("items").select("category").distinct()
+        items = TableStore(spark, cfg).read(T.ITEMS).select("category").distinct()
         spec["extra"]["categories"] = sorted(r["category"] for r in items.collect() if r["category"])
     print(f"[train] {t.method} / {t.backbone} on {t.num_workers} {t.backend} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {spec['total_rows']} rows", flush=True)

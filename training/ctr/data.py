@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from etl import catalog as T
 from etl.contracts import NO_IMAGE_CLUSTER_ID
 
-TABLE = "ctr_train"
+TABLE = T.CTR_TRAIN
 QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids
 POSITION_BUCKETS = 64  # positions >= 63 share the last bucket
 MODES = ("none", "vector", "simscore", "cluster_id")

@@ -25,6 +25,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
+from etl import catalog as T
 from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
 
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
@@ -240,9 +241,9 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    if not store.exists("item_embeddings"):
+    if not store.exists(T.ITEM_EMBEDDINGS):
         return None
-    sdf = store.read("item_embeddings")
+    sdf = store.read(T.ITEM_EMBEDDINGS)
     cols = [c for c in ("item_id", "embedding", "encoder_version") if c in sdf.columns]
     if "embedding" not in cols or "item_id" not in cols:
         return None
@@ -257,8 +258,8 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
     emb = emb.drop_duplicates("item_id")
     emb = emb.sample(n=min(max_items, len(emb)), random_state=seed).reset_index(drop=True)
     colourings = {}
-    if store.exists("items"):
-        cats = store.read("items").select("item_id", "category").toPandas().drop_duplicates("item_id")
+    if store.exists(T.ITEMS):
+        cats = store.read(T.ITEMS).select("item_id", "category").toPandas().drop_duplicates("item_id")
         colourings["category"] = emb[["item_id"]].merge(cats, on="item_id", how="left")["category"].fillna("?").to_numpy()
     from etl import fs
 
