@@ -314,7 +314,29 @@ def _attach_counts(r: Report, store, dates, fv, ctr, missing, feats) -> None:
     r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), out[d]) for d in dates]
 
 
-# ---- the daily refresh --------------------------------------------------------------------------
+# ---- the daily refresh: plan -> compute -> verify -> commit -------------------------------------------
+@dataclass
+class RefreshPlan:
+    """What one day's refresh touches: the current clustering and its encoder, the items first seen up
+    to the day and not yet clustered (`new`, materialised), and the ctr_train partitions to (re)attach."""
+    date: str
+    clu: Clusters
+    enc: Encoder
+    clustered: DataFrame  # item_clusters rows of the current feature version
+    new: DataFrame
+    n_new: int
+    new_dates: list[str] = field(default_factory=list)
+    affected: list[str] = field(default_factory=list)
+
+    @property
+    def fv(self) -> str:
+        return self.clu.spec.feature_version
+
+    @property
+    def ev(self) -> str:
+        return self.clu.spec.encoder_version
+
+
 def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", job: str = "refresh_features",
             hook: Callable[[str], None] | None = None) -> Report:
     """Embed the items not yet clustered (first seen up to `date`), assign them to the current clusters,
@@ -327,49 +349,37 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     ``hook(stage)`` is called at "computed" and after each commit (tests inject failures there).
     """
     hook = hook or (lambda stage: None)
-    f = cfg.features
     _arrow_batch(spark, cfg)
-    clu = load_clusters(spark, f.clusters_ref)
-    spec = clu.spec
-    fv, ev = spec.feature_version, spec.encoder_version
-    r = Report(job, info={"date": date, "feature_version": fv})
+    plan = plan_refresh(spark, cfg, store, date)
+    r = Report(job, info={"date": date, "feature_version": plan.fv})
+    staged = compute_refresh(cfg, store, plan, r)
+    try:
+        r.check()  # verify, before any commit: a mismatch writes nothing
+        hook("computed")
+        commit_refresh(store, plan, staged, r, job, run_id, hook)
+    finally:
+        for df, _ in staged.values():
+            df.unpersist()
+        plan.new.unpersist()
+    if not r.versions:
+        r.info["noop"] = "nothing new since the last run: no table changed"
+    return r
+
+
+def plan_refresh(spark, cfg: Config, store: TableStore, date: str) -> RefreshPlan:
+    """The new items of the day (first seen up to `date`, not in item_clusters of the current feature
+    version) and the ctr_train partitions that need (re)attaching: missing, of another feature
+    version, or mentioning a new item."""
+    clu = load_clusters(spark, cfg.features.clusters_ref)
+    fv = clu.spec.feature_version
     items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
-    clustered = (store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
-                 if store.exists(T.ITEM_CLUSTERS) else None)
-    if clustered is None:
+    if not store.exists(T.ITEM_CLUSTERS):
         raise FeatureError(f"item_clusters has no rows of {fv}: run jobs/build_clusters.py first")
+    clustered = store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
     new, n_new = _persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
-    enc = load_encoder(spark, spec.encoder_ref)
-
-    emb_new = clu_new = None
-    new_dates: list[str] = []
+    plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref), clustered, new, n_new)
     if n_new:
-        images = store.read(T.ITEM_IMAGES).select("item_id", "image")
-        emb_new, _ = _persist(_embed(cfg, enc, keep=("dt",))(new.join(images, on="item_id", how="inner")
-                                                            .select("item_id", "image", "dt")))
-        src = new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
-        clu_new, _ = _persist(_assign(cfg, clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
-        new_dates = _dates(new)
-        d = clu_new.where(F.col("cluster_id") >= 0).agg(
-            F.count("*").alias("n"), F.avg("distance").alias("mean"),
-            F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
-        r.counts.update({"new_items": n_new, "new_assigned": d["n"], "new_no_image": n_new - d["n"]})
-        r.info["drift"] = {"far_share": d["far"], "mean_distance": d["mean"], "build_mean_distance": spec.mean_distance,
-                           "far_distance": spec.far_distance, "expected_far_share": 1 - spec.far_quantile}
-        due = d["far"] is not None and d["far"] > f.drift_threshold
-        r.info["recluster_due"] = due
-        if due:
-            r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of {d['n']} new items are farther than "
-                                 f"the build's {spec.far_quantile:.0%} distance ({spec.far_distance:.4f}) from every "
-                                 f"centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
-    else:
-        r.counts.update({"new_items": 0})
-    champion = _champion_version(f.encoder_ref)
-    if champion and champion != ev:
-        r.info["encoder_note"] = (f"{f.encoder_ref} is {champion} but the clusters belong to {ev}: run "
-                                  "embed_items and build_clusters to move the features to it")
-
-    # Which ctr_train partitions need (re)attaching: missing, of another feature version, or mentioning a new item.
+        plan.new_dates = _dates(new)
     log_dates = sorted({fl.partition_values["dt"] for fl in store.files(T.CTR_LOG)
                         if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date})
     have = ({row["dt"]: row["feature_version"] for row in
@@ -381,59 +391,94 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
                     .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
         stale |= {row["dt"] for row in mentions.collect()}
-    affected = sorted(stale)
-    r.info["affected_partitions"] = affected
+    plan.affected = sorted(stale)
+    return plan
 
-    # ---- compute and materialise everything before the first commit ----
-    staged = {}
-    if n_new:
-        old_e = store.read(T.ITEM_EMBEDDINGS).where((F.col("encoder_version") == ev) & F.col("dt").isin(new_dates)) \
-            if store.exists(T.ITEM_EMBEDDINGS) else None
-        e_part = emb_new.select("item_id", "embedding", "dt")
-        if old_e is not None:  # a merge: the partition's other rows stay, rows of these items are replaced
-            e_part = old_e.select("item_id", "embedding", "dt").join(new.select("item_id"), "item_id", "left_anti") \
-                .unionByName(e_part)
-        staged[T.ITEM_EMBEDDINGS] = _persist(e_part)
-        old_c = clustered.where(F.col("dt").isin(new_dates)).select("item_id", "cluster_id", "distance", "dt")
-        c_part = old_c.join(new.select("item_id"), "item_id", "left_anti").unionByName(
-            clu_new.select("item_id", "cluster_id", "distance", "dt"))
-        staged[T.ITEM_CLUSTERS] = _persist(c_part)
-    if affected:
-        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(affected))
-        feats, missing = feature_lookup(cfg, store, clu, enc, ctr,
+
+def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report) -> dict:
+    """Every table's new rows, materialised (nothing committed): the new items' embeddings and cluster
+    ids merged into their partitions, and the affected ctr_train partitions re-attached. Fills the
+    report's counts, identities and drift measure. Returns {table: (frame, rows)}."""
+    f, spec = cfg.features, plan.clu.spec
+    staged: dict = {}
+    emb_new = clu_new = None
+    if plan.n_new:
+        images = store.read(T.ITEM_IMAGES).select("item_id", "image")
+        emb_new, _ = _persist(_embed(cfg, plan.enc, keep=("dt",))(
+            plan.new.join(images, on="item_id", how="inner").select("item_id", "image", "dt")))
+        src = plan.new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
+        clu_new, _ = _persist(_assign(cfg, plan.clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
+        _drift(cfg, plan, clu_new, r)
+        staged[T.ITEM_EMBEDDINGS] = _persist(_merge(
+            store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == plan.ev)
+            if store.exists(T.ITEM_EMBEDDINGS) else None, emb_new, plan, ("item_id", "embedding", "dt")))
+        staged[T.ITEM_CLUSTERS] = _persist(_merge(plan.clustered, clu_new, plan,
+                                                  ("item_id", "cluster_id", "distance", "dt")))
+    else:
+        r.counts.update({"new_items": 0})
+    champion = _champion_version(f.encoder_ref)
+    if champion and champion != plan.ev:
+        r.info["encoder_note"] = (f"{f.encoder_ref} is {champion} but the clusters belong to {plan.ev}: run "
+                                  "embed_items and build_clusters to move the features to it")
+    r.info["affected_partitions"] = plan.affected
+    if plan.affected:
+        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(plan.affected))
+        feats, missing = feature_lookup(cfg, store, plan.clu, plan.enc, ctr,
                                         extra_clusters=clu_new, extra_embeddings=emb_new)
         feats, _ = _persist(feats)
         _check_unique(feats)
-        out = A.attach(ctr, feats, fv, f.include_vector, spec.dim)
-        staged[T.CTR_TRAIN] = _persist(out)
+        staged[T.CTR_TRAIN] = _persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim))
         inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
         outn = {row["dt"]: row["count"] for row in staged[T.CTR_TRAIN][0].groupBy("dt").count().collect()}
-        r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in affected]
+        r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in plan.affected]
         r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(outn.values()),
                          "on_the_fly_items": missing.count()})
-    r.check()  # before any commit: a mismatch writes nothing
-    hook("computed")
+    return staged
 
-    # ---- commits: embeddings, then clusters, then the CTR rows that use them ----
+
+def _merge(old: DataFrame | None, new_rows: DataFrame, plan: RefreshPlan, cols: tuple) -> DataFrame:
+    """The new items' partitions: their other rows stay, rows of the new items are replaced."""
+    part = new_rows.select(*cols)
+    if old is None:
+        return part
+    return (old.where(F.col("dt").isin(plan.new_dates)).select(*cols)
+            .join(plan.new.select("item_id"), "item_id", "left_anti").unionByName(part))
+
+
+def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame, r: Report) -> None:
+    """Share of the new items farther than the build's far quantile from every centroid; a full
+    re-cluster is due above features.drift_threshold."""
+    f, spec = cfg.features, plan.clu.spec
+    d = clu_new.where(F.col("cluster_id") >= 0).agg(
+        F.count("*").alias("n"), F.avg("distance").alias("mean"),
+        F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
+    r.counts.update({"new_items": plan.n_new, "new_assigned": d["n"], "new_no_image": plan.n_new - d["n"]})
+    r.info["drift"] = {"far_share": d["far"], "mean_distance": d["mean"], "build_mean_distance": spec.mean_distance,
+                       "far_distance": spec.far_distance, "expected_far_share": 1 - spec.far_quantile}
+    due = d["far"] is not None and d["far"] > f.drift_threshold
+    r.info["recluster_due"] = due
+    if due:
+        r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of {d['n']} new items are farther than "
+                             f"the build's {spec.far_quantile:.0%} distance ({spec.far_distance:.4f}) from every "
+                             f"centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
+
+
+def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report, job: str, run_id: str,
+                   hook: Callable[[str], None]) -> None:
+    """Embeddings, then clusters, then the CTR rows that use them: each table in one commit."""
     if T.ITEM_EMBEDDINGS in staged:
         r.versions[T.ITEM_EMBEDDINGS] = store.replace_partitions(
-            staged[T.ITEM_EMBEDDINGS][0], T.ITEM_EMBEDDINGS, by="dt", values=new_dates,
-            fixed={"encoder_version": ev}, job=job, run_id=run_id)
+            staged[T.ITEM_EMBEDDINGS][0], T.ITEM_EMBEDDINGS, by="dt", values=plan.new_dates,
+            fixed={"encoder_version": plan.ev}, job=job, run_id=run_id)
         hook("committed:item_embeddings")
         r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
-            staged[T.ITEM_CLUSTERS][0], T.ITEM_CLUSTERS, by="dt", values=new_dates,
-            fixed={"feature_version": fv}, job=job, run_id=run_id)
+            staged[T.ITEM_CLUSTERS][0], T.ITEM_CLUSTERS, by="dt", values=plan.new_dates,
+            fixed={"feature_version": plan.fv}, job=job, run_id=run_id)
         hook("committed:item_clusters")
     if T.CTR_TRAIN in staged:
         r.versions[T.CTR_TRAIN] = store.replace_partitions(staged[T.CTR_TRAIN][0], T.CTR_TRAIN, by="dt",
-                                                           values=affected, job=job, run_id=run_id)
+                                                           values=plan.affected, job=job, run_id=run_id)
         hook("committed:ctr_train")
-    for df, _ in staged.values():
-        df.unpersist()
-    new.unpersist()
-    if not r.versions:
-        r.info["noop"] = "nothing new since the last run: no table changed"
-    return r
 
 
 def _champion_version(ref: str) -> str | None:

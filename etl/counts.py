@@ -1,0 +1,180 @@
+"""Stage 1's accounting: every count of a date, taken from frames already computed (one small grouped
+aggregate per materialized frame, collected to the driver) or from the staged files' own statistics,
+and the identities they must satisfy before anything is published (`DateReport.identities`). Counts
+are anchored outside the code they check: raw lines are counted from the files' bytes, not by the
+parser."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl import catalog as T
+
+
+class VerifyError(RuntimeError):
+    """A date's counts do not add up; nothing of it was committed."""
+
+
+@dataclass
+class DateReport:
+    dt: str
+    status: str = "built"  # built | unchanged
+    counts: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    note: str = ""
+
+    def identities(self) -> list[tuple[str, int, int]]:
+        """(name, left, right) for each accounting identity; left == right when nothing was lost."""
+        if self.status != "built":
+            return []
+        c = self.counts
+        q = c["quarantine"]
+        t = c["table_rows"]
+        qt = c["quarantine_table"]
+        keys = sorted({(s, r) for s in q for r in q[s]} | {(s, r) for s in qt for r in qt[s]})
+        agree = sum(q.get(s, {}).get(r, 0) == qt.get(s, {}).get(r, 0) for s, r in keys)
+        return [
+            ("raw_lines(files) = raw_rows(parsed)", c["raw_lines"], c["raw_rows"]),
+            ("raw_rows = valid_pv + valid_click + quarantined(search_log)",
+             c["raw_rows"], c["valid_pv"] + c["valid_click"] + sum(q["search_log"].values())),
+            ("valid_pv = pv_samples + dropped(no_positive, no_history)",
+             c["valid_pv"], c["pv_samples"] + sum(c["pv_dropped"].values())),
+            ("impressions = ctr_log(table) + neg_downsampled",
+             c["impressions"], t["ctr_log"] + c["neg_downsampled"]),
+            ("impressions(kept PVs) = pv_items + neg_downsampled(kept PVs) + trimmed",
+             c["kept_pv_impressions"], c["pv_items"] + c["kept_pv_neg_downsampled"] + c["trimmed"]),
+            ("valid_click = positive impressions",
+             c["valid_click"], c["positive_impressions"]),
+            ("catalog_lines(files) = catalog_rows(parsed)", c["catalog_lines"], c["catalog_rows"]),
+            ("catalog_rows = items + quarantined(catalog)",
+             c["catalog_rows"], c["items"] + sum(q["catalog"].values())),
+            ("items = item_images + quarantined(image)",
+             c["items"], c["item_images"] + sum(q["image"].values())),
+            ("pv_samples = courier_train + dropped(no_positive_image, no_history_image)",
+             c["pv_samples"], c["courier_train"] + sum(c["train_dropped"].values())),
+            ("pv_samples(table) = pv_samples", t["pv_samples"], c["pv_samples"]),
+            ("courier_train(table) = courier_train", t["courier_train"], c["courier_train"]),
+            ("items(table) = items", t["items"], c["items"]),
+            ("item_images(table) = item_images", t["item_images"], c["item_images"]),
+            ("quarantine(table) = quarantined(all sources)",
+             t["quarantine"], sum(n for reasons in q.values() for n in reasons.values())),
+            ("quarantine(table) by (source, reason) = quarantined: reasons that agree", len(keys), agree),
+        ]
+
+    def mismatches(self) -> list[str]:
+        return [f"{name}: {left} != {right}" for name, left, right in self.identities() if left != right]
+
+    def check(self) -> None:
+        bad = self.mismatches()
+        if bad:
+            raise VerifyError(f"{self.dt}: counts do not add up:\n  " + "\n  ".join(bad))
+
+    def render(self) -> str:
+        if self.status != "built":
+            return f"== build_samples {self.dt} ==\n  {self.status}: {self.note}"
+        c = self.counts
+        lines = [f"== build_samples {self.dt} =="]
+        for source, f in c["files"].items():
+            lines.append(f"  read {source}: {f['files']} file(s), {f['bytes']} bytes, {f['lines']} lines; "
+                         f"ignored {len(f['ignored'])} {f['ignored'] or ''}".rstrip())
+        for name, left, right in self.identities():
+            lines.append(f"  [{'ok' if left == right else 'MISMATCH'}] {name}: {left} = {right}")
+        for source, reasons in c["quarantine"].items():
+            for reason, n in sorted(reasons.items()):
+                lines.append(f"  quarantined {source}/{reason}: {n}")
+        for reason, n in sorted({**c["pv_dropped"], **c["train_dropped"]}.items()):
+            lines.append(f"  dropped {reason}: {n}")
+        lines.append(f"  repeated_on_page (an item listed again on the same page, first position kept): "
+                     f"{c['repeated_on_page']}")
+        if self.note:
+            lines.append(f"  {self.note}")
+        lines.append("  table versions: " + ", ".join(f"{k}=v{v}" for k, v in self.versions.items()))
+        return "\n".join(lines)
+
+
+def _reason_counts(df: DataFrame, *keys: str) -> dict:
+    out: dict = {}
+    for row in df.groupBy(*keys).count().collect():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(row[k], {})
+        node[row[keys[-1]]] = row["count"]
+    return out
+
+
+def _sum_by_reason(groups) -> dict:
+    out: dict = {}
+    for reasons in groups:
+        for reason, n in reasons.items():
+            if reason != "ok":
+                out[reason] = out.get(reason, 0) + n
+    return out
+
+
+def input_counts(inputs, date: str) -> dict:
+    """Files read and ignored per source, and their lines counted from the bytes (the anchor)."""
+    today_files = inputs.log_files[date]
+    files = {
+        kind: {"files": len(di.read), "bytes": sum(inputs.scans[f.path].size for f in di.read),
+               "lines": sum(inputs.scans[f.path].lines for f in di.read),
+               "ignored": [f.name for f in di.ignored]}
+        for kind, di in (("search_log", today_files), ("catalog", inputs.catalog_files.get(date)))
+        if di is not None}
+    return {"files": files, "raw_lines": files["search_log"]["lines"],
+            "catalog_lines": files.get("catalog", {}).get("lines", 0)}
+
+
+def event_counts(events: DataFrame, catalog: DataFrame, decoded: DataFrame, date: str) -> dict:
+    """Parsed rows per file, valid events, and every quarantine reason per source (events, catalog, images)."""
+    c: dict = {}
+    by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
+                             "event_type", "reason")
+    c["raw_rows"] = sum(n for kinds in by_kind.values() for n in kinds.values())
+    c["rows_by_file"] = {r["file"]: r["count"] for r in
+                         events.where(F.col("dt") == date).groupBy("file").count().collect()}
+    c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
+    c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
+    catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
+    image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
+    c["quarantine"] = {
+        "search_log": _sum_by_reason(by_kind.values()),
+        "catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
+        "image": {r: n for r, n in image_reasons.items() if r != "ok"},
+    }
+    c["catalog_rows"] = sum(catalog_reasons.values())
+    c["items"] = catalog_reasons.get("ok", 0)
+    c["item_images"] = image_reasons.get("ok", 0)
+    return c
+
+
+def sample_counts(samples: DataFrame) -> dict:
+    """PVs kept and dropped (per reason), impressions, negatives down-sampled, trimmed, from one aggregate."""
+    agg = {r["drop_reason"]: r for r in samples.groupBy("drop_reason").agg(
+        F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
+        F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
+        F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos"),
+        F.sum("repeated_on_page").alias("repeated")).collect()}
+    kept = agg.get(None)
+    return {
+        "pv_samples": kept["pvs"] if kept else 0,
+        "pv_dropped": {r: row["pvs"] for r, row in agg.items() if r is not None},
+        "impressions": sum(row["impressions"] for row in agg.values()),
+        "repeated_on_page": sum(row["repeated"] for row in agg.values()),
+        "neg_downsampled": sum(row["neg"] for row in agg.values()),
+        "positive_impressions": sum(row["pos"] for row in agg.values()),
+        "kept_pv_impressions": kept["impressions"] if kept else 0,
+        "kept_pv_neg_downsampled": kept["neg"] if kept else 0,
+        "trimmed": kept["trimmed"] if kept else 0,
+        "pv_items": kept["pv_items"] if kept else 0,
+    }
+
+
+def staged_counts(store, staged: dict) -> dict:
+    """Rows of every staged table from its files' own statistics (Parquet footers), no re-scan; the
+    quarantine's reasons from its staged files (a small table), not from the frame that made them."""
+    table_rows = {name: s.rows for name, s in staged.items()}
+    return {"table_rows": table_rows,
+            "ctr_log": table_rows[T.CTR_LOG],  # the impression-grain rows written (an MLflow metric)
+            "quarantine_table": _reason_counts(store.read_staged(staged[T.QUARANTINE]), "source", "reason")}
