@@ -1,4 +1,7 @@
-"""What every job's entry point shares: the --conf/--set arguments, logging and the warning filter."""
+"""The job frame: what every job's entry point shares. `run_job` parses --conf/--set and the job's own
+arguments (errors: one line, exit 2), sets up logging, opens the Spark session, runs the job's body
+(which opens its MLflow run with `ctx.mlflow_run`), maps expected errors to exit codes without a
+traceback, and stops the session whatever happens. A job file declares its arguments and body only."""
 from __future__ import annotations
 
 import argparse
