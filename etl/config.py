@@ -241,6 +241,22 @@ class Config:
         return self._root(self.mlflow.artifact_root, "mlflow/artifacts")
 
 
+# ---- allowed values: the one list of each; the modules that branch on a value import it from here ----
+TABLE_ENGINES = ("delta-rs", "spark-delta", "auto")
+SIMULATOR_PRESETS = ("tiny", "demo", "bench")
+TRAIN_METHODS = ("courier", "simclr", "simsiam", "supervised")
+TRAIN_BACKENDS = ("ddp", "horovod")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
+FEATURE_MODES = ("none", "vector", "simscore", "cluster_id")
+GAUC_GROUPS = ("pv_id", "session_id")
+
+
+def _one_of(key: str, allowed: tuple) -> str:
+    """'train.backend must be ddp or horovod' (the error text of a value outside `allowed`)."""
+    return f"{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}"
+
+
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
@@ -328,16 +344,13 @@ def _validate(cfg: Config) -> None:
         (s.max_image_pixels >= 1 and s.max_image_bytes >= 1, "samples.max_image_pixels and max_image_bytes must be >= 1"),
         (isinstance(s.input_ignore, list) and all(isinstance(x, str) and x for x in s.input_ignore),
          "samples.input_ignore must be a list of non-empty file name patterns"),
-        (cfg.tables.engine in ("delta-rs", "spark-delta", "auto"),
-         "tables.engine must be one of delta-rs, spark-delta, auto"),
+        (cfg.tables.engine in TABLE_ENGINES, f"tables.engine must be one of {', '.join(TABLE_ENGINES)}"),
         (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),
-        (cfg.simulator.preset in ("tiny", "demo", "bench"), "simulator.preset must be tiny, demo or bench"),
-        (cfg.train.method in ("courier", "simclr", "simsiam", "supervised"),
-         "train.method must be courier, simclr, simsiam or supervised"),
-        (cfg.train.backend in ("ddp", "horovod"), "train.backend must be ddp or horovod"),
-        (cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto, fp32, bf16 or fp16"),
-        (cfg.train.reconstruction in ("attention", "self_attention", "multihead"),
-         "train.reconstruction must be attention, self_attention or multihead"),
+        (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
+        (cfg.train.method in TRAIN_METHODS, _one_of("train.method", TRAIN_METHODS)),
+        (cfg.train.backend in TRAIN_BACKENDS, _one_of("train.backend", TRAIN_BACKENDS)),
+        (cfg.train.precision in PRECISIONS, _one_of("train.precision", PRECISIONS)),
+        (cfg.train.reconstruction in RECONSTRUCTION_MODES, _one_of("train.reconstruction", RECONSTRUCTION_MODES)),
         (cfg.train.batch_size >= 1 and cfg.train.num_workers >= 1 and cfg.train.epochs >= 1,
          "train.batch_size, train.num_workers and train.epochs must be >= 1"),
         (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),
@@ -380,9 +393,8 @@ def _validate_features(f: FeaturesConf) -> None:
 
 def _validate_ctr(c: CtrConf, r: ReviewConf) -> None:
     checks = [
-        (c.feature_mode in ("none", "vector", "simscore", "cluster_id"),
-         "ctr.feature_mode must be none, vector, simscore or cluster_id"),
-        (c.gauc_by in ("pv_id", "session_id"), "ctr.gauc_by must be pv_id or session_id"),
+        (c.feature_mode in FEATURE_MODES, _one_of("ctr.feature_mode", FEATURE_MODES)),
+        (c.gauc_by in GAUC_GROUPS, _one_of("ctr.gauc_by", GAUC_GROUPS)),
         (c.eval_last_n_dates >= 1, "ctr.eval_last_n_dates must be >= 1"),
         (isinstance(c.layers, list) and len(c.layers) >= 1
          and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in c.layers),

@@ -26,7 +26,6 @@ from etl.contracts import NO_IMAGE_CLUSTER_ID
 TABLE = T.CTR_TRAIN
 QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids
 POSITION_BUCKETS = 64  # positions >= 63 share the last bucket
-MODES = ("none", "vector", "simscore", "cluster_id")
 
 BASE_COLUMNS = ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "history",
                 "item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version", "dt"]

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from training.ctr.data import MODES, POSITION_BUCKETS, QUERY_BUCKETS
+from etl.config import FEATURE_MODES as MODES
+from training.ctr.data import POSITION_BUCKETS, QUERY_BUCKETS
 
 # Cluster-ID rows start at unit scale (torch's default): at 0.05 the target/history products the
 # attention unit must learn from are ~1e-3 and a small run barely moves (measured: AUC 0.53 vs 0.71 on a
