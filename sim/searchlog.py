@@ -104,7 +104,7 @@ after the event it was copied from, within about 2,000 lines. Re-running replace
 the images of the items it generates (and removes the file of a missing-image item), the truth
 tables and the manifest.
 
-Run ``python -m etl.simulate --help`` for the command line.
+Run ``python -m sim --help`` for the command line.
 """
 from __future__ import annotations
 
@@ -848,7 +848,7 @@ def simulate(out_root: str | Path, images_root: str | Path, truth_root: str | Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m etl.simulate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="raw root: search_log/ and catalog/ go here")
     ap.add_argument("--images", required=True, help="images root")
     ap.add_argument("--truth", required=True, help="hidden truth root (evaluation only)")
