@@ -62,16 +62,16 @@ def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    dirty = git("status", "--porcelain", "--", "etl", "jobs", "conf")
+    dirty = git("status", "--porcelain", "--", "etl", "sim", "jobs", "conf")
     return {"cores": os.cpu_count(), "mem_gb": round(mem / 1024 / 1024, 1), "cpu": cpu, "java": java,
             "python": platform.python_version(),
-            "git": git("rev-parse", "--short", "HEAD") + (" (etl/jobs/conf modified)" if dirty else "")}
+            "git": git("rev-parse", "--short", "HEAD") + (" (etl/sim/jobs/conf modified)" if dirty else "")}
 
 
 # ---- input ---------------------------------------------------------------------------------------------
 def make_input(out: Path, size: float, seed: int) -> dict:
     """Simulate the bench preset scaled to `size` under out/x<size>/data (reused when already there)."""
-    from etl import simulate as sim
+    import sim
 
     users = int(round(sim.PRESETS["bench"]["users"] * size))
     data = out / f"x{size:g}" / "data"

@@ -71,12 +71,12 @@ def ensure_table(data: Path, preset: str, days: int) -> tuple[list[str], int]:
 
         from etl.build import build_date
         from etl.config import load_config
-        from etl.simulate import simulate
+        from sim import simulate
         from etl.spark import get_spark
         from etl.tables import TableStore
 
         data.mkdir(parents=True, exist_ok=True)
-        from etl.simulate import PRESETS
+        from sim import PRESETS
 
         # item images at the preset's rendered size (demo: 96 px), the table's image size
         cfg = load_config(write_config(data, {"spark": {"shuffle_partitions": 4},

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from etl import fs
-    from etl.simulate import simulate
+    from sim import simulate
 
     roots = {"raw": cfg.raw_root, "images": cfg.images_root, "truth": cfg.truth_root}
     remote = {k: r for k, r in roots.items() if fs.is_object_store(r)}

@@ -253,7 +253,7 @@ def _local_reference(spark, cluster_conf: Path, tmp_path: Path, encoder: Path):
     local disk through the session's local Spark and delta-rs, in process (the jobs' own functions)."""
     from etl.build import build_date
     from etl.config import load_config
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tables import TableStore
     from etl.tracking import start_run
     from features import pipeline as P

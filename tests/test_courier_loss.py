@@ -29,8 +29,8 @@ from training.courier import (
     ImageEncoder,
     courier_loss,
     reconstruct,
-    world_size,
 )
+from training.distributed import world_size
 
 DT = torch.float64
 

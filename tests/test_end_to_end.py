@@ -22,7 +22,7 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
 
     from etl.build import build_date
     from etl.config import load_config
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tables import TableStore
     from etl.tracking import setup_mlflow, start_run
     from features import NO_IMAGE_CLUSTER_ID

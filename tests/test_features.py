@@ -27,7 +27,7 @@ TRAIN = {"batch_size": 16, "num_workers": 1, "epochs": 8, "max_steps": 30, "lr":
 def world(spark, tmp_path_factory):
     from etl.build import build_date
     from etl.config import load_config
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tables import TableStore
     from etl.tracking import start_run
     from features import pipeline as P

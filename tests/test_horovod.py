@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from training import distributed as D  # noqa: E402
-from training.courier import CourierLossConfig, CourierModel, ImageEncoder, gather_with_grad  # noqa: E402
+from training.courier import CourierLossConfig, CourierModel, ImageEncoder  # noqa: E402
+from training.distributed import gather_with_grad  # noqa: E402
 
 B, LP, LC, PX, DIM = 4, 5, 4, 16, 16  # global batch of 4 PVs -> 2 per rank; tiny images
 NPROC = 2

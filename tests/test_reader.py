@@ -22,7 +22,7 @@ D0 = "2026-11-20"
 def table(spark, tmp_path_factory):
     """One simulated date built by stage 1 (4 shuffle partitions: several files), pinned at its version."""
     from etl.build import build_date
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tables import TableStore
 
     tmp = tmp_path_factory.mktemp("reader")

@@ -11,7 +11,7 @@ from etl.config import load_config
 @pytest.fixture(scope="module")
 def tiny(spark, tmp_path_factory):
     from etl.build import build_date
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tables import TableStore
 
     tmp = tmp_path_factory.mktemp("tiny")

@@ -129,7 +129,7 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     import mlflow
 
     from etl.config import load_config
-    from etl.simulate import simulate
+    from sim import simulate
     from etl.tracking import setup_mlflow
 
     conf = write_config(tmp_path, {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW})

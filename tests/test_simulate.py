@@ -1,4 +1,4 @@
-"""The search-log simulator (etl/simulate.py), tiny preset: determinism, exact manifest counts, the
+"""The search-log simulator (the sim package), tiny preset: determinism, exact manifest counts, the
 event contract the Spark job reads, cold start, taste visible in clicks, and the images."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from etl import simulate as S
+import sim as S
 
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 

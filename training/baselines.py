@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.courier import _global_count, gather_with_grad, world_rank
+from training import distributed as D
+from training.courier import _global_count
+from training.distributed import gather_with_grad
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,7 +75,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, gather: G
     dtype = torch.promote_types(z1.dtype, torch.float32)
     z = F.normalize(torch.cat([z1, z2], dim=0).to(dtype), dim=-1)  # (2n, d) local anchors
     z_all = gather(z)  # (2N, d), rank blocks of [view1; view2]
-    rank = world_rank() if rank is None else rank
+    rank = D.rank() if rank is None else rank
     idx = torch.arange(2 * n, device=z.device)
     self_idx = rank * 2 * n + idx
     pos_idx = rank * 2 * n + (idx + n) % (2 * n)

@@ -11,7 +11,8 @@ section 3 (method), 4.3.2 (ablations) and appendix D (projection head). Notation
     L_ucs = same loss with the latest click as target and the older clicks as history   (sec. 3.4)
     L     = L_pv + L_ucs                                                                 (eq. 7)
 
-Only torch / torchvision / numpy are imported here: this module must import on a bare GPU worker.
+Only torch / torchvision / numpy (and ``training.distributed``, itself torch only) are imported here:
+this module must import on a bare GPU worker.
 
 Distributed normalisation convention (used by every loss in this module and in ``baselines.py``)
 ------------------------------------------------------------------------------------------------
@@ -35,12 +36,15 @@ the single-process gradient.  DistributedDataParallel then *averages* parameter 
 A ``gather`` whose backward *averages* (Horovod's ``hvd.allgather``) must have its gradient multiplied by
 ``world_size`` to fit this convention.  All ranks must pass tensors of the same shape (fixed
 ``B, l_pv, l_click`` per rank, padded), as ``all_gather`` requires.
+
+``gather_with_grad``, ``rank()`` and ``world_size()`` are ``training.distributed``'s: one set of helpers
+that gives the same answers under DDP, Horovod and a single process; a loss finds its own rank's block
+of a gather at position ``rank()``.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,13 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
+from training import distributed as D
+from training.distributed import gather_with_grad  # the default gather of every loss below
 
-# torch.distributed.nn.functional.all_gather warns (FutureWarning) on every call; it is the collective
-# measured to keep gradients here, so silence exactly that message.
-warnings.filterwarnings(
-    "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
-)
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,33 +65,8 @@ RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny distributed helpers
+# Counts over ranks (rank, world size and the gathers are training.distributed's)
 # --------------------------------------------------------------------------------------------------
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if _dist_on() else 1
-
-
-def world_rank() -> int:
-    return torch.distributed.get_rank() if _dist_on() else 0
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (N, ...) of every rank along dim 0 -> (world_size * N, ...), rank order.
-
-    Gradients flow back to every rank's ``x`` (backward = reduce-scatter SUM). Identity when not
-    distributed or world size 1. Every rank must call it with the same shape.
-    """
-    if world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
 def _global_count(n: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Sum of a per-rank count over ranks, through the same ``gather`` (no extra sync on the host)."""
     return gather(n.detach().reshape(1)).sum()
@@ -367,8 +343,9 @@ def contrastive_loss(
     where a runs over D = every real PV item (pv_mask 1) of every rank (E_pv gathered with gradients;
     R_pv stays local). Negative-label items are in D (they are negatives) but their own columns are not
     optimised; padding items are never in D. ``use_negatives=False`` ("w/o Neg PV") keeps only the
-    positive items (label 1) of the global batch in D. ``rank`` (default: torch.distributed's rank) is
-    this worker's position in ``gather``'s output, which must concatenate equal-shaped blocks in rank order.
+    positive items (label 1) of the global batch in D. ``rank`` (default: ``training.distributed.rank()``)
+    is this worker's position in ``gather``'s output, which must concatenate equal-shaped blocks in rank
+    order.
     ``target_mask`` (optional, same shape) further restricts which positive columns are optimised (COURIER
     drops targets without any click history); it does not change the denominators.
 
@@ -394,7 +371,7 @@ def contrastive_loss(
 
     with torch.autocast(e_pv.device.type, enabled=False):  # autocast would run this matmul in fp16
         logits = z_all @ r.t() / tau  # (N_global, n_local): Sim(a, b) / tau
-    rank = world_rank() if rank is None else rank
+    rank = D.rank() if rank is None else rank
     own = rank * n_local + torch.arange(n_local, device=e_pv.device)  # global index of a = b
     # D for column b, plus b itself so that unused columns never have an empty (all -inf) denominator
     in_col = denom_all[:, None] | (torch.arange(logits.shape[0], device=e_pv.device)[:, None] == own[None, :])

@@ -1,7 +1,11 @@
 """Backend-agnostic distributed helpers for the COURIER trainer: torch DDP ("ddp") or Horovod ("horovod").
 
 Tiny named functions in the style of facebookresearch/moco (``concat_all_gather`` & co.), so that the
-trainer never branches on the backend itself::
+trainer never branches on the backend itself. They are the only place the project asks who it is:
+``rank()``, ``world_size()`` and the gathers follow one backend (``current_backend()``), so the
+trainer, the reader's sharding and the losses (``training.courier``, ``training.baselines``, which find
+their own block of a gather at ``rank()``) agree under DDP (TorchDistributor, torchrun), Horovod and a
+single process::
 
     from training import distributed as D
     D.init(backend)                                   # backend: "ddp" | "horovod"
@@ -30,11 +34,14 @@ share one trainer line and Horovod's gradient compression/fp16 paths see average
 
 Gathers with gradients:
 
-* ddp: ``training.courier.gather_with_grad`` (``torch.distributed.nn.functional.all_gather``; backward =
-  reduce-scatter SUM, the convention above);
+* ddp: ``torch.distributed.nn.functional.all_gather``; backward = reduce-scatter SUM, the convention above;
 * horovod: ``hvd.allgather`` whose backward AVERAGES the incoming gradient over ranks
   (``allreduce(grad, average=True)``); ``horovod_gather_with_grad`` multiplies that gradient by the
   world size so it is the SUM, like torch's.
+
+Both concatenate the ranks' blocks in rank order: rank r's block is at position ``rank()``.
+``gather_with_grad`` is the one for whichever backend is initialised (identity in a single process);
+``gather_with_grad_for(backend)`` names the backend's own.
 
 Horovod is imported lazily: this module imports (and the "ddp" backend works) without Horovod.
 Horovod is installed by ``scripts/install_horovod.sh``.
@@ -45,6 +52,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Literal, Optional
 
 import torch
@@ -52,6 +60,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 log = logging.getLogger(__name__)
+
+# torch.distributed.nn.functional.all_gather warns (FutureWarning) on every call; it is the collective
+# measured to keep gradients here, so silence exactly that message.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+)
 
 Backend = Literal["ddp", "horovod"]
 BACKENDS: tuple[str, ...] = ("ddp", "horovod")
@@ -319,25 +333,30 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _loss_rank() -> int:
-    """Where the losses of ``training.courier`` / ``training.baselines`` look for this rank's own block in
-    the gathered tensor: ``training.courier.world_rank()``."""
-    from training.courier import world_rank
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N, ...) of every rank along dim 0 -> (world_size() * N, ...), in rank order.
 
-    return world_rank()
+    Gradients flow back to every rank's ``x`` summed over ranks (the convention above). Uses the
+    initialised backend: ``torch.distributed.nn.functional.all_gather`` under DDP,
+    ``horovod_gather_with_grad`` under Horovod; identity in a single process or with one rank. Every
+    rank must call it with the same shape.
+    """
+    b = current_backend()
+    if b is None or world_size() == 1:
+        return x
+    if b == "horovod":
+        return horovod_gather_with_grad(x)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
 
 
 def horovod_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Horovod counterpart of ``training.courier.gather_with_grad``: (N, ...) per rank -> (world * N, ...).
+    """Horovod counterpart of the DDP gather: (N, ...) per rank -> (world * N, ...), in rank order.
 
     ``hvd.allgather``'s backward averages the gradient over ranks; ``_ScaleGrad`` multiplies it by the
     world size so each rank's ``x`` receives the SUM of the gradients every rank sends to its block, as
     with ``torch.distributed.nn.functional.all_gather``. Every rank must pass the same shape.
-
-    Block order: rank order, with one exception. The losses find this rank's own block at position
-    ``training.courier.world_rank()``, which asks torch.distributed only; under Horovod alone that is 0
-    on every rank, so this rank's block is moved to that position (the losses are symmetric in the
-    other blocks). Once ``training.courier.world_rank()`` knows Horovod this is plain rank order.
     Identity in a single process.
     """
     hvd = _hvd()
@@ -350,19 +369,10 @@ def horovod_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
             f"horovod_gather_with_grad: ranks passed different first dimensions (gathered {y.shape[0]} rows "
             f"from {n} ranks, {x.shape[0]} here); pad every rank's batch to the same shape"
         )
-    r, p = hvd.rank(), _loss_rank()
-    if p != r:
-        blocks = list(y.split(x.shape[0]))
-        blocks.insert(p, blocks.pop(r))
-        y = torch.cat(blocks)
     return y
 
 
 def gather_with_grad_for(backend: Backend) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ``gather=`` to pass to ``training.courier.CourierModel`` / the losses for ``backend``."""
     _check(backend)
-    if backend == "ddp":
-        from training.courier import gather_with_grad
-
-        return gather_with_grad
-    return horovod_gather_with_grad
+    return gather_with_grad if backend == "ddp" else horovod_gather_with_grad
