@@ -13,12 +13,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etl.config import SIMULATOR_PRESETS  # noqa: E402
 from jobs.common import job_parser, load_job_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = job_parser(__doc__)
-    p.add_argument("--preset", choices=("tiny", "demo", "bench"), help="overrides simulator.preset")
+    p.add_argument("--preset", choices=SIMULATOR_PRESETS, help="overrides simulator.preset")
     p.add_argument("--seed", type=int, help="overrides simulator.seed")
     args = p.parse_args(argv)
     cfg = load_job_config(args)

@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from etl.config import RECONSTRUCTION_MODES  # the allowed values are the config's
 from training import distributed as D
 from training.distributed import gather_with_grad  # the default gather of every loss below
 
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from etl.config import TRAIN_BACKENDS as BACKENDS  # the allowed values are the config's
+
 log = logging.getLogger(__name__)
 
 # torch.distributed.nn.functional.all_gather warns (FutureWarning) on every call; it is the collective
@@ -68,7 +70,6 @@ warnings.filterwarnings(
 )
 
 Backend = Literal["ddp", "horovod"]
-BACKENDS: tuple[str, ...] = ("ddp", "horovod")
 
 _backend: Optional[str] = None  # set by init()
 
