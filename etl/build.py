@@ -9,6 +9,7 @@ collects per-reason counts, file listings and today's image paths.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -37,7 +38,8 @@ JOB = "build_samples"
 # Part of every date's fingerprint: bump it when a rule changes what the same input builds.
 RULES_VERSION = 2
 
-__all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "report_json"]
+__all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "log_date", "log_reports",
+           "report_json"]
 
 
 def materialize(df: DataFrame) -> DataFrame:
@@ -314,6 +316,28 @@ def build_date(spark, cfg: Config, store: TableStore, date: str, run_id: str,
         return report
     finally:
         release(inputs.catalog)
+
+
+def log_date(report: DateReport, step: int) -> None:
+    """One date's report printed, and logged to the active MLflow run: status and table versions as
+    tags, the integer counts as metrics at `step`."""
+    import mlflow
+
+    print(report.render(), flush=True)
+    mlflow.set_tag(f"status.{report.dt}", report.status)
+    mlflow.log_metrics({k: v for k, v in report.counts.items() if isinstance(v, int)}, step=step)
+    mlflow.set_tags({f"table_version.{t}.{report.dt}": str(v) for t, v in report.versions.items()})
+
+
+@contextlib.contextmanager
+def log_reports(reports: list[DateReport]):
+    """The run's build_samples_report.json artifact, written also when a date fails part-way."""
+    import mlflow
+
+    try:
+        yield reports
+    finally:
+        mlflow.log_text(report_json(reports), "build_samples_report.json")
 
 
 def report_json(reports: list[DateReport]) -> str:

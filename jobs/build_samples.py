@@ -34,29 +34,20 @@ def check_args(args) -> None:
 
 
 def body(ctx) -> int:
-    import mlflow
-
-    from etl.build import build_date, report_json
+    from etl.build import build_date, log_date, log_reports
     from etl.config import flat_params
 
     dates = date_range(ctx.args.date, ctx.args.end_date)
     params = {**flat_params(ctx.cfg, ("samples",)), "dates": ",".join(dates), "tables.engine": ctx.cfg.tables.engine,
               "config": ctx.cfg.source}
     reports = []
-    with ctx.mlflow_run(params=params) as run:
-        try:
-            for i, date in enumerate(dates, 1):
-                ctx.say(f"{i}/{len(dates)} building {date} ...")
-                report = build_date(ctx.spark, ctx.cfg, ctx.store, date, run.info.run_id,
-                                    allow_empty=ctx.args.allow_empty, force=ctx.args.force,
-                                    progress=lambda line: print(line, flush=True))
-                reports.append(report)
-                print(report.render(), flush=True)
-                mlflow.set_tag(f"status.{date}", report.status)
-                mlflow.log_metrics({k: v for k, v in report.counts.items() if isinstance(v, int)}, step=i - 1)
-                mlflow.set_tags({f"table_version.{t}.{date}": str(v) for t, v in report.versions.items()})
-        finally:
-            mlflow.log_text(report_json(reports), "build_samples_report.json")
+    with ctx.mlflow_run(params=params) as run, log_reports(reports):
+        for i, date in enumerate(dates, 1):
+            ctx.say(f"{i}/{len(dates)} building {date} ...")
+            reports.append(build_date(ctx.spark, ctx.cfg, ctx.store, date, run.info.run_id,
+                                      allow_empty=ctx.args.allow_empty, force=ctx.args.force,
+                                      progress=lambda line: print(line, flush=True)))
+            log_date(reports[-1], step=i - 1)
     built = sum(r.status == "built" for r in reports)
     ctx.say(f"done: {len(dates)} date(s), {built} built, {len(dates) - built} unchanged; MLflow run {run.info.run_id}")
     return 0
