@@ -79,7 +79,7 @@ def review_and_report(cfg, store, version=None, allow_first=False, with_tsne=Tru
         for key, value in {"review.decision": outcome.decision, "review.run_id": run_id}.items():
             client.set_model_version_tag(MODEL_NAME, outcome.challenger, key, value)
     print(summary_text(outcome), flush=True)
-    print(f"report: MLflow run {run_id}, artifacts review/review.md (+ PNGs); "
+    print(f"report: MLflow run {run_id}, artifacts review/review.html (plots inline; also review.md + PNGs); "
           f"UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1", flush=True)
     return outcome
 
