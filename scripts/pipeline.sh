@@ -111,5 +111,5 @@ cat <<MSG
 Done. Tables (Delta): $tables_root
 MLflow UI:  $ui
             (experiment "courier": runs of every stage; Models: courier-encoder, courier-clusters, ctr-model;
-             the review report is the review/review.md artifact of the latest review run)
+             the review report is the review/review.html artifact of the latest review run)
 MSG

@@ -108,7 +108,7 @@ def test_review_sequence(env, capsys):
     runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'review_model'", output_format="list")
     promoted = [r for r in runs if r.data.tags.get("review.challenger") == v_cluster][0]
     files = {os.path.basename(f.path) for f in mlflow.MlflowClient().list_artifacts(promoted.info.run_id, "review")}
-    assert {"review.md", "auc_gauc.png", "category_gain.png", "training_curves.png"} <= files
+    assert {"review.md", "review.html", "auc_gauc.png", "category_gain.png", "training_curves.png"} <= files
 
 
 def test_feature_version_mismatch_is_refused(env):

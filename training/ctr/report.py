@@ -1,5 +1,6 @@
-"""The review report: a markdown page with PNG plots (matplotlib, Agg) for the MLflow UI, and the
-one-screen text summary printed on stdout.
+"""The review report: a markdown page with PNG plots (matplotlib, Agg), the same page as self-contained
+HTML with the plots embedded (the one that shows them in the MLflow UI), and the one-screen text summary
+printed on stdout.
 
 Plots: AUC/GAUC per model (every ctr-model version on the same snapshot, labelled by feature mode),
 per-category AUC gain of the challenger over the champion sorted like the paper's Fig. 4, the training
@@ -157,40 +158,113 @@ def summary_text(outcome) -> str:
     return "\n".join(lines)
 
 
-def write_report(outcome, folder: str, tsne: tuple[np.ndarray, dict] | None = None) -> str:
-    """Write review.md and its PNGs into folder; returns the markdown path."""
-    os.makedirs(folder, exist_ok=True)
-    md = [f"# ctr-model review: v{outcome.challenger}", "",
-          f"**Decision: {outcome.decision}** — " + "; ".join(outcome.reasons), "",
-          f"- challenger: v{outcome.challenger} ({outcome.tags.get(outcome.challenger, {}).get('feature_mode')})",
-          f"- champion: {'v' + outcome.champion if outcome.champion else 'none'}",
-          f"- evaluation snapshot: `{outcome.snapshot}` (both models re-scored on it)", ""]
+def _report_blocks(outcome, folder: str, tsne) -> list[tuple]:
+    """The report as blocks, drawn into folder's PNGs on the way; rendered to markdown and to HTML so the
+    two pages say the same. Blocks: ("h1"|"h2", text), ("p", spans), ("ul", [spans, ..]),
+    ("table", header, rows), ("img", alt, file name); spans are [(style, text)], style "" | "b" | "code"."""
+    blocks: list[tuple] = [
+        ("h1", f"ctr-model review: v{outcome.challenger}"),
+        ("p", [("b", f"Decision: {outcome.decision}"), ("", " — " + "; ".join(outcome.reasons))]),
+        ("ul", [[("", f"challenger: v{outcome.challenger} "
+                      f"({outcome.tags.get(outcome.challenger, {}).get('feature_mode')})")],
+                [("", f"champion: {'v' + outcome.champion if outcome.champion else 'none'}")],
+                [("", "evaluation snapshot: "), ("code", str(outcome.snapshot)),
+                 ("", " (both models re-scored on it)")]])]
     if outcome.gates:
-        md += ["| gate | result | detail |", "|---|---|---|"]
-        md += [f"| {g.name} | {'pass' if g.passed else 'FAIL'} | {g.detail} |" for g in outcome.gates]
-        md.append("")
+        blocks.append(("table", ["gate", "result", "detail"],
+                       [[g.name, "pass" if g.passed else "FAIL", g.detail] for g in outcome.gates]))
     if outcome.reports:
-        md += ["| model | feature mode | AUC | GAUC | log loss | cold-start AUC | warm AUC | rows |",
-               "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for v, rep in sorted(outcome.reports.items(), key=lambda kv: int(kv[0])):
             o = rep["overall"]
-            md.append(f"| v{v} | {outcome.tags[v].get('feature_mode')} | {_fmt(o['auc'])} | {_fmt(o['gauc'])} | "
-                      f"{_fmt(o['logloss'])} | {_fmt(rep.get('cold_start', {}).get('auc'))} | "
-                      f"{_fmt(rep.get('warm', {}).get('auc'))} | {o['rows']} |")
-        md.append("")
+            rows.append([f"v{v}", str(outcome.tags[v].get("feature_mode")), _fmt(o["auc"]), _fmt(o["gauc"]),
+                         _fmt(o["logloss"]), _fmt(rep.get("cold_start", {}).get("auc")),
+                         _fmt(rep.get("warm", {}).get("auc")), str(o["rows"])])
+        blocks.append(("table", ["model", "feature mode", "AUC", "GAUC", "log loss", "cold-start AUC", "warm AUC",
+                                 "rows"], rows))
         plot_models(outcome, os.path.join(folder, "auc_gauc.png"))
-        md += ["## AUC and GAUC per model", "", "![AUC/GAUC](auc_gauc.png)", ""]
+        blocks += [("h2", "AUC and GAUC per model"), ("img", "AUC/GAUC", "auc_gauc.png")]
     if plot_category_gains(outcome, os.path.join(folder, "category_gain.png")):
-        md += ["## Per-category AUC gain (challenger − champion; cf. the paper's Fig. 4)", "",
-               "![category gains](category_gain.png)", ""]
-        md += ["| category | gain | rows |", "|---|---|---|"]
-        md += [f"| {c} | {100 * g:+.2f}% | {n} |" for c, g, n in category_gains(outcome)]
-        md.append("")
+        blocks += [("h2", "Per-category AUC gain (challenger − champion; cf. the paper's Fig. 4)"),
+                   ("img", "category gains", "category_gain.png"),
+                   ("table", ["category", "gain", "rows"],
+                    [[c, f"{100 * g:+.2f}%", str(n)] for c, g, n in category_gains(outcome)])]
     if plot_curves(outcome, os.path.join(folder, "training_curves.png")):
-        md += ["## Training curves", "", "![curves](training_curves.png)", ""]
+        blocks += [("h2", "Training curves"), ("img", "curves", "training_curves.png")]
     if tsne is not None and plot_tsne(tsne[0], tsne[1], os.path.join(folder, "tsne.png")):
-        md += ["## t-SNE of item embeddings (cf. the paper's Figs. 5/6)", "", "![t-SNE](tsne.png)", ""]
+        blocks += [("h2", "t-SNE of item embeddings (cf. the paper's Figs. 5/6)"), ("img", "t-SNE", "tsne.png")]
+    return blocks
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    def spans(parts):
+        return "".join(f"**{t}**" if s == "b" else f"`{t}`" if s == "code" else t for s, t in parts)
+
+    md: list[str] = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            md.append(("# " if kind == "h1" else "## ") + rest[0])
+        elif kind == "p":
+            md.append(spans(rest[0]))
+        elif kind == "ul":
+            md += ["- " + spans(item) for item in rest[0]]
+        elif kind == "table":
+            header, rows = rest
+            md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            md += ["| " + " | ".join(r) + " |" for r in rows]
+        elif kind == "img":
+            md.append(f"![{rest[0]}]({rest[1]})")
+        md.append("")
+    return "\n".join(md) + "\n"
+
+
+_CSS = ("body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;font-size:14px;margin:1em;color:#1f2328}"
+        "table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #d0d7de;padding:3px 8px}"
+        "th{background:#f6f8fa}img{max-width:100%;height:auto;display:block;margin:.5em 0}")
+
+
+def _html(blocks: list[tuple], folder: str) -> str:
+    """One self-contained page: the PNGs are embedded as data: URIs. The MLflow UI shows an .html artifact
+    in a sandboxed iframe, while its markdown view renders relative image links as text and drops
+    data: URIs, so this page is the one where the plots are seen inline."""
+    import base64
+    from html import escape
+
+    def spans(parts):
+        return "".join(f"<strong>{escape(t)}</strong>" if s == "b" else f"<code>{escape(t)}</code>" if s == "code"
+                       else escape(t) for s, t in parts)
+
+    body: list[str] = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{escape(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{spans(rest[0])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{spans(item)}</li>" for item in rest[0]) + "</ul>")
+        elif kind == "table":
+            header, rows = rest
+            body.append("<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</tbody></table>")
+        elif kind == "img":
+            with open(os.path.join(folder, rest[1]), "rb") as fh:
+                data = base64.b64encode(fh.read()).decode("ascii")
+            body.append(f'<img alt="{escape(rest[0])}" data-file="{escape(rest[1])}" '
+                        f'src="data:image/png;base64,{data}">')
+    title = escape(blocks[0][1])
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(outcome, folder: str, tsne: tuple[np.ndarray, dict] | None = None) -> str:
+    """Write review.md, its PNGs and review.html (the same report with the PNGs embedded, for the MLflow
+    UI) into folder; returns the markdown path."""
+    os.makedirs(folder, exist_ok=True)
+    blocks = _report_blocks(outcome, folder, tsne)
+    with open(os.path.join(folder, "review.html"), "w", encoding="utf-8") as fh:
+        fh.write(_html(blocks, folder))
     path = os.path.join(folder, "review.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(md) + "\n")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(_markdown(blocks))
     return path

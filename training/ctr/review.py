@@ -296,7 +296,7 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
     if outcome.challenger and outcome.reports:
         registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(outcome.decision, run_id))
     print(summary_text(outcome), flush=True)
-    print(f"report: MLflow run {run_id}, artifacts review/review.md (+ PNGs); "
+    print(f"report: MLflow run {run_id}, artifacts review/review.html (plots inline; also review.md + PNGs); "
           f"UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1", flush=True)
     return run_id
 
