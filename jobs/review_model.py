@@ -3,7 +3,8 @@
 Registry review of `ctr-model`: re-score the challenger (default: the latest version) and the current
 @champion on their pinned evaluation snapshot, apply the gates of the config's `review:` section and
 move @champion to the challenger only when every gate passes (logic: training/ctr/review.py). A first
-model (no champion yet) is promoted only with --allow-first. Writes review.md with PNG plots as
+model (no champion yet) is promoted only with --allow-first. Writes review.html (plots inline) and
+review.md with PNG plots as
 artifacts of an MLflow run and prints a one-screen summary.
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
