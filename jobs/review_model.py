@@ -4,8 +4,7 @@ Registry review of `ctr-model`: re-score the challenger (default: the latest ver
 @champion on their pinned evaluation snapshot, apply the gates of the config's `review:` section and
 move @champion to the challenger only when every gate passes (logic: training/ctr/review.py). A first
 model (no champion yet) is promoted only with --allow-first. Writes review.html (plots inline) and
-review.md with PNG plots as
-artifacts of an MLflow run and prints a one-screen summary.
+review.md with PNG plots as artifacts of an MLflow run and prints a one-screen summary.
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
 mismatched snapshots, no champion without --allow-first, too few eval rows, unknown version).
