@@ -169,7 +169,12 @@ class CtrConf:
     item_buckets: int = 262144  # hashed item-ID buckets; >> items so seen items rarely collide
     user_buckets: int = 65536
     id_dropout: float = 0.1  # share of training IDs replaced by the OOV bucket, so cold items' path is trained
-    epochs: int = 3
+    epochs: int = 3  # the most epochs; early stopping on the validation dates may choose fewer
+    # Honest model selection: the last N training dates are the validation split. The number of epochs
+    # is chosen on them (early stopping), then the model is refit on every training date for that many
+    # epochs. The eval dates never choose anything. 0 = no validation (the last epoch is kept).
+    validation_last_n_dates: int = 1
+    early_stopping_patience: int = 1  # epochs without a better validation AUC before stopping
     lr: float = 0.002  # Adam
     batch_size: int = 1024  # impressions per step (id tables update sparsely, so a step stays cheap)
     seed: int = 0
@@ -396,6 +401,8 @@ def _validate_ctr(c: CtrConf, r: ReviewConf) -> None:
         (c.feature_mode in FEATURE_MODES, _one_of("ctr.feature_mode", FEATURE_MODES)),
         (c.gauc_by in GAUC_GROUPS, _one_of("ctr.gauc_by", GAUC_GROUPS)),
         (c.eval_last_n_dates >= 1, "ctr.eval_last_n_dates must be >= 1"),
+        (c.validation_last_n_dates >= 0, "ctr.validation_last_n_dates must be >= 0"),
+        (c.early_stopping_patience >= 1, "ctr.early_stopping_patience must be >= 1"),
         (isinstance(c.layers, list) and len(c.layers) >= 1
          and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in c.layers),
          "ctr.layers must be a non-empty list of positive integers (hidden widths)"),

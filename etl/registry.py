@@ -8,6 +8,7 @@ Models (names in etl.contracts) and the lineage each version carries as tags:
     courier-clusters  encoder_ref, encoder_version, n_clusters, dim, index_type, far_distance,
                       far_quantile, mean_distance, kmeans_iters/_sample/_seed, trained_on -> ClustersSpec
     ctr-model         run_id, ctr_train.version, feature_version, feature_mode, train.dates, eval.dates,
+                      validation.dates (the last training dates: they chose selected_epochs),
                       eval.snapshot, eval.auc, eval.gauc, config_hash, gauc_by          -> Snapshot
                       (+ review.decision, review.run_id once reviewed)
 
@@ -286,8 +287,12 @@ class Snapshot:
 
 
 def ctr_tags(run_id: str, snapshot: Snapshot, feature_mode: str, train_dates: list[str], auc: float, gauc: float,
-             config_digest: str, gauc_by: str) -> dict:
+             config_digest: str, gauc_by: str, selection: dict | None = None) -> dict:
+    selection = selection or {}
     return {"run_id": run_id, "ctr_train.version": str(snapshot.table_version),
+            # the model-selection split (inside the training dates) and what it chose
+            "validation.dates": ",".join(selection.get("validation_dates", [])) or "none",
+            "selected_epochs": str(selection.get("epochs", "n/a")),
             "feature_version": snapshot.feature_version, "feature_mode": feature_mode,
             "train.dates": ",".join(train_dates), "eval.dates": ",".join(snapshot.eval_dates),
             "eval.snapshot": snapshot.key, "eval.auc": f"{auc:.6f}", "eval.gauc": f"{gauc:.6f}",

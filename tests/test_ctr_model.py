@@ -131,3 +131,42 @@ def test_config_rejects_bad_ctr_and_review_values(tmp_path):
                                  ("review", {"auc_tol": -0.1}, "auc_tol")]:
         with pytest.raises(ConfigError, match=msg):
             load_config(write_config(tmp_path, {section: values}))
+
+
+def test_validation_split_is_the_last_training_dates_never_an_eval_date():
+    from training.ctr.data import split_dates, validation_split
+
+    days = [f"2026-11-{d}" for d in range(20, 26)]
+    tr, ev = split_dates(days, None, None, eval_last_n=2)
+    fit_dates, valid = validation_split(tr, 1)
+    assert (fit_dates, valid) == (days[:3], [days[3]]) and not set(valid) & set(ev)
+    assert validation_split(tr, 2) == (days[:2], days[2:4])
+    # Too few training dates to hold one out, or validation off: fit on all, keep the last epoch.
+    assert validation_split(days[:1], 1) == (days[:1], []) and validation_split(tr, 0) == (tr, [])
+
+
+def test_epochs_are_chosen_on_validation_dates_and_the_eval_dates_choose_nothing(table, frames):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from training.ctr.train import best_epochs, fit_and_evaluate
+
+    cfg, _, _ = table
+    tr, ev, _ = frames
+    ctr = dataclasses.replace(cfg.ctr, epochs=6, early_stopping_patience=1)
+    a = fit_and_evaluate(tr, ev, ctr, "cluster_id", validation_dates=[DATES[1]])
+    sel = a.selection
+    assert sel["refit"] and sel["validation_dates"] == [DATES[1]] and 1 <= sel["epochs"] <= 6
+    assert all("valid_auc" in p for p in a.curve) and sel["epochs"] == best_epochs(a.curve)
+    # Early stopping: the selection fit ran until `patience` epochs without a better validation AUC.
+    assert len(a.curve) == min(6, sel["epochs"] + 1)
+    # Flipping every eval label changes the eval curve but neither the choice nor the model.
+    flipped = ev.assign(label=1 - ev["label"])
+    b = fit_and_evaluate(tr, flipped, ctr, "cluster_id", validation_dates=[DATES[1]])
+    assert b.selection == sel
+    assert [p["eval_auc"] for p in b.curve] != [p["eval_auc"] for p in a.curve]
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), k
+    np.testing.assert_array_equal(a.eval_probs, b.eval_probs)

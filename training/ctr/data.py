@@ -14,6 +14,7 @@ Cluster ids are embedded by value: embedding row = cluster_id + 2, row 1 = "no u
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,15 @@ def split_dates(available: list[str], train_dates: list | None, eval_dates: list
     if max(tr) >= min(ev):
         raise CtrDataError(f"train dates {tr} must all precede the eval dates {ev}")
     return tr, ev
+
+
+def validation_split(train_dates: list[str], last_n: int) -> tuple[list[str], list[str]]:
+    """(fit dates, validation dates): the last `last_n` training dates validate, when at least one date
+    is left to fit on; otherwise ([all], []) and the last epoch is kept. Eval dates are never involved."""
+    train_dates = sorted(train_dates)
+    if last_n <= 0 or len(train_dates) <= last_n:
+        return train_dates, []
+    return train_dates[:-last_n], train_dates[-last_n:]
 
 
 def read_ctr_frame(store, version: int, dates: list[str], with_vector: bool) -> pd.DataFrame:
@@ -140,6 +150,12 @@ class CtrTensors:
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+    def rows(self, idx: torch.Tensor) -> "CtrTensors":
+        """The rows `idx` as CtrTensors of their own (the image-vector table is shared)."""
+        per_row = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                   if f.name not in ("vec_table", "stats")}
+        return CtrTensors(**per_row, vec_table=self.vec_table, stats=dict(self.stats))
 
     def take(self, idx: torch.Tensor) -> dict:
         """A mini-batch as the model's input dict (image vectors gathered from the table here, so the

@@ -65,17 +65,20 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
             progress(f"[{JOB}] ctr-model v{done.version} was already trained from these inputs "
                      f"({snap.key}, config {digest}): nothing to do")
             return {"skipped": True, "model_version": str(done.version), "snapshot": snap.key}
-    progress(f"[{JOB}] {snap.key}: train {train_dates} ({len(tr)} rows), eval {eval_dates} ({len(ev)} rows), "
-             f"feature_mode={ctr.feature_mode}")
+    _, valid_dates = ctr_data.validation_split(train_dates, ctr.validation_last_n_dates)
+    progress(f"[{JOB}] {snap.key}: train {train_dates} ({len(tr)} rows; validation {valid_dates or 'none'}), "
+             f"eval {eval_dates} ({len(ev)} rows), feature_mode={ctr.feature_mode}")
     name = run_name or f"ctr-{ctr.feature_mode}-v{version}"
     with start_run(cfg, name, tags={"courier.job": JOB}) as run:
         mlflow.log_params({**flat_params(cfg, ("ctr",)), "data.table": ctr_data.TABLE, "data.version": version,
                            "data.feature_version": snap.feature_version, "data.train_dates": ",".join(train_dates),
-                           "data.eval_dates": ",".join(eval_dates), "data.train_rows": len(tr),
+                           "data.eval_dates": ",".join(eval_dates), "data.validation_dates": ",".join(valid_dates),
+                           "data.train_rows": len(tr),
                            "data.eval_rows": len(ev)})
         mlflow.set_tags({"courier.data_version": str(version), "courier.feature_version": snap.feature_version,
                          "courier.feature_mode": ctr.feature_mode, "courier.eval_snapshot": snap.key})
-        result = fit_and_evaluate(tr, ev, ctr, progress=lambda m: progress(f"[{JOB}] {m}"))
+        result = fit_and_evaluate(tr, ev, ctr, progress=lambda m: progress(f"[{JOB}] {m}"), validation_dates=valid_dates)
+        mlflow.log_metric("selected_epochs", result.selection["epochs"])
         for point in result.curve:  # the training curve, one point per epoch
             mlflow.log_metrics({k: float(v) for k, v in point.items() if k != "epoch"}, step=point["epoch"])
         mlflow.log_metrics(flat_metrics(result.report))
@@ -84,13 +87,14 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/train_report.json"
             with open(path, "w") as fh:
-                json.dump(nan_to_none({"snapshot": snap.key, "train_dates": train_dates, "report": result.report,
+                json.dump(nan_to_none({"snapshot": snap.key, "train_dates": train_dates,
+                                       "selection": result.selection, "report": result.report,
                                        "curve": result.curve, "data_stats": result.data_stats,
                                        "seconds": result.seconds}), fh, indent=1, sort_keys=True)
             mlflow.log_artifact(path)
         mv = register(result, registry.ctr_tags(run.info.run_id, snap, ctr.feature_mode, train_dates,
                                                 result.report["overall"]["auc"], result.report["overall"]["gauc"],
-                                                digest, ctr.gauc_by))
+                                                digest, ctr.gauc_by, result.selection))
     o = result.report["overall"]
     cold = result.report.get("cold_start", {})
     progress(f"[{JOB}] eval {snap.key}: AUC {_f(o['auc'])}  GAUC {_f(o['gauc'])} ({o['gauc_groups']} {ctr.gauc_by} "

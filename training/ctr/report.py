@@ -169,7 +169,10 @@ def _report_blocks(outcome, folder: str, tsne) -> list[tuple]:
                       f"({outcome.tags.get(outcome.challenger, {}).get('feature_mode')})")],
                 [("", f"champion: {'v' + outcome.champion if outcome.champion else 'none'}")],
                 [("", "evaluation snapshot: "), ("code", str(outcome.snapshot)),
-                 ("", " (both models re-scored on it)")]])]
+                 ("", " (both models re-scored on it)")],
+                *[[("", f"v{v} model selection: validation dates "), ("code", t.get("validation.dates", "none")),
+                   ("", f", {t.get('selected_epochs', 'n/a')} epoch(s) chosen there (the eval dates choose nothing)")]
+                  for v, t in sorted(outcome.tags.items(), key=lambda kv: int(kv[0]))]])]
     if outcome.gates:
         blocks.append(("table", ["gate", "result", "detail"],
                        [[g.name, "pass" if g.passed else "FAIL", g.detail] for g in outcome.gates]))

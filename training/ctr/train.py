@@ -1,8 +1,9 @@
 """Fit, score, save and load the CTR model (in-process torch; no Spark, no MLflow here).
 
 `fit_and_evaluate` is the whole library step of jobs/train_ctr.py: encode the train and eval frames,
-fit for `ctr.epochs` (evaluating after each epoch for the training curve -- the final weights are kept,
-the eval dates never choose anything), score the eval dates and compute the metric report.
+choose the number of epochs on the validation dates (the last training dates; early stopping), refit on
+every training date for that many epochs, score the eval dates and compute the metric report. The eval
+dates are scored after each epoch for the training curve only: they never choose anything.
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def predict(model: CTRModel, data: CtrTensors, batch_size: int = 65536) -> np.nd
 
 
 def fit(model: CTRModel, train: CtrTensors, ctr, eval_data: CtrTensors | None = None,
-        progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Adam on binary cross entropy; returns the training curve (one dict per epoch)."""
+        progress: Callable[[str], None] | None = None, valid_data: CtrTensors | None = None,
+        epochs: int | None = None) -> list[dict]:
+    """Adam on binary cross entropy for `epochs` (default ctr.epochs); returns the training curve (one
+    dict per epoch). With `valid_data`, stops once the validation AUC has not improved for
+    ctr.early_stopping_patience epochs (the curve then ends there)."""
     torch.manual_seed(ctr.seed)
     gen = torch.Generator().manual_seed(ctr.seed)
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
@@ -54,7 +58,8 @@ def fit(model: CTRModel, train: CtrTensors, ctr, eval_data: CtrTensors | None = 
     opts = [torch.optim.Adam(dense, lr=ctr.lr), torch.optim.SparseAdam(sparse, lr=ctr.lr)]
     curve = []
     n = len(train)
-    for epoch in range(1, ctr.epochs + 1):
+    best, since_best = -np.inf, 0
+    for epoch in range(1, (epochs or ctr.epochs) + 1):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
@@ -71,33 +76,51 @@ def fit(model: CTRModel, train: CtrTensors, ctr, eval_data: CtrTensors | None = 
             steps += 1
         point = {"epoch": epoch, "train_loss": total / max(n, 1), "steps": steps,
                  "epoch_seconds": time.perf_counter() - t0}
-        if eval_data is not None and len(eval_data):
-            p = predict(model, eval_data)
-            y = eval_data.label.numpy()
-            point.update(eval_logloss=metrics.log_loss(y, p), eval_auc=metrics.auc(y, p))
+        for name, data in (("valid", valid_data), ("eval", eval_data)):
+            if data is not None and len(data):
+                p, y = predict(model, data), data.label.numpy()
+                point.update({f"{name}_logloss": metrics.log_loss(y, p), f"{name}_auc": metrics.auc(y, p)})
         curve.append(point)
         if progress:
-            progress("epoch {epoch}: train loss {train_loss:.4f}".format(**point)
-                     + (", eval logloss {eval_logloss:.4f}, eval AUC {eval_auc:.4f}".format(**point)
-                        if "eval_auc" in point else "") + f" ({point['epoch_seconds']:.1f} s)")
+            progress(f"epoch {epoch}: train loss {point['train_loss']:.4f}" + "".join(
+                f", {name} logloss {point[name + '_logloss']:.4f}, {name} AUC {point[name + '_auc']:.4f}"
+                for name in ("valid", "eval") if f"{name}_auc" in point) + f" ({point['epoch_seconds']:.1f} s)")
+        if "valid_auc" in point:
+            score = point["valid_auc"] if np.isfinite(point["valid_auc"]) else -point["valid_logloss"]
+            best, since_best = (score, 0) if score > best else (best, since_best + 1)
+            if since_best >= ctr.early_stopping_patience:
+                break
     return curve
+
+
+def best_epochs(curve: list[dict]) -> int:
+    """The epoch count with the best validation AUC (log loss where the AUC is undefined); ties go to
+    the fewer epochs."""
+    def score(p):
+        return p["valid_auc"] if np.isfinite(p["valid_auc"]) else -p["valid_logloss"]
+    return max(curve, key=lambda p: (score(p), -p["epoch"]))["epoch"]
 
 
 @dataclass
 class TrainResult:
     model: CTRModel
     spec: ModelSpec
-    curve: list[dict]
+    curve: list[dict]  # the selection fit's epochs (train, valid and eval columns)
     report: dict  # metrics.evaluate_predictions on the eval dates
     eval_probs: np.ndarray
     cold_items: set
     data_stats: dict
     seconds: dict
+    selection: dict = None  # {"validation_dates", "epochs", "refit"}: how the epoch count was chosen
 
 
 def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, feature_mode: str | None = None,
-                     progress: Callable[[str], None] | None = None) -> TrainResult:
-    """Encode, fit on the train frame, evaluate on the eval frame (overall, per category, cold start)."""
+                     progress: Callable[[str], None] | None = None,
+                     validation_dates: list[str] | None = None) -> TrainResult:
+    """Encode, fit on the train frame, evaluate on the eval frame (overall, per category, cold start).
+
+    With `validation_dates` (a subset of the train frame's dates): fit on the other dates with early
+    stopping on those, then refit on the whole train frame for the best number of epochs."""
     if len(train_frame) == 0 or len(eval_frame) == 0:
         raise ValueError(f"nothing to train or evaluate on: {len(train_frame)} train rows, {len(eval_frame)} eval rows")
     torch.set_num_threads(ctr.threads)
@@ -113,18 +136,37 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
                    ev.hist_cluster.max())) + 1
     spec = replace(spec, num_cluster_rows=rows, vector_in=int(train.vec_table.shape[1]))
     encode_s = time.perf_counter() - t0
-    torch.manual_seed(ctr.seed)  # the same seed gives the same initial weights and the same model
-    model = CTRModel(spec)
-    model.mark_seen(train.take(torch.arange(len(train))))
     t1 = time.perf_counter()
-    curve = fit(model, train, ctr, ev, progress)
+    is_valid = train_frame["dt"].isin(validation_dates or []).to_numpy()
+    selection = {"validation_dates": sorted(validation_dates or []), "epochs": ctr.epochs, "refit": False}
+    if is_valid.any() and not is_valid.all():
+        fit_rows, valid_rows = (torch.from_numpy(np.flatnonzero(m)) for m in (~is_valid, is_valid))
+        fit_part = train.rows(fit_rows)
+        model = _new_model(spec, ctr, fit_part)
+        curve = fit(model, fit_part, ctr, ev, progress, valid_data=train.rows(valid_rows))
+        selection.update(epochs=best_epochs(curve), refit=True)
+        if progress:
+            progress(f"validation on {selection['validation_dates']}: {selection['epochs']} epoch(s) chosen; "
+                     "refit on every training date")
+        model = _new_model(spec, ctr, train)
+        fit(model, train, ctr, epochs=selection["epochs"])
+    else:
+        model = _new_model(spec, ctr, train)
+        curve = fit(model, train, ctr, ev, progress)
     fit_s = time.perf_counter() - t1
     probs = predict(model, ev)
     cold = seen_items_complement(eval_frame, seen_items(train_frame))
     report = metrics.evaluate_predictions(eval_frame, probs, cold_items=cold, group_col=ctr.gauc_by)
     return TrainResult(model, spec, curve, report, probs, cold,
                        {"train": train.stats, "eval": ev.stats},
-                       {"encode": encode_s, "fit": fit_s, "total": time.perf_counter() - t0})
+                       {"encode": encode_s, "fit": fit_s, "total": time.perf_counter() - t0}, selection)
+
+
+def _new_model(spec: ModelSpec, ctr, seen: CtrTensors) -> CTRModel:
+    torch.manual_seed(ctr.seed)  # the same seed gives the same initial weights and the same model
+    model = CTRModel(spec)
+    model.mark_seen(seen.take(torch.arange(len(seen))))
+    return model
 
 
 def seen_items_complement(eval_frame: pd.DataFrame, seen: set) -> set:
