@@ -58,7 +58,7 @@ ITEM_CLUSTERS = Table("item_clusters", 3, ("feature_version", "dt"), ("item_id",
                       key=("item_id",))
 CTR_TRAIN = Table("ctr_train", 4, ("dt",),
                   CTR_LOG.columns + ("item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version"),
-                  key=CTR_LOG.key, optional=("item_vector",))
+                  key=CTR_LOG.key, optional=("item_cluster_levels", "history_cluster_levels", "item_vector"))
 
 TABLES = {t: t for t in (*STAGE1, ITEM_EMBEDDINGS, ITEM_CLUSTERS, CTR_TRAIN)}
 

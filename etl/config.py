@@ -134,7 +134,12 @@ class FeaturesConf:
     encoder_ref: str = "courier-encoder@champion"
     # The clustering attach/refresh use; its encoder is the one tagged on it (lineage, not a second setting).
     clusters_ref: str = "courier-clusters@current"
-    n_clusters: int = 1024  # C (paper: 1e5 for 6e7 items)
+    n_clusters: int = 1024  # C (paper: 1e5 for 6e7 items): the finest cluster ids
+    # Coarser cluster-id levels, coarsest first (e.g. [8, 64] under n_clusters 512): each is a k-means of
+    # the next finer level's centroids, so a fine id maps to exactly one id per level and serving costs
+    # no extra search. ctr_train then carries item_cluster_levels / history_cluster_levels, which the CTR
+    # model's multi_cluster mode uses. [] = one level (the paper's setting).
+    levels: list = field(default_factory=list)
     kmeans_iters: int = 20
     kmeans_sample: int = 1_000_000  # k-means trains on at most this many items (a seeded sample)
     kmeans_seed: int = 1234
@@ -152,7 +157,8 @@ class FeaturesConf:
 @dataclass(frozen=True)
 class CtrConf:
     """Stage 4: the downstream CTR model trained on ctr_train dates and evaluated on later ones."""
-    # How the image enters the model (the paper's Table B1): none | vector | simscore | cluster_id.
+    # How the image enters the model (the paper's Table B1): none | vector | simscore | cluster_id;
+    # multi_cluster = cluster_id plus an embedding per coarser level (features.levels).
     feature_mode: str = "cluster_id"
     table_version: int | None = None  # pin a ctr_train version (default: the latest)
     train_dates: list | None = None  # explicit YYYY-MM-DD lists; default: every date before the eval dates
@@ -253,7 +259,7 @@ TRAIN_METHODS = ("courier", "simclr", "simsiam", "supervised")
 TRAIN_BACKENDS = ("ddp", "horovod")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
-FEATURE_MODES = ("none", "vector", "simscore", "cluster_id")
+FEATURE_MODES = ("none", "vector", "simscore", "cluster_id", "multi_cluster")
 GAUC_GROUPS = ("pv_id", "session_id")
 
 
@@ -383,6 +389,9 @@ def _validate_features(f: FeaturesConf) -> None:
     checks = [
         (f.n_clusters >= 2, "features.n_clusters must be >= 2"),
         (f.kmeans_iters >= 1, "features.kmeans_iters must be >= 1"),
+        (isinstance(f.levels, list) and all(isinstance(k, int) and not isinstance(k, bool) for k in f.levels)
+         and all(2 <= a < b for a, b in zip(f.levels, [*f.levels[1:], f.n_clusters])),
+         "features.levels must be increasing cluster counts >= 2, each below features.n_clusters"),
         (f.kmeans_sample >= f.n_clusters, "features.kmeans_sample must be >= features.n_clusters"),
         (f.large_c_threshold >= 2 and f.hnsw_m >= 4 and f.hnsw_ef_search >= 1,
          "features.large_c_threshold >= 2, hnsw_m >= 4 and hnsw_ef_search >= 1"),

@@ -5,7 +5,7 @@ Models (names in etl.contracts) and the lineage each version carries as tags:
 
     courier-encoder   run_id, data.table, data.version, method, backbone, image_px, dim, proj_head,
                       state_artifact (the weights-only state dict stage 3 loads)      -> EncoderSpec
-    courier-clusters  encoder_ref, encoder_version, n_clusters, dim, index_type, far_distance,
+    courier-clusters  encoder_ref, encoder_version, n_clusters, levels, dim, index_type, far_distance,
                       far_quantile, mean_distance, kmeans_iters/_sample/_seed, trained_on -> ClustersSpec
     ctr-model         run_id, ctr_train.version, feature_version, feature_mode, train.dates, eval.dates,
                       validation.dates (the last training dates: they chose selected_epochs),
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from etl.catalog import COURIER_TRAIN
 from etl.contracts import CHAMPION, CLUSTERS_MODEL, CTR_MODEL, ENCODER_MODEL
 
-CLUSTERS_ARTIFACT = "clusters"  # run artifact folder of a clustering: index.faiss, centroids.npy, stats.json
+CLUSTERS_ARTIFACT = "clusters"  # run artifact folder of a clustering: index.faiss, centroids.npy, stats.json,
+# and levels.npy (coarser ids per fine id) when it has several levels
 ENCODER_STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: an encoder's state dict
 
 # Which job sets a model's versions and aliases: named in "no such version" errors.
@@ -216,6 +217,7 @@ class ClustersSpec:
     far_distance: float  # the build's drift_far_quantile of assignment distances
     mean_distance: float
     far_quantile: float = 0.95
+    levels: tuple = ()  # coarser cluster counts, coarsest first (features.levels); () = one level
 
     @property
     def clusters_version(self) -> str:
@@ -233,13 +235,25 @@ def clusters_spec(ref: str) -> ClustersSpec:
         return ClustersSpec(name=mv.name, version=str(mv.version), run_id=mv.run_id, encoder_ref=t["encoder_ref"],
                             encoder_version=t["encoder_version"], n_clusters=int(t["n_clusters"]), dim=int(t["dim"]),
                             index_type=t["index_type"], far_distance=float(t["far_distance"]),
-                            mean_distance=float(t["mean_distance"]), far_quantile=float(t.get("far_quantile", 0.95)))
+                            mean_distance=float(t["mean_distance"]), far_quantile=float(t.get("far_quantile", 0.95)),
+                            levels=tuple(int(k) for k in t.get("levels", "").split(",") if k))
     except KeyError as e:
         raise RegistryError(f"{mv.name} v{mv.version} lacks the tag {e}: not written by jobs/build_clusters.py") from None
 
 
 def clusters_index_bytes(spec: ClustersSpec) -> bytes:
     return _artifact_bytes(spec.run_id, f"{CLUSTERS_ARTIFACT}/index.faiss")
+
+
+def clusters_level_parents(spec: ClustersSpec):
+    """The (len(levels), n_clusters) int32 array of coarser ids per fine id, or None for one level."""
+    import io
+
+    import numpy as np
+
+    if not spec.levels:
+        return None
+    return np.load(io.BytesIO(_artifact_bytes(spec.run_id, f"{CLUSTERS_ARTIFACT}/levels.npy")), allow_pickle=False)
 
 
 def register_clusters(folder: str, run_id: str, tags: dict):

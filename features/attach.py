@@ -52,20 +52,28 @@ def on_the_fly_features(items: DataFrame, item_images: DataFrame,
 
 
 def attach(ctr_log: DataFrame, features: DataFrame, feature_version: str, include_vector: bool,
-           dim: int) -> DataFrame:
+           dim: int, level_map: DataFrame | None = None) -> DataFrame:
     """ctr_log -> ctr_train: one output row per input row (left joins on unique keys only).
 
     features: (item_id unique, cluster_id, vec). History features are computed once per distinct
-    (pv_id, history) and joined back, so the item-level table is never broadcast.
+    (pv_id, history) and joined back, so the item-level table is never broadcast. With `level_map`
+    (cluster_id unique -> cluster_levels array<int>, the reserved id included), every coarser level of
+    the item and of each history item is written too: item_cluster_levels, history_cluster_levels.
     """
-    feats = features.select("item_id", "cluster_id", "vec")
-    item = feats.select("item_id", F.col("cluster_id").alias("item_cluster_id"), F.col("vec").alias("_ivec"))
+    feats = features.select("item_id", F.coalesce("cluster_id", F.lit(NO_IMAGE_CLUSTER_ID)).alias("cluster_id"),
+                            "vec")
+    if level_map is not None:  # a fine id -> its coarser ids: a look-up, not another search
+        feats = feats.join(F.broadcast(level_map.select("cluster_id", "cluster_levels")), on="cluster_id", how="left")
+    else:
+        feats = feats.withColumn("cluster_levels", F.lit(None).cast("array<int>"))
+    item = feats.select("item_id", F.col("cluster_id").alias("item_cluster_id"), F.col("vec").alias("_ivec"),
+                        F.col("cluster_levels").alias("_ilev"))
     pvs = ctr_log.select("pv_id", "history").distinct()
     slots = (pvs.select("pv_id", "history", F.posexplode("history").alias("_pos", "_hid"))
              .join(feats.withColumnRenamed("item_id", "_hid"), on="_hid", how="left"))
     per_pv = slots.groupBy("pv_id", "history").agg(
         # sorted by position: aligned with `history`
-        F.array_sort(F.collect_list(F.struct("_pos", "cluster_id", "vec"))).alias("_h"))
+        F.array_sort(F.collect_list(F.struct("_pos", "cluster_id", "vec", "cluster_levels"))).alias("_h"))
     joined = (ctr_log.join(item, on="item_id", how="left")
               .join(per_pv, on=["pv_id", "history"], how="left")
               .withColumn("_h", F.coalesce("_h", F.array().cast(per_pv.schema["_h"].dataType))))
@@ -80,6 +88,12 @@ def attach(ctr_log: DataFrame, features: DataFrame, feature_version: str, includ
             F.transform("_h", lambda s: F.coalesce(s["cluster_id"], F.lit(NO_IMAGE_CLUSTER_ID)).cast("int"))
             .alias("history_cluster_ids"),
             F.transform("_h", sim).alias("sim_scores")]
+    if level_map is not None:
+        # An item outside the features (or without an image) is reserved on every level.
+        n_levels = level_map.select(F.max(F.size("cluster_levels"))).first()[0]
+        reserved = F.array_repeat(F.lit(NO_IMAGE_CLUSTER_ID), n_levels)
+        cols += [F.coalesce("_ilev", reserved).alias("item_cluster_levels"),
+                 F.transform("_h", lambda s: F.coalesce(s["cluster_levels"], reserved)).alias("history_cluster_levels")]
     if include_vector:
         cols.append(F.coalesce("_ivec", F.array_repeat(F.lit(0.0).cast("float"), dim)).alias("item_vector"))
     return joined.select(*cols, F.lit(feature_version).alias("feature_version"), "dt")

@@ -80,6 +80,24 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, max_s
     return normalize(centroids)[0]
 
 
+def level_parents(centroids: np.ndarray, levels: list[int], niter: int = 20, seed: int = 1234) -> np.ndarray:
+    """Coarser cluster ids of every fine centroid: (len(levels), C) int32, levels coarsest first.
+
+    Hierarchical: the finest listed level is a k-means of the C fine centroids, each coarser one a
+    k-means of the level below's centroids, so the ids nest (a fine id has exactly one id per level,
+    and two fine ids with the same level-k id share every coarser id)."""
+    parents = np.zeros((len(levels), len(centroids)), np.int32)
+    below, to_below = centroids, np.arange(len(centroids))  # centroids of the level below; fine id -> its id there
+    for row, k in reversed(list(enumerate(levels))):
+        upper = train_kmeans(below, k, niter, seed)
+        ids, _ = assign(build_index(upper, "flat"), below)
+        if (ids < 0).any():
+            raise ValueError("a centroid could not be assigned to a coarser level")
+        parents[row] = ids[to_below]
+        below, to_below = upper, parents[row]
+    return parents
+
+
 def build_index(centroids: np.ndarray, kind: str, hnsw_m: int = 32, ef_search: int = 128):
     index = make_index(centroids.shape[1], kind, hnsw_m, ef_search)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))

@@ -71,6 +71,17 @@ class Encoder:
 class Clusters:
     spec: ClustersSpec
     index_bc: object
+    level_parents: np.ndarray | None = None  # (levels, C): coarser ids per fine id; None = one level
+
+    def level_map(self, spark) -> DataFrame | None:
+        """(cluster_id, cluster_levels) for every fine id and the reserved id (every level reserved),
+        or None for a one-level clustering: a small table, broadcast where it is joined."""
+        if self.level_parents is None:
+            return None
+        k = len(self.level_parents)
+        rows = [(int(c), [int(x) for x in self.level_parents[:, c]]) for c in range(self.level_parents.shape[1])]
+        rows.append((NO_IMAGE_CLUSTER_ID, [NO_IMAGE_CLUSTER_ID] * k))
+        return spark.createDataFrame(rows, "cluster_id int, cluster_levels array<int>")
 
 
 def load_encoder(spark, ref: str) -> Encoder:
@@ -81,7 +92,7 @@ def load_encoder(spark, ref: str) -> Encoder:
 def load_clusters(spark, ref: str) -> Clusters:
     spec = clusters_spec(ref)
     data = np.frombuffer(clusters_index_bytes(spec), dtype=np.uint8)
-    return Clusters(spec, spark.sparkContext.broadcast(data))
+    return Clusters(spec, spark.sparkContext.broadcast(data), registry.clusters_level_parents(spec))
 
 
 def _embed(cfg: Config, enc: Encoder, keep=()) -> Callable[[DataFrame], DataFrame]:
@@ -163,7 +174,8 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
         return None
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
-            and tags.get("kmeans_seed") == str(f.kmeans_seed))
+            and tags.get("kmeans_seed") == str(f.kmeans_seed)
+            and spec.levels == tuple(f.levels))
     if not same or not store.exists(T.ITEM_CLUSTERS):
         return None
     has = any(fl.partition_values.get("feature_version") == spec.feature_version for fl in store.files(T.ITEM_CLUSTERS))
@@ -194,6 +206,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
                                f.hnsw_m, f.hnsw_ef_search)
     train_s = time.perf_counter() - t0
     index = K.build_index(centroids, kind, f.hnsw_m, f.hnsw_ef_search)
+    parents = K.level_parents(centroids, f.levels, f.kmeans_iters, f.kmeans_seed) if f.levels else None
     data = K.serialize(index)
     bc = spark.sparkContext.broadcast(data)
     key = f"build-{run_id or os.getpid()}"
@@ -214,9 +227,13 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
             "index_type": kind, "far_distance": far[0] if far else float("nan"), "far_quantile": f.drift_far_quantile,
             "mean_distance": mean if mean is not None else float("nan"), "kmeans_iters": f.kmeans_iters,
             "kmeans_sample": f.kmeans_sample, "kmeans_seed": f.kmeans_seed, "trained_on": len(x)}
+    if parents is not None:
+        tags["levels"] = ",".join(str(k) for k in f.levels)
     with tempfile.TemporaryDirectory() as tmp:
         faiss.write_index(index, os.path.join(tmp, "index.faiss"))
         np.save(os.path.join(tmp, "centroids.npy"), centroids)
+        if parents is not None:
+            np.save(os.path.join(tmp, "levels.npy"), parents)
         with open(os.path.join(tmp, "stats.json"), "w") as fh:
             json.dump({**stats, "sizes": {str(k): v for k, v in sorted(sizes.items())}}, fh)
         # The alias moves only after item_clusters holds this version (readers never see one without the other).
@@ -286,7 +303,8 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
     feats, n_feats = _persist(feats)
     _check_unique(feats)
-    out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim)
+    out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim,
+                   clu.level_map(spark))
     r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
     r.versions[T.CTR_TRAIN] = store.replace_partitions(out, T.CTR_TRAIN, by="dt", values=dates, job=job, run_id=run_id)
     _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
@@ -427,7 +445,8 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
                                         extra_clusters=clu_new, extra_embeddings=emb_new)
         feats, _ = _persist(feats)
         _check_unique(feats)
-        staged[T.CTR_TRAIN] = _persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim))
+        staged[T.CTR_TRAIN] = _persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim,
+                                                plan.clu.level_map(ctr.sparkSession)))
         inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
         outn = {row["dt"]: row["count"] for row in staged[T.CTR_TRAIN][0].groupBy("dt").count().collect()}
         r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in plan.affected]

@@ -170,3 +170,41 @@ def test_epochs_are_chosen_on_validation_dates_and_the_eval_dates_choose_nothing
     for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), k
     np.testing.assert_array_equal(a.eval_probs, b.eval_probs)
+
+
+def _with_levels(frame, per_level=4):
+    """One coarser level: fine cluster c -> c // per_level (the reserved id stays reserved)."""
+    coarse = lambda c: -1 if c < 0 else c // per_level  # noqa: E731
+    return frame.assign(item_cluster_levels=[[coarse(c)] for c in frame["item_cluster_id"]],
+                        history_cluster_levels=[[[coarse(c)] for c in h] for h in frame["history_cluster_ids"]])
+
+
+def test_multi_cluster_mode_reads_every_level_and_round_trips(table, frames, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from training.ctr.data import CtrDataError, encode
+    from training.ctr.train import fit_and_evaluate, load_model, save_model, score_frame
+
+    cfg, _, _ = table
+    tr, ev, _ = frames
+    tr, ev = _with_levels(tr), _with_levels(ev)
+    data = encode(ev, 5, 1024, 1024)
+    # +2 offsets: the reserved id -1 -> row 1, padding -> row 0; aligned with the history.
+    assert data.item_levels.shape == (len(ev), 1) and data.hist_levels.shape == (len(ev), 5, 1)
+    assert data.item_levels.min() >= 1 and int(data.item_levels.max()) == (12 - 1) // 4 + 2
+    assert bool(((data.hist_levels[..., 0] > 0) == data.hist_mask).all())
+    ctr = dataclasses.replace(cfg.ctr, epochs=2)
+    multi = fit_and_evaluate(tr, ev, ctr, "multi_cluster")
+    none = fit_and_evaluate(tr, ev, ctr, "none")
+    assert multi.spec.level_rows == [3 + 2] and multi.report["overall"]["auc"] > none.report["overall"]["auc"] + 0.1
+    save_model(multi.model, str(tmp_path / "m"))
+    np.testing.assert_allclose(score_frame(load_model(str(tmp_path / "m")), ev), multi.eval_probs, rtol=1e-6)
+    # Without the level columns the mode refuses, and misaligned levels are a contract error.
+    with pytest.raises(ValueError, match="multi_cluster needs"):
+        fit_and_evaluate(frames[0], frames[1], ctr, "multi_cluster")
+    bad = ev.copy()
+    bad.at[bad.index[0], "history_cluster_levels"] = [[0]] * (len(bad.at[bad.index[0], "history"]) + 1)
+    with pytest.raises(CtrDataError, match="history_cluster_levels is not aligned"):
+        encode(bad, 5, 1024, 1024)

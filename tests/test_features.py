@@ -414,3 +414,36 @@ def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(
     assert f"ctr_log({EMPTY_DAY}) = ctr_train({EMPTY_DAY}): 0 = 0 ok" in out.stdout
     store = world["store"]
     assert store.read("ctr_train").where(f"dt = '{EMPTY_DAY}'").count() == 0
+
+
+def test_cluster_levels_nest_and_attach_writes_every_level(spark):
+    """Hierarchical levels: a fine id has one id per level and the levels nest; attach writes the item's
+    and every history item's levels, reserved (-1) on every level for no image or unknown items."""
+    import numpy as np
+
+    from features import attach as A
+    from features.clustering import level_parents
+
+    rng = np.random.default_rng(0)
+    parents = level_parents(rng.normal(size=(48, 8)).astype(np.float32), [3, 12], niter=10, seed=1)
+    assert parents.shape == (2, 48) and set(parents[0]) == set(range(3)) and set(parents[1]) == set(range(12))
+    for mid in range(12):  # every fine id under one level-12 id shares its level-3 id
+        assert len(set(parents[0][parents[1] == mid])) == 1
+
+    level_map = spark.createDataFrame([(c, [int(parents[0, c]), int(parents[1, c])]) for c in range(48)]
+                                      + [(-1, [-1, -1])], "cluster_id int, cluster_levels array<int>")
+    feats = spark.createDataFrame([("a", 5, [1.0, 0.0]), ("b", 40, [0.0, 1.0]), ("c", -1, None)],
+                                  "item_id string, cluster_id int, vec array<float>")
+    ctr = spark.createDataFrame(
+        [("u", "a", "p1", "s", "q", 0, 1, None, ["b", "c", "zz"], "2026-11-20"),
+         ("u", "zz", "p2", "s", "q", 1, 0, None, [], "2026-11-20")],
+        "user_id string, item_id string, pv_id string, session_id string, query string, position int, "
+        "label int, ts timestamp, history array<string>, dt string")
+    out = {r["item_id"]: r for r in A.attach(ctr, feats, "fv", False, 2, level_map).collect()}
+    lv = lambda c: [int(parents[0, c]), int(parents[1, c])]  # noqa: E731
+    assert out["a"]["item_cluster_levels"] == lv(5)
+    assert out["a"]["history_cluster_levels"] == [lv(40), [-1, -1], [-1, -1]]  # no image, unknown item
+    assert out["a"]["history_cluster_ids"] == [40, -1, -1]
+    assert out["zz"]["item_cluster_levels"] == [-1, -1] and out["zz"]["history_cluster_levels"] == []
+    # Without levels, attach writes exactly the one-level contract.
+    assert "item_cluster_levels" not in A.attach(ctr, feats, "fv", False, 2).columns

@@ -28,6 +28,7 @@ TABLE = T.CTR_TRAIN
 QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids
 POSITION_BUCKETS = 64  # positions >= 63 share the last bucket
 
+LEVEL_COLUMNS = ["item_cluster_levels", "history_cluster_levels"]  # with features.levels only
 BASE_COLUMNS = ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "history",
                 "item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version", "dt"]
 
@@ -77,7 +78,7 @@ def read_ctr_frame(store, version: int, dates: list[str], with_vector: bool) -> 
     from pyspark.sql import functions as F
 
     sdf = store.read(TABLE, version)
-    cols = list(BASE_COLUMNS)
+    cols = list(BASE_COLUMNS) + [c for c in LEVEL_COLUMNS if c in sdf.columns]
     if with_vector:
         if "item_vector" not in sdf.columns:
             raise CtrDataError(f"feature_mode=vector needs {TABLE}.item_vector, which v{version} does not have "
@@ -147,6 +148,8 @@ class CtrTensors:
     hist_vec: torch.Tensor  # (N, L)
     vec_table: torch.Tensor  # (V, d) float; row 0 is zeros
     stats: dict = field(default_factory=dict)
+    item_levels: torch.Tensor | None = None  # (N, K) coarser cluster ids + 2 (K = 0 without levels)
+    hist_levels: torch.Tensor | None = None  # (N, L, K)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -154,7 +157,7 @@ class CtrTensors:
     def rows(self, idx: torch.Tensor) -> "CtrTensors":
         """The rows `idx` as CtrTensors of their own (the image-vector table is shared)."""
         per_row = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
-                   if f.name not in ("vec_table", "stats")}
+                   if f.name not in ("vec_table", "stats") and getattr(self, f.name) is not None}
         return CtrTensors(**per_row, vec_table=self.vec_table, stats=dict(self.stats))
 
     def take(self, idx: torch.Tensor) -> dict:
@@ -164,7 +167,8 @@ class CtrTensors:
                 "position": self.position[idx], "hist_item": self.hist_item[idx], "hist_mask": self.hist_mask[idx],
                 "item_cluster": self.item_cluster[idx], "hist_cluster": self.hist_cluster[idx],
                 "sim": self.sim[idx], "item_vec": self.vec_table[self.item_vec[idx]],
-                "hist_vec": self.vec_table[self.hist_vec[idx]]}
+                "hist_vec": self.vec_table[self.hist_vec[idx]], "item_levels": self.item_levels[idx],
+                "hist_levels": self.hist_levels[idx]}
 
 
 def vector_table(frames: list[pd.DataFrame]) -> tuple[pd.Index, np.ndarray]:
@@ -230,6 +234,7 @@ def encode(frame: pd.DataFrame, max_history: int, item_buckets: int, user_bucket
     hist_vec = np.zeros((n, L), dtype=np.int64)
     hist_vec[rows, pos] = index.get_indexer(hist[keep]) + 1 if len(index) else 0
 
+    item_levels, hist_levels = _levels(frame, n, L, rows, pos, keep, hlen)
     stats = {"rows": n, "positives": int(labels.sum()), "history_items": int(hlen.sum()),
              "histories_truncated": int((hlen > L).sum()), "rows_without_history": int((hlen == 0).sum()),
              "rows_without_image": int((cids == NO_IMAGE_CLUSTER_ID).sum()),
@@ -243,7 +248,32 @@ def encode(frame: pd.DataFrame, max_history: int, item_buckets: int, user_bucket
                            POSITION_BUCKETS - 1)),
         hist_item=t(hist_item), hist_mask=t(hist_mask),
         item_cluster=t(cids - NO_IMAGE_CLUSTER_ID + 1), hist_cluster=t(hist_cluster), sim=t(sim),
-        item_vec=t(item_vec.astype(np.int64)), hist_vec=t(hist_vec), vec_table=t(table), stats=stats)
+        item_vec=t(item_vec.astype(np.int64)), hist_vec=t(hist_vec), vec_table=t(table), stats=stats,
+        item_levels=t(item_levels), hist_levels=t(hist_levels))
+
+
+def _levels(frame: pd.DataFrame, n: int, L: int, rows, pos, keep, hlen) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) and (N, L, K) coarser cluster ids + 2 (1 = no image, 0 = padding); K = 0 without levels."""
+    if not all(c in frame.columns for c in LEVEL_COLUMNS):
+        return np.zeros((n, 0), np.int64), np.zeros((n, L, 0), np.int64)
+    item = frame["item_cluster_levels"]
+    if item.isna().any():
+        raise CtrDataError(f"{int(item.isna().sum())} rows have a null item_cluster_levels")
+    k = {len(x) for x in item}
+    if len(k) != 1:
+        raise CtrDataError(f"item_cluster_levels has rows with different numbers of levels {sorted(k)}")
+    k = k.pop()
+    raw_item = np.stack(item.to_numpy()).astype(np.int64).reshape(n, k)
+    per_slot = [lv for row in frame["history_cluster_levels"] for lv in (row if row is not None else [])]
+    lens = np.array([0 if row is None else len(row) for row in frame["history_cluster_levels"]])
+    if (lens != hlen).any() or any(len(lv) != k for lv in per_slot):
+        raise CtrDataError("history_cluster_levels is not aligned with history (or with the item's levels)")
+    raw_hist = np.stack(per_slot).astype(np.int64).reshape(-1, k) if per_slot else np.zeros((0, k), np.int64)
+    if min(raw_item.min(initial=0), raw_hist.min(initial=0)) < NO_IMAGE_CLUSTER_ID:
+        raise CtrDataError(f"cluster level ids must be >= {NO_IMAGE_CLUSTER_ID}")
+    hist_levels = np.zeros((n, L, k), np.int64)
+    hist_levels[rows, pos] = raw_hist[keep] - NO_IMAGE_CLUSTER_ID + 1
+    return raw_item - NO_IMAGE_CLUSTER_ID + 1, hist_levels
 
 
 def seen_items(frame: pd.DataFrame) -> set[str]:

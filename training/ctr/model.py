@@ -13,6 +13,9 @@ Image feature modes (the paper's Table B1):
                   and, with their max and mean, of the MLP. The item representation has no image part.
 - ``cluster_id``  an embedding of the item's image cluster id, shared by target and history items, so
                   "the target is in a cluster the user clicked" is one learned dot product away.
+- ``multi_cluster`` the cluster-id embedding plus one embedding per coarser level (features.levels),
+                  summed: items of related fine clusters share their coarse rows, so a fine id seen
+                  rarely still carries what its coarse cluster learned.
 
 The attention unit is DIN-style (an MLP over [t, h, t*h, t-h]) rather than the production model's
 multi-head self-attention: with one short history (5 clicks) the target-aware form is the one that can
@@ -42,6 +45,7 @@ CLUSTER_INIT_STD = 1.0
 class ModelSpec:
     feature_mode: str
     num_cluster_rows: int = 2  # cluster embedding rows: max cluster id + 3 (0 = padding, 1 = no image)
+    level_rows: list = field(default_factory=list)  # multi_cluster: rows per coarser level (max id + 3)
     vector_in: int = 1  # image-vector length (vector mode)
     id_dim: int = 16
     cluster_dim: int = 16
@@ -110,10 +114,17 @@ class CTRModel(nn.Module):
         self.query = HashedEmbedding(s.query_buckets, s.context_dim)
         self.position = nn.Embedding(s.position_buckets, s.context_dim)
         item_dim = s.id_dim
-        if s.feature_mode == "cluster_id":
+        if s.feature_mode in ("cluster_id", "multi_cluster"):
             self.cluster = nn.Embedding(s.num_cluster_rows, s.cluster_dim, padding_idx=0)
             nn.init.normal_(self.cluster.weight, std=CLUSTER_INIT_STD)
             item_dim += s.cluster_dim
+        if s.feature_mode == "multi_cluster":
+            if not s.level_rows:
+                raise ValueError("feature_mode multi_cluster needs cluster levels: build_clusters with "
+                                 "features.levels, then attach, so ctr_train carries item_cluster_levels")
+            self.levels = nn.ModuleList(nn.Embedding(rows, s.cluster_dim, padding_idx=0) for rows in s.level_rows)
+            for emb in self.levels:
+                nn.init.normal_(emb.weight, std=CLUSTER_INIT_STD / len(s.level_rows))
         elif s.feature_mode == "vector":
             self.vector = nn.Linear(s.vector_in, s.vector_dim)
             item_dim += s.vector_dim
@@ -130,13 +141,21 @@ class CTRModel(nn.Module):
         mlp.append(nn.Linear(widths[-1], 1))
         self.mlp = nn.Sequential(*mlp)
 
-    def item_repr(self, ids: torch.Tensor, clusters: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def item_repr(self, ids: torch.Tensor, clusters: torch.Tensor, vectors: torch.Tensor,
+                  levels: torch.Tensor | None = None) -> torch.Tensor:
         parts = [self.item_id(ids)]
-        if self.spec.feature_mode == "cluster_id":
+        if self.spec.feature_mode in ("cluster_id", "multi_cluster"):
             if int(clusters.max()) >= self.spec.num_cluster_rows:
                 raise ValueError(f"cluster id {int(clusters.max()) - 2} is beyond the {self.spec.num_cluster_rows - 2} "
                                  "ids this model was built for (another clustering: retrain on its ctr_train)")
-            parts.append(self.cluster(clusters))
+            image = self.cluster(clusters)
+            if self.spec.feature_mode == "multi_cluster":
+                if levels is None or levels.shape[-1] != len(self.levels):
+                    raise ValueError(f"this model reads {len(self.levels)} cluster level(s); the data has "
+                                     f"{0 if levels is None else levels.shape[-1]}")
+                for k, emb in enumerate(self.levels):  # fine row + one row per coarser level, summed
+                    image = image + emb(levels[..., k].clamp(max=emb.num_embeddings - 1))
+            parts.append(image)
         elif self.spec.feature_mode == "vector":
             parts.append(self.vector(vectors))
         return torch.cat(parts, dim=-1)
@@ -152,8 +171,8 @@ class CTRModel(nn.Module):
     def forward(self, b: dict) -> torch.Tensor:
         """Logits (B,) for a batch dict from `CtrTensors.take`."""
         mode = self.spec.feature_mode
-        t = self.item_repr(b["item"], b["item_cluster"], b["item_vec"])  # (B, D)
-        h = self.item_repr(b["hist_item"], b["hist_cluster"], b["hist_vec"])  # (B, L, D)
+        t = self.item_repr(b["item"], b["item_cluster"], b["item_vec"], b.get("item_levels"))  # (B, D)
+        h = self.item_repr(b["hist_item"], b["hist_cluster"], b["hist_vec"], b.get("hist_levels"))  # (B, L, D)
         mask = b["hist_mask"]
         te = t.unsqueeze(1).expand_as(h)
         att_in = [te, h, te * h, te - h]

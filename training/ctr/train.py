@@ -134,7 +134,13 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
     rows = int(max(train.item_cluster.max(), ev.item_cluster.max(), train.hist_cluster.max(),
                    ev.hist_cluster.max())) + 1
-    spec = replace(spec, num_cluster_rows=rows, vector_in=int(train.vec_table.shape[1]))
+    level_rows = [max(int(d.item_levels[:, k].max()) for d in (train, ev)) + 1 for k in range(train.item_levels.shape[1])]
+    level_rows = [max([r] + [int(d.hist_levels[..., k].max()) + 1 for d in (train, ev)]) for k, r in enumerate(level_rows)]
+    if spec.feature_mode == "multi_cluster" and (not level_rows or ev.item_levels.shape[1] != len(level_rows)):
+        raise ValueError("feature_mode multi_cluster needs ctr_train.item_cluster_levels / history_cluster_levels "
+                         "(build_clusters with features.levels, then attach)")
+    spec = replace(spec, num_cluster_rows=rows, vector_in=int(train.vec_table.shape[1]),
+                   level_rows=level_rows if spec.feature_mode == "multi_cluster" else [])
     encode_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     is_valid = train_frame["dt"].isin(validation_dates or []).to_numpy()
