@@ -457,8 +457,14 @@ class TableStore:
         dt = DeltaTable(path)
         current = dt.schema().to_json()
         if Schema.from_arrow(schema).to_json() != current:
+            have = [f.name for f in dt.schema().fields]
+            new = [f.name for f in Schema.from_arrow(schema).fields]
             raise TableError(
-                f"table {name!r}: the new data's schema differs from the table's; refusing to mix them.\n"
+                f"table {name!r}: the new data's schema differs from the table's; refusing to mix them "
+                f"(columns only in the new data: {[c for c in new if c not in have]}, only in the table: "
+                f"{[c for c in have if c not in new]}). A setting that changes the columns (features.levels, "
+                "features.include_vector) needs the table rebuilt with every date: write it under a new "
+                "tables root, or drop it and attach every date again.\n"
                 f"table: {current}\nnew:   {Schema.from_arrow(schema).to_json()}")
         dt.create_write_transaction(adds, mode="overwrite", schema=schema,
                                     partition_by=partition_cols or None,
