@@ -45,6 +45,9 @@ def test_pandas_attach_matches_spark_attach(spark):
                      "label": int(r % 4 == 0), "ts": pd.Timestamp("2026-11-20 10:00:00"), "history": hist,
                      "dt": "2026-11-20"})
     log = pd.DataFrame(rows)
+    # Two coarser levels (nested: fine c -> c // 2 -> c // 4), reserved on every level for no image.
+    parents = np.array([[c // 4 for c in range(4)], [c // 2 for c in range(4)]])
+    feats.levels_of = np.array([parents[:, c] if c >= 0 else [-1, -1] for c in feats.cluster_of])
     ours = rq.attach_pandas(log, feats, pd.Index(items), with_vector=False)
 
     schema = T.StructType([T.StructField("item_id", T.StringType()), T.StructField("cluster_id", T.IntegerType()),
@@ -53,7 +56,9 @@ def test_pandas_attach_matches_spark_attach(spark):
         "item_id": items, "cluster_id": feats.cluster_of[:-1].astype(np.int32),
         "vec": [v if o else None for v, o in zip(feats.unit[:-1].tolist(), feats.ok[:-1])]}), schema)
     sdf = spark.createDataFrame(log.assign(history=log["history"].map(list)))
-    theirs = attach(sdf, fdf, "v-test", False, 8).toPandas()
+    level_map = spark.createDataFrame([(c, [int(x) for x in parents[:, c]]) for c in range(4)] + [(-1, [-1, -1])],
+                                      "cluster_id int, cluster_levels array<int>")
+    theirs = attach(sdf, fdf, "v-test", False, 8, level_map).toPandas()
     key = ["pv_id", "item_id", "user_id", "position"]
     a, b = ours.sort_values(key).reset_index(drop=True), theirs.sort_values(key).reset_index(drop=True)
     assert len(a) == len(b) == len(log)
@@ -62,6 +67,10 @@ def test_pandas_attach_matches_spark_attach(spark):
         assert list(x) == list(y) and len(x) == len(h)
     for x, y in zip(a["sim_scores"], b["sim_scores"]):
         np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), atol=1e-5)
+    assert [list(x) for x in a["item_cluster_levels"]] == [list(y) for y in b["item_cluster_levels"]]
+    assert ([[list(v) for v in x] for x in a["history_cluster_levels"]]
+            == [[list(v) for v in y] for y in b["history_cluster_levels"]])
+    assert any(list(x) == [-1, -1] for x in a["item_cluster_levels"])  # the unknown item / no image
     none = rq.attach_pandas(log, None, pd.Index(items), with_vector=False)
     assert (none["item_cluster_id"] == -1).all() and all((np.asarray(s) == 0).all() for s in none["sim_scores"])
 

@@ -57,7 +57,9 @@ ENCODERS = {
 TRAINED = [e for e, v in ENCODERS.items() if isinstance(v, dict)]
 # CTR rows: (row name, encoder or None, feature mode)
 CTR_ROWS = ([("none", None, "none")] + [(f"{e}:cluster_id", e, "cluster_id") for e in ENCODERS]
-            + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")])
+            + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")]
+            # with --levels: the fine id plus every coarser level (features.levels)
+            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in ("courier", "simclr", "simsiam", "untrained")])
 # ENCODERS order puts oracle_style:cluster_id after the ablations; it is reported in table (a) as a reference
 # prior cost guesses (s) before anything is measured; replaced by measured averages
 PRIOR = {"train_step": 4.0, "embed": 10.0, "ctr": 40.0}
@@ -189,13 +191,14 @@ class Feats:
     ok: np.ndarray  # (N+1,) bool
     quality: dict
     version: str
+    levels_of: np.ndarray | None = None  # (N+1, K) coarser ids (--levels), last row reserved
 
 
 def item_features(encoder, data: Data, k: int, seed: int, args, version: str) -> Feats:
     import torch
 
     from features import NO_IMAGE_CLUSTER_ID
-    from features.clustering import assign, build_index, cluster_stats, normalize, train_kmeans
+    from features.clustering import assign, build_index, cluster_stats, level_parents, normalize, train_kmeans
     from features.embed import embed_array
     from features.quality import purity_nmi, style_labels
 
@@ -223,7 +226,16 @@ def item_features(encoder, data: Data, k: int, seed: int, args, version: str) ->
     cluster_of[:n] = ids
     unit_all = np.zeros((n + 1, d), np.float32)
     unit_all[:n] = unit
-    return Feats(cluster_of, unit_all, np.append(ok, False), q, version)
+    levels_of = None
+    if args.levels:  # the same nested levels build_clusters makes (features.levels)
+        parents = level_parents(centroids, args.levels, args.kmeans_iters, 1234 + seed)
+        levels_of = np.full((n + 1, len(args.levels)), NO_IMAGE_CLUSTER_ID, np.int64)
+        levels_of[:n][m] = parents[:, ids[m]].T
+        for j, lk in enumerate(args.levels):
+            q[f"nmi_hue_level{lk}"] = purity_nmi(levels_of[:n][m, j], style_labels(data.styles, data.item_ids[m], "hue"))[1]
+            q[f"nmi_style_level{lk}"] = purity_nmi(levels_of[:n][m, j],
+                                                   style_labels(data.styles, data.item_ids[m], "style"))[1]
+    return Feats(cluster_of, unit_all, np.append(ok, False), q, version, levels_of)
 
 
 def oracle_features(data: Data, version: str) -> Feats:
@@ -270,6 +282,10 @@ def attach_pandas(log_df: pd.DataFrame, feats: Feats | None, item_index: pd.Inde
         sims[~(feats.ok[ii[rows]] & feats.ok[hi])] = NO_IMAGE_SIM_SCORE
         if with_vector:
             out["item_vector"] = list(feats.unit[ii])
+        if feats.levels_of is not None:
+            out["item_cluster_levels"] = list(feats.levels_of[ii])
+            hl = feats.levels_of[hi]
+            out["history_cluster_levels"] = [list(x) for x in np.split(hl, splits)] if len(out) else []
         version = feats.version
     out["history_cluster_ids"] = np.split(hc, splits) if len(out) else []
     out["sim_scores"] = np.split(sims, splits) if len(out) else []
@@ -359,7 +375,8 @@ def run(args) -> dict:
     load_s = time.perf_counter() - t0
     item_index = pd.Index(data.item_ids)
     encoders = [e for e in ENCODERS if e in args.encoders]
-    rows = [r for r in CTR_ROWS if (r[1] is None or r[1] in encoders) and r[2] in args.modes]
+    rows = [r for r in CTR_ROWS if (r[1] is None or r[1] in encoders) and r[2] in args.modes
+            and (r[2] != "multi_cluster" or args.levels)]
     ctr = dataclasses.replace(cfg.ctr, epochs=args.ctr_epochs, threads=args.threads,
                               batch_size=args.ctr_batch_size or cfg.ctr.batch_size)
     units = []
@@ -484,6 +501,9 @@ TABLES = {
          "courier_wo_reconstruction:cluster_id", "courier_wo_negpv:cluster_id"],
     "(c) how COURIER's embedding enters the CTR model, the analogue of Table B1":
         ["none", "courier:vector", "courier:simscore", "courier:cluster_id"],
+    "(d) multi-granularity cluster ids (--levels): the fine id alone vs with every coarser level":
+        ["none", "courier:cluster_id", "courier:multi_cluster", "simclr:cluster_id", "simclr:multi_cluster",
+         "simsiam:cluster_id", "simsiam:multi_cluster", "untrained:cluster_id", "untrained:multi_cluster"],
 }
 
 
@@ -565,6 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", default="tiny_cnn")
     p.add_argument("--image-px", type=int, default=96)
     p.add_argument("--clusters", type=int, default=128)
+    p.add_argument("--levels", default=[], type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="coarser cluster levels, coarsest first (e.g. 8,32): adds the multi_cluster rows")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--ctr-epochs", type=int, default=3)
     p.add_argument("--ctr-batch-size", type=int, default=None, help="default: ctr.batch_size of the config")
@@ -572,7 +594,7 @@ def main(argv=None) -> int:
                    help="do not start a seed that would end past this many minutes (the run reports whole seeds)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--encoders", default=",".join(ENCODERS), type=lambda s: s.split(","))
-    p.add_argument("--modes", default="none,cluster_id,vector,simscore", type=lambda s: s.split(","))
+    p.add_argument("--modes", default="none,cluster_id,vector,simscore,multi_cluster", type=lambda s: s.split(","))
     p.add_argument("--spark-attach-check", action="store_true",
                    help="once: build the eval frame through features.attach on Spark too (time + equality)")
     p.add_argument("--workdir", default=None, help="encoder checkpoints (default: <data-root>/quality_runs)")
