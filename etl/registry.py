@@ -228,6 +228,20 @@ class ClustersSpec:
         return f"{self.encoder_version}.{self.clusters_version}"
 
 
+def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far_distance: float,
+                  mean_distance: float, trained_on: int) -> dict:
+    """A clustering's lineage: its encoder, the k-means settings (features config) and the build's
+    distance statistics that the daily refresh's drift measure compares against."""
+    f = features
+    tags = {"encoder_ref": encoder.ref, "encoder_version": encoder.encoder_version, "n_clusters": f.n_clusters,
+            "dim": dim, "index_type": index_type, "far_distance": far_distance, "far_quantile": f.drift_far_quantile,
+            "mean_distance": mean_distance, "kmeans_iters": f.kmeans_iters, "kmeans_sample": f.kmeans_sample,
+            "kmeans_seed": f.kmeans_seed, "trained_on": trained_on}
+    if f.levels:
+        tags["levels"] = ",".join(str(k) for k in f.levels)
+    return tags
+
+
 def clusters_spec(ref: str) -> ClustersSpec:
     mv = resolve(ref)
     t = mv.tags or {}

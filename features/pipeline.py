@@ -223,12 +223,8 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     ok = assigned.where(F.col("cluster_id") >= 0)
     far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
     mean = ok.agg(F.avg("distance")).first()[0]
-    tags = {"encoder_ref": enc.ref, "encoder_version": ev, "n_clusters": f.n_clusters, "dim": int(x.shape[1]),
-            "index_type": kind, "far_distance": far[0] if far else float("nan"), "far_quantile": f.drift_far_quantile,
-            "mean_distance": mean if mean is not None else float("nan"), "kmeans_iters": f.kmeans_iters,
-            "kmeans_sample": f.kmeans_sample, "kmeans_seed": f.kmeans_seed, "trained_on": len(x)}
-    if parents is not None:
-        tags["levels"] = ",".join(str(k) for k in f.levels)
+    tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
+                                  mean if mean is not None else float("nan"), len(x))
     with tempfile.TemporaryDirectory() as tmp:
         faiss.write_index(index, os.path.join(tmp, "index.faiss"))
         np.save(os.path.join(tmp, "centroids.npy"), centroids)
