@@ -8,6 +8,7 @@ against the directory of the config file; URIs (``s3://...``, ``hdfs://...``) ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as dt
 import os
 import re
@@ -532,13 +533,19 @@ def flat_params(cfg: Config, sections: tuple[str, ...]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s in sections for k, v in d[s].items()}
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: str) -> Path:
+    """A configured root, resolved once per process (under_root runs once per catalog image)."""
+    return Path(root).resolve()
+
+
 def under_root(root: str, relative: str) -> str:
     """Join a path from data (e.g. a catalog image_uri) to its root; refuse anything that escapes it."""
     if is_uri(root):
         if ".." in Path(relative).parts or relative.startswith("/"):
             raise ConfigError(f"path {relative!r} escapes its root {root}")
         return _join(root, relative)
-    base = Path(root).resolve()
+    base = _resolved_root(root)
     target = (base / relative).resolve()
     if target != base and base not in target.parents:
         raise ConfigError(f"path {relative!r} escapes its root {root}")
