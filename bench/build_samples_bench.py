@@ -158,21 +158,16 @@ def _pil_floor_one(args) -> int:
 
     from PIL import Image
 
+    from etl.images import square_jpeg
+
     path, px, quality = args
     with open(path, "rb") as fh:
         data = fh.read()
     try:  # the simulated input holds corrupt files on purpose (the build quarantines them)
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
-            w, h = rgb.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            rgb = rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC)
-            buf = io.BytesIO()
-            rgb.save(buf, format="JPEG", quality=quality)
+            return len(square_jpeg(img.convert("RGB"), px, quality))  # the build's own crop/resize/encode
     except Exception:  # noqa: BLE001
         return -1
-    return len(buf.getvalue())
 
 
 def run_image_floor(cfg, plan) -> dict:

@@ -75,19 +75,25 @@ def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):
                     return None, None, None, None, IMAGE_TOO_LARGE, f"{w}x{h} > {max_pixels} pixels"
                 probe.verify()  # catches truncated/garbled files that open() alone accepts
             with Image.open(io.BytesIO(data)) as img:
-                rgb = _to_rgb(img)
-                w, h = rgb.size
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                rgb = rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC)
-                buf = io.BytesIO()
-                rgb.save(buf, format="JPEG", quality=quality)
+                out = square_jpeg(_to_rgb(img), px, quality)
     except Image.DecompressionBombError as e:  # only when max_pixels is above Pillow's own hard limit
         return None, None, None, None, IMAGE_TOO_LARGE, str(e)[:200]
     except Exception as e:  # noqa: BLE001 - one bad image must never fail the date; the class is the detail
         return None, None, None, None, IMAGE_CORRUPT, type(e).__name__
-    out = buf.getvalue()
     return out, px, px, hashlib.sha256(out).hexdigest(), None, None
+
+
+def square_jpeg(rgb, px: int, quality: int) -> bytes:
+    """An RGB PIL image centre-cropped to a square, resized to px x px (bicubic), as JPEG bytes."""
+    from PIL import Image
+
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    buf = io.BytesIO()
+    rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC).save(buf, format="JPEG",
+                                                                                       quality=quality)
+    return buf.getvalue()
 
 
 def decode_jpeg(data: bytes):
