@@ -24,6 +24,9 @@ class Table(str):
         t.stage, t.partition_by, t.columns, t.key, t.optional = stage, partition_by, columns, key, optional
         return t
 
+    def __reduce__(self):  # copy, deepcopy (dataclasses.asdict) and pickle rebuild the same entry
+        return Table, (str(self), self.stage, self.partition_by, self.columns, self.key, self.optional)
+
     def problems(self, frame_columns) -> list[str]:
         """What is wrong with a frame's columns for this table ([] when it fits). Partition columns may
         be in the frame or given separately by the writer."""

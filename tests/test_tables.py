@@ -63,3 +63,18 @@ def test_writes_to_a_catalogued_table_are_checked_against_its_contract(spark, cf
     # Nothing of the refused writes reached the table; an optional column is allowed where declared.
     assert [r["dt"] for r in store.read(catalog.ITEMS).collect()] == ["2026-11-20"]
     assert catalog.CTR_TRAIN.problems([*catalog.CTR_TRAIN.columns, "item_vector", "dt"]) == []
+
+
+def test_catalogue_entries_survive_copy_and_pickle_with_their_contract():
+    """Reports deep-copy their table keys (dataclasses.asdict) and Spark pickles closures: a Table must
+    come back as the same name with the same contract."""
+    import copy
+    import pickle
+
+    from etl import catalog
+    from features.pipeline import Report
+
+    for t in (copy.deepcopy(catalog.CTR_TRAIN), pickle.loads(pickle.dumps(catalog.CTR_TRAIN))):
+        assert isinstance(t, catalog.Table) and t == "ctr_train"
+        assert (t.columns, t.partition_by, t.optional) == (catalog.CTR_TRAIN.columns, ("dt",), catalog.CTR_TRAIN.optional)
+    assert '"item_embeddings": 3' in Report("embed_items", versions={catalog.ITEM_EMBEDDINGS: 3}).to_json()
