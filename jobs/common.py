@@ -74,19 +74,10 @@ def date_range(start: str, end: str | None) -> list[str]:
     return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
 
 
-class JobError(RuntimeError):
-    """A job cannot go on (a missing input, a refused rerun...): its message is printed without a
-    traceback and the job exits with `code`."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class JobContext:
-    """What a job's body gets: its arguments and config, the Spark session (None for jobs that run
-    without one), the table store on it, and a way to open the job's MLflow run."""
+    """What a job's body gets: its arguments and config, the Spark session, the table store on it, and a
+    way to open the job's MLflow run."""
     name: str
     args: argparse.Namespace
     cfg: Config
@@ -121,22 +112,21 @@ class JobContext:
         print(f"[{self.name}] {message}", flush=True)
 
 
-def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None,
+def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
-            expected_errors: tuple | dict = (), argv: list[str] | None = None, spark: bool = True) -> int:
+            expected_errors: tuple | dict = (), argv: list[str] | None = None) -> int:
     """The frame every job shares: arguments and config (errors: one line, exit 2), logging, the Spark
-    session (unless `spark=False`), the body, and the session stopped whatever happens. The body opens
-    its MLflow run with `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors`
-    (bad input, a refused publish...: a tuple of exception types -> exit 1, or a dict type -> status)
-    and JobError print their message without a traceback."""
+    session, the body, and the session stopped whatever happens. The body opens its MLflow run with
+    `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad input, a
+    refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print their
+    message without a traceback."""
     import yaml
 
     from etl.config import ConfigError
 
     codes = expected_errors if isinstance(expected_errors, dict) else {e: 1 for e in expected_errors}
     p = job_parser(description, one_line_errors=True)
-    if add_arguments:
-        add_arguments(p)
+    add_arguments(p)
     args = p.parse_args(argv)
     try:
         if check_args:
@@ -145,17 +135,13 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     except (CliError, ConfigError, yaml.YAMLError) as e:
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    from etl.spark import get_spark
+
     session = None
     try:
-        if spark:
-            from etl.spark import get_spark
-
-            session = get_spark(cfg, app_name=name)
+        session = get_spark(cfg, app_name=name)
         status = body(JobContext(name, args, cfg, session))
         return 0 if status is None else int(status)
-    except JobError as e:
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        return e.code
     except tuple(codes) as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return next(code for kind, code in codes.items() if isinstance(e, kind))

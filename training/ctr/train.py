@@ -86,19 +86,21 @@ def fit(model: CTRModel, train: CtrTensors, ctr, eval_data: CtrTensors | None = 
                 f", {name} logloss {point[name + '_logloss']:.4f}, {name} AUC {point[name + '_auc']:.4f}"
                 for name in ("valid", "eval") if f"{name}_auc" in point) + f" ({point['epoch_seconds']:.1f} s)")
         if "valid_auc" in point:
-            score = point["valid_auc"] if np.isfinite(point["valid_auc"]) else -point["valid_logloss"]
+            score = _valid_score(point)
             best, since_best = (score, 0) if score > best else (best, since_best + 1)
             if since_best >= ctr.early_stopping_patience:
                 break
     return curve
 
 
+def _valid_score(point: dict) -> float:
+    """An epoch's validation score: its AUC, or minus its log loss where the AUC is undefined."""
+    return point["valid_auc"] if np.isfinite(point["valid_auc"]) else -point["valid_logloss"]
+
+
 def best_epochs(curve: list[dict]) -> int:
-    """The epoch count with the best validation AUC (log loss where the AUC is undefined); ties go to
-    the fewer epochs."""
-    def score(p):
-        return p["valid_auc"] if np.isfinite(p["valid_auc"]) else -p["valid_logloss"]
-    return max(curve, key=lambda p: (score(p), -p["epoch"]))["epoch"]
+    """The epoch count with the best validation score (`_valid_score`); ties go to the fewer epochs."""
+    return max(curve, key=lambda p: (_valid_score(p), -p["epoch"]))["epoch"]
 
 
 @dataclass
@@ -111,7 +113,7 @@ class TrainResult:
     cold_items: set
     data_stats: dict
     seconds: dict
-    selection: dict = None  # {"validation_dates", "epochs", "refit"}: how the epoch count was chosen
+    selection: dict | None = None  # {"validation_dates", "epochs", "refit"}: how the epoch count was chosen
 
 
 def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, feature_mode: str | None = None,
@@ -134,8 +136,9 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
     rows = int(max(train.item_cluster.max(), ev.item_cluster.max(), train.hist_cluster.max(),
                    ev.hist_cluster.max())) + 1
-    level_rows = [max(int(d.item_levels[:, k].max()) for d in (train, ev)) + 1 for k in range(train.item_levels.shape[1])]
-    level_rows = [max([r] + [int(d.hist_levels[..., k].max()) + 1 for d in (train, ev)]) for k, r in enumerate(level_rows)]
+    # Embedding rows per coarser level: its largest id (+2 offset) over items and histories, + 1.
+    level_rows = [1 + max(int(ids.max()) for d in (train, ev) for ids in (d.item_levels[:, k], d.hist_levels[..., k]))
+                  for k in range(train.item_levels.shape[1])]
     if spec.feature_mode == "multi_cluster" and (not level_rows or ev.item_levels.shape[1] != len(level_rows)):
         raise ValueError("feature_mode multi_cluster needs ctr_train.item_cluster_levels / history_cluster_levels "
                          "(build_clusters with features.levels, then attach)")
