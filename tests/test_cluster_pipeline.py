@@ -235,11 +235,11 @@ def _fetch_cluster_encoder(services, env: dict, tmp_path: Path) -> Path:
     """The weights of courier-encoder@champion on the services' MLflow server (S3 artifacts), fetched
     in a child process that has the run's credentials."""
     code = ("import sys, mlflow\nfrom etl.contracts import CHAMPION, ENCODER_MODEL\n"
-            "from training.launch import STATE_ARTIFACT\n"
+            "from etl.registry import ENCODER_STATE_ARTIFACT\n"
             "mlflow.set_tracking_uri(sys.argv[1])\n"
             "v = mlflow.MlflowClient().get_model_version_by_alias(ENCODER_MODEL, CHAMPION)\n"
             "print('ENCODER ' + mlflow.artifacts.download_artifacts(run_id=v.run_id, "
-            "artifact_path=STATE_ARTIFACT.format(version=v.version), dst_path=sys.argv[2]))\n")
+            "artifact_path=ENCODER_STATE_ARTIFACT.format(version=v.version), dst_path=sys.argv[2]))\n")
     out = tmp_path / "cluster-encoder"
     out.mkdir()
     r = subprocess.run([sys.executable, "-c", code, services.mlflow_uri, str(out)], env={**env, "PYTHONPATH": str(ROOT)},
