@@ -122,6 +122,9 @@ class TrainConf:
     max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts
     log_every: int = 10  # steps between progress lines
     decode_threads: int = 2  # JPEG decoding threads per worker
+    # The paper pre-trains on one category, so in-batch negatives share it. "query": every batch's PVs
+    # share one query (the simulated log's query is the PV's category); "none": batches mix them.
+    batch_grouping: str = "none"
     seed: int = 0
     table_version: int | None = None  # pin a courier_train version (default: the latest)
     holdout_last_date: bool = True  # evaluate on the latest date's PVs, train on the others
@@ -260,6 +263,7 @@ TRAIN_METHODS = ("courier", "simclr", "simsiam", "supervised")
 TRAIN_BACKENDS = ("ddp", "horovod")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
+BATCH_GROUPINGS = ("none", "query")
 FEATURE_MODES = ("none", "vector", "simscore", "cluster_id", "multi_cluster")
 GAUC_GROUPS = ("pv_id", "session_id")
 
@@ -363,6 +367,7 @@ def _validate(cfg: Config) -> None:
         (cfg.train.backend in TRAIN_BACKENDS, _one_of("train.backend", TRAIN_BACKENDS)),
         (cfg.train.precision in PRECISIONS, _one_of("train.precision", PRECISIONS)),
         (cfg.train.reconstruction in RECONSTRUCTION_MODES, _one_of("train.reconstruction", RECONSTRUCTION_MODES)),
+        (cfg.train.batch_grouping in BATCH_GROUPINGS, _one_of("train.batch_grouping", BATCH_GROUPINGS)),
         (cfg.train.batch_size >= 1 and cfg.train.num_workers >= 1 and cfg.train.epochs >= 1,
          "train.batch_size, train.num_workers and train.epochs must be >= 1"),
         (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),

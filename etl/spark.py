@@ -132,6 +132,9 @@ def get_spark(cfg: Config, app_name: str | None = None):
     if uses_native_delta(cfg):
         settings["spark.sql.extensions"] = DELTA_EXTENSION
         settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG
+        # Delta rebuilds a table's state from its log in this many tasks (default 50, sized for long
+        # logs); our logs are a few commits per date, where 50 tasks per snapshot cost seconds each.
+        settings["spark.databricks.delta.snapshotPartitions"] = str(cfg.spark.shuffle_partitions)
     settings.update({k: str(v) for k, v in cfg.spark.conf.items()})
     for key, value in settings.items():
         builder = builder.config(key, value)

@@ -22,6 +22,7 @@ def test_shipped_configs_load():
     ({"samples": {"neg_rate": 1.5}}, "samples.neg_rate must be in (0, 1]"),
     ({"samples": {"l_pv": "five"}}, "samples.l_pv: expected int"),
     ({"tables": {"engine": "parquet"}}, "tables.engine must be one of"),
+    ({"train": {"batch_grouping": "category"}}, "train.batch_grouping must be none or query"),
     ({"simulator": {"start_date": "20/11/2026"}}, "expected YYYY-MM-DD"),
     ({"spark": {"conf": {"executor.memory": "1g"}}}, "keys must start with 'spark.'"),
 ])

@@ -177,6 +177,41 @@ def test_skip_batches_gives_the_tail_without_reading_or_decoding_the_head(table,
         assert len(reads) == sum(len(w) for w in plan.windows[skipped_windows:])  # nor read
 
 
+def test_batches_grouped_by_query_hold_one_query_and_every_row_once(table):
+    """train.batch_grouping=query: in-batch negatives from one query (the simulated category), every row
+    still read exactly once per epoch over the ranks, and a resume yields the same tail."""
+    from training.reader import group_cuts, iterate_batches, rows_per_rank
+
+    urls, rows = table["urls"], table["rows"]
+    queries = {sid: r["query"] for sid, r in rows.items()}
+    assert len(set(queries.values())) > 2  # several categories, or there is nothing to group
+    kw = dict(batch_size=5, world_size=2, seed=3, epoch=1, shuffle_rows=12, group_by="query")
+    per_rank = [list(iterate_batches(urls, rank=r, prefetch=0, **kw)) for r in range(2)]
+    seen = Counter(s for batches in per_rank for b in batches for s in b.sample_ids)
+    assert set(seen) == set(rows) and set(seen.values()) == {1}
+    assert [sum(len(b) for b in batches) for batches in per_rank] == rows_per_rank(urls, 2)
+    for batches in per_rank:
+        assert all({queries[s] for s in b.sample_ids} == set(b.queries) and len(set(b.queries)) == 1 for b in batches)
+        assert all(1 <= len(b) <= 5 for b in batches) and [b.index for b in batches] == list(range(len(batches)))
+    ungrouped = [b for r in range(2) for b in iterate_batches(urls, rank=r, prefetch=0, **{**kw, "group_by": None})]
+    assert any(len(set(b.queries)) > 1 for b in ungrouped)  # without grouping, batches mix queries
+
+    full = per_rank[1]
+    for k in (1, len(full) // 2, len(full) - 1, len(full) + 1):
+        tail = list(iterate_batches(urls, rank=1, prefetch=0, skip_batches=k, **kw))
+        assert [b.sample_ids for b in tail] == [b.sample_ids for b in full[k:]]
+        for x, y in zip(tail, full[k:]):
+            assert all(torch.equal(p, q) for p, q in zip(x.model_inputs(), y.model_inputs()))
+
+    # The cut itself: per group, full batches then one short one; every index once.
+    groups = np.array(["a"] * 7 + ["b"] * 3 + [None] * 2, dtype=object)
+    cuts = group_cuts(groups, np.random.default_rng(0).permutation(12), 3, np.random.default_rng(1))
+    assert sorted(np.concatenate(cuts).tolist()) == list(range(12))
+    assert sorted(len(c) for c in cuts) == [1, 2, 3, 3, 3] and all(len({groups[i] for i in c}) == 1 for c in cuts)
+    with pytest.raises(ValueError, match="group_by"):
+        next(iterate_batches(urls, rank=0, **{**kw, "group_by": "user_id"}))
+
+
 # ---- decoding ------------------------------------------------------------------------------------
 def test_tensors_equal_decoded_item_images(table):
     from etl.images import decode_jpeg

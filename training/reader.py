@@ -22,6 +22,8 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
 4. A rank's slices are grouped into windows of at least ``shuffle_rows`` rows; the rows of a window are
    permuted with a generator seeded by ``(seed, epoch, rank, window)`` (a bounded shuffle buffer whose
    content and order depend only on the footers), and batches are cut from the concatenated windows.
+   With ``group_by="query"`` a window's permuted rows are split by query instead and each query's rows
+   cut into batches (its last one short), in an order drawn from ``(seed, epoch, rank, window)``.
 5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
    are checked against the footer): nothing depends on thread timing. JPEG decoding runs in a thread pool whose workers write into disjoint slots of
    preallocated arrays (PIL releases the GIL while decoding), so the result does not depend on timing
@@ -303,8 +305,8 @@ def _column_numpy(name: str, column) -> np.ndarray:
     return values
 
 
-def _read_slice(s: Slice) -> dict:
-    """The COLUMNS of one slice as numpy arrays, read from exactly one row group of one file.
+def _read_slice(s: Slice, columns: Sequence[str] = COLUMNS) -> dict:
+    """The ``columns`` (default: COLUMNS) of one slice as numpy arrays, read from exactly one row group of one file.
 
     Read with pyarrow through ``etl.fs`` (local paths, file:// and s3a:// / s3:// alike). Petastorm
     0.12.1 on pyarrow 14 reaches object stores only through fsspec's s3fs: its legacy ParquetDataset
@@ -317,12 +319,12 @@ def _read_slice(s: Slice) -> dict:
     rg = s.row_group
     filesystem, path = fs.filesystem(rg.url)
     with filesystem.open_input_file(path) as fh:
-        table = pq.ParquetFile(fh).read_row_group(rg.index, columns=list(COLUMNS))
+        table = pq.ParquetFile(fh).read_row_group(rg.index, columns=list(columns))
     if table.num_rows != rg.num_rows:  # a short or long read must never pass silently
         raise RuntimeError(f"read {table.num_rows} rows from row group {rg.index} of {rg.url}, "
                            f"the footer says {rg.num_rows}")
     table = table.slice(s.start, s.num_rows).combine_chunks()
-    return {c: _column_numpy(c, table.column(c)) for c in COLUMNS}
+    return {c: _column_numpy(c, table.column(c)) for c in columns}
 
 
 def _concat(chunks: list) -> dict:
@@ -460,6 +462,43 @@ def _raw_batches(plan: EpochPlan, batch_size: int, seed: int, epoch: int, skip_r
         yield _concat(pending)
 
 
+def group_cuts(groups: np.ndarray, perm: np.ndarray, batch_size: int, order_rng) -> list:
+    """One window's batches when every batch holds a single group (e.g. one query): the window's rows
+    in their shuffled order ``perm``, split by group, each group cut into batches of at most batch_size
+    (a group's last batch is short), the batches in an order drawn from ``order_rng``. Every row of the
+    window is in exactly one batch. Returns a list of row-index arrays into the window."""
+    keys = np.asarray(["\0" if g is None else str(g) for g in groups], dtype=object)[perm]
+    _, code = np.unique(keys, return_inverse=True)
+    by_group = np.argsort(code, kind="stable")  # group after group, the shuffled order kept inside
+    bounds = np.flatnonzero(np.diff(code[by_group])) + 1
+    cuts = [perm[rows[k:k + batch_size]] for rows in np.split(by_group, bounds) for k in range(0, len(rows), batch_size)]
+    return [cuts[i] for i in order_rng.permutation(len(cuts))]
+
+
+def _grouped_batches(plan: EpochPlan, batch_size: int, seed: int, epoch: int, skip_batches: int, group_by: str):
+    """(undecoded columns of one batch) in order when every batch holds one ``group_by`` value (see
+    ``group_cuts``); batches never span windows. Skipping counts batches: a wholly skipped window reads
+    only its group column, to know how many batches it holds."""
+    done = 0
+    for w, window in enumerate(plan.windows):
+        n = sum(s.num_rows for s in window)
+        perm = _window_permutation(n, seed, epoch, plan.rank, w)
+        order_rng = np.random.default_rng([seed, epoch, 2, plan.rank, w])
+        if done < skip_batches:
+            groups = np.concatenate([_read_slice(s, (group_by,))[group_by] for s in window])
+            cuts = group_cuts(groups, perm, batch_size, order_rng)
+            if done + len(cuts) <= skip_batches:
+                done += len(cuts)
+                continue
+            cols = _concat([_read_slice(s) for s in window])
+        else:
+            cols = _concat([_read_slice(s) for s in window])
+            cuts = group_cuts(cols[group_by], perm, batch_size, order_rng)
+        for idx in cuts[max(0, skip_batches - done):]:
+            yield _take(cols, idx)
+        done += len(cuts)
+
+
 def _closing(gen):
     try:
         yield from gen
@@ -510,24 +549,32 @@ def _prefetched(gen: Iterator, depth: int) -> Iterator:
 
 def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                     skip_batches: int = 0, decode_threads: int = 2, image_px: Optional[int] = None,
-                    shuffle_rows: int = DEFAULT_SHUFFLE_ROWS, prefetch: int = 2) -> Iterator[CourierBatch]:
+                    shuffle_rows: int = DEFAULT_SHUFFLE_ROWS, prefetch: int = 2,
+                    group_by: Optional[str] = None) -> Iterator[CourierBatch]:
     """One epoch of this rank's disjoint share of the rows of ``urls`` as CourierBatches (see the module
     docstring for the sharding and order). Deterministic for (urls as a set, seed, epoch, rank,
-    world_size, batch_size, shuffle_rows); ``skip_batches=k`` yields exactly batches k, k+1, ... of that
+    world_size, batch_size, shuffle_rows, group_by); ``skip_batches=k`` yields exactly batches k, k+1, ... of that
     sequence without reading wholly skipped windows or decoding skipped rows (skipping past the end
     yields nothing). The last batch may have fewer than batch_size rows; a rank may have no rows at all
     when there are fewer rows than ranks. ``image_px``: resize every image to image_px x image_px (else all images
     must share one square size). ``prefetch``: batches prepared ahead in a background thread (0: none).
+    ``group_by``: a column (``query``) whose value every row of a batch shares -- in-batch negatives from
+    one query (the simulated log's query is the category) -- at the price of one short batch per group
+    and shuffle window; the rows and their sharding are unchanged.
     """
     if batch_size < 1 or skip_batches < 0:
         raise ValueError(f"need batch_size >= 1 and skip_batches >= 0, got {batch_size}, {skip_batches}")
+    if group_by is not None and group_by not in COLUMNS:
+        raise ValueError(f"group_by must be one of the columns read {COLUMNS}, got {group_by!r}")
     quiet_petastorm_warnings()
     plan = plan_epoch(urls, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle_rows=shuffle_rows)
+    raw = (_raw_batches(plan, batch_size, seed, epoch, skip_batches * batch_size) if group_by is None
+           else _grouped_batches(plan, batch_size, seed, epoch, skip_batches, group_by))
 
     def decoded():
         decoder = _Decoder(decode_threads, image_px)
         try:
-            for k, cols in enumerate(_raw_batches(plan, batch_size, seed, epoch, skip_batches * batch_size)):
+            for k, cols in enumerate(raw):
                 yield _to_batch(cols, decoder, epoch, skip_batches + k)
         finally:
             decoder.close()

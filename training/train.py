@@ -232,6 +232,7 @@ def train_fn(spec_dict: dict) -> dict:
     optimizer = dist.wrap_optimizer(optimizer, raw_model, backend)
     dist.broadcast_parameters(raw_model, optimizer)
 
+    # With batch_grouping each group's last batch per shuffle window is short: more steps than this.
     steps_per_epoch = math.ceil(spec.total_rows / (t["batch_size"] * world)) if spec.total_rows else None
     total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
     tracker = _Tracker(spec, total_steps)
@@ -241,7 +242,8 @@ def train_fn(spec_dict: dict) -> dict:
         skip = position["batch"] if epoch == position["epoch"] else 0
         batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
                                   seed=t["seed"], epoch=epoch, skip_batches=skip,
-                                  decode_threads=t["decode_threads"], image_px=spec.image_px)
+                                  decode_threads=t["decode_threads"], image_px=spec.image_px,
+                                  group_by=None if t["batch_grouping"] == "none" else t["batch_grouping"])
         batch_index = skip
         while True:
             raw = next(batches, None)

@@ -50,6 +50,14 @@ ENCODERS = {
     "courier_wo_contrast": {"method": "courier", "use_contrast": False},
     "courier_wo_reconstruction": {"method": "courier", "reconstruction": "self_attention"},
     "courier_wo_negpv": {"method": "courier", "use_negatives": False},
+    # the paper's pre-training regime (issue 12): in-batch negatives from one query (= category in the
+    # simulated log), and the batch-size sweep (Table 7's analogue; same number of steps, so larger
+    # batches also see more PVs)
+    "courier_by_query": {"method": "courier", "batch_grouping": "query"},
+    "courier_by_query_b64": {"method": "courier", "batch_grouping": "query", "batch_size": 64},
+    "courier_by_query_b128": {"method": "courier", "batch_grouping": "query", "batch_size": 128},
+    "courier_b128": {"method": "courier", "batch_size": 128},
+    "simclr_by_query": {"method": "simclr", "batch_grouping": "query"},
     # not an encoder: the hidden style itself as the "cluster id" (evaluation-only upper bound of what an
     # image feature can add to this CTR model; never a model input outside this reference row)
     "oracle_style": "truth",
@@ -59,7 +67,8 @@ TRAINED = [e for e, v in ENCODERS.items() if isinstance(v, dict)]
 CTR_ROWS = ([("none", None, "none")] + [(f"{e}:cluster_id", e, "cluster_id") for e in ENCODERS]
             + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")]
             # with --levels: the fine id plus every coarser level (features.levels)
-            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in ("courier", "simclr", "simsiam", "untrained")])
+            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in ENCODERS
+               if e == "untrained" or e.startswith(("courier", "simclr", "simsiam"))])
 # ENCODERS order puts oracle_style:cluster_id after the ablations; it is reported in table (a) as a reference
 # prior cost guesses (s) before anything is measured; replaced by measured averages
 PRIOR = {"train_step": 4.0, "embed": 10.0, "ctr": 40.0}
@@ -161,9 +170,10 @@ def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: st
     spec = dataclasses.asdict(make_spec(cfg, data.train_files, workdir, None, False))
     spec["image_px"] = args.image_px
     t = spec["train"]
-    t.update(backbone=args.backbone, max_steps=args.steps, epochs=max(t["epochs"], 1000), seed=seed,
-             batch_size=args.batch_size, lr=args.lr, checkpoint_every=10 ** 9, log_every=max(args.steps // 4, 1),
-             backend="ddp", num_workers=1, use_gpu=torch.cuda.is_available(), **overrides)
+    t.update({"backbone": args.backbone, "max_steps": args.steps, "epochs": max(t["epochs"], 1000), "seed": seed,
+              "batch_size": args.batch_size, "lr": args.lr, "checkpoint_every": 10 ** 9,
+              "log_every": max(args.steps // 4, 1), "backend": "ddp", "num_workers": 1,
+              "use_gpu": torch.cuda.is_available(), **overrides})  # a variant's overrides win
     if t["method"] == "supervised":
         spec["extra"]["categories"] = data.cat_list
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
@@ -435,7 +445,7 @@ def run(args) -> dict:
                 encoder, info = untrained_encoder(cfg, seed, args), {"steps": 0}
             else:
                 log(f"seed {seed}: pre-training {enc_name} ({args.steps} steps, {args.backbone}, "
-                    f"batch {args.batch_size}, {args.image_px}px) | {eta.line()}")
+                    f"batch {ov.get('batch_size', args.batch_size)}, {args.image_px}px) | {eta.line()}")
                 encoder, result = train_encoder(cfg, data, ov, seed, args,
                                                 os.path.join(args.workdir, f"s{seed}", enc_name))
                 secs = time.perf_counter() - t1
