@@ -2,7 +2,7 @@
 
     python bench/reader_bench.py [--preset demo] [--days 1] [--data DIR] [--batch-size 32]
                                  [--backbones tiny_cnn,resnet18] [--seconds 20] [--rounds 3]
-                                 [--threads 2] [--workers 0,1,2] [--fed 0,auto]
+                                 [--threads 2] [--workers 0,1,2] [--fed 0,auto] [--paired-seconds 0]
 
 Data: the simulator's preset (``demo`` by default: 96 px images) for ``--days`` dates, built by stage 1
 (`etl.build.build_date`, real Spark + Delta) into ``--data`` (default bench/out/reader_<preset>_<days>d,
@@ -21,7 +21,10 @@ Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world siz
 4. reader+step: the training loop fed by ``iterate_batches(prefetch=2)`` for each ``--fed`` value of
    decode_workers (``auto``: what training would use here, `resolve_decode_workers`). 3 and 4
    alternate in ``--rounds`` rounds of seconds/rounds each (the machine is shared: drifting load then
-   hits all alike); medians are reported.
+   hits all alike); medians are reported;
+5. with ``--paired-seconds S``, for each ``--fed`` value: S seconds of pairs of steps on the same
+   batch, fed then in memory, back to back (`bench_paired`): a ratio that drifting load from other
+   jobs on a shared machine barely moves.
 
 The first item of every timed loop is taken untimed (start-up: opening the first reader, starting the
 decode workers, first kernels); the worker start-up is reported separately (``startup_s``).
@@ -67,14 +70,18 @@ def cpu_name() -> str:
 
 
 def children_cpu_s() -> float:
-    """CPU seconds (user + system) used so far by this process's live child processes (the decode
-    workers), from /proc; 0 where /proc is not there."""
-    me, total = os.getpid(), 0.0
+    """CPU seconds (user + system) used so far by this process's child processes (the decode workers):
+    the live ones from /proc, plus those already ended and waited for (getrusage; an epoch that ends
+    inside the timed part ends its workers)."""
+    import resource
+
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me, total = os.getpid(), ended.ru_utime + ended.ru_stime
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return 0.0
+        return total
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as fh:
@@ -228,6 +235,51 @@ def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px)
             "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
 
 
+def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None):
+    """The fed step and the in-memory step on the SAME batch, back to back, pair after pair: step k is
+    fed by ``iterate_batches(prefetch=2)`` (timed from asking the iterator for the batch to the end of
+    the optimizer step; the reader decodes the batch that replaces it in the pipeline meanwhile, in
+    this process or its workers), then the same batch, already in memory, goes through the same step
+    again (nothing of the reader runs then: the pipeline is full). Load from other jobs drifts over
+    seconds, so the ratio of two adjacent steps on the same input is robust to it where whole-segment
+    throughputs are not. Returns the median and the pooled (sum of in-memory times / sum of fed times)
+    ratio over the pairs taken in ``seconds`` (at least ``min_pairs``). ``memory`` (a list of decoded
+    batches): the control, "fed" from memory instead of the reader: its ratio shows the bias of the
+    pairing itself (1.0 when there is none)."""
+    from training.reader import iterate_batches
+
+    model, opt = make_model(backbone)
+    if memory is not None:
+        it = (b for b in itertools.cycle(memory))
+    else:
+        it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=2,
+                             decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
+    step(model, opt, next(it))  # start-up: workers, first kernels
+    time.sleep(1.0)  # let the pipeline fill
+    fed, mem, workers_cpu = [], [], [0.0, 0.0]
+    t_end = time.perf_counter() + seconds
+    while len(fed) < min_pairs or time.perf_counter() < t_end:
+        t0, k0 = time.perf_counter(), children_cpu_s()
+        b = next(it, None)
+        if b is None:
+            break
+        step(model, opt, b)
+        t1, k1 = time.perf_counter(), children_cpu_s()
+        step(model, opt, b)
+        t2, k2 = time.perf_counter(), children_cpu_s()
+        fed.append(t1 - t0)
+        mem.append(t2 - t1)
+        workers_cpu[0] += k1 - k0
+        workers_cpu[1] += k2 - k1
+    it.close()
+    ratios = [m / f for m, f in zip(mem, fed)]
+    # decode workers' CPU that spilled over into the in-memory steps (it should be ~0: they refill the
+    # pipeline during the fed step); the pairing is only fair when it is small
+    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers else None
+    return {"pairs": len(fed), "decode_workers": workers, "median_ratio": statistics.median(ratios),
+            "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="demo")
@@ -240,6 +292,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", default="0,1,2", help="decode_workers values for the reader-alone runs")
     ap.add_argument("--fed", default="0,auto", help="decode_workers values for the reader+step runs")
     ap.add_argument("--rounds", type=int, default=3, help="alternating step / reader+step rounds per backbone")
+    ap.add_argument("--paired-seconds", type=float, default=0.0,
+                    help="per --fed value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
 
     import torch
@@ -306,6 +360,15 @@ def main(argv=None) -> dict:
                                 "ratios": [r[f"ratio[{w}]"] for r in rounds],
                                 "cpu_bound_ratio": None if reader_cpu is None else
                                 med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
+        if args.paired_seconds > 0:
+            m["paired_control"] = bench_paired(urls, args.batch_size, backbone, args.paired_seconds, 0, args.threads,
+                                               px, memory=mem)
+            print(f"[bench] {backbone} paired control (memory)", json.dumps(m["paired_control"]), flush=True)
+            for w in fed:
+                pr = bench_paired(urls, args.batch_size, backbone, args.paired_seconds,
+                                  auto if w == "auto" else w, args.threads, px)
+                m["fed"][str(w)]["paired"] = pr
+                print(f"[bench] {backbone} paired decode_workers={w}", json.dumps(pr), flush=True)
         out["models"][backbone] = m
     out["machine"]["loadavg_end"] = loadavg()
 
@@ -323,12 +386,20 @@ def main(argv=None) -> dict:
     for name, m in out["models"].items():
         print(f"| {name}: model step on in-memory tensors | {m['step_images_per_s']:.1f} | "
               f"{m['step_cpu_ms_per_image']:.2f} | | |")
+        if "paired_control" in m:
+            pr = m["paired_control"]
+            print(f"| {name}: control: in-memory step paired with itself on the same batch ({pr['pairs']} pairs) "
+                  f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f} |")
         for w, f in m["fed"].items():
             bound = "" if f["cpu_bound_ratio"] is None else f"; CPU bound {f['cpu_bound_ratio']:.3f}"
             label = f"decode_workers={w}" + (f" = {f['decode_workers']}" if w == "auto" else "")
             print(f"| {name}: reader (prefetch 2, {label}) + step | {f['reader_step_images_per_s']:.1f} | | | "
                   f"median {f['reader_step_over_step']:.2f} (rounds "
                   f"{', '.join(format(x, '.2f') for x in f['ratios'])}){bound} |")
+            if "paired" in f:
+                pr = f["paired"]
+                print(f"| {name}: same, paired with the in-memory step on the same batch ({pr['pairs']} pairs) | | | | "
+                      f"median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f} |")
     return out
 
 

@@ -36,16 +36,10 @@ def decode_one(data: bytes, px: Optional[int]) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         if px is not None and img.size != (px, px):
             img.draft("RGB", (px, px))  # JPEG DCT scaling: decode at >= px, cheaper than full size
-            img = img.convert("RGB")
-            if img.size != (px, px):
-                img = img.resize((px, px), Image.BILINEAR)
-        elif img.mode != "RGB":
-            img = img.convert("RGB")
-        else:
-            img.load()
-        w, h = img.size
-        # tobytes + frombuffer: one copy of the decoded pixels (np.asarray(img) makes two)
-        arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(h, w, 3)
+        img = img.convert("RGB")
+        if px is not None and img.size != (px, px):
+            img = img.resize((px, px), Image.BILINEAR)
+        arr = np.asarray(img)
     return arr.transpose(2, 0, 1)
 
 
