@@ -2,7 +2,7 @@
 
     python bench/reader_bench.py [--preset demo] [--days 1] [--data DIR] [--batch-size 32]
                                  [--backbones tiny_cnn,resnet18] [--seconds 20] [--rounds 3]
-                                 [--threads 2] [--workers 0,1,2] [--fed 0,auto] [--paired-seconds 0]
+                                 [--threads 2] [--workers 0,1,2] [--fed 0,1] [--paired-seconds 0]
 
 Data: the simulator's preset (``demo`` by default: 96 px images) for ``--days`` dates, built by stage 1
 (`etl.build.build_date`, real Spark + Delta) into ``--data`` (default bench/out/reader_<preset>_<days>d,
@@ -93,6 +93,18 @@ def children_cpu_s() -> float:
     return total
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, all cores: /proc/stat's user, nice,
+    system, irq, softirq and steal); 0 where /proc is not there."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 # ---- data ------------------------------------------------------------------------------------------
 def ensure_table(data: Path, preset: str, days: int) -> tuple[list[str], int]:
     """URLs of the latest courier_train version under data/ (built first if missing), and image px."""
@@ -136,20 +148,24 @@ def timed(iterable, seconds: float, count):
     """Take one item untimed (start-up: opening the first reader, starting decode workers, first
     kernels), then consume until exhausted or `seconds` elapsed; returns (items, units counted, wall
     seconds) of the timed part. ``timed.cpu``: CPU seconds of this process (all threads) and of its
-    live child processes (decode workers) in the timed part; ``timed.startup``: seconds of the first item."""
+    child processes (decode workers) in the timed part; ``timed.others``: the share of the machine's
+    cores that OTHER processes kept busy meanwhile (0: a quiet machine; the machine is shared);
+    ``timed.startup``: seconds of the first item."""
     it = iter(iterable)
     t0 = time.perf_counter()
     next(it, None)
     timed.startup = time.perf_counter() - t0
     n = units = 0
-    t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu_s()
+    t0, c0, k0, m0 = time.perf_counter(), time.process_time(), children_cpu_s(), machine_busy_s()
     for item in it:
         n += 1
         units += count(item)
         if time.perf_counter() - t0 >= seconds:
             break
     wall = time.perf_counter() - t0
-    timed.cpu = time.process_time() - c0 + children_cpu_s() - k0
+    timed.cpu_self = time.process_time() - c0
+    timed.cpu = timed.cpu_self + children_cpu_s() - k0
+    timed.others = max(0.0, machine_busy_s() - m0 - timed.cpu) / (wall * (os.cpu_count() or 1))
     return n, units, wall
 
 
@@ -182,7 +198,8 @@ def bench_reader(urls, batch_size, seconds, workers, threads, px, device=None):
     return {"batches": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall,
             "decode_workers": workers, "decode_threads": threads if not workers else None,
             "decode_device": None if device is None else str(device),
-            "cpu_ms_per_image": cpu_ms, "images_per_cpu_s": 1e3 / max(cpu_ms, 1e-9), "startup_s": timed.startup}
+            "cpu_ms_per_image": cpu_ms, "images_per_cpu_s": 1e3 / max(cpu_ms, 1e-9), "startup_s": timed.startup,
+            "cpu_ms_per_image_this_process": 1e3 * timed.cpu_self / max(imgs, 1), "others": timed.others}
 
 
 def make_model(backbone: str):
@@ -214,7 +231,7 @@ def bench_step(batches, backbone, seconds):
 
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
     return {"steps": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall,
-            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
+            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
 
 
 def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px):
@@ -232,10 +249,11 @@ def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px)
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
     it.close()
     return {"steps": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall, "decode_workers": workers,
-            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
+            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
 
 
-def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None):
+def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None,
+                 quiet_share=0.1):
     """The fed step and the in-memory step on the SAME batch, back to back, pair after pair: step k is
     fed by ``iterate_batches(prefetch=2)`` (timed from asking the iterator for the batch to the end of
     the optimizer step; the reader decodes the batch that replaces it in the pipeline meanwhile, in
@@ -256,10 +274,10 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
                              decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
     step(model, opt, next(it))  # start-up: workers, first kernels
     time.sleep(1.0)  # let the pipeline fill
-    fed, mem, workers_cpu = [], [], [0.0, 0.0]
+    fed, mem, others, workers_cpu = [], [], [], [0.0, 0.0]
     t_end = time.perf_counter() + seconds
     while len(fed) < min_pairs or time.perf_counter() < t_end:
-        t0, k0 = time.perf_counter(), children_cpu_s()
+        t0, k0, c0, m0 = time.perf_counter(), children_cpu_s(), time.process_time(), machine_busy_s()
         b = next(it, None)
         if b is None:
             break
@@ -267,17 +285,25 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
         t1, k1 = time.perf_counter(), children_cpu_s()
         step(model, opt, b)
         t2, k2 = time.perf_counter(), children_cpu_s()
+        ours = time.process_time() - c0 + k2 - k0
+        others.append(max(0.0, machine_busy_s() - m0 - ours) / ((t2 - t0) * (os.cpu_count() or 1)))
         fed.append(t1 - t0)
         mem.append(t2 - t1)
         workers_cpu[0] += k1 - k0
         workers_cpu[1] += k2 - k1
     it.close()
     ratios = [m / f for m, f in zip(mem, fed)]
+    quiet = [r for r, o in zip(ratios, others) if o < quiet_share]
     # decode workers' CPU that spilled over into the in-memory steps (it should be ~0: they refill the
     # pipeline during the fed step); the pairing is only fair when it is small
     spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers else None
     return {"pairs": len(fed), "decode_workers": workers, "median_ratio": statistics.median(ratios),
-            "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill}
+            "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill,
+            "others": others, "quiet_pairs": len(quiet), "quiet_median": statistics.median(quiet) if quiet else None}
+
+
+def _quiet(pr: dict) -> str:
+    return "" if pr["quiet_median"] is None else f"; {pr['quiet_pairs']} quiet pairs: median {pr['quiet_median']:.2f}"
 
 
 def main(argv=None) -> dict:
@@ -290,8 +316,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2, help="decode_threads when decode_workers is 0")
     ap.add_argument("--workers", default="0,1,2", help="decode_workers values for the reader-alone runs")
-    ap.add_argument("--fed", default="0,auto", help="decode_workers values for the reader+step runs")
+    ap.add_argument("--fed", default="0,1", help="decode_workers values for the reader+step runs ('auto' allowed)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating step / reader+step rounds per backbone")
+    ap.add_argument("--quiet", type=float, default=0.1,
+                    help="a round is quiet when other processes kept less than this share of the cores busy")
     ap.add_argument("--paired-seconds", type=float, default=0.0,
                     help="per --fed value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
@@ -338,16 +366,20 @@ def main(argv=None) -> dict:
         rounds = []
         for _ in range(args.rounds):
             s = bench_step(mem, backbone, args.seconds / args.rounds)
-            r = {"step": s["images_per_s"], "step_cpu_ms_per_image": s["cpu_ms_per_image"], "loadavg": loadavg()}
+            r = {"step": s["images_per_s"], "step_cpu_ms_per_image": s["cpu_ms_per_image"], "loadavg": loadavg(),
+                 "others": s["others"]}
             for w in fed:
                 rs = bench_reader_step(urls, args.batch_size, backbone, args.seconds / args.rounds,
                                        auto if w == "auto" else w, args.threads, px)
                 r[f"reader_step[{w}]"] = rs["images_per_s"]
                 r[f"ratio[{w}]"] = rs["images_per_s"] / s["images_per_s"]
                 r[f"reader_step_cpu_ms_per_image[{w}]"] = rs["cpu_ms_per_image"]
+                r["others"] = max(r["others"], rs["others"])  # the busiest of the round's segments
             rounds.append(r)
             print(f"[bench] {backbone} round", json.dumps(r), flush=True)
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k != "loadavg"}
+        # rounds in which other processes kept less than --quiet of the machine busy in every segment
+        quiet = [r for r in rounds if r["others"] < args.quiet]
         m = {"rounds": rounds, "step_images_per_s": med["step"], "step_cpu_ms_per_image": med["step_cpu_ms_per_image"],
              "fed": {}}
         for w in fed:
@@ -358,15 +390,17 @@ def main(argv=None) -> dict:
             m["fed"][str(w)] = {"decode_workers": n, "reader_step_images_per_s": med[f"reader_step[{w}]"],
                                 "reader_step_over_step": med[f"ratio[{w}]"],
                                 "ratios": [r[f"ratio[{w}]"] for r in rounds],
+                                "quiet_rounds": len(quiet),
+                                "quiet_median": statistics.median(r[f"ratio[{w}]"] for r in quiet) if quiet else None,
                                 "cpu_bound_ratio": None if reader_cpu is None else
                                 med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
         if args.paired_seconds > 0:
             m["paired_control"] = bench_paired(urls, args.batch_size, backbone, args.paired_seconds, 0, args.threads,
-                                               px, memory=mem)
+                                               px, memory=mem, quiet_share=args.quiet)
             print(f"[bench] {backbone} paired control (memory)", json.dumps(m["paired_control"]), flush=True)
             for w in fed:
                 pr = bench_paired(urls, args.batch_size, backbone, args.paired_seconds,
-                                  auto if w == "auto" else w, args.threads, px)
+                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet)
                 m["fed"][str(w)]["paired"] = pr
                 print(f"[bench] {backbone} paired decode_workers={w}", json.dumps(pr), flush=True)
         out["models"][backbone] = m
@@ -381,25 +415,28 @@ def main(argv=None) -> dict:
         what = (f"decode on {r['decode_device']} (torchvision)" if r["decode_device"] else
                 f"decode_workers={r['decode_workers']}" if r["decode_workers"]
                 else f"decode_workers=0 (decode_threads={r['decode_threads']})")
-        print(f"| reader alone, {what} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.3f} | "
-              f"{r['images_per_cpu_s']:.0f} | start-up {r['startup_s']:.2f} s |")
+        print(f"| reader alone, {what} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.3f} "
+              f"(this process {r['cpu_ms_per_image_this_process']:.3f}) | {r['images_per_cpu_s']:.0f} | "
+              f"start-up {r['startup_s']:.2f} s |")
     for name, m in out["models"].items():
         print(f"| {name}: model step on in-memory tensors | {m['step_images_per_s']:.1f} | "
               f"{m['step_cpu_ms_per_image']:.2f} | | |")
         if "paired_control" in m:
             pr = m["paired_control"]
             print(f"| {name}: control: in-memory step paired with itself on the same batch ({pr['pairs']} pairs) "
-                  f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f} |")
+                  f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
         for w, f in m["fed"].items():
             bound = "" if f["cpu_bound_ratio"] is None else f"; CPU bound {f['cpu_bound_ratio']:.3f}"
             label = f"decode_workers={w}" + (f" = {f['decode_workers']}" if w == "auto" else "")
+            quiet = ("" if f["quiet_median"] is None else
+                     f"; {f['quiet_rounds']} quiet round(s): median {f['quiet_median']:.2f}")
             print(f"| {name}: reader (prefetch 2, {label}) + step | {f['reader_step_images_per_s']:.1f} | | | "
                   f"median {f['reader_step_over_step']:.2f} (rounds "
-                  f"{', '.join(format(x, '.2f') for x in f['ratios'])}){bound} |")
+                  f"{', '.join(format(x, '.2f') for x in f['ratios'])}){quiet}{bound} |")
             if "paired" in f:
                 pr = f["paired"]
                 print(f"| {name}: same, paired with the in-memory step on the same batch ({pr['pairs']} pairs) | | | | "
-                      f"median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f} |")
+                      f"median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
     return out
 
 

@@ -122,8 +122,8 @@ class TrainConf:
     log_every: int = 10  # steps between progress lines
     # JPEG decoding of the training reader (training/reader.py), per training process:
     # decode_workers: worker processes; auto = this process's share of the cores (cores // local training
-    # processes) minus what the step keeps busy (1 on CUDA, torch's intra-op threads on CPU), at least 1;
-    # 0 = decode in the training process with decode_threads threads.
+    # processes) minus what the step keeps busy (1 on CUDA, torch's intra-op threads on CPU), 0 when
+    # nothing is left; 0 = decode in the training process with decode_threads threads.
     decode_workers: int | str = "auto"
     decode_threads: int = 2  # threads when decode_workers is 0
     # decode on the training GPU with torchvision.io.decode_jpeg (nvjpeg) instead: auto = when training on

@@ -345,10 +345,11 @@ def test_decode_settings_and_their_validation(tmp_path):
             load_config(write_config(tmp_path, {"train": {key: bad}}))
     ok = load_config(write_config(tmp_path, {"train": {"decode_workers": 3, "gpu_decode": False}})).train
     assert ok.decode_workers == 3 and ok.gpu_decode is False
-    # auto: this process's share of the cores minus the step's, at least one
+    # auto: this process's share of the cores minus the step's; none left: decode in process
     assert resolve_decode_workers("auto", device_type="cpu", step_threads=2, cores=16, processes=2) == 6
     assert resolve_decode_workers("auto", device_type="cuda", cores=96, processes=8) == 11
-    assert resolve_decode_workers("auto", device_type="cpu", step_threads=2, cores=2, processes=1) == 1
+    assert resolve_decode_workers("auto", device_type="cpu", step_threads=2, cores=2, processes=1) == 0
+    assert resolve_decode_workers("auto", device_type="cpu", step_threads=1, cores=2, processes=2) == 0
     assert resolve_decode_workers(0) == 0 and resolve_decode_workers(4) == 4
     with pytest.raises(ValueError, match="decode_workers"):
         resolve_decode_workers(-2)

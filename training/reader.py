@@ -377,9 +377,9 @@ def resolve_decode_workers(setting, *, device_type: str = "cpu", step_threads: O
                            cores: Optional[int] = None, processes: Optional[int] = None) -> int:
     """The number of decode worker processes for ``train.decode_workers``: an integer >= 0 as given;
     ``"auto"`` = this process's share of the cores (``available_cores() // local_processes()``) minus
-    the cores the step keeps busy (1 on CUDA: the Python loop; torch's intra-op threads on CPU), and
-    at least 1: decoding needs a core's time either way, and a worker process takes it off the
-    training process (its GIL and its intra-op threads)."""
+    the cores the step keeps busy (1 on CUDA: the Python loop; torch's intra-op threads on CPU), or 0
+    (decode in this process, with decode_threads threads) when no core is left: workers would then
+    only compete with the step for the same cores (bench/RESULTS.md measures both on 2 cores)."""
     if setting == "auto":
         cores = available_cores() if cores is None else cores
         processes = local_processes() if processes is None else processes
@@ -388,7 +388,7 @@ def resolve_decode_workers(setting, *, device_type: str = "cpu", step_threads: O
             step = 1
         else:
             step = torch.get_num_threads() if step_threads is None else step_threads
-        return max(1, share - step)
+        return max(0, share - step)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise ValueError(f"decode_workers must be 'auto' or an integer >= 0, got {setting!r}")
     return setting
