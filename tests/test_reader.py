@@ -334,6 +334,22 @@ def test_decode_workers_end_on_errors_and_early_stops(table, pools, tmp_path):
     assert len(pools) == 3 and all(_gone(p) for p in pools)
 
 
+def test_a_decode_worker_that_dies_fails_the_epoch_without_hanging(table, pools):
+    import os
+    import signal
+
+    from training.reader import iterate_batches
+
+    it = iterate_batches(table["urls"], batch_size=2, rank=0, world_size=1, seed=0, epoch=0, decode_workers=2,
+                         prefetch=0)
+    next(it)
+    os.kill(pools[0].workers[0].pid, signal.SIGKILL)  # an OOM kill, say
+    with pytest.raises(RuntimeError, match="JPEG decode worker pid .* exited"):
+        for _ in it:
+            pass
+    assert _gone(pools[0])
+
+
 def test_decode_settings_and_their_validation(tmp_path):
     from etl.config import ConfigError, load_config
     from training.reader import resolve_decode_workers, resolve_gpu_decode

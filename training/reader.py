@@ -505,6 +505,7 @@ class _Worker:
         self.pending: collections.deque = collections.deque()  # futures sent to the worker, in order
         self.lock = threading.Lock()
         self.decoded = 0  # batches decoded by this worker
+        self.dead = False  # the worker's replies ended: it exited (or closed its pipe)
         root = os.path.dirname(os.path.dirname(os.path.abspath(jpeg.__file__)))
         # numpy in the worker needs no BLAS/OpenMP threads of its own
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -530,21 +531,25 @@ class _Worker:
         self.receiver.start()
 
     def _send(self):
-        try:
-            while True:
-                item = self.jobs.get()
-                if item is None:
-                    return
-                future, job = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                with self.lock:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                break
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self.lock:
+                dead = self.dead
+                if not dead:
                     self.pending.append(future)
+            if dead:  # the worker is gone: fail the jobs this thread takes, never leave one pending
+                future.set_exception(self._gone())
+                continue
+            try:
                 self.requests.send(job)
-        except (OSError, ValueError):
-            pass  # the worker is gone: the receiver fails the pending futures
-        finally:
-            self.requests.close()  # end of input: the worker exits after its last reply
+            except (OSError, ValueError):
+                pass  # the worker just died: the receiver fails what is pending
+        self.requests.close()  # end of input: the worker exits after its last reply
 
     def _receive(self):
         try:
@@ -563,16 +568,20 @@ class _Worker:
             pass
         finally:
             self.replies.close()
-            try:
-                code = self.proc.wait(timeout=1.0)
-            except Exception:  # noqa: BLE001 - still running: say so
-                code = None
             with self.lock:
+                self.dead = True
                 left, self.pending = list(self.pending), collections.deque()
             for future in left:
                 if not future.done():
-                    future.set_exception(RuntimeError(
-                        f"JPEG decode worker pid {self.pid} exited (exit status {code}) before decoding a batch"))
+                    future.set_exception(self._gone())
+
+    def _gone(self) -> RuntimeError:
+        try:
+            code = self.proc.wait(timeout=1.0)
+        except Exception:  # noqa: BLE001 - still running (its pipe closed): say so
+            code = None
+        return RuntimeError(f"JPEG decode worker pid {self.pid} exited (exit status {code}) before decoding "
+                            "a batch")
 
     def stop(self, timeout: float = 10.0):
         """After the pool's sentinel reached the sender: wait for the worker to end, kill it if it does not."""
