@@ -10,10 +10,16 @@ Rows of the table it prints (markdown, also written as JSON with --json):
 3. faiss-gpu: spherical k-means of 1e6 x 256 random vectors into 1e4 centroids (--kmeans-iters
    iterations), then the assignment of all 1e6 vectors (nearest centroid); skipped with a message when
    faiss is not importable.
+4. The training reader's JPEG decoding at 224 px (``--batch`` PVs x 10 synthetic product-like
+   JPEGs, quality 90): torchvision.io.decode_jpeg on the GPU (nvjpeg, batched), through the reader's own
+   decoder (``training.reader._TensorDecoder``, what ``train.gpu_decode`` uses), in images/s per GPU,
+   against PIL on one CPU core (``training.jpeg.decode_one``, what the decode worker processes run) in
+   images/s per core, and the largest pixel difference between the two.
 
-Imports only torch, torchvision, numpy, pyyaml and the project's training model/loss modules (no
-Spark, MLflow, deltalake or petastorm): it runs on a bare GPU machine. The batches are synthetic uint8
-images made on the GPU: this measures the model step, not the reader (bench/reader_bench.py does).
+Imports only torch, torchvision, numpy, pillow, pyyaml and the project's training model, loss and
+reader modules (no Spark, MLflow, deltalake or petastorm): it runs on a bare GPU machine. The step's
+batches are synthetic uint8 images made on the GPU: rows 1-2 measure the model step, not the reader
+(row 4 measures its JPEG decoding; bench/reader_bench.py the whole reader).
 
 Exit status: 0 all rows ran; 1 a row failed (its error is in the table); 77 no CUDA device (printed
 at once, nothing measured). ``--smoke`` runs every row on CPU at toy sizes (tiny_cnn, 32 px, gloo,
@@ -173,6 +179,62 @@ def measure_faiss(args) -> dict:
             "iters": args.kmeans_iters, "clusters_used": int(len(np.unique(assign))), "gpu": gpu}
 
 
+def _jpegs(n: int, px: int, seed: int = 0) -> list:
+    """n product-like JPEGs (quality 90): a coloured shape on a noisy gradient, different each time."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    ramp = np.linspace(0, 1, px, dtype=np.float32)
+    for _ in range(n):
+        base = rng.uniform(60, 200, 3).astype(np.float32)
+        img = base * (0.7 + 0.3 * ramp[None, :, None]) + rng.normal(0, 8, (px, px, 3)).astype(np.float32)
+        pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        a, b = sorted(rng.integers(px // 8, px - px // 8, 2))
+        ImageDraw.Draw(pil).ellipse([a, a, b + 1, b + 1], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def measure_decode(args) -> dict:
+    """The reader's JPEG decoding: on the device with torchvision (the reader's _TensorDecoder) vs PIL on
+    one CPU core (what each decode worker process does)."""
+    import numpy as np
+    import torch
+
+    from training import jpeg
+    from training.reader import _TensorDecoder
+
+    px = args.decode_px
+    l_pv = l_click = 5
+    n = args.batch * (l_pv + l_click)
+    data = _jpegs(n, px)
+    cols = {"pv_mask": np.ones((args.batch, l_pv), dtype=bool),
+            "click_mask": np.ones((args.batch, l_click), dtype=bool),
+            "pv_images": np.array(data[:args.batch * l_pv], dtype=object).reshape(args.batch, l_pv),
+            "click_images": np.array(data[args.batch * l_pv:], dtype=object).reshape(args.batch, l_click)}
+    t0 = time.process_time()
+    cpu = [jpeg.decode_one(d, px) for d in data]
+    cpu_per_core = n / max(time.process_time() - t0, 1e-9)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    decoder = _TensorDecoder(device, px)
+    for _ in range(args.warmup):
+        decoder.submit(cols)()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        pv, click, _, _ = decoder.submit(cols)()  # the decoder synchronizes its stream before returning
+    dev_per_s = n * args.steps / (time.perf_counter() - t0)
+    got = torch.cat([pv.reshape(-1, 3, px, px), click.reshape(-1, 3, px, px)]).cpu().numpy()
+    diff = int(max(np.abs(g.astype(np.int16) - c).max() for g, c in zip(got, cpu)))
+    return {"decode": True, "images_per_s": dev_per_s, "cpu_images_per_s_per_core": cpu_per_core,
+            "px": px, "images": n, "max_abs_diff_vs_pil": diff, "device": str(device)}
+
+
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -185,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--kmeans-n", type=int, default=1_000_000)
     p.add_argument("--kmeans-k", type=int, default=10_000)
     p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--decode-px", type=int, default=224, help="JPEG size of the decode row")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="every row on CPU at toy sizes (code path check only)")
     args = p.parse_args(argv)
@@ -195,6 +258,7 @@ def main(argv=None) -> int:
         args.device, args.backbone, args.px, args.precision = "cpu", "tiny_cnn", 32, "fp32"
         args.batch, args.steps, args.warmup = min(args.batch, 4), min(args.steps, 2), 1
         args.kmeans_n, args.kmeans_k, args.kmeans_iters = 4000, 16, 5
+        args.decode_px = min(args.decode_px, 32)
     elif not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device visible to torch {torch.__version__} (torch.cuda.is_available() is "
               f"False): nothing measured; run it on a machine with a GPU (exit {EXIT_NO_GPU})", flush=True)
@@ -231,6 +295,7 @@ def main(argv=None) -> int:
     run("train step, grad checkpointing on", lambda: measure_step(args, grad_checkpointing=True))
     run("DDP step over all devices", lambda: measure_ddp(args))
     run("faiss k-means + assignment", lambda: measure_faiss(args))
+    run(f"JPEG decode {args.decode_px} px (reader)", lambda: measure_decode(args))
 
     print()
     print(f"| check | images/s (total) | images/s per device | peak memory GiB | other |")
@@ -240,6 +305,14 @@ def main(argv=None) -> int:
             print(f"| {name} | - | - | - | FAILED: {r['error']} |")
         elif "skipped" in r:
             print(f"| {name} | - | - | - | skipped: {r['skipped']} |")
+        elif "decode" in r:
+            dev = "GPU (nvjpeg)" if args.device == "cuda" else "CPU torchvision (smoke)"
+            met = "met" if r["images_per_s"] >= TARGET_IMAGES_PER_S else "NOT met"
+            target = f"; target >= {TARGET_IMAGES_PER_S}/GPU: {met}" if args.device == "cuda" else ""
+            print(f"| {name} | {_fmt(r['images_per_s'])} | {_fmt(r['images_per_s'])} | - | {dev} vs PIL "
+                  f"{r['cpu_images_per_s_per_core']:.0f} images/s per CPU core (= "
+                  f"{r['images_per_s'] / r['cpu_images_per_s_per_core']:.1f} cores' worth); max pixel difference "
+                  f"{r['max_abs_diff_vs_pil']}{target} |")
         elif "train_s" in r:
             print(f"| {name} | - | - | - | {r['n']:,} x 256 -> {r['k']:,}, {r['iters']} iters: k-means "
                   f"{r['train_s']:.1f} s, assignment {r['assign_s']:.2f} s ({'GPU' if r['gpu'] else 'CPU'}) |")

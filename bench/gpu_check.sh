@@ -2,8 +2,9 @@
 # One command for a machine with a GPU (< 10 minutes on one H100/H200-class GPU): prints a table of
 #   swin_t 224 px fp16 + GradScaler training-step images/s and peak memory, gradient checkpointing off/on;
 #   the same step under DDP/NCCL over every visible GPU;
-#   faiss-gpu k-means 1e6 x 256 -> 1e4 and the assignment time (skipped, with a message, without faiss).
-# Needs only Python with torch, torchvision, numpy and pyyaml (no Spark, MLflow or network).
+#   faiss-gpu k-means 1e6 x 256 -> 1e4 and the assignment time (skipped, with a message, without faiss);
+#   the training reader's JPEG decoding at 224 px on the GPU (nvjpeg) vs PIL per CPU core.
+# Needs only Python with torch, torchvision, numpy, pillow and pyyaml (no Spark, MLflow or network).
 # Exit status: 0 every row ran; 1 a row failed; 77 no CUDA device (said at once, nothing measured).
 # Python: $COURIER_PYTHON, else the project's .venv when it exists, else python3.
 # Extra arguments go to bench/gpu_check.py (e.g. --batch 32 --json out.json; --smoke: toy sizes on CPU).

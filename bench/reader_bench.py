@@ -1,7 +1,8 @@
 """Benchmark of the stage-2 training reader (`training/reader.py`) against the model step it feeds.
 
     python bench/reader_bench.py [--preset demo] [--days 1] [--data DIR] [--batch-size 32]
-                                 [--backbones tiny_cnn,resnet18] [--seconds 20] [--threads 1,2]
+                                 [--backbones tiny_cnn,resnet18] [--seconds 20] [--rounds 3]
+                                 [--threads 2] [--workers 0,1,2] [--fed 0,1] [--paired-seconds 0]
 
 Data: the simulator's preset (``demo`` by default: 96 px images) for ``--days`` dates, built by stage 1
 (`etl.build.build_date`, real Spark + Delta) into ``--data`` (default bench/out/reader_<preset>_<days>d,
@@ -10,20 +11,29 @@ files (listed with deltalake; no Spark once the table exists).
 
 Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world size 1, in this process:
 
-1. parquet: the reader's Petastorm reads and batching alone (`_raw_batches`, no JPEG decoding);
-2. reader: ``iterate_batches`` to uint8 tensors, prefetch 0 (decode in the caller's time), for each
-   ``--threads`` value of decode_threads;
+1. parquet: the reader's Parquet reads and batching alone (`_raw_batches`, no JPEG decoding);
+2. reader: ``iterate_batches`` to uint8 tensors, prefetch 0, for each ``--workers`` value of
+   decode_workers (0: in this process with ``--threads`` decode threads; N: N worker processes);
+   images/s, CPU ms per image of this process AND its decode workers (from /proc), and images per
+   CPU-second ("per core"); with CUDA, also decode_device=cuda (nvjpeg: "per GPU decode");
 3. step: ``CourierModel(ImageEncoder(backbone))`` forward + backward + Adam step on batches already
    decoded and held in memory (cycled), fp32, torch's default intra-op threads;
-4. reader+step: the training loop fed by ``iterate_batches(prefetch=2)`` (reading and decoding in a
-   background thread while the step runs). 3 and 4 alternate in ``--rounds`` rounds of seconds/rounds
-   each (the machine is shared: drifting load then hits both alike); medians are reported.
+4. reader+step: the training loop fed by ``iterate_batches(prefetch=2)`` for each ``--fed`` value of
+   decode_workers (``auto``: what training would use here, `resolve_decode_workers`). 3 and 4
+   alternate in ``--rounds`` rounds of seconds/rounds each (the machine is shared: drifting load then
+   hits all alike); medians are reported;
+5. with ``--paired-seconds S``, for each ``--fed`` value: S seconds of pairs of steps on the same
+   batch, fed then in memory, back to back (`bench_paired`): a ratio that drifting load from other
+   jobs on a shared machine barely moves.
 
-The first item of every timed loop is taken untimed (start-up: opening the first reader, first kernels).
+The first item of every timed loop is taken untimed (start-up: opening the first reader, starting the
+decode workers, first kernels); the worker start-up is reported separately (``startup_s``).
 
 Images are REAL images (mask 1), PV + history. Ratios: reader / step (headroom of the reader alone) and
-(reader+step) / step (the issue's target: >= 0.9). Results print as JSON and as a markdown table; the
-numbers in bench/RESULTS.md were copied from a run of this script.
+(reader+step) / step (the issue's target: >= 0.9). "CPU bound" = step CPU per image / (step + reader
+CPU per image): what the loop can reach when the reader and the step share the same cores. Results
+print as JSON and as a markdown table; the numbers in bench/RESULTS.md were copied from a run of this
+script.
 """
 from __future__ import annotations
 
@@ -57,6 +67,42 @@ def cpu_name() -> str:
         return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     except OSError:
         return "?"
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by this process's child processes (the decode workers):
+    the live ones from /proc, plus those already ended and waited for (getrusage; an epoch that ends
+    inside the timed part ends its workers)."""
+    import resource
+
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me, total = os.getpid(), ended.ru_utime + ended.ru_stime
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return total
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, all cores: /proc/stat's user, nice,
+    system, irq, softirq and steal); 0 where /proc is not there."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -99,19 +145,28 @@ def ensure_table(data: Path, preset: str, days: int) -> tuple[list[str], int]:
 
 # ---- measurements ----------------------------------------------------------------------------------
 def timed(iterable, seconds: float, count):
-    """Take one item untimed (start-up: opening the first reader, first kernels), then consume until
-    exhausted or `seconds` elapsed; returns (items, units counted, wall seconds) of the timed part."""
+    """Take one item untimed (start-up: opening the first reader, starting decode workers, first
+    kernels), then consume until exhausted or `seconds` elapsed; returns (items, units counted, wall
+    seconds) of the timed part. ``timed.cpu``: CPU seconds of this process (all threads) and of its
+    child processes (decode workers) in the timed part; ``timed.others``: the share of the machine's
+    cores that OTHER processes kept busy meanwhile (0: a quiet machine; the machine is shared);
+    ``timed.startup``: seconds of the first item."""
     it = iter(iterable)
+    t0 = time.perf_counter()
     next(it, None)
+    timed.startup = time.perf_counter() - t0
     n = units = 0
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, k0, m0 = time.perf_counter(), time.process_time(), children_cpu_s(), machine_busy_s()
     for item in it:
         n += 1
         units += count(item)
         if time.perf_counter() - t0 >= seconds:
             break
-    timed.cpu = time.process_time() - c0  # CPU seconds of this process (all threads) in the timed part
-    return n, units, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    timed.cpu_self = time.process_time() - c0
+    timed.cpu = timed.cpu_self + children_cpu_s() - k0
+    timed.others = max(0.0, machine_busy_s() - m0 - timed.cpu) / (wall * (os.cpu_count() or 1))
+    return n, units, wall
 
 
 def real_images(cols) -> int:
@@ -127,15 +182,24 @@ def bench_parquet(urls, batch_size, seconds):
             "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
 
 
-def bench_reader(urls, batch_size, seconds, threads, px):
+def bench_reader(urls, batch_size, seconds, workers, threads, px, device=None):
     from training.reader import iterate_batches
 
     it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=0,
-                         decode_threads=threads, image_px=px, prefetch=0)
+                         decode_workers=workers, decode_threads=threads, decode_device=device, image_px=px,
+                         prefetch=0)
     n, imgs, wall = timed(it, seconds, lambda b: b.num_images)
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
     it.close()
-    return {"batches": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall, "decode_threads": threads,
-            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
+    cpu_ms = 1e3 * timed.cpu / max(imgs, 1)
+    return {"batches": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall,
+            "decode_workers": workers, "decode_threads": threads if not workers else None,
+            "decode_device": None if device is None else str(device),
+            "cpu_ms_per_image": cpu_ms, "images_per_cpu_s": 1e3 / max(cpu_ms, 1e-9), "startup_s": timed.startup,
+            "cpu_ms_per_image_this_process": 1e3 * timed.cpu_self / max(imgs, 1), "others": timed.others}
 
 
 def make_model(backbone: str):
@@ -167,15 +231,15 @@ def bench_step(batches, backbone, seconds):
 
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
     return {"steps": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall,
-            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
+            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
 
 
-def bench_reader_step(urls, batch_size, backbone, seconds, threads, px):
+def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px):
     from training.reader import iterate_batches
 
     model, opt = make_model(backbone)
     it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=1,
-                         decode_threads=threads, image_px=px, prefetch=2)
+                         decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
 
     def run():
         for b in it:
@@ -184,8 +248,62 @@ def bench_reader_step(urls, batch_size, backbone, seconds, threads, px):
 
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
     it.close()
-    return {"steps": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall, "decode_threads": threads,
-            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1)}
+    return {"steps": n, "images": imgs, "seconds": wall, "images_per_s": imgs / wall, "decode_workers": workers,
+            "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
+
+
+def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None,
+                 quiet_share=0.1):
+    """The fed step and the in-memory step on the SAME batch, back to back, pair after pair: step k is
+    fed by ``iterate_batches(prefetch=2)`` (timed from asking the iterator for the batch to the end of
+    the optimizer step; the reader decodes the batch that replaces it in the pipeline meanwhile, in
+    this process or its workers), then the same batch, already in memory, goes through the same step
+    again (nothing of the reader runs then: the pipeline is full). Load from other jobs drifts over
+    seconds, so the ratio of two adjacent steps on the same input is robust to it where whole-segment
+    throughputs are not. Returns the median and the pooled (sum of in-memory times / sum of fed times)
+    ratio over the pairs taken in ``seconds`` (at least ``min_pairs``). ``memory`` (a list of decoded
+    batches): the control, "fed" from memory instead of the reader: its ratio shows the bias of the
+    pairing itself (1.0 when there is none)."""
+    from training.reader import iterate_batches
+
+    model, opt = make_model(backbone)
+    if memory is not None:
+        it = (b for b in itertools.cycle(memory))
+    else:
+        it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=2,
+                             decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
+    step(model, opt, next(it))  # start-up: workers, first kernels
+    time.sleep(1.0)  # let the pipeline fill
+    fed, mem, others, workers_cpu = [], [], [], [0.0, 0.0]
+    t_end = time.perf_counter() + seconds
+    while len(fed) < min_pairs or time.perf_counter() < t_end:
+        t0, k0, c0, m0 = time.perf_counter(), children_cpu_s(), time.process_time(), machine_busy_s()
+        b = next(it, None)
+        if b is None:
+            break
+        step(model, opt, b)
+        t1, k1 = time.perf_counter(), children_cpu_s()
+        step(model, opt, b)
+        t2, k2 = time.perf_counter(), children_cpu_s()
+        ours = time.process_time() - c0 + k2 - k0
+        others.append(max(0.0, machine_busy_s() - m0 - ours) / ((t2 - t0) * (os.cpu_count() or 1)))
+        fed.append(t1 - t0)
+        mem.append(t2 - t1)
+        workers_cpu[0] += k1 - k0
+        workers_cpu[1] += k2 - k1
+    it.close()
+    ratios = [m / f for m, f in zip(mem, fed)]
+    quiet = [r for r, o in zip(ratios, others) if o < quiet_share]
+    # decode workers' CPU that spilled over into the in-memory steps (it should be ~0: they refill the
+    # pipeline during the fed step); the pairing is only fair when it is small
+    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers else None
+    return {"pairs": len(fed), "decode_workers": workers, "median_ratio": statistics.median(ratios),
+            "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill,
+            "others": others, "quiet_pairs": len(quiet), "quiet_median": statistics.median(quiet) if quiet else None}
+
+
+def _quiet(pr: dict) -> str:
+    return "" if pr["quiet_median"] is None else f"; {pr['quiet_pairs']} quiet pairs: median {pr['quiet_median']:.2f}"
 
 
 def main(argv=None) -> dict:
@@ -196,75 +314,129 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backbones", default="tiny_cnn,resnet18")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--threads", default="1,2", help="decode_threads values for the reader-alone runs")
+    ap.add_argument("--threads", type=int, default=2, help="decode_threads when decode_workers is 0")
+    ap.add_argument("--workers", default="0,1,2", help="decode_workers values for the reader-alone runs")
+    ap.add_argument("--fed", default="0,1", help="decode_workers values for the reader+step runs ('auto' allowed)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating step / reader+step rounds per backbone")
+    ap.add_argument("--quiet", type=float, default=0.1,
+                    help="a round is quiet when other processes kept less than this share of the cores busy")
+    ap.add_argument("--paired-seconds", type=float, default=0.0,
+                    help="per --fed value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
 
     import torch
 
-    from training.reader import count_rows, iterate_batches, quiet_petastorm_warnings, row_groups
+    from training.reader import (available_cores, count_rows, gpu_decode_supported, iterate_batches,
+                                 quiet_petastorm_warnings, resolve_decode_workers, row_groups)
 
     quiet_petastorm_warnings()
     data = Path(args.data or ROOT / "bench" / "out" / f"reader_{args.preset}_{args.days}d").resolve()
     urls, px = ensure_table(data, args.preset, args.days)
-    threads = [int(t) for t in args.threads.split(",")]
-    out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    parse = lambda v: v if v == "auto" else int(v)  # noqa: E731
+    workers = [parse(w) for w in args.workers.split(",")]
+    fed = [parse(w) for w in args.fed.split(",")]
+    auto = resolve_decode_workers("auto")
+    out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "available_cores": available_cores(),
+                       "python": platform.python_version(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads(), "auto_decode_workers": auto,
+                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                        "loadavg_start": loadavg()},
            "data": {"preset": args.preset, "days": args.days, "rows": count_rows(urls), "files": len(urls),
                     "row_groups": len(row_groups(urls)), "image_px": px, "batch_size": args.batch_size,
                     "bytes": sum(os.path.getsize(u[len("file://"):] if u.startswith("file://") else u)
                                  for u in urls)},
-           "seconds": args.seconds}
-    print(json.dumps(out["data"]), flush=True)
+           "seconds": args.seconds, "args": vars(args)}
+    print(json.dumps(out["data"]), json.dumps(out["machine"]), flush=True)
     bench_parquet(urls, args.batch_size, 1.0)  # warm-up: imports, page cache
     out["parquet"] = bench_parquet(urls, args.batch_size, args.seconds)
     print("[bench] parquet", json.dumps(out["parquet"]), flush=True)
-    out["reader"] = [bench_reader(urls, args.batch_size, args.seconds, t, px) for t in threads]
-    for r in out["reader"]:
-        print("[bench] reader", json.dumps(r), flush=True)
-    best_threads = max(out["reader"], key=lambda r: r["images_per_s"])["decode_threads"]
+    out["reader"] = []
+    for w in workers:
+        out["reader"].append(bench_reader(urls, args.batch_size, args.seconds, w, args.threads, px))
+        print("[bench] reader", json.dumps(out["reader"][-1]), flush=True)
+    if torch.cuda.is_available() and gpu_decode_supported("cuda:0"):
+        out["reader"].append(bench_reader(urls, args.batch_size, args.seconds, 0, args.threads, px, device="cuda:0"))
+        print("[bench] reader", json.dumps(out["reader"][-1]), flush=True)
     mem = list(itertools.islice(iterate_batches(urls, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
                                                 epoch=0, image_px=px), 8))
     out["models"] = {}
-    reader_best = max(r["images_per_s"] for r in out["reader"])
+    cpu_reader = {r["decode_workers"]: r["cpu_ms_per_image"] for r in out["reader"] if not r["decode_device"]}
     for backbone in args.backbones.split(","):
-        # Alternate step / reader+step rounds so that drifting load on the shared machine hits both alike.
+        # Alternate step / reader+step rounds so that drifting load on the shared machine hits all alike.
         rounds = []
         for _ in range(args.rounds):
             s = bench_step(mem, backbone, args.seconds / args.rounds)
-            rs = bench_reader_step(urls, args.batch_size, backbone, args.seconds / args.rounds, best_threads, px)
-            rounds.append({"step": s["images_per_s"], "reader_step": rs["images_per_s"],
-                           "ratio": rs["images_per_s"] / s["images_per_s"],
-                           "step_cpu_ms_per_image": s["cpu_ms_per_image"],
-                           "reader_step_cpu_ms_per_image": rs["cpu_ms_per_image"]})
-            print(f"[bench] {backbone} round", json.dumps(rounds[-1]), flush=True)
-        med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-        # Load-independent estimate: CPU per image of the step alone vs of the reader alone; the reader
-        # shares the CPU with the step, so the loop can reach at most step / (step + reader) of the step.
-        reader_cpu = min(r["cpu_ms_per_image"] for r in out["reader"])
-        out["models"][backbone] = {"rounds": rounds, "step_images_per_s": med["step"],
-                                   "reader_step_images_per_s": med["reader_step"],
-                                   "reader_step_over_step": med["ratio"],
-                                   "reader_over_step": reader_best / med["step"],
-                                   "step_cpu_ms_per_image": med["step_cpu_ms_per_image"],
-                                   "cpu_bound_ratio": med["step_cpu_ms_per_image"]
-                                   / (med["step_cpu_ms_per_image"] + reader_cpu)}
+            r = {"step": s["images_per_s"], "step_cpu_ms_per_image": s["cpu_ms_per_image"], "loadavg": loadavg(),
+                 "others": s["others"]}
+            for w in fed:
+                rs = bench_reader_step(urls, args.batch_size, backbone, args.seconds / args.rounds,
+                                       auto if w == "auto" else w, args.threads, px)
+                r[f"reader_step[{w}]"] = rs["images_per_s"]
+                r[f"ratio[{w}]"] = rs["images_per_s"] / s["images_per_s"]
+                r[f"reader_step_cpu_ms_per_image[{w}]"] = rs["cpu_ms_per_image"]
+                r["others"] = max(r["others"], rs["others"])  # the busiest of the round's segments
+            rounds.append(r)
+            print(f"[bench] {backbone} round", json.dumps(r), flush=True)
+        med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k != "loadavg"}
+        # rounds in which other processes kept less than --quiet of the machine busy in every segment
+        quiet = [r for r in rounds if r["others"] < args.quiet]
+        m = {"rounds": rounds, "step_images_per_s": med["step"], "step_cpu_ms_per_image": med["step_cpu_ms_per_image"],
+             "fed": {}}
+        for w in fed:
+            n = auto if w == "auto" else w
+            # Load-independent estimate: CPU per image of the step alone vs of the reader alone (this
+            # process + its decode workers); sharing the cores, the loop reaches at most step / (step + reader).
+            reader_cpu = cpu_reader.get(n)
+            m["fed"][str(w)] = {"decode_workers": n, "reader_step_images_per_s": med[f"reader_step[{w}]"],
+                                "reader_step_over_step": med[f"ratio[{w}]"],
+                                "ratios": [r[f"ratio[{w}]"] for r in rounds],
+                                "quiet_rounds": len(quiet),
+                                "quiet_median": statistics.median(r[f"ratio[{w}]"] for r in quiet) if quiet else None,
+                                "cpu_bound_ratio": None if reader_cpu is None else
+                                med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
+        if args.paired_seconds > 0:
+            m["paired_control"] = bench_paired(urls, args.batch_size, backbone, args.paired_seconds, 0, args.threads,
+                                               px, memory=mem, quiet_share=args.quiet)
+            print(f"[bench] {backbone} paired control (memory)", json.dumps(m["paired_control"]), flush=True)
+            for w in fed:
+                pr = bench_paired(urls, args.batch_size, backbone, args.paired_seconds,
+                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet)
+                m["fed"][str(w)]["paired"] = pr
+                print(f"[bench] {backbone} paired decode_workers={w}", json.dumps(pr), flush=True)
+        out["models"][backbone] = m
     out["machine"]["loadavg_end"] = loadavg()
 
     print(json.dumps(out, indent=1))
-    print("\n| measurement | images/s | CPU ms / image | ratio |\n|---|---|---|---|")
+    print("\n| measurement | images/s | CPU ms / image (incl. workers) | images / CPU-s | ratio |")
+    print("|---|---|---|---|---|")
     p = out["parquet"]
-    print(f"| Parquet reads only (no decode) | {p['images_per_s']:.0f} | {p['cpu_ms_per_image']:.3f} | |")
+    print(f"| Parquet reads only (no decode) | {p['images_per_s']:.0f} | {p['cpu_ms_per_image']:.3f} | | |")
     for r in out["reader"]:
-        print(f"| reader, decode_threads={r['decode_threads']} | {r['images_per_s']:.0f} | "
-              f"{r['cpu_ms_per_image']:.3f} | |")
+        what = (f"decode on {r['decode_device']} (torchvision)" if r["decode_device"] else
+                f"decode_workers={r['decode_workers']}" if r["decode_workers"]
+                else f"decode_workers=0 (decode_threads={r['decode_threads']})")
+        print(f"| reader alone, {what} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.3f} "
+              f"(this process {r['cpu_ms_per_image_this_process']:.3f}) | {r['images_per_cpu_s']:.0f} | "
+              f"start-up {r['startup_s']:.2f} s |")
     for name, m in out["models"].items():
         print(f"| {name}: model step on in-memory tensors | {m['step_images_per_s']:.1f} | "
-              f"{m['step_cpu_ms_per_image']:.2f} | reader alone / step = {m['reader_over_step']:.0f} |")
-        print(f"| {name}: reader (prefetch 2) + step | {m['reader_step_images_per_s']:.1f} | | "
-              f"median {m['reader_step_over_step']:.2f} (rounds "
-              f"{', '.join(format(r['ratio'], '.2f') for r in m['rounds'])}); CPU bound {m['cpu_bound_ratio']:.3f} |")
+              f"{m['step_cpu_ms_per_image']:.2f} | | |")
+        if "paired_control" in m:
+            pr = m["paired_control"]
+            print(f"| {name}: control: in-memory step paired with itself on the same batch ({pr['pairs']} pairs) "
+                  f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
+        for w, f in m["fed"].items():
+            bound = "" if f["cpu_bound_ratio"] is None else f"; CPU bound {f['cpu_bound_ratio']:.3f}"
+            label = f"decode_workers={w}" + (f" = {f['decode_workers']}" if w == "auto" else "")
+            quiet = ("" if f["quiet_median"] is None else
+                     f"; {f['quiet_rounds']} quiet round(s): median {f['quiet_median']:.2f}")
+            print(f"| {name}: reader (prefetch 2, {label}) + step | {f['reader_step_images_per_s']:.1f} | | | "
+                  f"median {f['reader_step_over_step']:.2f} (rounds "
+                  f"{', '.join(format(x, '.2f') for x in f['ratios'])}){quiet}{bound} |")
+            if "paired" in f:
+                pr = f["paired"]
+                print(f"| {name}: same, paired with the in-memory step on the same batch ({pr['pairs']} pairs) | | | | "
+                      f"median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
     return out
 
 

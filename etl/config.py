@@ -121,7 +121,15 @@ class TrainConf:
     checkpoint_every: int = 50  # steps
     max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts
     log_every: int = 10  # steps between progress lines
-    decode_threads: int = 2  # JPEG decoding threads per worker
+    # JPEG decoding of the training reader (training/reader.py), per training process:
+    # decode_workers: worker processes; auto = this process's share of the cores (cores // local training
+    # processes) minus what the step keeps busy (1 on CUDA, torch's intra-op threads on CPU), 0 when
+    # nothing is left; 0 = decode in the training process with decode_threads threads.
+    decode_workers: int | str = "auto"
+    decode_threads: int = 2  # threads when decode_workers is 0
+    # decode on the training GPU with torchvision.io.decode_jpeg (nvjpeg) instead: auto = when training on
+    # CUDA and this torchvision can; true = required (error otherwise); false = CPU decoding
+    gpu_decode: bool | str = "auto"
     # The paper pre-trains on one category, so in-batch negatives share it. "query": every batch's PVs
     # share one query (the simulated log's query is the PV's category); "none": batches mix them.
     batch_grouping: str = "none"
@@ -373,6 +381,12 @@ def _validate(cfg: Config) -> None:
         (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),
         (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1,
          "train.checkpoint_every and train.max_bad_steps must be >= 1"),
+        (cfg.train.decode_workers == "auto"
+         or (isinstance(cfg.train.decode_workers, int) and cfg.train.decode_workers >= 0),
+         f"train.decode_workers must be auto or an integer >= 0, got {cfg.train.decode_workers!r}"),
+        (cfg.train.decode_threads >= 1, "train.decode_threads must be >= 1"),
+        (cfg.train.gpu_decode in (True, False, "auto"),
+         f"train.gpu_decode must be auto, true or false, got {cfg.train.gpu_decode!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,8 +25,9 @@ def test_smoke_runs_every_row_on_cpu():
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     rows = {line.split(" | ")[0][2:]: line for line in table[1:]}
     assert set(rows) == {"train step, grad checkpointing off", "train step, grad checkpointing on",
-                         "DDP step over all devices", "faiss k-means + assignment"}
+                         "DDP step over all devices", "faiss k-means + assignment", "JPEG decode 32 px (reader)"}
     assert "2 process(es)" in rows["DDP step over all devices"]
     assert "FAILED" not in r.stdout
+    assert "max pixel difference" in rows["JPEG decode 32 px (reader)"]
     faiss_row = rows["faiss k-means + assignment"]
     assert "4,000 x 256 -> 16" in faiss_row or "skipped: faiss is not importable" in faiss_row

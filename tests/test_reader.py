@@ -149,6 +149,7 @@ def test_same_arguments_same_batches_whatever_the_threads(table):
 
 
 def test_skip_batches_gives_the_tail_without_reading_or_decoding_the_head(table, monkeypatch):
+    import training.jpeg as jpeg
     import training.reader as R
 
     urls = table["urls"]
@@ -157,9 +158,9 @@ def test_skip_batches_gives_the_tail_without_reading_or_decoding_the_head(table,
     plan = R.plan_epoch(urls, rank=0, world_size=1, seed=9, epoch=1, shuffle_rows=6)
     assert len(plan.windows) > 2
     reads, decodes = [], []
-    read_slice, decode_one = R._read_slice, R._decode_one
+    read_slice, decode_one = R._read_slice, jpeg.decode_one
     monkeypatch.setattr(R, "_read_slice", lambda s: reads.append(s) or read_slice(s))
-    monkeypatch.setattr(R, "_decode_one", lambda d, px: decodes.append(1) or decode_one(d, px))
+    monkeypatch.setattr(jpeg, "decode_one", lambda d, px: decodes.append(1) or decode_one(d, px))
     for k in (0, 1, 3, len(full) - 1, len(full), len(full) + 2):
         reads.clear(), decodes.clear()
         tail = list(R.iterate_batches(urls, skip_batches=k, prefetch=0, **kw))
@@ -250,6 +251,188 @@ def test_resize_to_image_px(table):
     assert not b.pv_images[~b.pv_mask].any() and b.pv_images[b.pv_mask].float().mean() > 1
     e = CourierBatch.empty(8, 5, 5, 16)
     assert e.pv_images.shape == b.pv_images.shape and not e.pv_mask.any() and len(e) == 0
+
+
+# ---- decode workers and the GPU decoder -------------------------------------------------------------
+def _same_batches(a, b, atol=0, mean_tol=None):
+    """The same ids, order, labels and masks; pixels equal, or within atol levels each, or (mean_tol)
+    within mean_tol levels on average with padding slots exactly zero."""
+    assert [x.sample_ids for x in a] == [y.sample_ids for y in b] and [x.index for x in a] == [y.index for y in b]
+    for x, y in zip(a, b):
+        for p, q in zip(x.model_inputs(), y.model_inputs()):
+            assert p.shape == q.shape and p.dtype == q.dtype
+            p, q = p.cpu(), q.cpu()
+            if p.dtype == torch.uint8 and mean_tol is not None:
+                assert (p.float() - q.float()).abs().mean() < mean_tol
+            elif p.dtype == torch.uint8 and atol:
+                assert (p.int() - q.int()).abs().max() <= atol
+            else:
+                assert torch.equal(p, q)
+        if mean_tol is not None:  # padding stays zero
+            assert not y.pv_images[~y.pv_mask.to(y.pv_images.device)].any()
+            assert not y.click_images[~y.click_mask.to(y.click_images.device)].any()
+    return True
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Every decode worker pool the reader starts in the test, to look at its processes afterwards."""
+    import training.reader as R
+
+    started = []
+    init = R._WorkerPool.__init__
+
+    def record(self, *a, **kw):
+        started.append(self)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(R._WorkerPool, "__init__", record)
+    return started
+
+
+def _gone(pool) -> bool:
+    """Every worker process of the pool has exited and been reaped (no zombie left either)."""
+    return all(w.proc.poll() is not None and not Path(f"/proc/{w.pid}").exists() for w in pool.workers) \
+        and not any(w.sender.is_alive() or w.receiver.is_alive() for w in pool.workers)
+
+
+def test_decode_workers_give_the_same_batches_as_in_process(table, pools):
+    from training.reader import iterate_batches
+
+    urls = table["urls"]
+    kw = dict(batch_size=6, rank=1, world_size=2, seed=4, epoch=2, shuffle_rows=10)
+    ref = list(iterate_batches(urls, decode_workers=0, decode_threads=1, prefetch=0, **kw))
+    assert len(ref) > 3
+    _same_batches(ref, list(iterate_batches(urls, decode_workers=2, prefetch=2, **kw)))
+    _same_batches(ref, list(iterate_batches(urls, decode_workers=1, prefetch=0, **kw)))
+    _same_batches(ref[2:], list(iterate_batches(urls, decode_workers=3, skip_batches=2, **kw)))  # resume
+    # resized on the way (PIL's draft + bilinear resize, in the workers)
+    kw16 = dict(kw, image_px=16)
+    _same_batches(list(iterate_batches(urls, decode_workers=0, **kw16)),
+                  list(iterate_batches(urls, decode_workers=2, **kw16)))
+    assert [len(p.workers) for p in pools] == [2, 1, 3, 2] and all(_gone(p) for p in pools)
+
+
+def test_decoding_happens_in_the_worker_processes(table, pools, monkeypatch):
+    import os
+
+    import training.jpeg as jpeg
+    from training.reader import iterate_batches
+
+    def not_here(*a, **kw):
+        raise AssertionError("decoded in the training process")
+
+    monkeypatch.setattr(jpeg, "decode_one", not_here)  # the workers are other interpreters: unaffected
+    batches = list(iterate_batches(table["urls"], batch_size=8, rank=0, world_size=1, seed=0, epoch=0,
+                                   decode_workers=2))
+    assert sum(b.num_images for b in batches) > 100 and all(b.pv_images[b.pv_mask].float().mean() > 1 for b in batches)
+    (pool,) = pools
+    assert len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
+    assert sum(w.decoded for w in pool.workers) == len(batches) and all(w.decoded > 0 for w in pool.workers)
+    assert _gone(pool)  # the epoch ended: the workers with it
+
+
+def test_decode_workers_end_on_errors_and_early_stops(table, pools, tmp_path):
+    import contextlib
+    import gc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.reader import iterate_batches
+
+    kw = dict(batch_size=4, rank=0, world_size=1, seed=0, epoch=0, decode_workers=2)
+    # an exception in the training loop, the iterator closed by its `with`
+    with pytest.raises(KeyError):
+        with contextlib.closing(iterate_batches(table["urls"], **kw)) as it:
+            for k, _ in enumerate(it):
+                if k == 2:
+                    raise KeyError("boom")
+    assert _gone(pools[-1])
+    # an iterator dropped after one batch, never closed
+    it = iterate_batches(table["urls"], **kw)
+    next(it)
+    del it
+    gc.collect()
+    assert _gone(pools[-1])
+    # an image that does not decode, in a worker: its error reaches the caller, the workers end
+    t = pq.read_table(table["files"][0].uri)
+    images = t.column("pv_images").to_pylist()
+    masks = t.column("pv_mask").to_pylist()
+    i = next(r for r, m in enumerate(masks) if m[0])
+    images[i][0] = b"not a jpeg"
+    t = t.set_column(t.schema.get_field_index("pv_images"), "pv_images", pa.array(images, t.column("pv_images").type))
+    pq.write_table(t, tmp_path / "bad.parquet")
+    with pytest.raises(Exception, match="cannot identify image") as err:
+        list(iterate_batches([str(tmp_path / "bad.parquet")], **{**kw, "batch_size": 64}))
+    assert "JPEG decode worker pid" in "".join(getattr(err.value, "__notes__", []))
+    assert len(pools) == 3 and all(_gone(p) for p in pools)
+
+
+def test_a_decode_worker_that_dies_fails_the_epoch_without_hanging(table, pools):
+    import os
+    import signal
+
+    from training.reader import iterate_batches
+
+    it = iterate_batches(table["urls"], batch_size=2, rank=0, world_size=1, seed=0, epoch=0, decode_workers=2,
+                         prefetch=0)
+    next(it)
+    os.kill(pools[0].workers[0].pid, signal.SIGKILL)  # an OOM kill, say
+    with pytest.raises(RuntimeError, match="JPEG decode worker pid .* exited"):
+        for _ in it:
+            pass
+    assert _gone(pools[0])
+
+
+def test_decode_settings_and_their_validation(tmp_path):
+    from etl.config import ConfigError, load_config
+    from training.reader import resolve_decode_workers, resolve_gpu_decode
+
+    assert load_config(write_config(tmp_path, {})).train.decode_workers == "auto"
+    for key, bad in (("decode_workers", -1), ("decode_workers", "many"), ("decode_workers", True),
+                     ("decode_threads", 0), ("gpu_decode", "yes"), ("gpu_decode", 1)):
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            load_config(write_config(tmp_path, {"train": {key: bad}}))
+    ok = load_config(write_config(tmp_path, {"train": {"decode_workers": 3, "gpu_decode": False}})).train
+    assert ok.decode_workers == 3 and ok.gpu_decode is False
+    # auto: this process's share of the cores minus the step's; none left: decode in process
+    assert resolve_decode_workers("auto", device_type="cpu", step_threads=2, cores=16, processes=2) == 6
+    assert resolve_decode_workers("auto", device_type="cuda", cores=96, processes=8) == 11
+    assert resolve_decode_workers("auto", device_type="cpu", step_threads=2, cores=2, processes=1) == 0
+    assert resolve_decode_workers("auto", device_type="cpu", step_threads=1, cores=2, processes=2) == 0
+    assert resolve_decode_workers(0) == 0 and resolve_decode_workers(4) == 4
+    with pytest.raises(ValueError, match="decode_workers"):
+        resolve_decode_workers(-2)
+    assert resolve_gpu_decode("auto", "cpu") is False and resolve_gpu_decode(False, "cpu") is False
+    with pytest.raises(RuntimeError, match="gpu_decode is true"):
+        resolve_gpu_decode(True, "cpu")
+
+
+def test_tensor_decoder_places_every_image(table):
+    """decode_device: torchvision.io.decode_jpeg, batched, the GPU path's code; run on the CPU here
+    (libjpeg-turbo: PIL's pixels, within a level or two) and on CUDA where there is one."""
+    from training.reader import iterate_batches
+
+    kw = dict(batch_size=7, rank=0, world_size=2, seed=3, epoch=1, image_px=32)
+    ref = list(iterate_batches(table["urls"], **kw))
+    got = list(iterate_batches(table["urls"], decode_device="cpu", **kw))
+    assert _same_batches(ref, got, atol=2) and got[0].pv_images.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the nvjpeg decode runs only on a GPU "
+                                                          "(bench/gpu_check.sh measures it there)")
+def test_gpu_decode_matches_the_cpu_decode(table):
+    from training.reader import gpu_decode_supported, iterate_batches
+
+    assert gpu_decode_supported("cuda:0"), "torchvision.io.decode_jpeg cannot decode on this GPU"
+    kw = dict(batch_size=7, rank=0, world_size=1, seed=3, epoch=1)
+    ref = list(iterate_batches(table["urls"], **kw))
+    got = list(iterate_batches(table["urls"], decode_device="cuda:0", **kw))
+    assert got[0].pv_images.device.type == "cuda" and got[0].pv_mask.device.type == "cpu"
+    # nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's: close on average, not equal
+    # (torchvision's own tests compare the two the same way)
+    assert _same_batches(ref, got, mean_tol=2.0)
 
 
 # ---- Delta versions ------------------------------------------------------------------------------

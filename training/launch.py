@@ -220,5 +220,6 @@ def evaluate_holdout(cfg: Config, files, encoder_path: str | None) -> dict:
         encoder.load_state_dict(load_state(encoder_path))
     urls = [f.uri if "://" in f.uri else "file://" + f.uri for f in files]
     batches = iterate_batches(urls, batch_size=64, rank=0, world_size=1, seed=0, epoch=0,
-                              decode_threads=t.decode_threads, image_px=cfg.samples.image_px)
+                              decode_threads=t.decode_threads, decode_workers=t.decode_workers,
+                              image_px=cfg.samples.image_px)
     return pv_ranking_auc(encoder, batches)

@@ -2,7 +2,8 @@
 
 Parquet row groups are read with pyarrow through ``etl.fs`` (local paths, ``file://`` and the object
 store's ``s3a://`` / ``s3://`` URIs from the Delta log alike; the footers and columns it returns are what
-Petastorm's ``make_batch_reader`` returned for one row group) and JPEGs decoded with PIL. Only numpy and
+Petastorm's ``make_batch_reader`` returned for one row group) and JPEGs decoded with PIL (in threads or
+worker processes) or with torchvision on the GPU. Only numpy and
 torch are imported at module level: no pyspark, mlflow, petastorm or deltalake, so this runs on bare
 training workers.
 
@@ -25,9 +26,13 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
    With ``group_by="query"`` a window's permuted rows are split by query instead and each query's rows
    cut into batches (its last one short), in an order drawn from ``(seed, epoch, rank, window)``.
 5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
-   are checked against the footer): nothing depends on thread timing. JPEG decoding runs in a thread pool whose workers write into disjoint slots of
-   preallocated arrays (PIL releases the GIL while decoding), so the result does not depend on timing
-   either. A background thread (``prefetch``) prepares the next batches while the caller trains.
+   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (PIL, the same
+   function everywhere) either in this process by a thread pool (``decode_workers=0``) or by
+   ``decode_workers`` worker processes (``training/jpeg.py``; a batch per job, pixels returned through
+   shared memory, ``decode_workers + 1`` batches in flight); every image is written to its own slot of
+   its batch's arrays, so the tensors do not depend on timing or on the number of threads or workers.
+   ``decode_device`` decodes with torchvision on that device (nvjpeg on CUDA) instead. A background
+   thread (``prefetch``) prepares the next batches while the caller trains.
 
 What the trainer needs
 ----------------------
@@ -47,6 +52,7 @@ What the trainer needs
 """
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import math
@@ -54,13 +60,15 @@ import os
 import queue
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from training import jpeg
 
 # Columns of courier_train the trainer needs (the table has more: ids, query, items ...).
 COLUMNS = ("sample_id", "query", "pv_labels", "pv_mask", "pv_images", "click_mask", "click_images")
@@ -337,30 +345,125 @@ def _take(cols: dict, idx) -> dict:
     return {c: v[idx] for c, v in cols.items()}
 
 
-def _decode_one(data: bytes, px: Optional[int]) -> np.ndarray:
-    """JPEG bytes -> (3, H, W) uint8; resized to px x px (bilinear) if px is given and differs."""
-    from PIL import Image
+# --------------------------------------------------------------------------------------------------
+# Decoding: in this process (threads), in worker processes, or with torchvision on a device (GPU)
+# --------------------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``) when one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
-    with Image.open(io.BytesIO(data)) as img:
-        if px is not None and img.size != (px, px):
-            img.draft("RGB", (px, px))  # JPEG DCT scaling: decode at >= px, cheaper than full size
-        img = img.convert("RGB")
-        if px is not None and img.size != (px, px):
-            img = img.resize((px, px), Image.BILINEAR)
-        arr = np.asarray(img)
-    return arr.transpose(2, 0, 1)
+
+def local_processes() -> int:
+    """Training processes on this machine: torchrun's (TorchDistributor's) LOCAL_WORLD_SIZE, Horovod's
+    HOROVOD_LOCAL_SIZE, else 1."""
+    for key in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
 
 
-def _image_size(data: bytes) -> tuple:
-    from PIL import Image
+def resolve_decode_workers(setting, *, device_type: str = "cpu", step_threads: Optional[int] = None,
+                           cores: Optional[int] = None, processes: Optional[int] = None) -> int:
+    """The number of decode worker processes for ``train.decode_workers``: an integer >= 0 as given;
+    ``"auto"`` = this process's share of the cores (``available_cores() // local_processes()``) minus
+    the cores the step keeps busy (1 on CUDA: the Python loop; torch's intra-op threads on CPU), or 0
+    (decode in this process, with decode_threads threads) when no core is left: workers would then
+    only compete with the step for the same cores (bench/RESULTS.md measures both on 2 cores)."""
+    if setting == "auto":
+        cores = available_cores() if cores is None else cores
+        processes = local_processes() if processes is None else processes
+        share = max(1, cores // max(1, processes))
+        if device_type == "cuda":
+            step = 1
+        else:
+            step = torch.get_num_threads() if step_threads is None else step_threads
+        return max(0, share - step)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"decode_workers must be 'auto' or an integer >= 0, got {setting!r}")
+    return setting
 
-    with Image.open(io.BytesIO(data)) as img:  # header only
-        return img.size
+
+@lru_cache(maxsize=8)
+def gpu_decode_supported(device: str) -> bool:
+    """Whether torchvision.io.decode_jpeg decodes on ``device`` (a CUDA device): tried once on a tiny
+    JPEG (a torchvision built without nvjpeg, or no CUDA, says no)."""
+    try:
+        dev = torch.device(device)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            return False
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, format="JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        out = decode_jpeg([data], mode=ImageReadMode.RGB, device=dev)[0]
+        return tuple(out.shape) == (3, 16, 16) and out.device.type == "cuda"
+    except Exception:  # noqa: BLE001 - any failure means "decode on the CPU"
+        return False
+
+
+def resolve_gpu_decode(setting, device) -> bool:
+    """``train.gpu_decode``: ``"auto"`` = True when training on CUDA and torchvision decodes JPEGs there;
+    ``True`` requires both (an error otherwise); ``False`` = decode on the CPU."""
+    device = torch.device(device)
+    if setting == "auto":
+        return device.type == "cuda" and gpu_decode_supported(str(device))
+    if setting is True:
+        if device.type != "cuda" or not gpu_decode_supported(str(device)):
+            raise RuntimeError(f"train.gpu_decode is true but torchvision.io.decode_jpeg cannot decode on "
+                               f"{device} (needs CUDA and a torchvision built with nvjpeg); use auto or false")
+        return True
+    if setting is False:
+        return False
+    raise ValueError(f"gpu_decode must be 'auto', true or false, got {setting!r}")
+
+
+def _decode_jobs(cols: dict, image_px: Optional[int]) -> tuple:
+    """(pv_mask, click_mask, tasks, px) of one batch: tasks = [(0 for pv / 1 for click, row, slot,
+    jpeg bytes)] for every slot whose mask is 1; px = image_px, else the first image's (square) size."""
+    pv_mask = np.asarray(cols["pv_mask"]) != 0
+    click_mask = np.asarray(cols["click_mask"]) != 0
+    tasks = []
+    for k, (name, mask) in enumerate((("pv_images", pv_mask), ("click_images", click_mask))):
+        images = cols[name]
+        b, s = np.nonzero(mask)
+        for i, j in zip(b.tolist(), s.tolist()):
+            data = images[i, j]
+            if not data:
+                raise ValueError(f"{name}[{i}, {j}] has mask 1 but no image bytes")
+            tasks.append((k, i, j, data))
+    px = image_px
+    if px is None:
+        if not tasks:
+            raise ValueError("a batch without any image: pass image_px to size the tensors")
+        w, h = jpeg.image_size(tasks[0][3])
+        if w != h:
+            raise ValueError(f"images must be square, got {w}x{h}: pass image_px to resize")
+        px = w
+    return pv_mask, click_mask, tasks, px
 
 
 class _Decoder:
-    """Decodes the image columns of a batch into preallocated uint8 arrays with a thread pool; each
-    worker writes disjoint slots, so the output does not depend on thread timing."""
+    """Decodes in this process with a thread pool; each thread writes disjoint slots of preallocated
+    arrays, so the output does not depend on thread timing. Decoders share one interface:
+    ``submit(cols)`` returns a function that gives (pv_images, click_images, pv_mask, click_mask);
+    ``ahead`` = batches worth submitting before the first result is needed; ``close()``."""
+
+    ahead = 0  # decoding happens inside submit: nothing to gain from submitting ahead
 
     def __init__(self, threads: int, image_px: Optional[int]):
         self.threads = max(1, int(threads))
@@ -371,63 +474,305 @@ class _Decoder:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _jobs(self, images: np.ndarray, mask: np.ndarray, name: str) -> list:
-        b, s = np.nonzero(mask)
-        jobs = []
-        for i, j in zip(b.tolist(), s.tolist()):
-            data = images[i, j]
-            if not data:
-                raise ValueError(f"{name}[{i}, {j}] has mask 1 but no image bytes")
-            jobs.append((i, j, data))
-        return jobs
-
-    def decode(self, cols: dict) -> tuple:
-        pv_mask = np.asarray(cols["pv_mask"]) != 0
-        click_mask = np.asarray(cols["click_mask"]) != 0
-        pv_jobs = self._jobs(cols["pv_images"], pv_mask, "pv_images")
-        click_jobs = self._jobs(cols["click_images"], click_mask, "click_images")
-        px = self.px
-        if px is None:
-            first = (pv_jobs or click_jobs)
-            if not first:
-                raise ValueError("a batch without any image: pass image_px to size the tensors")
-            w, h = _image_size(first[0][2])
-            if w != h:
-                raise ValueError(f"images must be square, got {w}x{h}: pass image_px to resize")
-            px = w
-        B = len(pv_mask)
-        pv = np.zeros((B, pv_mask.shape[1], 3, px, px), dtype=np.uint8)
-        click = np.zeros((B, click_mask.shape[1], 3, px, px), dtype=np.uint8)
-        tasks = [(pv, i, j, d) for i, j, d in pv_jobs] + [(click, i, j, d) for i, j, d in click_jobs]
-        resize = self.px  # None: every image must already be px x px (checked below)
-
-        def run(chunk):
-            for out, i, j, d in chunk:
-                arr = _decode_one(d, resize)
-                if arr.shape != (3, px, px):
-                    raise ValueError(f"image of shape {arr.shape[1:]} in a batch of {px}x{px} images: "
-                                     "pass image_px to resize")
-                out[i, j] = arr
-
+    def submit(self, cols: dict):
+        pv_mask, click_mask, tasks, px = _decode_jobs(cols, self.px)
+        outputs = [np.zeros((*m.shape, 3, px, px), dtype=np.uint8) for m in (pv_mask, click_mask)]
         if self.pool is None or len(tasks) < 2 * self.threads:
-            run(tasks)
+            jpeg.decode_into(outputs, tasks, px, self.px)
         else:
             step = math.ceil(len(tasks) / self.threads)
-            for f in [self.pool.submit(run, tasks[k:k + step]) for k in range(0, len(tasks), step)]:
+            for f in [self.pool.submit(jpeg.decode_into, outputs, tasks[k:k + step], px, self.px)
+                      for k in range(0, len(tasks), step)]:
                 f.result()
-        return pv, click, pv_mask, click_mask
+        pv, click = (torch.from_numpy(o) for o in outputs)
+        return lambda: (pv, click, pv_mask, click_mask)
 
 
-def _to_batch(cols: dict, decoder: _Decoder, epoch: int, index: int) -> CourierBatch:
-    pv, click, pv_mask, click_mask = decoder.decode(cols)
+class _Worker:
+    """One decode worker process (``training.jpeg.serve``) and the two threads of the training process
+    that talk to it: the sender takes the next job from the pool's shared queue and writes it to the
+    worker's pipe (blocking while the worker is busy, so a worker holds at most one job beyond the one it
+    decodes), the receiver reads the replies, in order, into the jobs' futures. Separate threads for the
+    two directions, so a reply and the next request never wait on each other."""
+
+    _CODE = ("import sys; sys.path.insert(0, sys.argv[1]); from training.jpeg import main; "
+             "main(sys.argv[2:])")
+
+    def __init__(self, jobs: queue.Queue, slot_fds: Sequence[int], slot_bytes: int):
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        self.jobs = jobs
+        self.pending: collections.deque = collections.deque()  # futures sent to the worker, in order
+        self.lock = threading.Lock()
+        self.decoded = 0  # batches decoded by this worker
+        self.dead = False  # the worker's replies ended: it exited (or closed its pipe)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(jpeg.__file__)))
+        # numpy in the worker needs no BLAS/OpenMP threads of its own
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        try:
+            args = [req_r, rep_w, os.getpid(), slot_bytes, *slot_fds]
+            self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, root, *map(str, args)],
+                                         pass_fds=(req_r, rep_w, *slot_fds), stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            os.close(req_w)
+            os.close(rep_r)
+            raise
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
+        self.pid = self.proc.pid
+        self.requests = Connection(req_w, readable=False)
+        self.replies = Connection(rep_r, writable=False)
+        self.sender = threading.Thread(target=self._send, name=f"jpeg-send-{self.pid}", daemon=True)
+        self.receiver = threading.Thread(target=self._receive, name=f"jpeg-recv-{self.pid}", daemon=True)
+        self.sender.start()
+        self.receiver.start()
+
+    def _send(self):
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                break
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self.lock:
+                dead = self.dead
+                if not dead:
+                    self.pending.append(future)
+            if dead:  # the worker is gone: fail the jobs this thread takes, never leave one pending
+                future.set_exception(self._gone())
+                continue
+            try:
+                self.requests.send(job)
+            except (OSError, ValueError):
+                pass  # the worker just died: the receiver fails what is pending
+        self.requests.close()  # end of input: the worker exits after its last reply
+
+    def _receive(self):
+        try:
+            while True:
+                reply = self.replies.recv()
+                with self.lock:
+                    future = self.pending.popleft()
+                if reply[0] == "ok":
+                    self.decoded += 1
+                    future.set_result(self.pid)
+                else:
+                    err = reply[1]
+                    err.add_note(f"(in JPEG decode worker pid {self.pid})\n{reply[2]}")
+                    future.set_exception(err)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.replies.close()
+            with self.lock:
+                self.dead = True
+                left, self.pending = list(self.pending), collections.deque()
+            for future in left:
+                if not future.done():
+                    future.set_exception(self._gone())
+
+    def _gone(self) -> RuntimeError:
+        try:
+            code = self.proc.wait(timeout=1.0)
+        except Exception:  # noqa: BLE001 - still running (its pipe closed): say so
+            code = None
+        return RuntimeError(f"JPEG decode worker pid {self.pid} exited (exit status {code}) before decoding "
+                            "a batch")
+
+    def stop(self, timeout: float = 10.0):
+        """After the pool's sentinel reached the sender: wait for the worker to end, kill it if it does not."""
+        import subprocess
+
+        self.sender.join(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.receiver.join(timeout)
+
+
+class _WorkerPool:
+    """``workers`` decode worker processes fed from one queue of jobs, sharing ``slots`` shared-memory
+    slots of ``slot_bytes`` each (memfd files: RAM, not bound by the size of /dev/shm). ``submit(job)``
+    returns a concurrent.futures.Future (its result: the pid that decoded the job). ``close()`` cancels
+    the jobs not yet sent, lets every worker finish the one it holds, and waits for the processes to
+    exit (killing one that does not)."""
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int):
+        import mmap
+        import tempfile
+
+        self.jobs: queue.Queue = queue.Queue()
+        self.workers: list = []
+        self.slot_bytes = slot_bytes
+        self.files, self.buffers = [], []
+        try:
+            for k in range(slots):
+                if hasattr(os, "memfd_create"):
+                    fd = os.memfd_create(f"courier-jpeg-{k}")
+                    self.files.append(fd)
+                else:  # not Linux: an unlinked temporary file (page cache) does the same
+                    fh = tempfile.TemporaryFile()
+                    self.files.append(fh)
+                    fd = fh.fileno()
+                os.ftruncate(fd, slot_bytes)
+                self.buffers.append(mmap.mmap(fd, slot_bytes))
+            fds = [f if isinstance(f, int) else f.fileno() for f in self.files]
+            for _ in range(workers):
+                self.workers.append(_Worker(self.jobs, fds, slot_bytes))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list:
+        return [w.pid for w in self.workers]
+
+    def submit(self, job: tuple) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, job))
+        return future
+
+    def close(self):
+        while True:
+            try:
+                item = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self.workers:
+            self.jobs.put(None)
+        for w in self.workers:
+            w.stop()
+        for b in self.buffers:
+            try:
+                b.close()
+            except BufferError:
+                pass  # a view of it is still alive somewhere: the mapping goes with it
+        for f in self.files:
+            os.close(f) if isinstance(f, int) else f.close()
+        self.buffers, self.files = [], []
+
+
+class _ProcessDecoder:
+    """Decodes in ``workers`` worker processes (``_WorkerPool``; each imports only numpy, PIL and
+    training.jpeg). A batch is one job: the training process sends the JPEG bytes of its real slots;
+    the worker decodes them into a shared-memory slot, from which the training process copies the two
+    uint8 arrays once (its own work per image: ~one memcpy). ``ahead`` = workers + 1 batches are in
+    flight, so every worker has its next batch queued while the training step runs. The same
+    ``jpeg.decode_into`` as in process: the same pixels. The pool starts with the first batch (its size
+    sizes the slots: later batches are never larger) and is shut down by ``close()`` (end of the epoch,
+    an error, or the iterator closed or dropped); a worker also exits by itself if the training process
+    dies."""
+
+    def __init__(self, workers: int, image_px: Optional[int]):
+        self.workers = workers
+        self.px = image_px
+        self.ahead = workers + 1
+        self.pool: Optional[_WorkerPool] = None
+        self.free: queue.Queue = queue.Queue()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+
+    def submit(self, cols: dict):
+        pv_mask, click_mask, tasks, px = _decode_jobs(cols, self.px)
+        shapes = (pv_mask.shape, click_mask.shape)
+        if self.pool is None:
+            slots = self.ahead + 1  # at most ahead + 1 batches are submitted and not yet copied out
+            self.pool = _WorkerPool(self.workers, slots, jpeg.batch_bytes(shapes, px))
+            for k in range(slots):
+                self.free.put(k)
+        if jpeg.batch_bytes(shapes, px) > self.pool.slot_bytes:
+            raise ValueError("a batch larger than the first one: the reader's batches never grow")
+        slot = self.free.get()
+        future = self.pool.submit((slot, shapes, tasks, px, self.px))
+
+        def result():
+            try:
+                future.result()
+                pv, click = (v.copy() for v in jpeg.batch_views(self.pool.buffers[slot], shapes, px))
+            finally:
+                self.free.put(slot)
+            return torch.from_numpy(pv), torch.from_numpy(click), pv_mask, click_mask
+
+        return result
+
+
+class _TensorDecoder:
+    """Decodes with ``torchvision.io.decode_jpeg`` on ``device`` (on CUDA: nvjpeg, batched, the images
+    land in GPU memory); the image tensors of the batch are on ``device``. An image whose size differs
+    from image_px is decoded and resized by PIL on the CPU, as the CPU paths do. nvjpeg's pixels may
+    differ from libjpeg-turbo's by a few levels (its IDCT and chroma upsampling); on the CPU,
+    torchvision's libjpeg-turbo gives PIL's pixels."""
+
+    ahead = 0
+
+    def __init__(self, device, image_px: Optional[int]):
+        self.device = torch.device(device)
+        self.px = image_px
+
+    def close(self):
+        pass
+
+    def submit(self, cols: dict):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        pv_mask, click_mask, tasks, px = _decode_jobs(cols, self.px)
+        outputs = [torch.zeros((*m.shape, 3, px, px), dtype=torch.uint8, device=self.device)
+                   for m in (pv_mask, click_mask)]
+        if tasks:
+            data = [torch.frombuffer(bytearray(t[3]), dtype=torch.uint8) for t in tasks]
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            for k, out in enumerate(outputs):
+                sel = [n for n, t in enumerate(tasks) if t[0] == k]
+                if not sel:
+                    continue
+                imgs = []
+                for n in sel:
+                    img = images[n]
+                    if tuple(img.shape) != (3, px, px):
+                        if self.px is None:
+                            raise ValueError(f"image of shape {tuple(img.shape[1:])} in a batch of {px}x{px} "
+                                             "images: pass image_px to resize")
+                        img = torch.from_numpy(jpeg.decode_one(tasks[n][3], self.px)).to(self.device)
+                    imgs.append(img)
+                rows = torch.tensor([tasks[n][1] for n in sel], device=self.device)
+                slots = torch.tensor([tasks[n][2] for n in sel], device=self.device)
+                out[rows, slots] = torch.stack(imgs)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # ready before another thread uses it
+        pv, click = outputs
+        return lambda: (pv, click, pv_mask, click_mask)
+
+
+def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image_px: Optional[int]):
+    if decode_device is not None:
+        return _TensorDecoder(decode_device, image_px)
+    if decode_workers > 0:
+        return _ProcessDecoder(decode_workers, image_px)
+    return _Decoder(decode_threads, image_px)
+
+
+def _to_batch(cols: dict, decoded: tuple, epoch: int, index: int) -> CourierBatch:
+    pv, click, pv_mask, click_mask = decoded
     labels = np.asarray(cols["pv_labels"]).astype(np.int64) * pv_mask
     return CourierBatch(
         sample_ids=[str(x) for x in cols["sample_id"]],
         queries=[None if x is None else str(x) for x in cols["query"]],
-        pv_images=torch.from_numpy(pv),
+        pv_images=pv,
         pv_labels=torch.from_numpy(labels),
         pv_mask=torch.from_numpy(pv_mask),
-        click_images=torch.from_numpy(click),
+        click_images=click,
         click_mask=torch.from_numpy(click_mask),
         epoch=epoch, index=index,
     )
@@ -549,8 +894,8 @@ def _prefetched(gen: Iterator, depth: int) -> Iterator:
 
 def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                     skip_batches: int = 0, decode_threads: int = 2, image_px: Optional[int] = None,
-                    shuffle_rows: int = DEFAULT_SHUFFLE_ROWS, prefetch: int = 2,
-                    group_by: Optional[str] = None) -> Iterator[CourierBatch]:
+                    shuffle_rows: int = DEFAULT_SHUFFLE_ROWS, prefetch: int = 2, decode_workers=0,
+                    decode_device=None, group_by: Optional[str] = None) -> Iterator[CourierBatch]:
     """One epoch of this rank's disjoint share of the rows of ``urls`` as CourierBatches (see the module
     docstring for the sharding and order). Deterministic for (urls as a set, seed, epoch, rank,
     world_size, batch_size, shuffle_rows, group_by); ``skip_batches=k`` yields exactly batches k, k+1, ... of that
@@ -561,22 +906,38 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
     ``group_by``: a column (``query``) whose value every row of a batch shares -- in-batch negatives from
     one query (the simulated log's query is the category) -- at the price of one short batch per group
     and shuffle window; the rows and their sharding are unchanged.
+
+    Decoding: ``decode_workers=0`` decodes in this process with ``decode_threads`` threads;
+    ``decode_workers=N`` (or ``"auto"``, see ``resolve_decode_workers``) in N worker processes, N + 1
+    batches ahead, started with the iterator and shut down when it ends, fails or is closed (close
+    it, or let it go out of scope, when stopping early); the batches are the same tensors either way.
+    ``decode_device`` (e.g. ``"cuda:0"``): decode with torchvision on that device instead (the image
+    tensors are then on it; workers and threads unused).
     """
     if batch_size < 1 or skip_batches < 0:
         raise ValueError(f"need batch_size >= 1 and skip_batches >= 0, got {batch_size}, {skip_batches}")
     if group_by is not None and group_by not in COLUMNS:
         raise ValueError(f"group_by must be one of the columns read {COLUMNS}, got {group_by!r}")
+    workers = resolve_decode_workers(decode_workers)
     quiet_petastorm_warnings()
     plan = plan_epoch(urls, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle_rows=shuffle_rows)
     raw = (_raw_batches(plan, batch_size, seed, epoch, skip_batches * batch_size) if group_by is None
            else _grouped_batches(plan, batch_size, seed, epoch, skip_batches, group_by))
 
     def decoded():
-        decoder = _Decoder(decode_threads, image_px)
+        decoder = _make_decoder(workers, decode_threads, decode_device, image_px)
+        pending: collections.deque = collections.deque()
         try:
             for k, cols in enumerate(raw):
-                yield _to_batch(cols, decoder, epoch, skip_batches + k)
+                pending.append((cols, decoder.submit(cols), skip_batches + k))
+                if len(pending) > decoder.ahead:
+                    cols, result, index = pending.popleft()
+                    yield _to_batch(cols, result(), epoch, index)
+            while pending:
+                cols, result, index = pending.popleft()
+                yield _to_batch(cols, result(), epoch, index)
         finally:
+            pending.clear()
             decoder.close()
 
     if prefetch > 0:

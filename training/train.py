@@ -203,7 +203,7 @@ class _Tracker:
 # ---- the loop --------------------------------------------------------------------------------------
 def train_fn(spec_dict: dict) -> dict:
     """Train on this rank's shard; rank 0 writes checkpoints, the final encoder and the result JSON."""
-    from training.reader import iterate_batches
+    from training.reader import iterate_batches, resolve_decode_workers, resolve_gpu_decode
 
     spec = TrainSpec(**spec_dict)
     if spec.storage is not None:
@@ -232,6 +232,14 @@ def train_fn(spec_dict: dict) -> dict:
     optimizer = dist.wrap_optimizer(optimizer, raw_model, backend)
     dist.broadcast_parameters(raw_model, optimizer)
 
+    # JPEG decoding: on the GPU (nvjpeg) when asked or auto on CUDA, else in worker processes
+    gpu_decode = resolve_gpu_decode(t.get("gpu_decode", "auto"), device)
+    decode_workers = 0 if gpu_decode else resolve_decode_workers(t.get("decode_workers", "auto"),
+                                                                 device_type=device.type)
+    if rank == 0:
+        how = (f"on {device} (torchvision)" if gpu_decode else f"{decode_workers} worker process(es) per rank"
+               if decode_workers else f"{t['decode_threads']} thread(s) in each training process")
+        print(f"[train] JPEG decoding: {how}", flush=True)
     # With batch_grouping each group's last batch per shuffle window is short: more steps than this.
     steps_per_epoch = math.ceil(spec.total_rows / (t["batch_size"] * world)) if spec.total_rows else None
     total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
@@ -242,58 +250,62 @@ def train_fn(spec_dict: dict) -> dict:
         skip = position["batch"] if epoch == position["epoch"] else 0
         batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
                                   seed=t["seed"], epoch=epoch, skip_batches=skip,
-                                  decode_threads=t["decode_threads"], image_px=spec.image_px,
+                                  decode_threads=t["decode_threads"], decode_workers=decode_workers,
+                                  decode_device=device if gpu_decode else None, image_px=spec.image_px,
                                   group_by=None if t["batch_grouping"] == "none" else t["batch_grouping"])
         batch_index = skip
-        while True:
-            raw = next(batches, None)
-            has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long))
-            if int(has_data.item()) == 0:
-                break  # every rank's shard is exhausted
-            batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
-                     else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
-            extra = {}
-            if t["method"] == "supervised":  # the PV's searched category labels its items
-                cat = torch.full((t["batch_size"], spec.l_pv), -1, dtype=torch.long)
-                for i, q in enumerate(raw.queries if raw is not None else []):
-                    cat[i] = categories.get(q, -1)
-                extra["categories"] = cat.to(device)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
-            # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
-            torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                loss, parts = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"],
-                                    batch["click_images"], batch["click_mask"], **extra)
-            # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
-            global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
-            batch_index += 1
-            if not torch.isfinite(global_loss).all():
-                bad_in_a_row += 1
-                position["skipped"] += 1
-                if bad_in_a_row >= t["max_bad_steps"]:
-                    raise FloatingPointError(
-                        f"{bad_in_a_row} consecutive non-finite losses (last at epoch {epoch}, batch "
-                        f"{batch_index}); lower train.lr or use train.precision fp32/bf16")
-                continue
-            bad_in_a_row = 0
-            scaler.scale(loss * dist.loss_scale_for_backward(backend)).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
-            step = position["global_step"]
-            losses.append(float(global_loss.item()))
-            metrics = {"loss": losses[-1], **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
-                                             for k, v in parts.items() if torch.is_tensor(v)}}
-            tracker.step(step, metrics, images * world, t["log_every"])
-            if step % t["checkpoint_every"] == 0 and rank == 0:
-                save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
-                tracker.flush()
-            if t["max_steps"] and step >= t["max_steps"]:
-                stop = True
-                break
+        try:  # the reader's decode workers end with the epoch, or here on an error
+            while True:
+                raw = next(batches, None)
+                has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long))
+                if int(has_data.item()) == 0:
+                    break  # every rank's shard is exhausted
+                batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
+                         else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
+                extra = {}
+                if t["method"] == "supervised":  # the PV's searched category labels its items
+                    cat = torch.full((t["batch_size"], spec.l_pv), -1, dtype=torch.long)
+                    for i, q in enumerate(raw.queries if raw is not None else []):
+                        cat[i] = categories.get(q, -1)
+                    extra["categories"] = cat.to(device)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
+                # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
+                torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    loss, parts = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"],
+                                        batch["click_images"], batch["click_mask"], **extra)
+                # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
+                global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
+                batch_index += 1
+                if not torch.isfinite(global_loss).all():
+                    bad_in_a_row += 1
+                    position["skipped"] += 1
+                    if bad_in_a_row >= t["max_bad_steps"]:
+                        raise FloatingPointError(
+                            f"{bad_in_a_row} consecutive non-finite losses (last at epoch {epoch}, batch "
+                            f"{batch_index}); lower train.lr or use train.precision fp32/bf16")
+                    continue
+                bad_in_a_row = 0
+                scaler.scale(loss * dist.loss_scale_for_backward(backend)).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
+                step = position["global_step"]
+                losses.append(float(global_loss.item()))
+                metrics = {"loss": losses[-1], **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
+                                                 for k, v in parts.items() if torch.is_tensor(v)}}
+                tracker.step(step, metrics, images * world, t["log_every"])
+                if step % t["checkpoint_every"] == 0 and rank == 0:
+                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
+                    tracker.flush()
+                if t["max_steps"] and step >= t["max_steps"]:
+                    stop = True
+                    break
+        finally:
+            batches.close()
         if stop:
             break
         position.update(epoch=epoch + 1, batch=0)

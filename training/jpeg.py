@@ -1,0 +1,133 @@
+"""JPEG decoding for the training reader (training/reader.py), importable without torch.
+
+The same functions decode in the training process (``decode_workers: 0``, a thread pool) and in the
+reader's decode worker processes (``decode_workers: N``, ``serve``), so both give the same pixels.
+This module imports only numpy and PIL: a worker process starts in ~0.2 s, where importing torch
+would take seconds and hundreds of MB per worker.
+
+Worker protocol (``serve``): the reader starts ``python -c`` with the project root on sys.path (a
+fresh interpreter: no fork of a process that runs torch threads, and, unlike multiprocessing's
+'spawn', the training script's ``__main__`` is not re-imported), two pipes and a few shared-memory
+slots (memfd files, mapped by both sides), each big enough for one batch's image arrays. Requests
+``(slot, shapes, tasks, px, resize)`` are pickled with ``multiprocessing.connection``; the worker
+decodes the batch's images straight into the slot (zeros elsewhere) and answers each request, in
+order, with ``("ok",)`` or ``("error", exception, traceback text)``. The pixels never go through a
+pipe: the reader copies them out of the slot once. The worker exits at the end of its input, or when
+the training process is gone.
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def decode_one(data: bytes, px: Optional[int]) -> np.ndarray:
+    """JPEG bytes -> (3, H, W) uint8; resized to px x px (bilinear) if px is given and differs."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if px is not None and img.size != (px, px):
+            img.draft("RGB", (px, px))  # JPEG DCT scaling: decode at >= px, cheaper than full size
+        img = img.convert("RGB")
+        if px is not None and img.size != (px, px):
+            img = img.resize((px, px), Image.BILINEAR)
+        arr = np.asarray(img)
+    return arr.transpose(2, 0, 1)
+
+
+def image_size(data: bytes) -> tuple:
+    """(width, height) from the header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+def decode_into(outputs: Sequence[np.ndarray], tasks: Sequence[tuple], px: int, resize: Optional[int]) -> None:
+    """Decode ``tasks`` = [(k, i, j, jpeg bytes), ...] into ``outputs[k][i, j]`` (each a
+    (B, L, 3, px, px) uint8 array). ``resize`` None: every image must already be px x px."""
+    for k, i, j, data in tasks:
+        arr = decode_one(data, resize)
+        if arr.shape != (3, px, px):
+            raise ValueError(f"image of shape {arr.shape[1:]} in a batch of {px}x{px} images: "
+                             "pass image_px to resize")
+        outputs[k][i, j] = arr
+
+
+def batch_views(buffer, shapes: Sequence[tuple], px: int) -> list:
+    """uint8 arrays (*shape, 3, px, px) laid end to end from the start of ``buffer`` (a shared slot)."""
+    views, offset = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape)) * 3 * px * px
+        views.append(np.frombuffer(buffer, dtype=np.uint8, count=n, offset=offset).reshape(*shape, 3, px, px))
+        offset += n
+    return views
+
+
+def batch_bytes(shapes: Sequence[tuple], px: int) -> int:
+    return sum(int(np.prod(shape)) for shape in shapes) * 3 * px * px
+
+
+def init_worker(parent_pid: int) -> None:
+    """Initializer of a decode worker process: Ctrl-C is the training process's to handle (it shuts the
+    pool down), and the worker exits by itself if the training process dies without shutting it down
+    (killed, or a crash in native code): a watchdog thread checks the parent every half second."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="courier-jpeg-watchdog", daemon=True).start()
+
+
+def serve(read_fd: int, write_fd: int, parent_pid: int, slot_fds: Sequence[int], slot_bytes: int) -> None:
+    """A decode worker's loop (see the module docstring)."""
+    import mmap
+    from multiprocessing.connection import Connection
+
+    init_worker(parent_pid)
+    slots = [mmap.mmap(fd, slot_bytes) for fd in slot_fds]
+    requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    while True:
+        try:
+            slot, shapes, tasks, px, resize = requests.recv()
+        except (EOFError, OSError):
+            return  # the reader closed its end: the pool is shutting down
+        try:
+            if batch_bytes(shapes, px) > slot_bytes:
+                raise ValueError(f"a batch of {batch_bytes(shapes, px)} bytes does not fit a {slot_bytes}-byte slot")
+            outputs = batch_views(slots[slot], shapes, px)
+            for out in outputs:
+                out.fill(0)  # padding slots are zeros
+            decode_into(outputs, tasks, px, resize)
+            del outputs
+            reply = ("ok",)
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            reply = ("error", e, traceback.format_exc())
+        try:
+            replies.send(reply)
+        except (BrokenPipeError, EOFError):
+            return
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
+            replies.send(("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}"), reply[2]))
+
+
+def main(argv: Sequence[str]) -> None:
+    """``read_fd write_fd parent_pid slot_bytes slot_fd...`` (what the reader passes)."""
+    read_fd, write_fd, parent_pid, slot_bytes, *slot_fds = (int(a) for a in argv)
+    serve(read_fd, write_fd, parent_pid, slot_fds, slot_bytes)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
