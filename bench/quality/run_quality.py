@@ -514,6 +514,10 @@ TABLES = {
     "(d) multi-granularity cluster ids (--levels): the fine id alone vs with every coarser level":
         ["none", "courier:cluster_id", "courier:multi_cluster", "simclr:cluster_id", "simclr:multi_cluster",
          "simsiam:cluster_id", "simsiam:multi_cluster", "untrained:cluster_id", "untrained:multi_cluster"],
+    "(e) the paper's pre-training regime: within-query batches and the batch size (Table 7's analogue)":
+        ["none"] + [f"{e}:{m}" for e in ("courier", "courier_b128", "courier_by_query", "courier_by_query_b64",
+                                         "courier_by_query_b128", "simclr", "simclr_by_query")
+                    for m in ("cluster_id", "multi_cluster")],
 }
 
 
