@@ -68,7 +68,7 @@ CTR_ROWS = ([("none", None, "none")] + [(f"{e}:cluster_id", e, "cluster_id") for
             + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")]
             # with --levels: the fine id plus every coarser level (features.levels)
             + [(f"{e}:multi_cluster", e, "multi_cluster") for e in ENCODERS
-               if e == "untrained" or e.startswith(("courier", "simclr", "simsiam"))])
+               if e in ("courier", "simclr", "simsiam", "untrained") or "_b128" in e or "_by_query" in e])
 # ENCODERS order puts oracle_style:cluster_id after the ablations; it is reported in table (a) as a reference
 # prior cost guesses (s) before anything is measured; replaced by measured averages
 PRIOR = {"train_step": 4.0, "embed": 10.0, "ctr": 40.0}
