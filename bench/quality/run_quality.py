@@ -63,12 +63,15 @@ ENCODERS = {
     "oracle_style": "truth",
 }
 TRAINED = [e for e, v in ENCODERS.items() if isinstance(v, dict)]
+# the encoders of table (d), fine id alone vs with the coarser levels, and of table (e), the pre-training regime
+LEVEL_ENCODERS = ["courier", "simclr", "simsiam", "untrained"]
+REGIME_ENCODERS = ["courier", "courier_b128", "courier_by_query", "courier_by_query_b64", "courier_by_query_b128",
+                   "simclr", "simclr_by_query"]
 # CTR rows: (row name, encoder or None, feature mode)
 CTR_ROWS = ([("none", None, "none")] + [(f"{e}:cluster_id", e, "cluster_id") for e in ENCODERS]
             + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")]
             # with --levels: the fine id plus every coarser level (features.levels)
-            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in ENCODERS
-               if e in ("courier", "simclr", "simsiam", "untrained") or "_b128" in e or "_by_query" in e])
+            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in dict.fromkeys(LEVEL_ENCODERS + REGIME_ENCODERS)])
 # ENCODERS order puts oracle_style:cluster_id after the ablations; it is reported in table (a) as a reference
 # prior cost guesses (s) before anything is measured; replaced by measured averages
 PRIOR = {"train_step": 4.0, "embed": 10.0, "ctr": 40.0}
@@ -512,12 +515,9 @@ TABLES = {
     "(c) how COURIER's embedding enters the CTR model, the analogue of Table B1":
         ["none", "courier:vector", "courier:simscore", "courier:cluster_id"],
     "(d) multi-granularity cluster ids (--levels): the fine id alone vs with every coarser level":
-        ["none", "courier:cluster_id", "courier:multi_cluster", "simclr:cluster_id", "simclr:multi_cluster",
-         "simsiam:cluster_id", "simsiam:multi_cluster", "untrained:cluster_id", "untrained:multi_cluster"],
+        ["none"] + [f"{e}:{m}" for e in LEVEL_ENCODERS for m in ("cluster_id", "multi_cluster")],
     "(e) the paper's pre-training regime: within-query batches and the batch size (Table 7's analogue)":
-        ["none"] + [f"{e}:{m}" for e in ("courier", "courier_b128", "courier_by_query", "courier_by_query_b64",
-                                         "courier_by_query_b128", "simclr", "simclr_by_query")
-                    for m in ("cluster_id", "multi_cluster")],
+        ["none"] + [f"{e}:{m}" for e in REGIME_ENCODERS for m in ("cluster_id", "multi_cluster")],
 }
 
 
