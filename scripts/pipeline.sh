@@ -28,7 +28,8 @@ conf_value() {  # one value of the loaded config (paths resolved, validated): co
   "$PY" -c 'import sys; from etl.config import load_config
 c = load_config(sys.argv[1])
 print({"spark.master": c.spark.master, "spark.driver_memory": c.spark.driver_memory, "raw_root": c.raw_root,
-       "tables_root": c.tables_root, "mlflow_tracking_uri": c.mlflow_tracking_uri}[sys.argv[2]])' "$CONF" "$1"
+       "tables_root": c.tables_root, "mlflow_tracking_uri": c.mlflow_tracking_uri,
+       "ctr.feature_mode": c.ctr.feature_mode}[sys.argv[2]])' "$CONF" "$1"
 }
 raw_root="$(conf_value raw_root)"
 # The manifest may lie on an object store (s3a://): read it through the project's storage layer.
@@ -69,17 +70,17 @@ echo "== 5/7 attach cluster-ID features to ctr_train =="
 submit jobs/attach_features.py --conf "$CONF" --date "$first" --end-date "$last"
 submit jobs/refresh_features.py --conf "$CONF" --date "$last"   # the scheduled daily job; nothing new here
 
-echo "== 6/7 CTR models: no image feature (baseline) and COURIER cluster IDs =="
+echo "== 6/7 CTR models: no image feature (baseline) and the config's COURIER feature (ctr.feature_mode) =="
 ctr_version() {  # the ctr-model version a train_ctr run registered (or found already trained)
   sed -n 's/.*ctr-model v\([0-9][0-9]*\).*/\1/p' "$1" | tail -n1
 }
 log_dir="$(mktemp -d)"; trap 'rm -rf "$log_dir"' EXIT
 "$PY" jobs/train_ctr.py --conf "$CONF" --set ctr.feature_mode=none --skip-if-done | tee "$log_dir/none.log"
-"$PY" jobs/train_ctr.py --conf "$CONF" --set ctr.feature_mode=cluster_id --skip-if-done | tee "$log_dir/cluster.log"
+"$PY" jobs/train_ctr.py --conf "$CONF" --skip-if-done | tee "$log_dir/cluster.log"   # the config's ctr.feature_mode
 baseline="$(ctr_version "$log_dir/none.log")"; challenger="$(ctr_version "$log_dir/cluster.log")"
 [ -n "$baseline" ] && [ -n "$challenger" ] || { echo "ERROR: could not read the ctr-model versions from train_ctr's output" >&2; exit 1; }
 
-echo "== 7/7 registry review: ctr-model v$challenger (cluster_id) vs @champion =="
+echo "== 7/7 registry review: ctr-model v$challenger ($(conf_value ctr.feature_mode)) vs @champion =="
 review() {  # exit 0 promoted, 1 rejected by a gate, 2 refused (e.g. already champion): all are outcomes
   local rc=0
   "$PY" jobs/review_model.py --conf "$CONF" "$@" || rc=$?

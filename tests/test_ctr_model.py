@@ -201,6 +201,20 @@ def test_multi_cluster_mode_reads_every_level_and_round_trips(table, frames, tmp
     assert multi.spec.level_rows == [3 + 2] and multi.report["overall"]["auc"] > none.report["overall"]["auc"] + 0.1
     save_model(multi.model, str(tmp_path / "m"))
     np.testing.assert_allclose(score_frame(load_model(str(tmp_path / "m")), ev), multi.eval_probs, rtol=1e-6)
+    # The gain per level (the review's): hiding a level scores exactly as rows whose ids at that level are
+    # the reserved no-image id; the coarse level carries the signal here (the fine id too).
+    from training.ctr.train import level_scores
+    scored = level_scores(multi.model, ev)
+    assert [(name, n) for name, n, _ in scored] == [
+        ("level 1 (coarse)", len({c // 4 for c in ev["item_cluster_id"] if c >= 0})),
+        ("cluster id (fine)", len({c for c in ev["item_cluster_id"] if c >= 0}))]
+    coarse_hidden = ev.assign(item_cluster_levels=[[-1] for _ in range(len(ev))],
+                              history_cluster_levels=[[[-1] for _ in h] for h in ev["history_cluster_ids"]])
+    fine_hidden = ev.assign(item_cluster_id=-1, history_cluster_ids=[[-1 for _ in h] for h in ev["history_cluster_ids"]])
+    np.testing.assert_allclose(scored[0][2], score_frame(multi.model, coarse_hidden), rtol=1e-6)
+    np.testing.assert_allclose(scored[1][2], score_frame(multi.model, fine_hidden), rtol=1e-6)
+    assert not np.allclose(scored[0][2], multi.eval_probs) and not np.allclose(scored[1][2], multi.eval_probs)
+    assert level_scores(none.model, ev) == []
     # Without the level columns the mode refuses, and misaligned levels are a contract error.
     with pytest.raises(ValueError, match="multi_cluster needs"):
         fit_and_evaluate(frames[0], frames[1], ctr, "multi_cluster")

@@ -92,3 +92,29 @@ def test_tables_have_every_row():
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == "3" and "n/a" not in line
         assert all(math.isfinite(float(c.split(" ± ")[0])) for c in cells[2:9] if c != "-")
+
+
+def test_oracle_references_are_the_hidden_attributes_with_nested_levels():
+    """The reference rows: oracle_hue's id is the hue family, and the oracles' levels are the ideal
+    hierarchy (style -> hue + pattern -> hue): every fine id has one parent per level."""
+    rng = np.random.default_rng(4)
+    n = 300
+    ids = np.array([f"i{k}" for k in range(n)], dtype=object)
+    styles = pd.DataFrame({"item_id": ids, "hue": rng.choice(["red", "blue", "green"], n),
+                           "pattern": rng.choice(["solid", "dots"], n), "shape": rng.choice(["a", "b"], n),
+                           "scale": rng.choice(["s", "l"], n)})
+    data = rq.Data(item_ids=ids, images=np.zeros((n, 3, 4, 4), np.uint8), categories=rng.choice(["bag", "dress"], n),
+                   styles=styles, train_files=[], ctr_train=None, ctr_eval=None, cat_list=["bag", "dress"],
+                   eval_date="2026-11-24")
+    hue = rq.oracle_features(data, "hue-s0", "hue")
+    style = rq.oracle_features(data, "style-s0", "style")
+    assert rq.ENCODERS["oracle_hue"] == "truth:hue" and "oracle_hue" in rq.ORACLES
+    assert hue.cluster_of[-1] == -1 and (hue.levels_of[-1] == -1).all()  # the reserved no-image entry
+    assert len(set(hue.cluster_of[:-1])) == 3 and abs(hue.quality["nmi_hue"] - 1) < 1e-9
+    same_hue = styles["hue"].to_numpy()[:, None] == styles["hue"].to_numpy()[None, :]
+    assert ((hue.cluster_of[:-1, None] == hue.cluster_of[None, :-1]) == same_hue).all()
+    assert abs(style.quality["nmi_style"] - 1) < 1e-9 and style.quality["nmi_hue"] < 1
+    for fine, coarse in ((style.cluster_of[:-1], style.levels_of[:-1, 1]),
+                         (style.levels_of[:-1, 1], style.levels_of[:-1, 0])):
+        assert all(len(set(coarse[fine == f])) == 1 for f in set(fine))  # nested: one parent per id
+    assert len(set(style.levels_of[:-1, 0])) == 3 and len(set(style.levels_of[:-1, 1])) == 6

@@ -57,12 +57,21 @@ def review_outcome():
     gates = gate_checks(reports["3"], reports["2"], ReviewConf())
     failed = [g for g in gates if not g.passed]
     curve = [{"epoch": e, "train_loss": 0.6 - 0.05 * e, "eval_auc": 0.6 + 0.03 * e} for e in range(4)]
+    # The challenger as a multi_cluster model: its scores with one level hidden (as review.validate
+    # computes them from training.ctr.train.level_scores), here a weaker signal per level.
+    full = reports["3"]["overall"]
+    level_gains = []
+    for name, ids, weight in (("level 1 (coarse)", 8, 1.0), ("cluster id (fine)", 128, 1.3)):
+        o = evaluate_predictions(frame, 1 / (1 + np.exp(-(weight * boost * truth / 1.4 + noise))))["overall"]
+        level_gains.append({"level": name, "ids": ids, "auc": o["auc"], "gauc": o["gauc"],
+                            "auc_gain": full["auc"] - o["auc"], "gauc_gain": full["gauc"] - o["gauc"]})
     return ReviewOutcome(
         REJECTED if failed else PROMOTED, [f"{g.name}: {g.detail}" for g in failed] or ["every gate passed"],
         challenger="3", champion="2", snapshot="ctr_train@v2|fv=fv-test|eval=2026-11-22", gates=gates,
-        reports=reports, tags={"3": {"feature_mode": "cluster_id"}, "2": {"feature_mode": "none"}},
+        reports=reports, tags={"3": {"feature_mode": "multi_cluster"}, "2": {"feature_mode": "none"}},
         curves={"3": curve, "2": [{**p, "eval_auc": p["eval_auc"] - 0.05} for p in curve]},
-        others=[{"version": "1", "feature_mode": "simscore", "auc": 0.61, "gauc": 0.58}])
+        others=[{"version": "1", "feature_mode": "simscore", "auc": 0.61, "gauc": 0.58}],
+        level_gains={"3": level_gains})
 
 
 def tsne_sample():
@@ -142,11 +151,18 @@ def test_html_report_is_the_markdown_report_with_the_plots_inside(tmp_path):
     html_items = [(k, *rest[:2]) if k == "img" else (k, *rest) for k, *rest in page.items]
     assert html_items == md_items  # same headings, table rows and plots, in the same order
     assert [i[2] for i in md_items if i[0] == "img"] == PLOTS
-    assert ("row", ["v3", "cluster_id", f"{outcome.reports['3']['overall']['auc']:.4f}",
+    assert ("row", ["v3", "multi_cluster", f"{outcome.reports['3']['overall']['auc']:.4f}",
                     f"{outcome.reports['3']['overall']['gauc']:.4f}",
                     f"{outcome.reports['3']['overall']['logloss']:.4f}",
                     f"{outcome.reports['3']['cold_start']['auc']:.4f}", f"{outcome.reports['3']['warm']['auc']:.4f}",
                     "4000"]) in md_items
+    # The gain per cluster level: the full model's metric minus the metric with that level hidden.
+    assert ("heading", "Gain per cluster level, v3") in md_items
+    full = outcome.reports["3"]["overall"]
+    for g in outcome.level_gains["3"]:
+        assert g["auc_gain"] > 0 and abs(full["auc"] - g["auc"] - g["auc_gain"]) < 1e-12
+        assert ("row", [g["level"], str(g["ids"]), f"{g['auc']:.4f}", f"{g['auc_gain']:+.4f}", f"{g['gauc']:.4f}",
+                        f"{g['gauc_gain']:+.4f}"]) in md_items
     for _, _, name, src in (i for i in page.items if i[0] == "img"):
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -289,8 +305,9 @@ def test_review_report_shows_its_plots_in_the_mlflow_ui(tmp_path, mlflow_server,
         # decoded by the browser to the PNG's own size (a broken image has naturalWidth 0), and laid out
         assert (width, height) == png_size((folder / name).read_bytes()), name
         assert drawn > 200, name
-    # ... and the tables, cell by cell as in review.md: header + 4 gates, + 2 models, + 1 row per category
+    # ... and the tables, cell by cell as in review.md: header + 4 gates, + 2 models, + 2 cluster levels,
+    # + 1 row per category
     rows = [[c.text for c in r.find_elements(By.CSS_SELECTOR, "th, td")]
             for r in browser.find_elements(By.TAG_NAME, "tr")]
     md_rows = [i[1] for i in _markdown_items((folder / "review.md").read_text(encoding="utf-8")) if i[0] == "row"]
-    assert rows == md_rows and len(rows) == (1 + 4) + (1 + 2) + (1 + len(CATEGORIES))
+    assert rows == md_rows and len(rows) == (1 + 4) + (1 + 2) + (1 + 2) + (1 + len(CATEGORIES))

@@ -58,20 +58,26 @@ ENCODERS = {
     "courier_by_query_b128": {"method": "courier", "batch_grouping": "query", "batch_size": 128},
     "courier_b128": {"method": "courier", "batch_size": 128},
     "simclr_by_query": {"method": "simclr", "batch_grouping": "query"},
-    # not an encoder: the hidden style itself as the "cluster id" (evaluation-only upper bound of what an
-    # image feature can add to this CTR model; never a model input outside this reference row)
-    "oracle_style": "truth",
+    "simclr_b128": {"method": "simclr", "batch_size": 128},
+    "simclr_by_query_b128": {"method": "simclr", "batch_grouping": "query", "batch_size": 128},
+    # not encoders: a hidden attribute itself as the "cluster id" (evaluation-only references of what an
+    # image feature can add to this CTR model; never a model input outside these rows). Their coarser
+    # levels are the ideal hierarchy: hue family, then hue + pattern (the two heaviest taste attributes).
+    "oracle_style": "truth:style",
+    "oracle_hue": "truth:hue",
 }
 TRAINED = [e for e, v in ENCODERS.items() if isinstance(v, dict)]
+ORACLES = [e for e, v in ENCODERS.items() if isinstance(v, str)]
 # the encoders of table (d), fine id alone vs with the coarser levels, and of table (e), the pre-training regime
 LEVEL_ENCODERS = ["courier", "simclr", "simsiam", "untrained"]
 REGIME_ENCODERS = ["courier", "courier_b128", "courier_by_query", "courier_by_query_b64", "courier_by_query_b128",
-                   "simclr", "simclr_by_query"]
+                   "simclr", "simclr_by_query", "simclr_b128", "simclr_by_query_b128"]
 # CTR rows: (row name, encoder or None, feature mode)
 CTR_ROWS = ([("none", None, "none")] + [(f"{e}:cluster_id", e, "cluster_id") for e in ENCODERS]
             + [("courier:vector", "courier", "vector"), ("courier:simscore", "courier", "simscore")]
             # with --levels: the fine id plus every coarser level (features.levels)
-            + [(f"{e}:multi_cluster", e, "multi_cluster") for e in dict.fromkeys(LEVEL_ENCODERS + REGIME_ENCODERS)])
+            + [(f"{e}:multi_cluster", e, "multi_cluster")
+               for e in dict.fromkeys(LEVEL_ENCODERS + REGIME_ENCODERS + ["oracle_style"])])
 # ENCODERS order puts oracle_style:cluster_id after the ablations; it is reported in table (a) as a reference
 # prior cost guesses (s) before anything is measured; replaced by measured averages
 PRIOR = {"train_step": 4.0, "embed": 10.0, "ctr": 40.0}
@@ -176,6 +182,8 @@ def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: st
     t.update({"backbone": args.backbone, "max_steps": args.steps, "epochs": max(t["epochs"], 1000), "seed": seed,
               "batch_size": args.batch_size, "lr": args.lr, "checkpoint_every": 10 ** 9,
               "log_every": max(args.steps // 4, 1), "backend": "ddp", "num_workers": 1,
+              # mixed batches unless a variant groups them, whatever the config's default
+              "batch_grouping": "none",
               "use_gpu": torch.cuda.is_available(), **overrides})  # a variant's overrides win
     if t["method"] == "supervised":
         spec["extra"]["categories"] = data.cat_list
@@ -251,19 +259,26 @@ def item_features(encoder, data: Data, k: int, seed: int, args, version: str) ->
     return Feats(cluster_of, unit_all, np.append(ok, False), q, version, levels_of)
 
 
-def oracle_features(data: Data, version: str) -> Feats:
-    """The hidden style tuple as cluster id and a one-hot as the 'embedding' (reference row only)."""
-    from features.quality import style_labels
+def oracle_features(data: Data, version: str, attribute: str = "style") -> Feats:
+    """A hidden attribute (the style tuple, or one attribute such as hue) as cluster id and a one-hot as the
+    'embedding' (reference rows only); its levels are the ideal hierarchy: hue family, then hue + pattern."""
+    from features.quality import purity_nmi, style_labels
 
-    labels = style_labels(data.styles, data.item_ids, "style")
+    labels = style_labels(data.styles, data.item_ids, attribute)
     codes, uniques = pd.factorize(labels)
     n = len(codes)
     unit = np.zeros((n + 1, len(uniques)), np.float32)
     unit[np.arange(n), codes] = 1.0
     cluster_of = np.append(codes.astype(np.int64), -1)
-    q = {f"nmi_{a}": float("nan") for a in ("style", "hue", "pattern", "shape", "scale", "category")}
-    q.update(nmi_style=1.0, purity_style=1.0, styles=len(uniques))
-    return Feats(cluster_of, unit, np.append(np.ones(n, bool), False), q, version)
+    coarse = [pd.factorize(style_labels(data.styles, data.item_ids, "hue"))[0],
+              pd.factorize(style_labels(data.styles, data.item_ids, "hue") + "/"
+                           + style_labels(data.styles, data.item_ids, "pattern"))[0]]
+    levels_of = np.vstack([np.stack(coarse, axis=1), [[-1, -1]]]).astype(np.int64)
+    q = {f"nmi_{a}": purity_nmi(codes, style_labels(data.styles, data.item_ids, a))[1]
+         for a in ("style", "hue", "pattern", "shape", "scale")}
+    q.update(nmi_category=purity_nmi(codes, data.categories)[1], purity_style=purity_nmi(
+        codes, style_labels(data.styles, data.item_ids, "style"))[0], styles=len(uniques))
+    return Feats(cluster_of, unit, np.append(np.ones(n, bool), False), q, version, levels_of)
 
 
 # ---- stage 4: the ctr_train frame (pandas, same contract as features.attach.attach) ----------------
@@ -442,7 +457,7 @@ def run(args) -> dict:
         for enc_name in encoders:
             ov = ENCODERS[enc_name]
             t1 = time.perf_counter()
-            if ov == "truth":
+            if enc_name in ORACLES:
                 encoder, info = None, {"steps": 0}
             elif ov is None:
                 encoder, info = untrained_encoder(cfg, seed, args), {"steps": 0}
@@ -459,7 +474,7 @@ def run(args) -> dict:
                         "loss_last_10": float(np.mean(result["losses"][-10:])) if result["losses"] else None,
                         "images_per_s": result["images_per_s"]}
             t2 = time.perf_counter()
-            feats = (oracle_features(data, f"{enc_name}-s{seed}") if ov == "truth" else
+            feats = (oracle_features(data, f"{enc_name}-s{seed}", ov.split(":")[1]) if enc_name in ORACLES else
                      item_features(encoder, data, args.clusters, seed, args, f"{enc_name}-s{seed}"))
             esecs = time.perf_counter() - t2
             timing.setdefault("embed_cluster", []).append(esecs)
@@ -494,6 +509,29 @@ def run(args) -> dict:
     return out
 
 
+def merge_results(paths: list[str]) -> dict:
+    """One results dict from runs over the same data and settings with different encoders: per seed, the
+    union of their CTR rows and encoders. Refuses runs whose settings (other than the encoders, modes and
+    output) differ, or whose shared rows (e.g. `none`) disagree."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    fixed = lambda a: {k: v for k, v in a.items() if k not in ("encoders", "modes", "out", "workdir")}  # noqa: E731
+    out = {**runs[0], "seeds": {}}
+    for path, r in zip(paths, runs):
+        if fixed(r["args"]) != fixed(runs[0]["args"]):
+            raise SystemExit(f"{path}: settings differ from {paths[0]}'s; only runs of the same settings merge")
+        for seed, res in r["seeds"].items():
+            into = out["seeds"].setdefault(seed, {"ctr": {}, "encoders": {}})
+            for row, rep in res["ctr"].items():
+                if row in into["ctr"] and into["ctr"][row]["overall"] != rep["overall"]:
+                    raise SystemExit(f"{path}: seed {seed} row {row} differs from an earlier run's")
+                into["ctr"][row] = rep
+            into["encoders"].update(res["encoders"])
+    return out
+
+
 def machine() -> dict:
     import platform
 
@@ -518,6 +556,8 @@ TABLES = {
         ["none"] + [f"{e}:{m}" for e in LEVEL_ENCODERS for m in ("cluster_id", "multi_cluster")],
     "(e) the paper's pre-training regime: within-query batches and the batch size (Table 7's analogue)":
         ["none"] + [f"{e}:{m}" for e in REGIME_ENCODERS for m in ("cluster_id", "multi_cluster")],
+    "(f) references: the hidden attributes themselves as the image feature (what this CTR model can gain)":
+        ["none", "oracle_style:cluster_id", "oracle_hue:cluster_id", "oracle_style:multi_cluster"],
 }
 
 
@@ -564,17 +604,20 @@ def tables(out: dict) -> str:
                 " / ".join(f"{g['overall']['auc']:.4f}" for g in got)]) + " |")
         parts.append("\n".join(lines))
     encs = [e for e in ENCODERS if any(e in out["seeds"][s]["encoders"] for s in seeds)]
+    # with --levels: how well each coarser level separates the hue family (the heaviest taste attribute)
+    level_keys = [f"nmi_hue_level{k}" for k in out["args"].get("levels") or []]
     lines = ["**Encoders: cluster quality vs the hidden truth (NMI; k-means C = %s) and pre-training loss**"
              % out["args"]["clusters"], "",
              "| encoder | NMI style | NMI hue | NMI pattern | NMI shape | NMI scale | NMI category | purity style "
-             "| loss first → last 10 |", "|---|---|---|---|---|---|---|---|---|"]
+             + "".join(f"| NMI hue, level {k[len('nmi_hue_level'):]} " for k in level_keys)
+             + "| loss first → last 10 |", "|---|---|---|---|---|---|---|---|" + "---|" * len(level_keys) + "---|"]
     for e in encs:
         rs = [out["seeds"][s]["encoders"][e] for s in seeds if e in out["seeds"][s]["encoders"]]
         loss = ("-" if rs[0].get("loss_first") is None else
                 f"{np.mean([r['loss_first'] for r in rs]):.3f} → {np.mean([r['loss_last_10'] for r in rs]):.3f}")
-        lines.append("| " + " | ".join([e] + [_ms([r[k] for r in rs], 3) for k in
+        lines.append("| " + " | ".join([e] + [_ms([r.get(k) for r in rs], 3) for k in
                                               ("nmi_style", "nmi_hue", "nmi_pattern", "nmi_shape", "nmi_scale",
-                                               "nmi_category", "purity_style")] + [loss]) + " |")
+                                               "nmi_category", "purity_style", *level_keys)] + [loss]) + " |")
     parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -614,11 +657,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="encoder checkpoints (default: <data-root>/quality_runs)")
     p.add_argument("--out", default=None, help="results JSON (default: <data-root>/quality_results.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--report-only", default=None, metavar="JSON", help="print the tables of a results JSON and exit")
+    p.add_argument("--report-only", default=None, metavar="JSON[,JSON..]",
+                   help="print the tables of results JSONs and exit (several: runs of the same data and settings "
+                        "with different encoders, e.g. run side by side, merged per seed)")
     args = p.parse_args(argv)
     if args.report_only:
-        with open(args.report_only) as fh:
-            print(tables(json.load(fh)))
+        print(tables(merge_results(args.report_only.split(","))))
         return 0
     unknown = set(args.encoders) - set(ENCODERS)
     if unknown:

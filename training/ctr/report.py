@@ -28,6 +28,10 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def _gain(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.4f}"
+
+
 def plot_models(outcome, path: str) -> None:
     plt = _plt()
     rows = {r["version"]: r for r in outcome.others}
@@ -152,6 +156,9 @@ def summary_text(outcome) -> str:
         gains = category_gains(outcome)
         if gains:
             lines.append("category AUC gain: " + ", ".join(f"{c} {100 * g:+.2f}%" for c, g, _ in gains))
+        for v, levels in sorted(outcome.level_gains.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"v{v} gain per cluster level (AUC / GAUC with the level hidden -> full): " + ", ".join(
+                f"{g['level']} [{g['ids']} ids] {_gain(g['auc_gain'])} / {_gain(g['gauc_gain'])}" for g in levels))
     for g in outcome.gates:
         lines.append(f"  [{'PASS' if g.passed else 'FAIL'}] {g.name}: {g.detail}")
     lines.append(f"decision: {outcome.decision.upper()} - " + "; ".join(outcome.reasons))
@@ -187,6 +194,14 @@ def _report_blocks(outcome, folder: str, tsne) -> list[tuple]:
                                  "rows"], rows))
         plot_models(outcome, os.path.join(folder, "auc_gauc.png"))
         blocks += [("h2", "AUC and GAUC per model"), ("img", "AUC/GAUC", "auc_gauc.png")]
+    for v, levels in sorted(outcome.level_gains.items(), key=lambda kv: int(kv[0])):
+        blocks += [("h2", f"Gain per cluster level, v{v}"),
+                   ("p", [("", "What each level of the multi-granularity cluster ids adds: the model's metric "
+                                "minus the same model's metric with that level's ids hidden (scored as "
+                                "\"no usable image\"), on the evaluation snapshot.")]),
+                   ("table", ["level", "ids in eval", "AUC without it", "AUC gain", "GAUC without it", "GAUC gain"],
+                    [[g["level"], str(g["ids"]), _fmt(g["auc"]), _gain(g["auc_gain"]), _fmt(g["gauc"]),
+                      _gain(g["gauc_gain"])] for g in levels])]
     if plot_category_gains(outcome, os.path.join(folder, "category_gain.png")):
         blocks += [("h2", "Per-category AUC gain (challenger − champion; cf. the paper's Fig. 4)"),
                    ("img", "category gains", "category_gain.png"),

@@ -51,6 +51,9 @@ class ReviewOutcome:
     tags: dict = field(default_factory=dict)  # version -> lineage tags
     curves: dict = field(default_factory=dict)  # version -> [{epoch, train_loss, eval_auc, ...}]
     others: list[dict] = field(default_factory=list)  # other versions on the same snapshot (logged metrics)
+    # multi_cluster models: version -> [{level, ids, auc, gauc, auc_gain, gauc_gain}], the gain being the
+    # model's metric minus the metric with that level's ids hidden (scored as "no usable image")
+    level_gains: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -127,7 +130,7 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
     from etl.registry import Snapshot
     from training.ctr import data as ctr_data
     from training.ctr.metrics import evaluate_predictions
-    from training.ctr.train import load_registered, score_frame
+    from training.ctr.train import level_scores, load_registered, score_frame
 
     versions = registry.versions(MODEL_NAME)
     if not versions:
@@ -188,6 +191,12 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         out.reports[v] = evaluate_predictions(ev, probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
         out.tags[v] = tags
         out.curves[v] = _curve(tags.get("run_id"))
+        full = out.reports[v]["overall"]
+        for name, n_ids, hidden in level_scores(model, ev):
+            o = evaluate_predictions(ev, hidden, cold_items=cold, group_col=cfg.ctr.gauc_by)["overall"]
+            out.level_gains.setdefault(v, []).append(
+                {"level": name, "ids": n_ids, "auc": o["auc"], "gauc": o["gauc"],
+                 "auc_gain": full["auc"] - o["auc"], "gauc_gain": full["gauc"] - o["gauc"]})
     out.others = [{"version": str(v.version), "feature_mode": v.tags.get("feature_mode"),
                    "auc": _float(v.tags.get("eval.auc")), "gauc": _float(v.tags.get("eval.gauc"))}
                   for v in versions if v.tags.get("eval.snapshot") == snap.key]
@@ -292,6 +301,8 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
         for v, rep in outcome.reports.items():
             role = "challenger" if v == outcome.challenger else "champion"
             mlflow.log_metrics({f"{role}.auc": rep["overall"]["auc"], f"{role}.gauc": rep["overall"]["gauc"]})
+            for k, g in enumerate(outcome.level_gains.get(v, []), 1):
+                mlflow.log_metrics({f"{role}.level{k}.auc_gain": g["auc_gain"], f"{role}.level{k}.gauc_gain": g["gauc_gain"]})
         run_id = run.info.run_id
     if outcome.challenger and outcome.reports:
         registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(outcome.decision, run_id))

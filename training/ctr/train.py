@@ -191,6 +191,39 @@ def score_frame(model: CTRModel, frame: pd.DataFrame, extra_vector_frames: list 
     return predict(model, data)
 
 
+NO_IMAGE_ROW = 1  # embedding row of the reserved no-image cluster id (training.ctr.data: id + 2; 0 = padding)
+
+
+def hide_level(data: CtrTensors, level: int | None) -> CtrTensors:
+    """`data` with one cluster level replaced by "no usable image": level None = the fine cluster id,
+    k = the k-th coarser level (coarsest first). Padding (row 0) stays padding."""
+    def hidden(ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids > NO_IMAGE_ROW, torch.full_like(ids, NO_IMAGE_ROW), ids)
+
+    if level is None:
+        return replace(data, item_cluster=hidden(data.item_cluster), hist_cluster=hidden(data.hist_cluster))
+    item, hist = data.item_levels.clone(), data.hist_levels.clone()
+    item[:, level], hist[..., level] = hidden(item[:, level]), hidden(hist[..., level])
+    return replace(data, item_levels=item, hist_levels=hist)
+
+
+def level_scores(model: CTRModel, frame: pd.DataFrame) -> list[tuple[str, int, np.ndarray]]:
+    """Per cluster level of a multi_cluster model: (level name, distinct ids of the level in `frame`,
+    the model's probabilities with that level hidden). The full model's score minus these is the gain
+    each level brings (the review states it); [] for the other feature modes."""
+    s = model.spec
+    if s.feature_mode != "multi_cluster":
+        return []
+    data = encode(frame, s.max_history, s.item_buckets, s.user_buckets, None)
+
+    def n_ids(item: torch.Tensor) -> int:
+        return int(torch.unique(item[item > NO_IMAGE_ROW]).numel())
+
+    levels = [(f"level {k + 1} (coarse)", n_ids(data.item_levels[:, k]), k) for k in range(data.item_levels.shape[1])]
+    levels.append(("cluster id (fine)", n_ids(data.item_cluster), None))
+    return [(name, n, predict(model, hide_level(data, k))) for name, n, k in levels]
+
+
 # ---- persistence: a JSON spec + a state_dict, never a pickle --------------------------------------------
 def save_model(model: CTRModel, folder: str, extra: dict | None = None) -> None:
     os.makedirs(folder, exist_ok=True)
