@@ -668,14 +668,15 @@ class _ProcessDecoder:
     the worker decodes them into a shared-memory slot, from which the training process copies the two
     uint8 arrays once (its own work per image: ~one memcpy). ``ahead`` = workers + 1 batches are in
     flight, so every worker has its next batch queued while the training step runs. The same
-    ``jpeg.decode_into`` as in process: the same pixels. The pool starts with the first batch (its size
-    sizes the slots: later batches are never larger) and is shut down by ``close()`` (end of the epoch,
-    an error, or the iterator closed or dropped); a worker also exits by itself if the training process
-    dies."""
+    ``jpeg.decode_into`` as in process: the same pixels. The pool starts with the first batch; its slots
+    hold ``max_rows`` PVs (the batch size: a batch grouped by query may be shorter than a later one) and
+    it is shut down by ``close()`` (end of the epoch, an error, or the iterator closed or dropped); a
+    worker also exits by itself if the training process dies."""
 
-    def __init__(self, workers: int, image_px: Optional[int]):
+    def __init__(self, workers: int, image_px: Optional[int], max_rows: int = 0):
         self.workers = workers
         self.px = image_px
+        self.max_rows = max_rows
         self.ahead = workers + 1
         self.pool: Optional[_WorkerPool] = None
         self.free: queue.Queue = queue.Queue()
@@ -689,11 +690,14 @@ class _ProcessDecoder:
         shapes = (pv_mask.shape, click_mask.shape)
         if self.pool is None:
             slots = self.ahead + 1  # at most ahead + 1 batches are submitted and not yet copied out
-            self.pool = _WorkerPool(self.workers, slots, jpeg.batch_bytes(shapes, px))
+            rows = max(self.max_rows, pv_mask.shape[0])
+            largest = ((rows, *pv_mask.shape[1:]), (rows, *click_mask.shape[1:]))
+            self.pool = _WorkerPool(self.workers, slots, jpeg.batch_bytes(largest, px))
             for k in range(slots):
                 self.free.put(k)
         if jpeg.batch_bytes(shapes, px) > self.pool.slot_bytes:
-            raise ValueError("a batch larger than the first one: the reader's batches never grow")
+            raise ValueError(f"a batch of {pv_mask.shape[0]} PVs at {px} px is larger than the decode slots "
+                             f"({self.pool.slot_bytes} bytes, sized for {max(self.max_rows, 1)} PVs)")
         slot = self.free.get()
         future = self.pool.submit((slot, shapes, tasks, px, self.px))
 
@@ -755,11 +759,12 @@ class _TensorDecoder:
         return lambda: (pv, click, pv_mask, click_mask)
 
 
-def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image_px: Optional[int]):
+def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image_px: Optional[int],
+                  max_rows: int = 0):
     if decode_device is not None:
         return _TensorDecoder(decode_device, image_px)
     if decode_workers > 0:
-        return _ProcessDecoder(decode_workers, image_px)
+        return _ProcessDecoder(decode_workers, image_px, max_rows)
     return _Decoder(decode_threads, image_px)
 
 
@@ -925,7 +930,7 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
            else _grouped_batches(plan, batch_size, seed, epoch, skip_batches, group_by))
 
     def decoded():
-        decoder = _make_decoder(workers, decode_threads, decode_device, image_px)
+        decoder = _make_decoder(workers, decode_threads, decode_device, image_px, batch_size)
         pending: collections.deque = collections.deque()
         try:
             for k, cols in enumerate(raw):
