@@ -172,6 +172,10 @@ class CtrConf:
     # How the image enters the model (the paper's Table B1): none | vector | simscore | cluster_id;
     # multi_cluster = cluster_id plus an embedding per coarser level (features.levels).
     feature_mode: str = "cluster_id"
+    # multi_cluster: the fine and coarser levels' embeddings concatenated (each level its own slice, so the
+    # target attention sees a match per level) or summed into one slice (bench/RESULTS.md run F: concat
+    # doubles the gain of the levels)
+    level_combine: str = "concat"
     table_version: int | None = None  # pin a ctr_train version (default: the latest)
     train_dates: list | None = None  # explicit YYYY-MM-DD lists; default: every date before the eval dates
     eval_dates: list | None = None  # default: the last `eval_last_n_dates` dates of the table version
@@ -273,6 +277,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RECONSTRUCTION_MODES = ("attention", "self_attention", "multihead")
 BATCH_GROUPINGS = ("none", "query")
 FEATURE_MODES = ("none", "vector", "simscore", "cluster_id", "multi_cluster")
+LEVEL_COMBINES = ("concat", "sum")
 GAUC_GROUPS = ("pv_id", "session_id")
 
 
@@ -428,6 +433,7 @@ def _validate_features(f: FeaturesConf) -> None:
 def _validate_ctr(c: CtrConf, r: ReviewConf) -> None:
     checks = [
         (c.feature_mode in FEATURE_MODES, _one_of("ctr.feature_mode", FEATURE_MODES)),
+        (c.level_combine in LEVEL_COMBINES, _one_of("ctr.level_combine", LEVEL_COMBINES)),
         (c.gauc_by in GAUC_GROUPS, _one_of("ctr.gauc_by", GAUC_GROUPS)),
         (c.eval_last_n_dates >= 1, "ctr.eval_last_n_dates must be >= 1"),
         (c.validation_last_n_dates >= 0, "ctr.validation_last_n_dates must be >= 0"),

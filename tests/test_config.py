@@ -23,6 +23,7 @@ def test_shipped_configs_load():
     ({"samples": {"l_pv": "five"}}, "samples.l_pv: expected int"),
     ({"tables": {"engine": "parquet"}}, "tables.engine must be one of"),
     ({"train": {"batch_grouping": "category"}}, "train.batch_grouping must be none or query"),
+    ({"ctr": {"level_combine": "mean"}}, "ctr.level_combine must be concat or sum"),
     ({"simulator": {"start_date": "20/11/2026"}}, "expected YYYY-MM-DD"),
     ({"spark": {"conf": {"executor.memory": "1g"}}}, "keys must start with 'spark.'"),
 ])

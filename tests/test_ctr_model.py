@@ -181,8 +181,10 @@ def _with_levels(frame, per_level=4):
 
 def test_multi_cluster_mode_reads_every_level_and_round_trips(table, frames, tmp_path):
     import dataclasses
+    import json
 
     import numpy as np
+    import torch
 
     from training.ctr.data import CtrDataError, encode
     from training.ctr.train import fit_and_evaluate, load_model, save_model, score_frame
@@ -199,6 +201,21 @@ def test_multi_cluster_mode_reads_every_level_and_round_trips(table, frames, tmp
     multi = fit_and_evaluate(tr, ev, ctr, "multi_cluster")
     none = fit_and_evaluate(tr, ev, ctr, "none")
     assert multi.spec.level_rows == [3 + 2] and multi.report["overall"]["auc"] > none.report["overall"]["auc"] + 0.1
+    # concat (the default): the item representation is [id | fine | level 1]; sum: [id | fine + level 1]
+    from training.ctr.model import CTRModel, ModelSpec
+    assert multi.spec.level_combine == ctr.level_combine == "concat"
+    batch = data.take(torch.arange(4))
+    width = lambda m: m.item_repr(batch["item"], batch["item_cluster"], batch["item_vec"],  # noqa: E731
+                                  batch["item_levels"]).shape[-1]
+    assert width(multi.model) == multi.spec.id_dim + 2 * multi.spec.cluster_dim
+    summed = fit_and_evaluate(tr, ev, dataclasses.replace(ctr, level_combine="sum"), "multi_cluster")
+    assert summed.spec.level_combine == "sum" and width(summed.model) == multi.spec.id_dim + multi.spec.cluster_dim
+    # A spec written before level_combine existed is a "sum" model and loads as one.
+    old = json.loads(summed.spec.to_json())
+    del old["level_combine"]
+    assert ModelSpec.from_json(json.dumps(old)) == summed.spec
+    with pytest.raises(ValueError, match="level_combine"):
+        CTRModel(dataclasses.replace(multi.spec, level_combine="mean"))
     save_model(multi.model, str(tmp_path / "m"))
     np.testing.assert_allclose(score_frame(load_model(str(tmp_path / "m")), ev), multi.eval_probs, rtol=1e-6)
     # The gain per level (the review's): hiding a level scores exactly as rows whose ids at that level are

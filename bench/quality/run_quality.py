@@ -167,8 +167,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: str):
-    """train_fn in this process (world size 1); returns (encoder, result dict)."""
+def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: str, reuse: bool = False):
+    """train_fn in this process (world size 1); returns (encoder, result dict). With `reuse`, an encoder
+    this script already trained in `workdir` with the same settings (settings.json) is loaded instead."""
     import torch
 
     from training.courier import ImageEncoder
@@ -176,6 +177,19 @@ def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: st
     from training.train import train_fn
 
     os.makedirs(workdir, exist_ok=True)
+    settings = {"overrides": overrides, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
+                "lr": args.lr, "backbone": args.backbone, "image_px": args.image_px, "data_root": args.data_root}
+    settings_path, result_path = os.path.join(workdir, "settings.json"), os.path.join(workdir, "result.json")
+    if reuse and os.path.exists(settings_path) and os.path.exists(result_path):
+        with open(settings_path) as fh:
+            same = json.load(fh) == json.loads(json.dumps(settings))
+        if same:
+            with open(result_path) as fh:
+                result = json.load(fh)
+            encoder = ImageEncoder(args.backbone, dim=cfg.train.dim, proj_head=cfg.train.proj_head)
+            encoder.load_state_dict(torch.load(result["encoder_path"], map_location="cpu", weights_only=True))
+            log(f"reusing the encoder trained in {workdir} (same settings)")
+            return encoder.eval(), {**result, "reused": True}
     spec = dataclasses.asdict(make_spec(cfg, data.train_files, workdir, None, False))
     spec["image_px"] = args.image_px
     t = spec["train"]
@@ -189,7 +203,9 @@ def train_encoder(cfg, data: Data, overrides: dict, seed: int, args, workdir: st
         spec["extra"]["categories"] = data.cat_list
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    result = train_fn(spec)
+    result = train_fn(spec)  # also written to result_path (the spec's result_path)
+    with open(settings_path, "w") as fh:
+        json.dump(settings, fh)
     encoder = ImageEncoder(t["backbone"], dim=t["dim"], proj_head=t["proj_head"])
     encoder.load_state_dict(torch.load(result["encoder_path"], map_location="cpu", weights_only=True))
     return encoder.eval(), result
@@ -465,7 +481,7 @@ def run(args) -> dict:
                 log(f"seed {seed}: pre-training {enc_name} ({args.steps} steps, {args.backbone}, "
                     f"batch {ov.get('batch_size', args.batch_size)}, {args.image_px}px) | {eta.line()}")
                 encoder, result = train_encoder(cfg, data, ov, seed, args,
-                                                os.path.join(args.workdir, f"s{seed}", enc_name))
+                                                os.path.join(args.workdir, f"s{seed}", enc_name), args.reuse_encoders)
                 secs = time.perf_counter() - t1
                 timing.setdefault("train", []).append({"encoder": enc_name, "seconds": secs})
                 eta.done("train_step", args.steps, secs)
@@ -655,6 +671,9 @@ def main(argv=None) -> int:
     p.add_argument("--spark-attach-check", action="store_true",
                    help="once: build the eval frame through features.attach on Spark too (time + equality)")
     p.add_argument("--workdir", default=None, help="encoder checkpoints (default: <data-root>/quality_runs)")
+    p.add_argument("--reuse-encoders", action="store_true",
+                   help="load an encoder this script trained before in the workdir with the same settings "
+                        "(its settings.json) instead of training it again (e.g. to re-run only the CTR rows)")
     p.add_argument("--out", default=None, help="results JSON (default: <data-root>/quality_results.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--report-only", default=None, metavar="JSON[,JSON..]",

@@ -14,8 +14,10 @@ Image feature modes (the paper's Table B1):
 - ``cluster_id``  an embedding of the item's image cluster id, shared by target and history items, so
                   "the target is in a cluster the user clicked" is one learned dot product away.
 - ``multi_cluster`` the cluster-id embedding plus one embedding per coarser level (features.levels),
-                  summed: items of related fine clusters share their coarse rows, so a fine id seen
-                  rarely still carries what its coarse cluster learned.
+                  concatenated (ctr.level_combine, or summed): items of related fine clusters share
+                  their coarse rows, so a fine id seen rarely still carries what its coarse cluster
+                  learned, and with one slice per level the attention sees "same coarse cluster" as its
+                  own product, not drowned by the fine rows.
 
 The attention unit is DIN-style (an MLP over [t, h, t*h, t-h]) rather than the production model's
 multi-head self-attention: with one short history (5 clicks) the target-aware form is the one that can
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from etl.config import FEATURE_MODES as MODES
+from etl.config import LEVEL_COMBINES
 from training.ctr.data import POSITION_BUCKETS, QUERY_BUCKETS
 
 # Cluster-ID rows start at unit scale (torch's default): at 0.05 the target/history products the
@@ -46,6 +49,10 @@ class ModelSpec:
     feature_mode: str
     num_cluster_rows: int = 2  # cluster embedding rows: max cluster id + 3 (0 = padding, 1 = no image)
     level_rows: list = field(default_factory=list)  # multi_cluster: rows per coarser level (max id + 3)
+    # multi_cluster: how the fine and the coarser levels' embeddings form the image part: "concat" (each
+    # level its own slice, so the attention sees a match per level) or "sum" (one shared slice). A spec
+    # written before this key existed is a "sum" model.
+    level_combine: str = "sum"
     vector_in: int = 1  # image-vector length (vector mode)
     id_dim: int = 16
     cluster_dim: int = 16
@@ -122,9 +129,14 @@ class CTRModel(nn.Module):
             if not s.level_rows:
                 raise ValueError("feature_mode multi_cluster needs cluster levels: build_clusters with "
                                  "features.levels, then attach, so ctr_train carries item_cluster_levels")
+            if s.level_combine not in LEVEL_COMBINES:
+                raise ValueError(f"level_combine must be one of {LEVEL_COMBINES}, got {s.level_combine!r}")
             self.levels = nn.ModuleList(nn.Embedding(rows, s.cluster_dim, padding_idx=0) for rows in s.level_rows)
+            concat = s.level_combine == "concat"
             for emb in self.levels:
-                nn.init.normal_(emb.weight, std=CLUSTER_INIT_STD / len(s.level_rows))
+                nn.init.normal_(emb.weight, std=CLUSTER_INIT_STD if concat else CLUSTER_INIT_STD / len(s.level_rows))
+            if concat:
+                item_dim += s.cluster_dim * len(s.level_rows)
         elif s.feature_mode == "vector":
             self.vector = nn.Linear(s.vector_in, s.vector_dim)
             item_dim += s.vector_dim
@@ -153,8 +165,12 @@ class CTRModel(nn.Module):
                 if levels is None or levels.shape[-1] != len(self.levels):
                     raise ValueError(f"this model reads {len(self.levels)} cluster level(s); the data has "
                                      f"{0 if levels is None else levels.shape[-1]}")
-                for k, emb in enumerate(self.levels):  # fine row + one row per coarser level, summed
-                    image = image + emb(levels[..., k].clamp(max=emb.num_embeddings - 1))
+                coarse = [emb(levels[..., k].clamp(max=emb.num_embeddings - 1)) for k, emb in enumerate(self.levels)]
+                if self.spec.level_combine == "concat":  # [fine | level 1 | .. | level K]
+                    image = torch.cat([image, *coarse], dim=-1)
+                else:  # fine row + one row per coarser level, summed
+                    for c in coarse:
+                        image = image + c
             parts.append(image)
         elif self.spec.feature_mode == "vector":
             parts.append(self.vector(vectors))

@@ -30,7 +30,8 @@ def spec_from_conf(ctr, feature_mode: str | None = None) -> ModelSpec:
     return ModelSpec(feature_mode=feature_mode or ctr.feature_mode, id_dim=ctr.id_dim, cluster_dim=ctr.cluster_dim,
                      vector_dim=ctr.vector_dim, context_dim=ctr.context_dim, layers=list(ctr.layers),
                      attention_hidden=ctr.attention_hidden, max_history=ctr.max_history,
-                     item_buckets=ctr.item_buckets, user_buckets=ctr.user_buckets, id_dropout=ctr.id_dropout)
+                     item_buckets=ctr.item_buckets, user_buckets=ctr.user_buckets, id_dropout=ctr.id_dropout,
+                     level_combine=ctr.level_combine)
 
 
 @torch.no_grad()
