@@ -12,7 +12,8 @@ from conftest import write_config
 
 TRAIN = {"batch_size": 16, "num_workers": 1, "epochs": 1, "max_steps": 6, "checkpoint_every": 100,
          "log_every": 3, "decode_threads": 1}
-FEATURES = {"n_clusters": 8, "kmeans_iters": 10, "attach_batch_size": 256, "embed_batch_size": 64}
+# levels: the demo's multi-granularity ids (conf/local.yaml), scaled to the tiny preset
+FEATURES = {"n_clusters": 8, "levels": [2, 4], "kmeans_iters": 10, "attach_batch_size": 256, "embed_batch_size": 64}
 CTR = {"epochs": 2, "batch_size": 128, "layers": [32, 16], "item_buckets": 4096, "user_buckets": 1024}
 REVIEW = {"min_eval_rows": 50, "min_category_rows": 50}
 
@@ -75,13 +76,21 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     assert (ctr_train["item_cluster_id"].to_numpy() == expected.fillna(NO_IMAGE_CLUSTER_ID).to_numpy()).all()
     assert (ctr_train["item_cluster_id"] == NO_IMAGE_CLUSTER_ID).any()  # the simulator's missing images
 
-    # Stage 4: a baseline without image feature and a cluster-ID model on the same snapshot.
+    # every impression's coarser ids, one per level, reserved (-1) on every level exactly where the fine is
+    levels = ctr_train["item_cluster_levels"].map(list)
+    assert (levels.map(len) == 2).all()
+    assert ((levels.map(lambda lv: lv == [NO_IMAGE_CLUSTER_ID] * 2))
+            == (ctr_train["item_cluster_id"] == NO_IMAGE_CLUSTER_ID)).all()
+    assert levels.map(lambda lv: 0 <= lv[0] < 2 and 0 <= lv[1] < 4 or lv == [-1, -1]).all()
+
+    # Stage 4: a baseline without image feature and the pipeline's challenger (multi_cluster: the
+    # cluster id and its coarser levels) on the same snapshot.
     def train_ctr(mode):
         mode_cfg = dataclasses.replace(cfg, ctr=dataclasses.replace(cfg.ctr, feature_mode=mode))
         out = train_and_register(mode_cfg, store, run_name=f"e2e-{mode}", progress=lambda m: None)
         assert out["report"]["overall"]["rows"] > 0
         return out
-    baseline, challenger = train_ctr("none"), train_ctr("cluster_id")
+    baseline, challenger = train_ctr("none"), train_ctr("multi_cluster")
     assert baseline["snapshot"] == challenger["snapshot"]
 
     # Review: the first model needs the explicit flag; then the cluster-ID model is gated against it.
@@ -95,6 +104,13 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == baseline["model_version"]
     second = review_and_report(cfg, store, challenger["model_version"], with_tsne=True)
     assert second.decision in ("promoted", "rejected"), second.reasons
+    # The review states what each level brings: the challenger's AUC minus its AUC with that level hidden.
+    gains = second.level_gains[challenger["model_version"]]
+    assert [g["level"] for g in gains] == ["level 1 (coarse)", "level 2 (coarse)", "cluster id (fine)"]
+    assert [g["ids"] <= k for g, k in zip(gains, (2, 4, 8))] == [True] * 3
+    full = second.reports[challenger["model_version"]]["overall"]["auc"]
+    assert all(abs(full - g["auc"] - g["auc_gain"]) < 1e-12 for g in gains)
+    assert baseline["model_version"] not in second.level_gains  # no levels in a none model
     holder = str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version)
     assert holder == (challenger["model_version"] if second.decision == "promoted" else baseline["model_version"])
     review_runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'review_model'", output_format="list")
