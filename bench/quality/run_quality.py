@@ -280,20 +280,17 @@ def oracle_features(data: Data, version: str, attribute: str = "style") -> Feats
     'embedding' (reference rows only); its levels are the ideal hierarchy: hue family, then hue + pattern."""
     from features.quality import purity_nmi, style_labels
 
-    labels = style_labels(data.styles, data.item_ids, attribute)
-    codes, uniques = pd.factorize(labels)
+    truth = {a: style_labels(data.styles, data.item_ids, a) for a in ("style", "hue", "pattern", "shape", "scale")}
+    codes, uniques = pd.factorize(truth[attribute])
     n = len(codes)
     unit = np.zeros((n + 1, len(uniques)), np.float32)
     unit[np.arange(n), codes] = 1.0
     cluster_of = np.append(codes.astype(np.int64), -1)
-    coarse = [pd.factorize(style_labels(data.styles, data.item_ids, "hue"))[0],
-              pd.factorize(style_labels(data.styles, data.item_ids, "hue") + "/"
-                           + style_labels(data.styles, data.item_ids, "pattern"))[0]]
+    coarse = [pd.factorize(truth["hue"])[0], pd.factorize(truth["hue"] + "/" + truth["pattern"])[0]]
     levels_of = np.vstack([np.stack(coarse, axis=1), [[-1, -1]]]).astype(np.int64)
-    q = {f"nmi_{a}": purity_nmi(codes, style_labels(data.styles, data.item_ids, a))[1]
-         for a in ("style", "hue", "pattern", "shape", "scale")}
-    q.update(nmi_category=purity_nmi(codes, data.categories)[1], purity_style=purity_nmi(
-        codes, style_labels(data.styles, data.item_ids, "style"))[0], styles=len(uniques))
+    scores = {a: purity_nmi(codes, labels) for a, labels in truth.items()}  # (purity, NMI)
+    q = {f"nmi_{a}": nmi for a, (_, nmi) in scores.items()}
+    q.update(nmi_category=purity_nmi(codes, data.categories)[1], purity_style=scores["style"][0], styles=len(uniques))
     return Feats(cluster_of, unit, np.append(np.ones(n, bool), False), q, version, levels_of)
 
 

@@ -27,6 +27,7 @@ from etl.contracts import NO_IMAGE_CLUSTER_ID
 TABLE = T.CTR_TRAIN
 QUERY_BUCKETS = 1024  # queries are categories here; hashed like the other ids
 POSITION_BUCKETS = 64  # positions >= 63 share the last bucket
+NO_IMAGE_ROW = 1  # embedding row of NO_IMAGE_CLUSTER_ID: a cluster id's row is id - NO_IMAGE_CLUSTER_ID + NO_IMAGE_ROW
 
 LEVEL_COLUMNS = ["item_cluster_levels", "history_cluster_levels"]  # with features.levels only
 BASE_COLUMNS = ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "history",
@@ -225,7 +226,7 @@ def encode(frame: pd.DataFrame, max_history: int, item_buckets: int, user_bucket
     hist_mask = np.zeros((n, L), dtype=bool)
     hist_mask[rows, pos] = True
     hist_cluster = np.zeros((n, L), dtype=np.int64)
-    hist_cluster[rows, pos] = hcid[keep].astype(np.int64) - NO_IMAGE_CLUSTER_ID + 1
+    hist_cluster[rows, pos] = hcid[keep].astype(np.int64) - NO_IMAGE_CLUSTER_ID + NO_IMAGE_ROW
     sim = np.zeros((n, L), dtype=np.float32)
     sim[rows, pos] = sims[keep].astype(np.float32)
 
@@ -247,7 +248,7 @@ def encode(frame: pd.DataFrame, max_history: int, item_buckets: int, user_bucket
         position=t(np.clip(frame["position"].fillna(POSITION_BUCKETS - 1).to_numpy().astype(np.int64), 0,
                            POSITION_BUCKETS - 1)),
         hist_item=t(hist_item), hist_mask=t(hist_mask),
-        item_cluster=t(cids - NO_IMAGE_CLUSTER_ID + 1), hist_cluster=t(hist_cluster), sim=t(sim),
+        item_cluster=t(cids - NO_IMAGE_CLUSTER_ID + NO_IMAGE_ROW), hist_cluster=t(hist_cluster), sim=t(sim),
         item_vec=t(item_vec.astype(np.int64)), hist_vec=t(hist_vec), vec_table=t(table), stats=stats,
         item_levels=t(item_levels), hist_levels=t(hist_levels))
 
@@ -272,8 +273,8 @@ def _levels(frame: pd.DataFrame, n: int, L: int, rows, pos, keep, hlen) -> tuple
     if min(raw_item.min(initial=0), raw_hist.min(initial=0)) < NO_IMAGE_CLUSTER_ID:
         raise CtrDataError(f"cluster level ids must be >= {NO_IMAGE_CLUSTER_ID}")
     hist_levels = np.zeros((n, L, k), np.int64)
-    hist_levels[rows, pos] = raw_hist[keep] - NO_IMAGE_CLUSTER_ID + 1
-    return raw_item - NO_IMAGE_CLUSTER_ID + 1, hist_levels
+    hist_levels[rows, pos] = raw_hist[keep] - NO_IMAGE_CLUSTER_ID + NO_IMAGE_ROW
+    return raw_item - NO_IMAGE_CLUSTER_ID + NO_IMAGE_ROW, hist_levels
 
 
 def seen_items(frame: pd.DataFrame) -> set[str]:

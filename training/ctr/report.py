@@ -24,12 +24,12 @@ def _plt():
     return plt
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+def _fmt(x, spec: str = ".4f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _gain(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.4f}"
+    return _fmt(x, "+.4f")
 
 
 def plot_models(outcome, path: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.ctr import metrics
-from training.ctr.data import CtrTensors, encode, seen_items, vector_table
+from training.ctr.data import NO_IMAGE_ROW, CtrTensors, encode, seen_items, vector_table
 from training.ctr.model import CTRModel, ModelSpec
 
 WEIGHTS = "weights.pt"
@@ -190,9 +190,6 @@ def score_frame(model: CTRModel, frame: pd.DataFrame, extra_vector_frames: list 
     vectors = vector_table([frame, *(extra_vector_frames or [])]) if s.feature_mode == "vector" else None
     data = encode(frame, s.max_history, s.item_buckets, s.user_buckets, vectors)
     return predict(model, data)
-
-
-NO_IMAGE_ROW = 1  # embedding row of the reserved no-image cluster id (training.ctr.data: id + 2; 0 = padding)
 
 
 def hide_level(data: CtrTensors, level: int | None) -> CtrTensors:
