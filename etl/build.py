@@ -29,7 +29,7 @@ from etl.counts import DateReport, VerifyError
 from etl.inputs import (InputError, discover, fingerprint, glob_escape, plan_images, read_image_files,
                         scan_files)
 from etl.publish import PublishError, PublishLog, pause_hook, recover
-from etl.spark import list_dir
+from etl.spark import file_open_cost, list_dir
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -142,19 +142,17 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
 
     # ---- events: parse, dedupe, check item references and clicks -------------------------------
     raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
-    # Each step materialized: every mark_* step joins its input with itself (see materialize).
-    parsed = materialize(S.parse_events(raw, sc.ts_skew_minutes))
-    deduped = materialize(S.mark_duplicates(parsed))
-    referenced = materialize(S.mark_unknown_items(deduped, known_items))
-    events = materialize(S.mark_bad_clicks(referenced))
-    release(parsed, deduped, referenced)
-    valid = S.sessionize(events.where(F.col("reason").isNull()), sc.session_gap_minutes)
-    pvs = valid.where(F.col("event_type") == "pv")
-    clicks = valid.where(F.col("event_type") == "click")
+    # Materialized after the dedupe: the item check joins its input with itself (see materialize),
+    # which would otherwise run the Python parser twice.
+    deduped = materialize(S.mark_duplicates(S.parse_events(raw, sc.ts_skew_minutes)))
+    events = materialize(S.mark_bad_clicks(S.mark_unknown_items(deduped, known_items)))
+    release(deduped)
+    # Only what the samples read travels through the shuffle by user (not the raw text).
+    valid = events.where(F.col("reason").isNull()).select(*S.VALID_EVENT_COLUMNS)
 
-    # ---- samples -------------------------------------------------------------------------------
-    todays_pvs = S.click_history(pvs, clicks, sc.l_click).where(F.col("dt") == date)
-    labelled = materialize(S.label_pvs(todays_pvs, clicks, sc.neg_rate, sc.sampling_seed))
+    # ---- samples: sessions, click history and labels over one shuffle by user -------------------
+    timeline = S.click_history(S.sessionize(valid, sc.session_gap_minutes), sc.l_click)
+    labelled = materialize(S.label_pvs(timeline, sc.neg_rate, sc.sampling_seed).where(F.col("dt") == date))
     samples = materialize(S.pv_samples(labelled, sc.l_pv, sc.sampling_seed))
     kept_samples = samples.where(F.col("drop_reason").isNull())
 
@@ -162,8 +160,9 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     plan = inputs.images
     rejected = spark.createDataFrame(
         [(i, None, None, None, None, r, dtl) for i, r, dtl in plan.rejected], S.IMAGE_RESULT_SCHEMA)
-    decoded = materialize(S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality,
-                                          sc.max_image_pixels).unionByName(rejected))
+    with file_open_cost(spark, plan.mean_bytes):  # about one decoding task per core, not one per 32 images
+        decoded = materialize(S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality,
+                                              sc.max_image_pixels).unionByName(rejected))
 
     # ---- quarantine: every rejected row of this date, with its reason ---------------------------
     quarantine = (

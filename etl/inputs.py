@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from etl.spark import hadoop_path
+from etl.spark import file_open_cost, hadoop_path
 
 READ_SUFFIXES = (".jsonl", ".json")
 SPARK_CODECS = ("", ".gz", ".bz2")  # what Spark's text source decompresses without native libraries
@@ -168,6 +168,11 @@ class ImagePlan:
     rejected: list = field(default_factory=list)  # (item_id, reason, detail)
     listing: list = field(default_factory=list)  # (image_uri, size, mtime) of every file to read
 
+    @property
+    def mean_bytes(self) -> int:
+        """Mean size of the files to read (what opening one of them costs, roughly)."""
+        return sum(n for _, n, _ in self.listing) // max(1, len(self.listing))
+
 
 def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes: int) -> ImagePlan:
     """Resolve each (item_id, image_uri) under images_root and look up the files that hold them.
@@ -228,7 +233,8 @@ def _list_files(spark, folders: list[str]) -> dict[str, tuple[bool, int, int]]:
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .load([glob_escape(f) for f in existing])
              .select("path", "length", F.unix_millis("modificationTime").alias("mtime")))
-    return {r["path"]: (True, int(r["length"]), int(r["mtime"])) for r in files.collect()}
+    with file_open_cost(spark, 1):  # no file is opened: a few tasks, not one per 32 files
+        return {r["path"]: (True, int(r["length"]), int(r["mtime"])) for r in files.collect()}
 
 
 def _file_status(spark, path: str) -> tuple[bool, int, int] | None:
@@ -241,13 +247,16 @@ def _file_status(spark, path: str) -> tuple[bool, int, int] | None:
 
 
 def read_image_files(spark, plan: ImagePlan):
-    """(item_id, content) of the planned files, read by the executors (binaryFile source).
+    """(item_id, content) of the planned files, read by the executors (binaryFile source), in the
+    read's own partitions (the planned (item_id, path) pairs are broadcast). Plan the action under
+    `file_open_cost(spark, plan.mean_bytes)` so that the files pack into about one task per core.
 
     Each folder is loaded once with a file-name filter (`pathGlobFilter` = the planned names): handing
     Spark 20,000 explicit paths instead costs ~100 s of driver-side path checks before any byte is read.
     Folders beyond a few dozen, and names a glob could misread, are loaded by explicit path."""
     from functools import reduce
 
+    from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     pairs = spark.createDataFrame(plan.to_read or [], T.StructType([
@@ -272,7 +281,7 @@ def read_image_files(spark, plan: ImagePlan):
         frames.append(spark.read.format("binaryFile").load([glob_escape(p) for p in sorted(explicit)]))
     files = reduce(lambda x, y: x.unionByName(y), [f.select("path", "content") for f in frames])
     # The name filter may also match same-named files in sub-folders: the join keeps the planned paths only.
-    return pairs.join(files, on="path", how="inner").select("item_id", "content")
+    return files.join(F.broadcast(pairs), on="path", how="inner").select("item_id", "content")
 
 
 _MAX_FOLDER_LOADS = 32  # above this many image folders, one load of explicit paths is cheaper

@@ -27,6 +27,9 @@ EVENT_FIELDS = {"event_id": "string", "event_type": "string", "ts": "string", "u
 CATALOG_FIELDS = {"item_id": "string", "category": "string", "title": "string", "image_uri": "string",
                   "first_seen_dt": "string", "price": "number"}
 EVENT_TYPES = ("pv", "click")
+# What sessionize, click_history and label_pvs read of a valid event (and pass on to the samples).
+VALID_EVENT_COLUMNS = ("event_id", "event_type", "ts", "user_id", "pv_id", "query", "items", "item_id",
+                       "session_id", "dt")
 # courier_train's drop reasons, in the order they are tested (the first that holds is the row's)
 TRAIN_DROP_REASONS = ("no_positive_image", "no_history_image")
 _HASH_BUCKETS = 1 << 30
@@ -177,23 +180,27 @@ def mark_duplicates(events: DataFrame) -> DataFrame:
     every copy `conflicting_duplicate` (which one is right cannot be known); identical copies ->
     all but the earliest `duplicate`. The earliest is by (dt, ts, event_id, raw text): deterministic
     whatever the partitioning. Invalid rows (already quarantined) take no part.
+
+    Two shuffles: the event_id windows in one step, then the pv_id windows (interleaved, Spark
+    re-shuffles between them). The output stays partitioned by pv_id, which the next checks reuse.
     """
     valid = F.col("reason").isNull()
     is_pv = F.col("event_type") == "pv"
     body = F.to_json(F.struct("event_type", F.col("ts").cast("string"), "user_id", "pv_id", "query", "items",
                               "item_id", "session_id"))
-    by_event = Window.partitionBy("event_id")
-    # PV rows and the rest apart, so the clicks of a page are not one partition with its PV.
-    by_pv = Window.partitionBy("pv_id", (valid & is_pv).alias("_pv_row"))
     order = [F.col("reason").isNotNull(), "dt", "ts", "event_id", "value"]  # valid rows rank first
-    versions_e = F.size(F.collect_set(F.when(valid, body)).over(by_event))
-    versions_p = F.size(F.collect_set(F.when(valid & is_pv, body)).over(by_pv))
-    rank_e = F.row_number().over(by_event.orderBy(*order))
-    rank_p = F.row_number().over(by_pv.orderBy(*order))
-    return events.withColumn("reason", F.coalesce("reason", F.when(valid, _first_reason(
-        ((versions_e > 1) | (is_pv & (versions_p > 1)), "conflicting_duplicate"),
-        ((rank_e > 1) | (is_pv & (rank_p > 1)), "duplicate"),
-    ))))
+    by_event = Window.partitionBy("event_id")
+    by_event_rows = events.withColumn("_versions_e", F.size(F.collect_set(F.when(valid, body)).over(by_event))) \
+        .withColumn("_rank_e", F.row_number().over(by_event.orderBy(*order)))
+    # The valid PV rows of a pv_id rank among themselves: they sort ahead of the page's other rows.
+    by_pv = Window.partitionBy("pv_id")
+    pv_row_last = (~(valid & is_pv)).alias("_not_pv_row")
+    by_pv_rows = by_event_rows.withColumn("_versions_p", F.size(F.collect_set(F.when(valid & is_pv, body)).over(by_pv))) \
+        .withColumn("_rank_p", F.row_number().over(by_pv.orderBy(pv_row_last, *order)))
+    return by_pv_rows.withColumn("reason", F.coalesce("reason", F.when(valid, _first_reason(
+        ((F.col("_versions_e") > 1) | (is_pv & (F.col("_versions_p") > 1)), "conflicting_duplicate"),
+        ((F.col("_rank_e") > 1) | (is_pv & (F.col("_rank_p") > 1)), "duplicate"),
+    )))).drop("_versions_e", "_rank_e", "_versions_p", "_rank_p")
 
 
 def _as_spark(value, kind: str):
@@ -205,18 +212,22 @@ def _as_spark(value, kind: str):
 
 
 def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
-    """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`."""
+    """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`.
+
+    Keyed by (pv_id, event_id), an event's one valid row (event ids are unique among valid rows
+    after mark_duplicates): events partitioned by pv_id are exploded, matched against the broadcast
+    catalog and regrouped without another shuffle."""
     known = items.select(F.col("item_id").alias("_known")).distinct()
     refs = (events.where(F.col("reason").isNull())
-            .select("event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
-                                          .otherwise(F.array("item_id"))).alias("_ref")))
+            .select("pv_id", "event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
+                                                   .otherwise(F.array("item_id"))).alias("_ref")))
     unknown = (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left")
                .where(F.col("_known").isNull())
-               .select("event_id").distinct()
+               .select("pv_id", "event_id").distinct()
                .withColumn("_unknown", F.lit(True)))
-    return (events.join(unknown, on="event_id", how="left")
+    return (events.join(unknown, on=["pv_id", "event_id"], how="left")
             .withColumn("reason", F.coalesce("reason", F.when(F.col("_unknown"), F.lit("unknown_item"))))
-            .drop("_unknown"))
+            .select(*events.columns))
 
 
 def mark_bad_clicks(events: DataFrame) -> DataFrame:
@@ -226,24 +237,29 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
     user; click_not_on_pv: the item was not on the page; click_before_pv: the click is timed before its
     PV; duplicate_click: a second click on the same (pv, item) (labels are 0/1; the earliest click
     that passed the other checks is kept).
+
+    Windows by pv_id (a pv_id has at most one valid PV after mark_duplicates): no join, and no shuffle
+    when the input is already partitioned by pv_id.
     """
-    pvs = events.where((F.col("reason").isNull()) & (F.col("event_type") == "pv")).select(
-        "pv_id", F.col("user_id").alias("_pv_user"), F.col("items").alias("_pv_items"), F.col("ts").alias("_pv_ts"))
-    clicks = events.where((F.col("reason").isNull()) & (F.col("event_type") == "click"))
+    valid = F.col("reason").isNull()
+    is_click = valid & (F.col("event_type") == "click")
+    by_pv = Window.partitionBy("pv_id")
+    pv = F.first(F.when(valid & (F.col("event_type") == "pv"), F.struct(
+        F.col("user_id").alias("user_id"), F.col("items").alias("items"), F.col("ts").alias("ts"))),
+        ignorenulls=True).over(by_pv)
     first = _first_reason(
-        (F.col("_pv_user").isNull(), "orphan_click"),
-        (F.col("_pv_user") != F.col("user_id"), "click_user_mismatch"),
-        (~F.array_contains("_pv_items", F.col("item_id")), "click_not_on_pv"),
-        (F.col("ts") < F.col("_pv_ts"), "click_before_pv"),
+        (F.col("_pv.user_id").isNull(), "orphan_click"),
+        (F.col("_pv.user_id") != F.col("user_id"), "click_user_mismatch"),
+        (~F.array_contains("_pv.items", F.col("item_id")), "click_not_on_pv"),
+        (F.col("ts") < F.col("_pv.ts"), "click_before_pv"),
     )
-    w = Window.partitionBy("pv_id", "item_id").orderBy(F.col("_first").isNotNull(), "ts", "event_id")
-    checked = (clicks.join(pvs, on="pv_id", how="left")
-               .withColumn("_first", first)
-               .withColumn("reason", F.coalesce("_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click"))))
-               .select("event_id", F.col("reason").alias("_click_reason")))
-    return (events.join(checked, on="event_id", how="left")
-            .withColumn("reason", F.coalesce("reason", "_click_reason"))
-            .drop("_click_reason"))
+    # The valid clicks of a (pv, item) rank among themselves (_is_click in the key keeps the rest out).
+    w = Window.partitionBy("pv_id", "item_id", "_is_click").orderBy(F.col("_first").isNotNull(), "ts", "event_id")
+    return (events.withColumn("_pv", pv).withColumn("_is_click", is_click)
+            .withColumn("_first", F.when(F.col("_is_click"), first))
+            .withColumn("reason", F.when(F.col("_is_click"), F.coalesce(
+                "_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click")))).otherwise(F.col("reason")))
+            .select(*events.columns))
 
 
 def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
@@ -260,28 +276,27 @@ def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
             .drop("_new", "_start"))
 
 
-def click_history(pvs: DataFrame, clicks: DataFrame, l_click: int) -> DataFrame:
+def click_history(events: DataFrame, l_click: int) -> DataFrame:
     """Add click_history (the user's last `l_click` distinct clicked items strictly before the PV's
-    timestamp, most recent first) and click_history_ts to every PV.
+    timestamp, most recent first) and click_history_ts to every PV row of `events` (a user's valid
+    PVs and clicks; null on click rows).
 
     A click at the PV's own timestamp or later is not history: the window ends 1 microsecond before.
+    A window by user over PVs and clicks together: the same shuffle as sessionize, no join.
     """
-    timeline = (pvs.select("pv_id", "user_id", "ts", F.lit(None).cast("string").alias("_click_item"))
-                .unionByName(clicks.select(F.lit(None).cast("string").alias("pv_id"), "user_id", "ts",
-                                           F.col("item_id").alias("_click_item"))))
     before = (Window.partitionBy("user_id").orderBy(F.unix_micros("ts"))
               .rangeBetween(Window.unboundedPreceding, -1))
-    clicked = F.when(F.col("_click_item").isNotNull(),
-                     F.struct(F.unix_micros("ts").alias("t"), F.col("_click_item").alias("item")))
+    clicked = F.when(F.col("event_type") == "click",
+                     F.struct(F.unix_micros("ts").alias("t"), F.col("item_id").alias("item")))
+    is_pv = F.col("event_type") == "pv"
     # Newest first; array_distinct keeps the first (most recent) occurrence of an item.
-    hist = (timeline.withColumn("_hist", F.reverse(F.array_sort(F.collect_list(clicked).over(before))))
-            .where(F.col("pv_id").isNotNull()))
+    with_hist = events.withColumn("_hist", F.when(is_pv, F.reverse(F.array_sort(F.collect_list(clicked).over(before)))))
     items = F.slice(F.array_distinct(F.transform("_hist", lambda h: h["item"])), 1, l_click)
     # _hist is newest first, so an item's first match is its latest click.
     latest_ts = F.transform(items, lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
-    hist = hist.select("pv_id", items.alias("click_history"),
-                       F.transform(latest_ts, lambda t: F.timestamp_micros(t)).alias("click_history_ts"))
-    return pvs.join(hist, on="pv_id", how="left")
+    return (with_hist.withColumn("click_history", items)
+            .withColumn("click_history_ts", F.transform(latest_ts, lambda t: F.timestamp_micros(t)))
+            .drop("_hist"))
 
 
 def keep_negative(pv_id: Column, item_id: Column, neg_rate: float, seed: int) -> Column:
@@ -290,11 +305,16 @@ def keep_negative(pv_id: Column, item_id: Column, neg_rate: float, seed: int) ->
     return bucket < F.lit(int(neg_rate * _HASH_BUCKETS))
 
 
-def label_pvs(pvs: DataFrame, clicks: DataFrame, neg_rate: float, seed: int) -> DataFrame:
-    """Add `impressions`: array of struct(item_id, position, label, kept) in position order, where
-    kept = label or the down-sampling keeps it. No explode: arrays stay per PV."""
-    clicked = clicks.groupBy("pv_id").agg(F.collect_set("item_id").alias("_clicked"))
-    with_clicks = pvs.join(clicked, on="pv_id", how="left")
+def label_pvs(events: DataFrame, neg_rate: float, seed: int) -> DataFrame:
+    """The PV rows of `events` (valid PVs and clicks) with `impressions`: array of struct(item_id,
+    position, label, kept) in position order, where kept = label or the down-sampling keeps it. No
+    explode: arrays stay per PV.
+
+    A PV's clicks are its user's (mark_bad_clicks): a window by (user_id, pv_id), which the shuffle by
+    user already satisfies, collects them."""
+    by_page = Window.partitionBy("user_id", "pv_id")
+    clicked = F.collect_set(F.when(F.col("event_type") == "click", F.col("item_id"))).over(by_page)
+    with_clicks = events.withColumn("_clicked", clicked).where(F.col("event_type") == "pv")
     # An item listed twice on a page is one impression at its first position (an item is a repeat
     # when it occurs among the items before it); the repeats are counted (repeated_on_page), not kept.
     listed = F.transform("items", lambda item, pos: F.struct(
@@ -304,7 +324,7 @@ def label_pvs(pvs: DataFrame, clicks: DataFrame, neg_rate: float, seed: int) -> 
     imps = F.transform(firsts, lambda s: F.struct(
         s["item_id"].alias("item_id"),
         s["position"].alias("position"),
-        F.coalesce(F.array_contains("_clicked", s["item_id"]), F.lit(False)).cast("int").alias("label"),
+        F.array_contains("_clicked", s["item_id"]).cast("int").alias("label"),
     ))
     imps = F.transform(imps, lambda s: s.withField(
         "kept", (s["label"] == 1) | keep_negative(F.col("pv_id"), s["item_id"], neg_rate, seed)))

@@ -10,11 +10,12 @@ def kept_negatives(spark, seed: int) -> dict:
 
     from etl.samples import label_pvs
 
-    rows = [(f"p{k}", "u1", dt.datetime(2026, 11, 20, 8), [f"i{(k * 7 + j) % 97}" for j in range(10)])
-            for k in range(300)]
-    pvs = spark.createDataFrame(rows, "pv_id string, user_id string, ts timestamp, items array<string>")
-    clicks = spark.createDataFrame([("p0", "i0")], "pv_id string, item_id string")
-    out = label_pvs(pvs, clicks, 0.2, seed).select("pv_id", F.explode("impressions").alias("s"))
+    at = dt.datetime(2026, 11, 20, 8)
+    rows = [("pv", f"p{k}", "u1", at, [f"i{(k * 7 + j) % 97}" for j in range(10)], None) for k in range(300)]
+    rows.append(("click", "p0", "u1", at, None, "i0"))
+    events = spark.createDataFrame(
+        rows, "event_type string, pv_id string, user_id string, ts timestamp, items array<string>, item_id string")
+    out = label_pvs(events, 0.2, seed).select("pv_id", F.explode("impressions").alias("s"))
     return {(r["pv_id"], r["s"]["item_id"]): r["s"]["kept"] for r in out.where("s.label = 0").collect()}
 
 
