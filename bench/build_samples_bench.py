@@ -261,7 +261,7 @@ def memory_peaks(spark) -> dict:
     return out
 
 
-MATERIALIZED = ("catalog", "events", "labelled", "samples")
+MATERIALIZED = ("catalog", "deduped", "events", "labelled", "samples")
 
 
 class BuildProbes:
