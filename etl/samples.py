@@ -193,8 +193,8 @@ def mark_duplicates(events: DataFrame) -> DataFrame:
     all but the earliest `duplicate`. The earliest is by (dt, ts, event_id, raw text): deterministic
     whatever the partitioning. Invalid rows (already quarantined) take no part.
 
-    Two shuffles: the event_id windows in one step, then the pv_id windows (interleaved, Spark
-    re-shuffles between them). The output stays partitioned by pv_id, which the next checks reuse.
+    Two shuffles: the event_id windows in one step, then the pv_id windows (written interleaved in one
+    step, they made Spark shuffle four times).
     """
     valid = F.col("reason").isNull()
     is_pv = F.col("event_type") == "pv"
@@ -227,8 +227,8 @@ def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
     """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`.
 
     Keyed by (pv_id, event_id), an event's one valid row (event ids are unique among valid rows
-    after mark_duplicates): events partitioned by pv_id are exploded, matched against the broadcast
-    catalog and regrouped without another shuffle."""
+    after mark_duplicates): the references are matched against the broadcast catalog and regrouped
+    by the key the events are joined back on."""
     known = items.select(F.col("item_id").alias("_known")).distinct()
     refs = (events.where(F.col("reason").isNull())
             .select("pv_id", "event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
@@ -250,8 +250,8 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
     PV; duplicate_click: a second click on the same (pv, item) (labels are 0/1; the earliest click
     that passed the other checks is kept).
 
-    Windows by pv_id (a pv_id has at most one valid PV after mark_duplicates): no join, and no shuffle
-    when the input is already partitioned by pv_id.
+    Windows by pv_id (a pv_id has at most one valid PV after mark_duplicates), no join: one shuffle,
+    none when the input is already partitioned by pv_id.
     """
     valid = F.col("reason").isNull()
     is_click = valid & (F.col("event_type") == "click")
