@@ -212,8 +212,13 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         # Never cached (the rows carry ~10 JPEGs each; the in-memory columnar cache builds whole batches
         # on the heap: OutOfMemoryError at 0.25x the bench preset): the drop reasons are observed in
         # the same pass that writes the kept rows.
+        image_mb = (images.select(F.sum(F.length("image"))).first()[0] or 0) / 2**20  # one pass over a column
+        broadcast = 0 < cfg.spark.broadcast_images_mb and image_mb <= cfg.spark.broadcast_images_mb
+        if progress:
+            progress(f"  {date} courier_train: item images ~{image_mb:,.0f} MB, "
+                     + ("looked up in a broadcast copy" if broadcast else "shuffle join (over spark.broadcast_images_mb)"))
         reasons = Observation("courier_train drop reasons")
-        train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click).observe(
+        train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click, broadcast).observe(
             reasons, F.count_if(F.col("drop_reason").isNull()).alias("ok"),
             *[F.count_if(F.col("drop_reason") == r).alias(r) for r in S.TRAIN_DROP_REASONS])
         stage(T.COURIER_TRAIN, train.where(F.col("drop_reason").isNull()).drop("drop_reason"))

@@ -46,6 +46,10 @@ class SparkConf:
     shuffle_partitions: int = 8
     driver_memory: str = "4g"  # only applies when this process starts the JVM (not under spark-submit)
     conf: dict = field(default_factory=dict)  # extra spark.* settings, passed through
+    # courier_train looks item images up in a broadcast copy while their JPEG bytes (this date's and
+    # the earlier dates' item_images) sum to at most this many MB: no shuffle of images. Larger: a
+    # shuffle join. Same rows either way; each executor holds the copy. 0 = always the shuffle join.
+    broadcast_images_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -375,6 +379,7 @@ def _validate(cfg: Config) -> None:
          "samples.input_ignore must be a list of non-empty file name patterns"),
         (cfg.tables.engine in TABLE_ENGINES, f"tables.engine must be one of {', '.join(TABLE_ENGINES)}"),
         (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),
+        (cfg.spark.broadcast_images_mb >= 0, "spark.broadcast_images_mb must be >= 0"),
         (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
         (cfg.train.method in TRAIN_METHODS, _one_of("train.method", TRAIN_METHODS)),
         (cfg.train.backend in TRAIN_BACKENDS, _one_of("train.backend", TRAIN_BACKENDS)),

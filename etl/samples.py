@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
+
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -36,8 +38,6 @@ VALID_EVENT_COLUMNS = ("event_id", "event_type", "ts", "user_id", "pv_id", "quer
 # courier_train's drop reasons, in the order they are tested (the first that holds is the row's)
 TRAIN_DROP_REASONS = ("no_positive_image", "no_history_image")
 _HASH_BUCKETS = 1 << 30
-# Longer lines take the strict Python path (Jackson limits the length of one string value).
-_PLAIN_MAX_CHARS = 1_000_000
 _SPARK_TYPES = {"string": T.StringType(), "string_list": T.ArrayType(T.StringType()), "number": T.DoubleType()}
 
 
@@ -111,6 +111,8 @@ def parse_line(data: bytes, fields: dict) -> tuple[dict | None, str, str | None,
             obj, end = _DECODER.raw_decode(body)
         except json.JSONDecodeError as e:
             raise _Reject("bad_json", e.msg) from None
+        except ValueError as e:  # an integer over Python's 4,300 digits
+            raise _Reject("bad_json", str(e).split(":")[0]) from None
         except RecursionError:
             raise _Reject("bad_json", "nested too deeply") from None
         if body[end:].strip(" \t\r\n"):
@@ -127,40 +129,50 @@ def parse_line(data: bytes, fields: dict) -> tuple[dict | None, str, str | None,
     return {name: obj.get(name) for name in fields}, text, None, None
 
 
-def _plain_line_regex(fields: dict) -> tuple[str, str]:
-    """Two Java regexes over a raw line: (plain, wrong_type).
-
-    plain: the line is exactly one flat JSON object (no whitespace around it) whose keys hold no
-    escape, whose values are strings, numbers, true/false/null or arrays of strings/nulls, and whose
-    strings hold no control character, no surrogate escape and no U+FFFD (where Spark's decoding put
-    bytes that were not UTF-8). wrong_type: a contract field's key is followed by a value of the wrong
-    JSON type. On a plain line a key is the only place where `"name":` can stand (no escape in keys),
-    so a plain line without a wrong_type match has every contract field of its type or absent."""
-    ws = r"[ \t\n\r]*+"
-    key = r'"[^"\\\x00-\x1f\x{FFFD}]*+"'
-    char = r'[^"\\\x00-\x1f\x{FFFD}]*+'
-    escape = r'\\(?:["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})'
-    string = f'"{char}(?:{escape}{char})*+"'
-    # digits bounded: Jackson refuses numbers over 1,000 characters, which would null the whole row
-    number = r"-?+(?:0|[1-9][0-9]{0,99}+)(?:\.[0-9]{1,100}+)?+(?:[eE][+-]?+[0-9]{1,5}+)?+"
-    elem = f"(?:{string}|null)"
-    array = rf"\[{ws}(?:{elem}{ws}(?:,{ws}{elem}{ws})*+)?+\]"
-    value = f"(?:{string}|{number}|true|false|null|{array})"
-    member = f"{key}{ws}:{ws}{value}{ws}"
-    plain = rf"\A\{{{ws}(?:{member}(?:,{ws}{member})*+)?+\}}\z"
-    starts = {"string": '"', "string_list": r"\["}
-    wrong = "|".join(f'"{re.escape(name)}"{ws}:{ws}[^{starts[kind]}n]' for name, kind in fields.items())
-    return plain, wrong
+# What makes a line "plain": read by Spark's JSON parser (Jackson) exactly as the strict parser reads it.
+_WS = r"[ \t\n\r]*+"
+_NOT_A_STRING_LIST = (rf'"{{name}}"{_WS}:{_WS}(?!null|\[{_WS}(?:(?:"[^"]*+"|null){_WS}'
+                      rf'(?:,{_WS}(?:"[^"]*+"|null){_WS})*+)?+\])')
+_MALFORMED = "_courier_malformed"
+_JACKSON_STRICT = {"allowSingleQuotes": "false", "allowNonNumericNumbers": "false", "mode": "PERMISSIVE",
+                   "columnNameOfCorruptRecord": _MALFORMED}
 
 
-def plain_line(fields: dict) -> Column:
-    """True where the strict parser would accept the line `value` with the values `from_json` reads
-    (see _plain_line_regex), and its keys are distinct; false for every other line."""
-    plain_re, wrong_re = _plain_line_regex(fields)
+def _strict_object(fields: dict) -> Column:
+    """from_json of the contract fields under the JSON standard's rules (Spark's defaults allow
+    single quotes and NaN); `_courier_malformed` holds the line where Jackson could not read it (its
+    limits, such as numbers over 1,000 digits, included)."""
+    schema = T.StructType([T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()]
+                          + [T.StructField(_MALFORMED, T.StringType())])
+    return F.from_json("value", schema, _JACKSON_STRICT)
+
+
+def plain_line(fields: dict, parsed: Column | None = None) -> Column:
+    """True where the strict parser (`parse_line`) would accept the line `value` and read the values
+    `from_json` reads; false for every other line, which the strict parser then judges.
+
+    Plain: valid UTF-8 (Spark hands Jackson U+FFFD for bad bytes); no backslash, so every quote
+    opens or closes a string and no key is escaped; braces only as the first and last character, so
+    the object read is the whole line (from_json ignores what follows an object); read by Jackson
+    under the standard's rules; distinct keys; and each contract field's value opens as its type
+    allows - `"name":` can only be a key in such a line (from_json would read a number into a string
+    field as its text). A string list's elements must be strings or null. The test compares both
+    paths line by line. parsed: `_strict_object(fields)` when the caller has it already."""
+    value = F.col("value")
+    wrong_type = F.lit(False)
+    for name, kind in fields.items():
+        if kind == "string":
+            wrong_type = wrong_type | value.rlike(rf'"{re.escape(name)}"{_WS}:{_WS}[^"n]')  # not a string or null
+        else:
+            wrong_type = wrong_type | value.rlike(_NOT_A_STRING_LIST.format(name=re.escape(name)))
     keys = F.json_object_keys("value")
     return F.coalesce(
-        (F.length("value") <= _PLAIN_MAX_CHARS) & F.col("value").rlike(plain_re) & ~F.col("value").rlike(wrong_re)
-        & (F.size(F.array_distinct(keys)) == F.size(keys)), F.lit(False))
+        (F.decode(value.cast("binary"), "UTF-8") == value)
+        & ~value.contains("\\")
+        & value.rlike(r"\A\{[^{}]*+\}\z")
+        & (_strict_object(fields) if parsed is None else parsed)[_MALFORMED].isNull()
+        & (F.size(F.array_distinct(keys)) == F.size(keys))
+        & ~wrong_type, F.lit(False))
 
 
 def parse_json_lines(raw: DataFrame, fields: dict) -> DataFrame:
@@ -169,58 +181,53 @@ def parse_json_lines(raw: DataFrame, fields: dict) -> DataFrame:
 
     Two paths with one result. Spark's JSON functions alone would coerce any value into a string field
     and ignore what follows the first object on a line (measured with from_json), silently keeping
-    half of a line holding two events. So a line goes to `from_json` in the JVM only when two regexes
-    and its key list prove that the strict parser (`parse_line`) would accept it with the same values
-    (`_plain_line_regex`; the test compares both paths line by line); every other line - the bad
-    ones, and any that are merely unusual - goes to `parse_line` on the executors over Arrow record
-    batches. Contracts with a number field (the catalog) use the Python path for every line.
+    half of a line holding two events. So a line goes to `from_json` in the JVM only when
+    `plain_line` shows that the strict parser (`parse_line`) would accept it with the same values;
+    every other line - the bad ones, and valid ones that are merely unusual (escapes, braces in a
+    string) - goes to `parse_line` on the executors (a pandas UDF handed only those lines' bytes),
+    in the same pass. Contracts with a number field (the catalog) use `parse_line` for every line.
     value: the line as readable text (U+FFFD where bytes were not UTF-8); raw_b64: the original bytes,
     base64, for lines that were not valid UTF-8 (null otherwise).
     """
-    names = list(fields)
-    kinds = [fields[n] for n in names]
-    out_names = ["value", "raw_b64", "dt", "file", *names, "reason", "detail"]
-    out_schema = T.StructType(
-        [T.StructField("value", T.StringType()), T.StructField("raw_b64", T.StringType()),
-         T.StructField("dt", T.StringType()), T.StructField("file", T.StringType())]
-        + [T.StructField(n, _SPARK_TYPES[k]) for n, k in zip(names, kinds)]
-        + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+    value = F.col("value")
+    if all(k in ("string", "string_list") for k in fields.values()):
+        routed = raw.withColumn("_obj", _strict_object(fields)).withColumn("_plain", plain_line(fields, F.col("_obj")))
+    else:
+        no_object = T.StructType([T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()])
+        routed = raw.withColumn("_obj", F.lit(None).cast(no_object)).withColumn("_plain", F.lit(False))
+    # One pass: the strict parser is handed the bytes of the lines that are not plain (null for the rest).
+    judged = routed.withColumn("_strict", _strict_parser(fields)(F.when(~F.col("_plain"), value.cast("binary"))))
+    plain, strict = F.col("_plain"), F.col("_strict")
+    return judged.select(
+        F.when(plain, value).otherwise(strict["text"]).alias("value"), strict["raw_b64"].alias("raw_b64"),
+        "dt", "file", *[F.when(plain, F.col("_obj")[n]).otherwise(strict[n]).alias(n) for n in fields],
+        strict["reason"].alias("reason"), strict["detail"].alias("detail"))
 
-    def parse(batches):
+
+def _strict_parser(fields: dict):
+    """A pandas UDF: raw line bytes -> struct(text, raw_b64, <fields>, reason, detail) by `parse_line`,
+    on the executors; a null line gives a null struct (nothing to judge)."""
+    schema = T.StructType([T.StructField("text", T.StringType()), T.StructField("raw_b64", T.StringType())]
+                          + [T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()]
+                          + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+
+    @F.pandas_udf(schema)
+    def strict(lines: pd.Series) -> pd.DataFrame:
         import base64
 
-        import pyarrow as pa
+        out = {name: [None] * len(lines) for name in schema.names}
+        for i, data in enumerate(lines):
+            if data is None:
+                continue
+            values, out["text"][i], reason, out["detail"][i] = parse_line(data, fields)
+            out["reason"][i] = reason
+            if reason == "bad_encoding":
+                out["raw_b64"][i] = base64.b64encode(data).decode("ascii")
+            for name, kind in fields.items():
+                out[name][i] = None if values is None else _as_spark(values[name], kind)
+        return pd.DataFrame(out)
 
-        arrow = {"string": pa.string(), "string_list": pa.list_(pa.string()), "number": pa.float64()}
-        field_types = [arrow[k] for k in kinds]
-        for batch in batches:
-            texts, b64s, reasons, details = [], [], [], []
-            columns = [[] for _ in names]
-            for data in batch.column("_bytes").to_pylist():
-                values, text, reason, detail = parse_line(data, fields)
-                texts.append(text)
-                b64s.append(base64.b64encode(data).decode("ascii") if reason == "bad_encoding" else None)
-                reasons.append(reason)
-                details.append(detail)
-                for column, name, kind in zip(columns, names, kinds):
-                    column.append(None if values is None else _as_spark(values[name], kind))
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(texts, pa.string()), pa.array(b64s, pa.string()), batch.column("dt"), batch.column("file")]
-                + [pa.array(c, t) for c, t in zip(columns, field_types)]
-                + [pa.array(reasons, pa.string()), pa.array(details, pa.string())], names=out_names)
-
-    def strict(lines: DataFrame) -> DataFrame:
-        return lines.select(F.col("value").cast("binary").alias("_bytes"), "dt", "file").mapInArrow(parse, out_schema)
-
-    if any(k not in ("string", "string_list") for k in kinds):
-        return strict(raw)
-    routed = raw.withColumn("_plain", plain_line(fields))
-    obj = F.from_json("value", T.StructType([T.StructField(n, _SPARK_TYPES[k]) for n, k in zip(names, kinds)]))
-    null = F.lit(None).cast("string")
-    fast = (routed.where("_plain").withColumn("_obj", obj)
-            .select("value", null.alias("raw_b64"), "dt", "file", *[F.col("_obj")[n].alias(n) for n in names],
-                    null.alias("reason"), null.alias("detail")))
-    return fast.unionByName(strict(routed.where(~F.col("_plain"))))
+    return strict
 
 
 def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
@@ -501,36 +508,68 @@ def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels
     return files.select("item_id", "content").mapInPandas(decode_batches, IMAGE_RESULT_SCHEMA)
 
 
-def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
-    """Training rows for stage 2: kept PV samples with their PV and click-history images inline,
-    padded to l_pv / l_click with masks (1 = a real item with a usable image).
-
-    drop_reason (null = kept): no_positive_image (no clicked PV item has an image), then
-    no_history_image (no history item has an image).
-    """
+def _images_by_shuffle(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
+    """(sample_id, _pv_images, _click_images): each slot's image or null, l_pv / l_click long.
+    Any size of image table: slots join the images and regroup by sample (each image moves once per
+    reference)."""
     slots = (samples.select("sample_id", F.lit("pv").alias("kind"),
                             F.posexplode("pv_items").alias("slot", "item_id"))
              .unionByName(samples.select("sample_id", F.lit("click").alias("kind"),
                                          F.posexplode("click_history").alias("slot", "item_id"))))
-    images = item_images.select("item_id", "image")
     joined = slots.join(images, on="item_id", how="left")
     grouped = joined.groupBy("sample_id").agg(
         F.array_sort(F.collect_list(F.struct("kind", "slot", "image"))).alias("_slots"))
 
-    def padded(kind: str, n: int, field: str, pad: Column) -> Column:
-        # Slots sorted by (kind, slot); a missing image becomes empty bytes with mask 0.
-        vals = F.transform(F.filter("_slots", lambda s: s["kind"] == kind), lambda s: s[field])
-        return F.concat(vals, F.array_repeat(pad, F.lit(n) - F.size(vals)))
+    def padded(kind: str, n: int) -> Column:
+        # Slots sorted by (kind, slot); a slot past the sample's items is null.
+        vals = F.transform(F.filter("_slots", lambda s: s["kind"] == kind), lambda s: s["image"])
+        return F.concat(vals, F.array_repeat(F.lit(None).cast("binary"), F.lit(n) - F.size(vals)))
+
+    return grouped.select("sample_id", padded("pv", l_pv).alias("_pv_images"),
+                          padded("click", l_click).alias("_click_images"))
+
+
+def _images_by_lookup(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
+    """samples + (_pv_images, _click_images), as _images_by_shuffle, for an image table small enough
+    to broadcast: one left join per slot against the same broadcast table (Spark ships it once), all
+    in the samples' own stage - no shuffle, no sort, each image copied straight into its row."""
+    rows = samples
+    slot_cols = {"pv": [], "click": []}
+    for kind, items, n in (("pv", "pv_items", l_pv), ("click", "click_history", l_click)):
+        for k in range(n):
+            key, image = f"_{kind}_item_{k}", f"_{kind}_image_{k}"
+            table = images.select(F.col("item_id").alias(key), F.col("image").alias(image))
+            # get(): null past the array's end (a null key matches nothing)
+            rows = rows.withColumn(key, F.get(items, k)).join(F.broadcast(table), on=key, how="left")
+            slot_cols[kind].append(image)
+    # As from the shuffle join: null arrays for a sample without any item (it has no slot to group).
+    has_slots = (F.size("pv_items") > 0) | (F.size("click_history") > 0)
+    return rows.select(*samples.columns, F.when(has_slots, F.array(*slot_cols["pv"])).alias("_pv_images"),
+                       F.when(has_slots, F.array(*slot_cols["click"])).alias("_click_images"))
+
+
+def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click: int,
+                  broadcast_images: bool = False) -> DataFrame:
+    """Training rows for stage 2: kept PV samples with their PV and click-history images inline,
+    padded to l_pv / l_click with masks (1 = a real item with a usable image).
+
+    drop_reason (null = kept): no_positive_image (no clicked PV item has an image), then
+    no_history_image (no history item has an image). broadcast_images: look the images up in a
+    broadcast copy (the caller checks that it fits) instead of a shuffle join; the same rows.
+    """
+    images = item_images.select("item_id", "image")
+    if broadcast_images:
+        with_images = _images_by_lookup(samples, images, l_pv, l_click)
+    else:
+        with_images = samples.join(_images_by_shuffle(samples, images, l_pv, l_click), on="sample_id", how="left")
 
     def pad_to(col: str, n: int, pad: Column) -> Column:
         return F.concat(F.col(col), F.array_repeat(pad, F.lit(n) - F.size(col)))
 
-    empty = F.lit(b"").cast("binary")
-    pv_images = F.transform(padded("pv", l_pv, "image", F.lit(None).cast("binary")),
-                            lambda b: F.coalesce(b, empty))
-    click_images = F.transform(padded("click", l_click, "image", F.lit(None).cast("binary")),
-                               lambda b: F.coalesce(b, empty))
-    rows = samples.join(grouped, on="sample_id", how="left").select(
+    empty = F.lit(b"").cast("binary")  # a missing image: empty bytes, mask 0
+    pv_images = F.transform("_pv_images", lambda b: F.coalesce(b, empty))
+    click_images = F.transform("_click_images", lambda b: F.coalesce(b, empty))
+    rows = with_images.select(
         "sample_id", "user_id", "session_id", "pv_id", "query", "ts",
         pad_to("pv_items", l_pv, F.lit("")).alias("pv_items"),
         pad_to("pv_labels", l_pv, F.lit(0)).alias("pv_labels"),

@@ -185,3 +185,4 @@ def file_open_cost(spark, nbytes: int):
             spark.conf.unset(OPEN_COST_CONF)
         else:
             spark.conf.set(OPEN_COST_CONF, before)
+

@@ -148,6 +148,38 @@ def test_courier_train_masks_and_images(known):
     assert p2["pv_images"][0] == img["i2"]["image"]
 
 
+def test_courier_train_same_rows_by_lookup_and_by_shuffle(known):
+    """The broadcast look-up (images that fit) and the shuffle join give the same rows, drop reasons
+    included; the built table equals them (the build took the look-up: its images are tiny)."""
+    from pyspark.sql import functions as F
+
+    from etl.samples import courier_train
+
+    cfg, store, _ = known
+    samples = store.read("pv_samples").where(F.col("dt") == D1)
+    images = store.read("item_images")
+    # an extra sample whose positive has no image and a history item with no catalog entry at all
+    odd = samples.where(F.col("pv_id") == "p2").withColumn("sample_id", F.lit("odd")) \
+        .withColumn("pv_items", F.array(F.lit("i7"), F.lit("i1"))).withColumn("pv_labels", F.array(F.lit(1), F.lit(0))) \
+        .withColumn("click_history", F.array(F.lit("nope"), F.lit("i2")))
+    samples = samples.unionByName(odd)
+
+    def rows(broadcast):
+        df = courier_train(samples, images, cfg.samples.l_pv, cfg.samples.l_click, broadcast_images=broadcast)
+        return df.schema, sorted((r.asDict() for r in df.collect()), key=lambda r: r["sample_id"])
+
+    (lookup_schema, by_lookup), (shuffle_schema, by_shuffle) = rows(True), rows(False)
+    assert lookup_schema == shuffle_schema  # nullability included: the table refuses a changed schema
+    assert by_lookup == by_shuffle and len(by_lookup) == 5
+    odd_row = next(r for r in by_lookup if r["sample_id"] == "odd")
+    assert odd_row["drop_reason"] == "no_positive_image"
+    assert odd_row["pv_mask"][:3] == [0, 1, 0] and odd_row["click_mask"][:3] == [0, 1, 0]
+    kept = {r["pv_id"]: r for r in by_lookup if r["drop_reason"] is None}
+    table = rows_by(store.read("courier_train").where(F.col("dt") == D1), "pv_id")
+    assert set(kept) == set(table) == {"p1", "p2", "p3"}
+    assert all(kept[p][c] == table[p][c] for p in kept for c in table[p])
+
+
 def test_rerun_is_idempotent(spark, known):
     from etl.build import build_date
 

@@ -43,6 +43,15 @@ TRAPS = [
     '{"extra":"\\"user_id\\": 5","user_id":"u1"}', '{"extra":[1,{"a":[]}],"user_id":"u1"}',
     '{ "event_id" : "e1" , "items" : [ "i1" , null ] }', '{\t"event_id":\t"e1"\t}',
     '{}', '[]', '[1, 2]', '"text"', 'null', '', '   ', '{"a":true,"b":false,"c":null}',
+    "{'event_id':'e1'}", '{"event_id":"e1","n":NaN}', '{"event_id":"e1","n":Infinity}',  # Spark's defaults allow these
+    '{"q":"a{b}","event_id":"e1"}', '{"q":"}","event_id":"e1"}', '{"event_id":"e1"}}', '{{"event_id":"e1"}',
+    '{"a":"b"} x}', '{"items":["i]1", 5]}', '{"items":["i]1","i2"]}', '{"items":["i1",true]}', '{"items":["null"]}',
+    '{"items":["i1"],"q":"items"}', '{"q":"user_id","user_id":5}', '{"x":["user_id"],"user_id":"u"}',
+    '{"user_id" : 5}', '{"user_id":\t5}', '{"user_id"\t:"u"}', '{"event_id":"a\x01b"}', '{"event_id":"e1",\x0b"a":1}',
+    '{"n":' + "1" * 5000 + '}', '{"n":' + "1" * 1500 + ',"event_id":"e1"}', '{"n":' + "[" * 1500 + "]" * 1500 + "}",
+    '{"n":' + "[" * 300 + "]" * 300 + ',"event_id":"e1"}', '{"query":"\u00e9t\u00e9"}'.encode().decode("unicode_escape"),
+    '{"event_id":"e1","":"x"}', '{"event_id":"e1","items":["i1" "i2"]}', '{"items":[,"i1"]}', '{"items":["i1",]}',
+    '{"event_id":"e1"   }', '{"_courier_malformed":"x","event_id":"e1"}', '{"event_id":"e1","items":[]}',
 ]
 
 
@@ -55,7 +64,8 @@ def _lines() -> list[bytes]:
             json.dumps({**CLICK, "extra": {"nested": [1, 2.5, None]}, "price": 1e-7, "ok": True})]
     lines = [s.encode() for s in base + TRAPS]
     alphabet = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\x00", b"\x1f", b"n", b"u",
-                b"0", b"9", b"e", b"-", b".", b"\xff", b"\xc3", b"\xe2\x80\xa8", b"\xef\xbf\xbd", b"d8"]
+                b"0", b"9", b"e", b"-", b".", b"\xff", b"\xc3", b"\xe2\x80\xa8", b"\xef\xbf\xbd", b"d8", b"'", b"N",
+                b"a", b"null", b"[1]"]
     for _ in range(3000):
         data = bytearray(rng.choice(lines[: len(base) + len(TRAPS)]))
         for _ in range(rng.randint(1, 3)):
