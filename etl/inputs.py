@@ -129,15 +129,18 @@ def scan_files(spark, files: list[RawFile]) -> dict[str, FileScan]:
                            T.StructField("lines", T.LongType()), T.StructField("size", T.LongType())])
 
     def scan(batches):
-        import pandas as pd
+        import pyarrow as pa
 
-        for pdf in batches:
-            rows = [(p, *_scan_bytes(p, bytes(c)), len(c)) for p, c in zip(pdf["path"], pdf["content"])]
-            yield pd.DataFrame(rows, columns=["path", "sha256", "lines", "size"])
+        for batch in batches:  # Arrow record batches: the bytes reach Python without pandas
+            paths = batch.column("path").to_pylist()
+            rows = [(p, *_scan_bytes(p, c), len(c)) for p, c in zip(paths, batch.column("content").to_pylist())]
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([r[i] for r in rows], t) for i, t in enumerate((pa.string(), pa.string(), pa.int64(), pa.int64()))],
+                names=schema.names)
 
     df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
           .select("path", "content"))
-    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.mapInPandas(scan, schema).collect()}
+    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.mapInArrow(scan, schema).collect()}
     # binaryFile reports paths qualified like listStatus does; fall back to the name for safety.
     out = dict(empty)
     for f in files:

@@ -267,26 +267,30 @@ def mark_duplicates(events: DataFrame) -> DataFrame:
     all but the earliest `duplicate`. The earliest is by (dt, ts, event_id, raw text): deterministic
     whatever the partitioning. Invalid rows (already quarantined) take no part.
 
-    Two shuffles: the event_id windows in one step, then the pv_id windows (written interleaved in one
-    step, they made Spark shuffle four times).
+    Two shuffles, one sort each: per key, the rank and the content check share one window (the
+    copies differ when the smallest and the largest content differ).
     """
     valid = F.col("reason").isNull()
     is_pv = F.col("event_type") == "pv"
-    body = F.to_json(F.struct("event_type", F.col("ts").cast("string"), "user_id", "pv_id", "query", "items",
-                              "item_id", "session_id"))
+    content = F.struct("event_type", "ts", "user_id", "pv_id", "query", "items", "item_id", "session_id")
     order = [F.col("reason").isNotNull(), "dt", "ts", "event_id", "value"]  # valid rows rank first
-    by_event = Window.partitionBy("event_id")
-    by_event_rows = events.withColumn("_versions_e", F.size(F.collect_set(F.when(valid, body)).over(by_event))) \
-        .withColumn("_rank_e", F.row_number().over(by_event.orderBy(*order)))
+
+    def differs(among: Column, w: Window) -> Column:
+        # null fields compare equal (<=>), as they are equal content
+        whole = w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+        return ~F.min(F.when(among, content)).over(whole).eqNullSafe(F.max(F.when(among, content)).over(whole))
+
+    by_event = Window.partitionBy("event_id").orderBy(*order)
+    by_event_rows = events.withColumn("_differs_e", differs(valid, by_event)) \
+        .withColumn("_rank_e", F.row_number().over(by_event))
     # The valid PV rows of a pv_id rank among themselves: they sort ahead of the page's other rows.
-    by_pv = Window.partitionBy("pv_id")
-    pv_row_last = (~(valid & is_pv)).alias("_not_pv_row")
-    by_pv_rows = by_event_rows.withColumn("_versions_p", F.size(F.collect_set(F.when(valid & is_pv, body)).over(by_pv))) \
-        .withColumn("_rank_p", F.row_number().over(by_pv.orderBy(pv_row_last, *order)))
+    by_pv = Window.partitionBy("pv_id").orderBy((~(valid & is_pv)).alias("_not_pv_row"), *order)
+    by_pv_rows = by_event_rows.withColumn("_differs_p", differs(valid & is_pv, by_pv)) \
+        .withColumn("_rank_p", F.row_number().over(by_pv))
     return by_pv_rows.withColumn("reason", F.coalesce("reason", F.when(valid, _first_reason(
-        ((F.col("_versions_e") > 1) | (is_pv & (F.col("_versions_p") > 1)), "conflicting_duplicate"),
+        (F.col("_differs_e") | (is_pv & F.col("_differs_p")), "conflicting_duplicate"),
         ((F.col("_rank_e") > 1) | (is_pv & (F.col("_rank_p") > 1)), "duplicate"),
-    )))).drop("_versions_e", "_rank_e", "_versions_p", "_rank_p")
+    )))).drop("_differs_e", "_rank_e", "_differs_p", "_rank_p")
 
 
 def _as_spark(value, kind: str):
@@ -494,18 +498,20 @@ IMAGE_RESULT_SCHEMA = T.StructType([
 def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels: int) -> DataFrame:
     """(item_id, content) -> IMAGE_RESULT_SCHEMA: each file's bytes validated, centre-cropped to an
     image_px square and JPEG-encoded (etl.images.normalize_image), on the executors over Arrow
-    batches. A bad image gets a reason (image_too_large, image_corrupt) instead of failing the job."""
+    record batches. A bad image gets a reason (image_too_large, image_corrupt) instead of failing the job."""
     def decode_batches(batches):
+        import pyarrow as pa
+
         from etl.images import normalize_image
 
-        for pdf in batches:
-            rows = [normalize_image(bytes(c), image_px, jpeg_quality, max_pixels) for c in pdf["content"]]
-            out = pdf[["item_id"]].copy()
-            for i, col in enumerate(("image", "width", "height", "sha256", "reason", "detail")):
-                out[col] = [r[i] for r in rows]
-            yield out
+        types = [pa.binary(), pa.int32(), pa.int32(), pa.string(), pa.string(), pa.string()]
+        for batch in batches:  # Arrow record batches: no pandas in between
+            rows = [normalize_image(c, image_px, jpeg_quality, max_pixels) for c in batch.column("content").to_pylist()]
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("item_id")] + [pa.array([r[i] for r in rows], t) for i, t in enumerate(types)],
+                names=IMAGE_RESULT_SCHEMA.names)
 
-    return files.select("item_id", "content").mapInPandas(decode_batches, IMAGE_RESULT_SCHEMA)
+    return files.select("item_id", "content").mapInArrow(decode_batches, IMAGE_RESULT_SCHEMA)
 
 
 def _images_by_shuffle(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
