@@ -273,7 +273,10 @@ def mark_duplicates(events: DataFrame) -> DataFrame:
     valid = F.col("reason").isNull()
     is_pv = F.col("event_type") == "pv"
     content = F.struct("event_type", "ts", "user_id", "pv_id", "query", "items", "item_id", "session_id")
-    order = [F.col("reason").isNotNull(), "dt", "ts", "event_id", "value"]  # valid rows rank first
+    # Sort keys as columns: windows ordered by the same columns share one sort (an expression in
+    # orderBy becomes a new column per window, and a new sort).
+    events = events.withColumn("_invalid", ~valid).withColumn("_not_pv_row", ~(valid & is_pv))
+    order = ["_invalid", "dt", "ts", "event_id", "value"]  # valid rows rank first
 
     def differs(among: Column, w: Window) -> Column:
         # null fields compare equal (<=>), as they are equal content
@@ -284,13 +287,13 @@ def mark_duplicates(events: DataFrame) -> DataFrame:
     by_event_rows = events.withColumn("_differs_e", differs(valid, by_event)) \
         .withColumn("_rank_e", F.row_number().over(by_event))
     # The valid PV rows of a pv_id rank among themselves: they sort ahead of the page's other rows.
-    by_pv = Window.partitionBy("pv_id").orderBy((~(valid & is_pv)).alias("_not_pv_row"), *order)
+    by_pv = Window.partitionBy("pv_id").orderBy("_not_pv_row", *order)
     by_pv_rows = by_event_rows.withColumn("_differs_p", differs(valid & is_pv, by_pv)) \
         .withColumn("_rank_p", F.row_number().over(by_pv))
     return by_pv_rows.withColumn("reason", F.coalesce("reason", F.when(valid, _first_reason(
         (F.col("_differs_e") | (is_pv & F.col("_differs_p")), "conflicting_duplicate"),
         ((F.col("_rank_e") > 1) | (is_pv & (F.col("_rank_p") > 1)), "duplicate"),
-    )))).drop("_differs_e", "_rank_e", "_differs_p", "_rank_p")
+    )))).drop("_invalid", "_not_pv_row", "_differs_e", "_rank_e", "_differs_p", "_rank_p")
 
 
 def _as_spark(value, kind: str):
@@ -304,19 +307,23 @@ def _as_spark(value, kind: str):
 def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
     """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`.
 
-    Keyed by (pv_id, event_id), an event's one valid row (event ids are unique among valid rows
-    after mark_duplicates): the references are matched against the broadcast catalog and regrouped
-    by the key the events are joined back on."""
+    Each valid event's references are matched against the broadcast catalog; an event with an unknown
+    one sends a marker row (its pv_id, event_id) and a window by pv_id - the partitioning
+    mark_bad_clicks needs next - hands the markers to their events: no join back (event ids are
+    unique among valid rows after mark_duplicates)."""
     known = items.select(F.col("item_id").alias("_known")).distinct()
     refs = (events.where(F.col("reason").isNull())
             .select("pv_id", "event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
                                                    .otherwise(F.array("item_id"))).alias("_ref")))
-    unknown = (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left")
+    markers = (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left")
                .where(F.col("_known").isNull())
-               .select("pv_id", "event_id").distinct()
-               .withColumn("_unknown", F.lit(True)))
-    return (events.join(unknown, on=["pv_id", "event_id"], how="left")
-            .withColumn("reason", F.coalesce("reason", F.when(F.col("_unknown"), F.lit("unknown_item"))))
+               .select(*[F.col(c) if c in ("pv_id", "event_id") else F.lit(None).cast(events.schema[c].dataType).alias(c)
+                         for c in events.columns], F.lit(True).alias("_marker")))
+    unknown_ids = F.collect_set(F.when(F.col("_marker"), F.col("event_id"))).over(Window.partitionBy("pv_id"))
+    return (events.withColumn("_marker", F.lit(False)).unionByName(markers)
+            .withColumn("_unknown_ids", unknown_ids).where(~F.col("_marker"))
+            .withColumn("reason", F.coalesce("reason", F.when(F.array_contains("_unknown_ids", F.col("event_id")),
+                                                              F.lit("unknown_item"))))
             .select(*events.columns))
 
 
@@ -355,11 +362,12 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
 def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
     """Add session_id to valid events: the log's own session id, else a new session per user after
     `gap_minutes` of inactivity (id = user_id + ':' + the session's first epoch second)."""
-    w = Window.partitionBy("user_id").orderBy(F.unix_micros("ts"), "event_id")
+    # Ordered by the ts column itself (as click_history): one sort serves every window by user.
+    w = Window.partitionBy("user_id").orderBy("ts", "event_id")
     gap = F.unix_micros("ts") - F.lag(F.unix_micros("ts")).over(w)
     starts = events.withColumn("_new", (gap.isNull() | (gap > gap_minutes * 60 * 1_000_000)).cast("int"))
     starts = starts.withColumn("_start", F.when(F.col("_new") == 1, F.unix_seconds("ts")))
-    run = Window.partitionBy("user_id").orderBy(F.unix_micros("ts"), "event_id").rowsBetween(
+    run = Window.partitionBy("user_id").orderBy("ts", "event_id").rowsBetween(
         Window.unboundedPreceding, Window.currentRow)
     derived = F.concat_ws(":", "user_id", F.last("_start", ignorenulls=True).over(run).cast("string"))
     return (starts.withColumn("session_id", F.coalesce("session_id", derived))
@@ -371,16 +379,18 @@ def click_history(events: DataFrame, l_click: int) -> DataFrame:
     timestamp, most recent first) and click_history_ts to every PV row of `events` (a user's valid
     PVs and clicks; null on click rows).
 
-    A click at the PV's own timestamp or later is not history: the window ends 1 microsecond before.
-    A window by user over PVs and clicks together: the same shuffle as sessionize, no join.
+    A click at the PV's own timestamp or later is not history (kept: clicks timed strictly before).
+    A window by user over PVs and clicks together, ordered as sessionize's: the same shuffle and the
+    same sort, no join.
     """
-    before = (Window.partitionBy("user_id").orderBy(F.unix_micros("ts"))
-              .rangeBetween(Window.unboundedPreceding, -1))
+    upto = (Window.partitionBy("user_id").orderBy("ts", "event_id")
+            .rowsBetween(Window.unboundedPreceding, Window.currentRow))
     clicked = F.when(F.col("event_type") == "click",
                      F.struct(F.unix_micros("ts").alias("t"), F.col("item_id").alias("item")))
     is_pv = F.col("event_type") == "pv"
+    before = F.filter(F.collect_list(clicked).over(upto), lambda h: h["t"] < F.unix_micros("ts"))
     # Newest first; array_distinct keeps the first (most recent) occurrence of an item.
-    with_hist = events.withColumn("_hist", F.when(is_pv, F.reverse(F.array_sort(F.collect_list(clicked).over(before)))))
+    with_hist = events.withColumn("_hist", F.when(is_pv, F.reverse(F.array_sort(before))))
     items = F.slice(F.array_distinct(F.transform("_hist", lambda h: h["item"])), 1, l_click)
     # _hist is newest first, so an item's first match is its latest click.
     latest_ts = F.transform(items, lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
