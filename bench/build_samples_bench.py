@@ -17,7 +17,8 @@ Spark jobs and Python workers of a session pay start-up costs later dates do not
 
 Per size, --rounds times, alternately (against the noise of a shared machine):
 * floor: ``spark.read.text`` of the same ``*.jsonl`` files, ``from_json`` with every field of the job's
-  ``S.EVENT_FIELDS`` (the build itself parses with its strict Python parser, ``S.parse_json_lines``), ``groupBy("user_id").agg(count, max(xxhash64(every field)))`` (the hash keeps
+  ``S.EVENT_FIELDS`` (the build itself parses with ``S.parse_json_lines``: ``from_json`` for the lines
+  ``S.plain_line`` admits, its strict Python parser for the rest), ``groupBy("user_id").agg(count, max(xxhash64(every field)))`` (the hash keeps
   Spark from pruning the parsed schema) to the ``noop`` sink: scan + full parse + one shuffle by user,
   the least any per-user job over this log does.
 * build: ``build_date`` for the date into a fresh, empty table root, with the job's own ``progress``
@@ -46,7 +47,8 @@ reported as a ratio against its floor (medians over rounds):
   (rows in executor memory, spilling to disk if they do not fit), then ``df.write.parquet`` to a temp
   folder, timed (without the partition column, as ``TableStore.stage_partition`` writes it). Build
   courier_train time = the seconds printed in its "courier_train: staged N rows, X s" progress line
-  (the stage call only; the report counts before it are not in it). Target <= 1.5x.
+  (the stage call only; the report counts before it, and the sum of the image bytes that chooses
+  the broadcast look-up, are not in it). Target <= 1.5x.
 * Across sizes: least-squares fit time = a + b * size over the sizes run (a = fixed overhead per date,
   target <= 10 s) and the 2x/1x time ratio when both are run (target <= 2.2).
 * Memory: per build, the driver JVM's peak RSS (VmHWM of /proc/<jvm pid>/status, reset through
