@@ -26,6 +26,7 @@ def test_shipped_configs_load():
     ({"ctr": {"level_combine": "mean"}}, "ctr.level_combine must be concat or sum"),
     ({"simulator": {"start_date": "20/11/2026"}}, "expected YYYY-MM-DD"),
     ({"spark": {"conf": {"executor.memory": "1g"}}}, "keys must start with 'spark.'"),
+    ({"spark": {"broadcast_images_mb": -1}}, "spark.broadcast_images_mb must be >= 0"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
