@@ -209,14 +209,14 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         images = store.read_staged(staged[T.ITEM_IMAGES])
         if store.exists(T.ITEM_IMAGES):
             images = store.read(T.ITEM_IMAGES).where(F.col("dt") < date).unionByName(images)
-        # Never cached (the rows carry ~10 JPEGs each; the in-memory columnar cache builds whole batches
-        # on the heap: OutOfMemoryError at 0.25x the bench preset): the drop reasons are observed in
-        # the same pass that writes the kept rows.
         image_mb = (images.select(F.sum(F.length("image"))).first()[0] or 0) / 2**20  # one pass over a column
         broadcast = 0 < cfg.spark.broadcast_images_mb and image_mb <= cfg.spark.broadcast_images_mb
         if progress:
             progress(f"  {date} courier_train: item images ~{image_mb:,.0f} MB, "
                      + ("looked up in a broadcast copy" if broadcast else "shuffle join (over spark.broadcast_images_mb)"))
+        # Never cached (the rows carry ~10 JPEGs each; the in-memory columnar cache builds whole batches
+        # on the heap: OutOfMemoryError at 0.25x the bench preset): the drop reasons are observed in
+        # the same pass that writes the kept rows.
         reasons = Observation("courier_train drop reasons")
         train = S.courier_train(kept_samples, images, sc.l_pv, sc.l_click, broadcast).observe(
             reasons, F.count_if(F.col("drop_reason").isNull()).alias("ok"),

@@ -138,12 +138,16 @@ _JACKSON_STRICT = {"allowSingleQuotes": "false", "allowNonNumericNumbers": "fals
                    "columnNameOfCorruptRecord": _MALFORMED}
 
 
+def _contract_fields(fields: dict) -> list:
+    """The contract's fields as Spark struct fields, in contract order."""
+    return [T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()]
+
+
 def _strict_object(fields: dict) -> Column:
     """from_json of the contract fields under the JSON standard's rules (Spark's defaults allow
     single quotes and NaN); `_courier_malformed` holds the line where Jackson could not read it (its
     limits, such as numbers over 1,000 digits, included)."""
-    schema = T.StructType([T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()]
-                          + [T.StructField(_MALFORMED, T.StringType())])
+    schema = T.StructType(_contract_fields(fields) + [T.StructField(_MALFORMED, T.StringType())])
     return F.from_json("value", schema, _JACKSON_STRICT)
 
 
@@ -193,8 +197,8 @@ def parse_json_lines(raw: DataFrame, fields: dict) -> DataFrame:
     if all(k in ("string", "string_list") for k in fields.values()):
         routed = raw.withColumn("_obj", _strict_object(fields)).withColumn("_plain", plain_line(fields, F.col("_obj")))
     else:
-        no_object = T.StructType([T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()])
-        routed = raw.withColumn("_obj", F.lit(None).cast(no_object)).withColumn("_plain", F.lit(False))
+        routed = raw.withColumn("_obj", F.lit(None).cast(T.StructType(_contract_fields(fields)))) \
+            .withColumn("_plain", F.lit(False))
     # One pass: the strict parser is handed the bytes of the lines that are not plain (null for the rest).
     judged = routed.withColumn("_strict", _strict_parser(fields)(F.when(~F.col("_plain"), value.cast("binary"))))
     plain, strict = F.col("_plain"), F.col("_strict")
@@ -208,7 +212,7 @@ def _strict_parser(fields: dict):
     """A pandas UDF: raw line bytes -> struct(text, raw_b64, <fields>, reason, detail) by `parse_line`,
     on the executors; a null line gives a null struct (nothing to judge)."""
     schema = T.StructType([T.StructField("text", T.StringType()), T.StructField("raw_b64", T.StringType())]
-                          + [T.StructField(n, _SPARK_TYPES[k]) for n, k in fields.items()]
+                          + _contract_fields(fields)
                           + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
 
     @F.pandas_udf(schema)
@@ -525,7 +529,7 @@ def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels
 
 
 def _images_by_shuffle(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
-    """(sample_id, _pv_images, _click_images): each slot's image or null, l_pv / l_click long.
+    """samples + (_pv_images, _click_images): each slot's image or null, l_pv / l_click long.
     Any size of image table: slots join the images and regroup by sample (each image moves once per
     reference)."""
     slots = (samples.select("sample_id", F.lit("pv").alias("kind"),
@@ -541,8 +545,8 @@ def _images_by_shuffle(samples: DataFrame, images: DataFrame, l_pv: int, l_click
         vals = F.transform(F.filter("_slots", lambda s: s["kind"] == kind), lambda s: s["image"])
         return F.concat(vals, F.array_repeat(F.lit(None).cast("binary"), F.lit(n) - F.size(vals)))
 
-    return grouped.select("sample_id", padded("pv", l_pv).alias("_pv_images"),
-                          padded("click", l_click).alias("_click_images"))
+    return samples.join(grouped.select("sample_id", padded("pv", l_pv).alias("_pv_images"),
+                                       padded("click", l_click).alias("_click_images")), on="sample_id", how="left")
 
 
 def _images_by_lookup(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:
@@ -573,11 +577,8 @@ def courier_train(samples: DataFrame, item_images: DataFrame, l_pv: int, l_click
     no_history_image (no history item has an image). broadcast_images: look the images up in a
     broadcast copy (the caller checks that it fits) instead of a shuffle join; the same rows.
     """
-    images = item_images.select("item_id", "image")
-    if broadcast_images:
-        with_images = _images_by_lookup(samples, images, l_pv, l_click)
-    else:
-        with_images = samples.join(_images_by_shuffle(samples, images, l_pv, l_click), on="sample_id", how="left")
+    by = _images_by_lookup if broadcast_images else _images_by_shuffle
+    with_images = by(samples, item_images.select("item_id", "image"), l_pv, l_click)
 
     def pad_to(col: str, n: int, pad: Column) -> Column:
         return F.concat(F.col(col), F.array_repeat(pad, F.lit(n) - F.size(col)))

@@ -185,4 +185,3 @@ def file_open_cost(spark, nbytes: int):
             spark.conf.unset(OPEN_COST_CONF)
         else:
             spark.conf.set(OPEN_COST_CONF, before)
-
