@@ -15,6 +15,7 @@ Rows that cannot be used get a `reason` instead of disappearing; the job writes 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pandas as pd
@@ -77,7 +78,14 @@ def _type_ok(value, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "string_list":
         return isinstance(value, list) and all(isinstance(v, str) or v is None for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # number
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # A number column holds a double: 1e400 would read as infinity and an integer past 1.8e308 would
+    # not convert at all, so a number outside the finite doubles is not of the type either.
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _utf8_ok(value) -> bool:
@@ -121,7 +129,9 @@ def parse_line(data: bytes, fields: dict) -> tuple[dict | None, str, str | None,
             raise _Reject("bad_json", f"a JSON {type(obj).__name__}, not an object")
         for name, kind in fields.items():
             if not _type_ok(obj.get(name), kind):
-                raise _Reject(f"wrong_type:{name}", f"{type(obj.get(name)).__name__}, expected {kind}")
+                found = type(obj.get(name)).__name__
+                raise _Reject(f"wrong_type:{name}", f"{found} outside the finite doubles" if found in ("int", "float")
+                              else f"{found}, expected {kind}")
             if not _utf8_ok(obj.get(name)):  # JSON allows "\ud800"; a string column cannot hold it
                 raise _Reject("bad_json", f"unpaired surrogate escape in {name}")
     except _Reject as r:

@@ -63,6 +63,19 @@ def test_catalog_price_is_a_number_not_a_bool_or_string():
     assert parse_line(json.dumps({**line, "price": True}).encode(), CATALOG_FIELDS)[2] == "wrong_type:price"
 
 
+def test_catalog_price_outside_the_doubles_is_quarantined_not_a_crash():
+    # A double column cannot hold these: an integer past 1.8e308 made float() raise in the executors
+    # (failing the whole date) and 1e400 read as infinity.
+    base = '{"item_id":"i1","image_uri":"i1.png","price":%s}'
+    for number in ("1" + "0" * 400, "-1" + "0" * 309, "1e400", "-1e999"):
+        values, text, r, detail = parse_line((base % number).encode(), CATALOG_FIELDS)
+        assert (values, r, detail) == (None, "wrong_type:price", f"{'int' if 'e' not in number else 'float'} "
+                                                                  "outside the finite doubles"), number
+    for number, want in (("1" + "0" * 308, 1e308), ("1e-400", 0.0), ("-0.5", -0.5)):
+        values, _, r, _ = parse_line((base % number).encode(), CATALOG_FIELDS)
+        assert r is None and float(values["price"]) == want, number
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_parse_to_values_or_a_reason(data):
