@@ -241,3 +241,56 @@ def test_counts_that_do_not_add_up_commit_nothing_and_name_the_ids(spark, messy,
     with pytest.raises(VerifyError, match=r"(?s)raw_lines\(files\) = raw_rows.*part-00001.jsonl.gz: 2 lines in the file, 1 parsed"):
         build_date(spark, cfg2, store, D1, "run-w")
     assert {t: store.latest_version(t) for t in STAGE1_TABLES} == before
+
+
+def test_image_paths_resolve_once_per_folder_and_stay_under_the_root(spark, tmp_path):
+    """plan_images resolves each folder once and a plain file name without a symlink under it; the
+    result must equal resolving every whole path: a symlink out of the root, `..` and odd names are
+    still refused, and a symlink that stays inside reads its target."""
+    import os
+
+    from etl.images import IMAGE_ESCAPES_ROOT, IMAGE_MISSING
+    from etl.inputs import plan_images
+
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    for p in (root / "a" / "x.png", root / "a" / "b" / "y.png", root / "top.png", outside / "secret.png"):
+        p.write_bytes(b"png")
+    os.symlink(outside / "secret.png", root / "a" / "leak.png")  # a file symlink out of the root
+    os.symlink(outside, root / "a" / "out")  # a folder symlink out of the root
+    os.symlink(root / "a" / "b" / "y.png", root / "a" / "alias.png")  # stays inside: allowed
+    items = [("i1", "a/x.png"), ("i2", "a/b/y.png"), ("i3", "top.png"), ("i4", "a/b/../x.png"),
+             ("i5", "a/leak.png"), ("i6", "a/out/secret.png"), ("i7", "../outside/secret.png"),
+             ("i8", "a/alias.png"), ("i9", "a/missing.png"), ("i10", "a//b/y.png"), ("i11", "a/.."),
+             ("i12", "a/b/..")]
+    plan = plan_images(spark, items, str(root), 1000)
+    read = {i: p.split(":", 1)[1] if p.startswith("file:") else p for i, p in plan.to_read}
+    real = {i: os.path.realpath(p) for i, p in read.items()}
+    assert real == {"i1": str(root / "a" / "x.png"), "i2": str(root / "a" / "b" / "y.png"),
+                    "i3": str(root / "top.png"), "i4": str(root / "a" / "x.png"),
+                    "i8": str(root / "a" / "b" / "y.png"), "i10": str(root / "a" / "b" / "y.png")}
+    assert {i: r for i, r, _ in plan.rejected} == {
+        "i5": IMAGE_ESCAPES_ROOT, "i6": IMAGE_ESCAPES_ROOT, "i7": IMAGE_ESCAPES_ROOT,
+        "i9": IMAGE_MISSING, "i11": IMAGE_MISSING, "i12": IMAGE_MISSING}
+
+
+@pytest.mark.parametrize("unplanned", [0, 30])
+def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark, tmp_path, unplanned):
+    """Nested image folders, names a glob could misread, and a folder read whole (planned files are
+    most of it) or through a name filter (unplanned files are most of it): every planned file comes
+    back exactly once, with its own bytes, and nothing else."""
+    from etl.inputs import plan_images, read_image_files
+    from etl.spark import file_open_cost
+
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    uris = ["a/x.png", "a/b/x.png", "a/b/y.png", "a/we ird.png", "a/b/{z}.png", "top.png"]
+    for u in uris + [f"a/b/other{k}.png" for k in range(unplanned)]:
+        (root / u).write_bytes(u.encode())
+    items = [(f"i{k}", u) for k, u in enumerate(uris)]
+    plan = plan_images(spark, items, str(root), 1000)
+    assert len(plan.to_read) == len(uris)
+    with file_open_cost(spark, plan.mean_bytes):
+        got = [(r["item_id"], bytes(r["content"])) for r in read_image_files(spark, plan).collect()]
+    assert sorted(got) == sorted((i, u.encode()) for i, u in items)
