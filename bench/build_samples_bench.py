@@ -161,14 +161,13 @@ def warm_up(spark, log_dir: Path) -> float:
 def run_image_decode(spark, cfg, plan) -> float:
     """Image decoding alone in Spark: the build's image plan read and decoded as in compute, to noop."""
     from etl import samples as S
-    from etl.inputs import read_image_files
-
+    from etl.inputs import image_files
     from etl.spark import file_open_cost
 
     sc = cfg.samples
     t0 = time.perf_counter()
     with file_open_cost(spark, plan.mean_bytes):  # as compute plans it
-        S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality, sc.max_image_pixels) \
+        S.decode_images(image_files(spark, plan), sc.image_px, sc.jpeg_quality, sc.max_image_pixels) \
             .write.format("noop").mode("overwrite").save()
     return time.perf_counter() - t0
 

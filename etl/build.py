@@ -26,7 +26,7 @@ from etl import counts as K
 from etl import samples as S
 from etl.config import Config, under_root
 from etl.counts import DateReport, VerifyError
-from etl.inputs import (InputError, discover, fingerprint, glob_escape, plan_images, read_image_files,
+from etl.inputs import (InputError, discover, fingerprint, glob_escape, image_files, plan_images,
                         scan_files)
 from etl.publish import PublishError, PublishLog, pause_hook, recover
 from etl.spark import file_open_cost, list_dir
@@ -161,7 +161,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     rejected = spark.createDataFrame(
         [(i, None, None, None, None, r, dtl) for i, r, dtl in plan.rejected], S.IMAGE_RESULT_SCHEMA)
     with file_open_cost(spark, plan.mean_bytes):  # about one decoding task per core, not one per 32 images
-        decoded = materialize(S.decode_images(read_image_files(spark, plan), sc.image_px, sc.jpeg_quality,
+        decoded = materialize(S.decode_images(image_files(spark, plan), sc.image_px, sc.jpeg_quality,
                                               sc.max_image_pixels).unionByName(rejected))
 
     # ---- quarantine: every rejected row of this date, with its reason ---------------------------

@@ -55,6 +55,17 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
+def read_local_image(path: str, normalize):
+    """normalize(bytes of the local file at path), or image_missing when it is gone (removed or
+    replaced by a folder since the driver listed it): one vanished file must not fail the date."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        return None, None, None, None, IMAGE_MISSING, f"{type(e).__name__} since it was listed"
+    return normalize(data)
+
+
 def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):
     """(jpeg_bytes, width, height, sha256, reason, detail) for the bytes of one image file.
 

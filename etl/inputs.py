@@ -172,6 +172,7 @@ class ImagePlan:
     rejected: list = field(default_factory=list)  # (item_id, reason, detail)
     listing: list = field(default_factory=list)  # (image_uri, size, mtime) of every file to read
     files_under: dict = field(default_factory=dict)  # listed folder -> files Spark lists under it (recursively)
+    local: dict = field(default_factory=dict)  # qualified path -> local file path (a local images_root only)
 
     @property
     def mean_bytes(self) -> int:
@@ -221,6 +222,8 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
         # A plain name qualifies like its folder (Hadoop would escape anything else: ask it then).
         q = f"{folders[parent]}/{name}" if _PLAIN_NAME.fullmatch(name) else qualify(spark, path)
         wanted.setdefault(q, []).append((item_id, uri))
+        if not is_uri(images_root):
+            plan.local[q] = path
     listed = _list_files(spark, sorted(set(folders.values())))
     listed_folders = set(folders.values())
     for q in listed:  # each file counts in every listed folder above it
@@ -268,6 +271,15 @@ def _file_status(spark, path: str) -> tuple[bool, int, int] | None:
         return None
     st = fs.getFileStatus(jpath)
     return (not st.isDirectory(), int(st.getLen()), int(st.getModificationTime()))
+
+
+def image_files(spark, plan: ImagePlan):
+    """The planned files as `S.decode_images` reads them: (item_id, path) when every file is local, which
+    the executors open themselves (one task per core, the bytes never pass through the JVM: 1.4 s less
+    for 20,000 images, ~30 % of their decoding); else (item_id, content) by `read_image_files`."""
+    if plan.to_read and all(q in plan.local for _, q in plan.to_read):
+        return spark.createDataFrame([(i, plan.local[q]) for i, q in plan.to_read], "item_id string, path string")
+    return read_image_files(spark, plan)
 
 
 def read_image_files(spark, plan: ImagePlan):

@@ -522,20 +522,26 @@ IMAGE_RESULT_SCHEMA = T.StructType([
 def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels: int) -> DataFrame:
     """(item_id, content) -> IMAGE_RESULT_SCHEMA: each file's bytes validated, centre-cropped to an
     image_px square and JPEG-encoded (etl.images.normalize_image), on the executors over Arrow
-    record batches. A bad image gets a reason (image_too_large, image_corrupt) instead of failing the job."""
+    record batches. A bad image gets a reason (image_too_large, image_corrupt) instead of failing the job.
+    files may hold (item_id, path) of local files instead: each executor reads them itself, and a file
+    gone since it was listed is image_missing."""
+    source = "content" if "content" in files.columns else "path"
+
     def decode_batches(batches):
         import pyarrow as pa
 
-        from etl.images import normalize_image
+        from etl.images import normalize_image, read_local_image
 
         types = [pa.binary(), pa.int32(), pa.int32(), pa.string(), pa.string(), pa.string()]
         for batch in batches:  # Arrow record batches: no pandas in between
-            rows = [normalize_image(c, image_px, jpeg_quality, max_pixels) for c in batch.column("content").to_pylist()]
+            rows = [normalize_image(c, image_px, jpeg_quality, max_pixels) if source == "content"
+                    else read_local_image(c, lambda data: normalize_image(data, image_px, jpeg_quality, max_pixels))
+                    for c in batch.column(source).to_pylist()]
             yield pa.RecordBatch.from_arrays(
                 [batch.column("item_id")] + [pa.array([r[i] for r in rows], t) for i, t in enumerate(types)],
                 names=IMAGE_RESULT_SCHEMA.names)
 
-    return files.select("item_id", "content").mapInArrow(decode_batches, IMAGE_RESULT_SCHEMA)
+    return files.select("item_id", source).mapInArrow(decode_batches, IMAGE_RESULT_SCHEMA)
 
 
 def _images_by_shuffle(samples: DataFrame, images: DataFrame, l_pv: int, l_click: int) -> DataFrame:

@@ -294,3 +294,38 @@ def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark,
     with file_open_cost(spark, plan.mean_bytes):
         got = [(r["item_id"], bytes(r["content"])) for r in read_image_files(spark, plan).collect()]
     assert sorted(got) == sorted((i, u.encode()) for i, u in items)
+
+
+def test_local_images_decode_as_the_binary_file_source_reads_them(spark, tmp_path):
+    """A local images_root: the executors open the files themselves (image_files gives paths). The
+    decoded rows equal those from the bytes Spark's binaryFile source reads (read_image_files), bad
+    images included; a file removed after the listing is image_missing, not a failed date."""
+    import io
+
+    from PIL import Image
+
+    from etl import samples as S
+    from etl.images import IMAGE_CORRUPT, IMAGE_MISSING
+    from etl.inputs import image_files, plan_images, read_image_files
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for k, (w, h) in enumerate([(40, 30), (17, 64), (96, 96)]):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (k * 80, 255 - k * 60, 7)).save(buf, format="PNG")
+        (root / ("sub" if k else "") / f"i{k}.png").write_bytes(buf.getvalue())
+    (root / "bad.png").write_bytes(b"\x89PNG not really")
+    (root / "gone.png").write_bytes(b"soon removed")
+    items = [("i0", "i0.png"), ("i1", "sub/i1.png"), ("i2", "sub/i2.png"), ("bad", "bad.png"), ("gone", "gone.png")]
+    plan = plan_images(spark, items, str(root), 10_000)
+    local = image_files(spark, plan)
+    assert local.columns == ["item_id", "path"]
+
+    def decoded(files):
+        return {r["item_id"]: r.asDict() for r in S.decode_images(files, 24, 90, 10_000).collect()}
+
+    by_spark = decoded(read_image_files(spark, plan))
+    assert by_spark["bad"]["reason"] == IMAGE_CORRUPT and by_spark["i1"]["width"] == 24
+    assert decoded(local) == by_spark
+    (root / "gone.png").unlink()
+    assert decoded(local)["gone"]["reason"] == IMAGE_MISSING
