@@ -185,10 +185,11 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
 
     image_path_escapes_root: the uri leaves images_root (absolute, `..`, a scheme, a symlink out);
     image_missing: no such file (or a folder); image_too_large: the file is over max_bytes (never read).
-    The folders that hold the images are listed by Spark in one job (file names, sizes and times: no
-    bytes read), so local and s3a:// roots behave alike and the driver makes no per-file JVM call: a
-    per-file Hadoop look-up cost ~100 s for 20,000 images. Only files that listing does not return
-    (missing, a folder, an empty file) are looked up one by one to say why."""
+    Under a URI root (s3a://, file://) the folders that hold the images are listed by Spark in one job
+    (file names, sizes and times: no bytes read), so the driver makes no per-file JVM call: a per-file
+    Hadoop look-up cost ~100 s for 20,000 images. Only files that listing does not return (missing, a
+    folder, an empty file) are looked up one by one to say why. Under a local root the driver stats
+    each file itself (20,000 in ~0.1 s; the listing job took ~1.5 s)."""
     from etl.config import ConfigError, is_uri, under_root
     from etl.images import IMAGE_CORRUPT, IMAGE_ESCAPES_ROOT, IMAGE_MISSING, IMAGE_TOO_LARGE
 
@@ -224,15 +225,17 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
         wanted.setdefault(q, []).append((item_id, uri))
         if not is_uri(images_root):
             plan.local[q] = path
-    listed = _list_files(spark, sorted(set(folders.values())))
-    listed_folders = set(folders.values())
-    for q in listed:  # each file counts in every listed folder above it
-        parts = q.split("/")
-        for k in range(len(parts) - 1, 0, -1):
-            if (above := "/".join(parts[:k])) in listed_folders:
-                plan.files_under[above] = plan.files_under.get(above, 0) + 1
+    if is_uri(images_root):
+        listed = _list_files(spark, sorted(set(folders.values())))
+        listed_folders = set(folders.values())
+        for q in listed:  # each file counts in every listed folder above it
+            parts = q.split("/")
+            for k in range(len(parts) - 1, 0, -1):
+                if (above := "/".join(parts[:k])) in listed_folders:
+                    plan.files_under[above] = plan.files_under.get(above, 0) + 1
     for q, entries in wanted.items():
-        st = listed.get(q) or _file_status(spark, q)  # (is_file, size, mtime_ms) or None
+        # (is_file, size, mtime_ms) or None
+        st = _local_status(plan.local[q]) if q in plan.local else (listed.get(q) or _file_status(spark, q))
         for item_id, uri in entries:
             if st is None or not st[0]:
                 plan.rejected.append((item_id, IMAGE_MISSING, uri[:200]))
@@ -262,6 +265,17 @@ def _list_files(spark, folders: list[str]) -> dict[str, tuple[bool, int, int]]:
              .select("path", "length", F.unix_millis("modificationTime").alias("mtime")))
     with file_open_cost(spark, 1):  # no file is opened: a few tasks, not one per 32 files
         return {r["path"]: (True, int(r["length"]), int(r["mtime"])) for r in files.collect()}
+
+
+def _local_status(path: str) -> tuple[bool, int, int] | None:
+    """(is_file, size, mtime ms) of a local path as Hadoop's local file system reports it, or None."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (stat.S_ISREG(st.st_mode), st.st_size, st.st_mtime_ns // 1_000_000)
 
 
 def _file_status(spark, path: str) -> tuple[bool, int, int] | None:

@@ -277,9 +277,9 @@ def test_image_paths_resolve_once_per_folder_and_stay_under_the_root(spark, tmp_
 
 @pytest.mark.parametrize("unplanned", [0, 30])
 def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark, tmp_path, unplanned):
-    """Nested image folders, names a glob could misread, and a folder read whole (planned files are
-    most of it) or through a name filter (unplanned files are most of it): every planned file comes
-    back exactly once, with its own bytes, and nothing else."""
+    """Spark's binaryFile source (any URI root: s3a://, file://) over nested image folders, names a glob
+    could misread, and a folder read whole (planned files are most of it) or through a name filter
+    (unplanned files are most of it): every planned file comes back exactly once, with its own bytes."""
     from etl.inputs import plan_images, read_image_files
     from etl.spark import file_open_cost
 
@@ -289,8 +289,8 @@ def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark,
     for u in uris + [f"a/b/other{k}.png" for k in range(unplanned)]:
         (root / u).write_bytes(u.encode())
     items = [(f"i{k}", u) for k, u in enumerate(uris)]
-    plan = plan_images(spark, items, str(root), 1000)
-    assert len(plan.to_read) == len(uris)
+    plan = plan_images(spark, items, f"file://{root}", 1000)  # a URI root: Spark lists and reads the files
+    assert len(plan.to_read) == len(uris) and not plan.local
     with file_open_cost(spark, plan.mean_bytes):
         got = [(r["item_id"], bytes(r["content"])) for r in read_image_files(spark, plan).collect()]
     assert sorted(got) == sorted((i, u.encode()) for i, u in items)
