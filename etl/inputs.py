@@ -9,10 +9,11 @@ Every file of a raw date folder is either read or reported:
   ZStandardCodec needs the native libhadoop that pip's pyspark does not ship (measured: "native
   zStandard library not available"), and a sub-folder (no partition layout is expected below dt=).
 
-`scan_files` reads each file's bytes once, on the executors through Spark's `binaryFile` source (so
-`s3a://` roots work), and returns per file: size, sha256 of the stored bytes and the number of lines
-after decompression with Python's own gzip/bz2 (not Hadoop's codecs). That line count is the anchor
-the report's `raw_rows` is checked against: it does not share code with the parser it checks.
+`scan_files` reads each file's bytes once, on the executors (a local file opened and streamed by the
+executor itself; any other, e.g. `s3a://`, through Spark's `binaryFile` source), and returns per file:
+size, sha256 of the stored bytes and the number of lines after decompression with Python's own
+gzip/bz2 (not Hadoop's codecs). That line count is the anchor the report's `raw_rows` is checked
+against: it does not share code with the parser it checks.
 """
 from __future__ import annotations
 
@@ -117,8 +118,53 @@ def _scan_bytes(name: str, data: bytes) -> tuple[str, int]:
     return digest, len(data.splitlines())
 
 
-def scan_files(spark, files: list[RawFile]) -> dict[str, FileScan]:
-    """{path: FileScan} for every file, computed on the executors from the stored bytes."""
+class _Hashing:
+    """A binary file read through: every byte read also goes into `digest`."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.digest.update(b)
+        return b
+
+
+def _scan_local(path: str) -> tuple[str, int]:
+    """_scan_bytes of a local file, streamed in 8 MB chunks: constant memory whatever the file's size
+    (the binaryFile source holds a whole file in one JVM array, at most 2 GB)."""
+    import bz2
+    import gzip
+
+    chunk = 8 << 20
+    lines, after_cr, last = 0, False, b""
+    with open(path, "rb") as raw:
+        stored = _Hashing(raw)
+        if path.endswith(".gz"):
+            text = gzip.GzipFile(fileobj=stored, mode="rb")
+        elif path.endswith(".bz2"):
+            text = bz2.BZ2File(stored, mode="rb")
+        else:
+            text = stored
+        while block := text.read(chunk):
+            # Line ends as in _scan_bytes: \n, \r, and \r\n once (also when a chunk ends between them).
+            crlf = block.count(b"\r\n") + (after_cr and block[:1] == b"\n")
+            lines += block.count(b"\n") + block.count(b"\r") - crlf
+            after_cr, last = block[-1:] == b"\r", block[-1:]
+        while stored.read(chunk):  # what follows the last compressed stream is hashed too
+            pass
+    return stored.digest.hexdigest(), lines + (last not in (b"", b"\n", b"\r"))
+
+
+def _local_file(path: str) -> str | None:
+    """The local file a qualified `file:` path names, or None (another scheme, or not that file)."""
+    return path[len("file:"):] if path.startswith("file:/") and os.path.isfile(path[len("file:"):]) else None
+
+
+def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[str, FileScan]:
+    """{path: FileScan} for every file, computed on the executors from the stored bytes: local files
+    opened by the executors themselves (one task per file, streamed; 0.3 s instead of 3 s for 207 MB),
+    others (s3a://, or every file when not stream_local) read through Spark's `binaryFile` source."""
     # Spark's file sources skip zero-length files: those are answered here without reading.
     empty = {f.path: FileScan(0, hashlib.sha256(b"").hexdigest(), 0) for f in files if f.size == 0}
     files = [f for f in files if f.size > 0]
@@ -128,20 +174,37 @@ def scan_files(spark, files: list[RawFile]) -> dict[str, FileScan]:
 
     schema = T.StructType([T.StructField("path", T.StringType()), T.StructField("sha256", T.StringType()),
                            T.StructField("lines", T.LongType()), T.StructField("size", T.LongType())])
+    types = ("string", "string", "int64", "int64")  # pyarrow's type names, in the schema's order
 
-    def scan(batches):
+    def batch_of(rows):
         import pyarrow as pa
 
-        for batch in batches:  # Arrow record batches: the bytes reach Python without pandas
-            paths = batch.column("path").to_pylist()
-            rows = [(p, *_scan_bytes(p, c), len(c)) for p, c in zip(paths, batch.column("content").to_pylist())]
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([r[i] for r in rows], t) for i, t in enumerate((pa.string(), pa.string(), pa.int64(), pa.int64()))],
-                names=schema.names)
+        return pa.RecordBatch.from_arrays([pa.array([r[i] for r in rows], getattr(pa, t)()) for i, t in enumerate(types)],
+                                          names=schema.names)
 
-    df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
-          .select("path", "content"))
-    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.mapInArrow(scan, schema).collect()}
+    def scan(batches):  # Arrow record batches: the bytes reach Python without pandas
+        for batch in batches:
+            paths = batch.column("path").to_pylist()
+            yield batch_of([(p, *_scan_bytes(p, c), len(c)) for p, c in zip(paths, batch.column("content").to_pylist())])
+
+    def scan_local(batches):
+        for batch in batches:
+            rows = []
+            for p, local in zip(batch.column("path").to_pylist(), batch.column("local").to_pylist()):
+                try:
+                    rows.append((p, *_scan_local(local), os.path.getsize(local)))
+                except FileNotFoundError:  # gone since it was listed: reported by the driver below
+                    pass
+            yield batch_of(rows)
+
+    local = {f.path: _local_file(f.path) for f in files}
+    if stream_local and all(local.values()):
+        rows = spark.sparkContext.parallelize([(f.path, local[f.path]) for f in files], len(files))
+        df = spark.createDataFrame(rows, "path string, local string").mapInArrow(scan_local, schema)
+    else:
+        df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
+              .select("path", "content").mapInArrow(scan, schema))
+    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.collect()}
     # binaryFile reports paths qualified like listStatus does; fall back to the name for safety.
     out = dict(empty)
     for f in files:

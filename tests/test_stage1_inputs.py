@@ -329,3 +329,40 @@ def test_local_images_decode_as_the_binary_file_source_reads_them(spark, tmp_pat
     assert decoded(local) == by_spark
     (root / "gone.png").unlink()
     assert decoded(local)["gone"]["reason"] == IMAGE_MISSING
+
+
+def test_input_scan_counts_the_lines_spark_reads_streamed_or_whole(spark, tmp_path):
+    """scan_files' line count is the anchor raw_rows is checked against: for every line-end style,
+    codec and odd ending it must equal the lines Spark's text source reads, whether the executors
+    stream a local file (8 MB chunks: a \\r\\n may straddle two) or Spark's binaryFile source reads it
+    whole (as for s3a://); sizes and sha256 are the stored bytes'."""
+    import hashlib
+
+    from etl.inputs import discover, scan_files
+
+    def text(n: int, ends: list[bytes]) -> bytes:
+        return b"".join(b'{"event_id":"e%d"}' % k + ends[k % len(ends)] for k in range(n))
+
+    chunk = 8 << 20
+    straddle = b"x" * (chunk - 1) + b"\r\n" + b"tail"  # the \r ends one chunk, the \n starts the next
+    bodies = {
+        "lf.jsonl": text(50, [b"\n"]), "crlf.jsonl": text(50, [b"\r\n"]), "cr.jsonl": text(50, [b"\r"]),
+        "mixed_no_final_end.jsonl": text(49, [b"\n", b"\r\n", b"\r", b"\n\n"]) + b'{"event_id":"last"}',
+        "bom_and_blank.jsonl": b"\xef\xbb\xbf" + text(5, [b"\n"]) + b"\n\r\n\r",
+        "straddle.jsonl": straddle,
+        "two_members.jsonl.gz": gzip.compress(text(30, [b"\r\n"])) + gzip.compress(text(20, [b"\n"])),
+        "one.jsonl.bz2": bz2.compress(text(40, [b"\r"])),
+    }
+    folder = tmp_path / "raw" / "dt=2026-11-20"
+    folder.mkdir(parents=True)
+    for name, body in bodies.items():
+        (folder / name).write_bytes(body)
+    files = discover(spark, str(tmp_path / "raw"), "2026-11-20", []).read
+    streamed, whole = scan_files(spark, files), scan_files(spark, files, stream_local=False)
+    for name, body in bodies.items():
+        spark_lines = spark.read.text(str(folder / name)).count()
+        want = (len(body), hashlib.sha256(body).hexdigest(), spark_lines)
+        f = next(f for f in files if f.name == name)
+        assert (streamed[f.path].size, streamed[f.path].sha256, streamed[f.path].lines) == want, name
+        assert (whole[f.path].size, whole[f.path].sha256, whole[f.path].lines) == want, name
+    assert spark.read.text(str(folder / "straddle.jsonl")).count() == 2
