@@ -55,15 +55,15 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def read_local_image(path: str, normalize):
-    """normalize(bytes of the local file at path), or image_missing when it is gone (removed or
-    replaced by a folder since the driver listed it): one vanished file must not fail the date."""
+def normalize_local_image(path: str, px: int, quality: int, max_pixels: int):
+    """normalize_image of the local file at path; image_missing when it is gone (removed, or replaced
+    by a folder, since the driver listed it): one vanished file must not fail the date."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         return None, None, None, None, IMAGE_MISSING, f"{type(e).__name__} since it was listed"
-    return normalize(data)
+    return normalize_image(data, px, quality, max_pixels)
 
 
 def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):

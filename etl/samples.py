@@ -170,13 +170,17 @@ def plain_line(fields: dict, parsed: Column | None = None) -> Column:
     the object read is the whole line (from_json ignores what follows an object); read by Jackson
     under the standard's rules; distinct keys; and each contract field's value opens as its type
     allows - `"name":` can only be a key in such a line (from_json would read a number into a string
-    field as its text). A string list's elements must be strings or null. The test compares both
+    field as its text). A string list's elements must be strings or null; a number must be a finite
+    double (Jackson and Python both round a JSON number to the nearest double). The test compares both
     paths line by line. parsed: `_strict_object(fields)` when the caller has it already."""
     value = F.col("value")
+    parsed = _strict_object(fields) if parsed is None else parsed
     wrong_type = F.lit(False)
     for name, kind in fields.items():
         if kind == "string":
             wrong_type = wrong_type | value.rlike(rf'"{re.escape(name)}"{_WS}:{_WS}[^"n]')  # not a string or null
+        elif kind == "number":  # Jackson refuses any other token for a double (the line is malformed)
+            wrong_type = wrong_type | F.isnan(parsed[name]) | (F.abs(parsed[name]) == float("inf"))  # 1e400
         else:
             wrong_type = wrong_type | value.rlike(_NOT_A_STRING_LIST.format(name=re.escape(name)))
     keys = F.json_object_keys("value")
@@ -184,7 +188,7 @@ def plain_line(fields: dict, parsed: Column | None = None) -> Column:
         (F.decode(value.cast("binary"), "UTF-8") == value)
         & ~value.contains("\\")
         & value.rlike(r"\A\{[^{}]*+\}\z")
-        & (_strict_object(fields) if parsed is None else parsed)[_MALFORMED].isNull()
+        & parsed[_MALFORMED].isNull()
         & (F.size(F.array_distinct(keys)) == F.size(keys))
         & ~wrong_type, F.lit(False))
 
@@ -199,16 +203,12 @@ def parse_json_lines(raw: DataFrame, fields: dict) -> DataFrame:
     `plain_line` shows that the strict parser (`parse_line`) would accept it with the same values;
     every other line - the bad ones, and valid ones that are merely unusual (escapes, braces in a
     string) - goes to `parse_line` on the executors (a pandas UDF handed only those lines' bytes),
-    in the same pass. Contracts with a number field (the catalog) use `parse_line` for every line.
+    in the same pass.
     value: the line as readable text (U+FFFD where bytes were not UTF-8); raw_b64: the original bytes,
     base64, for lines that were not valid UTF-8 (null otherwise).
     """
     value = F.col("value")
-    if all(k in ("string", "string_list") for k in fields.values()):
-        routed = raw.withColumn("_obj", _strict_object(fields)).withColumn("_plain", plain_line(fields, F.col("_obj")))
-    else:
-        routed = raw.withColumn("_obj", F.lit(None).cast(T.StructType(_contract_fields(fields)))) \
-            .withColumn("_plain", F.lit(False))
+    routed = raw.withColumn("_obj", _strict_object(fields)).withColumn("_plain", plain_line(fields, F.col("_obj")))
     # One pass: the strict parser is handed the bytes of the lines that are not plain (null for the rest).
     judged = routed.withColumn("_strict", _strict_parser(fields)(F.when(~F.col("_plain"), value.cast("binary"))))
     plain, strict = F.col("_plain"), F.col("_strict")
@@ -530,13 +530,12 @@ def decode_images(files: DataFrame, image_px: int, jpeg_quality: int, max_pixels
     def decode_batches(batches):
         import pyarrow as pa
 
-        from etl.images import normalize_image, read_local_image
+        from etl.images import normalize_image, normalize_local_image
 
+        normalize = normalize_image if source == "content" else normalize_local_image
         types = [pa.binary(), pa.int32(), pa.int32(), pa.string(), pa.string(), pa.string()]
         for batch in batches:  # Arrow record batches: no pandas in between
-            rows = [normalize_image(c, image_px, jpeg_quality, max_pixels) if source == "content"
-                    else read_local_image(c, lambda data: normalize_image(data, image_px, jpeg_quality, max_pixels))
-                    for c in batch.column(source).to_pylist()]
+            rows = [normalize(c, image_px, jpeg_quality, max_pixels) for c in batch.column(source).to_pylist()]
             yield pa.RecordBatch.from_arrays(
                 [batch.column("item_id")] + [pa.array([r[i] for r in rows], t) for i, t in enumerate(types)],
                 names=IMAGE_RESULT_SCHEMA.names)

@@ -4,7 +4,8 @@
 accept it with the same values; every other line goes to `parse_line`. Here thousands of lines - the
 log's own shapes, hand-picked traps (escaped keys, case variants, line separators, surrogates, huge
 numbers) and random byte edits of both - go through the real Spark path, and the multiset of output rows
-must equal what `parse_line` gives for the same bytes."""
+must equal what `parse_line` gives for the same bytes: for the search log's contract (strings and a
+string list) and the catalog's (with a number: every way of writing one, and numbers no double holds)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from etl.samples import EVENT_FIELDS, parse_json_lines, parse_line, plain_line
+from etl.samples import CATALOG_FIELDS, EVENT_FIELDS, parse_json_lines, parse_line, plain_line
 
 DT = "2026-11-20"
 GOOD = {"event_id": "e1", "event_type": "pv", "ts": "2026-11-20T08:00:00Z", "user_id": "u1", "pv_id": "p1",
@@ -55,19 +56,39 @@ TRAPS = [
 ]
 
 
-def _lines() -> list[bytes]:
+ITEM = {"item_id": "i1", "category": "dress", "title": "Robe", "image_uri": "i1.png", "first_seen_dt": DT,
+        "price": 19.9}
+NUMBERS = ["0", "-0", "0.0", "-0.0", "-0.0e-5", "1", "-17", "19.9", "0.1", "1e23", "1E5", "1e+5", "2.5E-3",
+           "9007199254740993", "123456789012345678901234567890", "1" + "0" * 308, "1" + "0" * 309,
+           "1.7976931348623157e308", "1.7976931348623159e308", "1e400", "-1e400", "1e-400", "5e-324", "2e-324",
+           "4.9406564584124654e-324", "0." + "0" * 400 + "1", "1" * 999, "1" * 1001, "1" * 5000,
+           "01", "1.", ".5", "+1", "NaN", "-Infinity", "0x10", "1_0", '"9.5"', '""', '"NaN"', "true", "null",
+           "[1]", '{"a":1}']
+CATALOG_TRAPS = ['{"item_id":"i1","price":%s}' % n for n in NUMBERS] + [
+    '{"price":%s,"item_id":"i1","image_uri":"i1.png"}' % n for n in ("3", "-3.5", " 7 ", "7 ,")] + [
+    '{"price":1,"price":1}', '{"price":1,"Price":"x"}', '{"item_id":"i1","price": -1}', '{"price":-}',
+    '{"price":- 1}', '{"price":1e}', '{"price":1e5.5}', '{"title":"price","price":2}', '{"price":[1]}']
+
+
+def _lines(fields: dict) -> list[bytes]:
     """The log's own shapes, the traps, and random byte edits of both (seeded: the same every run)."""
     rng = random.Random(15)
-    base = [json.dumps(GOOD), json.dumps(CLICK), json.dumps(GOOD, separators=(",", ":")),
-            json.dumps({**GOOD, "query": "robe d'\u00e9t\u00e9 \U0001f457"}, ensure_ascii=False),
-            json.dumps({**GOOD, "query": "robe d'\u00e9t\u00e9 \U0001f457"}),
-            json.dumps({**CLICK, "extra": {"nested": [1, 2.5, None]}, "price": 1e-7, "ok": True})]
-    lines = [s.encode() for s in base + TRAPS]
+    if fields is EVENT_FIELDS:
+        base = [json.dumps(GOOD), json.dumps(CLICK), json.dumps(GOOD, separators=(",", ":")),
+                json.dumps({**GOOD, "query": "robe d'\u00e9t\u00e9 \U0001f457"}, ensure_ascii=False),
+                json.dumps({**GOOD, "query": "robe d'\u00e9t\u00e9 \U0001f457"}),
+                json.dumps({**CLICK, "extra": {"nested": [1, 2.5, None]}, "price": 1e-7, "ok": True})]
+        traps = TRAPS
+    else:
+        base = [json.dumps(ITEM), json.dumps({**ITEM, "price": 5}), json.dumps({**ITEM, "price": None}),
+                json.dumps({**ITEM, "price": -0.25}, separators=(",", ":")), json.dumps({**ITEM, "title": "\u00e9t\u00e9"})]
+        traps = CATALOG_TRAPS + TRAPS[:40]
+    lines = [s.encode() for s in base + traps]
     alphabet = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\x00", b"\x1f", b"n", b"u",
                 b"0", b"9", b"e", b"-", b".", b"\xff", b"\xc3", b"\xe2\x80\xa8", b"\xef\xbf\xbd", b"d8", b"'", b"N",
                 b"a", b"null", b"[1]"]
     for _ in range(3000):
-        data = bytearray(rng.choice(lines[: len(base) + len(TRAPS)]))
+        data = bytearray(rng.choice(lines[: len(base) + len(traps)]))
         for _ in range(rng.randint(1, 3)):
             at = rng.randint(0, len(data))
             edit = rng.random()
@@ -81,48 +102,61 @@ def _lines() -> list[bytes]:
     return [line for line in lines if b"\n" not in line and b"\r" not in line]  # one line each
 
 
-def _expected_row(data: bytes) -> tuple:
-    values, text, reason, detail = parse_line(data, EVENT_FIELDS)
-    fields = [None if values is None else values[n] for n in EVENT_FIELDS]
-    return (text, DT, *[tuple(v) if isinstance(v, list) else v for v in fields], reason, detail)
+def _comparable(v):
+    """A field value as the test compares it: lists as tuples, numbers as stored (float.hex: -0.0 is
+    not 0.0 there, though Python's == says so)."""
+    if isinstance(v, list):
+        return tuple(v)
+    return float(v).hex() if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-@pytest.fixture(scope="module")
-def raw(spark, tmp_path_factory):
+def _expected_row(data: bytes, fields: dict) -> tuple:
+    values, text, reason, detail = parse_line(data, fields)
+    return (text, DT, *[None if values is None else _comparable(values[n]) for n in fields], reason, detail)
+
+
+@pytest.fixture(scope="module", params=["search_log", "catalog"])
+def raw(request, spark, tmp_path_factory):
     from pyspark.sql import functions as F
 
+    fields = EVENT_FIELDS if request.param == "search_log" else CATALOG_FIELDS
     path = tmp_path_factory.mktemp("fast_parse") / "part-0.jsonl"
-    lines = _lines()
+    lines = _lines(fields)
     path.write_bytes(b"\n".join(lines) + b"\n")
     frame = spark.read.text(str(path)).select("value", F.lit(DT).alias("dt"), F.lit(path.name).alias("file"))
-    return frame, lines
+    return frame, lines, fields
 
 
 def test_both_paths_give_what_the_strict_parser_gives(raw):
     from pyspark.sql import functions as F
 
-    frame, lines = raw
+    frame, lines, fields = raw
     read = [bytes(r[0]) for r in frame.select(F.col("value").cast("binary")).collect()]
     assert sorted(read) == sorted(lines)  # the file holds exactly these lines
-    rows = parse_json_lines(frame, EVENT_FIELDS).collect()
-    got = Counter((r["value"], r["dt"], *[tuple(r[n]) if isinstance(r[n], list) else r[n] for n in EVENT_FIELDS],
-                   r["reason"], r["detail"]) for r in rows)
-    want = Counter(_expected_row(line) for line in lines)
+    rows = parse_json_lines(frame, fields).collect()
+    got = Counter((r["value"], r["dt"], *[_comparable(r[n]) for n in fields], r["reason"], r["detail"]) for r in rows)
+    want = Counter(_expected_row(line, fields) for line in lines)
     assert got == want, (sorted(got - want, key=repr)[:5], sorted(want - got, key=repr)[:5])
     # bad encodings keep their bytes
     b64 = {r["raw_b64"] for r in rows if r["reason"] == "bad_encoding"}
-    assert len(b64) == len({line for line in lines if parse_line(line, EVENT_FIELDS)[2] == "bad_encoding"}) > 0
+    assert len(b64) == len({line for line in lines if parse_line(line, fields)[2] == "bad_encoding"}) > 0
 
 
 def test_the_fast_path_takes_the_logs_own_lines_and_no_line_the_parser_rejects(raw):
     from pyspark.sql import functions as F
 
-    frame, lines = raw
-    flags = frame.select(F.col("value").cast("binary").alias("b"), plain_line(EVENT_FIELDS).alias("plain")).collect()
+    frame, lines, fields = raw
+    flags = frame.select(F.col("value").cast("binary").alias("b"), plain_line(fields).alias("plain")).collect()
     plain = {bytes(r["b"]) for r in flags if r["plain"]}
-    assert {json.dumps(GOOD).encode(), json.dumps(CLICK).encode()} <= plain
-    rejected = {line for line in lines if parse_line(line, EVENT_FIELDS)[2] is not None}
+    rejected = {line for line in lines if parse_line(line, fields)[2] is not None}
     assert len(rejected) > 1000 and not plain & rejected
     assert len(plain) > 150  # the fast path is exercised, edited lines included
+    if fields is CATALOG_FIELDS:
+        assert {json.dumps(ITEM).encode(), json.dumps({**ITEM, "price": 5}).encode()} <= plain
+        numbers = {n for n in NUMBERS if ('{"item_id":"i1","price":%s}' % n).encode() in plain}
+        assert {"-0", "-0.0", "1e23", "9007199254740993", "1" + "0" * 308, "5e-324", "1e-400"} <= numbers
+        assert not numbers & {"1" + "0" * 309, "1e400", "-1e400", "1" * 1001, "NaN", '"9.5"'}
+        return
+    assert {json.dumps(GOOD).encode(), json.dumps(CLICK).encode()} <= plain
     # unusual but valid lines are left to the strict parser: the route is conservative, not exact
     assert '{"event_id":"e1"} '.encode() not in plain and parse_line(b'{"event_id":"e1"} ', EVENT_FIELDS)[2] is None
