@@ -262,7 +262,7 @@ def memory_peaks(spark) -> dict:
     return out
 
 
-MATERIALIZED = ("catalog", "deduped", "events", "labelled", "samples")
+MATERIALIZED = ("catalog", "deduped", "events", "labelled", "rejected", "samples")
 
 
 class BuildProbes:

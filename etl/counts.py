@@ -126,8 +126,8 @@ def input_counts(inputs, date: str) -> dict:
             "catalog_lines": files.get("catalog", {}).get("lines", 0)}
 
 
-def event_counts(events: DataFrame, catalog: DataFrame, decoded: DataFrame, date: str) -> dict:
-    """Parsed rows per file, valid events, and every quarantine reason per source (events, catalog, images)."""
+def event_counts(events: DataFrame, date: str) -> dict:
+    """Parsed rows per file, valid events, and every quarantine reason of the search log."""
     c: dict = {}
     by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
                              "event_type", "reason")
@@ -136,17 +136,22 @@ def event_counts(events: DataFrame, catalog: DataFrame, decoded: DataFrame, date
                          events.where(F.col("dt") == date).groupBy("file").count().collect()}
     c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
     c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
+    c["quarantine"] = {"search_log": _sum_by_reason(by_kind.values())}
+    return c
+
+
+def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> dict:
+    """Catalog rows, items and item images of the date, and every quarantine reason of the catalog
+    and the images."""
     catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
     image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
-    c["quarantine"] = {
-        "search_log": _sum_by_reason(by_kind.values()),
-        "catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
-        "image": {r: n for r, n in image_reasons.items() if r != "ok"},
+    return {
+        "quarantine": {"catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
+                       "image": {r: n for r, n in image_reasons.items() if r != "ok"}},
+        "catalog_rows": sum(catalog_reasons.values()),
+        "items": catalog_reasons.get("ok", 0),
+        "item_images": image_reasons.get("ok", 0),
     }
-    c["catalog_rows"] = sum(catalog_reasons.values())
-    c["items"] = catalog_reasons.get("ok", 0)
-    c["item_images"] = image_reasons.get("ok", 0)
-    return c
 
 
 def sample_counts(samples: DataFrame) -> dict:

@@ -36,6 +36,9 @@ EVENT_TYPES = ("pv", "click")
 # What sessionize, click_history and label_pvs read of a valid event (and pass on to the samples).
 VALID_EVENT_COLUMNS = ("event_id", "event_type", "ts", "user_id", "pv_id", "query", "items", "item_id",
                        "session_id", "dt")
+# What pv_samples and ctr_log read of a labelled PV (the page's `items` live on in `impressions`).
+LABELLED_COLUMNS = ("user_id", "session_id", "pv_id", "query", "ts", "click_history", "click_history_ts",
+                    "impressions", "repeated_on_page", "dt")
 # courier_train's drop reasons, in the order they are tested (the first that holds is the row's)
 TRAIN_DROP_REASONS = ("no_positive_image", "no_history_image")
 _HASH_BUCKETS = 1 << 30
