@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -105,17 +106,15 @@ class FileScan:
 
 
 def _scan_bytes(name: str, data: bytes) -> tuple[str, int]:
-    import bz2
-    import gzip
+    """(sha256 of the stored bytes, lines after decompression) of one file's bytes."""
+    return _scan_stream(name, io.BytesIO(data))
 
-    digest = hashlib.sha256(data).hexdigest()
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    elif name.endswith(".bz2"):
-        data = bz2.decompress(data)
-    # Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines() does (a last line
-    # without a newline counts; a final newline adds none). It drops a UTF-8 BOM at the file start.
-    return digest, len(data.splitlines())
+
+def _scan_local(path: str) -> tuple[str, int]:
+    """_scan_bytes of a local file, streamed: constant memory whatever the file's size (the binaryFile
+    source holds a whole file in one JVM array, at most 2 GB)."""
+    with open(path, "rb") as f:
+        return _scan_stream(path, f)
 
 
 class _Hashing:
@@ -130,29 +129,29 @@ class _Hashing:
         return b
 
 
-def _scan_local(path: str) -> tuple[str, int]:
-    """_scan_bytes of a local file, streamed in 8 MB chunks: constant memory whatever the file's size
-    (the binaryFile source holds a whole file in one JVM array, at most 2 GB)."""
+def _scan_stream(name: str, raw) -> tuple[str, int]:
+    """(sha256, lines) of a binary stream read in 8 MB chunks, decompressed by Python's own gzip/bz2
+    when `name` says so. Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines()
+    does (a last line without a newline counts; a final newline adds none)."""
     import bz2
     import gzip
 
     chunk = 8 << 20
     lines, after_cr, last = 0, False, b""
-    with open(path, "rb") as raw:
-        stored = _Hashing(raw)
-        if path.endswith(".gz"):
-            text = gzip.GzipFile(fileobj=stored, mode="rb")
-        elif path.endswith(".bz2"):
-            text = bz2.BZ2File(stored, mode="rb")
-        else:
-            text = stored
-        while block := text.read(chunk):
-            # Line ends as in _scan_bytes: \n, \r, and \r\n once (also when a chunk ends between them).
-            crlf = block.count(b"\r\n") + (after_cr and block[:1] == b"\n")
-            lines += block.count(b"\n") + block.count(b"\r") - crlf
-            after_cr, last = block[-1:] == b"\r", block[-1:]
-        while stored.read(chunk):  # what follows the last compressed stream is hashed too
-            pass
+    stored = _Hashing(raw)
+    if name.endswith(".gz"):
+        text = gzip.GzipFile(fileobj=stored, mode="rb")
+    elif name.endswith(".bz2"):
+        text = bz2.BZ2File(stored, mode="rb")
+    else:
+        text = stored
+    while block := text.read(chunk):
+        # \r\n is one line end, also when a chunk ends between the two.
+        crlf = block.count(b"\r\n") + (after_cr and block[:1] == b"\n")
+        lines += block.count(b"\n") + block.count(b"\r") - crlf
+        after_cr, last = block[-1:] == b"\r", block[-1:]
+    while stored.read(chunk):  # what follows the last compressed stream is hashed too
+        pass
     return stored.digest.hexdigest(), lines + (last not in (b"", b"\n", b"\r"))
 
 
