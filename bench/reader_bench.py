@@ -2,7 +2,8 @@
 
     python bench/reader_bench.py [--preset demo] [--days 1] [--data DIR] [--batch-size 32]
                                  [--backbones tiny_cnn,resnet18] [--seconds 20] [--rounds 3]
-                                 [--threads 2] [--workers 0,1,2] [--fed 0,1] [--paired-seconds 0]
+                                 [--threads 2] [--workers 0,1,2] [--fed 0,1] [--nice 0,19]
+                                 [--paired-seconds 0]
 
 Data: the simulator's preset (``demo`` by default: 96 px images) for ``--days`` dates, built by stage 1
 (`etl.build.build_date`, real Spark + Delta) into ``--data`` (default bench/out/reader_<preset>_<days>d,
@@ -19,7 +20,7 @@ Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world siz
 3. step: ``CourierModel(ImageEncoder(backbone))`` forward + backward + Adam step on batches already
    decoded and held in memory (cycled), fp32, torch's default intra-op threads;
 4. reader+step: the training loop fed by ``iterate_batches(prefetch=2)`` for each ``--fed`` value of
-   decode_workers (``auto``: what training would use here, `resolve_decode_workers`). 3 and 4
+   decode_workers and each ``--nice`` value of the reader threads' ``background_nice`` (``auto``: what training would use here, `resolve_decode_workers`). 3 and 4
    alternate in ``--rounds`` rounds of seconds/rounds each (the machine is shared: drifting load then
    hits all alike); medians are reported;
 5. with ``--paired-seconds S``, for each ``--fed`` value: S seconds of pairs of steps on the same
@@ -234,12 +235,13 @@ def bench_step(batches, backbone, seconds):
             "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
 
 
-def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px):
+def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px, nice):
     from training.reader import iterate_batches
 
     model, opt = make_model(backbone)
     it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=1,
-                         decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
+                         decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2,
+                         background_nice=nice)
 
     def run():
         for b in it:
@@ -253,7 +255,7 @@ def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px)
 
 
 def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None,
-                 quiet_share=0.1):
+                 quiet_share=0.1, nice=0):
     """The fed step and the in-memory step on the SAME batch, back to back, pair after pair: step k is
     fed by ``iterate_batches(prefetch=2)`` (timed from asking the iterator for the batch to the end of
     the optimizer step; the reader decodes the batch that replaces it in the pipeline meanwhile, in
@@ -271,7 +273,8 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
         it = (b for b in itertools.cycle(memory))
     else:
         it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=2,
-                             decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2)
+                             decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2,
+                             background_nice=nice)
     step(model, opt, next(it))  # start-up: workers, first kernels
     time.sleep(1.0)  # let the pipeline fill
     fed, mem, others, workers_cpu = [], [], [], [0.0, 0.0]
@@ -320,21 +323,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="alternating step / reader+step rounds per backbone")
     ap.add_argument("--quiet", type=float, default=0.1,
                     help="a round is quiet when other processes kept less than this share of the cores busy")
+    ap.add_argument("--nice", default=None,
+                    help="background_nice values of the reader's threads for the reader+step runs (default: the "
+                         "reader's BACKGROUND_NICE; e.g. 0,19 to compare)")
     ap.add_argument("--paired-seconds", type=float, default=0.0,
                     help="per --fed value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
 
     import torch
 
-    from training.reader import (available_cores, count_rows, gpu_decode_supported, iterate_batches,
-                                 quiet_petastorm_warnings, resolve_decode_workers, row_groups)
+    from training.reader import (BACKGROUND_NICE, available_cores, count_rows, gpu_decode_supported,
+                                 iterate_batches, quiet_petastorm_warnings, resolve_decode_workers, row_groups)
 
     quiet_petastorm_warnings()
     data = Path(args.data or ROOT / "bench" / "out" / f"reader_{args.preset}_{args.days}d").resolve()
     urls, px = ensure_table(data, args.preset, args.days)
     parse = lambda v: v if v == "auto" else int(v)  # noqa: E731
     workers = [parse(w) for w in args.workers.split(",")]
-    fed = [parse(w) for w in args.fed.split(",")]
+    nices = [int(v) for v in args.nice.split(",")] if args.nice else [BACKGROUND_NICE]
+    # (decode_workers, background_nice) of each reader+step variant; its key names both when several nices
+    fed = [(parse(w), n) for n in nices for w in args.fed.split(",")]
+    key = (lambda w, n: f"{w} nice {n}") if len(nices) > 1 else (lambda w, n: str(w))  # noqa: E731
     auto = resolve_decode_workers("auto")
     out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "available_cores": available_cores(),
                        "python": platform.python_version(), "torch": torch.__version__,
@@ -368,12 +377,13 @@ def main(argv=None) -> dict:
             s = bench_step(mem, backbone, args.seconds / args.rounds)
             r = {"step": s["images_per_s"], "step_cpu_ms_per_image": s["cpu_ms_per_image"], "loadavg": loadavg(),
                  "others": s["others"]}
-            for w in fed:
+            for w, nice in fed:
                 rs = bench_reader_step(urls, args.batch_size, backbone, args.seconds / args.rounds,
-                                       auto if w == "auto" else w, args.threads, px)
-                r[f"reader_step[{w}]"] = rs["images_per_s"]
-                r[f"ratio[{w}]"] = rs["images_per_s"] / s["images_per_s"]
-                r[f"reader_step_cpu_ms_per_image[{w}]"] = rs["cpu_ms_per_image"]
+                                       auto if w == "auto" else w, args.threads, px, nice)
+                k = key(w, nice)
+                r[f"reader_step[{k}]"] = rs["images_per_s"]
+                r[f"ratio[{k}]"] = rs["images_per_s"] / s["images_per_s"]
+                r[f"reader_step_cpu_ms_per_image[{k}]"] = rs["cpu_ms_per_image"]
                 r["others"] = max(r["others"], rs["others"])  # the busiest of the round's segments
             rounds.append(r)
             print(f"[bench] {backbone} round", json.dumps(r), flush=True)
@@ -382,27 +392,28 @@ def main(argv=None) -> dict:
         quiet = [r for r in rounds if r["others"] < args.quiet]
         m = {"rounds": rounds, "step_images_per_s": med["step"], "step_cpu_ms_per_image": med["step_cpu_ms_per_image"],
              "fed": {}}
-        for w in fed:
-            n = auto if w == "auto" else w
+        for w, nice in fed:
+            n, k = auto if w == "auto" else w, key(w, nice)
             # Load-independent estimate: CPU per image of the step alone vs of the reader alone (this
             # process + its decode workers); sharing the cores, the loop reaches at most step / (step + reader).
             reader_cpu = cpu_reader.get(n)
-            m["fed"][str(w)] = {"decode_workers": n, "reader_step_images_per_s": med[f"reader_step[{w}]"],
-                                "reader_step_over_step": med[f"ratio[{w}]"],
-                                "ratios": [r[f"ratio[{w}]"] for r in rounds],
-                                "quiet_rounds": len(quiet),
-                                "quiet_median": statistics.median(r[f"ratio[{w}]"] for r in quiet) if quiet else None,
-                                "cpu_bound_ratio": None if reader_cpu is None else
-                                med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
+            m["fed"][k] = {"decode_workers": n, "background_nice": nice,
+                           "reader_step_images_per_s": med[f"reader_step[{k}]"],
+                           "reader_step_over_step": med[f"ratio[{k}]"],
+                           "ratios": [r[f"ratio[{k}]"] for r in rounds],
+                           "quiet_rounds": len(quiet),
+                           "quiet_median": statistics.median(r[f"ratio[{k}]"] for r in quiet) if quiet else None,
+                           "cpu_bound_ratio": None if reader_cpu is None else
+                           med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
         if args.paired_seconds > 0:
             m["paired_control"] = bench_paired(urls, args.batch_size, backbone, args.paired_seconds, 0, args.threads,
                                                px, memory=mem, quiet_share=args.quiet)
             print(f"[bench] {backbone} paired control (memory)", json.dumps(m["paired_control"]), flush=True)
-            for w in fed:
+            for w, nice in fed:
                 pr = bench_paired(urls, args.batch_size, backbone, args.paired_seconds,
-                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet)
-                m["fed"][str(w)]["paired"] = pr
-                print(f"[bench] {backbone} paired decode_workers={w}", json.dumps(pr), flush=True)
+                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet, nice=nice)
+                m["fed"][key(w, nice)]["paired"] = pr
+                print(f"[bench] {backbone} paired decode_workers={w} background_nice={nice}", json.dumps(pr), flush=True)
         out["models"][backbone] = m
     out["machine"]["loadavg_end"] = loadavg()
 
@@ -427,7 +438,8 @@ def main(argv=None) -> dict:
                   f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
         for w, f in m["fed"].items():
             bound = "" if f["cpu_bound_ratio"] is None else f"; CPU bound {f['cpu_bound_ratio']:.3f}"
-            label = f"decode_workers={w}" + (f" = {f['decode_workers']}" if w == "auto" else "")
+            label = (f"decode_workers={w}" + (f" = {f['decode_workers']}" if w.startswith("auto") else "")
+                     + f", reader threads at nice {f['background_nice']}")
             quiet = ("" if f["quiet_median"] is None else
                      f"; {f['quiet_rounds']} quiet round(s): median {f['quiet_median']:.2f}")
             print(f"| {name}: reader (prefetch 2, {label}) + step | {f['reader_step_images_per_s']:.1f} | | | "

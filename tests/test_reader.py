@@ -160,7 +160,7 @@ def test_skip_batches_gives_the_tail_without_reading_or_decoding_the_head(table,
     reads, decodes = [], []
     read_slice, decode_one = R._read_slice, jpeg.decode_one
     monkeypatch.setattr(R, "_read_slice", lambda s: reads.append(s) or read_slice(s))
-    monkeypatch.setattr(jpeg, "decode_one", lambda d, px: decodes.append(1) or decode_one(d, px))
+    monkeypatch.setattr(jpeg, "decode_one", lambda d, px, scratch=None: decodes.append(1) or decode_one(d, px, scratch))
     for k in (0, 1, 3, len(full) - 1, len(full), len(full) + 2):
         reads.clear(), decodes.clear()
         tail = list(R.iterate_batches(urls, skip_batches=k, prefetch=0, **kw))
@@ -522,3 +522,77 @@ def test_object_store_copy_reads_the_same_batches(table, s3_server):  # noqa: F8
         assert all(all(torch.equal(x, y) for x, y in zip(got[k], want[k])) for k in want)
     finally:
         fs.configure(None)
+
+
+def test_jpeg_fast_path_gives_pil_pixels_and_leaves_other_images_to_pil():
+    """training.jpeg.decode_one with a scratch array: a YCbCr JPEG of the scratch's size is decoded by
+    simplejpeg into the scratch (the stage-1 case), with PIL's exact pixels; every other image takes
+    PIL's path, and a broken file fails as it does there."""
+    import io
+
+    from PIL import Image
+
+    from etl.images import square_jpeg
+    from training import jpeg
+
+    rgb = Image.frombytes("RGB", (40, 30), bytes(np.random.default_rng(5).integers(0, 256, 40 * 30 * 3, dtype=np.uint8)))
+
+    def saved(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", **kw)
+        return buf.getvalue()
+
+    fast = {"stage 1 (4:2:0, q90)": square_jpeg(rgb, 24, 90),
+            "4:4:4": saved(rgb.resize((24, 24)), quality=95, subsampling=0),
+            "4:2:2": saved(rgb.resize((24, 24)), quality=75, subsampling=1),
+            "progressive": saved(rgb.resize((24, 24)), quality=85, progressive=True)}
+    slow = {"greyscale": saved(rgb.resize((24, 24)).convert("L")),
+            "CMYK": saved(rgb.resize((24, 24)).convert("CMYK")),
+            "another size (resized)": square_jpeg(rgb, 32, 90),
+            "PNG": (lambda b: (rgb.resize((24, 24)).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())}
+    scratch = np.empty((24, 24, 3), dtype=np.uint8)
+    for name, data in {**fast, **slow}.items():
+        want = jpeg.decode_one(data, 24)  # PIL
+        got = jpeg.decode_one(data, 24, scratch)
+        assert got.shape == (3, 24, 24) and np.array_equal(got, want), name
+        assert np.shares_memory(got, scratch) == (name in fast), name
+    truncated = fast["stage 1 (4:2:0, q90)"][:200]
+    with pytest.raises(OSError):  # PIL's own error for it, with or without the scratch
+        jpeg.decode_one(truncated, 24)
+    with pytest.raises(OSError):
+        jpeg.decode_one(truncated, 24, scratch)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.parametrize("threads,prefetch", [(1, 2), (3, 2), (3, 0)])
+def test_reader_threads_yield_to_the_training_thread(table, monkeypatch, threads, prefetch):
+    """The prefetch thread and the decode pool's threads run at a raised niceness (BACKGROUND_NICE), so a
+    CPU step's threads keep their cores; the training thread itself is never reniced; 0 turns it off."""
+    import os
+    import threading
+
+    import training.jpeg as jpeg
+    from training.reader import BACKGROUND_NICE, iterate_batches
+
+    main_tid = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, main_tid)
+    seen = {}
+    decode_into = jpeg.decode_into
+
+    def recording(*a, **kw):
+        tid = threading.get_native_id()
+        seen[tid] = os.getpriority(os.PRIO_PROCESS, tid)
+        return decode_into(*a, **kw)
+
+    monkeypatch.setattr(jpeg, "decode_into", recording)
+    kw = dict(batch_size=8, rank=0, world_size=1, seed=0, epoch=0, decode_threads=threads, prefetch=prefetch)
+    ref = list(iterate_batches(table["urls"], background_nice=0, **kw))
+    assert set(seen.values()) == {base}  # 0: every decoding thread at the training thread's priority
+    seen.clear()
+    got = list(iterate_batches(table["urls"], **kw))
+    _same_batches(ref, got)
+    assert os.getpriority(os.PRIO_PROCESS, main_tid) == base
+    # the training thread decodes itself only without prefetch (a batch too small to split): not reniced
+    assert seen.get(main_tid, base) == base
+    background = {tid: nice for tid, nice in seen.items() if tid != main_tid}
+    assert background and set(background.values()) == {min(19, base + BACKGROUND_NICE)}

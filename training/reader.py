@@ -26,13 +26,14 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
    With ``group_by="query"`` a window's permuted rows are split by query instead and each query's rows
    cut into batches (its last one short), in an order drawn from ``(seed, epoch, rank, window)``.
 5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
-   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (PIL, the same
-   function everywhere) either in this process by a thread pool (``decode_workers=0``) or by
+   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (simplejpeg, or PIL
+   for an image of another size or kind: the same function everywhere) either in this process by a thread pool (``decode_workers=0``) or by
    ``decode_workers`` worker processes (``training/jpeg.py``; a batch per job, pixels returned through
    shared memory, ``decode_workers + 1`` batches in flight); every image is written to its own slot of
    its batch's arrays, so the tensors do not depend on timing or on the number of threads or workers.
    ``decode_device`` decodes with torchvision on that device (nvjpeg on CUDA) instead. A background
-   thread (``prefetch``) prepares the next batches while the caller trains.
+   thread (``prefetch``) prepares the next batches while the caller trains; it and the decode threads
+   run at a raised niceness (``BACKGROUND_NICE``), so that they take the step's idle core time only.
 
 What the trainer needs
 ----------------------
@@ -58,6 +59,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -348,6 +350,27 @@ def _take(cols: dict, idx) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Decoding: in this process (threads), in worker processes, or with torchvision on a device (GPU)
 # --------------------------------------------------------------------------------------------------
+# Niceness of the reader's own background threads (the prefetch thread, which reads and decodes,
+# and the decode pool's threads). On a CPU-only machine the step's intra-op threads keep every core
+# busy; a decode thread at the same priority preempts one of them and the others spin-wait on it, so
+# the step lost more time than the decode took (bench/RESULTS.md: 0.78-0.87 of the in-memory step at
+# nice 0, 0.89-0.95 at 19 with tiny_cnn on 2 cores). At 19 the reader runs in the step's idle moments,
+# and whenever the step waits for its next batch the cores are idle and the reader gets them. Linux
+# only (elsewhere a thread id is not a process id to setpriority); the training thread is never reniced.
+BACKGROUND_NICE = 19
+
+
+def lower_this_thread(nice: int) -> None:
+    """Raise the calling thread's niceness by ``nice`` (Linux; a no-op elsewhere or when refused)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
+
+
 def available_cores() -> int:
     """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
     ``--cpus``) when one is set."""
@@ -465,10 +488,11 @@ class _Decoder:
 
     ahead = 0  # decoding happens inside submit: nothing to gain from submitting ahead
 
-    def __init__(self, threads: int, image_px: Optional[int]):
+    def __init__(self, threads: int, image_px: Optional[int], nice: int = 0):
         self.threads = max(1, int(threads))
         self.px = image_px
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg") if self.threads > 1 else None
+        self.pool = (ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg", initializer=lower_this_thread,
+                                        initargs=(nice,)) if self.threads > 1 else None)
 
     def close(self):
         if self.pool is not None:
@@ -760,12 +784,12 @@ class _TensorDecoder:
 
 
 def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image_px: Optional[int],
-                  max_rows: int = 0):
+                  max_rows: int = 0, nice: int = 0):
     if decode_device is not None:
         return _TensorDecoder(decode_device, image_px)
     if decode_workers > 0:
         return _ProcessDecoder(decode_workers, image_px, max_rows)
-    return _Decoder(decode_threads, image_px)
+    return _Decoder(decode_threads, image_px, nice)
 
 
 def _to_batch(cols: dict, decoded: tuple, epoch: int, index: int) -> CourierBatch:
@@ -856,13 +880,15 @@ def _closing(gen):
         gen.close()  # runs the generator's cleanup (thread pools) in this thread, also on early stop
 
 
-def _prefetched(gen: Iterator, depth: int) -> Iterator:
-    """Runs ``gen`` in one background thread, ``depth`` items ahead; order preserved, errors re-raised."""
+def _prefetched(gen: Iterator, depth: int, nice: int = 0) -> Iterator:
+    """Runs ``gen`` in one background thread (niceness raised by ``nice``), ``depth`` items ahead; order
+    preserved, errors re-raised."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
     def produce():
+        lower_this_thread(nice)
         try:
             for item in _closing(gen):
                 while not stop.is_set():
@@ -900,7 +926,8 @@ def _prefetched(gen: Iterator, depth: int) -> Iterator:
 def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                     skip_batches: int = 0, decode_threads: int = 2, image_px: Optional[int] = None,
                     shuffle_rows: int = DEFAULT_SHUFFLE_ROWS, prefetch: int = 2, decode_workers=0,
-                    decode_device=None, group_by: Optional[str] = None) -> Iterator[CourierBatch]:
+                    decode_device=None, group_by: Optional[str] = None,
+                    background_nice: int = BACKGROUND_NICE) -> Iterator[CourierBatch]:
     """One epoch of this rank's disjoint share of the rows of ``urls`` as CourierBatches (see the module
     docstring for the sharding and order). Deterministic for (urls as a set, seed, epoch, rank,
     world_size, batch_size, shuffle_rows, group_by); ``skip_batches=k`` yields exactly batches k, k+1, ... of that
@@ -917,7 +944,8 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
     batches ahead, started with the iterator and shut down when it ends, fails or is closed (close
     it, or let it go out of scope, when stopping early); the batches are the same tensors either way.
     ``decode_device`` (e.g. ``"cuda:0"``): decode with torchvision on that device instead (the image
-    tensors are then on it; workers and threads unused).
+    tensors are then on it; workers and threads unused). ``background_nice``: the niceness added to the
+    prefetch and decode threads (``BACKGROUND_NICE``; 0 = the training thread's priority).
     """
     if batch_size < 1 or skip_batches < 0:
         raise ValueError(f"need batch_size >= 1 and skip_batches >= 0, got {batch_size}, {skip_batches}")
@@ -930,7 +958,7 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
            else _grouped_batches(plan, batch_size, seed, epoch, skip_batches, group_by))
 
     def decoded():
-        decoder = _make_decoder(workers, decode_threads, decode_device, image_px, batch_size)
+        decoder = _make_decoder(workers, decode_threads, decode_device, image_px, batch_size, background_nice)
         pending: collections.deque = collections.deque()
         try:
             for k, cols in enumerate(raw):
@@ -946,6 +974,6 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
             decoder.close()
 
     if prefetch > 0:
-        yield from _prefetched(decoded(), prefetch)
+        yield from _prefetched(decoded(), prefetch, background_nice)
     else:
         yield from decoded()
