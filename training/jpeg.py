@@ -8,7 +8,7 @@ torch would take seconds and hundreds of MB per worker.
 An image already at the batch's size, in the colour space stage 1 writes (YCbCr), is decoded by
 libjpeg-turbo through simplejpeg, straight into a scratch array: the library and the settings PIL's
 decoder uses (accurate integer DCT, fancy upsampling), hence the same pixels (tests/test_reader.py
-holds the two equal), for ~45 % less CPU (no Python-side header parsing, no image objects;
+holds the two equal), for ~42 % less CPU (no Python-side header parsing, no image objects;
 bench/RESULTS.md). Anything else (another size, greyscale, CMYK, not a JPEG, a decoder error) takes
 PIL's path, which resizes or raises as before.
 

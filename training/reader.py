@@ -26,10 +26,10 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
    With ``group_by="query"`` a window's permuted rows are split by query instead and each query's rows
    cut into batches (its last one short), in an order drawn from ``(seed, epoch, rank, window)``.
 5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
-   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (simplejpeg, or PIL
-   for an image of another size or kind: the same function everywhere) either in this process by a thread pool (``decode_workers=0``) or by
-   ``decode_workers`` worker processes (``training/jpeg.py``; a batch per job, pixels returned through
-   shared memory, ``decode_workers + 1`` batches in flight); every image is written to its own slot of
+   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (simplejpeg, or
+   PIL for an image of another size or kind: the same function everywhere) either in this process by a
+   thread pool (``decode_workers=0``) or by ``decode_workers`` worker processes (``training/jpeg.py``;
+   a batch per job, pixels returned through shared memory, ``decode_workers + 1`` batches in flight); every image is written to its own slot of
    its batch's arrays, so the tensors do not depend on timing or on the number of threads or workers.
    ``decode_device`` decodes with torchvision on that device (nvjpeg on CUDA) instead. A background
    thread (``prefetch``) prepares the next batches while the caller trains; it and the decode threads
@@ -353,8 +353,8 @@ def _take(cols: dict, idx) -> dict:
 # Niceness of the reader's own background threads (the prefetch thread, which reads and decodes,
 # and the decode pool's threads). On a CPU-only machine the step's intra-op threads keep every core
 # busy; a decode thread at the same priority preempts one of them and the others spin-wait on it, so
-# the step lost more time than the decode took (bench/RESULTS.md: 0.78-0.87 of the in-memory step at
-# nice 0, 0.89-0.95 at 19 with tiny_cnn on 2 cores). At 19 the reader runs in the step's idle moments,
+# the step lost more time than the decode took (bench/RESULTS.md, tiny_cnn on 2 cores, steady state:
+# 0.86-0.87 of the in-memory step at nice 0, 0.91-0.93 at 19). At 19 the reader runs in the step's idle moments,
 # and whenever the step waits for its next batch the cores are idle and the reader gets them. Linux
 # only (elsewhere a thread id is not a process id to setpriority); the training thread is never reniced.
 BACKGROUND_NICE = 19
