@@ -25,15 +25,16 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
    content and order depend only on the footers), and batches are cut from the concatenated windows.
    With ``group_by="query"`` a window's permuted rows are split by query instead and each query's rows
    cut into batches (its last one short), in an order drawn from ``(seed, epoch, rank, window)``.
-5. Each slice is read from its one row group of its one file, in the calling thread (the rows read
-   are checked against the footer): nothing depends on thread timing. JPEGs are decoded (simplejpeg, or
-   PIL for an image of another size or kind: the same function everywhere) either in this process by a
-   thread pool (``decode_workers=0``) or by ``decode_workers`` worker processes (``training/jpeg.py``;
-   a batch per job, pixels returned through shared memory, ``decode_workers + 1`` batches in flight);
-   every image is written to its own slot of its batch's arrays, so the tensors do not depend on timing or on the number of threads or workers.
-   ``decode_device`` decodes with torchvision on that device (nvjpeg on CUDA) instead. A background
-   thread (``prefetch``) prepares the next batches while the caller trains; it and the decode threads
-   run at a raised niceness (``BACKGROUND_NICE``), so that they take the step's idle core time only.
+5. Each slice is read from its one row group of its one file, in the calling thread (the rows read are
+   checked against the footer): nothing depends on thread timing. JPEGs are decoded (simplejpeg, or PIL
+   for an image of another size or kind: the same function everywhere) either in this process by a
+   thread pool (``decode_workers=0``) or by ``decode_workers`` worker processes (``training/jpeg.py``; a
+   batch per job, pixels returned through shared memory, ``decode_workers + 1`` batches in flight);
+   every image is written to its own slot of its batch's arrays, so the tensors do not depend on timing
+   or on the number of threads or workers. ``decode_device`` decodes with torchvision on that device
+   (nvjpeg on CUDA) instead. A background thread (``prefetch``) prepares the next batches while the
+   caller trains; it and the decode threads run at a raised niceness (``BACKGROUND_NICE``), so that they
+   take the step's idle core time only.
 
 What the trainer needs
 ----------------------
