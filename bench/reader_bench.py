@@ -20,9 +20,10 @@ Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world siz
 3. step: ``CourierModel(ImageEncoder(backbone))`` forward + backward + Adam step on batches already
    decoded and held in memory (cycled), fp32, torch's default intra-op threads;
 4. reader+step: the training loop fed by ``iterate_batches(prefetch=2)`` for each ``--fed`` value of
-   decode_workers and each ``--nice`` value of the reader threads' ``background_nice`` (``auto``: what training would use here, `resolve_decode_workers`). 3 and 4
-   alternate in ``--rounds`` rounds of seconds/rounds each (the machine is shared: drifting load then
-   hits all alike); medians are reported;
+   decode_workers (``auto``: what training would use here, `resolve_decode_workers`) and each
+   ``--nice`` value of the reader threads' ``background_nice``. 3 and 4 alternate in ``--rounds``
+   rounds of seconds/rounds each (the machine is shared: drifting load then hits all alike); medians
+   are reported;
 5. with ``--paired-seconds S``, for each ``--fed`` value: S seconds of pairs of steps on the same
    batch, fed then in memory, back to back (`bench_paired`): a ratio that drifting load from other
    jobs on a shared machine barely moves.
@@ -327,7 +328,7 @@ def main(argv=None) -> dict:
                     help="background_nice values of the reader's threads for the reader+step runs (default: the "
                          "reader's BACKGROUND_NICE; e.g. 0,19 to compare)")
     ap.add_argument("--paired-seconds", type=float, default=0.0,
-                    help="per --fed value: seconds of paired fed / in-memory steps on the same batch (0: none)")
+                    help="per --fed (and --nice) value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
 
     import torch
