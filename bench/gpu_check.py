@@ -137,8 +137,10 @@ def _ddp_worker(local_rank: int, world: int, port: int, args, out_path: str) -> 
         if local_rank == 0:
             with open(out_path, "w") as fh:
                 json.dump({**r, "images_per_s": float(totals.item()), "world": world}, fh)
-    finally:
-        dist.shutdown("ddp")
+    except BaseException:
+        dist.shutdown("ddp", wait_for_peers=False)
+        raise
+    dist.shutdown("ddp")
 
 
 def measure_ddp(args) -> dict:

@@ -72,8 +72,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     D.init("ddp", process_group_backend="gloo")
     try:
         torch.save(report("ddp"), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        D.shutdown("ddp")
+    except BaseException:
+        D.shutdown("ddp", wait_for_peers=False)
+        raise
+    D.shutdown("ddp")
 
 
 def test_ddp_gloo_two_processes(tmp_path):

@@ -49,6 +49,7 @@ Horovod is installed by ``scripts/install_horovod.sh``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -137,11 +138,22 @@ def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) 
     _backend = backend
 
 
-def shutdown(backend: Optional[Backend] = None) -> None:
-    """Leave the process group. Delete the model and optimizer first (gloo can hang at exit otherwise)."""
+def shutdown(backend: Optional[Backend] = None, wait_for_peers: bool = True) -> None:
+    """Leave the process group. Delete the model and optimizer first (gloo can hang at exit otherwise).
+
+    ddp: first collect the garbage, so that a DDP wrapper or an autograd graph caught in a reference
+    cycle (and the gloo work it holds) dies now rather than in the interpreter's finalisation; then
+    (``wait_for_peers``) meet every rank at a barrier, so that no rank tears the group (and rank 0 the
+    store) down while a peer is still inside a collective. Without both, a gloo rank aborted at exit
+    now and then ("terminate called without an active exception", SIGABRT) after its work had
+    finished. On a failure path pass ``wait_for_peers=False``: the peers may never reach the barrier.
+    """
     global _backend
     backend = backend or current_backend()
     if backend == "ddp" and dist.is_initialized():
+        gc.collect()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
     elif backend == "horovod" and _hvd_on():
         _hvd().shutdown()
