@@ -31,7 +31,7 @@ def _to_rgb(img):
 
     if getattr(img, "is_animated", False):
         img.seek(0)
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)  # the same pixels without a copy of the full-size image
     mode = img.mode
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -52,7 +52,7 @@ def _to_rgb(img):
 
         eight = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
         return Image.fromarray(eight, mode="L").convert("RGB")
-    return img.convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")  # convert() to the same mode is a copy
 
 
 def normalize_local_image(path: str, px: int, quality: int, max_pixels: int):
@@ -85,7 +85,8 @@ def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):
                 if w * h > max_pixels:
                     return None, None, None, None, IMAGE_TOO_LARGE, f"{w}x{h} > {max_pixels} pixels"
                 probe.verify()  # catches truncated/garbled files that open() alone accepts
-            with Image.open(io.BytesIO(data)) as img:
+                known = [probe.format] if probe.format else None
+            with Image.open(io.BytesIO(data), formats=known) as img:  # the format is known: no plugin search
                 out = square_jpeg(_to_rgb(img), px, quality)
     except Image.DecompressionBombError as e:  # only when max_pixels is above Pillow's own hard limit
         return None, None, None, None, IMAGE_TOO_LARGE, str(e)[:200]
@@ -101,9 +102,11 @@ def square_jpeg(rgb, px: int, quality: int) -> bytes:
     w, h = rgb.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
+    # A square image is its own crop (crop() would copy it). resize(box=...) is not used: its filter
+    # reads pixels outside the box, so the edges would differ from a crop's.
+    square = rgb if w == h else rgb.crop((left, top, left + side, top + side))
     buf = io.BytesIO()
-    rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC).save(buf, format="JPEG",
-                                                                                       quality=quality)
+    square.resize((px, px), Image.BICUBIC).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

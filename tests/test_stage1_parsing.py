@@ -153,3 +153,48 @@ def test_mode_conversion_rules():
     gif = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     first = _decoded(gif)
     assert first[..., 0].mean() > 200 and first[..., 1].mean() < 60
+
+
+def test_exif_orientation_is_applied_and_the_output_equals_plain_pil():
+    """normalize_image skips PIL's copies (exif_transpose in place, no convert or crop of an image that
+    is already RGB or square); its bytes must equal the plain chain's: exif_transpose (copy) ->
+    convert("RGB") -> centre crop -> bicubic resize -> JPEG."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    def plain(data: bytes, px: int) -> bytes:
+        with Image.open(io.BytesIO(data)) as img:
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            w, h = rgb.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            return _save(rgb.crop((left, top, left + side, top + side)).resize((px, px), Image.BICUBIC), "JPEG",
+                         quality=90)
+
+    rng = np.random.default_rng(5)
+    wide = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))  # 40 wide, 24 high
+    wide.paste((255, 0, 0), (0, 0, 40, 12))  # top half red, bottom half random
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored sideways, turned 90 degrees clockwise to view
+    rotated = _save(wide, "JPEG", quality=95, exif=exif.tobytes())
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    cases = {
+        "jpeg, exif orientation 6": rotated,
+        "png, wide": _save(wide, "PNG"),
+        "png, tall": _save(wide.transpose(Image.Transpose.ROTATE_90), "PNG"),
+        "png, square": _save(wide.crop((0, 0, 24, 24)), "PNG"),
+        "png, rgba": _save(Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)), "PNG"),
+        "gif, animated": _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0),
+    }
+    for name, data in cases.items():
+        for px in (8, 16):
+            jpeg, *_, r, detail = normalize_image(data, px, 90, 1_000_000)
+            assert r is None, (name, r, detail)
+            if name != "png, rgba":  # plain PIL drops alpha; normalize composites on white (rule above)
+                assert jpeg == plain(data, px), name
+    # Orientation 6: the stored 40 x 24 image is viewed 24 wide x 40 high with its red half on the right.
+    upright = _decoded(rotated, px=16)
+    assert upright[:, 12:, 0].mean() > 200 and upright[:, 12:, 1:].mean() < 60
+    assert upright[:, :4, 1:].mean() > 60  # the random half: green and blue too
