@@ -15,6 +15,11 @@ sys.path.insert(0, str(ROOT))
 
 pytest_plugins = ("cluster_services",)  # the `cluster_services` fixture (tests marked `cluster`)
 
+# Tests that start several gloo ranks: one rerun when a rank aborted (SIGABRT, "terminate called without an
+# active exception") - seen at exit in gloo's teardown under torch 2.14.1 in ~1 of 250 tests, after the
+# rank's work was done. Any other failure, or the abort twice in a row, still fails the test.
+gloo_ranks_may_abort = pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])
+
 
 def write_config(tmp_path: Path, overrides: dict | None = None) -> Path:
     """A config file whose data root is tmp_path/data (tiny Spark, few partitions)."""

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
+from conftest import gloo_ranks_may_abort
 
 from training.baselines import (
     CategoryClassifier,
@@ -343,6 +344,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@gloo_ranks_may_abort
 def test_two_process_gloo_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 

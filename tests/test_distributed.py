@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # worker processes (horovodrun runs this file as a script)
     sys.path.insert(0, str(ROOT))
 
+from conftest import gloo_ranks_may_abort  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.baselines import nt_xent_loss  # noqa: E402
 
@@ -78,6 +79,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     D.shutdown("ddp")
 
 
+@gloo_ranks_may_abort
 def test_ddp_gloo_two_processes(tmp_path):
     import torch.multiprocessing as mp
 

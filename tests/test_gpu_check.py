@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, gloo_ranks_may_abort
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would really run")
@@ -18,6 +18,7 @@ def test_without_a_gpu_it_exits_77_with_a_message():
     assert "nothing measured" in r.stdout
 
 
+@gloo_ranks_may_abort
 def test_smoke_runs_every_row_on_cpu():
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_config
+from conftest import ROOT, gloo_ranks_may_abort, write_config
 
 TRAIN_SETTINGS = {"batch_size": 16, "num_workers": 2, "epochs": 6, "lr": 1e-3, "checkpoint_every": 2,
                   "log_every": 4, "decode_threads": 1}
@@ -154,6 +154,7 @@ def _ddp_step(batch_path: str, out_dir: str) -> None:
     D.shutdown("ddp")
 
 
+@gloo_ranks_may_abort
 def test_two_process_torchdistributor_equals_one_process(spark, tmp_path):
     from pyspark.ml.torch.distributor import TorchDistributor
 
