@@ -129,18 +129,13 @@ def _ddp_worker(local_rank: int, world: int, port: int, args, out_path: str) -> 
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     from training import distributed as dist
 
-    dist.init("ddp", process_group_backend="nccl" if args.device == "cuda" else "gloo")
-    try:
+    with dist.joined("ddp", process_group_backend="nccl" if args.device == "cuda" else "gloo"):
         r = measure_step(args, grad_checkpointing=args.ddp_grad_checkpointing, distributed=True)
         totals = dist.all_reduce_sum(torch.tensor([r["images_per_s"]], dtype=torch.float64,
                                                   device="cuda" if args.device == "cuda" else "cpu"))
         if local_rank == 0:
             with open(out_path, "w") as fh:
                 json.dump({**r, "images_per_s": float(totals.item()), "world": world}, fh)
-    except BaseException:
-        dist.shutdown("ddp", wait_for_peers=False)
-        raise
-    dist.shutdown("ddp")
 
 
 def measure_ddp(args) -> dict:

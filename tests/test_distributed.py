@@ -70,13 +70,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(NPROC))
     torch.set_num_threads(1)
-    D.init("ddp", process_group_backend="gloo")
-    try:
+    with D.joined("ddp", process_group_backend="gloo"):
         torch.save(report("ddp"), Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        D.shutdown("ddp", wait_for_peers=False)
-        raise
-    D.shutdown("ddp")
 
 
 @gloo_ranks_may_abort

@@ -54,6 +54,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Literal, Optional
 
 import torch
@@ -144,9 +145,11 @@ def shutdown(backend: Optional[Backend] = None, wait_for_peers: bool = True) -> 
     ddp: first collect the garbage, so that a DDP wrapper or an autograd graph caught in a reference
     cycle (and the gloo work it holds) dies now rather than in the interpreter's finalisation; then
     (``wait_for_peers``) meet every rank at a barrier, so that no rank tears the group (and rank 0 the
-    store) down while a peer is still inside a collective. Without both, a gloo rank aborted at exit
-    now and then ("terminate called without an active exception", SIGABRT) after its work had
-    finished. On a failure path pass ``wait_for_peers=False``: the peers may never reach the barrier.
+    store) down while a peer is still inside a collective. Both against an abort seen now and then at
+    exit of a gloo rank whose work had finished ("terminate called without an active exception",
+    SIGABRT); it was also seen in a test that destroys its group directly, so they are not shown to
+    prevent it. On a failure path pass ``wait_for_peers=False`` (or use `joined`): the peers may never
+    reach the barrier.
     """
     global _backend
     backend = backend or current_backend()
@@ -158,6 +161,19 @@ def shutdown(backend: Optional[Backend] = None, wait_for_peers: bool = True) -> 
     elif backend == "horovod" and _hvd_on():
         _hvd().shutdown()
     _backend = None
+
+
+@contextmanager
+def joined(backend: Backend = "ddp", process_group_backend: Optional[str] = None):
+    """``init`` for the body, then ``shutdown``: waiting for the peers when the body finished, not when
+    it raised (a failed peer never reaches the barrier)."""
+    init(backend, process_group_backend)
+    try:
+        yield
+    except BaseException:
+        shutdown(backend, wait_for_peers=False)
+        raise
+    shutdown(backend)
 
 
 def rank() -> int:
