@@ -44,8 +44,9 @@ reported as a ratio against its floor (medians over rounds):
   (``etl.build.materialize`` wrapped by the bench: binaryFile read + join + decode + checkpoint).
   Reported as floor_b / build_image (target >= 0.8).
 * (c) write floor = the committed courier_train partition read back, ``localCheckpoint(eager=True)``
-  (rows in executor memory, spilling to disk if they do not fit), then ``df.write.parquet`` to a temp
-  folder, timed (without the partition column, as ``TableStore.stage_partition`` writes it). Build
+  (rows in executor memory, spilling to disk if they do not fit), then ``df.write.parquet`` with the
+  table's codec (``etl.catalog.COURIER_TRAIN.compression``) to a temp folder, timed (without the
+  partition column, as ``TableStore.stage_partition`` writes it). Build
   courier_train time = the seconds printed in its "courier_train: staged N rows, X s" progress line
   (the stage call only; the report counts before it, and the sum of the image bytes that chooses
   the broadcast look-up, are not in it). Target <= 1.5x.
@@ -206,7 +207,8 @@ def run_image_floor(cfg, plan) -> dict:
 
 
 def run_write_floor(spark, store, scratch: Path) -> dict:
-    """Floor (c): the committed courier_train rows in memory, then written to Parquet by Spark."""
+    """Floor (c): the committed courier_train rows in memory, then written to Parquet by Spark with the
+    table's codec (etl.catalog: the same encoding work the build's write does)."""
     from pyspark.sql import functions as F
 
     from etl import catalog as T
@@ -218,7 +220,8 @@ def run_write_floor(spark, store, scratch: Path) -> dict:
     folder = scratch / "write_floor"
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
-    mem.write.mode("overwrite").parquet(str(folder))
+    writer = mem.write.option("compression", T.COURIER_TRAIN.compression) if T.COURIER_TRAIN.compression else mem.write
+    writer.mode("overwrite").parquet(str(folder))
     t_write = time.perf_counter() - t0
     mb = sum(p.stat().st_size for p in folder.rglob("*.parquet")) / 1e6
     mem._jdf.queryExecution().logical().rdd().unpersist(False)

@@ -460,14 +460,14 @@ def meaning(res: dict) -> list[str]:
     ]
 
 
-def append_results(path: Path, section: str) -> None:
-    """The run goes first under PARENT (added at the end of the file when missing); older runs stay below."""
+def append_results(path: Path, section: str, parent: str = PARENT) -> None:
+    """The run goes first under `parent` (added at the end of the file when missing); older runs stay below."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    m = re.search(rf"^{re.escape(PARENT)}\n", text, re.M)
+    m = re.search(rf"^{re.escape(parent)}\n", text, re.M)
     if m:
         text = text[:m.end()] + "\n" + section.rstrip("\n") + "\n" + text[m.end():]
     else:
-        text = text.rstrip("\n") + "\n\n" + PARENT + "\n\n" + section.rstrip("\n") + "\n"
+        text = text.rstrip("\n") + "\n\n" + parent + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text)
 
 

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 
 class Table(str):
-    """A table name with its contract: stage, partition columns, data columns, key, optional columns."""
+    """A table name with its contract: stage, partition columns, data columns, key, optional columns,
+    and the Parquet codec of its files."""
 
     stage: int
     partition_by: tuple[str, ...]
     columns: tuple[str, ...]  # data columns, in order, partition columns excluded
     key: tuple[str, ...]  # unique within a partition (stage 1 verifies it before publishing)
     optional: tuple[str, ...]  # data columns present only under some settings
+    compression: str | None  # Parquet codec of the files TableStore writes; None = Spark's session default (snappy)
 
     def __new__(cls, name: str, stage: int, partition_by: tuple[str, ...], columns: tuple[str, ...],
-                key: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+                key: tuple[str, ...] = (), optional: tuple[str, ...] = (), compression: str | None = None):
         t = super().__new__(cls, name)
         t.stage, t.partition_by, t.columns, t.key, t.optional = stage, partition_by, columns, key, optional
+        t.compression = compression
         return t
 
     def __reduce__(self):  # copy, deepcopy (dataclasses.asdict) and pickle rebuild the same entry
-        return Table, (str(self), self.stage, self.partition_by, self.columns, self.key, self.optional)
+        return Table, (str(self), self.stage, self.partition_by, self.columns, self.key, self.optional,
+                       self.compression)
 
     def problems(self, frame_columns) -> list[str]:
         """What is wrong with a frame's columns for this table ([] when it fits). Partition columns may
@@ -49,9 +53,13 @@ PV_SAMPLES = Table("pv_samples", 1, ("dt",),
 CTR_LOG = Table("ctr_log", 1, ("dt",),
                 ("user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "ts", "history"),
                 key=("pv_id", "item_id"))
+# zstd: the rows carry ~10 JPEGs each and a user's consecutive samples repeat the same history images
+# within zstd's window (not snappy's): -28 % bytes at the same write time and reader speed
+# (bench/RESULTS.md, "courier_train codec"). Every reader here (Spark, pyarrow, delta-rs) reads zstd.
 COURIER_TRAIN = Table("courier_train", 1, ("dt",),
                       ("sample_id", "user_id", "session_id", "pv_id", "query", "ts", "pv_items", "pv_labels",
-                       "pv_mask", "pv_images", "click_history", "click_mask", "click_images"), key=("pv_id",))
+                       "pv_mask", "pv_images", "click_history", "click_mask", "click_images"), key=("pv_id",),
+                      compression="zstd")
 STAGE1 = (QUARANTINE, ITEMS, ITEM_IMAGES, PV_SAMPLES, CTR_LOG, COURIER_TRAIN)
 
 # ---- stages 3-4: image features -----------------------------------------------------------------

@@ -234,7 +234,7 @@ class TableStore:
                 data = data.withColumn(c, F.lit(v))
             where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
             self._retry_conflicts(name, lambda: (
-                data.write.format("delta").mode("overwrite").option("replaceWhere", where)
+                _writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
                 .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
             return self._written(name)
         rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
@@ -268,7 +268,7 @@ class TableStore:
             where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
                                  [f"{by} IN ({', '.join(repr(v) for v in values)})"])
             self._retry_conflicts(name, lambda: (
-                data.select(*[c for c in data.columns if c not in cols], *cols).write.format("delta")
+                _writer(data.select(*[c for c in data.columns if c not in cols], *cols), name).format("delta")
                 .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
                 .partitionBy(*cols).save(self.path(name))))
             return self._written(name)
@@ -288,7 +288,7 @@ class TableStore:
         meta = {"job": job, "run_id": run_id}
         if self.native:
             self._retry_conflicts(name, lambda: (
-                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+                _writer(df, name).format("delta").mode("overwrite").option("overwriteSchema", "true")
                 .option("userMetadata", json.dumps(meta)).save(self.path(name))))
             return self._written(name)
         adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
@@ -305,7 +305,7 @@ class TableStore:
         run = f"run-{uuid.uuid4().hex[:12]}"
         if self.native:
             folder = f"{self.path(name).rstrip('/')}/_staging/{run}"
-            data.write.mode("errorifexists").parquet(folder)
+            _writer(data, name).mode("errorifexists").parquet(folder)
             staged_df = self.spark.read.parquet(folder)
             # Spark answers count() from the Parquet footers: no data pass.
             return Staged(name, partition, folder, [], None, data.schema, staged_df.count(), None)
@@ -340,7 +340,7 @@ class TableStore:
             for c, v in partition.items():
                 data = data.withColumn(c, F.lit(v))
             where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
-            (data.write.format("delta").mode("overwrite").option("replaceWhere", where)
+            (_writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
              .option("userMetadata", json.dumps(meta)).partitionBy(*partition).save(self.path(name)))
             self._delete_folder(staged.folder)
             return self.latest_version(name)
@@ -389,7 +389,7 @@ class TableStore:
         folder = f"{table_path.rstrip('/')}/{rel_dir}"
         if is_uri(folder):
             raise TableError("delta-rs engine writes local tables only; use tables.engine: spark-delta on a cluster")
-        writer = data.write.mode("errorifexists")
+        writer = _writer(data, name).mode("errorifexists")
         (writer.partitionBy(by) if by else writer).parquet(folder)
         # With `by`, Spark writes <folder>/<by>=<value>/part-*.parquet: one more level, its value from the name.
         subdirs = ([(d, {by: _unquote(d.split("=", 1)[1])}) for d in sorted(os.listdir(folder)) if d.startswith(f"{by}=")]
@@ -483,6 +483,13 @@ class Staged:
     spark_schema: object
     rows: int
     size_bytes: int | None
+
+
+def _writer(df, name: str):
+    """df.write with the table's Parquet codec (etl.catalog): every file of a table gets its codec here."""
+    entry = catalog.table(name)
+    writer = df.write
+    return writer.option("compression", entry.compression) if entry is not None and entry.compression else writer
 
 
 def _unquote(path: str) -> str:

@@ -85,9 +85,11 @@ def main(out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from pyspark.sql import functions as F
 
+    from etl import catalog as T
     from etl.config import load_config
     from etl.spark import get_spark
     from etl.tables import TableStore
+    from test_tables import file_codecs
 
     confs = {e: Path(out / f"{e}.yaml") for e in ("delta-rs", "spark-delta")}
     cfgs = {e: load_config(p) for e, p in confs.items()}
@@ -106,7 +108,12 @@ def main(out: Path) -> None:
         versions.append(store.overwrite(sample_frame(spark, 5, 12), "u"))
         versions.append(store.overwrite(sample_frame(spark, 6, 9), "u"))
         files = store.files("t")
+        # courier_train carries its catalogued codec (etl.catalog) on both engines, staged or replaced.
+        ct = sample_frame(spark, 7, 10).select(*[F.col("user_id").alias(c) for c in T.COURIER_TRAIN.columns])
+        store.commit_staged(store.stage_partition(ct, T.COURIER_TRAIN, {"dt": DATES[0]}))
+        store.replace_partition(ct, T.COURIER_TRAIN, {"dt": DATES[1]})
         result["engines"][engine] = {
+            "codecs": {n: file_codecs(store, n) for n in ("t", T.COURIER_TRAIN)},
             "versions": versions,
             "history_len": {n: len(store.history(n)) for n in ("t", "m", "u")},
             "t": per_partition(store.read("t")),
@@ -148,8 +155,9 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     rs, native = res["engines"]["delta-rs"], res["engines"]["spark-delta"]
     # every table and partition, latest and pinned versions: the same row sets on both engines
-    for key in ("t", "t_v0", "t_v1", "m", "m_v0", "u", "u_v0", "files_rows", "columns"):
+    for key in ("t", "t_v0", "t_v1", "m", "m_v0", "u", "u_v0", "files_rows", "columns", "codecs"):
         assert rs[key] == native[key], key
+    assert rs["codecs"] == {"t": ["SNAPPY"], "courier_train": ["ZSTD"]}
     # ... and the content written (not merely equal to each other)
     exp = res["expected"]
     assert rs["t"] == exp["t"] and rs["t_v0"] == exp["t_v0"]

@@ -77,4 +77,42 @@ def test_catalogue_entries_survive_copy_and_pickle_with_their_contract():
     for t in (copy.deepcopy(catalog.CTR_TRAIN), pickle.loads(pickle.dumps(catalog.CTR_TRAIN))):
         assert isinstance(t, catalog.Table) and t == "ctr_train"
         assert (t.columns, t.partition_by, t.optional) == (catalog.CTR_TRAIN.columns, ("dt",), catalog.CTR_TRAIN.optional)
+    for t in (copy.deepcopy(catalog.COURIER_TRAIN), pickle.loads(pickle.dumps(catalog.COURIER_TRAIN))):
+        assert t == "courier_train" and t.compression == "zstd" and t.key == ("pv_id",)
     assert '"item_embeddings": 3' in Report("embed_items", versions={catalog.ITEM_EMBEDDINGS: 3}).to_json()
+
+
+def file_codecs(store, name: str) -> list:
+    """The Parquet codecs of every column chunk of a table's current files (sorted, distinct)."""
+    import pyarrow.parquet as pq
+
+    from etl.tables import _local_path
+
+    seen = set()
+    for f in store.files(name):
+        meta = pq.ParquetFile(_local_path(f.uri)).metadata
+        seen.update(meta.row_group(g).column(i).compression
+                    for g in range(meta.num_row_groups) for i in range(meta.num_columns))
+    return sorted(seen)
+
+
+def test_each_table_gets_its_catalogued_parquet_codec(spark, cfg_factory):
+    """courier_train's files are zstd whichever write path made them (staged then committed, as stage 1
+    does, or a direct partition replace); a table without a codec keeps Spark's default (snappy); the
+    rows read back are the rows written."""
+    from etl import catalog
+    from etl.tables import TableStore
+
+    assert catalog.COURIER_TRAIN.compression == "zstd" and catalog.ITEMS.compression is None
+    store = TableStore(spark, cfg_factory())
+    rows = spark.range(40).select(*[F.concat(F.lit(f"{c}-"), F.col("id").cast("string")).alias(c)
+                                    for c in catalog.COURIER_TRAIN.columns])
+    store.commit_staged(store.stage_partition(rows, catalog.COURIER_TRAIN, {"dt": "2026-11-20"}))
+    store.replace_partition(rows.limit(7), catalog.COURIER_TRAIN, {"dt": "2026-11-21"})
+    assert file_codecs(store, catalog.COURIER_TRAIN) == ["ZSTD"]
+    back = store.read(catalog.COURIER_TRAIN)
+    assert sorted(r["pv_id"] for r in back.where("dt = '2026-11-20'").collect()) == sorted(
+        f"pv_id-{i}" for i in range(40))
+    assert back.where("dt = '2026-11-21'").count() == 7
+    store.replace_partition(spark.range(5), "t", {"dt": "2026-11-20"})
+    assert file_codecs(store, "t") == ["SNAPPY"]
