@@ -30,10 +30,8 @@ under "## courier_train codec" (newest run first); --from-json FILE renders a sa
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -44,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from build_samples_bench import DATE, loadavg, machine  # noqa: E402
-from layout_bench import (append_results, bench_config, bench_input, build_tables, delta_files, in_memory, inline_batches,  # noqa: E402
-                          inline_raw, local_path, own_cpu_s, parquet_size, real_images, release, run_timed,
-                          versions)
+from build_samples_bench import DATE, loadavg  # noqa: E402
+from layout_bench import (append_results, bench_args, build_tables, delta_files, finish_run, in_memory, inline_batches,  # noqa: E402
+                          inline_raw, local_path, measured_by, own_cpu_s, parquet_size, print_reader_round,
+                          reader_medians, real_images, release, run_timed, start_run)
 from reader_bench import machine_busy_s  # noqa: E402
 
 PARENT = "## courier_train codec"
@@ -110,12 +108,8 @@ def measure_readers(urls: dict, a) -> dict:
             out[c].append(run_timed(inline_batches(u, a.batch_size, epoch, a.threads, a.px), a.seconds,
                                     lambda b: b.num_images))
             out[f"{c}_read"].append(run_timed(inline_raw(u, a.batch_size, epoch), a.read_seconds, real_images))
-        print(f"[codec] reader round {r}: " + ", ".join(
-            f"{k} {v[-1]['images_per_s']:,.0f} img/s (others {100 * v[-1]['others']:.0f}%)" for k, v in out.items())
-            + f" (load {loadavg()})", flush=True)
-    med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
-    return {k: {"rounds": v, "images_per_s": med(v, "images_per_s"), "cpu_ms_per_image": med(v, "cpu_ms_per_image"),
-                "others_max": max(x["others"] for x in v)} for k, v in out.items()}
+        print_reader_round("codec", r, out)
+    return reader_medians(out)
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -131,12 +125,7 @@ def render(res: dict) -> str:
     ips = lambda k: [x["images_per_s"] for x in rd[k]["rounds"]]  # noqa: E731
     L = [f"### {', '.join(codecs)} at {res['size']:g}x, {res['when']}", ""]
     add = L.append
-    add(f"Measured {res['when']} at git {m['git']} by:")
-    add("")
-    add("```")
-    add(res["command"])
-    add("```")
-    add("")
+    L.extend(measured_by(res))
     add(f"- Machine: nproc {m['cores']} ({m['cpu']}), {m['mem_gb']} GB RAM, Python {m['python']}, Spark "
         f"{res['spark']} (`{res['master']}`), {m['java']}, torch {res['versions']['torch']}, pyarrow "
         f"{res['versions']['pyarrow']}. Load average at start {res['load_start']}, at end {res['load_end']}.")
@@ -171,18 +160,9 @@ def render(res: dict) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------
 def measure(a, argv) -> dict:
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    out = Path(a.out).resolve()
-    inp = bench_input(out, a.size, a.seed)
-    scratch = out / f"codec_x{a.size:g}"
-    cfg = bench_config(inp["data"], scratch / "tables")
-    a.px = cfg.samples.image_px
+    out, inp, scratch, cfg, res = start_run(a, argv, "codec")
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
-    res = {"when": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "versions": versions(),
-           "command": shlex.join(["python", "bench/codec_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-           "load_start": loadavg(), "size": a.size, "codecs": codecs, "px": a.px, "batch_size": a.batch_size,
-           "threads": a.threads, "rounds": a.rounds, "seconds": a.seconds, "read_seconds": a.read_seconds,
-           "input": {k: v for k, v in inp.items() if k in ("users", "raw_rows", "impressions", "log_mb")}}
+    res["codecs"] = codecs
     try:
         from etl.spark import get_spark
 
@@ -206,28 +186,13 @@ def measure(a, argv) -> dict:
     finally:
         if not a.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    res["load_end"] = loadavg()
-    (out / "codec_last.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"[codec] raw results: {out / 'codec_last.json'}", flush=True)
-    return res
+    return finish_run(res, out, "codec")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=float, default=0.25, help="multiple of the bench preset's users (default 0.25)")
+    bench_args(ap, size=0.25)
     ap.add_argument("--codecs", default="snappy,zstd", help="Parquet codecs; the first is the reference")
-    ap.add_argument("--out", default="/tmp/courier_bench", help="where build_samples_bench.py put the input")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--rounds", type=int, default=3, help="write rounds and reader rounds (>= 3 for medians)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="per decoded reader measurement")
-    ap.add_argument("--read-seconds", type=float, default=3.0, help="per reads-only measurement")
-    ap.add_argument("--batch-size", type=int, default=128, help="PVs per batch (conf/local.yaml's train.batch_size)")
-    ap.add_argument("--threads", type=int, default=2, help="decode threads (train.decode_threads' default)")
-    ap.add_argument("--reuse-tables", action="store_true", help="skip the build when the scratch table exists")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch tables and files")
-    ap.add_argument("--results", nargs="?", const=str(ROOT / "bench" / "RESULTS.md"), default=None,
-                    help="insert the section in this file (default bench/RESULTS.md)")
-    ap.add_argument("--from-json", default=None, help="only render (and --results) a saved run's JSON")
     a = ap.parse_args(argv)
     res = json.loads(Path(a.from_json).read_text()) if a.from_json else measure(a, argv)
     section = render(res)

@@ -20,8 +20,9 @@ simulates). One date (build_samples_bench.DATE) is built with ``etl.build.build_
 
 Measured:
 1. Storage: Parquet bytes of (a) the inline rows, (b) the id-only projection of the same rows and (c)
-   the date's ``item_images`` rows, each as Spark writes it with the session's defaults (what
-   ``TableStore.stage_partition`` does: a plain ``df.write.parquet``). The committed inline partition
+   the date's ``item_images`` rows, each as ``TableStore.stage_partition`` writes its table (a plain
+   ``df.write.parquet`` with the table's codec from etl.catalog: zstd for the two `courier_train`
+   layouts, Spark's default snappy for ``item_images``). The committed inline partition
    (as build_date wrote it) is reported alongside. Look-up = (b) + (c).
 2. Write time: each of (a), (b), (c) held in executor memory first (``localCheckpoint(eager=True)`` of
    the committed table read back; (b) is checkpointed as its own projection, so its write does not read
@@ -77,6 +78,16 @@ from reader_bench import children_cpu_s, machine_busy_s, timed  # noqa: E402
 IMAGE_COLUMNS = ("pv_images", "click_images")
 ID_COLUMNS = ("sample_id", "query", "pv_labels", "pv_mask", "pv_items", "click_mask", "click_history")
 PARENT = "## courier_train layout: inline vs look-up"
+
+
+def _codecs() -> dict:
+    from etl import catalog as T
+
+    return {"inline": T.COURIER_TRAIN.compression, "ids": T.COURIER_TRAIN.compression,
+            "item_images": T.ITEM_IMAGES.compression}
+
+
+CODECS = _codecs()  # each layout part written as TableStore writes its table
 
 
 # ---- input and build -----------------------------------------------------------------------------------
@@ -150,12 +161,12 @@ def own_cpu_s() -> float:
     return time.process_time() + children_cpu_s()
 
 
-def timed_write(df, folder: Path) -> tuple[float, float]:
-    """Seconds of one Parquet write of df into a fresh folder, and the share of the cores other
-    processes kept busy meanwhile."""
+def timed_write(df, folder: Path, codec: str | None = None) -> tuple[float, float]:
+    """Seconds of one Parquet write of df (with `codec`; None = the session's default) into a fresh
+    folder, and the share of the cores other processes kept busy meanwhile."""
     shutil.rmtree(folder, ignore_errors=True)
     t0, c0, m0 = time.perf_counter(), own_cpu_s(), machine_busy_s()
-    df.write.mode("overwrite").parquet(str(folder))
+    (df.write.option("compression", codec) if codec else df.write).mode("overwrite").parquet(str(folder))
     wall = time.perf_counter() - t0
     others = max(0.0, machine_busy_s() - m0 - (own_cpu_s() - c0)) / (wall * (os.cpu_count() or 1))
     return wall, others
@@ -185,7 +196,7 @@ def measure_writes(frames: dict, folder: Path, rounds: int) -> dict:
     others = {name: [] for name in frames}
     for r in range(rounds):
         for name, df in frames.items():
-            s, o = timed_write(df, folder / name)
+            s, o = timed_write(df, folder / name, CODECS[name])
             runs[name].append(s)
             others[name].append(o)
         print(f"[layout] write round {r}: " + ", ".join(
@@ -326,9 +337,18 @@ def measure_readers(inline_urls, id_urls, images, a) -> dict:
         out["inline_read"].append(run_timed(inline_raw(inline_urls, a.batch_size, epoch), a.read_seconds, real_images))
         out["lookup_read"].append(run_timed(lookup_raw(id_urls, images, a.batch_size, epoch), a.read_seconds,
                                             real_images))
-        print(f"[layout] reader round {r}: " + ", ".join(
-            f"{k} {v[-1]['images_per_s']:,.0f} img/s (others {100 * v[-1]['others']:.0f}%)" for k, v in out.items())
-            + f" (load {loadavg()})", flush=True)
+        print_reader_round("layout", r, out)
+    return reader_medians(out)
+
+
+def print_reader_round(script: str, r: int, out: dict) -> None:
+    print(f"[{script}] reader round {r}: " + ", ".join(
+        f"{k} {v[-1]['images_per_s']:,.0f} img/s (others {100 * v[-1]['others']:.0f}%)" for k, v in out.items())
+        + f" (load {loadavg()})", flush=True)
+
+
+def reader_medians(out: dict) -> dict:
+    """Per reader: its rounds, and the medians of images/s and CPU per image over them."""
     med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
     return {k: {"rounds": v, "images_per_s": med(v, "images_per_s"), "cpu_ms_per_image": med(v, "cpu_ms_per_image"),
                 "others_max": max(x["others"] for x in v)} for k, v in out.items()}
@@ -354,6 +374,11 @@ def paired(xs: list[float], ys: list[float]) -> str:
     return f"**{statistics.median(rs):.3f}** (rounds {', '.join(f'{r:.3f}' for r in rs)})"
 
 
+def measured_by(res: dict) -> list[str]:
+    """The section's opening lines: when, at which commit, and the command that measured it."""
+    return [f"Measured {res['when']} at git {res['machine']['git']} by:", "", "```", res["command"], "```", ""]
+
+
 def render(res: dict) -> str:
     m, w, rd, ref = res["machine"], res["writes"], res["readers"], res["refs"]
     inl, ids, img = w["inline"], w["ids"], w["item_images"]
@@ -362,12 +387,7 @@ def render(res: dict) -> str:
     per_ref = mb(inl["bytes"]) / ref["images"] * 1e3
     L = [f"### Layout re-measure at {res['size']:g}x (issue 15 item 4), {res['when']}", ""]
     add = L.append
-    add(f"Measured {res['when']} at git {m['git']} by:")
-    add("")
-    add("```")
-    add(res["command"])
-    add("```")
-    add("")
+    L.extend(measured_by(res))
     add(f"- Machine: nproc {m['cores']} ({m['cpu']}), {m['mem_gb']} GB RAM, Python {m['python']}, Spark "
         f"{res['spark']} (`{res['master']}`, `spark.driver.memory={res['driver_memory']}`), {m['java']}, "
         f"torch {res['versions']['torch']}, pillow {res['versions']['pillow']}, pyarrow {res['versions']['pyarrow']}. "
@@ -381,7 +401,7 @@ def render(res: dict) -> str:
         f"({ref['images'] / ref['distinct_items']:.0f} references per item image); `item_images` "
         f"{res['images']['items']:,} rows, {res['images']['mb']:.1f} MB of JPEG ({1e3 * res['images']['mb'] / res['images']['items']:.1f} KB each).")
     add(f"- Storage and write: each part's rows in executor memory (`localCheckpoint`), then `df.write.parquet` "
-        f"(session defaults, as `TableStore.stage_partition` writes), {len(inl['runs'])} rounds, medians. "
+        f"(each with its table's codec, as `TableStore.stage_partition` writes), {len(inl['runs'])} rounds, medians. "
         f"Readers: batch {res['batch_size']} PVs, world size 1, prefetch 0, decode in-process with "
         f"{res['threads']} threads (`decode_workers=0`, `training.jpeg`), {res['rounds']} alternating rounds of "
         f"{res['seconds']:g} s (decoded) and {res['read_seconds']:g} s (reads only), medians; images = real images "
@@ -418,7 +438,7 @@ def render(res: dict) -> str:
     add(f"Committed inline partition (as build_date wrote it): {mb(res['committed']['bytes']):,.1f} MB in "
         f"{res['committed']['files']} files. Inline stores {per_ref:.1f} KB per image reference against "
         f"{1e3 * res['images']['mb'] / res['images']['items']:.1f} KB per item JPEG (Parquet's dictionary pages and "
-        "snappy catch images repeated close together, e.g. a user's history on consecutive rows). Other processes "
+        "the codec catch images repeated close together, e.g. a user's history on consecutive rows). Other processes "
         f"kept up to {100 * others_w:.0f} % of the cores busy during a write and up to {100 * others:.0f} % during "
         "a reader measurement (the machine is shared; medians).")
     add("")
@@ -493,19 +513,35 @@ def spark_phase(spark, cfg, a, scratch: Path, res: dict) -> None:
             release(df)
 
 
-def measure(a, argv) -> dict:
-    """The whole run: build, writes (Spark), then readers (no Spark); scratch deleted unless --keep."""
+def start_run(a, argv, script: str) -> tuple:
+    """How this script and bench/codec_bench.py start a run: (out folder, input (read-only), scratch folder
+    out/<script>_x<size>, config writing its tables there, the result's header: when, machine, command,
+    settings)."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     out = Path(a.out).resolve()
     inp = bench_input(out, a.size, a.seed)
-    scratch = out / f"layout_x{a.size:g}"
+    scratch = out / f"{script}_x{a.size:g}"
     cfg = bench_config(inp["data"], scratch / "tables")
     a.px = cfg.samples.image_px
     res = {"when": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "versions": versions(),
-           "command": shlex.join(["python", "bench/layout_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+           "command": shlex.join(["python", f"bench/{script}_bench.py", *(argv if argv is not None else sys.argv[1:])]),
            "load_start": loadavg(), "size": a.size, "px": a.px, "batch_size": a.batch_size, "threads": a.threads,
            "rounds": a.rounds, "seconds": a.seconds, "read_seconds": a.read_seconds,
            "input": {k: v for k, v in inp.items() if k in ("users", "raw_rows", "impressions", "log_mb")}}
+    return out, inp, scratch, cfg, res
+
+
+def finish_run(res: dict, out: Path, script: str) -> dict:
+    """The run's end: load average, then the raw results saved as out/<script>_last.json."""
+    res["load_end"] = loadavg()
+    (out / f"{script}_last.json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"[{script}] raw results: {out / f'{script}_last.json'}", flush=True)
+    return res
+
+
+def measure(a, argv) -> dict:
+    """The whole run: build, writes (Spark), then readers (no Spark); scratch deleted unless --keep."""
+    out, inp, scratch, cfg, res = start_run(a, argv, "layout")
     try:
         from etl.spark import get_spark
 
@@ -526,15 +562,12 @@ def measure(a, argv) -> dict:
     finally:
         if not a.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    res["load_end"] = loadavg()
-    (out / "layout_last.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"[layout] raw results: {out / 'layout_last.json'}", flush=True)
-    return res
+    return finish_run(res, out, "layout")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=float, default=1.0, help="multiple of the bench preset's users (default 1)")
+def bench_args(ap: argparse.ArgumentParser, size: float) -> None:
+    """The options this script shares with bench/codec_bench.py (input, rounds, readers, results)."""
+    ap.add_argument("--size", type=float, default=size, help=f"multiple of the bench preset's users (default {size:g})")
     ap.add_argument("--out", default="/tmp/courier_bench", help="where build_samples_bench.py put the input")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3, help="write rounds and reader rounds (>= 3 for medians)")
@@ -545,8 +578,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-tables", action="store_true", help="skip the build when the scratch tables exist")
     ap.add_argument("--keep", action="store_true", help="keep the scratch tables and files (GBs)")
     ap.add_argument("--results", nargs="?", const=str(ROOT / "bench" / "RESULTS.md"), default=None,
-                    help="append the section to this file (default bench/RESULTS.md)")
+                    help="put the section in this file (default bench/RESULTS.md), newest run first")
     ap.add_argument("--from-json", default=None, help="only render (and --results) a saved run's JSON")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bench_args(ap, size=1.0)
     a = ap.parse_args(argv)
     if a.from_json:
         res = json.loads(Path(a.from_json).read_text())
