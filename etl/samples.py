@@ -254,14 +254,18 @@ def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
     wrong_type:<field>), then bad_event_type (missing or not pv/click), null_id, bad_timestamp,
     ts_outside_date (outside the date folder's UTC day widened by ts_skew_minutes), empty_pv.
     """
-    parsed = parse_json_lines(raw, EVENT_FIELDS)
+    # ts parsed once, as its own column: inline, to_timestamp would run once per use below (the checks
+    # are branches of one CASE WHEN, which Spark's common-subexpression elimination leaves alone); 1.7 s
+    # of 8.8 s at 1x the bench preset.
+    parsed = parse_json_lines(raw, EVENT_FIELDS).withColumnRenamed("ts", "ts_raw") \
+        .withColumn("_ts", F.to_timestamp("ts_raw"))
     is_pv = F.col("event_type") == "pv"
-    ts = F.to_timestamp("ts_raw")
+    ts = F.col("_ts")
     day_start = F.unix_micros(F.to_timestamp("dt"))
     skew = ts_skew_minutes * 60 * 1_000_000
     outside = ((F.unix_micros(ts) < day_start - skew)
                | (F.unix_micros(ts) >= day_start + 86_400 * 1_000_000 + skew))
-    reason = F.coalesce("reason", _first_reason(
+    checked = F.coalesce("reason", _first_reason(
         (F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "bad_event_type"),
         (F.col("event_id").isNull() | F.col("user_id").isNull() | F.col("pv_id").isNull()
          | (~is_pv & F.col("item_id").isNull()), "null_id"),
@@ -270,7 +274,9 @@ def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
         (is_pv & (F.col("items").isNull() | (F.size("items") == 0)
                   | F.exists("items", lambda x: x.isNull())), "empty_pv"),
     ))
-    return parsed.withColumnRenamed("ts", "ts_raw").select(
+    # the checks' reason as a column too: the detail reads it again
+    reason = F.col("_reason")
+    return parsed.withColumn("_reason", checked).select(
         "value", "raw_b64", "dt", "file", "event_id", "event_type", ts.alias("ts"), "user_id", "pv_id", "query",
         "items", "item_id", "session_id", reason.alias("reason"),
         F.when(F.col("reason").isNotNull(), F.col("detail"))
