@@ -570,9 +570,10 @@ def render_floors(results: list[dict]) -> list[str]:
     # The issue's fit is over its sizes (0.25x and up); a smaller size, when run, shows the intercept
     # directly instead of by extrapolation, so the fit over every size is reported beside it.
     issue_sizes = [r for r in results if r["size"] >= min(ISSUE_SIZES)]
-    for subset, what in ((issue_sizes, "the issue's sizes"), (results, "every size run")):
-        if subset is results and len(results) == len(issue_sizes):
-            continue
+    subsets = [(issue_sizes, "the issue's sizes")]
+    if len(issue_sizes) < len(results):
+        subsets.append((results, "every size run"))
+    for subset, what in subsets:
         xs = [r["size"] for r in subset]
         lines = []
         for label, get in (("build total", lambda r: r["build_s"]),

@@ -416,7 +416,8 @@ def click_history(events: DataFrame, l_click: int) -> DataFrame:
     with_hist = events.withColumn("_hist", F.when(is_pv, F.reverse(F.array_sort(before))))
     items = F.slice(F.array_distinct(F.transform("_hist", lambda h: h["item"])), 1, l_click)
     # _hist is newest first, so an item's first match is its latest click.
-    latest_ts = F.transform("click_history", lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
+    latest_ts = F.transform("click_history",
+                            lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
     return (with_hist.withColumn("click_history", items)
             .withColumn("click_history_ts", F.transform(latest_ts, lambda t: F.timestamp_micros(t)))
             .drop("_hist"))
