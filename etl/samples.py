@@ -35,7 +35,7 @@ CATALOG_FIELDS = {"item_id": "string", "category": "string", "title": "string", 
 EVENT_TYPES = ("pv", "click")
 # What sessionize, click_history and label_pvs read of a valid event (and pass on to the samples).
 VALID_EVENT_COLUMNS = ("event_id", "event_type", "ts", "user_id", "pv_id", "query", "items", "item_id",
-                       "session_id", "dt")
+                       "session_id", "clicked_items", "dt")
 # What pv_samples and ctr_log read of a labelled PV (the page's `items` live on in `impressions`).
 LABELLED_COLUMNS = ("user_id", "session_id", "pv_id", "query", "ts", "click_history", "click_history_ts",
                     "impressions", "repeated_on_page", "dt")
@@ -351,7 +351,8 @@ def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
 
 
 def mark_bad_clicks(events: DataFrame) -> DataFrame:
-    """Valid clicks that cannot label an impression get a reason.
+    """Valid clicks that cannot label an impression get a reason, and each valid PV its
+    `clicked_items` (the items of its valid clicks: its positives; null on other rows).
 
     orphan_click: no valid PV with that pv_id was read; click_user_mismatch: the PV was shown to another
     user; click_not_on_pv: the item was not on the page; click_before_pv: the click is timed before its
@@ -359,7 +360,8 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
     that passed the other checks is kept).
 
     Windows by pv_id (a pv_id has at most one valid PV after mark_duplicates), no join: one shuffle,
-    none when the input is already partitioned by pv_id.
+    none when the input is already partitioned by pv_id. The clicked items come from these windows
+    too: label_pvs, after the shuffle by user, then needs no sort by page.
     """
     valid = F.col("reason").isNull()
     is_click = valid & (F.col("event_type") == "click")
@@ -375,23 +377,39 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
     )
     # The valid clicks of a (pv, item) rank among themselves (_is_click in the key keeps the rest out).
     w = Window.partitionBy("pv_id", "item_id", "_is_click").orderBy(F.col("_first").isNotNull(), "ts", "event_id")
-    return (events.withColumn("_pv", pv).withColumn("_is_click", is_click)
-            .withColumn("_first", F.when(F.col("_is_click"), first))
-            .withColumn("reason", F.when(F.col("_is_click"), F.coalesce(
-                "_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click")))).otherwise(F.col("reason")))
-            .select(*events.columns))
+    checked = (events.withColumn("_pv", pv).withColumn("_is_click", is_click)
+               .withColumn("_first", F.when(F.col("_is_click"), first))
+               .withColumn("reason", F.when(F.col("_is_click"), F.coalesce(
+                   "_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click")))).otherwise(F.col("reason"))))
+    # A valid click passed every check above, so its PV is valid and its user's (a duplicate click
+    # repeats an item already in the set).
+    clicked = F.collect_set(F.when(F.col("_is_click") & valid, F.col("item_id"))).over(by_pv)
+    return checked.select(*events.columns,
+                          F.when(valid & (F.col("event_type") == "pv"), clicked).alias("clicked_items"))
+
+
+def _position(array: Column, value: Column) -> Column:
+    """1-based int position of value's first occurrence in array, 0 when absent (array_position, whose
+    Python wrapper in Spark 3.5 takes only a literal value)."""
+    return F.call_function("array_position", array, value).cast("int")
+
+
+def _with_micros(events: DataFrame) -> DataFrame:
+    """events with `_t` = ts in epoch microseconds, the timeline's sort key (kept when already there)."""
+    return events if "_t" in events.columns else events.withColumn("_t", F.unix_micros("ts"))
 
 
 def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
     """Add session_id to valid events: the log's own session id, else a new session per user after
-    `gap_minutes` of inactivity (id = user_id + ':' + the session's first epoch second)."""
-    # Ordered by the ts column itself (as click_history): one sort serves every window by user.
-    w = Window.partitionBy("user_id").orderBy("ts", "event_id")
-    gap = F.unix_micros("ts") - F.lag(F.unix_micros("ts")).over(w)
+    `gap_minutes` of inactivity (id = user_id + ':' + the session's first epoch second). Also adds `_t`
+    (ts in microseconds), which click_history's windows sort by as these do."""
+    # Ordered by the columns (_t, event_id) (as click_history): one sort serves every window by user.
+    events = _with_micros(events)
+    w = Window.partitionBy("user_id").orderBy("_t", "event_id")
+    gap = F.col("_t") - F.lag("_t").over(w)
     starts = events.withColumn("_new", (gap.isNull() | (gap > gap_minutes * 60 * 1_000_000)).cast("int"))
     starts = starts.withColumn("_start", F.when(F.col("_new") == 1, F.unix_seconds("ts")))
-    run = Window.partitionBy("user_id").orderBy("ts", "event_id").rowsBetween(
-        Window.unboundedPreceding, Window.currentRow)
+    run = w.rowsBetween(Window.unboundedPreceding, Window.currentRow)
     derived = F.concat_ws(":", "user_id", F.last("_start", ignorenulls=True).over(run).cast("string"))
     return (starts.withColumn("session_id", F.coalesce("session_id", derived))
             .drop("_new", "_start"))
@@ -406,20 +424,23 @@ def click_history(events: DataFrame, l_click: int) -> DataFrame:
     A window by user over PVs and clicks together, ordered as sessionize's: the same shuffle and the
     same sort, no join.
     """
-    upto = (Window.partitionBy("user_id").orderBy("ts", "event_id")
-            .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    clicked = F.when(F.col("event_type") == "click",
-                     F.struct(F.unix_micros("ts").alias("t"), F.col("item_id").alias("item")))
+    # Clicks strictly before the row's timestamp: a range frame over its microseconds ends 1 us before
+    # it, so clicks at the same timestamp stay out. Ordered by the columns sessionize sorts by
+    # (_t, event_id): one sort serves every window by user.
+    before = (Window.partitionBy("user_id").orderBy("_t")
+              .rangeBetween(Window.unboundedPreceding, -1))
+    clicked = F.when(F.col("event_type") == "click", F.struct(F.col("_t").alias("t"), F.col("item_id").alias("item")))
     is_pv = F.col("event_type") == "pv"
-    before = F.filter(F.collect_list(clicked).over(upto), lambda h: h["t"] < F.unix_micros("ts"))
-    # Newest first; array_distinct keeps the first (most recent) occurrence of an item.
-    with_hist = events.withColumn("_hist", F.when(is_pv, F.reverse(F.array_sort(before))))
-    items = F.slice(F.array_distinct(F.transform("_hist", lambda h: h["item"])), 1, l_click)
-    # _hist is newest first, so an item's first match is its latest click.
-    latest_ts = F.transform("click_history",
-                            lambda it: F.element_at(F.filter("_hist", lambda h: h["item"] == it), 1)["t"])
+    # Newest first (sort_array: array_sort reversed, in generated code rather than interpreted);
+    # array_distinct keeps the first (most recent) occurrence of an item.
+    newest_first = F.sort_array(F.collect_list(clicked).over(before), asc=False)
+    with_hist = _with_micros(events).withColumn("_hist", F.when(is_pv, newest_first))
+    items = F.slice(F.array_distinct(F.col("_hist")["item"]), 1, l_click)
+    # _hist is newest first, so an item's first position is its latest click.
+    latest_ts = F.transform("click_history", lambda it: F.timestamp_micros(
+        F.element_at(F.col("_hist")["t"], _position(F.col("_hist")["item"], it))))
     return (with_hist.withColumn("click_history", items)
-            .withColumn("click_history_ts", F.transform(latest_ts, lambda t: F.timestamp_micros(t)))
+            .withColumn("click_history_ts", latest_ts)
             .drop("_hist"))
 
 
@@ -434,25 +455,22 @@ def label_pvs(events: DataFrame, neg_rate: float, seed: int) -> DataFrame:
     position, label, kept) in position order, where kept = label or the down-sampling keeps it. No
     explode: arrays stay per PV.
 
-    A PV's clicks are its user's (mark_bad_clicks): a window by (user_id, pv_id), which the shuffle by
-    user already satisfies, collects them."""
-    by_page = Window.partitionBy("user_id", "pv_id")
-    clicked = F.collect_set(F.when(F.col("event_type") == "click", F.col("item_id"))).over(by_page)
-    with_clicks = events.withColumn("_clicked", clicked).where(F.col("event_type") == "pv")
-    # An item listed twice on a page is one impression at its first position (an item is a repeat
-    # when it occurs among the items before it); the repeats are counted (repeated_on_page), not kept.
-    listed = F.transform("items", lambda item, pos: F.struct(
-        item.alias("item_id"), pos.alias("position"),
-        F.exists(F.slice("items", F.lit(1), pos), lambda x: x == item).alias("repeat")))
-    firsts = F.filter(listed, lambda s: ~s["repeat"])
-    imps = F.transform(firsts, lambda s: F.struct(
-        s["item_id"].alias("item_id"),
-        s["position"].alias("position"),
-        F.array_contains("_clicked", s["item_id"]).cast("int").alias("label"),
-    ))
-    imps = F.transform(imps, lambda s: s.withField(
-        "kept", (s["label"] == 1) | keep_negative(F.col("pv_id"), s["item_id"], neg_rate, seed)))
-    return (with_clicks.withColumn("impressions", imps).drop("_clicked")
+    A PV's positives are its `clicked_items` (from mark_bad_clicks); click rows are not read."""
+    pvs = events.where(F.col("event_type") == "pv")
+
+    def impression(item: Column, position: Column) -> Column:
+        label = F.array_contains("clicked_items", item)
+        return F.struct(item.alias("item_id"), position.alias("position"), label.cast("int").alias("label"),
+                        (label | keep_negative(F.col("pv_id"), item, neg_rate, seed)).alias("kept"))
+
+    # An item listed twice on a page is one impression at its first position; the repeats are counted
+    # (repeated_on_page), not kept. Pages without repeats (nearly all) take their positions from the
+    # index: array_position per item costs a scan of the page, 3x the whole transform at 1x the bench.
+    firsts = F.array_distinct("items")  # first occurrences, in page order
+    imps = (F.when(F.size(firsts) == F.size("items"), F.transform("items", impression))
+            # 1-based position of the first occurrence (valid PVs list no null item)
+            .otherwise(F.transform(firsts, lambda item: impression(item, _position(F.col("items"), item) - 1))))
+    return (pvs.withColumn("impressions", imps)
             .withColumn("repeated_on_page", F.size("items") - F.size("impressions")))
 
 
@@ -462,18 +480,18 @@ def pv_samples(labelled: DataFrame, l_pv: int, sampling_seed: int) -> DataFrame:
     pv_items/pv_labels/pv_positions: the kept impressions sorted positives first, then by position,
     trimmed to l_pv. n_trimmed counts kept impressions cut by the trim.
     """
-    kept = F.filter("impressions", lambda s: s["kept"])
-    # Sort key (1 - label, position): positives first, then page order.
-    ranked = F.array_sort(F.transform(kept, lambda s: F.struct(
-        (1 - s["label"]).alias("neg"), s["position"].alias("position"), s["item_id"].alias("item_id"))))
-    trimmed = F.slice(ranked, 1, l_pv)
-    n_pos = F.aggregate("impressions", F.lit(0), lambda acc, s: acc + s["label"])
+    # Positives first, then the kept negatives, each in page order (impressions are in position order):
+    # the sort by (1 - label, position), without sorting.
+    kept = F.concat(F.filter("impressions", lambda s: s["label"] == 1),
+                    F.filter("impressions", lambda s: (s["label"] == 0) & s["kept"]))
+    trimmed = F.slice(kept, 1, l_pv)
+    n_pos = F.size(F.array_remove(F.col("impressions")["label"], 0))  # labels are 0/1
     return labelled.select(
         F.sha2(F.concat_ws("|", "pv_id", F.lit(str(sampling_seed))), 256).substr(1, 16).alias("sample_id"),
         "user_id", "session_id", "pv_id", "query", "ts",
-        F.transform(trimmed, lambda s: s["item_id"]).alias("pv_items"),
-        F.transform(trimmed, lambda s: 1 - s["neg"]).alias("pv_labels"),
-        F.transform(trimmed, lambda s: s["position"]).alias("pv_positions"),
+        trimmed["item_id"].alias("pv_items"),
+        trimmed["label"].alias("pv_labels"),
+        trimmed["position"].alias("pv_positions"),
         F.coalesce("click_history", F.array().cast("array<string>")).alias("click_history"),
         F.coalesce("click_history_ts", F.array().cast("array<timestamp>")).alias("click_history_ts"),
         n_pos.alias("n_pos"),

@@ -11,10 +11,12 @@ def kept_negatives(spark, seed: int) -> dict:
     from etl.samples import label_pvs
 
     at = dt.datetime(2026, 11, 20, 8)
-    rows = [("pv", f"p{k}", "u1", at, [f"i{(k * 7 + j) % 97}" for j in range(10)], None) for k in range(300)]
-    rows.append(("click", "p0", "u1", at, None, "i0"))
-    events = spark.createDataFrame(
-        rows, "event_type string, pv_id string, user_id string, ts timestamp, items array<string>, item_id string")
+    # p0's first item was clicked (mark_bad_clicks hands a PV its valid clicks' items)
+    rows = [("pv", f"p{k}", "u1", at, [f"i{(k * 7 + j) % 97}" for j in range(10)], None, ["i0"] if k == 0 else [])
+            for k in range(300)]
+    rows.append(("click", "p0", "u1", at, None, "i0", None))
+    events = spark.createDataFrame(rows, "event_type string, pv_id string, user_id string, ts timestamp, "
+                                         "items array<string>, item_id string, clicked_items array<string>")
     out = label_pvs(events, 0.2, seed).select("pv_id", F.explode("impressions").alias("s"))
     return {(r["pv_id"], r["s"]["item_id"]): r["s"]["kept"] for r in out.where("s.label = 0").collect()}
 
