@@ -29,7 +29,7 @@ from etl.counts import DateReport, VerifyError
 from etl.inputs import (InputError, discover, fingerprint, glob_escape, image_files, plan_images,
                         scan_files)
 from etl.publish import PublishError, PublishLog, pause_hook, recover
-from etl.spark import file_open_cost, list_dir
+from etl.spark import file_open_cost, list_dir, static_partitioning
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 JOB = "build_samples"
 # Part of every date's fingerprint: bump it when a rule changes what the same input builds.
 RULES_VERSION = 2
+# The most unknown-item event ids sent to every executor (~50 MB); more are joined by a shuffle.
+MAX_BROADCAST_IDS = 1_000_000
 
 __all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "log_date", "log_reports",
            "report_json"]
@@ -144,12 +146,16 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
     # Materialized after the dedupe: the item check joins its input with itself (see materialize),
     # which would otherwise run the Python parser twice.
-    deduped = materialize(S.mark_duplicates(S.parse_events(raw, sc.ts_skew_minutes)))
+    # Kept partitioned by pv_id (its last window's), which the click check needs too: no shuffle there.
+    with static_partitioning(spark):
+        deduped = materialize(S.mark_duplicates(S.parse_events(raw, sc.ts_skew_minutes)))
+    unknown = materialize(S.unknown_item_events(deduped, known_items))
+    few = unknown.count() <= MAX_BROADCAST_IDS
     # A valid event's raw text is never read again (only rejected rows are quarantined with theirs):
     # not keeping it makes the events' blocks ~40 % smaller.
-    events = materialize(S.mark_bad_clicks(S.mark_unknown_items(deduped, known_items))
+    events = materialize(S.mark_bad_clicks(S.mark_unknown_items(deduped, unknown, broadcast=few))
                          .withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value"))))
-    release(deduped)
+    release(deduped, unknown)
     # Only what the samples read travels through the shuffle by user (not the raw text).
     valid = events.where(F.col("reason").isNull()).select(*S.VALID_EVENT_COLUMNS)
 

@@ -18,6 +18,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pandas as pd
 
 from pyspark.sql import Column, DataFrame, Window
@@ -232,10 +233,10 @@ def _strict_parser(fields: dict):
     def strict(lines: pd.Series) -> pd.DataFrame:
         import base64
 
-        out = {name: [None] * len(lines) for name in schema.names}
-        for i, data in enumerate(lines):
-            if data is None:
-                continue
+        out = {name: np.full(len(lines), None, dtype=object) for name in schema.names}
+        # Most lines are plain (null here): visit only the others (0.84 -> 0.31 s of CPU per 870k lines).
+        for i in np.flatnonzero(lines.notna().to_numpy()):
+            data = lines.iat[i]
             values, out["text"][i], reason, out["detail"][i] = parse_line(data, fields)
             out["reason"][i] = reason
             if reason == "bad_encoding":
@@ -327,26 +328,28 @@ def _as_spark(value, kind: str):
     return value
 
 
-def mark_unknown_items(events: DataFrame, items: DataFrame) -> DataFrame:
-    """Valid PVs listing an item not in the catalog, and clicks on one, get reason `unknown_item`.
-
-    Each valid event's references are matched against the broadcast catalog; an event with an unknown
-    one sends a marker row (its pv_id, event_id) and a window by pv_id - the partitioning
-    mark_bad_clicks needs next - hands the markers to their events: no join back (event ids are
-    unique among valid rows after mark_duplicates)."""
+def unknown_item_events(events: DataFrame, items: DataFrame) -> DataFrame:
+    """(event_id) of each valid event that references an item not in the catalog `items` - a valid PV
+    listing one, a valid click on one - once each: usually few. Each reference is matched against the
+    broadcast catalog."""
     known = items.select(F.col("item_id").alias("_known")).distinct()
     refs = (events.where(F.col("reason").isNull())
-            .select("pv_id", "event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
-                                                   .otherwise(F.array("item_id"))).alias("_ref")))
-    markers = (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left")
-               .where(F.col("_known").isNull())
-               .select(*[F.col(c) if c in ("pv_id", "event_id") else F.lit(None).cast(events.schema[c].dataType).alias(c)
-                         for c in events.columns], F.lit(True).alias("_marker")))
-    unknown_ids = F.collect_set(F.when(F.col("_marker"), F.col("event_id"))).over(Window.partitionBy("pv_id"))
-    return (events.withColumn("_marker", F.lit(False)).unionByName(markers)
-            .withColumn("_unknown_ids", unknown_ids).where(~F.col("_marker"))
-            .withColumn("reason", F.coalesce("reason", F.when(F.array_contains("_unknown_ids", F.col("event_id")),
-                                                              F.lit("unknown_item"))))
+            .select("event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
+                                          .otherwise(F.array("item_id"))).alias("_ref")))
+    return (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left_anti")
+            .select("event_id").distinct())
+
+
+def mark_unknown_items(events: DataFrame, unknown: DataFrame, broadcast: bool = True) -> DataFrame:
+    """Valid events whose event_id is in `unknown` (`unknown_item_events`) get reason `unknown_item`.
+
+    A left join by event_id: ids are unique among valid rows after mark_duplicates, and rows already
+    rejected keep their reason. With `broadcast` (the ids are few) the events are not shuffled and
+    keep their partitioning - by pv_id after mark_duplicates, the one mark_bad_clicks needs next."""
+    ids = unknown.select(F.col("event_id").alias("_unknown"))
+    ids = F.broadcast(ids) if broadcast else ids
+    return (events.join(ids, events["event_id"] == ids["_unknown"], how="left")
+            .withColumn("reason", F.coalesce("reason", F.when(F.col("_unknown").isNotNull(), F.lit("unknown_item"))))
             .select(*events.columns))
 
 

@@ -172,16 +172,29 @@ OPEN_COST_CONF = "spark.sql.files.openCostInBytes"
 
 
 @contextlib.contextmanager
-def file_open_cost(spark, nbytes: int):
-    """Within the block, Spark plans file reads with an open cost of `nbytes` per file (at least 1):
-    many small files then pack into about one read task per core. Actions inside the block plan
-    with it; the session's setting is restored after."""
-    before = spark.conf.get(OPEN_COST_CONF, None)
-    spark.conf.set(OPEN_COST_CONF, str(max(1, int(nbytes))))
+def _session_conf(spark, key: str, value: str):
+    """Within the block the session's `key` is `value`; its setting (or its absence) is restored after."""
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, value)
     try:
         yield
     finally:
         if before is None:
-            spark.conf.unset(OPEN_COST_CONF)
+            spark.conf.unset(key)
         else:
-            spark.conf.set(OPEN_COST_CONF, before)
+            spark.conf.set(key, before)
+
+
+def file_open_cost(spark, nbytes: int):
+    """Within the block, Spark plans file reads with an open cost of `nbytes` per file (at least 1):
+    many small files then pack into about one read task per core. Actions inside the block plan
+    with it; the session's setting is restored after."""
+    return _session_conf(spark, OPEN_COST_CONF, str(max(1, int(nbytes))))
+
+
+def static_partitioning(spark):
+    """Within the block, queries run without adaptive execution, so a frame materialized there
+    (`localCheckpoint`) records the partitioning of its last shuffle: with adaptive execution on it
+    records none (Spark 3.5), and a later step that needs the same partitioning shuffles the rows
+    again. The shuffles inside use spark.sql.shuffle.partitions as configured (no coalescing)."""
+    return _session_conf(spark, "spark.sql.adaptive.enabled", "false")

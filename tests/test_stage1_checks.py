@@ -1,0 +1,69 @@
+"""The item check called directly: which events it marks, that the broadcast and the shuffle join of
+the unknown-item ids agree, and that the deduplicated events reach the click check without a
+second shuffle by pv_id."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+AT = dt.datetime(2026, 11, 20, 8)
+SCHEMA = ("event_id string, event_type string, ts timestamp, user_id string, pv_id string, query string, "
+          "items array<string>, item_id string, session_id string, value string, dt string, reason string")
+
+
+def ev(event_id, event_type, pv_id, items=None, item_id=None, reason=None, minute=0):
+    return (event_id, event_type, AT + dt.timedelta(minutes=minute), "u1", pv_id, "q", items, item_id, None,
+            f"line {event_id}", "2026-11-20", reason)
+
+
+@pytest.fixture
+def events(spark):
+    rows = [
+        ev("e1", "pv", "p1", ["i1", "i2"]),                # known items only
+        ev("e2", "pv", "p2", ["i1", "zz", "yy"]),          # two unknown items: marked once, one row
+        ev("e3", "click", "p1", item_id="i2", minute=1),   # click on a known item
+        ev("e4", "click", "p2", item_id="zz", minute=1),   # click on an unknown item
+        ev("e2", "pv", "p9", ["zz"], reason="duplicate"),  # rejected already: keeps its reason
+        ev(None, "pv", "p3", ["zz"], reason="null_id"),    # rejected, no id: keeps its reason
+    ]
+    return spark.createDataFrame(rows, SCHEMA)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_unknown_items_mark_exactly_the_events_referencing_one(spark, events, broadcast):
+    from etl import samples as S
+
+    catalog = spark.createDataFrame([("i1",), ("i2",), ("i1",)], "item_id string")
+    unknown = S.unknown_item_events(events, catalog)
+    assert sorted(r["event_id"] for r in unknown.collect()) == ["e2", "e4"]
+    out = S.mark_unknown_items(events, unknown, broadcast=broadcast)
+    assert out.columns == events.columns
+    got = sorted((r["event_id"] or "", r["pv_id"], r["reason"]) for r in out.collect())
+    assert got == [("", "p3", "null_id"), ("e1", "p1", None), ("e2", "p2", "unknown_item"),
+                   ("e2", "p9", "duplicate"), ("e3", "p1", None), ("e4", "p2", "unknown_item")]
+
+
+def _hash_exchanges(df) -> int:
+    return df._jdf.queryExecution().executedPlan().toString().count("Exchange hashpartitioning")
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_deduplicated_events_reach_the_click_check_without_a_shuffle(spark, events, static):
+    import contextlib
+
+    from etl import samples as S
+    from etl.build import materialize
+    from etl.spark import static_partitioning
+
+    catalog = spark.createDataFrame([("i1",), ("i2",)], "item_id string")
+    with static_partitioning(spark) if static else contextlib.nullcontext():
+        deduped = materialize(S.mark_duplicates(events))
+    unknown = materialize(S.unknown_item_events(deduped, catalog))  # as the build does: its shuffle is its own
+    checked = S.mark_bad_clicks(S.mark_unknown_items(deduped, unknown))
+    # Under static partitioning the dedupe's rows keep their partitioning by pv_id and the item and
+    # click checks run on them as they are; with adaptive execution the checkpoint records none.
+    assert _hash_exchanges(checked) == 0 if static else _hash_exchanges(checked) >= 1
+    assert spark.conf.get("spark.sql.adaptive.enabled") == "true"  # restored after the block
+    reasons = {(r["event_id"], r["pv_id"]): r["reason"] for r in checked.collect()}
+    assert reasons[("e4", "p2")] == "unknown_item" and reasons[("e3", "p1")] is None
