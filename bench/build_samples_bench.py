@@ -270,7 +270,7 @@ def memory_peaks(spark) -> dict:
     return out
 
 
-MATERIALIZED = ("catalog", "deduped", "events", "labelled", "rejected", "samples")
+MATERIALIZED = ("catalog", "deduped", "unknown", "events", "labelled", "rejected", "samples")
 
 
 class BuildProbes:
