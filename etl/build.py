@@ -146,7 +146,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
     # Materialized after the dedupe: the item check joins its input with itself (see materialize),
     # which would otherwise run the Python parser twice.
-    # Kept partitioned by pv_id (its last window's), which the click check needs too: no shuffle there.
+    # Kept partitioned by pv_id (its last window's): the item and click checks then need no shuffle.
     with static_partitioning(spark):
         deduped = materialize(S.mark_duplicates(S.parse_events(raw, sc.ts_skew_minutes)))
     unknown = materialize(S.unknown_item_events(deduped, known_items))

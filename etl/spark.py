@@ -172,7 +172,7 @@ OPEN_COST_CONF = "spark.sql.files.openCostInBytes"
 
 
 @contextlib.contextmanager
-def _session_conf(spark, key: str, value: str):
+def session_conf(spark, key: str, value: str):
     """Within the block the session's `key` is `value`; its setting (or its absence) is restored after."""
     before = spark.conf.get(key, None)
     spark.conf.set(key, value)
@@ -189,7 +189,7 @@ def file_open_cost(spark, nbytes: int):
     """Within the block, Spark plans file reads with an open cost of `nbytes` per file (at least 1):
     many small files then pack into about one read task per core. Actions inside the block plan
     with it; the session's setting is restored after."""
-    return _session_conf(spark, OPEN_COST_CONF, str(max(1, int(nbytes))))
+    return session_conf(spark, OPEN_COST_CONF, str(max(1, int(nbytes))))
 
 
 def static_partitioning(spark):
@@ -197,4 +197,4 @@ def static_partitioning(spark):
     (`localCheckpoint`) records the partitioning of its last shuffle: with adaptive execution on it
     records none (Spark 3.5), and a later step that needs the same partitioning shuffles the rows
     again. The shuffles inside use spark.sql.shuffle.partitions as configured (no coalescing)."""
-    return _session_conf(spark, "spark.sql.adaptive.enabled", "false")
+    return session_conf(spark, "spark.sql.adaptive.enabled", "false")

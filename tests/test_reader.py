@@ -22,6 +22,7 @@ D0 = "2026-11-20"
 def table(spark, tmp_path_factory):
     """One simulated date built by stage 1 (4 shuffle partitions: several files), pinned at its version."""
     from etl.build import build_date
+    from etl.spark import session_conf
     from sim import simulate
     from etl.tables import TableStore
 
@@ -31,11 +32,8 @@ def table(spark, tmp_path_factory):
     store = TableStore(spark, cfg)
     # Several files and row groups are the point of these tests: keep AQE from coalescing this tiny
     # date's 4 shuffle partitions into one file.
-    spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")
-    try:
+    with session_conf(spark, "spark.sql.adaptive.coalescePartitions.enabled", "false"):
         report = build_date(spark, cfg, store, D0, "run-reader")
-    finally:
-        spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")
     version = report.versions["courier_train"]
     files = store.files("courier_train", version)
     rows = {r["sample_id"]: r.asDict() for r in store.read("courier_train", version=version).collect()}

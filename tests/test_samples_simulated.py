@@ -55,6 +55,7 @@ def test_negative_downsampling_rate(tiny):
 
 def test_same_output_for_1_and_4_shuffle_partitions(spark, tiny, tmp_path):
     from etl.build import build_date
+    from etl.spark import session_conf
     from etl.tables import TableStore
 
     cfg, store, manifest, _ = tiny
@@ -63,11 +64,8 @@ def test_same_output_for_1_and_4_shuffle_partitions(spark, tiny, tmp_path):
     other = load_config(write_config(tmp_path, {"samples": {"image_px": 32}, "paths": {
         "raw_root": cfg.raw_root, "images_root": cfg.images_root}}))
     store1 = TableStore(spark, other)
-    spark.conf.set("spark.sql.shuffle.partitions", "1")
-    try:
+    with session_conf(spark, "spark.sql.shuffle.partitions", "1"):
         build_date(spark, other, store1, first, "run-1-partition")
-    finally:
-        spark.conf.set("spark.sql.shuffle.partitions", "4")
     for table in ("pv_samples", "ctr_log"):
         a = store.read(table).where(f"dt = '{first}'").collect()
         b = store1.read(table).where(f"dt = '{first}'").collect()
