@@ -215,7 +215,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         # ---- counts: one small grouped aggregate per materialized frame, collected to the driver ----
         c.update(K.input_counts(inputs, date))
         c.update(event_counts)
-        items = K.item_counts(catalog, decoded, date)
+        items, image_bytes = K.item_counts(catalog, decoded, date)
         c["quarantine"].update(items.pop("quarantine"))
         c.update(items)
         c.update(K.sample_counts(samples))
@@ -226,8 +226,10 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
         # dates (published); never a later date's, so a date's rows do not depend on build order.
         images = store.read_staged(staged[T.ITEM_IMAGES])
         if store.exists(T.ITEM_IMAGES):
-            images = store.read(T.ITEM_IMAGES).where(F.col("dt") < date).unionByName(images)
-        image_mb = (images.select(F.sum(F.length("image"))).first()[0] or 0) / 2**20  # one pass over a column
+            earlier = store.read(T.ITEM_IMAGES).where(F.col("dt") < date)
+            images = earlier.unionByName(images)
+            image_bytes += earlier.select(F.sum(F.length("image"))).first()[0] or 0  # one pass over a column
+        image_mb = image_bytes / 2**20
         broadcast = 0 < cfg.spark.broadcast_images_mb and image_mb <= cfg.spark.broadcast_images_mb
         if progress:
             progress(f"  {date} courier_train: item images ~{image_mb:,.0f} MB, "

@@ -127,31 +127,47 @@ def input_counts(inputs, date: str) -> dict:
 
 
 def event_counts(events: DataFrame, date: str) -> dict:
-    """Parsed rows per file, valid events, and every quarantine reason of the search log."""
-    c: dict = {}
-    by_kind = _reason_counts(events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"}),
-                             "event_type", "reason")
-    c["raw_rows"] = sum(n for kinds in by_kind.values() for n in kinds.values())
-    c["rows_by_file"] = {r["file"]: r["count"] for r in
-                         events.where(F.col("dt") == date).groupBy("file").count().collect()}
-    c["valid_pv"] = by_kind.get("pv", {}).get("ok", 0)
-    c["valid_click"] = by_kind.get("click", {}).get("ok", 0)
-    c["quarantine"] = {"search_log": _sum_by_reason(by_kind.values())}
-    return c
+    """Parsed rows per file, valid events, and every quarantine reason of the search log, from one
+    grouped aggregate (file x event type x reason)."""
+    groups = (events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"})
+              .groupBy("file", "event_type", "reason").count().collect())
+    by_kind: dict = {}
+    rows_by_file: dict = {}
+    for r in groups:
+        kinds = by_kind.setdefault(r["event_type"], {})
+        kinds[r["reason"]] = kinds.get(r["reason"], 0) + r["count"]
+        rows_by_file[r["file"]] = rows_by_file.get(r["file"], 0) + r["count"]
+    return {
+        "raw_rows": sum(rows_by_file.values()),
+        "rows_by_file": rows_by_file,
+        "valid_pv": by_kind.get("pv", {}).get("ok", 0),
+        "valid_click": by_kind.get("click", {}).get("ok", 0),
+        "quarantine": {"search_log": _sum_by_reason(by_kind.values())},
+    }
 
 
-def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> dict:
+def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> tuple[dict, int]:
     """Catalog rows, items and item images of the date, and every quarantine reason of the catalog
-    and the images."""
-    catalog_reasons = _reason_counts(catalog.where(F.col("dt") == date).fillna({"reason": "ok"}), "reason")
-    image_reasons = _reason_counts(decoded.fillna({"reason": "ok"}), "reason")
+    and the images, from one grouped aggregate over both; and the bytes of the date's item images
+    (what courier_train would broadcast)."""
+    groups = (catalog.where(F.col("dt") == date).select(F.lit("catalog").alias("source"), "reason",
+                                                         F.lit(0).cast("long").alias("bytes"))
+              .unionByName(decoded.select(F.lit("image").alias("source"), "reason",
+                                          F.length("image").cast("long").alias("bytes")))
+              .fillna({"reason": "ok"})
+              .groupBy("source", "reason").agg(F.count("*").alias("count"), F.sum("bytes").alias("bytes"))
+              .collect())
+    reasons = {"catalog": {}, "image": {}}
+    for r in groups:
+        reasons[r["source"]][r["reason"]] = r["count"]
+    catalog_reasons, image_reasons = reasons["catalog"], reasons["image"]
     return {
         "quarantine": {"catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
                        "image": {r: n for r, n in image_reasons.items() if r != "ok"}},
         "catalog_rows": sum(catalog_reasons.values()),
         "items": catalog_reasons.get("ok", 0),
         "item_images": image_reasons.get("ok", 0),
-    }
+    }, next((r["bytes"] or 0 for r in groups if r["source"] == "image" and r["reason"] == "ok"), 0)
 
 
 def sample_counts(samples: DataFrame) -> dict:
