@@ -212,7 +212,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
                                               "repeated_on_page"))
         stage(T.CTR_LOG, S.ctr_log(labelled))
 
-        # ---- counts: one small grouped aggregate per materialized frame, collected to the driver ----
+        # ---- counts: small grouped aggregates over the materialized frames, collected to the driver ----
         c.update(K.input_counts(inputs, date))
         c.update(event_counts)
         items, image_bytes = K.item_counts(catalog, decoded, date)

@@ -1,6 +1,6 @@
-"""Stage 1's accounting: every count of a date, taken from frames already computed (one small grouped
-aggregate per materialized frame, collected to the driver) or from the staged files' own statistics,
-and the identities they must satisfy before anything is published (`DateReport.identities`). Counts
+"""Stage 1's accounting: every count of a date, taken from frames already computed (small grouped
+aggregates over the materialized frames, collected to the driver) or from the staged files' own
+statistics, and the identities they must satisfy before anything is published (`DateReport.identities`). Counts
 are anchored outside the code they check: raw lines are counted from the files' bytes, not by the
 parser."""
 from __future__ import annotations
@@ -158,8 +158,11 @@ def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> tuple[dict
               .groupBy("source", "reason").agg(F.count("*").alias("count"), F.sum("bytes").alias("bytes"))
               .collect())
     reasons = {"catalog": {}, "image": {}}
+    image_bytes = 0
     for r in groups:
         reasons[r["source"]][r["reason"]] = r["count"]
+        if r["source"] == "image" and r["reason"] == "ok":
+            image_bytes = r["bytes"] or 0
     catalog_reasons, image_reasons = reasons["catalog"], reasons["image"]
     return {
         "quarantine": {"catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
@@ -167,7 +170,7 @@ def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> tuple[dict
         "catalog_rows": sum(catalog_reasons.values()),
         "items": catalog_reasons.get("ok", 0),
         "item_images": image_reasons.get("ok", 0),
-    }, next((r["bytes"] or 0 for r in groups if r["source"] == "image" and r["reason"] == "ok"), 0)
+    }, image_bytes
 
 
 def sample_counts(samples: DataFrame) -> dict:
