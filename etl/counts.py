@@ -12,6 +12,9 @@ from pyspark.sql import functions as F
 
 from etl import catalog as T
 
+# The reason the counts' grouped aggregates give a row that passed (its `reason` is null).
+PASSED = "ok"
+
 
 class VerifyError(RuntimeError):
     """A date's counts do not add up; nothing of it was committed."""
@@ -108,7 +111,7 @@ def _sum_by_reason(groups) -> dict:
     out: dict = {}
     for reasons in groups:
         for reason, n in reasons.items():
-            if reason != "ok":
+            if reason != PASSED:
                 out[reason] = out.get(reason, 0) + n
     return out
 
@@ -129,7 +132,7 @@ def input_counts(inputs, date: str) -> dict:
 def event_counts(events: DataFrame, date: str) -> dict:
     """Parsed rows per file, valid events, and every quarantine reason of the search log, from one
     grouped aggregate (file x event type x reason)."""
-    groups = (events.where(F.col("dt") == date).fillna({"reason": "ok", "event_type": "?"})
+    groups = (events.where(F.col("dt") == date).fillna({"reason": PASSED, "event_type": "?"})
               .groupBy("file", "event_type", "reason").count().collect())
     by_kind: dict = {}
     rows_by_file: dict = {}
@@ -140,8 +143,8 @@ def event_counts(events: DataFrame, date: str) -> dict:
     return {
         "raw_rows": sum(rows_by_file.values()),
         "rows_by_file": rows_by_file,
-        "valid_pv": by_kind.get("pv", {}).get("ok", 0),
-        "valid_click": by_kind.get("click", {}).get("ok", 0),
+        "valid_pv": by_kind.get("pv", {}).get(PASSED, 0),
+        "valid_click": by_kind.get("click", {}).get(PASSED, 0),
         "quarantine": {"search_log": _sum_by_reason(by_kind.values())},
     }
 
@@ -154,22 +157,20 @@ def item_counts(catalog: DataFrame, decoded: DataFrame, date: str) -> tuple[dict
                                                          F.lit(0).cast("long").alias("bytes"))
               .unionByName(decoded.select(F.lit("image").alias("source"), "reason",
                                           F.length("image").cast("long").alias("bytes")))
-              .fillna({"reason": "ok"})
+              .fillna({"reason": PASSED})
               .groupBy("source", "reason").agg(F.count("*").alias("count"), F.sum("bytes").alias("bytes"))
               .collect())
     reasons = {"catalog": {}, "image": {}}
     image_bytes = 0
     for r in groups:
         reasons[r["source"]][r["reason"]] = r["count"]
-        if r["source"] == "image" and r["reason"] == "ok":
+        if r["source"] == "image" and r["reason"] == PASSED:
             image_bytes = r["bytes"] or 0
-    catalog_reasons, image_reasons = reasons["catalog"], reasons["image"]
     return {
-        "quarantine": {"catalog": {r: n for r, n in catalog_reasons.items() if r != "ok"},
-                       "image": {r: n for r, n in image_reasons.items() if r != "ok"}},
-        "catalog_rows": sum(catalog_reasons.values()),
-        "items": catalog_reasons.get("ok", 0),
-        "item_images": image_reasons.get("ok", 0),
+        "quarantine": {source: {r: n for r, n in by.items() if r != PASSED} for source, by in reasons.items()},
+        "catalog_rows": sum(reasons["catalog"].values()),
+        "items": reasons["catalog"].get(PASSED, 0),
+        "item_images": reasons["image"].get(PASSED, 0),
     }, image_bytes
 
 
