@@ -160,3 +160,14 @@ def test_the_fast_path_takes_the_logs_own_lines_and_no_line_the_parser_rejects(r
     assert {json.dumps(GOOD).encode(), json.dumps(CLICK).encode()} <= plain
     # unusual but valid lines are left to the strict parser: the route is conservative, not exact
     assert '{"event_id":"e1"} '.encode() not in plain and parse_line(b'{"event_id":"e1"} ', EVENT_FIELDS)[2] is None
+
+
+def test_a_line_of_many_members_is_judged_without_recursion(spark):
+    """The shape regex runs in the JVM on every line: a page of 200,000 items or a line of 200,000 keys
+    must not overflow the task's stack (Java's regex engine recurses on a non-possessive repeated group)."""
+    page = {k: v for k, v in GOOD.items() if k != "items"}
+    many_items = json.dumps({**page, "items": [f"i{i}" for i in range(200_000)]})  # the list ends the line
+    many_keys = "{" + ",".join(f'"k{i}":{i}' for i in range(200_000)) + ',"event_id":"e1"}'
+    wrong_last = many_items[:-2] + ',7]}'  # the 200,001st element is not a string
+    frame = spark.createDataFrame([(many_items,), (many_keys,), (wrong_last,)], "value string")
+    assert [r[0] for r in frame.select(plain_line(EVENT_FIELDS)).collect()] == [True, True, False]
