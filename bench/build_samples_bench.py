@@ -320,6 +320,7 @@ def run_build(spark, cfg, tables_root: Path, label: str) -> dict:
     import dataclasses
 
     from etl.build import build_date
+    from etl.spark import codegen_compilations
     from etl.tables import TableStore
 
     shutil.rmtree(tables_root, ignore_errors=True)
@@ -341,6 +342,7 @@ def run_build(spark, cfg, tables_root: Path, label: str) -> dict:
             phases[m.group(1).split()[0]] = float(m.group(2))
 
     reset_memory_peaks(spark)
+    compiled = codegen_compilations(spark)
     t0 = time.perf_counter()
     try:
         with BuildProbes() as probes:
@@ -354,6 +356,7 @@ def run_build(spark, cfg, tables_root: Path, label: str) -> dict:
         return {"total_s": None, "tables": tables, "failed_step": nxt, "failed_after_s": fail - last,
                 "error": f"{type(e).__name__}: {(str(e) or '?').splitlines()[0][:160]}"}
     total = time.perf_counter() - t0
+    compiled = codegen_compilations(spark) - compiled
     mem = memory_peaks(spark)
     tables, last = {}, t0
     for name, t, rows in marks:
@@ -368,7 +371,7 @@ def run_build(spark, cfg, tables_root: Path, label: str) -> dict:
     return {"total_s": total, "tables": tables, "table_mb": mb, "counts": report.counts, "stage_s": stage_s,
             "phases": phases, "materialized_s": steps, "image_s": image_s, "upto_ctr_log_s": upto_ctr,
             "events_s": upto_ctr - image_s, "train_s": stage_s["courier_train"], "floor_c": floor_c,
-            "memory": mem, "plan": probes.plan}
+            "memory": mem, "plan": probes.plan, "compiled": compiled}
 
 
 def measure(spark, cfg, inp: dict, rounds: int, scratch: Path, extras: bool, image_spark_alone: bool = False) -> dict:
@@ -402,7 +405,8 @@ def measure(spark, cfg, inp: dict, rounds: int, scratch: Path, extras: bool, ima
               f"images {b['image_s']:.1f}s vs floor (b) {r['floors_b'][-1]['s']:.1f}s; courier_train "
               f"{b['train_s']:.1f}s vs floor (c) {b['floor_c']['s']:.1f}s; materialized "
               + ", ".join(f"{n} {s:.1f}s" for n, s in b["materialized_s"].items())
-              + f"; JVM peak RSS {b['memory'].get('jvm_hwm_mb', float('nan')):.0f} MB", flush=True)
+              + f"; JVM peak RSS {b['memory'].get('jvm_hwm_mb', float('nan')):.0f} MB; "
+              f"{b['compiled']} classes compiled from generated code", flush=True)
     r["floors"].append(run_floor(spark, inp["log_dir"]))
     r["loads"].append(loadavg())
     r["floor_s"] = statistics.median(r["floors"])
@@ -567,6 +571,15 @@ def render_floors(results: list[dict]) -> list[str]:
         f"published at {b0['phases'].get('verified', float('nan')):.1f} s; stage calls: "
         + ", ".join(f"{n} {s:.1f} s" for n, s in b0["stage_s"].items()) + ".")
     add("")
+    if all("compiled" in b for r in results for b in r["builds"]):
+        first = results[0]
+        add("Classes compiled from generated code per build, in run order (the rest come from Spark's code "
+            "cache; a class compiled anew also starts cold, before the JIT has compiled it): "
+            + "; ".join(f"{r['size']:g}x " + ", ".join(str(b["compiled"]) for b in r["builds"]) for r in results)
+            + f". The session's first build ({first['size']:g}x, round 0: compiles its classes and runs them "
+            f"cold, as a job's first date does) took {first['builds'][0]['total_s']:.1f} s, against "
+            f"{first['build_s']:.1f} s (median) at that size.")
+        add("")
     # The issue's fit is over its sizes (0.25x and up); a smaller size, when run, shows the intercept
     # directly instead of by extrapolation, so the fit over every size is reported beside it.
     issue_sizes = [r for r in results if r["size"] >= min(ISSUE_SIZES)]
