@@ -3,14 +3,15 @@
     python bench/reader_bench.py [--preset demo] [--days 1] [--data DIR] [--batch-size 32]
                                  [--backbones tiny_cnn,resnet18] [--seconds 20] [--rounds 3]
                                  [--threads 2] [--workers 0,1,2] [--fed 0,1] [--nice 0,19]
-                                 [--paired-seconds 0]
+                                 [--paired-seconds 0] [--device cpu] [--precision auto]
+                                 [--copy-to DIR | --parquet DIR]
 
 Data: the simulator's preset (``demo`` by default: 96 px images) for ``--days`` dates, built by stage 1
 (`etl.build.build_date`, real Spark + Delta) into ``--data`` (default bench/out/reader_<preset>_<days>d,
 git-ignored); an existing build there is reused. The reader reads the latest ``courier_train`` version's
 files (listed with deltalake; no Spark once the table exists).
 
-Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world size 1, in this process:
+Measured, each for ``--seconds`` (epoch after epoch, as training runs), world size 1, in this process:
 
 1. parquet: the reader's Parquet reads and batching alone (`_raw_batches`, no JPEG decoding);
 2. reader: ``iterate_batches`` to uint8 tensors, prefetch 0, for each ``--workers`` value of
@@ -24,12 +25,18 @@ Measured, each for ``--seconds`` (or one epoch, whichever is shorter), world siz
    ``--nice`` value of the reader threads' ``background_nice``. 3 and 4 alternate in ``--rounds``
    rounds of seconds/rounds each (the machine is shared: drifting load then hits all alike); medians
    are reported;
+   ``--device cuda`` runs 3-5 on the GPU (``--precision`` as train.precision: auto = fp16 + GradScaler),
+   the in-memory batches already there, each step ending with the loss read back as in training; the
+   ``--fed`` value ``gpu`` then decodes with torchvision on the GPU (nvjpeg, ``train.gpu_decode``);
 5. with ``--paired-seconds S``, for each ``--fed`` value: S seconds of pairs of steps on the same
    batch, fed then in memory, back to back (`bench_paired`): a ratio that drifting load from other
    jobs on a shared machine barely moves.
 
 The first item of every timed loop is taken untimed (start-up: opening the first reader, starting the
 decode workers, first kernels); the worker start-up is reported separately (``startup_s``).
+
+``--copy-to DIR`` copies the table version's Parquet files (and their image size) into DIR and exits;
+``--parquet DIR`` then reads them where neither deltalake nor Spark is installed (a bare GPU machine).
 
 Images are REAL images (mask 1), PV + history. Ratios: reader / step (headroom of the reader alone) and
 (reader+step) / step (the issue's target: >= 0.9). "CPU bound" = step CPU per image / (step + reader
@@ -54,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 DATE0 = "2026-11-20"
+GPU_DECODE = "gpu"  # a --fed value: decode with torchvision on --device (nvjpeg) instead of on the CPU
 
 
 def loadavg() -> str:
@@ -108,6 +116,59 @@ def machine_busy_s() -> float:
 
 
 # ---- data ------------------------------------------------------------------------------------------
+def copied_files(folder: Path) -> tuple[list[str], int]:
+    """URLs of the Parquet files copied to ``folder`` by ``--copy-to``, and their image px (from its
+    bench_meta.json): a machine without deltalake or Spark reads the same rows."""
+    meta = folder / "bench_meta.json"
+    files = sorted(folder.glob("*.parquet"))
+    if not meta.exists() or not files:
+        raise SystemExit(f"--parquet {folder}: needs the *.parquet files and bench_meta.json that --copy-to writes")
+    return [f"file://{f}" for f in files], json.loads(meta.read_text())["image_px"]
+
+
+def _resized_jpeg(args) -> bytes:
+    """One item image re-encoded at px x px (PIL, JPEG quality 90); an empty slot (padding) stays empty."""
+    import io
+
+    from PIL import Image
+
+    data, px = args
+    if not data:
+        return data
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").resize((px, px), Image.BICUBIC).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def copy_files(urls, px: int, dest: Path, resize_px=None) -> None:
+    """--copy-to: the Parquet files (numbered: the plan sorts by URL, as it sorts the table's) and their
+    image size into ``dest``; with ``resize_px`` every image is re-encoded at that size (a larger-image
+    variant of the same rows, e.g. the paper's 224 px, made on all cores) and written in row groups of
+    512 rows."""
+    import multiprocessing
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        for i, u in enumerate(urls):
+            src, out = (u[len("file://"):] if u.startswith("file://") else u), dest / f"part-{i:05d}.parquet"
+            if not resize_px:
+                shutil.copyfile(src, out)
+                continue
+            table = pq.read_table(src)
+            for name in ("pv_images", "click_images"):
+                col = table.column(name).combine_chunks()
+                flat = pool.map(_resized_jpeg, [(b, resize_px) for b in col.values.to_pylist()], chunksize=64)
+                images = pa.ListArray.from_arrays(col.offsets, pa.array(flat, type=col.type.value_type), type=col.type)
+                table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), images)
+            pq.write_table(table, out, row_group_size=512)
+    (dest / "bench_meta.json").write_text(json.dumps({"image_px": resize_px or px, "files": len(urls)}))
+    print(f"[bench] copied {len(urls)} file(s) to {dest}" + (f", images at {resize_px} px" if resize_px else ""))
+
+
 def ensure_table(data: Path, preset: str, days: int) -> tuple[list[str], int]:
     """URLs of the latest courier_train version under data/ (built first if missing), and image px."""
     from deltalake import DeltaTable
@@ -171,6 +232,15 @@ def timed(iterable, seconds: float, count):
     return n, units, wall
 
 
+def epochs(urls, first_epoch: int, **kw):
+    """The reader's batches over epochs first_epoch, first_epoch + 1, ... without end (as training runs
+    them; a fast GPU step finishes the bench preset's epoch in seconds): close it when done."""
+    from training.reader import iterate_batches
+
+    for epoch in itertools.count(first_epoch):
+        yield from iterate_batches(urls, rank=0, world_size=1, seed=0, epoch=epoch, **kw)
+
+
 def real_images(cols) -> int:
     return int((cols["pv_mask"] != 0).sum() + (cols["click_mask"] != 0).sum())
 
@@ -185,11 +255,8 @@ def bench_parquet(urls, batch_size, seconds):
 
 
 def bench_reader(urls, batch_size, seconds, workers, threads, px, device=None):
-    from training.reader import iterate_batches
-
-    it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=0,
-                         decode_workers=workers, decode_threads=threads, decode_device=device, image_px=px,
-                         prefetch=0)
+    it = epochs(urls, 0, batch_size=batch_size, decode_workers=workers, decode_threads=threads,
+                decode_device=device, image_px=px, prefetch=0)
     n, imgs, wall = timed(it, seconds, lambda b: b.num_images)
     if device is not None and str(device).startswith("cuda"):
         import torch
@@ -204,31 +271,54 @@ def bench_reader(urls, batch_size, seconds, workers, threads, px, device=None):
             "cpu_ms_per_image_this_process": 1e3 * timed.cpu_self / max(imgs, 1), "others": timed.others}
 
 
-def make_model(backbone: str):
+def make_model(backbone: str, device="cpu"):
     import torch
 
     from training.courier import CourierModel, ImageEncoder
 
     torch.manual_seed(0)
-    model = CourierModel(ImageEncoder(backbone, dim=256))
+    model = CourierModel(ImageEncoder(backbone, dim=256)).to(device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-6)
     return model, opt
 
 
-def step(model, opt, batch) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss, _ = model(*batch.model_inputs())
-    loss.backward()
-    opt.step()
+class Stepper:
+    """The training step of `training/train.py` on ``device``: the batch moved there (non-blocking), the
+    forward under autocast (``precision`` as in train.precision: auto = fp16 + GradScaler on CUDA, fp32
+    on CPU), backward, Adam. On CUDA each step ends with a synchronize (the loss read back, as the
+    training loop does every step), so a step's time is its GPU time."""
+
+    def __init__(self, backbone: str, device="cpu", precision: str = "fp32"):
+        import torch
+
+        from training.train import autocast_dtype
+
+        self.device = torch.device(device)
+        self.model, self.opt = make_model(backbone, self.device)
+        self.amp = autocast_dtype(precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+
+    def __call__(self, batch) -> None:
+        import torch
+
+        batch = batch.to(self.device, non_blocking=True)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss, _ = self.model(*batch.model_inputs())
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.device.type == "cuda":
+            float(loss.item())
 
 
-def bench_step(batches, backbone, seconds):
-    model, opt = make_model(backbone)
+def bench_step(batches, backbone, seconds, device="cpu", precision="fp32"):
+    step = Stepper(backbone, device, precision)
 
     def run():
         for b in itertools.cycle(batches):
-            step(model, opt, b)
+            step(b)
             yield b
 
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
@@ -236,17 +326,17 @@ def bench_step(batches, backbone, seconds):
             "cpu_ms_per_image": 1e3 * timed.cpu / max(imgs, 1), "others": timed.others}
 
 
-def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px, nice):
-    from training.reader import iterate_batches
-
-    model, opt = make_model(backbone)
-    it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=1,
-                         decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2,
-                         background_nice=nice)
+def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px, nice, device="cpu",
+                      precision="fp32"):
+    """The training loop fed by the reader; ``workers == "gpu"``: decoded on ``device`` (nvjpeg)."""
+    step = Stepper(backbone, device, precision)
+    on_gpu = workers == GPU_DECODE
+    it = epochs(urls, 1, batch_size=batch_size, decode_workers=0 if on_gpu else workers, decode_threads=threads,
+                image_px=px, prefetch=2, background_nice=nice, decode_device=device if on_gpu else None)
 
     def run():
         for b in it:
-            step(model, opt, b)
+            step(b)
             yield b
 
     n, imgs, wall = timed(run(), seconds, lambda b: b.num_images)
@@ -256,7 +346,7 @@ def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px,
 
 
 def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_pairs=3, memory=None,
-                 quiet_share=0.1, nice=0):
+                 quiet_share=0.1, nice=0, device="cpu", precision="fp32"):
     """The fed step and the in-memory step on the SAME batch, back to back, pair after pair: step k is
     fed by ``iterate_batches(prefetch=2)`` (timed from asking the iterator for the batch to the end of
     the optimizer step; the reader decodes the batch that replaces it in the pipeline meanwhile, in
@@ -267,16 +357,15 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
     ratio over the pairs taken in ``seconds`` (at least ``min_pairs``). ``memory`` (a list of decoded
     batches): the control, "fed" from memory instead of the reader: its ratio shows the bias of the
     pairing itself (1.0 when there is none)."""
-    from training.reader import iterate_batches
-
-    model, opt = make_model(backbone)
+    step = Stepper(backbone, device, precision)
+    on_gpu = workers == GPU_DECODE
     if memory is not None:
         it = (b for b in itertools.cycle(memory))
     else:
-        it = iterate_batches(urls, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=2,
-                             decode_workers=workers, decode_threads=threads, image_px=px, prefetch=2,
-                             background_nice=nice)
-    step(model, opt, next(it))  # start-up: workers, first kernels
+        it = epochs(urls, 2, batch_size=batch_size, decode_workers=0 if on_gpu else workers,
+                    decode_threads=threads, image_px=px, prefetch=2, background_nice=nice,
+                    decode_device=device if on_gpu else None)
+    step(next(it))  # start-up: workers, first kernels
     time.sleep(1.0)  # let the pipeline fill
     fed, mem, others, workers_cpu = [], [], [], [0.0, 0.0]
     t_end = time.perf_counter() + seconds
@@ -285,9 +374,9 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
         b = next(it, None)
         if b is None:
             break
-        step(model, opt, b)
+        step(b)
         t1, k1 = time.perf_counter(), children_cpu_s()
-        step(model, opt, b)
+        step(b)
         t2, k2 = time.perf_counter(), children_cpu_s()
         ours = time.process_time() - c0 + k2 - k0
         others.append(max(0.0, machine_busy_s() - m0 - ours) / ((t2 - t0) * (os.cpu_count() or 1)))
@@ -300,7 +389,7 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
     quiet = [r for r, o in zip(ratios, others) if o < quiet_share]
     # decode workers' CPU that spilled over into the in-memory steps (it should be ~0: they refill the
     # pipeline during the fed step); the pairing is only fair when it is small
-    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers else None
+    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers and not on_gpu else None
     return {"pairs": len(fed), "decode_workers": workers, "median_ratio": statistics.median(ratios),
             "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill,
             "others": others, "quiet_pairs": len(quiet), "quiet_median": statistics.median(quiet) if quiet else None}
@@ -327,6 +416,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--nice", default=None,
                     help="background_nice values of the reader's threads for the reader+step runs (default: the "
                          "reader's BACKGROUND_NICE; e.g. 0,19 to compare)")
+    ap.add_argument("--device", default="cpu", help="where the model step runs (cuda: the step on the GPU)")
+    ap.add_argument("--precision", default="auto",
+                    help="as train.precision: auto = fp16 + GradScaler on CUDA, fp32 on CPU")
+    ap.add_argument("--parquet", default=None,
+                    help="read the Parquet files --copy-to copied into this folder (no deltalake or Spark needed)")
+    ap.add_argument("--copy-to", default=None,
+                    help="copy the table version's Parquet files and image size into this folder, then exit")
+    ap.add_argument("--resize-px", type=int, default=None,
+                    help="with --copy-to: re-encode every image at this size (e.g. 224, the paper's)")
     ap.add_argument("--paired-seconds", type=float, default=0.0,
                     help="per --fed (and --nice) value: seconds of paired fed / in-memory steps on the same batch (0: none)")
     args = ap.parse_args(argv)
@@ -337,9 +435,16 @@ def main(argv=None) -> dict:
                                  iterate_batches, quiet_petastorm_warnings, resolve_decode_workers, row_groups)
 
     quiet_petastorm_warnings()
-    data = Path(args.data or ROOT / "bench" / "out" / f"reader_{args.preset}_{args.days}d").resolve()
-    urls, px = ensure_table(data, args.preset, args.days)
-    parse = lambda v: v if v == "auto" else int(v)  # noqa: E731
+    if args.parquet:
+        urls, px = copied_files(Path(args.parquet).resolve())
+    else:
+        data = Path(args.data or ROOT / "bench" / "out" / f"reader_{args.preset}_{args.days}d").resolve()
+        urls, px = ensure_table(data, args.preset, args.days)
+    if args.copy_to:
+        copy_files(urls, px, Path(args.copy_to), args.resize_px)
+        return {}
+    device = torch.device(args.device)
+    parse = lambda v: v if v in ("auto", GPU_DECODE) else int(v)  # noqa: E731
     workers = [parse(w) for w in args.workers.split(",")]
     nices = [int(v) for v in args.nice.split(",")] if args.nice else [BACKGROUND_NICE]
     # (decode_workers, background_nice) of each reader+step variant; its key names both when several nices
@@ -367,20 +472,20 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available() and gpu_decode_supported("cuda:0"):
         out["reader"].append(bench_reader(urls, args.batch_size, args.seconds, 0, args.threads, px, device="cuda:0"))
         print("[bench] reader", json.dumps(out["reader"][-1]), flush=True)
-    mem = list(itertools.islice(iterate_batches(urls, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                                                epoch=0, image_px=px), 8))
+    mem = [b.to(device) for b in itertools.islice(iterate_batches(urls, batch_size=args.batch_size, rank=0,
+                                                                  world_size=1, seed=0, epoch=0, image_px=px), 8)]
     out["models"] = {}
     cpu_reader = {r["decode_workers"]: r["cpu_ms_per_image"] for r in out["reader"] if not r["decode_device"]}
     for backbone in args.backbones.split(","):
         # Alternate step / reader+step rounds so that drifting load on the shared machine hits all alike.
         rounds = []
         for _ in range(args.rounds):
-            s = bench_step(mem, backbone, args.seconds / args.rounds)
+            s = bench_step(mem, backbone, args.seconds / args.rounds, device, args.precision)
             r = {"step": s["images_per_s"], "step_cpu_ms_per_image": s["cpu_ms_per_image"], "loadavg": loadavg(),
                  "others": s["others"]}
             for w, nice in fed:
                 rs = bench_reader_step(urls, args.batch_size, backbone, args.seconds / args.rounds,
-                                       auto if w == "auto" else w, args.threads, px, nice)
+                                       auto if w == "auto" else w, args.threads, px, nice, device, args.precision)
                 k = key(w, nice)
                 r[f"reader_step[{k}]"] = rs["images_per_s"]
                 r[f"ratio[{k}]"] = rs["images_per_s"] / s["images_per_s"]
@@ -408,11 +513,13 @@ def main(argv=None) -> dict:
                            med["step_cpu_ms_per_image"] / (med["step_cpu_ms_per_image"] + reader_cpu)}
         if args.paired_seconds > 0:
             m["paired_control"] = bench_paired(urls, args.batch_size, backbone, args.paired_seconds, 0, args.threads,
-                                               px, memory=mem, quiet_share=args.quiet)
+                                               px, memory=mem, quiet_share=args.quiet, device=device,
+                                               precision=args.precision)
             print(f"[bench] {backbone} paired control (memory)", json.dumps(m["paired_control"]), flush=True)
             for w, nice in fed:
                 pr = bench_paired(urls, args.batch_size, backbone, args.paired_seconds,
-                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet, nice=nice)
+                                  auto if w == "auto" else w, args.threads, px, quiet_share=args.quiet, nice=nice,
+                                  device=device, precision=args.precision)
                 m["fed"][key(w, nice)]["paired"] = pr
                 print(f"[bench] {backbone} paired decode_workers={w} background_nice={nice}", json.dumps(pr), flush=True)
         out["models"][backbone] = m
@@ -431,7 +538,8 @@ def main(argv=None) -> dict:
               f"(this process {r['cpu_ms_per_image_this_process']:.3f}) | {r['images_per_cpu_s']:.0f} | "
               f"start-up {r['startup_s']:.2f} s |")
     for name, m in out["models"].items():
-        print(f"| {name}: model step on in-memory tensors | {m['step_images_per_s']:.1f} | "
+        print(f"| {name}: model step on in-memory tensors ({args.device}, {args.precision}) | "
+              f"{m['step_images_per_s']:.1f} | "
               f"{m['step_cpu_ms_per_image']:.2f} | | |")
         if "paired_control" in m:
             pr = m["paired_control"]
@@ -439,7 +547,8 @@ def main(argv=None) -> dict:
                   f"| | | | median {pr['median_ratio']:.2f}, pooled {pr['pooled_ratio']:.2f}{_quiet(pr)} |")
         for w, f in m["fed"].items():
             bound = "" if f["cpu_bound_ratio"] is None else f"; CPU bound {f['cpu_bound_ratio']:.3f}"
-            label = (f"decode_workers={w}" + (f" = {f['decode_workers']}" if w.startswith("auto") else "")
+            label = (f"decoded on {device} (torchvision)" if w.startswith(GPU_DECODE) else
+                     f"decode_workers={w}" + (f" = {f['decode_workers']}" if w.startswith("auto") else "")
                      + f", reader threads at nice {f['background_nice']}")
             quiet = ("" if f["quiet_median"] is None else
                      f"; {f['quiet_rounds']} quiet round(s): median {f['quiet_median']:.2f}")

@@ -594,3 +594,33 @@ def test_reader_threads_yield_to_the_training_thread(table, monkeypatch, threads
     assert seen.get(main_tid, base) == base
     background = {tid: nice for tid, nice in seen.items() if tid != main_tid}
     assert background and set(background.values()) == {min(19, base + BACKGROUND_NICE)}
+
+
+def test_bench_copy_re_encodes_every_image_at_the_asked_size_and_keeps_the_rows(table, tmp_path):
+    """bench/reader_bench.py --copy-to DIR --resize-px N (how its GPU numbers at 224 px were made from the
+    96 px preset): the same rows and masks, every real image at N px, padding slots still empty, and the
+    reader reads the copy with --parquet's file list."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reader_bench
+    from training.reader import iterate_batches
+
+    reader_bench.copy_files(table["urls"], 32, tmp_path, resize_px=48)
+    urls, px = reader_bench.copied_files(tmp_path)
+    assert px == 48 and len(urls) == len(table["urls"])
+
+    def by_id(urls, image_px):
+        out = {}
+        for b in iterate_batches(urls, batch_size=8, rank=0, world_size=1, seed=0, epoch=0, image_px=image_px):
+            for i, sid in enumerate(b.sample_ids):
+                out[sid] = (b.pv_mask[i].clone(), b.click_mask[i].clone(), b.pv_images[i].clone())
+        return out
+
+    orig, copy = by_id(table["urls"], 32), by_id(urls, None)  # None: the copy's images must all be 48 px
+    assert set(copy) == set(orig) == set(table["rows"])
+    for sid, (pv_mask, click_mask, pv_images) in copy.items():
+        assert torch.equal(pv_mask, orig[sid][0]) and torch.equal(click_mask, orig[sid][1])
+        assert pv_images.shape[-2:] == (48, 48)
+        # the copy shows the same picture: scaled back down, it is close to the original's pixels
+        small = torch.nn.functional.interpolate(pv_images[pv_mask].float(), size=(32, 32), mode="area")
+        # (4.9-8.0 per level here; another row's picture: 28-53)
+        assert (small - orig[sid][2][pv_mask].float()).abs().mean() < 12
