@@ -740,20 +740,39 @@ class _ProcessDecoder:
 class _TensorDecoder:
     """Decodes with ``torchvision.io.decode_jpeg`` on ``device`` (on CUDA: nvjpeg, batched, the images
     land in GPU memory); the image tensors of the batch are on ``device``. An image whose size differs
-    from image_px is decoded and resized by PIL on the CPU, as the CPU paths do. nvjpeg's pixels may
-    differ from libjpeg-turbo's by a few levels (its IDCT and chroma upsampling); on the CPU,
-    torchvision's libjpeg-turbo gives PIL's pixels."""
+    from image_px is decoded and resized by PIL on the CPU, as the CPU paths do. nvjpeg's pixels are
+    libjpeg-turbo's with fast chroma upsampling (0.37 of a level from PIL's on average, up to ~100 at
+    sharp colour edges: bench/RESULTS.md); on the CPU, torchvision's libjpeg-turbo gives PIL's pixels.
+
+    On CUDA the decoding runs with a CUDA stream of the reader's own as the current stream. torchvision
+    decodes on a stream of its own and then makes the caller's current stream wait for it (an event).
+    On the default stream, that wait would land on the stream the training step runs on: every step
+    queued after a decode would wait for it, and the GPU would take decode and step in turns."""
 
     ahead = 0
 
     def __init__(self, device, image_px: Optional[int]):
         self.device = torch.device(device)
         self.px = image_px
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def close(self):
         pass
 
     def submit(self, cols: dict):
+        if self.stream is None:
+            return self._decode(cols)
+        with torch.cuda.stream(self.stream):
+            decoded = self._decode(cols)
+        self.stream.synchronize()  # decoded before another thread uses the tensors
+        pv, click, _, _ = decoded()
+        consumer = torch.cuda.default_stream(self.device)  # the training step's stream
+        for t in (pv, click):
+            # allocated on the reader's stream: their memory is not reused before the step's use is done
+            t.record_stream(consumer)
+        return decoded
+
+    def _decode(self, cols: dict):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         pv_mask, click_mask, tasks, px = _decode_jobs(cols, self.px)
@@ -778,8 +797,6 @@ class _TensorDecoder:
                 rows = torch.tensor([tasks[n][1] for n in sel], device=self.device)
                 slots = torch.tensor([tasks[n][2] for n in sel], device=self.device)
                 out[rows, slots] = torch.stack(imgs)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # ready before another thread uses it
         pv, click = outputs
         return lambda: (pv, click, pv_mask, click_mask)
 
