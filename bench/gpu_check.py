@@ -229,7 +229,10 @@ def measure_decode(args) -> dict:
         pv, click, _, _ = decoder.submit(cols)()  # the decoder synchronizes its stream before returning
     dev_per_s = n * args.steps / (time.perf_counter() - t0)
     got = torch.cat([pv.reshape(-1, 3, px, px), click.reshape(-1, 3, px, px)]).cpu().numpy()
-    diffs = np.stack([np.abs(g.astype(np.int16) - c) for g, c in zip(got, cpu)])
+    def abs_diffs(ref):  # |device pixels - reference pixels|, every image, (3, H, W) each
+        return np.stack([np.abs(g.astype(np.int16) - c) for g, c in zip(got, ref)])
+
+    diffs = abs_diffs(cpu)
     out = {"decode": True, "images_per_s": dev_per_s, "cpu_images_per_s_per_core": cpu_per_core,
            "px": px, "images": n, "max_abs_diff_vs_pil": int(diffs.max()),
            "mean_abs_diff_vs_cpu": float(diffs.mean()), "p999_abs_diff_vs_cpu": float(np.quantile(diffs, 0.999)),
@@ -237,8 +240,8 @@ def measure_decode(args) -> dict:
     try:  # libjpeg-turbo's fast (nearest) chroma upsampling: is that what the device decoder does?
         import simplejpeg
 
-        fast = [simplejpeg.decode_jpeg(d, colorspace="RGB", fastupsample=True) for d in data]
-        fdiff = np.stack([np.abs(g.astype(np.int16) - c.transpose(2, 0, 1)) for g, c in zip(got, fast)])
+        fdiff = abs_diffs([simplejpeg.decode_jpeg(d, colorspace="RGB", fastupsample=True).transpose(2, 0, 1)
+                           for d in data])
         out.update(max_abs_diff_vs_cpu_fastupsample=int(fdiff.max()),
                    mean_abs_diff_vs_cpu_fastupsample=float(fdiff.mean()))
     except ImportError:
@@ -294,10 +297,9 @@ def main(argv=None) -> int:
             failed = True
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
         r["wall_s"] = time.perf_counter() - t0
-        if args.device == "cuda":  # the next row (the DDP workers above all) gets the memory this one cached
+        if args.device == "cuda":  # the next row (the DDP workers above all) gets the memory this one cached,
+            # failed or not
             import gc
 
             gc.collect()

@@ -146,19 +146,21 @@ def copy_files(urls, px: int, dest: Path, resize_px=None) -> None:
     variant of the same rows, e.g. the paper's 224 px, made on all cores) and written in row groups of
     512 rows."""
     import multiprocessing
-    import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from etl import fs
+
     dest.mkdir(parents=True, exist_ok=True)
     with multiprocessing.get_context("spawn").Pool() as pool:
         for i, u in enumerate(urls):
-            src, out = (u[len("file://"):] if u.startswith("file://") else u), dest / f"part-{i:05d}.parquet"
+            out = dest / f"part-{i:05d}.parquet"
             if not resize_px:
-                shutil.copyfile(src, out)
+                fs.copy_to_local(u, str(out))
                 continue
-            table = pq.read_table(src)
+            filesystem, path = fs.filesystem(u)
+            table = pq.read_table(path, filesystem=filesystem)
             for name in ("pv_images", "click_images"):
                 col = table.column(name).combine_chunks()
                 flat = pool.map(_resized_jpeg, [(b, resize_px) for b in col.values.to_pylist()], chunksize=64)
@@ -239,6 +241,13 @@ def epochs(urls, first_epoch: int, **kw):
 
     for epoch in itertools.count(first_epoch):
         yield from iterate_batches(urls, rank=0, world_size=1, seed=0, epoch=epoch, **kw)
+
+
+def decoding(workers, device) -> dict:
+    """The reader's decoding arguments for a --fed value: ``gpu`` decodes on ``device`` (nvjpeg), a
+    number in that many worker processes (0: in this process's threads)."""
+    on_gpu = workers == GPU_DECODE
+    return {"decode_workers": 0 if on_gpu else workers, "decode_device": device if on_gpu else None}
 
 
 def real_images(cols) -> int:
@@ -330,9 +339,8 @@ def bench_reader_step(urls, batch_size, backbone, seconds, workers, threads, px,
                       precision="fp32"):
     """The training loop fed by the reader; ``workers == "gpu"``: decoded on ``device`` (nvjpeg)."""
     step = Stepper(backbone, device, precision)
-    on_gpu = workers == GPU_DECODE
-    it = epochs(urls, 1, batch_size=batch_size, decode_workers=0 if on_gpu else workers, decode_threads=threads,
-                image_px=px, prefetch=2, background_nice=nice, decode_device=device if on_gpu else None)
+    it = epochs(urls, 1, batch_size=batch_size, decode_threads=threads, image_px=px, prefetch=2,
+                background_nice=nice, **decoding(workers, device))
 
     def run():
         for b in it:
@@ -358,13 +366,11 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
     batches): the control, "fed" from memory instead of the reader: its ratio shows the bias of the
     pairing itself (1.0 when there is none)."""
     step = Stepper(backbone, device, precision)
-    on_gpu = workers == GPU_DECODE
     if memory is not None:
         it = (b for b in itertools.cycle(memory))
     else:
-        it = epochs(urls, 2, batch_size=batch_size, decode_workers=0 if on_gpu else workers,
-                    decode_threads=threads, image_px=px, prefetch=2, background_nice=nice,
-                    decode_device=device if on_gpu else None)
+        it = epochs(urls, 2, batch_size=batch_size, decode_threads=threads, image_px=px, prefetch=2,
+                    background_nice=nice, **decoding(workers, device))
     step(next(it))  # start-up: workers, first kernels
     time.sleep(1.0)  # let the pipeline fill
     fed, mem, others, workers_cpu = [], [], [], [0.0, 0.0]
@@ -389,7 +395,7 @@ def bench_paired(urls, batch_size, backbone, seconds, workers, threads, px, min_
     quiet = [r for r, o in zip(ratios, others) if o < quiet_share]
     # decode workers' CPU that spilled over into the in-memory steps (it should be ~0: they refill the
     # pipeline during the fed step); the pairing is only fair when it is small
-    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if workers and not on_gpu else None
+    spill = workers_cpu[1] / max(sum(workers_cpu), 1e-9) if decoding(workers, device)["decode_workers"] else None
     return {"pairs": len(fed), "decode_workers": workers, "median_ratio": statistics.median(ratios),
             "pooled_ratio": sum(mem) / sum(fed), "ratios": ratios, "worker_cpu_share_in_memory_steps": spill,
             "others": others, "quiet_pairs": len(quiet), "quiet_median": statistics.median(quiet) if quiet else None}
