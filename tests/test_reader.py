@@ -624,3 +624,31 @@ def test_bench_copy_re_encodes_every_image_at_the_asked_size_and_keeps_the_rows(
         small = torch.nn.functional.interpolate(pv_images[pv_mask].float(), size=(32, 32), mode="area")
         # (4.9-8.0 per level here; another row's picture: 28-53)
         assert (small - orig[sid][2][pv_mask].float()).abs().mean() < 12
+
+
+def test_bench_parquet_rows_chain_epochs_and_read_inside_the_timed_part(table, monkeypatch):
+    """bench/reader_bench.py's "Parquet reads only" row: its batches run on into the next epochs (each
+    epoch every row once, in that epoch's order), so when an epoch is one shuffle window its read is
+    timed too, not only in the first batch that the timing leaves out."""
+    import itertools
+    import math
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reader_bench
+    import training.reader as R
+
+    reads = []
+    read_slice = R._read_slice
+    monkeypatch.setattr(R, "_read_slice", lambda s: reads.append(s) or read_slice(s))
+    per_epoch = math.ceil(len(table["rows"]) / 8)
+    it = reader_bench.raw_epochs(table["urls"], 8)
+    first = next(it)
+    read_first = len(reads)
+    rest = list(itertools.islice(it, 2 * per_epoch - 1))
+    batches = [first, *rest]
+    ids = [list(b["sample_id"]) for b in batches]  # numpy columns
+    for e in range(2):
+        epoch = [i for b in ids[e * per_epoch:(e + 1) * per_epoch] for i in b]
+        assert sorted(epoch) == sorted(table["rows"])  # every row once per epoch
+    assert ids[:per_epoch] != ids[per_epoch:]  # epoch 1 in its own order
+    assert len(reads) > read_first  # epoch 1's Parquet reads happen after the untimed first batch
