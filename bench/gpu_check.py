@@ -76,7 +76,7 @@ def measure_step(args, grad_checkpointing: bool, distributed: bool = False) -> d
     import torch
 
     from training import distributed as dist
-    from training.train import autocast_dtype, build_model
+    from training.train import autocast_dtype, build_model, forward, grad_scaler, update
 
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
@@ -85,20 +85,15 @@ def measure_step(args, grad_checkpointing: bool, distributed: bool = False) -> d
     model = dist.wrap_model(raw, "ddp") if distributed else raw
     optimizer = torch.optim.Adam(raw.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     amp = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = grad_scaler(amp)
     batch = _batch(args.batch, 5, 5, args.px, device, seed=dist.rank())
     images = args.batch * 10
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"], batch["click_images"],
-                            batch["click_mask"])
-        scaler.scale(loss * dist.loss_scale_for_backward("ddp")).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def step():  # the trainer's step
+        loss, _ = forward(model, batch, device, amp)
+        update(loss, optimizer, scaler, dist.loss_scale_for_backward("ddp"))
         return loss
 
     def sync():

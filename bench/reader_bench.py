@@ -301,31 +301,27 @@ def make_model(backbone: str, device="cpu"):
 
 
 class Stepper:
-    """The training step of `training/train.py` on ``device``: the batch moved there (non-blocking), the
-    forward under autocast (``precision`` as in train.precision: auto = fp16 + GradScaler on CUDA, fp32
-    on CPU), backward, Adam. On CUDA each step ends with a synchronize (the loss read back, as the
-    training loop does every step), so a step's time is its GPU time."""
+    """The training step of `training/train.py` on ``device`` (its `forward` and `update`): the batch
+    moved there (non-blocking), the forward under autocast (``precision`` as in train.precision: auto =
+    fp16 + GradScaler on CUDA, fp32 on CPU), backward, Adam. On CUDA each step ends with a synchronize
+    (the loss read back, as the training loop does every step), so a step's time is its GPU time."""
 
     def __init__(self, backbone: str, device="cpu", precision: str = "fp32"):
         import torch
 
-        from training.train import autocast_dtype
+        from training.train import autocast_dtype, grad_scaler
 
         self.device = torch.device(device)
         self.model, self.opt = make_model(backbone, self.device)
         self.amp = autocast_dtype(precision, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.scaler = grad_scaler(self.amp)
 
     def __call__(self, batch) -> None:
-        import torch
+        from training.train import forward, update
 
         batch = batch.to(self.device, non_blocking=True)
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            loss, _ = self.model(*batch.model_inputs())
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        loss, _ = forward(self.model, batch.as_dict(), self.device, self.amp)
+        update(loss, self.opt, self.scaler)
         if self.device.type == "cuda":
             float(loss.item())
 

@@ -42,6 +42,7 @@ import torch.nn as nn  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.courier import CourierLossConfig, CourierModel, ImageEncoder  # noqa: E402
 from training.distributed import gather_with_grad  # noqa: E402
+from training.train import update  # noqa: E402
 
 B, LP, LC, PX, DIM = 4, 5, 4, 16, 16  # global batch of 4 PVs -> 2 per rank; tiny images
 NPROC = 2
@@ -81,13 +82,12 @@ def horovod_worker() -> dict:
     D.broadcast_parameters(model, opt)  # a fresh optimizer: must not take Horovod's state-initialising step
     per = B // n
     local = [t[r * per:(r + 1) * per] for t in make_batch()]
-    opt.zero_grad(set_to_none=True)  # the torch signature the trainer uses
     # a GradScaler as in fp16 training: it must unscale the gradients only after Horovod reduced them
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     loss, comps = model(*local)
-    scaler.scale(loss * D.loss_scale_for_backward("horovod")).backward()
-    D.optimizer_step(opt, scaler)  # synchronize (average over ranks), unscale, Adam step
-    scaler.update()
+    # the trainer's own update: zero_grad (torch's signature), backward, synchronize (average over
+    # ranks), unscale, Adam step
+    update(loss, opt, scaler, D.loss_scale_for_backward("horovod"))
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}  # averaged, unscaled
     out = {
         "rank": r,

@@ -76,6 +76,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 scales the loss against gradients that underflow; any other precision passes it through."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+
+def forward(model, batch: dict, device: torch.device, amp_dtype: torch.dtype | None, **extra):
+    """Step 2's forward: (loss, parts) of the model on the batch's BATCH_KEYS tensors, under autocast."""
+    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return model(*(batch[k] for k in BATCH_KEYS), **extra)
+
+
+def update(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, loss_scale: float = 1) -> None:
+    """Step 2's update: the gradients of loss * loss_scale (through the GradScaler), the optimizer step.
+    The step goes through `dist.optimizer_step`: under Horovod the scaler must unscale the gradients
+    only once they are reduced (a plain `scaler.step` unscaled them while the reduction still ran)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
+    dist.optimizer_step(optimizer, scaler)
+    scaler.update()
+
+
 def empty_batch(batch_size: int, l_pv: int, l_click: int, px: int) -> dict:
     """A batch whose every slot is padding: what a rank with no rows left feeds."""
     return {
@@ -218,7 +239,7 @@ def train_fn(spec_dict: dict) -> dict:
     model = build_model(t, dist.gather_with_grad_for(backend), len(categories)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     amp_dtype = autocast_dtype(t["precision"], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=(amp_dtype == torch.float16))
+    scaler = grad_scaler(amp_dtype)
     position = {"epoch": 0, "batch": 0, "global_step": 0, "skipped": 0}
     if spec.resume:
         path = last_checkpoint(spec.checkpoint_dir)
@@ -272,11 +293,7 @@ def train_fn(spec_dict: dict) -> dict:
                 images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
                 # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
                 torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    loss, parts = model(batch["pv_images"], batch["pv_labels"], batch["pv_mask"],
-                                        batch["click_images"], batch["click_mask"], **extra)
+                loss, parts = forward(model, batch, device, amp_dtype, **extra)
                 # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
                 global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
                 batch_index += 1
@@ -289,9 +306,7 @@ def train_fn(spec_dict: dict) -> dict:
                             f"{batch_index}); lower train.lr or use train.precision fp32/bf16")
                     continue
                 bad_in_a_row = 0
-                scaler.scale(loss * dist.loss_scale_for_backward(backend)).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))
                 position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
                 step = position["global_step"]
                 losses.append(float(global_loss.item()))
