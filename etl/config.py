@@ -120,7 +120,7 @@ class TrainConf:
     backend: str = "ddp"  # ddp (TorchDistributor) | horovod
     num_workers: int = 2  # training processes
     local_mode: bool = True  # TorchDistributor: processes on the driver (True) or on executors
-    use_gpu: bool | None = None  # default: when CUDA is available
+    use_gpu: bool | None = None  # default: local mode, when this machine has CUDA; else when tasks get GPUs
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     checkpoint_every: int = 50  # steps
     max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts

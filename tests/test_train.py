@@ -188,3 +188,63 @@ def test_two_process_torchdistributor_equals_one_process(spark, tmp_path):
         torch.testing.assert_close(got["loss"].squeeze(), loss.detach(), rtol=1e-9, atol=1e-9)
         for n, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
+
+
+# ---- device and GPU settings: what decides them runs on a CPU machine too -------------------------
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Horovod's launchers set no LOCAL_RANK: the device follows the backend's own local rank."""
+    from training import distributed as D
+    from training.train import pick_device
+
+    monkeypatch.setattr(D, "local_rank", lambda: 3)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert pick_device(True) == torch.device("cuda", 3)
+    assert pick_device(False) == torch.device("cpu")
+
+
+def test_resume_with_fp16_from_a_checkpoint_without_it(tmp_path):
+    """A CPU (or fp32/bf16) run saves a disabled GradScaler's empty state; resuming with the scaler on
+    (fp16 on a GPU) keeps the enabled scaler's defaults instead of failing on the empty state."""
+    from training.train import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    path = save_checkpoint(str(tmp_path), model, opt, off, {"epoch": 1, "batch": 4, "global_step": 9, "skipped": 0})
+    on = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 12)
+    position = load_checkpoint(path, torch.nn.Linear(3, 2), torch.optim.Adam(model.parameters()), on)
+    assert position["global_step"] == 9 and position["batch"] == 4
+    assert on.get_scale() == 2.0 ** 12
+    # and an enabled scaler's state is restored as before
+    on.scale(torch.ones(()))  # the scale tensor is made on first use
+    on.update(2.0 ** 5)
+    path = save_checkpoint(str(tmp_path), model, opt, on, {"epoch": 1, "batch": 5, "global_step": 10, "skipped": 0})
+    again = torch.amp.GradScaler("cpu", enabled=True)
+    load_checkpoint(path, torch.nn.Linear(3, 2), torch.optim.Adam(model.parameters()), again)
+    assert again.get_scale() == 2.0 ** 5
+
+
+def test_use_gpu_follows_where_the_training_processes_run(spark, monkeypatch):
+    """auto: in local mode this machine's CUDA; on a cluster, whether Spark gives each task a GPU (not
+    the driver's CUDA). GPU processes in local mode need one GPU each; TorchDistributor is asked for
+    GPUs only where Spark schedules them (it refuses otherwise)."""
+    from training import launch as L
+
+    monkeypatch.setattr(L, "_cuda_devices", lambda: 0)
+    assert L.resolve_use_gpu(None, True, spark, 2) is False
+    assert L.resolve_use_gpu(False, True, spark, 2) is False
+    with pytest.raises(L.TrainError, match="num_workers=2 GPU processes in local mode, but this machine has 0"):
+        L.resolve_use_gpu(True, True, spark, 2)
+    monkeypatch.setattr(L, "_cuda_devices", lambda: 2)  # a driver with GPUs
+    assert L.resolve_use_gpu(None, True, spark, 2) is True
+    assert not L.spark_schedules_gpus(spark, True)  # this session was started without GPU resources
+    with pytest.raises(L.TrainError, match="num_workers=3"):
+        L.resolve_use_gpu(None, True, spark, 3)
+    assert L.resolve_use_gpu(None, False, spark, 4) is False  # cluster: no task GPUs, whatever the driver has
+    monkeypatch.setattr(L, "_cuda_devices", lambda: 0)
+    spark.conf.set(L.TASK_GPUS, "1")
+    try:
+        assert L.spark_schedules_gpus(spark, False)
+        assert L.resolve_use_gpu(None, False, spark, 4) is True  # a driver without CUDA, executors with GPUs
+    finally:
+        spark.conf.unset(L.TASK_GPUS)

@@ -118,7 +118,8 @@ def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) 
 
     ddp: ``torch.distributed.init_process_group`` from the environment (MASTER_ADDR/PORT, RANK,
     WORLD_SIZE as set by TorchDistributor or torchrun), gloo on CPU and nccl when CUDA is available
-    unless ``process_group_backend`` says otherwise; sets the CUDA device to LOCAL_RANK.
+    unless ``process_group_backend`` says otherwise (a trainer on the CPU of a GPU machine passes
+    "gloo"); with nccl, sets the CUDA device to LOCAL_RANK.
     horovod: ``hvd.init()`` (gloo or MPI controller as launched by horovodrun / horovod.spark.run);
     sets the CUDA device to ``hvd.local_rank()``.
     """
@@ -128,7 +129,7 @@ def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) 
         if not dist.is_initialized():
             pg = process_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
             dist.init_process_group(backend=pg, init_method="env://")
-        if torch.cuda.is_available():
+        if "nccl" in dist.get_backend():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         hvd = _hvd()
@@ -222,9 +223,13 @@ def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     """``op`` ("sum" | "max") of ``t`` over ranks, as a new tensor (``t`` is not modified; no gradient)."""
     b = current_backend()
     if b == "ddp":
-        out = t.detach().clone()
+        # NCCL reduces CUDA tensors only ("No backend type associated with device type cpu"): a CPU
+        # tensor (a flag, a count) travels through the rank's GPU and comes back.
+        via = torch.device("cuda", torch.cuda.current_device()) if (
+            t.device.type == "cpu" and dist.get_backend() == "nccl") else t.device
+        out = t.detach().to(via, copy=True)
         dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-        return out
+        return out.to(t.device)
     if b == "horovod":
         hvd = _hvd()
         return hvd.allreduce(t.detach(), op={"sum": hvd.Sum, "max": hvd.Max}[op])
@@ -257,15 +262,17 @@ def loss_scale_for_backward(backend: Optional[Backend] = None) -> int:
 
 
 def wrap_model(model: nn.Module, backend: Backend, **ddp_kwargs) -> nn.Module:
-    """DDP(model) for "ddp" (device_ids set on CUDA); the model itself for "horovod" (it syncs gradients
-    in the optimizer)."""
+    """DDP(model) for "ddp" (device_ids = the model's GPU when it is on one); the model itself for
+    "horovod" (it syncs gradients in the optimizer)."""
     _check(backend)
     if backend == "horovod" or not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if torch.cuda.is_available() and "device_ids" not in ddp_kwargs:
-        ddp_kwargs["device_ids"] = [torch.cuda.current_device()]
+    # DDP refuses device_ids for a module on the CPU, as when a GPU machine trains on its CPU
+    on = next(model.parameters()).device
+    if on.type == "cuda" and "device_ids" not in ddp_kwargs:
+        ddp_kwargs["device_ids"] = [on]
     return DDP(model, **ddp_kwargs)
 
 

@@ -124,6 +124,38 @@ def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resum
                                                       [checkpoint_dir, *(f.uri for f in files)]) else None)
 
 
+TASK_GPUS = "spark.task.resource.gpu.amount"
+
+
+def spark_schedules_gpus(spark, local_mode: bool) -> bool:
+    """Whether Spark hands GPUs to the training processes: on a cluster, when each task is given one
+    (TASK_GPUS); in local mode, when the driver was started with GPU resources
+    (spark.driver.resource.gpu.*). TorchDistributor's use_gpu needs exactly that, else it refuses."""
+    if not local_mode:
+        return float(spark.conf.get(TASK_GPUS, "0") or 0) >= 1
+    return "gpu" in spark.sparkContext.resources
+
+
+def resolve_use_gpu(use_gpu: bool | None, local_mode: bool, spark, num_workers: int) -> bool:
+    """train.use_gpu for this launch. auto (None): on a cluster, when Spark gives each task a GPU (the
+    driver may have none: its own CUDA says nothing about the executors'); in local mode, when this
+    machine has CUDA. In local mode without Spark GPU resources the training processes see the
+    machine's GPUs and take one each by local rank, so there must be one per process."""
+    if use_gpu is None:
+        use_gpu = spark_schedules_gpus(spark, False) if not local_mode else _cuda_devices() > 0
+    if use_gpu and local_mode and not spark_schedules_gpus(spark, True) and num_workers > _cuda_devices():
+        raise TrainError(f"train.num_workers={num_workers} GPU processes in local mode, but this machine has "
+                         f"{_cuda_devices()} CUDA device(s): one process per GPU (lower train.num_workers, or "
+                         f"set train.use_gpu: false)")
+    return bool(use_gpu)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: bool = False) -> dict:
     """Run training on cfg.train.num_workers processes; return rank 0's result dict."""
     from training.train import train_fn
@@ -133,11 +165,7 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
     spec = dataclasses.asdict(make_spec(cfg, files, checkpoint_dir, run_id, resume))
     result_path = spec["result_path"]
     fs.remove(result_path)
-    use_gpu = t.use_gpu
-    if use_gpu is None:
-        import torch
-
-        use_gpu = torch.cuda.is_available()
+    use_gpu = resolve_use_gpu(t.use_gpu, t.local_mode, spark, t.num_workers)
     spec["train"]["use_gpu"] = use_gpu
     if t.method == "supervised":  # the class list, in a fixed order, for the category classifier
         from etl.tables import TableStore
@@ -149,7 +177,8 @@ def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: 
     if t.backend == "ddp":
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        TorchDistributor(num_processes=t.num_workers, local_mode=t.local_mode, use_gpu=use_gpu).run(train_fn, spec)
+        TorchDistributor(num_processes=t.num_workers, local_mode=t.local_mode,
+                         use_gpu=use_gpu and spark_schedules_gpus(spark, t.local_mode)).run(train_fn, spec)
     else:
         import horovod.spark
 

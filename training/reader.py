@@ -762,7 +762,9 @@ class _TensorDecoder:
     def submit(self, cols: dict):
         if self.stream is None:
             return self._decode(cols)
-        with torch.cuda.stream(self.stream):
+        # The prefetch thread starts on GPU 0: without the device made current here, leaving the
+        # stream block would switch this thread to GPU 0 and open a context there for every rank.
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             decoded = self._decode(cols)
         self.stream.synchronize()  # decoded before another thread uses the tensors
         pv, click, _, _ = decoded()

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -57,14 +56,19 @@ class TrainSpec:
 
 
 # ---- small helpers ---------------------------------------------------------------------------------
-def pick_device(use_gpu: bool | None) -> torch.device:
+def wants_gpu(use_gpu: bool | None) -> bool:
+    """train.use_gpu on this worker: None (auto) = when CUDA is available; True without CUDA is an error."""
     if use_gpu is None:
-        use_gpu = torch.cuda.is_available()
+        return torch.cuda.is_available()
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("train.use_gpu is true but CUDA is not available on this worker")
-    if use_gpu:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return bool(use_gpu)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """This rank's device, after `dist.init`: its local rank's GPU (LOCAL_RANK under torchrun, Horovod's
+    own local rank under horovodrun, which sets no LOCAL_RANK), else the CPU."""
+    return torch.device("cuda", dist.local_rank()) if use_gpu else torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -170,7 +174,8 @@ def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
     state = load_state(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # a disabled scaler (fp32/bf16, or a CPU run) saved {}: an enabled one keeps its defaults
+        scaler.load_state_dict(state["scaler"])
     return {k: int(v) for k, v in state["position"].items()}
 
 
@@ -231,9 +236,10 @@ def train_fn(spec_dict: dict) -> dict:
         fs.configure(spec.storage)
     t = spec.train
     backend = t["backend"]
-    dist.init(backend)
+    use_gpu = wants_gpu(t["use_gpu"])
+    dist.init(backend, "nccl" if use_gpu else "gloo")  # gloo when a GPU machine trains on its CPU
     rank, world = dist.rank(), dist.world_size()
-    device = pick_device(t["use_gpu"])
+    device = pick_device(use_gpu)
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
     categories = {c: i for i, c in enumerate(spec.extra.get("categories", []))}
     model = build_model(t, dist.gather_with_grad_for(backend), len(categories)).to(device)
@@ -278,7 +284,7 @@ def train_fn(spec_dict: dict) -> dict:
         try:  # the reader's decode workers end with the epoch, or here on an error
             while True:
                 raw = next(batches, None)
-                has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long))
+                has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long, device=device))
                 if int(has_data.item()) == 0:
                     break  # every rank's shard is exhausted
                 batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
