@@ -16,6 +16,10 @@ Rows of the table it prints (markdown, also written as JSON with --json):
    against one CPU core running ``training.jpeg.decode_one`` (what the decode worker processes run:
    simplejpeg where installed, else PIL; the same pixels) in images/s per core, and the largest pixel
    difference between the two.
+5. The trainer end to end: ``training.train.train_fn`` (what TorchDistributor runs) in one DDP process
+   per GPU over NCCL on a synthetic courier_train Parquet file: the reader (nvjpeg decoding), fp16 +
+   GradScaler, the epoch's all-reduced flags, a checkpoint, and a resume from it. Its images/s include
+   the reader, decoding and start-up; rows 1-2 are the step alone.
 
 Imports only torch, torchvision, numpy, pillow (simplejpeg if present), pyyaml and the project's
 training model, loss and reader modules (no Spark, MLflow, deltalake or petastorm): it runs on a bare
@@ -244,6 +248,80 @@ def measure_decode(args) -> dict:
     return out
 
 
+def _courier_train_file(path: str, rows: int, px: int, l_pv: int = 5, l_click: int = 5) -> None:
+    """A courier_train-shaped Parquet file (the reader's columns) of `rows` synthetic PVs: every slot an
+    image, the first PV item the positive."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = _jpegs(rows * (l_pv + l_click), px)
+    pv = [images[i * l_pv:(i + 1) * l_pv] for i in range(rows)]
+    click = [images[rows * l_pv + i * l_click:rows * l_pv + (i + 1) * l_click] for i in range(rows)]
+    ints = pa.list_(pa.int32())
+    pq.write_table(pa.table({
+        "sample_id": pa.array([f"s{i:06d}" for i in range(rows)]),
+        "query": pa.array(["q"] * rows),
+        "pv_labels": pa.array([[1] + [0] * (l_pv - 1)] * rows, ints),
+        "pv_mask": pa.array([[1] * l_pv] * rows, ints),
+        "pv_images": pa.array(pv, pa.list_(pa.binary())),
+        "click_mask": pa.array([[1] * l_click] * rows, ints),
+        "click_images": pa.array(click, pa.list_(pa.binary())),
+    }), path)
+
+
+def _trainer_worker(local_rank: int, world: int, port: int, spec: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    from training import distributed as dist
+    from training.train import train_fn
+
+    with dist.joined("ddp", process_group_backend="nccl" if spec["train"]["use_gpu"] else "gloo"):
+        train_fn(spec)
+
+
+def measure_trainer(args) -> dict:
+    """The trainer itself (`training.train.train_fn`, what TorchDistributor runs): one DDP process per
+    device over NCCL (gloo on CPU) on a synthetic courier_train file, fp16 + GradScaler, JPEGs decoded
+    as train.gpu_decode auto does (nvjpeg on CUDA), a checkpoint; then a resume from it for one more step."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from training.train import TrainSpec
+
+    world = torch.cuda.device_count() if args.device == "cuda" else 2
+    steps = args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "part-00000.parquet")
+        rows = world * args.batch * (steps + 1)
+        _courier_train_file(data, rows, args.px)
+        train = _train_dict(args.backbone, False)
+        train.update(batch_size=args.batch, max_steps=steps, precision=args.precision, use_gpu=args.device == "cuda",
+                     checkpoint_every=steps, log_every=max(1, steps // 2), decode_workers=0)
+        ckpt = os.path.join(tmp, "checkpoints")
+        spec = dataclasses.asdict(TrainSpec(urls=["file://" + data], train=train, l_pv=5, l_click=5, image_px=args.px,
+                                            checkpoint_dir=ckpt, result_path=os.path.join(ckpt, "result.json"),
+                                            total_rows=rows))
+
+        def run(spec):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            t0 = time.perf_counter()
+            mp.spawn(_trainer_worker, args=(world, port, spec), nprocs=world, join=True)
+            with open(spec["result_path"]) as fh:
+                return json.load(fh), time.perf_counter() - t0
+
+        first, wall = run(spec)
+        resumed, _ = run({**spec, "resume": True, "train": {**train, "max_steps": steps + 1}})
+    losses = first["losses"]
+    if len(losses) != steps or not all(map(lambda v: v == v and abs(v) != float("inf"), losses)):
+        raise RuntimeError(f"trainer: {len(losses)} losses for {steps} steps, or not finite: {losses}")
+    if resumed["steps"] != steps + 1:
+        raise RuntimeError(f"trainer: the resumed run ended at step {resumed['steps']}, not {steps + 1}")
+    return {"trainer": True, "images_per_s": first["images_per_s"], "world": world, "steps": steps,
+            "first_loss": losses[0], "last_loss": losses[-1], "resumed_to": resumed["steps"], "wall_s_run": wall}
+
+
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -309,6 +387,7 @@ def main(argv=None) -> int:
     run("DDP step over all devices", lambda: measure_ddp(args))
     run("faiss k-means + assignment", lambda: measure_faiss(args))
     run(f"JPEG decode {args.decode_px} px (reader)", lambda: measure_decode(args))
+    run("trainer end to end (train_fn)", lambda: measure_trainer(args))
 
     print()
     print(f"| check | images/s (total) | images/s per device | peak memory GiB | other |")
@@ -326,6 +405,10 @@ def main(argv=None) -> int:
                   f"{r['cpu_images_per_s_per_core']:.0f} images/s per CPU core (= "
                   f"{r['images_per_s'] / r['cpu_images_per_s_per_core']:.1f} cores' worth); pixel difference max "
                   f"{r['max_abs_diff_vs_pil']}, mean {r['mean_abs_diff_vs_cpu']:.2f}{target} |")
+        elif "trainer" in r:
+            print(f"| {name} | {_fmt(r['images_per_s'])} | {_fmt(r['images_per_s'] / r['world'])} | - | "
+                  f"{r['world']} process(es), {r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
+                  f"checkpoint resumed to step {r['resumed_to']} (reader, decode and startup included) |")
         elif "train_s" in r:
             print(f"| {name} | - | - | - | {r['n']:,} x 256 -> {r['k']:,}, {r['iters']} iters: k-means "
                   f"{r['train_s']:.1f} s, assignment {r['assign_s']:.2f} s ({'GPU' if r['gpu'] else 'CPU'}) |")

@@ -3,7 +3,8 @@
 #   swin_t 224 px fp16 + GradScaler training-step images/s and peak memory, gradient checkpointing off/on;
 #   the same step under DDP/NCCL over every visible GPU;
 #   faiss-gpu k-means 1e6 x 256 -> 1e4 and the assignment time (skipped, with a message, without faiss);
-#   the training reader's JPEG decoding at 224 px on the GPU (nvjpeg) vs PIL per CPU core.
+#   the training reader's JPEG decoding at 224 px on the GPU (nvjpeg) vs PIL per CPU core;
+#   the trainer itself (train_fn: reader, NCCL, fp16, checkpoint and resume) on a synthetic file.
 # Needs only Python with torch, torchvision, numpy, pillow and pyyaml (no Spark, MLflow or network).
 # Exit status: 0 every row ran; 1 a row failed; 77 no CUDA device (said at once, nothing measured).
 # Python: $COURIER_PYTHON, else the project's .venv when it exists, else python3.

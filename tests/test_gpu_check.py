@@ -26,8 +26,12 @@ def test_smoke_runs_every_row_on_cpu():
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     rows = {line.split(" | ")[0][2:]: line for line in table[1:]}
     assert set(rows) == {"train step, grad checkpointing off", "train step, grad checkpointing on",
-                         "DDP step over all devices", "faiss k-means + assignment", "JPEG decode 32 px (reader)"}
+                         "DDP step over all devices", "faiss k-means + assignment", "JPEG decode 32 px (reader)",
+                         "trainer end to end (train_fn)"}
     assert "2 process(es)" in rows["DDP step over all devices"]
+    # the real training loop over 2 gloo ranks, 2 steps, then resumed from its checkpoint for one more
+    assert "2 process(es), 2 steps" in rows["trainer end to end (train_fn)"]
+    assert "checkpoint resumed to step 3" in rows["trainer end to end (train_fn)"]
     assert "FAILED" not in r.stdout
     # the same JPEGs decoded by torchvision (on CPU here) and by the decode workers' path: the same pixels
     decode_row = rows["JPEG decode 32 px (reader)"]
