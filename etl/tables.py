@@ -11,6 +11,7 @@ Nothing outside this module knows which engine is in use.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -362,8 +363,25 @@ class TableStore:
         return self.latest_version(name)
 
     def drop_table(self, name: str) -> None:
-        """Remove a table's folder (publish recovery: a table no published version refers to)."""
-        self._delete_folder(self.path(name))
+        """Remove a table no published version refers to (publish recovery): the data files its
+        versions added, then its log. Nothing else under its folder goes: the run that recovers has
+        its own staged files there (delta-rs stages in dt=<d>/run-<id>/, native Delta in _staging/)."""
+        latest = self.latest_version(name)
+        if latest is None:
+            return
+        added = {f.uri for v in range(latest + 1) for f in self.files(name, v)}
+        for uri in sorted(added):
+            self._delete_file(uri)
+        self._delete_folder(f"{self.path(name).rstrip('/')}/_delta_log")
+
+    def _delete_file(self, path: str) -> None:
+        if is_uri(path) and not path.startswith("file:"):
+            self._delete_folder(path)  # a Hadoop delete removes a file as well
+        else:
+            from urllib.parse import unquote, urlparse
+
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(unquote(urlparse(path).path) if path.startswith("file:") else path)
 
     def _delete_folder(self, path: str) -> None:
         if is_uri(path):

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, click, pv, write_catalog, write_config, write_log
 
 D0, D1 = "2026-11-19", "2026-11-20"
@@ -72,3 +74,44 @@ def test_killed_between_commits_readers_see_the_published_set_and_the_next_run_r
     assert sorted(manifests["dates"]) == [D0, D1] and manifests["tables"] == {
         t: store.latest_version(t) for t in STAGE1_TABLES}
     assert not (Path(cfg.tables_root) / "_publish" / "_lock").exists()
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL between two commits: nothing of the run's own error handling runs."""
+
+
+def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged_files(spark, tmp_path,
+                                                                                      monkeypatch):
+    """In a fresh store the tables a dead first publish created have no published version: recovery
+    removes them (log and data files) while the rerun's own files are staged inside their folders."""
+    import etl.build
+    from etl.build import build_date
+    from etl.catalog import STAGE1 as STAGE1_TABLES
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, [f"i{k}" for k in range(1, 4)])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+    store = TableStore(spark, cfg)
+
+    def die_after_second_commit(n):
+        if n == 2:
+            raise _Killed()
+
+    monkeypatch.setattr(etl.build, "pause_hook", die_after_second_commit)
+    with pytest.raises(_Killed):
+        build_date(spark, cfg, store, D0, "run-dead")
+    monkeypatch.undo()
+    assert [t for t in STAGE1_TABLES if store.latest_version(t) is not None] == ["quarantine", "items"]
+    dead_files = [f.uri for t in ("quarantine", "items") for f in store.files(t, 0)]
+
+    report = build_date(spark, cfg, store, D0, "run-d0")
+    assert report.status == "built" and "removed (created by a run that never published)" in report.note
+    for t in STAGE1_TABLES:
+        files = store.files(t)
+        assert all(os.path.exists(f.uri.removeprefix("file://")) for f in files), t  # nothing committed is missing
+        assert store.read(t).count() == report.counts["table_rows"][t], t
+    assert store.read("items").count() == 3
+    assert not any(os.path.exists(u.removeprefix("file://")) for u in dead_files)  # the dead run's data went too
