@@ -284,6 +284,16 @@ def verify(store: TableStore, staged: dict, report: DateReport, inputs: DateInpu
 # ---- commit: the date's tables published as a unit ----------------------------------------------
 def commit(store: TableStore, plog: PublishLog, staged: dict, report: DateReport, inputs: DateInputs,
            run_id: str, progress: Callable[[str], None] | None) -> None:
+    try:
+        _publish(store, plog, staged, report, inputs, run_id, progress)
+    except Exception:
+        if not report.versions:  # failed before its first commit (the lock, recovery): nothing refers to them
+            discard(store, staged)
+        raise
+
+
+def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateReport, inputs: DateInputs,
+             run_id: str, progress: Callable[[str], None] | None) -> None:
     with plog.lock(run_id):
         if plog.latest() is None:
             # First publish in this store: what exists now (tables written before the publish log)

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used, with the key path that is wrong."""
 
 
+SESSION_TIME_ZONE = "spark.sql.session.timeZone"
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
 
@@ -380,6 +383,9 @@ def _validate(cfg: Config) -> None:
         (cfg.tables.engine in TABLE_ENGINES, f"tables.engine must be one of {', '.join(TABLE_ENGINES)}"),
         (cfg.spark.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1"),
         (cfg.spark.broadcast_images_mb >= 0, "spark.broadcast_images_mb must be >= 0"),
+        # the jobs read dates and timestamps in UTC (a date's window, the tables' timestamps)
+        (str(cfg.spark.conf.get(SESSION_TIME_ZONE, "UTC")) == "UTC",
+         f"spark.conf {SESSION_TIME_ZONE} must be UTC (or left out): the jobs read the log's dates in UTC"),
         (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
         (cfg.train.method in TRAIN_METHODS, _one_of("train.method", TRAIN_METHODS)),
         (cfg.train.backend in TRAIN_BACKENDS, _one_of("train.backend", TRAIN_BACKENDS)),
@@ -571,9 +577,15 @@ def _resolved_root(root: str) -> Path:
 
 def under_root(root: str, relative: str) -> str:
     """Join a path from data (e.g. a catalog image_uri) to its root; refuse anything that escapes it."""
+    if "\x00" in relative:  # no file system takes it; Path.resolve would raise ValueError
+        raise ConfigError(f"path {relative!r} holds a NUL character")
     if is_uri(root):
         if ".." in Path(relative).parts or relative.startswith("/"):
             raise ConfigError(f"path {relative!r} escapes its root {root}")
+        if root.startswith("file:"):  # local disk under a URI: a symlink could leave the root, as below
+            from urllib.parse import unquote, urlparse
+
+            under_root(unquote(urlparse(root).path), relative)
         return _join(root, relative)
     base = _resolved_root(root)
     target = (base / relative).resolve()

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 from etl import catalog
 from etl.config import is_uri
@@ -79,14 +80,21 @@ class PublishLog:
         path = f"{self.dir}/{name}"
         if not is_uri(path):
             os.makedirs(self.dir, exist_ok=True)
+            # Written in full under a name of its own, then linked to its name (atomic, and refused when
+            # the name exists): a run killed mid-write, or a full disk, leaves no empty or half record
+            # that every later reader would fail to parse.
+            tmp = f"{self.dir}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
             return True
         jpath, fs = self._hfs(path)
         if fs.exists(jpath):

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-from etl.config import Config
+from etl.config import SESSION_TIME_ZONE, Config
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
     settings = {
         "spark.pyspark.python": sys.executable,
         "spark.driver.memory": cfg.spark.driver_memory,
-        "spark.sql.session.timeZone": "UTC",
+        SESSION_TIME_ZONE: "UTC",
         "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
         # delta-rs and Petastorm read microsecond timestamps; Spark's default INT96 they do not.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",

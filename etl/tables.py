@@ -395,8 +395,10 @@ class TableStore:
 
     def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = True) -> list[str]:
         """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run."""
+        # full: also the files no version ever referred to (a failed or discarded run's); the default
+        # (lite) mode only removes files that a version removed
         return self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                        enforce_retention_duration=retention_hours >= 168)
+                                        enforce_retention_duration=retention_hours >= 168, full=True)
 
     # ---- delta-rs internals ---------------------------------------------------------------------
     def _write_files(self, data, name: str, rel_dir: str, partition: Mapping[str, str], by: str | None = None):

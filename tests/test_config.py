@@ -52,6 +52,34 @@ def test_paths_from_data_stay_under_their_root(tmp_path):
             under_root(str(tmp_path), bad)
 
 
+def test_symlinks_and_nul_characters_cannot_leave_a_root_given_as_a_file_uri(tmp_path):
+    from etl.inputs import plan_images
+
+    root = tmp_path / "images"
+    (root / "ok").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "lnk").symlink_to(tmp_path / "secret")  # a folder inside the root that points out of it
+    uri = "file://" + str(root)
+    assert under_root(uri, "ok/b.png") == uri + "/ok/b.png"  # the URI kept as written
+    for r in (uri, str(root)):
+        with pytest.raises(ConfigError, match="escapes its root"):
+            under_root(r, "lnk/passwd")
+        with pytest.raises(ConfigError, match="NUL character"):
+            under_root(r, "ok/b\x00.png")
+    # in a catalog, a NUL in an image_uri quarantines that item instead of failing the date
+    plan = plan_images(None, [("i1", "ok/b\x00.png")], str(root), 1000)
+    assert plan.rejected == [("i1", "image_path_escapes_root", "ok/b\x00.png")]
+
+
+def test_the_session_time_zone_stays_utc(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("spark:\n  conf:\n    spark.sql.session.timeZone: Europe/Paris\n")
+    with pytest.raises(ConfigError, match="spark.sql.session.timeZone must be UTC"):
+        load_config(conf)
+    conf.write_text("spark:\n  conf:\n    spark.sql.session.timeZone: UTC\n")
+    assert load_config(conf).spark.conf["spark.sql.session.timeZone"] == "UTC"
+
+
 def test_environment_references_are_interpolated(tmp_path, monkeypatch):
     conf = tmp_path / "c.yaml"
     conf.write_text("paths:\n  data_root: s3a://${T_BUCKET}/courier\n"

@@ -115,3 +115,30 @@ def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged
         assert store.read(t).count() == report.counts["table_rows"][t], t
     assert store.read("items").count() == 3
     assert not any(os.path.exists(u.removeprefix("file://")) for u in dead_files)  # the dead run's data went too
+
+
+def test_a_publish_that_cannot_start_leaves_no_staged_files(spark, tmp_path, monkeypatch):
+    """The lock held elsewhere (here: refused at once) fails the date before its first commit: the files
+    it staged are removed, not left for a vacuum."""
+    import contextlib
+
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.publish import PublishError, PublishLog
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, ["i1", "i2"])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+
+    @contextlib.contextmanager
+    def held(self, run_id, wait_s=300.0):
+        raise PublishError(f"{self.dir}/_lock is held by another run")
+        yield
+
+    monkeypatch.setattr(PublishLog, "lock", held)
+    with pytest.raises(PublishError, match="held by another run"):
+        build_date(spark, cfg, TableStore(spark, cfg), D0, "run-d0")
+    tables = Path(cfg.tables_root)
+    assert [p for p in tables.rglob("*") if p.is_file() and "_publish" not in p.parts] == []

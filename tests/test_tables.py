@@ -28,6 +28,24 @@ def test_failed_write_leaves_the_table_as_it_was(spark, cfg_factory):
     assert store.vacuum("t", retention_hours=0, dry_run=True) == []  # Spark cleaned its own task files
 
 
+def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factory):
+    """A run that staged files and died before its commit leaves them under the table's folder."""
+    import os
+
+    from etl.tables import TableStore
+
+    store = TableStore(spark, cfg_factory())
+    store.replace_partition(spark.range(5), "t", {"dt": "2026-11-20"})
+    staged = store.stage_partition(spark.range(3), "t", {"dt": "2026-11-20"})  # never committed
+    orphans = {os.path.basename(a.path) for a in staged.adds}
+    assert orphans
+    listed = store.vacuum("t", retention_hours=0, dry_run=True)
+    assert {os.path.basename(p) for p in listed if p.endswith(".parquet")} == orphans
+    store.vacuum("t", retention_hours=0, dry_run=False)
+    assert store.vacuum("t", retention_hours=0, dry_run=True) == []
+    assert store.read("t").count() == 5
+
+
 def test_replace_partition_and_time_travel(spark, cfg_factory):
     from etl.tables import TableError, TableStore
 
