@@ -309,6 +309,12 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
                 if progress:
                     progress(f"  {report.dt} {name}: committed v{report.versions[name]}")
                 pause_hook(n)
+            # Each table's newest version is still this run's: no other run committed in between
+            # (the object-store lock cannot rule that out), so the record below pins a consistent set.
+            moved = {t: store.latest_version(t) for t in T.STAGE1 if store.latest_version(t) != report.versions[t]}
+            if moved:
+                raise PublishError(f"{report.dt}: another run committed to {sorted(moved)} while this one published "
+                                   f"(newest versions {moved}, this run's {report.versions}); rerun the date")
         except Exception:
             # A commit failed part-way: undo this run's commits now (a killed run is undone by the next).
             recover(store, plog)

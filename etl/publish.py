@@ -12,8 +12,9 @@ replace is one Delta commit (`etl.tables`); this module makes the *set* atomic f
   any versions committed after the latest manifest (a run killed between two commits: `restore` to
   the published version; a table the log never published is removed), commits its tables one by one
   and appends a manifest. Readers move from the old set to the new one at that last write.
-- The lock holds the host and pid of its run: a lock whose process is gone (same host) is taken over;
-  any other is an error naming the lock file.
+- The lock: on a local tables_root a kernel lock (flock) on `_publish/_lock`, which ends with its
+  process; on an object store the file itself (create-if-absent), taken over when its process is gone
+  (same host). The file names its holder; a lock not released within the wait is an error naming it.
 
 Test hook (documented, test-only): `COURIER_PAUSE_AFTER_COMMIT=<n>:<marker path>` makes the run
 write the marker file and sleep after its n-th table commit, so a test can SIGKILL it there.
@@ -145,24 +146,73 @@ class PublishLog:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         deadline = time.monotonic() + wait_s
-        while not self._create(LOCK_NAME, json.dumps(me)):
+        hold = self._lock_local if not is_uri(self.dir) else self._lock_by_create
+        with hold(me, deadline):
+            yield
+
+    def _held_by(self) -> dict:
+        try:
+            return json.loads(self._read(LOCK_NAME))
+        except (OSError, ValueError):
+            return {}
+
+    def _wait(self, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            holder = self._held_by()
+            raise PublishError(f"{self.dir}/{LOCK_NAME} is held by {holder or 'an unreadable lock'}; "
+                               "if that run is dead on another host, remove the file")
+        time.sleep(1.0)
+
+    @contextlib.contextmanager
+    def _lock_local(self, me: dict, deadline: float):
+        """A kernel lock (flock) on the lock file: it ends with its process, however that process ends,
+        so a dead run's lock needs no takeover (two runs taking over the same dead lock could both
+        believe they held it). The file names its holder for the error message."""
+        import fcntl
+
+        os.makedirs(self.dir, exist_ok=True)
+        path = f"{self.dir}/{LOCK_NAME}"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = json.loads(self._read(LOCK_NAME))
-            except (OSError, ValueError):
-                holder = {}
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._wait(deadline)
+                continue
+            try:  # the last holder removes the file as it leaves: a lock on a removed file holds nothing
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode("utf-8"))
+            yield
+        finally:
+            os.remove(path)  # while still locked: a run that opened it meanwhile sees it gone and retries
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _lock_by_create(self, me: dict, deadline: float):
+        """Object stores (s3a): a create-if-absent lock file. Hadoop's S3A client checks and creates in
+        two requests, so two runs starting the same second can both get it: the commit checks that no
+        other run committed between its own commits before it writes the publish record."""
+        while not self._create(LOCK_NAME, json.dumps(me)):
+            holder = self._held_by()
             if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
                 log.warning("taking over the publish lock of run %s (process %s is gone)",
                             holder.get("run_id"), holder.get("pid"))
                 self._delete(LOCK_NAME)
                 continue
-            if time.monotonic() > deadline:
-                raise PublishError(f"{self.dir}/{LOCK_NAME} is held by {holder or 'an unreadable lock'}; "
-                                   "if that run is dead on another host, remove the file")
-            time.sleep(1.0)
+            self._wait(deadline)
         try:
             yield
         finally:
-            self._delete(LOCK_NAME)
+            if self._held_by().get("run_id") == me["run_id"]:  # never another run's lock
+                self._delete(LOCK_NAME)
 
 
 def _alive(pid: int) -> bool:

@@ -142,3 +142,35 @@ def test_a_publish_that_cannot_start_leaves_no_staged_files(spark, tmp_path, mon
         build_date(spark, cfg, TableStore(spark, cfg), D0, "run-d0")
     tables = Path(cfg.tables_root)
     assert [p for p in tables.rglob("*") if p.is_file() and "_publish" not in p.parts] == []
+
+
+def test_the_publish_lock_has_one_holder_and_ends_with_its_process(tmp_path):
+    """A kernel lock on a local tables_root: a second run waits (here: at once an error naming the
+    holder); the lock of a SIGKILLed process is free without any takeover step."""
+    from etl.publish import PublishError, PublishLog
+
+    plog = PublishLog(str(tmp_path))
+    lock_file = tmp_path / "_publish" / "_lock"
+    with plog.lock("run-a", wait_s=0):
+        assert '"run_id": "run-a"' in lock_file.read_text()
+        with pytest.raises(PublishError, match="held by .*run-a"):
+            with plog.lock("run-b", wait_s=0):
+                pass
+    assert not lock_file.exists()
+    with plog.lock("run-b", wait_s=0):
+        pass
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from etl.publish import PublishLog\n"
+            "with PublishLog(sys.argv[2]).lock('run-dead', wait_s=0):\n    print('held', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(PublishError, match="run-dead"):
+            with plog.lock("run-c", wait_s=0):
+                pass
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert '"run_id": "run-dead"' in lock_file.read_text()  # its file stays, its lock does not
+    with plog.lock("run-c", wait_s=0):
+        assert '"run_id": "run-c"' in lock_file.read_text()
