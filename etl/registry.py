@@ -243,7 +243,11 @@ def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far
 
 
 def clusters_spec(ref: str) -> ClustersSpec:
-    mv = resolve(ref)
+    return clusters_spec_of(resolve(ref))
+
+
+def clusters_spec_of(mv) -> ClustersSpec:
+    """The ClustersSpec of a resolved courier-clusters model version (its tags)."""
     t = mv.tags or {}
     try:
         return ClustersSpec(name=mv.name, version=str(mv.version), run_id=mv.run_id, encoder_ref=t["encoder_ref"],

@@ -167,9 +167,9 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
     C, iterations, sample and seed) and item_clusters holds it; else None."""
     f = cfg.features
     try:
-        spec = clusters_spec(f.clusters_ref)
+        mv = registry.resolve(f.clusters_ref)  # once: an alias moved meanwhile must not mix two versions
+        spec, tags = registry.clusters_spec_of(mv), mv.tags or {}
         enc = encoder_spec(f.encoder_ref)
-        tags = registry.resolve(f.clusters_ref).tags
     except RegistryError:
         return None
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
@@ -242,10 +242,6 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt"),
                                                            T.ITEM_CLUSTERS, by="dt", values=dates,
                                                            fixed={"feature_version": fv}, job=job, run_id=run_id)
-    name, kind_ref, alias = parse_ref(f.clusters_ref)
-    if kind_ref == "alias":
-        registry.set_alias(mv.name, alias, mv.version)
-        r.info["alias"] = f"@{alias} -> v{mv.version}"
     written = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
     r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
                 "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
@@ -253,7 +249,11 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     r.identities = [("items = item_clusters", n, written),
                     ("item_clusters = assigned + no_image", written, stats["items"] + r.counts["no_image"])]
     assigned.unpersist()
-    r.check()
+    r.check()  # before the alias moves: readers must never follow it to clusters whose counts do not add up
+    name, kind_ref, alias = parse_ref(f.clusters_ref)
+    if kind_ref == "alias":
+        registry.set_alias(mv.name, alias, mv.version)
+        r.info["alias"] = f"@{alias} -> v{mv.version}"
     return r
 
 

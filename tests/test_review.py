@@ -191,3 +191,24 @@ def test_hue_panel_draws_each_hue_family_in_its_own_colour():
                                            to_rgba("orange")]
     categories = panel_colours(["dress", "shoes"], _plt())
     assert len(set(categories)) == 2 and to_rgba("green") not in categories
+
+
+def test_promotion_is_refused_when_the_champion_moved_during_the_review(env):
+    """Two reviews validated against the same champion: the one that finishes second must not promote
+    a challenger that was never compared with the first one's."""
+    from etl import registry
+    from etl.contracts import CTR_MODEL as MODEL_NAME
+    from training.ctr.review import APPROVED, ReviewOutcome, promote
+
+    versions = sorted((str(v.version) for v in registry.versions(MODEL_NAME)), key=int)
+    while len(versions) < 3:
+        versions.append(_train(env, feature_mode="none", seed=len(versions))["model_version"])
+    a, b, c = versions[-3:]
+    registry.promote(MODEL_NAME, a)
+    validated = ReviewOutcome(APPROVED, [], challenger=c, champion=a)
+    registry.promote(MODEL_NAME, b)  # the other review promoted b meanwhile
+    out = promote(validated)
+    assert out.decision == "refused" and out.reasons[-1].startswith(f"@champion moved from v{a} to v{b}")
+    assert _champion() == b
+    out = promote(ReviewOutcome(APPROVED, [], challenger=c, champion=b))
+    assert out.decision == "promoted" and _champion() == c

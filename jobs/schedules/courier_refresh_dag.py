@@ -73,8 +73,9 @@ with DAG(
     # No --skip-if-current here: with the same encoder and k-means settings that flag would keep the old
     # clustering, but this branch runs because the items changed (drift) or a person asked for it.
     cluster = job("build_clusters", "build_clusters.py")
-    reattach = job("attach_features", "attach_features.py",
-                   f"--date {START} --end-date {DAY}")
+    # Every ctr_log date up to D whose ctr_train is of another feature version, also those before the
+    # DAG's start date: what the refresh job re-attaches once the new clusters hold @current.
+    reattach = job("attach_features", "refresh_features.py", f"--date {DAY}")
     train_ctr = job("train_ctr", "train_ctr.py", "--skip-if-done")
     # The gate: the CTR model on the new features is a challenger like any other; the review's
     # decision (promoted / rejected / refused) is the task's output, @champion moves only on promoted.

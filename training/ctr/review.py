@@ -114,13 +114,26 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
 
 
 def promote(outcome: ReviewOutcome) -> ReviewOutcome:
-    """Deployment of an approved challenger: @champion moves to it (the registry's only alias change)."""
+    """Deployment of an approved challenger: @champion moves to it (the registry's only alias change),
+    provided @champion is still the version it was compared with; a review that finished meanwhile
+    may have moved it, and this challenger was never compared with that one."""
     from etl import registry
 
     if outcome.decision == APPROVED:
+        now = registry.alias_version(MODEL_NAME, CHAMPION)
+        now = str(now.version) if now is not None else None
+        if now != outcome.champion:
+            outcome.decision = REFUSED
+            outcome.reasons.append(f"@{CHAMPION} moved from {_v(outcome.champion)} to {_v(now)} during the review: "
+                                   f"review v{outcome.challenger} again against it")
+            return outcome
         registry.promote(MODEL_NAME, outcome.challenger)
         outcome.decision = PROMOTED
     return outcome
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version is not None else "none"
 
 
 def validate(cfg, store, challenger_version: str | None = None, allow_first: bool = False) -> ReviewOutcome:
