@@ -189,6 +189,8 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     # @champion moved only if it was promoted (here no champion exists yet, so it is refused).
     review = _status_lines(out[dates[2]], "decision")
     assert review and review[-1]["decision"] in ("promoted", "rejected", "refused"), out[dates[2]][-4000:]
+    trained = _status_lines(out[dates[2]], "model_version")  # the review took the version train_ctr made
+    assert trained and review[-1]["challenger"] == trained[-1]["model_version"], out[dates[2]][-4000:]
     try:
         champion = client.get_model_version_by_alias("ctr-model", "champion").version
     except mlflow.exceptions.MlflowException:

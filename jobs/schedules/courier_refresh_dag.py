@@ -76,10 +76,12 @@ with DAG(
     # Every ctr_log date up to D whose ctr_train is of another feature version, also those before the
     # DAG's start date: what the refresh job re-attaches once the new clusters hold @current.
     reattach = job("attach_features", "refresh_features.py", f"--date {DAY}")
-    train_ctr = job("train_ctr", "train_ctr.py", "--skip-if-done")
+    train_ctr = job("train_ctr", "train_ctr.py", "--skip-if-done", status=True)
     # The gate: the CTR model on the new features is a challenger like any other; the review's
     # decision (promoted / rejected / refused) is the task's output, @champion moves only on promoted.
-    review = job("review_model", "review_model.py", "--no-tsne", status=True, retries=0)
+    # It reviews the version train_ctr trained (or found done), not whichever version is newest.
+    trained = "{{ macros.json.loads(ti.xcom_pull(task_ids='train_ctr'))['model_version'] }}"
+    review = job("review_model", "review_model.py", f"--no-tsne --version {trained}", status=True, retries=0)
 
     build_samples >> refresh >> recluster_due() >> [embed, done]
     embed >> cluster >> reattach >> train_ctr >> review
