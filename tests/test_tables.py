@@ -24,8 +24,11 @@ def test_failed_write_leaves_the_table_as_it_was(spark, cfg_factory):
         store.replace_partition(bad, "t", {"dt": "2026-11-20"})
     assert store.version("t") == v0 + 1
     assert sorted(r["x"] for r in store.read("t").where("dt = '2026-11-20'").collect()) == list(range(0, 20, 2))
-    # The failed run's files are referenced by no version; vacuum finds them (dry run here).
-    assert store.vacuum("t", retention_hours=0, dry_run=True) == []  # Spark cleaned its own task files
+    # Spark cleaned the failed task's data files itself: vacuum finds no data file that no version refers to
+    # (only the writers' checksum and _SUCCESS side files, which nothing reads).
+    listed = store.vacuum("t", retention_hours=0, dry_run=True)
+    assert [p for p in listed if p.endswith(".parquet")] == []
+    assert all(p.endswith((".crc", "_SUCCESS")) for p in listed), listed
 
 
 def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factory):
