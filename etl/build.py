@@ -311,7 +311,8 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
                 pause_hook(n)
             # Each table's newest version is still this run's: no other run committed in between
             # (the object-store lock cannot rule that out), so the record below pins a consistent set.
-            moved = {t: store.latest_version(t) for t in T.STAGE1 if store.latest_version(t) != report.versions[t]}
+            newest = {t: store.latest_version(t) for t in T.STAGE1}  # one log read per table
+            moved = {t: v for t, v in newest.items() if v != report.versions[t]}
             if moved:
                 raise PublishError(f"{report.dt}: another run committed to {sorted(moved)} while this one published "
                                    f"(newest versions {moved}, this run's {report.versions}); rerun the date")
