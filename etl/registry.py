@@ -138,6 +138,11 @@ def tag_version(name: str, version: str, tags: dict) -> None:
         client.set_model_version_tag(name, str(version), key, str(value))
 
 
+def delete_version(name: str, version: str) -> None:
+    """Remove a version no alias points at yet (a build that refused to publish it); its run keeps the artifacts."""
+    _client().delete_model_version(name, str(version))
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     """Point `name@alias` at `version`: the only function that moves an alias."""
     _client().set_registered_model_alias(name, alias, str(version))

@@ -68,7 +68,12 @@ class TableFile:
 
 
 def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    """A local file's path from its ``file:`` URI (percent-decoded: delta-rs quotes file URIs), or the path."""
+    if not uri.startswith("file:"):
+        return uri
+    from urllib.parse import unquote, urlparse
+
+    return unquote(urlparse(uri).path)
 
 
 def _partition_dir(values: Mapping[str, str]) -> str:
@@ -378,10 +383,8 @@ class TableStore:
         if is_uri(path) and not path.startswith("file:"):
             self._delete_folder(path)  # a Hadoop delete removes a file as well
         else:
-            from urllib.parse import unquote, urlparse
-
             with contextlib.suppress(FileNotFoundError):
-                os.remove(unquote(urlparse(path).path) if path.startswith("file:") else path)
+                os.remove(_local_path(path))
 
     def _delete_folder(self, path: str) -> None:
         if is_uri(path):

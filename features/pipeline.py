@@ -123,9 +123,25 @@ def _dates(df: DataFrame) -> list[str]:
     return sorted(r["dt"] for r in df.select("dt").distinct().collect())
 
 
-def _persist(df: DataFrame) -> tuple[DataFrame, int]:
-    df = df.persist(StorageLevel.MEMORY_AND_DISK)
-    return df, df.count()
+class _Cache:
+    """The frames one step materialises (persisted, then counted), released together when the step ends,
+    finished or failed: a long-lived session (a backfill, a scheduler's worker) must not keep a failed
+    day's frames in executor memory."""
+
+    def __init__(self) -> None:
+        self._frames: list[DataFrame] = []
+
+    def __enter__(self) -> "_Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._frames:
+            self._frames.pop().unpersist()
+
+    def persist(self, df: DataFrame) -> tuple[DataFrame, int]:
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        self._frames.append(df)
+        return df, df.count()
 
 
 # ---- stage 3a: embeddings -----------------------------------------------------------------------
@@ -176,17 +192,47 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
             and tags.get("kmeans_seed") == str(f.kmeans_seed)
             and spec.levels == tuple(f.levels))
-    if not same or not store.exists(T.ITEM_CLUSTERS):
-        return None
-    has = any(fl.partition_values.get("feature_version") == spec.feature_version for fl in store.files(T.ITEM_CLUSTERS))
-    return spec if has else None
+    return spec if same and _item_clusters_hold(store, spec.feature_version) else None
+
+
+def _item_clusters_hold(store: TableStore, fv: str) -> bool:
+    return store.exists(T.ITEM_CLUSTERS) and any(fl.partition_values.get("feature_version") == fv
+                                                 for fl in store.files(T.ITEM_CLUSTERS))
+
+
+def _register_clusters(index, centroids, parents, stats: dict, sizes: dict, run_id: str, tags: dict):
+    """The index, centroids, level parents and cluster sizes as the run's artifacts, registered as a new
+    courier-clusters version (no alias yet: it moves only after item_clusters holds the version, so that
+    readers never see one without the other)."""
+    import faiss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(index, os.path.join(tmp, "index.faiss"))
+        np.save(os.path.join(tmp, "centroids.npy"), centroids)
+        if parents is not None:
+            np.save(os.path.join(tmp, "levels.npy"), parents)
+        with open(os.path.join(tmp, "stats.json"), "w") as fh:
+            json.dump({**stats, "sizes": {str(k): v for k, v in sorted(sizes.items())}}, fh)
+        return register_clusters(tmp, run_id, tags)
+
+
+def _refuse_a_reused_feature_version(store: TableStore, mv, fv: str) -> None:
+    """A fresh clusters version's feature_version is in no table. It is when the registry numbers versions
+    from 1 again over old tables (a new tracking database): refuse, and remove the version just made."""
+    used = _item_clusters_hold(store, fv) or store.exists(T.CTR_TRAIN) and bool(
+        store.read(T.CTR_TRAIN).where(F.col("feature_version") == fv).limit(1).collect())
+    if used:
+        registry.delete_version(mv.name, mv.version)
+        raise FeatureError(
+            f"feature_version {fv!r} is already in item_clusters or ctr_train, from another clustering: the MLflow "
+            "registry restarted its version numbers (a new tracking server or database over old tables). Nothing "
+            "was written and the new version was removed. Point tables_root at a new folder, or keep the "
+            "registry that made these tables.")
 
 
 def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters") -> Report:
     """k-means over item_embeddings of encoder_ref -> a new courier-clusters version (index, centroids,
     stats in MLflow) and item_clusters for every item (reserved id where no usable embedding)."""
-    import faiss
-
     f = cfg.features
     _arrow_batch(spark, cfg)
     enc = encoder_spec(f.encoder_ref)
@@ -216,39 +262,33 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
         raise FeatureError(f"items holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
     # Every catalog item gets a row: no embedding (no usable image) -> null -> the reserved id.
     src = items.join(emb, on="item_id", how="left")
-    assigned, n = _persist(K.assign_frame(src, bc, key, int(x.shape[1]), f.executor_threads, keep=("dt",)))
-    sizes = {r["cluster_id"]: r["count"] for r in assigned.groupBy("cluster_id").count().collect()}
-    ids = np.repeat(np.array(list(sizes), np.int64), np.array(list(sizes.values()), np.int64))
-    stats = K.cluster_stats(ids, f.n_clusters)
-    ok = assigned.where(F.col("cluster_id") >= 0)
-    far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
-    mean = ok.agg(F.avg("distance")).first()[0]
-    tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
-                                  mean if mean is not None else float("nan"), len(x))
-    with tempfile.TemporaryDirectory() as tmp:
-        faiss.write_index(index, os.path.join(tmp, "index.faiss"))
-        np.save(os.path.join(tmp, "centroids.npy"), centroids)
-        if parents is not None:
-            np.save(os.path.join(tmp, "levels.npy"), parents)
-        with open(os.path.join(tmp, "stats.json"), "w") as fh:
-            json.dump({**stats, "sizes": {str(k): v for k, v in sorted(sizes.items())}}, fh)
-        # The alias moves only after item_clusters holds this version (readers never see one without the other).
-        mv = register_clusters(tmp, run_id, tags)
-    spec = clusters_spec(f"{mv.name}/{mv.version}")
-    fv = spec.feature_version
-    dates = _dates(items)
-    r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
-                          "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
-    r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt"),
-                                                           T.ITEM_CLUSTERS, by="dt", values=dates,
-                                                           fixed={"feature_version": fv}, job=job, run_id=run_id)
-    written = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
-    r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
-                "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
-                "empty_clusters": stats["empty_clusters"]}
-    r.identities = [("items = item_clusters", n, written),
-                    ("item_clusters = assigned + no_image", written, stats["items"] + r.counts["no_image"])]
-    assigned.unpersist()
+    with _Cache() as cache:  # released before the alias moves, and on any failure
+        assigned, n = cache.persist(K.assign_frame(src, bc, key, int(x.shape[1]), f.executor_threads,
+                                                   keep=("dt",)))
+        sizes = {r["cluster_id"]: r["count"] for r in assigned.groupBy("cluster_id").count().collect()}
+        ids = np.repeat(np.array(list(sizes), np.int64), np.array(list(sizes.values()), np.int64))
+        stats = K.cluster_stats(ids, f.n_clusters)
+        ok = assigned.where(F.col("cluster_id") >= 0)
+        far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
+        mean = ok.agg(F.avg("distance")).first()[0]
+        tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
+                                      mean if mean is not None else float("nan"), len(x))
+        mv = _register_clusters(index, centroids, parents, stats, sizes, run_id, tags)
+        spec = clusters_spec(f"{mv.name}/{mv.version}")
+        fv = spec.feature_version
+        _refuse_a_reused_feature_version(store, mv, fv)
+        dates = _dates(items)
+        r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
+                              "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
+        r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
+            assigned.select("item_id", "cluster_id", "distance", "dt"), T.ITEM_CLUSTERS, by="dt", values=dates,
+            fixed={"feature_version": fv}, job=job, run_id=run_id)
+        written = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
+        r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
+                    "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
+                    "empty_clusters": stats["empty_clusters"]}
+        r.identities = [("items = item_clusters", n, written),
+                        ("item_clusters = assigned + no_image", written, stats["items"] + r.counts["no_image"])]
     r.check()  # before the alias moves: readers must never follow it to clusters whose counts do not add up
     name, kind_ref, alias = parse_ref(f.clusters_ref)
     if kind_ref == "alias":
@@ -297,14 +337,15 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     enc = load_encoder(spark, clu.spec.encoder_ref)
     ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
     feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
-    feats, n_feats = _persist(feats)
-    _check_unique(feats)
-    out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim,
-                   clu.level_map(spark))
     r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
-    r.versions[T.CTR_TRAIN] = store.replace_partitions(out, T.CTR_TRAIN, by="dt", values=dates, job=job, run_id=run_id)
-    _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
-    feats.unpersist()
+    with _Cache() as cache:
+        feats, _ = cache.persist(feats)
+        _check_unique(feats)
+        out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim,
+                       clu.level_map(spark))
+        r.versions[T.CTR_TRAIN] = store.replace_partitions(out, T.CTR_TRAIN, by="dt", values=dates, job=job,
+                                                           run_id=run_id)
+        _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
     r.check()
     return r
 
@@ -364,23 +405,19 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     """
     hook = hook or (lambda stage: None)
     _arrow_batch(spark, cfg)
-    plan = plan_refresh(spark, cfg, store, date)
-    r = Report(job, info={"date": date, "feature_version": plan.fv})
-    staged = compute_refresh(cfg, store, plan, r)
-    try:
+    with _Cache() as cache:  # every materialised frame is released at the end, failed or not
+        plan = plan_refresh(spark, cfg, store, date, cache)
+        r = Report(job, info={"date": date, "feature_version": plan.fv})
+        staged = compute_refresh(cfg, store, plan, r, cache)
         r.check()  # verify, before any commit: a mismatch writes nothing
         hook("computed")
         commit_refresh(store, plan, staged, r, job, run_id, hook)
-    finally:
-        for df, _ in staged.values():
-            df.unpersist()
-        plan.new.unpersist()
     if not r.versions:
         r.info["noop"] = "nothing new since the last run: no table changed"
     return r
 
 
-def plan_refresh(spark, cfg: Config, store: TableStore, date: str) -> RefreshPlan:
+def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache) -> RefreshPlan:
     """The new items of the day (first seen up to `date`, not in item_clusters of the current feature
     version) and the ctr_train partitions that need (re)attaching: missing, of another feature
     version, or mentioning a new item."""
@@ -390,7 +427,7 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str) -> RefreshPla
     if not store.exists(T.ITEM_CLUSTERS):
         raise FeatureError(f"item_clusters has no rows of {fv}: run jobs/build_clusters.py first")
     clustered = store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
-    new, n_new = _persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
+    new, n_new = cache.persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
@@ -409,7 +446,7 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str) -> RefreshPla
     return plan
 
 
-def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report) -> dict:
+def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report, cache: _Cache) -> dict:
     """Every table's new rows, materialised (nothing committed): the new items' embeddings and cluster
     ids merged into their partitions, and the affected ctr_train partitions re-attached. Fills the
     report's counts, identities and drift measure. Returns {table: (frame, rows)}."""
@@ -418,16 +455,16 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
     emb_new = clu_new = None
     if plan.n_new:
         images = store.read(T.ITEM_IMAGES).select("item_id", "image")
-        emb_new, _ = _persist(_embed(cfg, plan.enc, keep=("dt",))(
+        emb_new, _ = cache.persist(_embed(cfg, plan.enc, keep=("dt",))(
             plan.new.join(images, on="item_id", how="inner").select("item_id", "image", "dt")))
         src = plan.new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
-        clu_new, _ = _persist(_assign(cfg, plan.clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
+        clu_new, _ = cache.persist(_assign(cfg, plan.clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
         _drift(cfg, plan, clu_new, r)
-        staged[T.ITEM_EMBEDDINGS] = _persist(_merge(
+        staged[T.ITEM_EMBEDDINGS] = cache.persist(_merge(
             store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == plan.ev)
             if store.exists(T.ITEM_EMBEDDINGS) else None, emb_new, plan, ("item_id", "embedding", "dt")))
-        staged[T.ITEM_CLUSTERS] = _persist(_merge(plan.clustered, clu_new, plan,
-                                                  ("item_id", "cluster_id", "distance", "dt")))
+        staged[T.ITEM_CLUSTERS] = cache.persist(_merge(plan.clustered, clu_new, plan,
+                                                       ("item_id", "cluster_id", "distance", "dt")))
     else:
         r.counts.update({"new_items": 0})
     champion = _champion_version(f.encoder_ref)
@@ -439,10 +476,10 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
         ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(plan.affected))
         feats, missing = feature_lookup(cfg, store, plan.clu, plan.enc, ctr,
                                         extra_clusters=clu_new, extra_embeddings=emb_new)
-        feats, _ = _persist(feats)
+        feats, _ = cache.persist(feats)
         _check_unique(feats)
-        staged[T.CTR_TRAIN] = _persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim,
-                                                plan.clu.level_map(ctr.sparkSession)))
+        staged[T.CTR_TRAIN] = cache.persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim,
+                                                     plan.clu.level_map(ctr.sparkSession)))
         inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
         outn = {row["dt"]: row["count"] for row in staged[T.CTR_TRAIN][0].groupBy("dt").count().collect()}
         r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in plan.affected]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,12 @@ def job_parser(description: str, one_line_errors: bool = False) -> argparse.Argu
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set samples.neg_rate=0.3 (repeatable)")
     return p
+
+
+def status_file_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--status-file: the job also writes `what` there as one JSON line (a scheduler's XCom)."""
+    p.add_argument("--status-file", default=None,
+                   help=f"also write {what} as one JSON line to this file, for schedulers")
 
 
 def load_job_config(args: argparse.Namespace) -> Config:
@@ -107,6 +114,17 @@ class JobContext:
                     mlflow.log_params(params)
                 yield run
         return opened()
+
+    def write_status(self, status: dict) -> None:
+        """The job's one-line JSON status to --status-file, when given. Written whole (a temporary file
+        renamed into place), so a scheduler never reads half a line from a job killed while writing."""
+        path = getattr(self.args, "status_file", None)
+        if not path:
+            return
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(status, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
     def say(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)

@@ -10,13 +10,12 @@ mean distance) and says when a full re-cluster (jobs/build_clusters.py) is due. 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import date_arg, run_job  # noqa: E402
+from jobs.common import date_arg, run_job, status_file_argument  # noqa: E402
 
 JOB = "refresh_features"
 
@@ -36,8 +35,7 @@ def _fault_hook():
 
 def add_arguments(p) -> None:
     p.add_argument("--date", required=True, help="the day to refresh (YYYY-MM-DD)")
-    p.add_argument("--status-file", default=None,
-                   help="also write the day's one-line status (JSON) to this file, for schedulers")
+    status_file_argument(p, "the day's status (what was refreshed, drift, whether a re-cluster is due)")
 
 
 def check_args(args) -> None:
@@ -57,9 +55,7 @@ def body(ctx) -> None:
             ctx.say(report.info["message"])
         status = refresh_status(report)
         ctx.say(f"status {render_status(status)}")
-        if ctx.args.status_file:
-            with open(ctx.args.status_file, "w") as fh:
-                fh.write(json.dumps(status, sort_keys=True) + "\n")
+        ctx.write_status(status)
     ctx.say(f"done; MLflow run {run.info.run_id}")
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import run_job  # noqa: E402
+from jobs.common import run_job, status_file_argument  # noqa: E402
 
 JOB = "review_model"
 
@@ -26,20 +26,19 @@ def add_arguments(p) -> None:
     p.add_argument("--version", default=None, help="challenger version (default: the latest ctr-model version)")
     p.add_argument("--allow-first", action="store_true", help="promote the challenger when no @champion exists yet")
     p.add_argument("--no-tsne", action="store_true", help="leave the item-embedding t-SNE out of the report")
-    p.add_argument("--status-file", default=None,
-                   help="write the decision as one JSON line here and exit 0 on any decision (for schedulers)")
+    status_file_argument(p, "the decision (and the exit status is 0 on any decision)")
 
 
 def body(ctx) -> int:
     from etl.tracking import setup_mlflow
-    from training.ctr.review import log_review, promote, validate, write_status
+    from training.ctr.review import log_review, promote, validate
 
     setup_mlflow(ctx.cfg)
     outcome = validate(ctx.cfg, ctx.store, ctx.args.version, ctx.args.allow_first)  # gates: read-only
     promote(outcome)  # deployment: @champion moves only when every gate passed
     log_review(ctx.cfg, ctx.store, outcome, with_tsne=not ctx.args.no_tsne)
     if ctx.args.status_file:
-        write_status(outcome, ctx.args.status_file)
+        ctx.write_status(outcome.status())
         return 0
     return outcome.exit_code
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import run_job  # noqa: E402
+from jobs.common import run_job, status_file_argument  # noqa: E402
 
 JOB = "train_ctr"
 
@@ -23,22 +23,15 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-if-done", action="store_true",
                    help="exit 0 without training when a ctr-model version was trained from the same config "
                         "and snapshot (idempotent pipelines)")
-    p.add_argument("--status-file", default=None,
-                   help="also write {\"model_version\", \"skipped\"} as one JSON line to this file, for schedulers "
-                        "(the version to review)")
+    status_file_argument(p, '{"model_version", "skipped"} (the version to review)')
 
 
 def body(ctx) -> None:
-    import json
-
     from training.ctr.pipeline import train_and_register
 
     out = train_and_register(ctx.cfg, ctx.store, run_name=ctx.args.run_name, skip_if_done=ctx.args.skip_if_done,
                              progress=lambda m: print(m, flush=True))
-    if ctx.args.status_file:
-        with open(ctx.args.status_file, "w") as fh:
-            fh.write(json.dumps({"model_version": str(out["model_version"]), "skipped": bool(out.get("skipped"))})
-                     + "\n")
+    ctx.write_status({"model_version": str(out["model_version"]), "skipped": bool(out.get("skipped"))})
 
 
 def main(argv: list[str] | None = None) -> int:

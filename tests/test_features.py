@@ -332,6 +332,7 @@ def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2):
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
     before_v, before = _versions(store), _snapshot(store)
+    cached = spark.sparkContext._jsc.getPersistentRDDs().size()
 
     class Boom(RuntimeError):
         pass
@@ -343,6 +344,8 @@ def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2):
     with pytest.raises(Boom):
         P.refresh(spark, cfg, store, D2, hook=fail)
     assert _versions(store) == before_v and _snapshot(store) == before
+    # every frame the failed day materialised is released (a backfill's session goes on)
+    assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached
 
     def fail_between(stage):  # one table committed, the others not: a rerun completes without duplicates
         if stage == "committed:item_embeddings":
@@ -414,6 +417,56 @@ def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(
     assert f"ctr_log({EMPTY_DAY}) = ctr_train({EMPTY_DAY}): 0 = 0 ok" in out.stdout
     store = world["store"]
     assert store.read("ctr_train").where(f"dt = '{EMPTY_DAY}'").count() == 0
+
+
+def test_a_recluster_then_refresh_reattaches_every_older_date(world, day2):
+    """The daily schedule's re-cluster branch: build_clusters makes a new feature version, then the
+    day's refresh re-attaches every ctr_train date of an older one, also the dates before the day
+    (the schedule's start) that no daily run of this schedule attached."""
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    old_fv = _clusters(world).spec.feature_version
+    with start_run(cfg, "re-cluster") as run:
+        P.build_clusters(spark, cfg, store, run.info.run_id)
+    fv = _clusters(world).spec.feature_version
+    assert fv != old_fv
+    ctr_before = store.read("ctr_train").where(f"dt in ('{D1}', '{D2}')").count()
+    with start_run(cfg, "refresh after the re-cluster") as run:
+        rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
+    assert rep.info["affected_partitions"] == [D1, D2] and set(rep.versions) == {"ctr_train"}
+    ctr = store.read("ctr_train").toPandas()
+    both = ctr[ctr["dt"].isin([D1, D2])]
+    assert len(both) == ctr_before and set(both["feature_version"]) == {fv}
+    cid = store.read("item_clusters").where(f"feature_version = '{fv}'").toPandas()
+    assert (both["item_cluster_id"] == both["item_id"].map(dict(zip(cid["item_id"], cid["cluster_id"])))).all()
+    again = P.refresh(spark, cfg, store, D2)
+    assert again.versions == {} and "noop" in again.info
+
+
+def test_a_restarted_registry_cannot_reuse_a_feature_version(world, day2):
+    """A registry that numbers versions from 1 again over old tables (a new tracking database): the next
+    clusters version would carry a feature_version item_clusters already holds for another clustering.
+    build_clusters refuses, writes nothing and removes the version it registered. Runs last of the
+    world's tests: it deletes the world's clusters model."""
+    import mlflow
+
+    from etl.registry import CLUSTERS_MODEL, versions
+    from etl.tracking import setup_mlflow, start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    v1 = f"{_clusters(world).spec.encoder_version}.{CLUSTERS_MODEL}-v1"
+    assert store.read("item_clusters").where(f"feature_version = '{v1}'").count() > 0  # the world's first build
+    setup_mlflow(cfg)
+    mlflow.MlflowClient().delete_registered_model(CLUSTERS_MODEL)  # numbering restarts at 1
+    before_v, before = _versions(store), _snapshot(store)
+    with start_run(cfg, "clusters over a restarted registry") as run:
+        with pytest.raises(P.FeatureError, match=f"feature_version '{v1}' is already in item_clusters"):
+            P.build_clusters(spark, cfg, store, run.info.run_id)
+    assert _versions(store) == before_v and _snapshot(store) == before
+    assert versions(CLUSTERS_MODEL) == []  # the refused version is gone: no ref can resolve to it
 
 
 def test_cluster_levels_nest_and_attach_writes_every_level(spark):

@@ -92,3 +92,24 @@ def test_tables_read_back_with_spark_and_mlflow_has_the_run(spark, submitted):
     assert run.data.params["samples.neg_rate"] == "0.2"
     assert int(run.data.tags["table_version.pv_samples.2026-11-22"]) == store.version("pv_samples")
     assert run.data.metrics["pv_samples"] > 0
+
+
+def test_status_file_is_one_json_line_written_whole(tmp_path):
+    """--status-file (the scheduler's XCom): one JSON line; a rerun replaces it; no temporary file stays."""
+    import argparse
+    import json
+
+    from jobs.common import JobContext, job_parser, status_file_argument
+
+    p = job_parser("t")
+    status_file_argument(p, "the test's status")
+    path = tmp_path / "status"
+    path.write_text("stale line that must go\n")
+    ctx = JobContext("t", p.parse_args(["--status-file", str(path)]), cfg=None, spark=None)
+    ctx.write_status({"model_version": "3", "skipped": False, "reasons": ["a", "b"]})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == {"model_version": "3", "skipped": False, "reasons": ["a", "b"]}
+    assert sorted(os.listdir(tmp_path)) == ["status"]
+    no_flag = JobContext("t", argparse.Namespace(status_file=None), cfg=None, spark=None)
+    no_flag.write_status({"x": 1})  # no --status-file: no file
+    assert sorted(os.listdir(tmp_path)) == ["status"]

@@ -59,6 +59,11 @@ class ReviewOutcome:
     def exit_code(self) -> int:
         return {PROMOTED: 0, REJECTED: 1, REFUSED: 2}[self.decision]
 
+    def status(self) -> dict:
+        """The decision for schedulers (jobs/review_model.py --status-file), which tell a crash from a rejection."""
+        return {"decision": self.decision, "challenger": self.challenger, "champion_before": self.champion,
+                "reasons": self.reasons}
+
 
 def _bad(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
@@ -323,15 +328,6 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
     print(f"report: MLflow run {run_id}, artifacts review/review.html (plots inline; also review.md + PNGs); "
           f"UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri} --host 127.0.0.1", flush=True)
     return run_id
-
-
-def write_status(outcome: ReviewOutcome, path: str) -> None:
-    """The decision as one JSON line, for schedulers (which then tell a crash from a rejection)."""
-    import json
-
-    with open(path, "w") as fh:
-        fh.write(json.dumps({"decision": outcome.decision, "challenger": outcome.challenger,
-                             "champion_before": outcome.champion, "reasons": outcome.reasons}) + "\n")
 
 
 def review_and_report(cfg, store, version=None, allow_first=False, with_tsne=True) -> ReviewOutcome:
