@@ -66,13 +66,21 @@ def parse_ref(ref: str) -> tuple[str, str, str]:
     return (name, "latest", "") if version == "latest" else (name, "version", version)
 
 
+def _not_found(e) -> bool:
+    """An MlflowException that says the model, version or alias does not exist; any other (the tracking
+    server unreachable, a database error) must not be read as "nothing registered"."""
+    return getattr(e, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def versions(name: str) -> list:
     """Every version of a registered model, oldest first; [] when the model is not registered."""
     import mlflow
 
     try:
         found = _client().search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as e:
+        if not _not_found(e):
+            raise
         return []
     return sorted(found, key=lambda v: int(v.version))
 
@@ -88,6 +96,8 @@ def resolve(ref: str):
         if kind == "version":
             return _client().get_model_version(name, value)
     except mlflow.exceptions.MlflowException as e:
+        if not _not_found(e):
+            raise
         hint = f" ({_MADE_BY[name]} sets it)" if name in _MADE_BY else ""
         raise RegistryError(f"model ref {ref!r} names no registered version{hint}: {e.message}") from None
     found = versions(name)
@@ -336,9 +346,15 @@ def ctr_tags(run_id: str, snapshot: Snapshot, feature_mode: str, train_dates: li
             "config_hash": config_digest, "gauc_by": gauc_by}
 
 
+# ctr settings that only choose the data (their resolved values are the snapshot and the train dates)
+# or how fast it runs: a table_version of null or the number it resolves to is the same training.
+_NOT_HASHED = ("table_version", "train_dates", "eval_dates", "eval_last_n_dates", "threads")
+
+
 def ctr_config_hash(ctr_conf_dict: dict, snapshot: Snapshot, train_dates: list[str]) -> str:
     """Identifies a CTR training run's inputs (model config + data), for --skip-if-done reruns."""
-    blob = json.dumps({"ctr": ctr_conf_dict, "snapshot": snapshot.key, "train": train_dates}, sort_keys=True,
+    model = {k: v for k, v in ctr_conf_dict.items() if k not in _NOT_HASHED}
+    blob = json.dumps({"ctr": model, "snapshot": snapshot.key, "train": train_dates}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -155,16 +155,17 @@ def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, 
     if dates:
         images = images.where(F.col("dt").isin(dates))
     todo = dates or _dates(images)
-    out = _embed(cfg, enc, keep=("dt",))(images.select("item_id", "image", "dt"))
     r = Report(job, info={"encoder": enc.spec.ref, "encoder_version": ev, "dates": todo})
-    r.versions[T.ITEM_EMBEDDINGS] = store.replace_partitions(out, T.ITEM_EMBEDDINGS, by="dt", values=todo,
-                                                             fixed={"encoder_version": ev}, job=job, run_id=run_id)
-    written = store.read(T.ITEM_EMBEDDINGS).where((F.col("encoder_version") == ev) & F.col("dt").isin(todo))
-    agg = written.agg(F.count("*").alias("n"), F.sum(F.col("embedding").isNull().cast("int")).alias("null")).first()
-    r.counts = {"item_images": images.count(), "item_embeddings": agg["n"],
-                "embedded": agg["n"] - (agg["null"] or 0), "undecodable": agg["null"] or 0}
-    r.identities = [("item_images = item_embeddings", r.counts["item_images"], r.counts["item_embeddings"])]
-    r.check()
+    with _Cache() as cache:
+        out, n = cache.persist(_embed(cfg, enc, keep=("dt",))(images.select("item_id", "image", "dt")))
+        undecodable = out.where(F.col("embedding").isNull()).count()
+        r.counts = {"item_images": images.count(), "item_embeddings": n, "embedded": n - undecodable,
+                    "undecodable": undecodable}
+        r.identities = [("item_images = item_embeddings", r.counts["item_images"], n)]
+        r.check()  # verify, before the commit: a mismatch writes nothing
+        r.versions[T.ITEM_EMBEDDINGS] = store.replace_partitions(out, T.ITEM_EMBEDDINGS, by="dt", values=todo,
+                                                                 fixed={"encoder_version": ev}, job=job,
+                                                                 run_id=run_id)
     return r
 
 
@@ -216,18 +217,54 @@ def _register_clusters(index, centroids, parents, stats: dict, sizes: dict, run_
         return register_clusters(tmp, run_id, tags)
 
 
-def _refuse_a_reused_feature_version(store: TableStore, mv, fv: str) -> None:
+def _require_embedded(store: TableStore, items: DataFrame, emb: DataFrame, ev: str) -> None:
+    """Every item with an image has a row of encoder version ev (null when the image did not decode);
+    one without would be clustered as having no image, and no refresh revisits a clustered item."""
+    images = store.read(T.ITEM_IMAGES).select("item_id")
+    todo = (items.join(images, on="item_id", how="left_semi").join(emb.select("item_id"), on="item_id", how="left_anti")
+            .groupBy("dt").count().orderBy("dt").collect())
+    if todo:
+        dates = [r["dt"] for r in todo]
+        raise FeatureError(f"{sum(r['count'] for r in todo)} items with an image have no embedding of {ev} "
+                           f"(first seen {dates[0]}..{dates[-1]}, {len(dates)} date(s)): run jobs/embed_items.py "
+                           "for those dates (or all) first")
+
+
+def _require_published(cfg: Config, store: TableStore, fv: str) -> None:
+    """A clustering is usable once build_clusters wrote its item_clusters (a failed or running build's
+    registered version is not)."""
+    if not _item_clusters_hold(store, fv):
+        raise FeatureError(f"item_clusters has no rows of {fv} ({cfg.features.clusters_ref}): run "
+                           "jobs/build_clusters.py first, or name a clustering it published")
+
+
+def _refuse_a_reused_feature_version(store: TableStore, fv: str) -> None:
     """A fresh clusters version's feature_version is in no table. It is when the registry numbers versions
-    from 1 again over old tables (a new tracking database): refuse, and remove the version just made."""
+    from 1 again over old tables (a new tracking database)."""
     used = _item_clusters_hold(store, fv) or store.exists(T.CTR_TRAIN) and bool(
         store.read(T.CTR_TRAIN).where(F.col("feature_version") == fv).limit(1).collect())
     if used:
-        registry.delete_version(mv.name, mv.version)
         raise FeatureError(
             f"feature_version {fv!r} is already in item_clusters or ctr_train, from another clustering: the MLflow "
             "registry restarted its version numbers (a new tracking server or database over old tables). Nothing "
             "was written and the new version was removed. Point tables_root at a new folder, or keep the "
             "registry that made these tables.")
+
+
+def _write_item_clusters(store: TableStore, r: Report, assigned: DataFrame, n_assigned: int, dates: list[str],
+                         fv: str, job: str, run_id: str) -> None:
+    """item_clusters of feature version fv: every item once, checked before the commit (nothing written
+    on a mismatch) and after it, before any alias can move."""
+    n_items = r.counts["items"]
+    r.identities = [("items = assigned + no_image", n_items, r.counts["assigned"] + r.counts["no_image"]),
+                    ("items = rows assigned", n_items, n_assigned)]
+    r.check()
+    r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
+        assigned.select("item_id", "cluster_id", "distance", "dt"), T.ITEM_CLUSTERS, by="dt", values=dates,
+        fixed={"feature_version": fv}, job=job, run_id=run_id)
+    r.counts["item_clusters"] = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
+    r.identities.append(("items = item_clusters", n_items, r.counts["item_clusters"]))
+    r.check()
 
 
 def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters") -> Report:
@@ -257,9 +294,12 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     bc = spark.sparkContext.broadcast(data)
     key = f"build-{run_id or os.getpid()}"
     items = store.read(T.ITEMS).select("item_id", "dt")
-    dup = items.groupBy("item_id").count().where("count > 1").limit(5).collect()
-    if dup:
-        raise FeatureError(f"items holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
+    for frame, table in ((items, T.ITEMS), (emb, f"{T.ITEM_EMBEDDINGS} of {ev}")):
+        dup = frame.groupBy("item_id").count().where("count > 1").limit(5).collect()
+        if dup:
+            raise FeatureError(f"{table} holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
+    _require_embedded(store, items, emb, ev)
+    n_items = items.count()
     # Every catalog item gets a row: no embedding (no usable image) -> null -> the reserved id.
     src = items.join(emb, on="item_id", how="left")
     with _Cache() as cache:  # released before the alias moves, and on any failure
@@ -274,22 +314,17 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
         tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
                                       mean if mean is not None else float("nan"), len(x))
         mv = _register_clusters(index, centroids, parents, stats, sizes, run_id, tags)
-        spec = clusters_spec(f"{mv.name}/{mv.version}")
-        fv = spec.feature_version
-        _refuse_a_reused_feature_version(store, mv, fv)
-        dates = _dates(items)
+        fv = clusters_spec(f"{mv.name}/{mv.version}").feature_version
         r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
                               "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
-        r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
-            assigned.select("item_id", "cluster_id", "distance", "dt"), T.ITEM_CLUSTERS, by="dt", values=dates,
-            fixed={"feature_version": fv}, job=job, run_id=run_id)
-        written = sum(_rows_in(store, T.ITEM_CLUSTERS, "dt", dates, feature_version=fv).values())
-        r.counts = {"items": n, "item_clusters": written, "assigned": stats["items"],
-                    "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)), "trained_on": len(x),
-                    "empty_clusters": stats["empty_clusters"]}
-        r.identities = [("items = item_clusters", n, written),
-                        ("item_clusters = assigned + no_image", written, stats["items"] + r.counts["no_image"])]
-    r.check()  # before the alias moves: readers must never follow it to clusters whose counts do not add up
+        r.counts = {"items": n_items, "assigned": stats["items"], "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)),
+                    "trained_on": len(x), "empty_clusters": stats["empty_clusters"]}
+        try:
+            _refuse_a_reused_feature_version(store, fv)
+            _write_item_clusters(store, r, assigned, n, _dates(items), fv, job, run_id)
+        except BaseException:
+            registry.delete_version(mv.name, mv.version)  # no ref may resolve to a clustering never published
+            raise
     name, kind_ref, alias = parse_ref(f.clusters_ref)
     if kind_ref == "alias":
         registry.set_alias(mv.name, alias, mv.version)
@@ -334,19 +369,21 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     """ctr_log partitions (dates) -> ctr_train partitions, one commit for all of them."""
     _arrow_batch(spark, cfg)
     clu = load_clusters(spark, cfg.features.clusters_ref)
+    _require_published(cfg, store, clu.spec.feature_version)
     enc = load_encoder(spark, clu.spec.encoder_ref)
     ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
     feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
     r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
     with _Cache() as cache:
-        feats, _ = cache.persist(feats)
+        feats, n_feats = cache.persist(feats)
         _check_unique(feats)
-        out = A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector, clu.spec.dim,
-                       clu.level_map(spark))
+        out, _ = cache.persist(A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector,
+                                        clu.spec.dim, clu.level_map(spark)))
+        _count_attached(r, ctr, out, dates)
+        r.counts.update({"on_the_fly_items": missing.count(), "feature_items": n_feats})
+        r.check()  # verify, before the commit: a mismatch writes nothing
         r.versions[T.CTR_TRAIN] = store.replace_partitions(out, T.CTR_TRAIN, by="dt", values=dates, job=job,
                                                            run_id=run_id)
-        _attach_counts(r, store, dates, clu.spec.feature_version, ctr, missing, feats)
-    r.check()
     return r
 
 
@@ -356,17 +393,16 @@ def _check_unique(feats: DataFrame) -> None:
         raise FeatureError(f"item features hold item ids more than once: {[r['item_id'] for r in dup]}")
 
 
-def _attach_counts(r: Report, store, dates, fv, ctr, missing, feats) -> None:
-    in_rows = ctr.groupBy("dt").count().collect()
-    inn = {row["dt"]: row["count"] for row in in_rows}
-    out = _rows_in(store, T.CTR_TRAIN, "dt", dates)
-    written = store.read(T.CTR_TRAIN).where(F.col("dt").isin(dates))
-    reserved = written.agg(F.sum((F.col("item_cluster_id") == NO_IMAGE_CLUSTER_ID).cast("int")).alias("r"),
-                           F.countDistinct("feature_version").alias("fv")).first()
-    r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(out.values()),
-                     "reserved_item_ids": reserved["r"] or 0, "on_the_fly_items": missing.count(),
-                     "feature_items": feats.count()})
-    r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), out[d]) for d in dates]
+def _count_attached(r: Report, ctr: DataFrame, out: DataFrame, dates: list[str]) -> None:
+    """One ctr_train row per ctr_log impression, per date, counted on the materialised rows before they
+    are committed; and the impressions whose item has no usable image (the reserved id)."""
+    inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
+    outn, reserved = {}, 0
+    for row in out.groupBy("dt").agg(F.count("*").alias("n"), F.sum(
+            (F.col("item_cluster_id") == NO_IMAGE_CLUSTER_ID).cast("int")).alias("reserved")).collect():
+        outn[row["dt"]], reserved = row["n"], reserved + (row["reserved"] or 0)
+    r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(outn.values()), "reserved_item_ids": reserved})
+    r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in dates]
 
 
 # ---- the daily refresh: plan -> compute -> verify -> commit -------------------------------------------
@@ -424,8 +460,7 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     clu = load_clusters(spark, cfg.features.clusters_ref)
     fv = clu.spec.feature_version
     items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
-    if not store.exists(T.ITEM_CLUSTERS):
-        raise FeatureError(f"item_clusters has no rows of {fv}: run jobs/build_clusters.py first")
+    _require_published(cfg, store, fv)
     clustered = store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
     new, n_new = cache.persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref), clustered, new, n_new)
@@ -437,6 +472,11 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
              store.read(T.CTR_TRAIN).select("dt", "feature_version").distinct().collect()}
             if store.exists(T.CTR_TRAIN) else {})
     stale = {d for d in log_dates if have.get(d) != fv}
+    # A date whose ctr_log was rebuilt (new raw files, other sampling settings) after its attach: the
+    # row counts, from the tables' statistics, no longer match.
+    log_rows = _rows_in(store, T.CTR_LOG, "dt", log_dates)
+    train_rows = _rows_in(store, T.CTR_TRAIN, "dt", log_dates) if have else {}
+    stale |= {d for d in log_dates if d in have and log_rows[d] != train_rows[d]}
     if n_new and log_dates:
         ctr_all = store.read(T.CTR_LOG).where(F.col("dt").isin(log_dates))
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
@@ -480,11 +520,8 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
         _check_unique(feats)
         staged[T.CTR_TRAIN] = cache.persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim,
                                                      plan.clu.level_map(ctr.sparkSession)))
-        inn = {row["dt"]: row["count"] for row in ctr.groupBy("dt").count().collect()}
-        outn = {row["dt"]: row["count"] for row in staged[T.CTR_TRAIN][0].groupBy("dt").count().collect()}
-        r.identities += [(f"ctr_log({d}) = ctr_train({d})", inn.get(d, 0), outn.get(d, 0)) for d in plan.affected]
-        r.counts.update({"ctr_log": sum(inn.values()), "ctr_train": sum(outn.values()),
-                         "on_the_fly_items": missing.count()})
+        _count_attached(r, ctr, staged[T.CTR_TRAIN][0], plan.affected)
+        r.counts["on_the_fly_items"] = missing.count()
     return staged
 
 

@@ -13,21 +13,20 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import date_range, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, run_job  # noqa: E402
 
 JOB = "attach_features"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--date", required=True, help="first ctr_log date (YYYY-MM-DD)")
-    p.add_argument("--end-date", default=None, help="last date, inclusive (default: --date)")
+    date_range_arguments(p, "ctr_log to attach features to")
 
 
 def body(ctx) -> None:
     from etl.config import flat_params
     from features.pipeline import attach_dates, log_report
 
-    dates = date_range(ctx.args.date, ctx.args.end_date)
+    dates = ctx.args.dates
     params = {**flat_params(ctx.cfg, ("features",)), "dates": ",".join(dates)}
     with ctx.mlflow_run(f"{JOB} {dates[0]}..{dates[-1]}", params=params) as run:
         log_report(attach_dates(ctx.spark, ctx.cfg, ctx.store, dates, run.info.run_id, JOB))
@@ -38,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from etl.registry import RegistryError
     from features.pipeline import FeatureError
 
-    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(FeatureError, RegistryError), argv=argv)
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_date_range,
+                   expected_errors=(FeatureError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

@@ -12,32 +12,26 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import CliError, date_arg, date_range, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, run_job  # noqa: E402
 
 JOB = "build_samples"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--date", required=True, help="first date to build (YYYY-MM-DD)")
-    p.add_argument("--end-date", default=None, help="last date to build, inclusive (default: --date)")
+    date_range_arguments(p, "the raw log to build")
     p.add_argument("--allow-empty", action="store_true",
                    help="publish a date whose raw log folder holds no lines (replaces its tables with empty ones)")
     p.add_argument("--force", action="store_true",
                    help="rebuild a date even when its inputs and config are unchanged since its last publish")
 
 
-def check_args(args) -> None:
-    args.date = date_arg("--date", args.date)
-    args.end_date = date_arg("--end-date", args.end_date)
-    if args.end_date and args.end_date < args.date:
-        raise CliError(f"--end-date {args.end_date}: before --date {args.date}")
 
 
 def body(ctx) -> int:
     from etl.build import build_date, log_date, log_reports
     from etl.config import flat_params
 
-    dates = date_range(ctx.args.date, ctx.args.end_date)
+    dates = ctx.args.dates
     params = {**flat_params(ctx.cfg, ("samples",)), "dates": ",".join(dates), "tables.engine": ctx.cfg.tables.engine,
               "config": ctx.cfg.source}
     reports = []
@@ -56,7 +50,7 @@ def body(ctx) -> int:
 def main(argv: list[str] | None = None) -> int:
     from etl.build import InputError, PublishError, VerifyError
 
-    return run_job(JOB, __doc__, add_arguments, body, check_args=check_args,
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_date_range,
                    expected_errors=(InputError, PublishError, VerifyError), argv=argv)
 
 

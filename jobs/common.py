@@ -77,8 +77,25 @@ def date_range(start: str, end: str | None) -> list[str]:
 
     d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end or start)
     if d1 < d0:
-        raise CliError(f"--end-date {end} is before --date {start}")
+        raise CliError(f"--end-date {end}: before --date {start}")
     return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
+def date_range_arguments(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    """--date / --end-date: the first and last (inclusive) date of `what`; check_date_range reads them."""
+    default = "" if required else " (default: all)"
+    p.add_argument("--date", required=required, help=f"first date of {what}{default} (YYYY-MM-DD)")
+    p.add_argument("--end-date", default=None, help="last date, inclusive (default: --date)")
+
+
+def check_date_range(args: argparse.Namespace) -> None:
+    """args.dates: every date from --date to --end-date (None when neither is given), or CliError
+    naming the flag, before any session starts."""
+    args.date = date_arg("--date", args.date)
+    args.end_date = date_arg("--end-date", args.end_date)
+    if args.end_date and not args.date:
+        raise CliError(f"--end-date {args.end_date} needs --date")
+    args.dates = date_range(args.date, args.end_date) if args.date else None
 
 
 @dataclass
@@ -132,12 +149,13 @@ class JobContext:
 
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
-            expected_errors: tuple | dict = (), argv: list[str] | None = None) -> int:
+            expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None) -> int:
     """The frame every job shares: arguments and config (errors: one line, exit 2), logging, the Spark
     session, the body, and the session stopped whatever happens. The body opens its MLflow run with
     `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad input, a
     refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print their
-    message without a traceback."""
+    message without a traceback. `crash_status`: the exit status of any other exception (its traceback
+    printed), for a job whose status 1 means an outcome; else Python's (1)."""
     import yaml
 
     from etl.config import ConfigError
@@ -163,6 +181,14 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     except tuple(codes) as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return next(code for kind, code in codes.items() if isinstance(e, kind))
+    except Exception:
+        if crash_status is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"{name}: error: the job failed (exit {crash_status})", file=sys.stderr, flush=True)
+        return crash_status
     finally:
         if session is not None:
             session.stop()

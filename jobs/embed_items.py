@@ -11,21 +11,20 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import date_range, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, run_job  # noqa: E402
 
 JOB = "embed_items"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--date", default=None, help="first first-seen date of items to embed (default: all)")
-    p.add_argument("--end-date", default=None, help="last date, inclusive (default: --date)")
+    date_range_arguments(p, "the items (first seen) to embed", required=False)
 
 
 def body(ctx) -> None:
     from etl.config import flat_params
     from features.pipeline import embed_items, log_report
 
-    dates = date_range(ctx.args.date, ctx.args.end_date) if ctx.args.date else None
+    dates = ctx.args.dates
     params = {**flat_params(ctx.cfg, ("features",)), "dates": ",".join(dates or ["all"])}
     with ctx.mlflow_run(f"{JOB} {ctx.cfg.features.encoder_ref}", params=params) as run:
         log_report(embed_items(ctx.spark, ctx.cfg, ctx.store, dates, run.info.run_id, JOB))
@@ -36,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from features.pipeline import FeatureError
     from etl.registry import RegistryError
 
-    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(FeatureError, RegistryError), argv=argv)
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_date_range,
+                   expected_errors=(FeatureError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

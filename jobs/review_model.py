@@ -7,9 +7,12 @@ model (no champion yet) is promoted only with --allow-first. Writes review.html 
 review.md with PNG plots as artifacts of an MLflow run and prints a one-screen summary.
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
-mismatched snapshots, no champion without --allow-first, too few eval rows, unknown version).
+mismatched snapshots, no champion without --allow-first, too few eval rows, unknown version), 3 the
+review failed (a crash: never read as a rejection). The decision is final once made: it is printed
+(and written to --status-file) before the report, so a report that fails after a promotion exits 3
+and still says that @champion moved.
 With --status-file (schedulers): the decision is written there as one JSON line and the exit status is
-0 whenever the review reached a decision, so that a crash (non-zero) is never mistaken for a rejection.
+0 whenever the review reached a decision and its report was logged.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs.common import run_job, status_file_argument  # noqa: E402
 
 JOB = "review_model"
+CRASHED = 3  # 0-2 are decisions (training/ctr/review.py)
 
 
 def add_arguments(p) -> None:
@@ -36,15 +40,14 @@ def body(ctx) -> int:
     setup_mlflow(ctx.cfg)
     outcome = validate(ctx.cfg, ctx.store, ctx.args.version, ctx.args.allow_first)  # gates: read-only
     promote(outcome)  # deployment: @champion moves only when every gate passed
+    ctx.say(f"decision: {outcome.decision} (challenger {outcome.challenger}, champion before {outcome.champion})")
+    ctx.write_status(outcome.status())  # before the report: a failing report must not hide the decision
     log_review(ctx.cfg, ctx.store, outcome, with_tsne=not ctx.args.no_tsne)
-    if ctx.args.status_file:
-        ctx.write_status(outcome.status())
-        return 0
-    return outcome.exit_code
+    return 0 if ctx.args.status_file else outcome.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(JOB, __doc__, add_arguments, body, argv=argv)
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED)
 
 
 if __name__ == "__main__":

@@ -419,6 +419,31 @@ def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(
     assert store.read("ctr_train").where(f"dt = '{EMPTY_DAY}'").count() == 0
 
 
+def _with(cfg, section: str, **values):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+def test_clusters_need_every_item_with_an_image_embedded(world, day2):
+    """An encoder embedded for one date only: clustering it would file the other dates' items under "no
+    image" for good (no refresh revisits a clustered item). build_clusters refuses before registering."""
+    from etl.registry import CLUSTERS_MODEL, versions
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    other = _with(cfg, "features", encoder_ref=f"courier-encoder/{world['untrained']}")
+    before = len(versions(CLUSTERS_MODEL))
+    with start_run(cfg, "one date embedded") as run:
+        P.embed_items(spark, other, store, [D1], run.info.run_id)
+        clusters_v = store.version("item_clusters")
+        with pytest.raises(P.FeatureError, match=rf"items with an image have no embedding of courier-encoder-v"
+                                                 rf"{world['untrained']} \(first seen {D2}\.\.{D2}, 1 date"):
+            P.build_clusters(spark, other, store, run.info.run_id)
+    assert len(versions(CLUSTERS_MODEL)) == before and store.version("item_clusters") == clusters_v
+
+
 def test_a_recluster_then_refresh_reattaches_every_older_date(world, day2):
     """The daily schedule's re-cluster branch: build_clusters makes a new feature version, then the
     day's refresh re-attaches every ctr_train date of an older one, also the dates before the day
@@ -443,6 +468,24 @@ def test_a_recluster_then_refresh_reattaches_every_older_date(world, day2):
     assert (both["item_cluster_id"] == both["item_id"].map(dict(zip(cid["item_id"], cid["cluster_id"])))).all()
     again = P.refresh(spark, cfg, store, D2)
     assert again.versions == {} and "noop" in again.info
+
+
+def test_a_rebuilt_ctr_log_date_is_attached_again(world, day2):
+    """build_samples rebuilt an attached date (here with another negative sampling rate): its ctr_train
+    rows no longer match ctr_log, and the next refresh re-attaches that date, and only that one."""
+    from etl.build import build_date
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    build_date(spark, _with(cfg, "samples", neg_rate=cfg.samples.neg_rate / 2), store, D1, "test", force=True)
+    log_d1 = store.read("ctr_log").where(f"dt = '{D1}'").count()
+    assert log_d1 != store.read("ctr_train").where(f"dt = '{D1}'").count()
+    with start_run(cfg, "refresh after a rebuild") as run:
+        rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
+    assert rep.info["affected_partitions"] == [D1] and set(rep.versions) == {"ctr_train"}
+    assert store.read("ctr_train").where(f"dt = '{D1}'").count() == log_d1
+    assert P.refresh(spark, cfg, store, D2).versions == {}
 
 
 def test_a_restarted_registry_cannot_reuse_a_feature_version(world, day2):

@@ -113,3 +113,16 @@ def test_status_file_is_one_json_line_written_whole(tmp_path):
     no_flag = JobContext("t", argparse.Namespace(status_file=None), cfg=None, spark=None)
     no_flag.write_status({"x": 1})  # no --status-file: no file
     assert sorted(os.listdir(tmp_path)) == ["status"]
+
+
+def test_a_crash_exits_with_the_jobs_crash_status(tmp_path):
+    """review_model's exit statuses 0-2 are decisions: a crash there exits 3 (crash_status), never 1."""
+    conf = write_config(tmp_path, {})
+    code = ("import sys\nfrom jobs.common import run_job\n"
+            "def body(ctx):\n    raise ZeroDivisionError('boom in the body')\n"
+            f"sys.exit(run_job('crashy', 'd', lambda p: None, body, argv=['--conf', {str(conf)!r}], crash_status=3))")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "ZeroDivisionError: boom in the body" in out.stderr and "crashy: error: the job failed (exit 3)" in out.stderr

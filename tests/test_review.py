@@ -179,6 +179,10 @@ def test_newest_encoder_is_chosen_by_number_not_by_string(spark, tmp_path):
                                 {"encoder_version": f"courier-encoder-v{v}", "dt": "2026-11-20"})
     emb, _ = embedding_sample(store, cfg)
     assert emb.shape == (12, 2) and set(emb[:, 0].tolist()) == {10.0}
+    # the reviewed model's encoder when given (its feature_version names it), never another one's
+    emb, _ = embedding_sample(store, cfg, max_items=5, encoder_version="courier-encoder-v9")
+    assert emb.shape == (5, 2) and set(emb[:, 0].tolist()) == {9.0}
+    assert embedding_sample(store, cfg, encoder_version="courier-encoder-v11") is None
 
 
 def test_hue_panel_draws_each_hue_family_in_its_own_colour():
@@ -212,3 +216,60 @@ def test_promotion_is_refused_when_the_champion_moved_during_the_review(env):
     assert _champion() == b
     out = promote(ReviewOutcome(APPROVED, [], challenger=c, champion=b))
     assert out.decision == "promoted" and _champion() == c
+
+
+def test_an_unreachable_registry_is_an_error_not_an_empty_registry(tmp_path, monkeypatch):
+    """'Nothing registered' only when the registry says so: a review must not refuse (exit 0 under a
+    scheduler) or promote a first model, and --skip-if-done must not retrain, because a server was down."""
+    import mlflow
+
+    from etl import registry
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    def use(uri: str) -> None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        use(f"sqlite:///{tmp_path}/empty.db")
+        assert registry.versions("never-registered") == []
+        assert registry.alias_version("never-registered") is None
+        assert registry.find_by_tag("never-registered", "k", "v") is None
+        use("http://127.0.0.1:9")  # nothing listens there
+        for look_up in (lambda: registry.versions("ctr-model"), lambda: registry.alias_version("ctr-model")):
+            with pytest.raises(mlflow.exceptions.MlflowException):
+                look_up()
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def test_ctr_rows_are_read_in_one_order_whatever_the_files(env):
+    """Training batches depend on the snapshot only: rows come ordered by their impression key, which is
+    unique, not in the order files and tasks happen to return them."""
+    from training.ctr.data import ROW_ORDER, read_ctr_frame
+
+    _, _, store = env
+    frame = read_ctr_frame(store, store.version("ctr_train"), list(DATES), with_vector=False)
+    keys = list(frame[ROW_ORDER].itertuples(index=False, name=None))
+    assert len(keys) > 1000 and keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert list(frame.index) == list(range(len(frame)))
+
+
+def test_skip_if_done_hash_is_the_resolved_inputs_not_how_they_were_named():
+    """A null table_version and the number it resolves to, or default and explicit equal dates, are the
+    same training; a model setting or another snapshot is not."""
+    import dataclasses
+
+    from etl.config import CtrConf
+    from etl.registry import Snapshot, ctr_config_hash
+
+    snap, train = Snapshot(7, "fv", ("2026-11-22",)), ["2026-11-20", "2026-11-21"]
+    base = ctr_config_hash(dataclasses.asdict(CtrConf()), snap, train)
+    same = CtrConf(table_version=7, train_dates=train, eval_dates=["2026-11-22"], threads=8)
+    assert ctr_config_hash(dataclasses.asdict(same), snap, train) == base
+    assert ctr_config_hash(dataclasses.asdict(CtrConf(lr=0.01)), snap, train) != base
+    assert ctr_config_hash(dataclasses.asdict(CtrConf()), Snapshot(8, "fv", ("2026-11-22",)), train) != base
+    assert ctr_config_hash(dataclasses.asdict(CtrConf()), snap, train[1:]) != base

@@ -68,7 +68,8 @@ def review_outcome():
     return ReviewOutcome(
         REJECTED if failed else PROMOTED, [f"{g.name}: {g.detail}" for g in failed] or ["every gate passed"],
         challenger="3", champion="2", snapshot="ctr_train@v2|fv=fv-test|eval=2026-11-22", gates=gates,
-        reports=reports, tags={"3": {"feature_mode": "multi_cluster"}, "2": {"feature_mode": "none"}},
+        reports=reports, tags={"3": {"feature_mode": "multi_cluster", "validation.dates": "2026-11-21"},
+              "2": {"feature_mode": "none", "validation.dates": "none"}},
         curves={"3": curve, "2": [{**p, "eval_auc": p["eval_auc"] - 0.05} for p in curve]},
         others=[{"version": "1", "feature_mode": "simscore", "auc": 0.61, "gauc": 0.58}],
         level_gains={"3": level_gains})
@@ -168,6 +169,8 @@ def test_html_report_is_the_markdown_report_with_the_plots_inside(tmp_path):
         assert src.startswith(prefix)
         assert base64.b64decode(src[len(prefix):]) == (tmp_path / name).read_bytes()  # the very PNG, embedded
     assert "**Decision: rejected** — categories: regressed: bag" in md
+    # v3 chose its epochs on held-out validation dates, then was refit: its curve is the selection fit's
+    assert "\nv3: the curve is the epoch-selection fit's (validation dates held out)" in md and "v2, v3" not in md
     html = (tmp_path / "review.html").read_text(encoding="utf-8")
     assert "<strong>Decision: rejected</strong> — categories: regressed: bag" in html
     assert ("<li>evaluation snapshot: <code>ctr_train@v2|fv=fv-test|eval=2026-11-22</code> (both models re-scored "

@@ -20,11 +20,17 @@ from conftest import ROOT, write_config
     (["--date", "2026-11-20", "--set", "samples.neg_rate=7"], "build_samples: error: samples.neg_rate must be in (0, 1]"),
     (["--date", "2026-11-20", "--set", "nokey"], "build_samples: error: --set 'nokey': expected key.path=value"),
     (["--dates", "2026-11-20"], "build_samples.py: error: the following arguments are required: --date"),
+    # the other jobs that take a date range check it the same way, before any session starts
+    (["--date", "2026-11-31"], "attach_features: error: --date 2026-11-31: not a date (YYYY-MM-DD)"),
+    (["--date", "2026-11-20", "--end-date", "2026-11-02"],
+     "attach_features: error: --end-date 2026-11-02: before --date 2026-11-20"),
+    (["--end-date", "2026-11-20"], "embed_items: error: --end-date 2026-11-20 needs --date"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, args, message):
     conf = write_config(tmp_path)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    out = subprocess.run([sys.executable, "jobs/build_samples.py", "--conf", str(conf), *args], cwd=ROOT, env=env,
+    job = message.split(":")[0].removesuffix(".py")
+    out = subprocess.run([sys.executable, f"jobs/{job}.py", "--conf", str(conf), *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()

@@ -33,6 +33,8 @@ LEVEL_COLUMNS = ["item_cluster_levels", "history_cluster_levels"]  # with featur
 BASE_COLUMNS = ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "history",
                 "item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version", "dt"]
 
+ROW_ORDER = ["dt", "pv_id", "position", "item_id"]  # an impression's key: unique per row of ctr_train
+
 
 class CtrDataError(ValueError):
     """ctr_train rows that break the stage-4 contract (message says which rule and how many rows)."""
@@ -88,7 +90,10 @@ def read_ctr_frame(store, version: int, dates: list[str], with_vector: bool) -> 
     missing = [c for c in cols if c not in sdf.columns]
     if missing:
         raise CtrDataError(f"{TABLE} v{version} lacks contract column(s) {missing}")
-    return sdf.where(F.col("dt").isin(list(dates))).select(*cols).toPandas()
+    frame = sdf.where(F.col("dt").isin(list(dates))).select(*cols).toPandas()
+    # One row order whatever the engine, file layout or core count: the mini-batches (and so the model
+    # that --skip-if-done takes for "already trained") depend only on the snapshot and the config.
+    return frame.sort_values(ROW_ORDER, kind="mergesort", ignore_index=True)
 
 
 def table_dates(store, version: int) -> list[str]:

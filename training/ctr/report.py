@@ -209,6 +209,12 @@ def _report_blocks(outcome, folder: str, tsne) -> list[tuple]:
                     [[c, f"{100 * g:+.2f}%", str(n)] for c, g, n in category_gains(outcome)])]
     if plot_curves(outcome, os.path.join(folder, "training_curves.png")):
         blocks += [("h2", "Training curves"), ("img", "curves", "training_curves.png")]
+        refit = [f"v{v}" for v in sorted(outcome.curves, key=int)
+                 if outcome.curves[v] and outcome.tags.get(v, {}).get("validation.dates", "none") != "none"]
+        if refit:  # the curve is the epoch-selection fit's; its last point is not the registered model's AUC
+            blocks += [("p", [("", f"{', '.join(refit)}: the curve is the epoch-selection fit's (validation dates "
+                                   "held out); the registered model is the refit on every training date for the "
+                                   "chosen number of epochs, so its eval AUC need not equal the curve's last point.")])]
     if tsne is not None and plot_tsne(tsne[0], tsne[1], os.path.join(folder, "tsne.png")):
         blocks += [("h2", "t-SNE of item embeddings (cf. the paper's Figs. 5/6)"), ("img", "t-SNE", "tsne.png")]
     return blocks

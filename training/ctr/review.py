@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from etl import catalog as T
-from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
+from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME, ENCODER_MODEL
 
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
 APPROVED = "approved"  # every gate passed; becomes PROMOTED once the alias moved
@@ -260,30 +260,34 @@ def _curve(run_id: str | None) -> list[dict]:
     return [points[k] for k in sorted(points)]
 
 
-def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0):
-    """(embeddings, {"category": .., "hidden hue": ..}) for the t-SNE panel, or None when no
-    item_embeddings table exists. Uses the latest table version and, when it holds several encoders,
-    the rows of the largest encoder_version; the hue comes from the simulator's truth table (evaluation
-    only) when present."""
+def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0, encoder_version: str | None = None):
+    """(embeddings, {"category": .., "hidden hue": ..}) for the t-SNE panel, or None when there is nothing
+    to draw. The rows of `encoder_version` (the reviewed model's encoder) or, when None, of the largest
+    encoder_version; at most max_items, chosen in Spark by a stable hash of item_id. The hue comes from
+    the simulator's truth table (evaluation only) when present."""
     import numpy as np
     import pandas as pd
+    from pyspark.sql import functions as F
 
     if not store.exists(T.ITEM_EMBEDDINGS):
         return None
     sdf = store.read(T.ITEM_EMBEDDINGS)
-    cols = [c for c in ("item_id", "embedding", "encoder_version") if c in sdf.columns]
-    if "embedding" not in cols or "item_id" not in cols:
+    if "embedding" not in sdf.columns or "item_id" not in sdf.columns:
         return None
-    emb = sdf.select(*cols).toPandas()
-    if emb.empty:
-        return None
-    if "encoder_version" in emb.columns:
+    if "encoder_version" in sdf.columns:
         from etl.registry import version_number
 
-        newest = max(emb["encoder_version"].unique(), key=version_number)  # v10 is newer than v9
-        emb = emb[emb["encoder_version"] == newest]
-    emb = emb.drop_duplicates("item_id")
-    emb = emb.sample(n=min(max_items, len(emb)), random_state=seed).reset_index(drop=True)
+        have = [r[0] for r in sdf.select("encoder_version").distinct().collect() if r[0]]
+        if encoder_version is None and have:
+            encoder_version = max(have, key=version_number)  # v10 is newer than v9
+        if encoder_version not in have:
+            return None  # the reviewed encoder's embeddings are gone: no panel rather than another encoder's
+        sdf = sdf.where(F.col("encoder_version") == encoder_version)
+    emb = (sdf.where(F.col("embedding").isNotNull()).dropDuplicates(["item_id"])
+           .orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(max_items)
+           .select("item_id", "embedding").toPandas())
+    if emb.empty:
+        return None
     colourings = {}
     if store.exists(T.ITEMS):
         cats = store.read(T.ITEMS).select("item_id", "category").toPandas().drop_duplicates("item_id")
@@ -309,7 +313,9 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
     from etl.tracking import start_run
     from training.ctr.report import summary_text, write_report
 
-    tsne = embedding_sample(store, cfg) if with_tsne and outcome.reports else None
+    fv = (outcome.tags.get(outcome.challenger) or {}).get("feature_version", "")
+    encoder = fv.split(".")[0] if fv.startswith(ENCODER_MODEL) else None  # courier-encoder-vN.courier-clusters-vK
+    tsne = embedding_sample(store, cfg, encoder_version=encoder) if with_tsne and outcome.reports else None
     with start_run(cfg, f"review-{MODEL_NAME}-v{outcome.challenger or 'none'}", tags={"courier.job": job}) as run:
         with tempfile.TemporaryDirectory() as tmp:
             write_report(outcome, tmp, tsne)
