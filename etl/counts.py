@@ -48,8 +48,8 @@ class DateReport:
              c["impressions"], t["ctr_log"] + c["neg_downsampled"]),
             ("impressions(kept PVs) = pv_items + neg_downsampled(kept PVs) + trimmed",
              c["kept_pv_impressions"], c["pv_items"] + c["kept_pv_neg_downsampled"] + c["trimmed"]),
-            ("valid_click = positive impressions",
-             c["valid_click"], c["positive_impressions"]),
+            ("valid_click = positive impressions + clicks on another date's PV",
+             c["valid_click"], c["positive_impressions"] + c["click_on_other_date_pv"]),
             ("catalog_lines(files) = catalog_rows(parsed)", c["catalog_lines"], c["catalog_rows"]),
             ("catalog_rows = items + quarantined(catalog)",
              c["catalog_rows"], c["items"] + sum(q["catalog"].values())),
@@ -133,18 +133,22 @@ def event_counts(events: DataFrame, date: str) -> dict:
     """Parsed rows per file, valid events, and every quarantine reason of the search log, from one
     grouped aggregate (file x event type x reason)."""
     groups = (events.where(F.col("dt") == date).fillna({"reason": PASSED, "event_type": "?"})
-              .groupBy("file", "event_type", "reason").count().collect())
+              .fillna(False, subset=["pv_on_other_date"])
+              .groupBy("file", "event_type", "reason", "pv_on_other_date").count().collect())
     by_kind: dict = {}
     rows_by_file: dict = {}
+    other_date = 0
     for r in groups:
         kinds = by_kind.setdefault(r["event_type"], {})
         kinds[r["reason"]] = kinds.get(r["reason"], 0) + r["count"]
         rows_by_file[r["file"]] = rows_by_file.get(r["file"], 0) + r["count"]
+        other_date += r["count"] if r["pv_on_other_date"] else 0
     return {
         "raw_rows": sum(rows_by_file.values()),
         "rows_by_file": rows_by_file,
         "valid_pv": by_kind.get("pv", {}).get(PASSED, 0),
         "valid_click": by_kind.get("click", {}).get(PASSED, 0),
+        "click_on_other_date_pv": other_date,  # valid, in click histories, labels nothing (mark_bad_clicks)
         "quarantine": {"search_log": _sum_by_reason(by_kind.values())},
     }
 

@@ -373,7 +373,11 @@ def mark_unknown_items(events: DataFrame, unknown: DataFrame, broadcast: bool = 
 
 def mark_bad_clicks(events: DataFrame) -> DataFrame:
     """Valid clicks that cannot label an impression get a reason, and each valid PV its
-    `clicked_items` (the items of its valid clicks: its positives; null on other rows).
+    `clicked_items` (the items of its valid clicks in the same date's log: its positives; null on other
+    rows). `pv_on_other_date` (true / false on valid clicks, null on other rows): the click's PV is in
+    another date's log, e.g. a session across midnight. Such a click stays valid (it is a real click:
+    later click histories hold it) but labels nothing: a date's labels come from its own log only, so
+    they do not depend on a later date's files or on the order dates are built in.
 
     orphan_click: no valid PV with that pv_id was read; click_user_mismatch: the PV was shown to another
     user; click_not_on_pv: the item was not on the page; click_before_pv: the click is timed before its
@@ -389,8 +393,8 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
     valid_pv = valid & (F.col("event_type") == "pv")  # this step leaves PVs' reasons as they are
     by_pv = Window.partitionBy("pv_id")
     pv = F.first(F.when(valid_pv, F.struct(
-        F.col("user_id").alias("user_id"), F.col("items").alias("items"), F.col("ts").alias("ts"))),
-        ignorenulls=True).over(by_pv)
+        F.col("user_id").alias("user_id"), F.col("items").alias("items"), F.col("ts").alias("ts"),
+        F.col("dt").alias("dt"))), ignorenulls=True).over(by_pv)
     first = _first_reason(
         (F.col("_pv.user_id").isNull(), "orphan_click"),
         (F.col("_pv.user_id") != F.col("user_id"), "click_user_mismatch"),
@@ -405,8 +409,10 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
                    "_first", F.when(F.row_number().over(w) > 1, F.lit("duplicate_click")))).otherwise(F.col("reason"))))
     # A click still valid here passed every check above, so its PV is valid and its user's (the
     # duplicate clicks left out only repeat an item already in the set).
-    clicked = F.collect_set(F.when(F.col("_is_click") & valid, F.col("item_id"))).over(by_pv)
-    return checked.select(*events.columns, F.when(valid_pv, clicked).alias("clicked_items"))
+    same_date = F.col("_pv.dt") == F.col("dt")
+    clicked = F.collect_set(F.when(F.col("_is_click") & valid & same_date, F.col("item_id"))).over(by_pv)
+    return checked.select(*events.columns, F.when(valid_pv, clicked).alias("clicked_items"),
+                          F.when(F.col("_is_click") & valid, ~same_date).alias("pv_on_other_date"))
 
 
 def _position(array: Column, value: Column) -> Column:

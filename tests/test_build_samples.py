@@ -7,6 +7,8 @@ from conftest import click, pv, write_catalog, write_log
 D0, D1 = "2026-11-19", "2026-11-20"
 ITEMS = [f"i{k}" for k in range(1, 9)]
 DUP = click("b2", "2026-11-20T08:00:10Z", "u1", "p1", "i4")
+# p7 (2026-11-19's log) clicked in 2026-11-20's log: a valid click that labels nothing
+MIDNIGHT = click("b15", "2026-11-20T00:00:05Z", "u9", "p7", "i2")
 BAD_LINES = {
     "bad_json": '{"event_id": "x1", "event_type": "pv"',
     "null_id": pv("x2", "2026-11-20T09:00:00Z", None, "p9", ["i1"]),
@@ -22,7 +24,8 @@ def write_known_log(cfg) -> None:
     # i7's image file is missing and i8's is corrupt: they are valid catalog items without a usable image.
     write_catalog(cfg, D0, ITEMS, missing={"i7"}, corrupt={"i8"}, extra_lines=["{bad catalog line"])
     write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2", "i3"]),
-                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1"),
+                        pv("a2", "2026-11-19T23:59:50Z", "u9", "p7", ["i1", "i2"])])  # clicked after midnight
     write_log(cfg, D1, [
         pv("b1", "2026-11-20T08:00:00Z", "u1", "p1", ["i2", "i3", "i4", "i5", "i6", "i1", "i7"]),
         DUP,
@@ -41,6 +44,7 @@ def write_known_log(cfg) -> None:
         pv("b13", "2026-11-20T10:00:00Z", "u1", "p6", ["i1", "i7"]),  # the only positive has no image
         click("b14", "2026-11-20T10:00:03Z", "u1", "p6", "i7"),
         DUP,  # the same event again
+        MIDNIGHT,
         *BAD_LINES.values(),
     ])
 
@@ -127,9 +131,22 @@ def test_counts_add_up(known):
         r.check()
         assert all(left == right for _, left, right in r.identities())
     c = reports[1].counts
-    assert c["raw_rows"] == 15 + len(BAD_LINES)
-    assert c["valid_pv"] == 6 and c["valid_click"] == 8
+    assert c["raw_rows"] == 16 + len(BAD_LINES)
+    assert c["valid_pv"] == 6 and c["valid_click"] == 9 and c["click_on_other_date_pv"] == 1
+    assert reports[0].counts["click_on_other_date_pv"] == 0
     assert c["impressions"] == 7 + 3 + 8 + 1 + 2 + 2 == c["ctr_log"]  # neg_rate 1.0 keeps all
+
+
+def test_a_click_after_midnight_labels_nothing_on_either_date(known):
+    """A session across midnight: p7 (23:59:50 in 2026-11-19's log) clicked at 00:00:05 in the next
+    date's log. 2026-11-19 was built without it (p7: no positive) and 2026-11-20 does not label an
+    earlier date's page; the click is valid and counted (the date publishes: its counts add up)."""
+    _, store, reports = known
+    p7 = store.read("ctr_log").where("pv_id = 'p7'").orderBy("position").collect()
+    assert [(r["item_id"], r["label"], r["dt"]) for r in p7] == [("i1", 0, D0), ("i2", 0, D0)]
+    assert reports[0].counts["pv_dropped"] == {"no_history": 1, "no_positive": 1}  # p0 (u1's first), p7
+    q = store.read("quarantine").where("event_id = 'b15'").count()
+    assert q == 0 and store.read("pv_samples").where("pv_id = 'p7'").count() == 0
 
 
 def test_courier_train_masks_and_images(known):
@@ -210,7 +227,7 @@ def test_rerun_is_idempotent(spark, known):
     # The older version is still readable (time travel) and holds the same rows.
     assert store.read("pv_samples", version=versions["pv_samples"]).count() == store.read("pv_samples").count()
     # Other dates' partitions are untouched by the rerun.
-    assert store.read("ctr_log").where(f"dt = '{D0}'").count() == 3
+    assert store.read("ctr_log").where(f"dt = '{D0}'").count() == 3 + 2  # p0 and p7
 
 
 def test_courier_train_opens_with_a_petastorm_batch_reader(known):
