@@ -33,7 +33,7 @@ def _to_rgb(img):
         img.seek(0)
     ImageOps.exif_transpose(img, in_place=True)  # the same pixels without a copy of the full-size image
     mode = img.mode
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:  # a key colour (PNG tRNS, GIF): see-through
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -57,11 +57,12 @@ def _to_rgb(img):
 
 def normalize_local_image(path: str, px: int, quality: int, max_pixels: int):
     """normalize_image of the local file at path; image_missing when it is gone (removed, or replaced
-    by a folder, since the driver listed it): one vanished file must not fail the date."""
+    by a folder, since the driver listed it) or cannot be read (permissions, an I/O error): one such
+    file must not fail the date."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    except OSError as e:
         return None, None, None, None, IMAGE_MISSING, f"{type(e).__name__} since it was listed"
     return normalize_image(data, px, quality, max_pixels)
 
@@ -85,7 +86,9 @@ def normalize_image(data: bytes, px: int, quality: int, max_pixels: int):
                 if w * h > max_pixels:
                     return None, None, None, None, IMAGE_TOO_LARGE, f"{w}x{h} > {max_pixels} pixels"
                 probe.verify()  # catches truncated/garbled files that open() alone accepts
-                known = [probe.format] if probe.format else None
+                # MPO (phone and camera JPEGs with a second picture) opens through the JPEG plugin and
+                # has no opener of its own: formats=["MPO"] would find none.
+                known = [probe.format] if probe.format in Image.OPEN else None
             with Image.open(io.BytesIO(data), formats=known) as img:  # the format is known: no plugin search
                 out = square_jpeg(_to_rgb(img), px, quality)
     except Image.DecompressionBombError as e:  # only when max_pixels is above Pillow's own hard limit

@@ -279,6 +279,13 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
         except ConfigError:
             plan.rejected.append((item_id, IMAGE_ESCAPES_ROOT, uri[:200]))
             continue
+        except (RuntimeError, OSError) as e:  # a symlink loop, a name too long, a folder it may not enter
+            plan.rejected.append((item_id, IMAGE_MISSING, f"{type(e).__name__}: {uri[:200]}"))
+            continue
+        if is_uri(images_root) and any(part.startswith(("_", ".")) for part in uri.split("/")):
+            # Hadoop's listing (binaryFile) skips such names as hidden: the file would never be read
+            plan.rejected.append((item_id, IMAGE_MISSING, f"a name Spark's file listing skips: {uri[:200]}"))
+            continue
         parent, name = path.rsplit("/", 1)
         if parent not in folders:
             folders[parent] = qualify(spark, parent)
@@ -335,7 +342,7 @@ def _local_status(path: str) -> tuple[bool, int, int] | None:
 
     try:
         st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone, a name too long, a folder it may not enter: nothing it can read
         return None
     return (stat.S_ISREG(st.st_mode), st.st_size, st.st_mtime_ns // 1_000_000)
 
@@ -394,13 +401,16 @@ def read_image_files(spark, plan: ImagePlan):
         top = next((o for o in outer if folder.startswith(o + "/")), folder)
         outer.setdefault(top, []).extend(by_folder[folder])
     frames, whole = [], []
+    # A whole folder also lists files that were not planned (rejected as too large, or not images): the
+    # source skips the bytes of those over the largest planned size (its length filter is pushed down).
+    largest = max(n for _, n, _ in plan.listing)
     for folder, names in sorted(outer.items()):
         reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
         if 2 * len(names) < plan.files_under.get(folder, 2 * len(names) + 1):
             reader = reader.option("pathGlobFilter", "{" + ",".join(sorted(set(names))) + "}")
         else:
             whole.append(folder + "/")
-        frames.append(reader.load(glob_escape(folder)))
+        frames.append(reader.load(glob_escape(folder)).where(F.col("length") <= largest))
     explicit = [p for p in explicit if not p.startswith(tuple(whole))]  # a whole folder reads them already
     if explicit:
         frames.append(spark.read.format("binaryFile").load([glob_escape(p) for p in sorted(explicit)]))

@@ -260,10 +260,12 @@ def test_image_paths_resolve_once_per_folder_and_stay_under_the_root(spark, tmp_
     os.symlink(outside / "secret.png", root / "a" / "leak.png")  # a file symlink out of the root
     os.symlink(outside, root / "a" / "out")  # a folder symlink out of the root
     os.symlink(root / "a" / "b" / "y.png", root / "a" / "alias.png")  # stays inside: allowed
+    os.symlink(root / "a" / "loop2.png", root / "a" / "loop1.png")  # a symlink loop: unreadable, no crash
+    os.symlink(root / "a" / "loop1.png", root / "a" / "loop2.png")
     items = [("i1", "a/x.png"), ("i2", "a/b/y.png"), ("i3", "top.png"), ("i4", "a/b/../x.png"),
              ("i5", "a/leak.png"), ("i6", "a/out/secret.png"), ("i7", "../outside/secret.png"),
              ("i8", "a/alias.png"), ("i9", "a/missing.png"), ("i10", "a//b/y.png"), ("i11", "a/.."),
-             ("i12", "a/b/..")]
+             ("i12", "a/b/.."), ("i13", "a/loop1.png"), ("i14", "a/" + "n" * 300 + ".png")]
     plan = plan_images(spark, items, str(root), 1000)
     read = {i: p.split(":", 1)[1] if p.startswith("file:") else p for i, p in plan.to_read}
     real = {i: os.path.realpath(p) for i, p in read.items()}
@@ -272,7 +274,8 @@ def test_image_paths_resolve_once_per_folder_and_stay_under_the_root(spark, tmp_
                     "i8": str(root / "a" / "b" / "y.png"), "i10": str(root / "a" / "b" / "y.png")}
     assert {i: r for i, r, _ in plan.rejected} == {
         "i5": IMAGE_ESCAPES_ROOT, "i6": IMAGE_ESCAPES_ROOT, "i7": IMAGE_ESCAPES_ROOT,
-        "i9": IMAGE_MISSING, "i11": IMAGE_MISSING, "i12": IMAGE_MISSING}
+        "i9": IMAGE_MISSING, "i11": IMAGE_MISSING, "i12": IMAGE_MISSING, "i13": IMAGE_MISSING,
+        "i14": IMAGE_MISSING}
 
 
 @pytest.mark.parametrize("unplanned", [0, 30])
@@ -289,8 +292,14 @@ def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark,
     for u in uris + [f"a/b/other{k}.png" for k in range(unplanned)]:
         (root / u).write_bytes(u.encode())
     items = [(f"i{k}", u) for k, u in enumerate(uris)]
-    plan = plan_images(spark, items, f"file://{root}", 1000)  # a URI root: Spark lists and reads the files
+    hidden = ["_h.png", "a/.x.png", "a/_tmp/z.png"]  # names Hadoop's listing skips: never read, so rejected
+    for u in hidden:
+        (root / u).parent.mkdir(exist_ok=True)
+        (root / u).write_bytes(u.encode())
+    plan = plan_images(spark, items + [(f"h{k}", u) for k, u in enumerate(hidden)], f"file://{root}", 1000)
     assert len(plan.to_read) == len(uris) and not plan.local
+    assert sorted((i, r) for i, r, _ in plan.rejected) == [("h0", "image_missing"), ("h1", "image_missing"),
+                                                           ("h2", "image_missing")]
     with file_open_cost(spark, plan.mean_bytes):
         got = [(r["item_id"], bytes(r["content"])) for r in read_image_files(spark, plan).collect()]
     assert sorted(got) == sorted((i, u.encode()) for i, u in items)

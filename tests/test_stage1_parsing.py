@@ -153,6 +153,29 @@ def test_mode_conversion_rules():
     gif = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     first = _decoded(gif)
     assert first[..., 0].mean() > 200 and first[..., 1].mean() < 60
+    # RGB and greyscale PNGs with a key colour (tRNS): that colour is see-through -> white, others stay.
+    rgb = Image.new("RGB", (16, 16), (0, 0, 0))
+    rgb.paste((0, 0, 255), (0, 0, 16, 8))  # top half blue, bottom half black (the key colour)
+    k = _decoded(_save(rgb, "PNG", transparency=(0, 0, 0)), px=16)
+    assert k[:6, :, 2].mean() > 200 and k[:6, :, 0].mean() < 40 and k[10:, :].mean() > 235
+    grey = Image.new("L", (16, 16), 0)
+    grey.paste(90, (0, 0, 16, 8))
+    k = _decoded(_save(grey, "PNG", transparency=0), px=16)
+    assert abs(float(k[:6].mean()) - 90) < 8 and k[10:].mean() > 235
+
+
+def test_mpo_photos_decode_as_their_first_picture():
+    """Phone and camera JPEGs with a second picture (MPO: Ultra HDR, depth, previews) are images, not
+    corrupt files: their first picture, as a plain JPEG of it gives."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]
+    mpo = _save(frames[0], "MPO", save_all=True, append_images=frames[1:], quality=95)
+    with Image.open(io.BytesIO(mpo)) as probe:
+        assert probe.format == "MPO" and probe.n_frames == 2
+    got = _decoded(mpo)
+    assert got[..., 0].mean() > 170 and got[..., 2].mean() < 60
+    assert (got == _decoded(_save(frames[0], "JPEG", quality=95))).all()
 
 
 def test_exif_orientation_is_applied_and_the_output_equals_plain_pil():
