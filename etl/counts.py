@@ -48,6 +48,7 @@ class DateReport:
              c["impressions"], t["ctr_log"] + c["neg_downsampled"]),
             ("impressions(kept PVs) = pv_items + neg_downsampled(kept PVs) + trimmed",
              c["kept_pv_impressions"], c["pv_items"] + c["kept_pv_neg_downsampled"] + c["trimmed"]),
+            ("PVs with a click at or after them in their history = 0", c["history_not_before_pv"], 0),
             ("valid_click = positive impressions + clicks on another date's PV",
              c["valid_click"], c["positive_impressions"] + c["click_on_other_date_pv"]),
             ("catalog_lines(files) = catalog_rows(parsed)", c["catalog_lines"], c["catalog_rows"]),
@@ -184,7 +185,9 @@ def sample_counts(samples: DataFrame) -> dict:
         F.count("*").alias("pvs"), F.sum("n_impressions").alias("impressions"),
         F.sum("n_neg_dropped").alias("neg"), F.sum("n_trimmed").alias("trimmed"),
         F.sum(F.size("pv_items")).alias("pv_items"), F.sum("n_pos").alias("pos"),
-        F.sum("repeated_on_page").alias("repeated")).collect()}
+        F.sum("repeated_on_page").alias("repeated"),
+        # no click at or after the PV may be in its history (the page's own clicks, later ones: leakage)
+        F.sum(F.exists("click_history_ts", lambda t: t >= F.col("ts")).cast("int")).alias("late")).collect()}
     kept = agg.get(None)
     return {
         "pv_samples": kept["pvs"] if kept else 0,
@@ -197,6 +200,7 @@ def sample_counts(samples: DataFrame) -> dict:
         "kept_pv_neg_downsampled": kept["neg"] if kept else 0,
         "trimmed": kept["trimmed"] if kept else 0,
         "pv_items": kept["pv_items"] if kept else 0,
+        "history_not_before_pv": sum(row["late"] or 0 for row in agg.values()),
     }
 
 

@@ -67,3 +67,22 @@ def test_deduplicated_events_reach_the_click_check_without_a_shuffle(spark, even
     assert spark.conf.get("spark.sql.adaptive.enabled") == "true"  # restored after the block
     reasons = {(r["event_id"], r["pv_id"]): r["reason"] for r in checked.collect()}
     assert reasons[("e4", "p2")] == "unknown_item" and reasons[("e3", "p1")] is None
+
+
+def test_a_history_click_at_or_after_its_page_is_counted_so_verify_fails(spark):
+    """The leakage guard: sample_counts counts the PVs whose click history holds a click at or after
+    the PV's own time; verify requires 0 (the strictly-before rule of click_history, checked on the data)."""
+    from etl import counts as K
+
+    t = dt.datetime(2026, 11, 20, 8)
+    rows = [  # (pv ts, history click times)
+        (t, [t - dt.timedelta(minutes=5)]),  # fine
+        (t, [t]),  # a click at the PV's own time
+        (t, [t - dt.timedelta(minutes=1), t + dt.timedelta(seconds=3)]),  # a later click
+        (t, []),
+    ]
+    samples = spark.createDataFrame(
+        [(ts, hist, None, 2, 0, 0, ["i1"], 1, 0) for ts, hist in rows],
+        "ts timestamp, click_history_ts array<timestamp>, drop_reason string, n_impressions int, "
+        "n_neg_dropped int, n_trimmed int, pv_items array<string>, n_pos int, repeated_on_page int")
+    assert K.sample_counts(samples)["history_not_before_pv"] == 2
