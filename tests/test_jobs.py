@@ -44,7 +44,7 @@ def test_spark_submit_prints_a_report_that_adds_up(submitted):
     assert "wrote 3 date(s) 2026-11-20..2026-11-22" in sim_out
     for date in ("2026-11-20", "2026-11-21", "2026-11-22"):
         assert f"== build_samples {date} ==" in out
-    assert out.count("[ok]") == 3 * 16 and "MISMATCH" not in out
+    assert out.count("[ok]") == 3 * 17 and "MISMATCH" not in out  # 17 identities per date
     assert "quarantined search_log/bad_json" in out and "done: 3 date(s)" in out
 
 
