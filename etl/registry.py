@@ -243,6 +243,13 @@ class ClustersSpec:
         return f"{self.encoder_version}.{self.clusters_version}"
 
 
+def encoder_version_of(feature_version: str) -> str | None:
+    """'courier-encoder-v3.courier-clusters-v2' -> 'courier-encoder-v3' (ClustersSpec.feature_version's
+    encoder part); None for anything else."""
+    encoder, dot, _ = feature_version.partition(".")
+    return encoder if dot and encoder.startswith(f"{ENCODER_MODEL}-v") else None
+
+
 def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far_distance: float,
                   mean_distance: float, trained_on: int) -> dict:
     """A clustering's lineage: its encoder, the k-means settings (features config) and the build's

@@ -24,6 +24,13 @@ ASSIGNMENT_SCHEMA = T.StructType([
 _INDEXES: dict = {}  # clusters version -> deserialised faiss index, one per Python process
 
 
+def sample_items(df: DataFrame, n: int, seed: int) -> DataFrame:
+    """At most n rows of df, chosen by a stable hash of item_id: the same sample on any cluster and run."""
+    from pyspark.sql import functions as F
+
+    return df.orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(n)
+
+
 def normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised float32 rows, ok mask). A row with NaN/inf or zero norm is not ok (left as zeros)."""
     x = np.ascontiguousarray(x, dtype=np.float32)

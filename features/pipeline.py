@@ -172,8 +172,7 @@ def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, 
 # ---- stage 3b: clusters -------------------------------------------------------------------------
 def _sample_matrix(emb: DataFrame, n: int, seed: int) -> np.ndarray:
     """At most n usable embeddings, chosen by a stable hash of item_id (same sample on any cluster)."""
-    rows = (emb.where(F.col("embedding").isNotNull())
-            .orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(n).select("embedding").toPandas())
+    rows = K.sample_items(emb.where(F.col("embedding").isNotNull()), n, seed).select("embedding").toPandas()
     if rows.empty:
         return np.zeros((0, 0), np.float32)
     return np.stack(rows["embedding"].to_numpy()).astype(np.float32)

@@ -25,8 +25,6 @@ def add_arguments(p) -> None:
                    help="rebuild a date even when its inputs and config are unchanged since its last publish")
 
 
-
-
 def body(ctx) -> int:
     from etl.build import build_date, log_date, log_reports
     from etl.config import flat_params

@@ -183,6 +183,10 @@ def test_newest_encoder_is_chosen_by_number_not_by_string(spark, tmp_path):
     emb, _ = embedding_sample(store, cfg, max_items=5, encoder_version="courier-encoder-v9")
     assert emb.shape == (5, 2) and set(emb[:, 0].tolist()) == {9.0}
     assert embedding_sample(store, cfg, encoder_version="courier-encoder-v11") is None
+    from etl.registry import encoder_version_of  # what log_review passes: the reviewed model's encoder
+
+    assert encoder_version_of("courier-encoder-v10.courier-clusters-v2") == "courier-encoder-v10"
+    assert encoder_version_of("fv-test") is None
 
 
 def test_hue_panel_draws_each_hue_family_in_its_own_colour():

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from etl import catalog as T
-from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME, ENCODER_MODEL
+from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
 
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
 APPROVED = "approved"  # every gate passed; becomes PROMOTED once the alias moved
@@ -283,9 +283,10 @@ def embedding_sample(store, cfg, max_items: int = 1500, seed: int = 0, encoder_v
         if encoder_version not in have:
             return None  # the reviewed encoder's embeddings are gone: no panel rather than another encoder's
         sdf = sdf.where(F.col("encoder_version") == encoder_version)
-    emb = (sdf.where(F.col("embedding").isNotNull()).dropDuplicates(["item_id"])
-           .orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(max_items)
-           .select("item_id", "embedding").toPandas())
+    from features.clustering import sample_items
+
+    emb = sample_items(sdf.where(F.col("embedding").isNotNull()).dropDuplicates(["item_id"]), max_items,
+                       seed).select("item_id", "embedding").toPandas()
     if emb.empty:
         return None
     colourings = {}
@@ -314,7 +315,7 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
     from training.ctr.report import summary_text, write_report
 
     fv = (outcome.tags.get(outcome.challenger) or {}).get("feature_version", "")
-    encoder = fv.split(".")[0] if fv.startswith(ENCODER_MODEL) else None  # courier-encoder-vN.courier-clusters-vK
+    encoder = registry.encoder_version_of(fv)
     tsne = embedding_sample(store, cfg, encoder_version=encoder) if with_tsne and outcome.reports else None
     with start_run(cfg, f"review-{MODEL_NAME}-v{outcome.challenger or 'none'}", tags={"courier.job": job}) as run:
         with tempfile.TemporaryDirectory() as tmp:
