@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 JOB = "build_samples"
 # Part of every date's fingerprint: bump it when a rule changes what the same input builds.
-RULES_VERSION = 2
+# 3: a click labels only a PV of its own date's log; MPO and key-colour PNG images; an event is judged by
+# the catalog of its own date; a local image's change time is part of the fingerprint.
+RULES_VERSION = 3
 # The most unknown-item event ids sent to every executor (~50 MB); more are joined by a shuffle.
 MAX_BROADCAST_IDS = 1_000_000
 
@@ -139,7 +141,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     report = DateReport(dt=date)
     c = report.counts
     catalog = inputs.catalog
-    known_items = catalog.where(F.col("reason").isNull()).select("item_id")
+    known_items = catalog.where(F.col("reason").isNull()).select("item_id", "dt")
     todays_items = catalog.where((F.col("dt") == date) & F.col("reason").isNull())
 
     # ---- events: parse, dedupe, check item references and clicks -------------------------------

@@ -232,14 +232,14 @@ class ImagePlan:
     """Today's items sorted by what the driver learnt from listing their folders (no bytes read)."""
     to_read: list = field(default_factory=list)  # (item_id, qualified path)
     rejected: list = field(default_factory=list)  # (item_id, reason, detail)
-    listing: list = field(default_factory=list)  # (image_uri, size, mtime) of every file to read
+    listing: list = field(default_factory=list)  # (image_uri, size, mtime ms, ctime ns) of every file to read
     files_under: dict = field(default_factory=dict)  # listed folder -> files Spark lists under it (recursively)
     local: dict = field(default_factory=dict)  # qualified path -> local file path (a local images_root only)
 
     @property
     def mean_bytes(self) -> int:
         """Mean size of the files to read (what opening one of them costs, roughly)."""
-        return sum(n for _, n, _ in self.listing) // max(1, len(self.listing))
+        return sum(n for _, n, *_ in self.listing) // max(1, len(self.listing))
 
 
 def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes: int) -> ImagePlan:
@@ -303,7 +303,7 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
                 if (above := "/".join(parts[:k])) in listed_folders:
                     plan.files_under[above] = plan.files_under.get(above, 0) + 1
     for q, entries in wanted.items():
-        # (is_file, size, mtime_ms) or None
+        # (is_file, size, mtime_ms, ctime_ns) or None
         st = _local_status(plan.local[q]) if q in plan.local else (listed.get(q) or _file_status(spark, q))
         for item_id, uri in entries:
             if st is None or not st[0]:
@@ -314,16 +314,16 @@ def plan_images(spark, items: list[tuple[str, str]], images_root: str, max_bytes
                 plan.rejected.append((item_id, IMAGE_TOO_LARGE, f"{st[1]} bytes > {max_bytes}"))
             else:
                 plan.to_read.append((item_id, q))
-                plan.listing.append((uri, st[1], st[2]))
+                plan.listing.append((uri, *st[1:]))
     return plan
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-def _list_files(spark, folders: list[str]) -> dict[str, tuple[bool, int, int]]:
-    """{qualified path: (True, size, mtime ms)} of the non-empty files under the folders, listed by Spark
-    (binaryFile without its content column reads no bytes)."""
+def _list_files(spark, folders: list[str]) -> dict[str, tuple[bool, int, int, None]]:
+    """{qualified path: (True, size, mtime ms, None)} of the non-empty files under the folders, listed by
+    Spark (binaryFile without its content column reads no bytes; Hadoop has no change time)."""
     from pyspark.sql import functions as F
 
     existing = [f for f in folders if _file_status(spark, f) is not None]
@@ -333,27 +333,29 @@ def _list_files(spark, folders: list[str]) -> dict[str, tuple[bool, int, int]]:
              .load([glob_escape(f) for f in existing])
              .select("path", "length", F.unix_millis("modificationTime").alias("mtime")))
     with file_open_cost(spark, 1):  # no file is opened: a few tasks, not one per 32 files
-        return {r["path"]: (True, int(r["length"]), int(r["mtime"])) for r in files.collect()}
+        return {r["path"]: (True, int(r["length"]), int(r["mtime"]), None) for r in files.collect()}
 
 
-def _local_status(path: str) -> tuple[bool, int, int] | None:
-    """(is_file, size, mtime ms) of a local path as Hadoop's local file system reports it, or None."""
+def _local_status(path: str) -> tuple[bool, int, int, int] | None:
+    """(is_file, size, mtime ms, ctime ns) of a local path, or None. Size and mtime are what Hadoop's
+    local file system reports; the change time is the kernel's own and cannot be set back, so a file
+    rewritten in place with its size and mtime kept (`cp -p`, a restore from backup) still reads as changed."""
     import stat
 
     try:
         st = os.stat(path)
     except OSError:  # gone, a name too long, a folder it may not enter: nothing it can read
         return None
-    return (stat.S_ISREG(st.st_mode), st.st_size, st.st_mtime_ns // 1_000_000)
+    return (stat.S_ISREG(st.st_mode), st.st_size, st.st_mtime_ns // 1_000_000, st.st_ctime_ns)
 
 
-def _file_status(spark, path: str) -> tuple[bool, int, int] | None:
-    """(is_file, size, mtime ms) of one path through Hadoop's FileSystem, or None when it does not exist."""
+def _file_status(spark, path: str) -> tuple[bool, int, int, None] | None:
+    """(is_file, size, mtime ms, None) of one path through Hadoop's FileSystem, or None when it does not exist."""
     jpath, fs = hadoop_path(spark, path)
     if not fs.exists(jpath):
         return None
     st = fs.getFileStatus(jpath)
-    return (not st.isDirectory(), int(st.getLen()), int(st.getModificationTime()))
+    return (not st.isDirectory(), int(st.getLen()), int(st.getModificationTime()), None)
 
 
 def image_files(spark, plan: ImagePlan):
@@ -403,7 +405,7 @@ def read_image_files(spark, plan: ImagePlan):
     frames, whole = [], []
     # A whole folder also lists files that were not planned (rejected as too large, or not images): the
     # source skips the bytes of those over the largest planned size (its length filter is pushed down).
-    largest = max(n for _, n, _ in plan.listing)
+    largest = max(n for _, n, *_ in plan.listing)
     for folder, names in sorted(outer.items()):
         reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
         if 2 * len(names) < plan.files_under.get(folder, 2 * len(names) + 1):

@@ -347,14 +347,20 @@ def _as_spark(value, kind: str):
 
 
 def unknown_item_events(events: DataFrame, items: DataFrame) -> DataFrame:
-    """(event_id) of each valid event that references an item not in the catalog `items` - a valid PV
-    listing one, a valid click on one - once each: usually few. Each reference is matched against the
-    broadcast catalog."""
-    known = items.select(F.col("item_id").alias("_known")).distinct()
+    """(event_id) of each valid event that references an item not in the catalog `items` (item_id, dt)
+    of its own date or an earlier one - a valid PV listing one, a valid click on one - once each:
+    usually few. Each reference is matched against the broadcast catalog.
+
+    An event is judged by the catalog as it stood on the event's date, so an earlier date re-read for
+    click history gets the verdict its own build gave: an item first listed on a later date does not
+    make that date's quarantined events valid."""
+    # One valid definition per item (parse_catalog); its date is the first date the item is known on.
+    known = items.groupBy(F.col("item_id").alias("_known")).agg(F.min("dt").alias("_known_dt"))
     refs = (events.where(F.col("reason").isNull())
-            .select("event_id", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
-                                          .otherwise(F.array("item_id"))).alias("_ref")))
-    return (refs.join(F.broadcast(known), refs["_ref"] == known["_known"], how="left_anti")
+            .select("event_id", "dt", F.explode(F.when(F.col("event_type") == "pv", F.col("items"))
+                                                .otherwise(F.array("item_id"))).alias("_ref")))
+    return (refs.join(F.broadcast(known), (refs["_ref"] == known["_known"]) & (known["_known_dt"] <= refs["dt"]),
+                      how="left_anti")
             .select("event_id").distinct())
 
 

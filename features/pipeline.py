@@ -84,15 +84,21 @@ class Clusters:
         return spark.createDataFrame(rows, "cluster_id int, cluster_levels array<int>")
 
 
-def load_encoder(spark, ref: str) -> Encoder:
+def load_encoder(spark, ref: str, held: "_Cache | None" = None) -> Encoder:
+    """The encoder's weights broadcast to the executors; destroyed when `held` ends (else the caller's)."""
     spec = encoder_spec(ref)
-    return Encoder(spec, spark.sparkContext.broadcast(encoder_state_bytes(spec)))
+    return Encoder(spec, _broadcast(spark, encoder_state_bytes(spec), held))
 
 
-def load_clusters(spark, ref: str) -> Clusters:
+def load_clusters(spark, ref: str, held: "_Cache | None" = None) -> Clusters:
+    """The clustering's index broadcast to the executors; destroyed when `held` ends (else the caller's)."""
     spec = clusters_spec(ref)
     data = np.frombuffer(clusters_index_bytes(spec), dtype=np.uint8)
-    return Clusters(spec, spark.sparkContext.broadcast(data), registry.clusters_level_parents(spec))
+    return Clusters(spec, _broadcast(spark, data, held), registry.clusters_level_parents(spec))
+
+
+def _broadcast(spark, value, held: "_Cache | None"):
+    return held.broadcast(spark, value) if held is not None else spark.sparkContext.broadcast(value)
 
 
 def _embed(cfg: Config, enc: Encoder, keep=()) -> Callable[[DataFrame], DataFrame]:
@@ -124,12 +130,13 @@ def _dates(df: DataFrame) -> list[str]:
 
 
 class _Cache:
-    """The frames one step materialises (persisted, then counted), released together when the step ends,
-    finished or failed: a long-lived session (a backfill, a scheduler's worker) must not keep a failed
-    day's frames in executor memory."""
+    """The frames one step materialises (persisted, then counted) and the values it broadcasts (an index,
+    an encoder's weights), released together when the step ends, finished or failed: a long-lived session
+    (a backfill of many dates, a scheduler's worker) must not keep every day's copies in memory."""
 
     def __init__(self) -> None:
         self._frames: list[DataFrame] = []
+        self._broadcasts: list = []
 
     def __enter__(self) -> "_Cache":
         return self
@@ -137,6 +144,13 @@ class _Cache:
     def __exit__(self, *exc) -> None:
         while self._frames:
             self._frames.pop().unpersist()
+        while self._broadcasts:  # after the frames: nothing computed from them is kept
+            self._broadcasts.pop().destroy()
+
+    def broadcast(self, spark, value):
+        bc = spark.sparkContext.broadcast(value)
+        self._broadcasts.append(bc)
+        return bc
 
     def persist(self, df: DataFrame) -> tuple[DataFrame, int]:
         df = df.persist(StorageLevel.MEMORY_AND_DISK)
@@ -149,14 +163,14 @@ def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, 
                 job: str = "embed_items") -> Report:
     """item_images (the given first-seen dates, default all) -> item_embeddings of the encoder_ref."""
     _arrow_batch(spark, cfg)
-    enc = load_encoder(spark, cfg.features.encoder_ref)
-    ev = enc.spec.encoder_version
-    images = store.read(T.ITEM_IMAGES)
-    if dates:
-        images = images.where(F.col("dt").isin(dates))
-    todo = dates or _dates(images)
-    r = Report(job, info={"encoder": enc.spec.ref, "encoder_version": ev, "dates": todo})
     with _Cache() as cache:
+        enc = load_encoder(spark, cfg.features.encoder_ref, cache)
+        ev = enc.spec.encoder_version
+        images = store.read(T.ITEM_IMAGES)
+        if dates:
+            images = images.where(F.col("dt").isin(dates))
+        todo = dates or _dates(images)
+        r = Report(job, info={"encoder": enc.spec.ref, "encoder_version": ev, "dates": todo})
         out, n = cache.persist(_embed(cfg, enc, keep=("dt",))(images.select("item_id", "image", "dt")))
         undecodable = out.where(F.col("embedding").isNull()).count()
         r.counts = {"item_images": images.count(), "item_embeddings": n, "embedded": n - undecodable,
@@ -290,7 +304,6 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     index = K.build_index(centroids, kind, f.hnsw_m, f.hnsw_ef_search)
     parents = K.level_parents(centroids, f.levels, f.kmeans_iters, f.kmeans_seed) if f.levels else None
     data = K.serialize(index)
-    bc = spark.sparkContext.broadcast(data)
     key = f"build-{run_id or os.getpid()}"
     items = store.read(T.ITEMS).select("item_id", "dt")
     for frame, table in ((items, T.ITEMS), (emb, f"{T.ITEM_EMBEDDINGS} of {ev}")):
@@ -302,6 +315,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     # Every catalog item gets a row: no embedding (no usable image) -> null -> the reserved id.
     src = items.join(emb, on="item_id", how="left")
     with _Cache() as cache:  # released before the alias moves, and on any failure
+        bc = cache.broadcast(spark, data)
         assigned, n = cache.persist(K.assign_frame(src, bc, key, int(x.shape[1]), f.executor_threads,
                                                    keep=("dt",)))
         sizes = {r["cluster_id"]: r["count"] for r in assigned.groupBy("cluster_id").count().collect()}
@@ -367,13 +381,13 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
                  job: str = "attach_features") -> Report:
     """ctr_log partitions (dates) -> ctr_train partitions, one commit for all of them."""
     _arrow_batch(spark, cfg)
-    clu = load_clusters(spark, cfg.features.clusters_ref)
-    _require_published(cfg, store, clu.spec.feature_version)
-    enc = load_encoder(spark, clu.spec.encoder_ref)
-    ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
-    feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
-    r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
     with _Cache() as cache:
+        clu = load_clusters(spark, cfg.features.clusters_ref, cache)
+        _require_published(cfg, store, clu.spec.feature_version)
+        enc = load_encoder(spark, clu.spec.encoder_ref, cache)
+        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
+        feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
+        r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
         feats, n_feats = cache.persist(feats)
         _check_unique(feats)
         out, _ = cache.persist(A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector,
@@ -456,13 +470,13 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     """The new items of the day (first seen up to `date`, not in item_clusters of the current feature
     version) and the ctr_train partitions that need (re)attaching: missing, of another feature
     version, or mentioning a new item."""
-    clu = load_clusters(spark, cfg.features.clusters_ref)
+    clu = load_clusters(spark, cfg.features.clusters_ref, cache)
     fv = clu.spec.feature_version
     items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
     _require_published(cfg, store, fv)
     clustered = store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
     new, n_new = cache.persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
-    plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref), clustered, new, n_new)
+    plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
     log_dates = sorted({fl.partition_values["dt"] for fl in store.files(T.CTR_LOG)

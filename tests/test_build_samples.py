@@ -25,7 +25,14 @@ def write_known_log(cfg) -> None:
     write_catalog(cfg, D0, ITEMS, missing={"i7"}, corrupt={"i8"}, extra_lines=["{bad catalog line"])
     write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2", "i3"]),
                         click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1"),
-                        pv("a2", "2026-11-19T23:59:50Z", "u9", "p7", ["i1", "i2"])])  # clicked after midnight
+                        pv("a2", "2026-11-19T23:59:50Z", "u9", "p7", ["i1", "i2"]),  # clicked after midnight
+                        # i9 is first listed in the next date's catalog: both events are unknown_item here,
+                        # and stay so when the next date re-reads this log for u1's click history.
+                        pv("a3", "2026-11-19T11:00:00Z", "u1", "p8", ["i1", "i9"]),
+                        click("a4", "2026-11-19T11:00:05Z", "u1", "p8", "i9")])
+    # i9 has no image file: the date adds no item_images partition, so test_rerun_is_idempotent's forced
+    # rebuild sees the partitions the first build saw (a new one compiles one more pruning predicate).
+    write_catalog(cfg, D1, ["i9"], missing={"i9"})
     write_log(cfg, D1, [
         pv("b1", "2026-11-20T08:00:00Z", "u1", "p1", ["i2", "i3", "i4", "i5", "i6", "i1", "i7"]),
         DUP,
@@ -72,7 +79,7 @@ def rows_by(df, key):
 def test_history_is_strictly_before_and_most_recent_first(known):
     _, store, _ = known
     s = rows_by(store.read("pv_samples").where("dt = '2026-11-20'"), "pv_id")
-    assert s["p1"]["click_history"] == ["i1"]  # from the day before (lookback)
+    assert s["p1"]["click_history"] == ["i1"]  # from the day before (lookback); not i9 (unknown on that day)
     assert s["p2"]["click_history"] == ["i5", "i4", "i1"]  # b5 (i6, same ts as p2) is not history
     assert s["p3"]["click_history"] == ["i2", "i6", "i5", "i4", "i1"]  # l_click = 5, distinct
     assert s["p3"]["click_history_ts"][0] > s["p3"]["click_history_ts"][1]
@@ -116,6 +123,10 @@ def test_drop_reasons_and_quarantine_reasons(known):
     assert c0["quarantine"]["catalog"] == {"bad_json": 1}
     assert c0["quarantine"]["image"] == {"image_missing": 1, "image_corrupt": 1}
     assert c0["items"] == 8 and c0["item_images"] == 6
+    assert c0["quarantine"]["search_log"] == {"unknown_item": 2}  # a3 and a4: i9 is listed on D1 only
+    assert sorted(r["event_id"] for r in store.read("quarantine").where(f"dt = '{D0}'").collect()
+                  if r["reason"] == "unknown_item") == ["a3", "a4"]
+    assert c["items"] == 1 and c["item_images"] == 0 and c["quarantine"]["image"] == {"image_missing": 1}  # i9
 
 
 def test_dedupe_keeps_one_click(known):

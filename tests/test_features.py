@@ -327,12 +327,17 @@ def test_items_not_yet_clustered_are_assigned_on_the_fly(world, day2):
     assert shown_new, "day 2 shows some of its new items"
 
 
-def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2):
+def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2, monkeypatch):
+    import os
+
     from features import pipeline as P
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
     before_v, before = _versions(store), _snapshot(store)
     cached = spark.sparkContext._jsc.getPersistentRDDs().size()
+    made, real_broadcast = [], P._Cache.broadcast  # the real broadcasts, recorded
+    monkeypatch.setattr(P._Cache, "broadcast", lambda self, sp, value: made.append(real_broadcast(self, sp, value))
+                        or made[-1])
 
     class Boom(RuntimeError):
         pass
@@ -346,6 +351,8 @@ def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2):
     assert _versions(store) == before_v and _snapshot(store) == before
     # every frame the failed day materialised is released (a backfill's session goes on)
     assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached
+    # and so is every value it broadcast (the index, the encoder's weights): the driver's copies too
+    assert len(made) == 2 and not any(os.path.exists(bc._path) for bc in made)
 
     def fail_between(stage):  # one table committed, the others not: a rerun completes without duplicates
         if stage == "committed:item_embeddings":

@@ -34,7 +34,8 @@ def events(spark):
 def test_unknown_items_mark_exactly_the_events_referencing_one(spark, events, broadcast):
     from etl import samples as S
 
-    catalog = spark.createDataFrame([("i1",), ("i2",), ("i1",)], "item_id string")
+    catalog = spark.createDataFrame([("i1", "2026-11-19"), ("i2", "2026-11-20"), ("i1", "2026-11-20")],
+                                    "item_id string, dt string")
     unknown = S.unknown_item_events(events, catalog)
     assert sorted(r["event_id"] for r in unknown.collect()) == ["e2", "e4"]
     out = S.mark_unknown_items(events, unknown, broadcast=broadcast)
@@ -42,6 +43,25 @@ def test_unknown_items_mark_exactly_the_events_referencing_one(spark, events, br
     got = sorted((r["event_id"] or "", r["pv_id"], r["reason"]) for r in out.collect())
     assert got == [("", "p3", "null_id"), ("e1", "p1", None), ("e2", "p2", "unknown_item"),
                    ("e2", "p9", "duplicate"), ("e3", "p1", None), ("e4", "p2", "unknown_item")]
+
+
+def test_an_event_is_judged_by_the_catalog_of_its_own_date(spark):
+    """An item first listed on a later date stays unknown to an earlier date's events: when that date is
+    re-read for a later date's click history, its events get the verdict its own build gave them."""
+    from pyspark.sql import functions as F
+
+    from etl import samples as S
+
+    rows = [ev("a", "pv", "p1", ["i1"]), ev("b", "click", "p1", item_id="i1", minute=1),
+            ev("c", "pv", "p2", ["i2"]), ev("d", "click", "p2", item_id="i2", minute=1)]
+    events = spark.createDataFrame(rows, SCHEMA)  # all on 2026-11-20
+    # i1 is listed the day before the events, i2 the day after.
+    catalog = spark.createDataFrame([("i1", "2026-11-19"), ("i2", "2026-11-21")], "item_id string, dt string")
+    assert sorted(r["event_id"] for r in S.unknown_item_events(events, catalog).collect()) == ["c", "d"]
+    # The same events re-read on a later date (their dt stays theirs) keep that verdict; had they been
+    # logged on 2026-11-21, i2 would be known.
+    later = events.withColumn("dt", F.lit("2026-11-21"))
+    assert S.unknown_item_events(later, catalog).count() == 0
 
 
 def _hash_exchanges(df) -> int:
@@ -56,7 +76,7 @@ def test_deduplicated_events_reach_the_click_check_without_a_shuffle(spark, even
     from etl.build import materialize
     from etl.spark import static_partitioning
 
-    catalog = spark.createDataFrame([("i1",), ("i2",)], "item_id string")
+    catalog = spark.createDataFrame([("i1", "2026-11-20"), ("i2", "2026-11-20")], "item_id string, dt string")
     with static_partitioning(spark) if static else contextlib.nullcontext():
         deduped = materialize(S.mark_duplicates(events))
     unknown = materialize(S.unknown_item_events(deduped, catalog))  # as the build does: its shuffle is its own

@@ -278,6 +278,28 @@ def test_image_paths_resolve_once_per_folder_and_stay_under_the_root(spark, tmp_
         "i14": IMAGE_MISSING}
 
 
+def test_an_image_rewritten_in_place_with_its_size_and_mtime_kept_is_seen_as_changed(spark, tmp_path):
+    """The listing is part of the date's fingerprint: an image replaced by other bytes of the same size
+    with its old mtime put back (`cp -p`, a restore) must change it, or the rerun says `unchanged`."""
+    import os
+
+    from etl.inputs import fingerprint, plan_images
+
+    root = tmp_path / "images"
+    root.mkdir()
+    image = root / "a.png"
+    image.write_bytes(b"old bytes")
+    before = plan_images(spark, [("i1", "a.png")], str(root), 1000)
+    st = os.stat(image)
+    image.write_bytes(b"new bytes")  # the same size
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = plan_images(spark, [("i1", "a.png")], str(root), 1000)
+    assert [x[:3] for x in before.listing] == [x[:3] for x in after.listing] == [("a.png", 9, st.st_mtime_ns // 10**6)]
+    assert fingerprint({"images": before.listing}) != fingerprint({"images": after.listing})
+    again = plan_images(spark, [("i1", "a.png")], str(root), 1000)
+    assert fingerprint({"images": again.listing}) == fingerprint({"images": after.listing})  # untouched: same
+
+
 @pytest.mark.parametrize("unplanned", [0, 30])
 def test_image_files_are_read_once_whether_folders_load_whole_or_filtered(spark, tmp_path, unplanned):
     """Spark's binaryFile source (any URI root: s3a://, file://) over nested image folders, names a glob
