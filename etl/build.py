@@ -26,10 +26,10 @@ from etl import counts as K
 from etl import samples as S
 from etl.config import Config, under_root
 from etl.counts import DateReport, VerifyError
-from etl.inputs import (InputError, discover, fingerprint, glob_escape, image_files, plan_images,
+from etl.inputs import (InputError, discover, fingerprint, image_files, plan_images,
                         scan_files)
 from etl.publish import PublishError, PublishLog, pause_hook, recover
-from etl.spark import file_open_cost, list_dir, static_partitioning
+from etl.spark import file_open_cost, glob_escape, list_dir, static_partitioning
 from etl.tables import TableStore
 
 log = logging.getLogger(__name__)

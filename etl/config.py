@@ -126,6 +126,7 @@ class TrainConf:
     use_gpu: bool | None = None  # default: local mode, when this machine has CUDA; else when tasks get GPUs
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     checkpoint_every: int = 50  # steps
+    keep_checkpoints: int = 3  # step-*.pt files kept besides last.pt (each holds model + optimizer); 0 = all
     max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts
     log_every: int = 10  # steps between progress lines
     # JPEG decoding of the training reader (training/reader.py), per training process:
@@ -272,7 +273,9 @@ class Config:
 
     @property
     def mlflow_artifact_root(self) -> str:
-        return self._root(self.mlflow.artifact_root, "mlflow/artifacts")
+        root = self._root(self.mlflow.artifact_root, "mlflow/artifacts")
+        # s3a:// is Hadoop's name for S3; MLflow's artifact stores know the same objects as s3://.
+        return "s3://" + root[len("s3a://"):] if root.startswith("s3a://") else root
 
 
 # ---- allowed values: the one list of each; the modules that branch on a value import it from here ----
@@ -395,8 +398,16 @@ def _validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1 and cfg.train.num_workers >= 1 and cfg.train.epochs >= 1,
          "train.batch_size, train.num_workers and train.epochs must be >= 1"),
         (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),
-        (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1,
-         "train.checkpoint_every and train.max_bad_steps must be >= 1"),
+        (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1 and cfg.train.log_every >= 1,
+         "train.checkpoint_every, train.max_bad_steps and train.log_every must be >= 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+         f"train.max_steps must be >= 1 (or left out: no limit), got {cfg.train.max_steps!r}"),
+        (cfg.train.dim >= 1 and cfg.train.weight_decay >= 0 and cfg.train.seed >= 0,
+         "train.dim must be >= 1, train.weight_decay and train.seed >= 0"),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps every one)"),
+        (cfg.mlflow.tracking_uri or not is_uri(cfg.paths.data_root),
+         f"mlflow.tracking_uri must be set when paths.data_root is a URI ({cfg.paths.data_root}): the default, a "
+         "sqlite file under data_root, cannot live in an object store"),
         (cfg.train.decode_workers == "auto"
          or (isinstance(cfg.train.decode_workers, int) and cfg.train.decode_workers >= 0),
          f"train.decode_workers must be auto or an integer >= 0, got {cfg.train.decode_workers!r}"),
@@ -489,21 +500,28 @@ def parse_date(value: str, what: str = "date") -> dt.date:
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     """Make local relative paths absolute against the config file's folder."""
-    def resolve(v: str | None) -> str | None:
+    def resolve(v: str | None, key: str) -> str | None:
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{key} must be a path or URI string, got {type(v).__name__} {v!r}")
         if v is None or is_uri(v) or v.startswith("sqlite:"):
             return v
         return str((base_dir / os.path.expanduser(v)).resolve())
 
     raw = dict(raw)
-    raw["paths"] = {k: resolve(v) for k, v in (raw.get("paths") or {}).items()}
+    for section in ("paths", "mlflow"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{section} must be a mapping of keys to values, got {type(raw[section]).__name__}")
+    raw["paths"] = {k: resolve(v, f"paths.{k}") for k, v in (raw.get("paths") or {}).items()}
     if "data_root" not in raw["paths"]:
-        raw["paths"]["data_root"] = resolve(PathsConf.data_root)
+        raw["paths"]["data_root"] = resolve(PathsConf.data_root, "paths.data_root")
     ml = dict(raw.get("mlflow") or {})
     if ml.get("artifact_root"):
-        ml["artifact_root"] = resolve(ml["artifact_root"])
+        ml["artifact_root"] = resolve(ml["artifact_root"], "mlflow.artifact_root")
     uri = ml.get("tracking_uri")
+    if uri is not None and not isinstance(uri, str):
+        raise ConfigError(f"mlflow.tracking_uri must be a URI string, got {type(uri).__name__} {uri!r}")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        ml["tracking_uri"] = "sqlite:///" + resolve(uri[len("sqlite:///"):])
+        ml["tracking_uri"] = "sqlite:///" + resolve(uri[len("sqlite:///"):], "mlflow.tracking_uri")
     if ml:
         raw["mlflow"] = ml
     return raw

@@ -50,6 +50,7 @@ _SPARK_KEYS = {
     "access_key": "spark.hadoop.fs.s3a.access.key",
     "secret_key": "spark.hadoop.fs.s3a.secret.key",
     "session_token": "spark.hadoop.fs.s3a.session.token",
+    "ssl": "spark.hadoop.fs.s3a.connection.ssl.enabled",
 }
 
 
@@ -64,11 +65,21 @@ class S3Options:
     access_key: str | None = None
     secret_key: str | None = None
     session_token: str | None = None
+    ssl: str | None = None  # "false": an endpoint given without a scheme is plain HTTP (S3A's default: HTTPS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "S3Options":
         env = os.environ if environ is None else environ
         return cls(**{k: next((env[n] for n in names if env.get(n)), None) for k, names in _ENV.items()})
+
+    @property
+    def endpoint_scheme(self) -> str:
+        """The scheme the endpoint is spoken to with: its own, else HTTPS as S3A does unless its
+        connection.ssl.enabled setting is false (e.g. s3.eu-west-1.amazonaws.com: HTTPS)."""
+        given = (self.endpoint or "").split("://", 1)
+        if len(given) == 2:
+            return given[0].lower()
+        return "http" if str(self.ssl).strip().lower() == "false" else "https"
 
     @classmethod
     def from_spark_conf(cls, conf: Mapping, environ: Mapping[str, str] | None = None) -> "S3Options":
@@ -82,6 +93,19 @@ class S3Options:
 
     def __repr__(self) -> str:  # never print a secret
         return f"S3Options(endpoint={self.endpoint!r}, region={self.region!r}, access_key=***)"
+
+
+def delta_storage_options(options: S3Options) -> dict[str, str]:
+    """The same settings as delta-rs (object_store) takes them: the config's endpoint and keys must reach
+    its commits and pinned reads too, not only Spark and pyarrow (delta-rs alone reads only AWS_* env)."""
+    given = {"AWS_ENDPOINT_URL": options.endpoint and
+             f"{options.endpoint_scheme}://{options.endpoint.split('://', 1)[-1].rstrip('/')}",
+             "AWS_REGION": options.region, "AWS_ACCESS_KEY_ID": options.access_key,
+             "AWS_SECRET_ACCESS_KEY": options.secret_key, "AWS_SESSION_TOKEN": options.session_token}
+    out = {k: v for k, v in given.items() if v}
+    if options.endpoint and options.endpoint_scheme == "http":
+        out["AWS_ALLOW_HTTP"] = "true"
+    return out
 
 
 def options_for(cfg) -> S3Options:
@@ -151,7 +175,7 @@ def _s3_filesystem(options: S3Options):
                           session_token=options.session_token)
         if options.endpoint:
             endpoint = options.endpoint
-            kwargs["scheme"] = "https" if endpoint.startswith("https://") else "http"
+            kwargs["scheme"] = options.endpoint_scheme
             # pyarrow wants host:port (it addresses buckets path-style when given an endpoint).
             kwargs["endpoint_override"] = endpoint.split("://", 1)[-1].rstrip("/")
         filesystem = pafs.S3FileSystem(**kwargs)

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from etl.spark import file_open_cost, hadoop_path
+from etl.spark import file_open_cost, glob_escape, hadoop_path
 
 READ_SUFFIXES = (".jsonl", ".json")
 SPARK_CODECS = ("", ".gz", ".bz2")  # what Spark's text source decompresses without native libraries
@@ -212,14 +212,6 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
             raise InputError(f"{f.path}: listed but could not be read back (removed while the job ran?)")
         out[f.path] = hit
     return out
-
-
-def glob_escape(path: str) -> str:
-    """Spark treats [, ], {, }, *, ? in a load path as a glob; a literal file name must be escaped."""
-    out = []
-    for ch in path:
-        out.append("\\" + ch if ch in "[]{}*?\\" else ch)
-    return "".join(out)
 
 
 def fingerprint(parts: dict) -> str:

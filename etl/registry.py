@@ -129,8 +129,14 @@ def register_version(name: str, source: str, run_id: str, tags: dict, descriptio
     client = _client()
     try:
         client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=description)
+    except mlflow.exceptions.MlflowException as e:
+        if not _not_found(e):  # an unreachable server is not an empty registry
+            raise
+        try:
+            client.create_registered_model(name, description=description)
+        except mlflow.exceptions.MlflowException as race:  # another job created it meanwhile: fine
+            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(race, "error_code", "")) + str(race):
+                raise
     return client.create_model_version(name, source=source, run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()})
 

@@ -98,6 +98,10 @@ def get_spark(cfg: Config, app_name: str | None = None):
         # silently ignored and the driver ran with Spark's default 1g heap whatever driver_memory said.
         # The master too: the launcher otherwise records its own default (local[*]) as if submitted.
         launch["spark.master"] = cfg.spark.master
+        if cfg.spark.master.startswith("local"):
+            # The JVM reads it from its environment at launch only: the Spark UI (and any port not named
+            # by spark.driver.bindAddress) binds to it, else to every interface.
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # A dead standalone master: Spark would retry registering for minutes before giving up.
         check_spark_master(cfg.spark.master)
         launch["spark.driver.memory"] = cfg.spark.driver_memory
@@ -112,7 +116,9 @@ def get_spark(cfg: Config, app_name: str | None = None):
         master = cfg.spark.master
         builder = builder.master(master)
         if master.startswith("local"):
-            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            if not launches_jvm and "SPARK_LOCAL_IP" not in os.environ:
+                log.warning("the Spark UI of this spark-submit listens on every interface: export "
+                            "SPARK_LOCAL_IP=127.0.0.1 before spark-submit to keep it on this machine")
             builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     settings = {
         "spark.pyspark.python": sys.executable,
@@ -156,6 +162,14 @@ def get_spark(cfg: Config, app_name: str | None = None):
 def codegen_compilations(spark) -> int:
     """Classes this JVM has compiled from generated code so far: each is a miss of the code cache."""
     return int(spark._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME().getCount())
+
+
+def glob_escape(path: str) -> str:
+    """Spark treats [, ], {, }, *, ? in a load path as a glob; a literal file name must be escaped."""
+    out = []
+    for ch in path:
+        out.append("\\" + ch if ch in "[]{}*?\\" else ch)
+    return "".join(out)
 
 
 def hadoop_path(spark, path: str):

@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Mapping
 
-from etl import catalog
+from etl import catalog, fs
 from etl.config import Config, is_uri, under_root
-from etl.spark import uses_native_delta
+from etl.spark import glob_escape, uses_native_delta
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,20 @@ class TableStore:
         self.spark = spark
         self.root = cfg.tables_root
         self.native = uses_native_delta(cfg)
+        # delta-rs's settings for an object store (the config's S3A endpoint and keys); None: local
+        self._storage = fs.delta_storage_options(fs.options_for(cfg)) if fs.is_object_store(self.root) else None
         if not is_uri(self.root):
             os.makedirs(self.root, exist_ok=True)
+
+    def _is_delta(self, path: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(path, storage_options=self._storage)
+
+    def _open(self, path: str, version: int | None = None):
+        from deltalake import DeltaTable
+
+        return DeltaTable(path, version=version, storage_options=self._storage)
 
     # ---- locations and metadata -----------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -110,22 +122,18 @@ class TableStore:
         return (False, None) if pins is None else (True, pins.get(name))
 
     def _delta(self, name: str, version: int | None = None):
-        from deltalake import DeltaTable
-
         path = self.path(name)
         if version is None:
             pinned, version = self._pin(name)
             if pinned and version is None:
                 raise TableError(f"table {name!r} has no published version yet; run the job that writes it first")
-        if not DeltaTable.is_deltatable(path):
+        if not self._is_delta(path):
             raise TableError(f"table {name!r} does not exist at {path}; run the job that writes it first")
-        return DeltaTable(path, version=version) if version is not None else DeltaTable(path)
+        return self._open(path, version)
 
     def exists(self, name: str) -> bool:
-        from deltalake import DeltaTable
-
         pinned, version = self._pin(name)
-        return DeltaTable.is_deltatable(self.path(name)) and (not pinned or version is not None)
+        return self._is_delta(self.path(name)) and (not pinned or version is not None)
 
     def version(self, name: str) -> int | None:
         return self._delta(name).version() if self.exists(name) else None
@@ -148,10 +156,8 @@ class TableStore:
 
     def latest_version(self, name: str) -> int | None:
         """The newest committed version, published or not (writers and publish recovery only)."""
-        from deltalake import DeltaTable
-
         path = self.path(name)
-        return DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
+        return self._open(path).version() if self._is_delta(path) else None
 
     def history(self, name: str) -> list[dict]:
         return self._delta(name).history()
@@ -205,7 +211,7 @@ class TableStore:
         # stored in Delta data files); unioned by name into the table's column order.
         out = None
         for values, uris in sorted(frames.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
-            df = self.spark.read.schema(data_schema).parquet(*uris)
+            df = self.spark.read.schema(data_schema).parquet(*map(glob_escape, uris))
             for col, value in zip(partition_cols, values):
                 df = df.withColumn(col, F.lit(value).cast(schema[col].dataType))
             out = df if out is None else out.unionByName(df)
@@ -312,7 +318,7 @@ class TableStore:
         if self.native:
             folder = f"{self.path(name).rstrip('/')}/_staging/{run}"
             _writer(data, name).mode("errorifexists").parquet(folder)
-            staged_df = self.spark.read.parquet(folder)
+            staged_df = self.spark.read.parquet(glob_escape(folder))
             # Spark answers count() from the Parquet footers: no data pass.
             return Staged(name, partition, folder, [], None, data.schema, staged_df.count(), None)
         rel_dir = f"{_partition_dir(partition)}/{run}"
@@ -328,7 +334,7 @@ class TableStore:
         if staged.adds or self.native:
             uris = ([f"{self.path(staged.name).rstrip('/')}/{a.path}" for a in staged.adds]
                     if not self.native else [staged.folder])
-            df = self.spark.read.schema(staged.spark_schema).parquet(*uris)
+            df = self.spark.read.schema(staged.spark_schema).parquet(*map(glob_escape, uris))
         else:
             df = self.spark.createDataFrame([], staged.spark_schema)
         for c, v in staged.partition.items():
@@ -342,7 +348,7 @@ class TableStore:
         if self.native:
             from pyspark.sql import functions as F
 
-            data = self.spark.read.parquet(staged.folder)
+            data = self.spark.read.parquet(glob_escape(staged.folder))
             for c, v in partition.items():
                 data = data.withColumn(c, F.lit(v))
             where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
@@ -362,9 +368,7 @@ class TableStore:
         if self.native:
             self.spark.sql(f"RESTORE TABLE delta.`{self.path(name)}` TO VERSION AS OF {int(version)}")
         else:
-            from deltalake import DeltaTable
-
-            DeltaTable(self.path(name)).restore(int(version))
+            self._open(self.path(name)).restore(int(version))
         return self.latest_version(name)
 
     def drop_table(self, name: str) -> None:
@@ -400,8 +404,32 @@ class TableStore:
         """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run."""
         # full: also the files no version ever referred to (a failed or discarded run's); the default
         # (lite) mode only removes files that a version removed
-        return self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                        enforce_retention_duration=retention_hours >= 168, full=True)
+        listed = self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                          enforce_retention_duration=retention_hours >= 168, full=True)
+        return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
+
+    def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:
+        """Native Delta stages a run's files in <table>/_staging/run-<id>/, a folder Delta's vacuum skips
+        (its name starts with _): the folders of runs that died before their commit, whose newest file
+        is older than the retention, are listed (and removed unless dry_run) here."""
+        from etl.spark import hadoop_path
+
+        base, hfs = hadoop_path(self.spark, f"{self.path(name).rstrip('/')}/_staging")
+        if not hfs.exists(base):
+            return []
+        cutoff_ms = (time.time() - retention_hours * 3600) * 1000
+        out = []
+        for run in hfs.listStatus(base):
+            files, newest, it = [], 0, hfs.listFiles(run.getPath(), True)
+            while it.hasNext():
+                f = it.next()
+                files.append(f.getPath().toString())
+                newest = max(newest, f.getModificationTime())
+            if newest <= cutoff_ms:
+                out += files
+                if not dry_run:
+                    hfs.delete(run.getPath(), True)
+        return out
 
     # ---- delta-rs internals ---------------------------------------------------------------------
     def _write_files(self, data, name: str, rel_dir: str, partition: Mapping[str, str], by: str | None = None):
@@ -468,16 +496,17 @@ class TableStore:
                                                              partition_filters, meta))
 
     def _commit_once(self, name, adds, schema, partition_cols, partition_filters, meta):
-        from deltalake import DeltaTable, Schema
+        from deltalake import Schema
         from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
         path = self.path(name)
         props = CommitProperties(custom_metadata={k: v for k, v in meta.items() if v})
-        if not DeltaTable.is_deltatable(path):
+        if not self._is_delta(path):
             create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error",
-                                          partition_by=partition_cols or None, commit_properties=props)
+                                          partition_by=partition_cols or None, commit_properties=props,
+                                          storage_options=self._storage)
             return
-        dt = DeltaTable(path)
+        dt = self._open(path)
         current = dt.schema().to_json()
         if Schema.from_arrow(schema).to_json() != current:
             have = [f.name for f in dt.schema().fields]

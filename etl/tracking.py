@@ -41,7 +41,13 @@ def setup_mlflow(cfg: Config) -> str:
         if not is_uri(artifacts):
             Path(artifacts).mkdir(parents=True, exist_ok=True)
             artifacts = Path(artifacts).resolve().as_uri()
-        exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
+        try:
+            exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
+        except mlflow.exceptions.MlflowException as e:  # another job created it meanwhile
+            exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+            if exp is None:
+                raise e
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

@@ -512,7 +512,8 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
             plan.new.join(images, on="item_id", how="inner").select("item_id", "image", "dt")))
         src = plan.new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
         clu_new, _ = cache.persist(_assign(cfg, plan.clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
-        _drift(cfg, plan, clu_new, r)
+        n_assigned = clu_new.where(F.col("cluster_id") >= 0).count()
+        r.counts.update({"new_items": plan.n_new, "new_assigned": n_assigned, "new_no_image": plan.n_new - n_assigned})
         staged[T.ITEM_EMBEDDINGS] = cache.persist(_merge(
             store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == plan.ev)
             if store.exists(T.ITEM_EMBEDDINGS) else None, emb_new, plan, ("item_id", "embedding", "dt")))
@@ -520,6 +521,7 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
                                                        ("item_id", "cluster_id", "distance", "dt")))
     else:
         r.counts.update({"new_items": 0})
+    _drift(cfg, plan, clu_new, r)
     champion = _champion_version(f.encoder_ref)
     if champion and champion != plan.ev:
         r.info["encoder_note"] = (f"{f.encoder_ref} is {champion} but the clusters belong to {plan.ev}: run "
@@ -547,22 +549,33 @@ def _merge(old: DataFrame | None, new_rows: DataFrame, plan: RefreshPlan, cols: 
             .join(plan.new.select("item_id"), "item_id", "left_anti").unionByName(part))
 
 
-def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame, r: Report) -> None:
-    """Share of the new items farther than the build's far quantile from every centroid; a full
-    re-cluster is due above features.drift_threshold."""
+def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame | None, r: Report) -> None:
+    """Share of the day's items (first seen on the dates this run touches: the day, and earlier days
+    it catches up) farther than the build's far quantile from every centroid; a full re-cluster is due
+    above features.drift_threshold.
+
+    Measured on item_clusters as it stands once the run has committed (its stored rows of those dates
+    plus the new assignments), not on the new items alone: a retry after item_clusters was committed
+    finds no new item, and must still report the drift its first attempt saw, or a scheduler's retry
+    would skip the re-cluster."""
     f, spec = cfg.features, plan.clu.spec
-    d = clu_new.where(F.col("cluster_id") >= 0).agg(
+    dates = sorted(set(plan.new_dates) | {plan.date})
+    rows = plan.clustered.where(F.col("dt").isin(dates)).select("item_id", "cluster_id", "distance")
+    if clu_new is not None:  # the new items' rows replace any stored ones (_merge)
+        rows = (rows.join(clu_new.select("item_id"), on="item_id", how="left_anti")
+                .unionByName(clu_new.select("item_id", "cluster_id", "distance")))
+    d = rows.where(F.col("cluster_id") >= 0).agg(
         F.count("*").alias("n"), F.avg("distance").alias("mean"),
         F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
-    r.counts.update({"new_items": plan.n_new, "new_assigned": d["n"], "new_no_image": plan.n_new - d["n"]})
-    r.info["drift"] = {"far_share": d["far"], "mean_distance": d["mean"], "build_mean_distance": spec.mean_distance,
-                       "far_distance": spec.far_distance, "expected_far_share": 1 - spec.far_quantile}
+    r.info["drift"] = {"items": d["n"], "far_share": d["far"], "mean_distance": d["mean"],
+                       "build_mean_distance": spec.mean_distance, "far_distance": spec.far_distance,
+                       "expected_far_share": 1 - spec.far_quantile}
     due = d["far"] is not None and d["far"] > f.drift_threshold
     r.info["recluster_due"] = due
     if due:
-        r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of {d['n']} new items are farther than "
-                             f"the build's {spec.far_quantile:.0%} distance ({spec.far_distance:.4f}) from every "
-                             f"centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
+        r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of the {d['n']} items first seen "
+                             f"{dates[0]}..{dates[-1]} are farther than the build's {spec.far_quantile:.0%} distance "
+                             f"({spec.far_distance:.4f}) from every centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
 
 
 def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report, job: str, run_id: str,

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import check_date_range, date_range_arguments, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
 
 JOB = "attach_features"
 
@@ -27,7 +27,7 @@ def body(ctx) -> None:
     from features.pipeline import attach_dates, log_report
 
     dates = ctx.args.dates
-    params = {**flat_params(ctx.cfg, ("features",)), "dates": ",".join(dates)}
+    params = {**flat_params(ctx.cfg, ("features",)), "dates": dates_param(dates)}
     with ctx.mlflow_run(f"{JOB} {dates[0]}..{dates[-1]}", params=params) as run:
         log_report(attach_dates(ctx.spark, ctx.cfg, ctx.store, dates, run.info.run_id, JOB))
     ctx.say(f"done; MLflow run {run.info.run_id}")

@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import check_date_range, date_range_arguments, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
 
 JOB = "build_samples"
 
@@ -30,7 +30,7 @@ def body(ctx) -> int:
     from etl.config import flat_params
 
     dates = ctx.args.dates
-    params = {**flat_params(ctx.cfg, ("samples",)), "dates": ",".join(dates), "tables.engine": ctx.cfg.tables.engine,
+    params = {**flat_params(ctx.cfg, ("samples",)), "dates": dates_param(dates), "tables.engine": ctx.cfg.tables.engine,
               "config": ctx.cfg.source}
     reports = []
     with ctx.mlflow_run(params=params) as run, log_reports(reports):

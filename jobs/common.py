@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -98,6 +100,14 @@ def check_date_range(args: argparse.Namespace) -> None:
     args.dates = date_range(args.date, args.end_date) if args.date else None
 
 
+def dates_param(dates: list[str] | None) -> str:
+    """A date range as an MLflow param: its first and last date and how many (a param holds at most
+    6,000 characters: a comma-joined list of a two-year backfill would fail the job at its start)."""
+    if not dates:
+        return "all"
+    return dates[0] if len(dates) == 1 else f"{dates[0]}..{dates[-1]} ({len(dates)} dates)"
+
+
 @dataclass
 class JobContext:
     """What a job's body gets: its arguments and config, the Spark session, the table store on it, and a
@@ -147,6 +157,15 @@ class JobContext:
         print(f"[{self.name}] {message}", flush=True)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's timeout or "mark failed", a worker shutting down) raises SystemExit(143) in
+    the job: Python's default ends the process without unwinding, which left the MLflow run RUNNING for
+    ever and the session up. Unwinding ends the run FAILED and stops the session. The job's own
+    process only (the main thread of a job started as a script)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
             expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None) -> int:
@@ -175,6 +194,7 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
 
     session = None
     try:
+        _exit_on_sigterm()
         session = get_spark(cfg, app_name=name)
         status = body(JobContext(name, args, cfg, session))
         return 0 if status is None else int(status)

@@ -23,13 +23,15 @@ JOB = "refresh_features"
 def _fault_hook():
     """Test-only crash injection: with COURIER_FAULT_KILL_AT=<stage> (a refresh hook stage such as
     committed:item_embeddings) and COURIER_FAULT_MARKER=<path>, the first run to reach that stage creates
-    the marker and kills itself (SIGKILL: no cleanup, like a lost machine); later runs go through."""
+    the marker and kills itself (SIGKILL: no cleanup, like a lost machine; COURIER_FAULT_SIGNAL=TERM: a
+    scheduler's stop); later runs go through."""
     stage, marker = os.environ.get("COURIER_FAULT_KILL_AT"), os.environ.get("COURIER_FAULT_MARKER")
+    sig = getattr(signal, "SIG" + os.environ.get("COURIER_FAULT_SIGNAL", "KILL"))
 
     def hook(at: str) -> None:
         if stage and marker and at == stage and not os.path.exists(marker):
             open(marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
     return hook
 
 

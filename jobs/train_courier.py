@@ -45,9 +45,12 @@ def body(ctx) -> None:
         return
     fs.makedirs(plan.checkpoint_dir)
     tags = {"courier.data_version": str(plan.data_version), "courier.method": t.method}
-    with ctx.mlflow_run(plan.run_name, tags=None if a.resume else tags, run_id=plan.marker and plan.marker["mlflow_run_id"],
-                        params=None if a.resume else L.train_params(ctx.cfg, plan)) as run:
-        result = L.launch(ctx.cfg, ctx.spark, plan.files, plan.checkpoint_dir, run.info.run_id, resume=a.resume)
+    if plan.resume and not a.resume:
+        ctx.say(f"{plan.run_name} started (MLflow run {plan.marker['mlflow_run_id']}) and did not finish: resuming it")
+    with ctx.mlflow_run(plan.run_name, tags=None if plan.resume else tags,
+                        run_id=plan.marker and plan.marker["mlflow_run_id"],
+                        params=None if plan.resume else L.train_params(ctx.cfg, plan)) as run:
+        result = L.launch(ctx.cfg, ctx.spark, plan, run.info.run_id)
         holdout = L.log_holdout(ctx.cfg, plan, result["encoder_path"])
         if holdout:
             ctx.say(holdout)

@@ -14,6 +14,8 @@ def test_shipped_configs_load():
     assert local.mlflow_tracking_uri == "sqlite:///" + str(ROOT / "data" / "mlflow" / "mlflow.db")
     cluster = load_config(ROOT / "conf" / "cluster.example.yaml")
     assert cluster.tables.engine == "spark-delta" and cluster.tables_root.startswith("s3a://")
+    # MLflow has no s3a:// artifact store: the default artifact root under an s3a data_root is s3://
+    assert cluster.mlflow_artifact_root == "s3://my-bucket/courier/mlflow/artifacts"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -27,6 +29,17 @@ def test_shipped_configs_load():
     ({"simulator": {"start_date": "20/11/2026"}}, "expected YYYY-MM-DD"),
     ({"spark": {"conf": {"executor.memory": "1g"}}}, "keys must start with 'spark.'"),
     ({"spark": {"broadcast_images_mb": -1}}, "spark.broadcast_images_mb must be >= 0"),
+    # accepted before, then a ZeroDivisionError mid-training / "no limit" / one step
+    ({"train": {"log_every": 0}}, "train.log_every must be >= 1"),
+    ({"train": {"max_steps": 0}}, "train.max_steps must be >= 1"),
+    ({"train": {"max_steps": -1}}, "train.max_steps must be >= 1"),
+    ({"train": {"dim": 0}}, "train.dim must be >= 1"),
+    ({"train": {"keep_checkpoints": -1}}, "train.keep_checkpoints must be >= 0"),
+    # a traceback before (AttributeError on .startswith)
+    ({"paths": {"data_root": 5}}, "paths.data_root must be a path or URI string, got int 5"),
+    ({"mlflow": {"tracking_uri": 5}}, "mlflow.tracking_uri must be a URI string, got int 5"),
+    # the default tracking store is a sqlite file under data_root: not in a bucket
+    ({"paths": {"data_root": "s3a://bucket/courier"}}, "mlflow.tracking_uri must be set when paths.data_root is a URI"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -481,6 +481,27 @@ def test_backbone_only_state_dict_reports_classifier_keys(tmp_path):
     torch.testing.assert_close(enc.backbone.conv1.weight, tv.conv1.weight, rtol=0, atol=0)
 
 
+def test_pretrained_weights_from_a_checkpoint_or_another_backbone(tmp_path):
+    """A COURIER checkpoint (last.pt: {"model": the whole model's state}) gives its encoder's weights; a
+    state dict of another backbone is refused instead of leaving the backbone at random init."""
+    import torchvision
+
+    from training.courier import ImageEncoder
+
+    torch.manual_seed(0)
+    src = ImageEncoder("tiny_cnn", dim=32)
+    path = tmp_path / "last.pt"
+    torch.save({"model": {"encoder." + k: v for k, v in src.state_dict().items()}, "optimizer": {}}, path)
+    dst = ImageEncoder("tiny_cnn", dim=32, pretrained_path=str(path))
+    assert dst.load_report == {"missing": [], "unexpected": []}
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x), rtol=0, atol=0)
+    other = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="backbone's weights are not in it"):
+        ImageEncoder("tiny_cnn", dim=32, pretrained_path=str(other))
+
+
 def test_courier_model_end_to_end():
     torch.manual_seed(0)
     cfg = CourierLossConfig(proj_head=True)

@@ -31,7 +31,7 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     from training.ctr.review import review_and_report
     from training.ctr.pipeline import train_and_register
     from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
-    from training.launch import launch, register_encoder
+    from training.launch import TrainPlan, launch, register_encoder
 
     cfg = load_config(write_config(tmp_path, {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW}))
     simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=7, image_px=32)
@@ -51,7 +51,8 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     ckpt = os.path.join(cfg.checkpoints_root, "e2e")
     os.makedirs(ckpt)
     with start_run(cfg, "e2e-train") as run:
-        result = launch(cfg, spark, store.files("courier_train"), ckpt, run.info.run_id)
+        plan = TrainPlan("e2e", store.version("courier_train"), store.files("courier_train"), [], ckpt, None)
+        result = launch(cfg, spark, plan, run.info.run_id)
         encoder = register_encoder(cfg, result["encoder_path"], run.info.run_id,
                                    data_version=store.version("courier_train"), alias="champion")
     assert result["steps"] == TRAIN["max_steps"]

@@ -112,6 +112,13 @@ def main(out: Path) -> None:
         ct = sample_frame(spark, 7, 10).select(*[F.col("user_id").alias(c) for c in T.COURIER_TRAIN.columns])
         store.commit_staged(store.stage_partition(ct, T.COURIER_TRAIN, {"dt": DATES[0]}))
         store.replace_partition(ct, T.COURIER_TRAIN, {"dt": DATES[1]})
+        # A run that died after staging and before its commit: a vacuum lists and removes its files
+        # (native Delta stages in _staging/, a folder Delta's own vacuum skips).
+        dead = store.stage_partition(ct, T.COURIER_TRAIN, {"dt": DATES[2]})
+        dead_files = {f.name for f in Path(dead.folder.split(":", 1)[-1]).rglob("*.parquet")}
+        listed = {os.path.basename(p) for p in store.vacuum(T.COURIER_TRAIN, retention_hours=0, dry_run=True)}
+        store.vacuum(T.COURIER_TRAIN, retention_hours=0, dry_run=False)
+        left = list(Path(dead.folder.split(":", 1)[-1]).rglob("*.parquet"))
         result["engines"][engine] = {
             "codecs": {n: file_codecs(store, n) for n in ("t", T.COURIER_TRAIN)},
             "versions": versions,
@@ -125,6 +132,8 @@ def main(out: Path) -> None:
             "u_v0": row_set_hash(store.read("u", version=0)),
             "files_rows": {d: sum(f.num_records for f in files if f.partition_values["dt"] == d) for d in DATES},
             "columns": store.read("t").columns,
+            "dead_run": {"staged": len(dead_files), "listed": dead_files <= listed, "left": len(left),
+                         "rows_after": store.read(T.COURIER_TRAIN).count()},
         }
     # each engine reads the other's tables, latest and pinned
     cross = {}
@@ -158,6 +167,10 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     for key in ("t", "t_v0", "t_v1", "m", "m_v0", "u", "u_v0", "files_rows", "columns", "codecs"):
         assert rs[key] == native[key], key
     assert rs["codecs"] == {"t": ["SNAPPY"], "courier_train": ["ZSTD"]}
+    # a dead run's staged files: listed by a vacuum and removed, the committed rows untouched, on both engines
+    for engine in (rs, native):
+        assert engine["dead_run"] == {"staged": engine["dead_run"]["staged"], "listed": True, "left": 0,
+                                      "rows_after": 20} and engine["dead_run"]["staged"] > 0, engine["dead_run"]
     # ... and the content written (not merely equal to each other)
     exp = res["expected"]
     assert rs["t"] == exp["t"] and rs["t_v0"] == exp["t_v0"]

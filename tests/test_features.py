@@ -32,7 +32,7 @@ def world(spark, tmp_path_factory):
     from etl.tracking import start_run
     from features import pipeline as P
     from training.courier import ImageEncoder
-    from training.launch import launch, register_encoder
+    from training.launch import TrainPlan, launch, register_encoder
 
     t0 = time.perf_counter()
     tmp = tmp_path_factory.mktemp("features")
@@ -43,7 +43,8 @@ def world(spark, tmp_path_factory):
     ckpt = os.path.join(cfg.checkpoints_root, "tiny")
     os.makedirs(ckpt)
     with start_run(cfg, "train tiny") as run:
-        result = launch(cfg, spark, store.files("courier_train"), ckpt, run.info.run_id)
+        plan = TrainPlan("tiny", store.version("courier_train"), store.files("courier_train"), [], ckpt, None)
+        result = launch(cfg, spark, plan, run.info.run_id)
         trained = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=0, alias="champion")
         torch.manual_seed(cfg.train.seed)  # the weights the training started from
         init_path = os.path.join(ckpt, "init.pt")
@@ -407,6 +408,10 @@ def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
     versions, content = _versions(store), _snapshot(store)
     again = P.refresh(spark, cfg, store, D2)
     assert again.versions == {} and "noop" in again.info
+    # A rerun (a scheduler's retry after the commits) reports the drift the first run measured: the
+    # re-cluster decision must not depend on which attempt reports it.
+    assert again.info["drift"] == rep.info["drift"] and again.info["drift"]["items"] == rep.counts["new_assigned"] > 0
+    assert again.info["recluster_due"] == rep.info["recluster_due"]
     assert _versions(store) == versions and _snapshot(store) == content
     empty = P.refresh(spark, cfg, store, EMPTY_DAY)  # no new items, no new log: nothing to do, no crash
     assert empty.versions == {} and _versions(store) == versions
@@ -424,6 +429,26 @@ def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(
     assert f"ctr_log({EMPTY_DAY}) = ctr_train({EMPTY_DAY}): 0 = 0 ok" in out.stdout
     store = world["store"]
     assert store.read("ctr_train").where(f"dt = '{EMPTY_DAY}'").count() == 0
+
+
+def test_a_job_stopped_by_sigterm_ends_its_mlflow_run_failed(world, day2, tmp_path):
+    """A scheduler's stop (SIGTERM: a task timeout, "mark failed") unwinds the job: its MLflow run ends
+    FAILED instead of RUNNING for ever, the exit status says it was terminated (128 + 15), and nothing
+    is committed."""
+    import mlflow
+
+    cfg, store = world["cfg"], world["store"]
+    before = _versions(store)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1", "COURIER_FAULT_KILL_AT": "computed", "COURIER_FAULT_SIGNAL": "TERM",
+           "COURIER_FAULT_MARKER": str(tmp_path / "stopped")}
+    out = subprocess.run([sys.executable, "jobs/refresh_features.py", "--conf", cfg.source, "--date", D2],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 143 and (tmp_path / "stopped").exists(), out.stdout[-3000:] + out.stderr[-3000:]
+    assert _versions(store) == before
+    runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'refresh_features'", output_format="list",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs and runs[0].info.status == "FAILED" and runs[0].info.end_time is not None
 
 
 def _with(cfg, section: str, **values):

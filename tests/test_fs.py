@@ -78,6 +78,19 @@ def test_options_from_spark_conf_and_env():
     o = fs.S3Options.from_spark_conf(conf, env)
     assert (o.endpoint, o.access_key, o.secret_key) == ("http://conf:3", "confkey", "envsecret")
     assert "envsecret" not in repr(o) and "confkey" not in repr(o)
+    # An endpoint without a scheme is spoken to as S3A does: HTTPS, unless connection.ssl.enabled is false.
+    bare = {"spark.hadoop.fs.s3a.endpoint": "s3.eu-west-1.amazonaws.com"}
+    assert fs.S3Options.from_spark_conf(bare, {}).endpoint_scheme == "https"
+    plain = {**bare, "spark.hadoop.fs.s3a.connection.ssl.enabled": "false"}
+    assert fs.S3Options.from_spark_conf(plain, {}).endpoint_scheme == "http"
+    assert fs.S3Options.from_spark_conf(conf, env).endpoint_scheme == "http"  # its own scheme wins
+    # delta-rs gets the same settings (it reads only AWS_* from the environment otherwise)
+    assert fs.delta_storage_options(fs.S3Options.from_spark_conf(plain, {})) == {
+        "AWS_ENDPOINT_URL": "http://s3.eu-west-1.amazonaws.com", "AWS_ALLOW_HTTP": "true"}
+    assert fs.delta_storage_options(fs.S3Options.from_spark_conf(conf, env)) == {
+        "AWS_ENDPOINT_URL": "http://conf:3", "AWS_ALLOW_HTTP": "true", "AWS_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "confkey", "AWS_SECRET_ACCESS_KEY": "envsecret"}
+    assert fs.delta_storage_options(fs.S3Options()) == {}
 
 
 def test_bad_uris():

@@ -90,6 +90,7 @@ def test_tables_read_back_with_spark_and_mlflow_has_the_run(spark, submitted):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["samples.neg_rate"] == "0.2"
+    assert run.data.params["dates"] == "2026-11-20..2026-11-22 (3 dates)"  # a range, not a list that can outgrow a param
     assert int(run.data.tags["table_version.pv_samples.2026-11-22"]) == store.version("pv_samples")
     assert run.data.metrics["pv_samples"] > 0
 
@@ -126,3 +127,18 @@ def test_a_crash_exits_with_the_jobs_crash_status(tmp_path):
                          timeout=300)
     assert out.returncode == 3, out.stderr[-3000:]
     assert "ZeroDivisionError: boom in the body" in out.stderr and "crashy: error: the job failed (exit 3)" in out.stderr
+
+
+def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
+    """A job started with plain python (as the schedule runs them) launches the JVM itself: SPARK_LOCAL_IP
+    must reach the JVM's environment at launch, or the Spark UI listens on every interface."""
+    conf = write_config(tmp_path, {})
+    code = ("import sys\nfrom jobs.common import run_job\n"
+            "def body(ctx):\n    print('JVM SPARK_LOCAL_IP=' + str(ctx.spark._jvm.System.getenv('SPARK_LOCAL_IP')))\n"
+            f"sys.exit(run_job('ports', 'd', lambda p: None, body, argv=['--conf', {str(conf)!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "SPARK_LOCAL_IP"}
+    env["PYSPARK_PYTHON"] = sys.executable
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "JVM SPARK_LOCAL_IP=127.0.0.1" in out.stdout

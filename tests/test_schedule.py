@@ -205,6 +205,7 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     assert _versions(spark, cfg, every) == before
     again = [s for s in _status_lines(rerun.stdout + rerun.stderr, "recluster_due") if s.get("date") == dates[1]]
     assert again and again[-1]["noop"] and again[-1]["committed"] == {}
+    assert again[-1]["drift_far_share"] == last[dates[1]]["drift_far_share"]  # a retry sees the same drift
 
     # The backfill's stage-1 tables equal one build_samples run over the whole range (the README pipeline).
     (tmp_path / "ref").mkdir()

@@ -49,6 +49,23 @@ def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factor
     assert store.read("t").count() == 5
 
 
+def test_a_tables_root_with_glob_characters_reads_its_own_files(spark, tmp_path):
+    """Spark reads a load path as a glob: a root named like /data/courier[prod] must still read its files."""
+    from conftest import write_config
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    folder = tmp_path / "courier[prod]{a,b}"
+    folder.mkdir()
+    store = TableStore(spark, load_config(write_config(folder, {})))
+    store.replace_partition(spark.range(4), "t", {"dt": "2026-11-20"})
+    staged = store.stage_partition(spark.range(3), "t", {"dt": "2026-11-21"})
+    assert store.read_staged(staged).count() == 3
+    store.commit_staged(staged)
+    assert sorted(r["dt"] for r in store.read("t").collect()) == ["2026-11-20"] * 4 + ["2026-11-21"] * 3
+
+
 def test_replace_partition_and_time_travel(spark, cfg_factory):
     from etl.tables import TableError, TableStore
 

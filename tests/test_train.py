@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import ROOT, gloo_ranks_may_abort, write_config
 
+# keep_checkpoints 0: the kill-and-resume test waits for step 6's file, which a pruned run may already have removed
 TRAIN_SETTINGS = {"batch_size": 16, "num_workers": 2, "epochs": 6, "lr": 1e-3, "checkpoint_every": 2,
-                  "log_every": 4, "decode_threads": 1}
+                  "log_every": 4, "decode_threads": 1, "keep_checkpoints": 0}
 
 
 def _env():
@@ -106,6 +107,103 @@ def test_kill_and_resume_equals_an_uninterrupted_run(trained):
     assert full.keys() == resumed.keys()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trained, spark):
+    """run.json keeps what the run started on: a resume reads that courier_train version (not a newer
+    one) and refuses settings that would change the rows' order or the model; an idempotent pipeline
+    (--skip-if-done) resumes a run that started and did not finish instead of failing."""
+    import dataclasses
+
+    from etl import fs
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training.launch import TrainError, _write_marker, plan_training, run_identity
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    store = TableStore(spark, cfg)
+    latest = store.version("courier_train")
+    folder = _checkpoints(conf, "pinned")
+    fs.makedirs(folder)
+    _write_marker(folder, "run-x", run_identity(cfg, latest - 1))  # started on the version before the latest
+    plan = plan_training(cfg, store, "pinned", resume=True, skip_if_done=False)
+    assert plan.resume and plan.data_version == latest - 1
+    assert {f.uri for f in plan.files + plan.holdout} == {f.uri for f in store.files("courier_train", latest - 1)}
+    assert plan_training(cfg, store, "pinned", resume=False, skip_if_done=True).resume  # the pipeline's rerun
+    with pytest.raises(TrainError, match="already holds run run-x"):
+        plan_training(cfg, store, "pinned", resume=False, skip_if_done=False)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=32, seed=5))
+    with pytest.raises(TrainError, match=r"train.batch_size: 16 -> 32; train.seed: 0 -> 5"):
+        plan_training(other, store, "pinned", resume=True, skip_if_done=False)
+
+
+def _train_in_process(spec: dict) -> dict:
+    import socket
+
+    from training.train import train_fn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return train_fn(spec)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_resuming_a_run_that_reached_max_steps_trains_no_further_and_prunes_old_checkpoints(trained, spark, tmp_path):
+    """A run resumed from its final checkpoint (it had reached max_steps, then e.g. its registration
+    failed) keeps its weights: no step max_steps + 1. Only the newest keep_checkpoints step files stay."""
+    import dataclasses
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training.launch import make_spec
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    spec = dataclasses.asdict(make_spec(cfg, TableStore(spark, cfg).files("courier_train"), str(tmp_path), None, False))
+    spec["train"].update(max_steps=4, checkpoint_every=1, keep_checkpoints=2, num_workers=1, decode_workers=0,
+                         use_gpu=False)
+    first = _train_in_process(spec)
+    assert first["steps"] == 4 and len(first["losses"]) == 4
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("step-")) == ["step-00000003.pt", "step-00000004.pt"]
+    weights = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    again = _train_in_process({**spec, "resume": True})
+    assert again["steps"] == 4 and again["losses"] == []
+    resumed = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypatch):
+    """register_encoder creates the version, then uploads its weights and tags its lineage: when either
+    fails, the version is removed, so courier-encoder/latest never names one without its weights."""
+    import mlflow
+
+    from etl import registry
+    from etl.config import load_config
+    from etl.tracking import setup_mlflow, start_run
+    from training.launch import register_encoder
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    before = {v.version for v in client.search_model_versions("name = 'courier-encoder'")}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("tracking server went away")
+
+    monkeypatch.setattr(registry, "tag_version", fail)
+    with start_run(cfg, "registration fails"), pytest.raises(RuntimeError, match="went away"):
+        register_encoder(cfg, os.path.join(_checkpoints(conf, "full"), "encoder.pt"), "run-y", data_version=2)
+    assert {v.version for v in client.search_model_versions("name = 'courier-encoder'")} == before
 
 
 def test_horovod_backend_follows_the_ddp_run(trained):

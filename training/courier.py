@@ -127,11 +127,17 @@ def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _read_local_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A local state dict (never downloaded); unwraps {"state_dict": ...} and DDP's "module." prefix."""
+    """A local state dict (never downloaded); unwraps {"state_dict": ...}, a COURIER checkpoint
+    ({"model": ...}, the whole model: its encoder's keys start with "encoder.") and DDP's "module." prefix."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    if any(k.startswith("encoder.backbone.") for k in state):  # a CourierModel's: keep its encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return state
 
 
 class ImageEncoder(nn.Module):
@@ -196,6 +202,11 @@ class ImageEncoder(nn.Module):
         full = any(k.startswith("backbone.") for k in state)  # a whole ImageEncoder, else a bare backbone
         result = (self if full else self.backbone).load_state_dict(state, strict=False)  # classifier keys
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        backbone_missing = [k for k in missing if k.startswith("backbone.") or not full]
+        if backbone_missing:  # another backbone's weights, or no weights at all: never train from random init
+            raise ValueError(f"train.pretrained_path {path}: {len(backbone_missing)} of the {self.backbone_name} "
+                             f"backbone's weights are not in it (e.g. {backbone_missing[:3]}); it holds "
+                             f"{len(state)} tensors, e.g. {list(state)[:3]}")
         self.load_report = {"missing": missing, "unexpected": unexpected}
         (log.warning if missing else log.info)(
             "ImageEncoder(%s): loaded %s (%s state dict); missing keys %s; unexpected keys %s",

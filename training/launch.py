@@ -29,34 +29,64 @@ class TrainPlan:
     holdout: list
     checkpoint_dir: str
     marker: dict | None  # the run the checkpoint folder already belongs to
+    resume: bool = False  # continue that run (from its last checkpoint, if it wrote one)
 
     @property
     def done_path(self) -> str:
         return fs.join(self.checkpoint_dir, "done.json")
 
 
+# The settings a checkpoint's position and weights mean something under: the reader's order depends on
+# (seed, epoch, rank, world size, batch size, grouping) and the files, the weights on the model's shape.
+RESUME_SETTINGS = ("batch_size", "num_workers", "seed", "batch_grouping", "holdout_last_date", "method",
+                   "backbone", "dim", "proj_head")
+
+
+def run_identity(cfg: Config, data_version: int) -> dict:
+    """What a run was started on, kept in its run.json: a resume must match it."""
+    return {"data_version": data_version, "samples.image_px": cfg.samples.image_px,
+            **{f"train.{k}": getattr(cfg.train, k) for k in RESUME_SETTINGS}}
+
+
 def plan_training(cfg: Config, store, run_name: str | None, resume: bool, skip_if_done: bool) -> TrainPlan:
     """The pinned courier_train version and its files (latest date held out when asked), and the
-    checkpoint folder; refuses to start over an existing run unless resuming it."""
+    checkpoint folder; refuses to start over an existing run unless resuming it. A resumed run trains on
+    its own data version (not a newer one) and refuses settings that would change its order or model.
+    With skip_if_done (an idempotent pipeline), a run that started and did not finish is resumed."""
     t = cfg.train
-    version = t.table_version if t.table_version is not None else store.version(TABLE)
-    if version is None:
+    latest = t.table_version if t.table_version is not None else store.version(TABLE)
+    if latest is None:
         raise TrainError(f"{TABLE} does not exist yet: run jobs/build_samples.py first")
+    name = run_name or f"{t.method}-{t.backbone}-v{latest}"
+    checkpoint_dir = under_root(cfg.checkpoints_root, name)
+    marker = run_marker(checkpoint_dir)
+    resume = resume or (skip_if_done and marker is not None)
+    if resume and marker is None:
+        raise TrainError(f"--resume: no run to resume in {checkpoint_dir}")
+    if not resume and marker is not None:
+        raise TrainError(f"{checkpoint_dir} already holds run {marker['mlflow_run_id']}: pass --resume to "
+                         "continue it, or --run-name for a new run (nothing is overwritten)")
+    started_on = (marker or {}).get("identity", {}).get("data_version")
+    version = started_on if resume and started_on is not None and t.table_version is None else latest
     files = store.files(TABLE, version)
     if not files:
         raise TrainError(f"{TABLE} v{version} has no rows to train on")
     files, holdout = split_holdout(files, t.holdout_last_date)
-    name = run_name or f"{t.method}-{t.backbone}-v{version}"
-    checkpoint_dir = under_root(cfg.checkpoints_root, name)
-    plan = TrainPlan(name, version, files, holdout, checkpoint_dir, run_marker(checkpoint_dir))
-    if skip_if_done and plan.marker is not None and fs.exists(plan.done_path):
-        return plan
-    if resume and plan.marker is None:
-        raise TrainError(f"--resume: no run to resume in {checkpoint_dir}")
-    if not resume and plan.marker is not None:
-        raise TrainError(f"{checkpoint_dir} already holds run {plan.marker['mlflow_run_id']}: pass --resume to "
-                         "continue it, or --run-name for a new run (nothing is overwritten)")
+    plan = TrainPlan(name, version, files, holdout, checkpoint_dir, marker, resume)
+    if resume and not fs.exists(plan.done_path):
+        _refuse_changed_settings(plan, run_identity(cfg, version))
     return plan
+
+
+def _refuse_changed_settings(plan: TrainPlan, now: dict) -> None:
+    then = plan.marker.get("identity")
+    if then is None:  # a run.json written before identities were kept: nothing to compare
+        return
+    changed = [f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in now if then.get(k) != now[k]]
+    if changed:
+        raise TrainError(f"--resume of {plan.run_name}: the run started with other settings ({'; '.join(changed)}); "
+                         "its checkpoint's position would skip or repeat rows. Resume with the run's settings, "
+                         "or start a new run with --run-name")
 
 
 def finished_version(plan: TrainPlan) -> str | None:
@@ -105,8 +135,8 @@ def run_marker(checkpoint_dir: str) -> dict | None:
     return json.loads(fs.read_text(path))
 
 
-def _write_marker(checkpoint_dir: str, run_id: str) -> None:
-    fs.write_text(fs.join(checkpoint_dir, "run.json"), json.dumps({"mlflow_run_id": run_id}))
+def _write_marker(checkpoint_dir: str, run_id: str, identity: dict) -> None:
+    fs.write_text(fs.join(checkpoint_dir, "run.json"), json.dumps({"mlflow_run_id": run_id, "identity": identity}))
 
 
 def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resume: bool):
@@ -156,12 +186,17 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launch(cfg: Config, spark, files, checkpoint_dir: str, run_id: str, resume: bool = False) -> dict:
+def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
     """Run training on cfg.train.num_workers processes; return rank 0's result dict."""
-    from training.train import train_fn
+    from training.train import last_checkpoint, train_fn
 
     t = cfg.train
-    _write_marker(checkpoint_dir, run_id)
+    files, checkpoint_dir, resume = plan.files, plan.checkpoint_dir, plan.resume
+    if not resume:
+        _write_marker(checkpoint_dir, run_id, run_identity(cfg, plan.data_version))
+    elif last_checkpoint(checkpoint_dir) is None:  # it failed before its first checkpoint
+        print(f"[train] {plan.run_name} has no checkpoint yet: starting from step 0 in the same run", flush=True)
+        resume = False
     spec = dataclasses.asdict(make_spec(cfg, files, checkpoint_dir, run_id, resume))
     result_path = spec["result_path"]
     fs.remove(result_path)
@@ -214,11 +249,15 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
     # torch.load(weights_only=True), so no pickled model is ever unpickled downstream. One folder per
     # version: a run that registers two encoders must not overwrite the first one's weights.
     state_artifact = registry.ENCODER_STATE_ARTIFACT.format(version=version.version)
-    with tempfile.TemporaryDirectory() as tmp:
-        fs.copy_to_local(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
-        mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
-    registry.tag_version(MODEL_NAME, version.version, registry.encoder_tags(
-        run_id, data_version, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head, state_artifact))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fs.copy_to_local(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
+            mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
+        registry.tag_version(MODEL_NAME, version.version, registry.encoder_tags(
+            run_id, data_version, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head, state_artifact))
+    except BaseException:  # a version without its weights or lineage must not be what courier-encoder/latest names
+        registry.delete_version(MODEL_NAME, version.version)
+        raise
     if alias:
         registry.set_alias(MODEL_NAME, alias, version.version)
     return version

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -156,7 +157,9 @@ def last_checkpoint(checkpoint_dir: str) -> str | None:
     return path if fs.exists(path) else None
 
 
-def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict) -> str:
+def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict, keep: int = 0) -> str:
+    """step-<global step>.pt and last.pt; then only the `keep` newest step files stay (0: all). Each holds
+    the model and the optimizer's state: kept all, they would fill the disk over a long run."""
     fs.makedirs(checkpoint_dir)
     state = {
         "model": model.state_dict(),
@@ -167,7 +170,14 @@ def save_checkpoint(checkpoint_dir, model, optimizer, scaler, position: dict) ->
     path = fs.join(checkpoint_dir, f"step-{position['global_step']:08d}.pt")
     save_state(state, path)
     save_state(state, fs.join(checkpoint_dir, "last.pt"))
+    if keep:
+        steps = sorted(n for n in fs.list_names(checkpoint_dir) if STEP_FILE.fullmatch(n))
+        for old in steps[:-keep]:
+            fs.remove(fs.join(checkpoint_dir, old))
     return path
+
+
+STEP_FILE = re.compile(r"step-\d{8}\.pt")
 
 
 def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
@@ -272,8 +282,12 @@ def train_fn(spec_dict: dict) -> dict:
     total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
     tracker = _Tracker(spec, total_steps)
     bad_in_a_row, losses = 0, []
-    stop = False
+    # A run resumed from its final checkpoint (it had reached max_steps; e.g. its registration failed)
+    # trains no further step: the same weights as the run that was not interrupted.
+    stop = bool(t["max_steps"]) and position["global_step"] >= t["max_steps"]
     for epoch in range(position["epoch"], t["epochs"]):
+        if stop:
+            break
         skip = position["batch"] if epoch == position["epoch"] else 0
         batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
                                   seed=t["seed"], epoch=epoch, skip_batches=skip,
@@ -320,7 +334,7 @@ def train_fn(spec_dict: dict) -> dict:
                                                  for k, v in parts.items() if torch.is_tensor(v)}}
                 tracker.step(step, metrics, images * world, t["log_every"])
                 if step % t["checkpoint_every"] == 0 and rank == 0:
-                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
+                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
                     tracker.flush()
                 if t["max_steps"] and step >= t["max_steps"]:
                     stop = True
@@ -334,7 +348,7 @@ def train_fn(spec_dict: dict) -> dict:
     result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
               "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
     if rank == 0:
-        save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position)
+        save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
         encoder_path = fs.join(spec.checkpoint_dir, "encoder.pt")  # the encoder alone, for stage 3
         save_state(raw_model.encoder.state_dict(), encoder_path)
         result["encoder_path"] = encoder_path
