@@ -138,6 +138,30 @@ def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trai
         plan_training(other, store, "pinned", resume=True, skip_if_done=False)
 
 
+def test_a_run_that_died_before_its_first_checkpoint_resumes_from_step_0(trained, spark):
+    """run.json is written when a run starts: one that failed before its first checkpoint used to block
+    its name (a rerun refused, --resume crashed on the missing last.pt). --resume now starts it from
+    step 0 in the same MLflow run."""
+    from etl import fs
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from etl.tracking import setup_mlflow, start_run
+    from training.launch import _write_marker, run_identity
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    setup_mlflow(cfg)
+    with start_run(cfg, "early") as run:  # the run the died attempt had opened
+        pass
+    folder = _checkpoints(conf, "early")
+    fs.makedirs(folder)
+    _write_marker(folder, run.info.run_id, run_identity(cfg, TableStore(spark, cfg).version("courier_train")))
+    out = _submit(conf, "train_courier", "--run-name", "early", "--resume", "--set", "train.max_steps=2")
+    assert "has no checkpoint yet: starting from step 0 in the same run" in out.stdout
+    assert json.loads(fs.read_text(os.path.join(folder, "done.json")))["mlflow_run_id"] == run.info.run_id
+    assert json.loads(fs.read_text(os.path.join(folder, "result.json")))["steps"] == 2
+
+
 def _train_in_process(spec: dict) -> dict:
     import socket
 
@@ -179,6 +203,41 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_and_prunes_old_
     assert again["steps"] == 4 and again["losses"] == []
     resumed = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+def test_a_skipped_step_puts_batchnorm_statistics_back(trained, spark, tmp_path, monkeypatch):
+    """A non-finite step is skipped, but its forward already moved BatchNorm's running statistics (an fp16
+    overflow makes them NaN): the skip restores them, so the saved encoder evaluates to finite values."""
+    import dataclasses
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training import train as TR
+    from training.launch import make_spec
+
+    real_forward, calls = TR.forward, []
+
+    def overflowing_forward(model, batch, device, amp_dtype, **extra):
+        loss, parts = real_forward(model, batch, device, amp_dtype, **extra)
+        calls.append(1)
+        if len(calls) == 1:  # the first step overflows: NaN statistics, a NaN loss
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.running_mean.fill_(float("nan"))
+            loss = loss * float("nan")
+        return loss, parts
+
+    monkeypatch.setattr(TR, "forward", overflowing_forward)
+    conf, _ = trained
+    cfg = load_config(conf)
+    spec = dataclasses.asdict(make_spec(cfg, TableStore(spark, cfg).files("courier_train"), str(tmp_path), None, False))
+    spec["train"].update(max_steps=2, num_workers=1, decode_workers=0, use_gpu=False)
+    result = _train_in_process(spec)
+    assert result["skipped"] == 1 and result["steps"] == 2
+    weights = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    means = [v for k, v in weights.items() if k.endswith("running_mean")]
+    assert means and all(torch.isfinite(v).all() for v in means)
 
 
 def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypatch):

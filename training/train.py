@@ -313,11 +313,17 @@ def train_fn(spec_dict: dict) -> dict:
                 images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
                 # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
                 torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
+                # The forward updates BatchNorm's running statistics; a step skipped below puts them back,
+                # or one fp16 overflow would leave NaN statistics for evaluation (training uses the batch's).
+                buffers = [(b, b.detach().clone()) for b in raw_model.buffers()]
                 loss, parts = forward(model, batch, device, amp_dtype, **extra)
                 # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
                 global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
                 batch_index += 1
                 if not torch.isfinite(global_loss).all():
+                    with torch.no_grad():
+                        for live, before in buffers:
+                            live.copy_(before)
                     bad_in_a_row += 1
                     position["skipped"] += 1
                     if bad_in_a_row >= t["max_bad_steps"]:
