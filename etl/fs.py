@@ -81,6 +81,11 @@ class S3Options:
             return given[0].lower()
         return "http" if str(self.ssl).strip().lower() == "false" else "https"
 
+    @property
+    def endpoint_host(self) -> str | None:
+        """The endpoint as host:port, without its scheme or a trailing slash."""
+        return self.endpoint.split("://", 1)[-1].rstrip("/") if self.endpoint else None
+
     @classmethod
     def from_spark_conf(cls, conf: Mapping, environ: Mapping[str, str] | None = None) -> "S3Options":
         """The config's ``spark.hadoop.fs.s3a.*`` settings, the environment for what they leave out."""
@@ -98,8 +103,7 @@ class S3Options:
 def delta_storage_options(options: S3Options) -> dict[str, str]:
     """The same settings as delta-rs (object_store) takes them: the config's endpoint and keys must reach
     its commits and pinned reads too, not only Spark and pyarrow (delta-rs alone reads only AWS_* env)."""
-    given = {"AWS_ENDPOINT_URL": options.endpoint and
-             f"{options.endpoint_scheme}://{options.endpoint.split('://', 1)[-1].rstrip('/')}",
+    given = {"AWS_ENDPOINT_URL": options.endpoint and f"{options.endpoint_scheme}://{options.endpoint_host}",
              "AWS_REGION": options.region, "AWS_ACCESS_KEY_ID": options.access_key,
              "AWS_SECRET_ACCESS_KEY": options.secret_key, "AWS_SESSION_TOKEN": options.session_token}
     out = {k: v for k, v in given.items() if v}
@@ -174,10 +178,9 @@ def _s3_filesystem(options: S3Options):
             kwargs.update(access_key=options.access_key, secret_key=options.secret_key,
                           session_token=options.session_token)
         if options.endpoint:
-            endpoint = options.endpoint
             kwargs["scheme"] = options.endpoint_scheme
             # pyarrow wants host:port (it addresses buckets path-style when given an endpoint).
-            kwargs["endpoint_override"] = endpoint.split("://", 1)[-1].rstrip("/")
+            kwargs["endpoint_override"] = options.endpoint_host
         filesystem = pafs.S3FileSystem(**kwargs)
         _filesystems[options] = filesystem
         return filesystem

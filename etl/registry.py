@@ -135,7 +135,7 @@ def register_version(name: str, source: str, run_id: str, tags: dict, descriptio
         try:
             client.create_registered_model(name, description=description)
         except mlflow.exceptions.MlflowException as race:  # another job created it meanwhile: fine
-            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(race, "error_code", "")) + str(race):
+            if getattr(race, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
     return client.create_model_version(name, source=source, run_id=run_id,
                                        tags={k: str(v) for k, v in tags.items()})

@@ -24,7 +24,7 @@ from typing import Mapping
 
 from etl import catalog, fs
 from etl.config import Config, is_uri, under_root
-from etl.spark import glob_escape, uses_native_delta
+from etl.spark import glob_escape, hadoop_path, uses_native_delta
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +392,8 @@ class TableStore:
 
     def _delete_folder(self, path: str) -> None:
         if is_uri(path):
-            jvm = self.spark.sparkContext._jvm
-            jpath = jvm.org.apache.hadoop.fs.Path(path)
-            jpath.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration()).delete(jpath, True)
+            jpath, hfs = hadoop_path(self.spark, path)
+            hfs.delete(jpath, True)
         else:
             import shutil
 
@@ -412,8 +411,6 @@ class TableStore:
         """Native Delta stages a run's files in <table>/_staging/run-<id>/, a folder Delta's vacuum skips
         (its name starts with _): the folders of runs that died before their commit, whose newest file
         is older than the retention, are listed (and removed unless dry_run) here."""
-        from etl.spark import hadoop_path
-
         base, hfs = hadoop_path(self.spark, f"{self.path(name).rstrip('/')}/_staging")
         if not hfs.exists(base):
             return []

@@ -561,9 +561,8 @@ def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame | None, r: Report)
     f, spec = cfg.features, plan.clu.spec
     dates = sorted(set(plan.new_dates) | {plan.date})
     rows = plan.clustered.where(F.col("dt").isin(dates)).select("item_id", "cluster_id", "distance")
-    if clu_new is not None:  # the new items' rows replace any stored ones (_merge)
-        rows = (rows.join(clu_new.select("item_id"), on="item_id", how="left_anti")
-                .unionByName(clu_new.select("item_id", "cluster_id", "distance")))
+    if clu_new is not None:  # the new items are in no stored row (that is what makes them new)
+        rows = rows.unionByName(clu_new.select("item_id", "cluster_id", "distance"))
     d = rows.where(F.col("cluster_id") >= 0).agg(
         F.count("*").alias("n"), F.avg("distance").alias("mean"),
         F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
@@ -575,7 +574,8 @@ def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame | None, r: Report)
     if due:
         r.info["message"] = (f"FULL RE-CLUSTER IS DUE: {d['far']:.1%} of the {d['n']} items first seen "
                              f"{dates[0]}..{dates[-1]} are farther than the build's {spec.far_quantile:.0%} distance "
-                             f"({spec.far_distance:.4f}) from every centroid (threshold {f.drift_threshold:.0%}); run jobs/build_clusters.py")
+                             f"({spec.far_distance:.4f}) from every centroid (threshold {f.drift_threshold:.0%}); "
+                             "run jobs/build_clusters.py")
 
 
 def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report, job: str, run_id: str,

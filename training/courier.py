@@ -94,12 +94,21 @@ class _TinyCNN(nn.Module):
         self.out_dim = chans[-1]
 
 
-def _bn_buffers(module: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+def bn_running_stats(module: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Copies of the running statistics that a forward in train mode updates (module's BatchNorm layers)."""
     return [
         (m, {k: getattr(m, k).clone() for k in ("running_mean", "running_var", "num_batches_tracked")})
         for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
     ]
+
+
+def restore_bn_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    """Put back what bn_running_stats copied: as if the forwards since had not run."""
+    with torch.no_grad():
+        for m, bufs in saved:
+            for k, v in bufs.items():
+                getattr(m, k).copy_(v)
 
 
 def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,14 +123,11 @@ def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         if calls[0] == 1:
             return block(inp)
-        saved = _bn_buffers(block)  # recomputation in backward
+        saved = bn_running_stats(block)  # recomputation in backward
         try:  # finally: non-reentrant checkpoint may stop the recomputation early with an exception
             return block(inp)
         finally:
-            with torch.no_grad():
-                for m, bufs in saved:
-                    for k, v in bufs.items():
-                        getattr(m, k).copy_(v)
+            restore_bn_running_stats(saved)
 
     return checkpoint(run, x, use_reentrant=False)
 

@@ -31,7 +31,8 @@ import torch
 
 from etl import fs
 from training import distributed as dist
-from training.courier import CourierLossConfig, CourierModel, ImageEncoder
+from training.courier import (CourierLossConfig, CourierModel, ImageEncoder, bn_running_stats,
+                              restore_bn_running_stats)
 
 log = logging.getLogger(__name__)
 
@@ -315,15 +316,13 @@ def train_fn(spec_dict: dict) -> dict:
                 torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
                 # The forward updates BatchNorm's running statistics; a step skipped below puts them back,
                 # or one fp16 overflow would leave NaN statistics for evaluation (training uses the batch's).
-                buffers = [(b, b.detach().clone()) for b in raw_model.buffers()]
+                bn_stats = bn_running_stats(raw_model)
                 loss, parts = forward(model, batch, device, amp_dtype, **extra)
                 # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
                 global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
                 batch_index += 1
                 if not torch.isfinite(global_loss).all():
-                    with torch.no_grad():
-                        for live, before in buffers:
-                            live.copy_(before)
+                    restore_bn_running_stats(bn_stats)
                     bad_in_a_row += 1
                     position["skipped"] += 1
                     if bad_in_a_row >= t["max_bad_steps"]:
