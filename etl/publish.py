@@ -4,8 +4,9 @@ Delta has no multi-table transaction, and stage 1 writes six tables per date. Ea
 replace is one Delta commit (`etl.tables`); this module makes the *set* atomic for readers:
 
 - `<tables_root>/_publish/<seq>.json` manifests, written once each (create-if-absent, never
-  rewritten). Each holds the cumulative state after a publish: `tables` = the version of every
-  stage-1 table readers must use, `dates` = {dt: fingerprint of the inputs it was built from}.
+  rewritten; each appears whole: a local or HDFS one is written under a temporary name and renamed).
+  Each holds the cumulative state after a publish: `tables` = the version of every stage-1 table
+  readers must use, `dates` = {dt: fingerprint of the inputs it was built from}.
 - `TableStore` reads, `version()` and `files()` of a stage-1 table pin to the latest manifest's version
   (a table not in it does not exist for readers). Versions committed after it are invisible.
 - A run stages every table's files, verifies the counts, then, holding `_publish/_lock`, first undoes
@@ -31,6 +32,7 @@ import uuid
 
 from etl import catalog
 from etl.config import is_uri
+from etl.fs import is_object_store
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +99,30 @@ class PublishLog:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
             return True
-        jpath, fs = self._hfs(path)
-        if fs.exists(jpath):
+        jpath, hfs = self._hfs(path)
+        if hfs.exists(jpath):
             return False
-        out = fs.create(jpath, False)
+        if is_object_store(path):  # S3A: the object appears whole when the stream closes (no rename there)
+            self._write_hadoop(hfs, jpath, text)
+            return True
+        # HDFS and other Hadoop file systems show a created file while it is written, and keep it half
+        # written when the run dies: written in full under a name of its own, then renamed (atomic on
+        # HDFS, and refused there when the name exists).
+        tmp = self.spark.sparkContext._jvm.org.apache.hadoop.fs.Path(
+            f"{self.dir}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self._write_hadoop(hfs, tmp, text)
+            return bool(hfs.rename(tmp, jpath))
+        finally:
+            hfs.delete(tmp, False)
+
+    @staticmethod
+    def _write_hadoop(hfs, jpath, text: str) -> None:
+        out = hfs.create(jpath, False)
         try:
             out.write(bytearray(text.encode("utf-8")))
         finally:
             out.close()
-        return True
 
     def _delete(self, name: str) -> None:
         path = f"{self.dir}/{name}"

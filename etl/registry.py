@@ -265,6 +265,8 @@ def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far
             "dim": dim, "index_type": index_type, "far_distance": far_distance, "far_quantile": f.drift_far_quantile,
             "mean_distance": mean_distance, "kmeans_iters": f.kmeans_iters, "kmeans_sample": f.kmeans_sample,
             "kmeans_seed": f.kmeans_seed, "trained_on": trained_on}
+    if index_type == "hnsw":  # the graph's settings decide the assignments (recall) too
+        tags.update(hnsw_m=f.hnsw_m, hnsw_ef_search=f.hnsw_ef_search)
     if f.levels:
         tags["levels"] = ",".join(str(k) for k in f.levels)
     return tags

@@ -65,6 +65,7 @@ class TableFile:
     partition_values: dict
     num_records: int | None
     size_bytes: int
+    modified_ms: int | None = None  # the file's modification time (Delta's add action), ms since the epoch
 
 
 def _local_path(uri: str) -> str:
@@ -138,21 +139,32 @@ class TableStore:
     def version(self, name: str) -> int | None:
         return self._delta(name).version() if self.exists(name) else None
 
-    def _written(self, name: str) -> int | None:
-        """The version a direct write (replace_partition/replace_partitions/overwrite) created. On a
-        stage-1 table under a publish log it is published alone (a manifest moving only its pin), so
-        readers see it and publish recovery does not take it for an orphan."""
+    @contextlib.contextmanager
+    def _published_alone(self, name: str, what: str):
+        """A direct change of a stage-1 table under a publish log (a partition replace, an overwrite, a
+        vacuum, which commits too), made while holding the publish lock: no build commits or recovers
+        between, and the version the change ends at is published alone (a manifest moving only this
+        table's pin), so readers see it and publish recovery does not take it for an orphan. Refused
+        while the table holds versions no manifest published (a build died between its commits: the
+        next build undoes them). Any other table, or none published yet: the change as it is."""
         from etl.publish import PublishLog
 
-        version = self.latest_version(name)
-        if name in catalog.STAGE1 and version is not None:
-            plog = PublishLog(self.root, self.spark)
-            if plog.latest() is not None:
-                with plog.lock(f"direct write {name}"):
-                    m = plog.latest()
-                    plog.append({"dt": None, "run_id": "", "status": f"direct write of {name}",
-                                 "tables": {**m["tables"], name: version}, "dates": m["dates"]})
-        return version
+        plog = PublishLog(self.root, self.spark) if name in catalog.STAGE1 else None
+        if plog is None or plog.latest() is None:
+            yield
+            return
+        with plog.lock(f"{what} of {name}"):
+            m = plog.latest()
+            pinned, latest = m["tables"].get(name), self.latest_version(name)
+            if latest is not None and latest != pinned:
+                raise TableError(f"table {name!r}: versions after the published v{pinned} (up to v{latest}) were "
+                                 f"committed by a run that did not publish; build any date first (its recovery "
+                                 f"undoes them), then retry the {what}")
+            yield
+            version = self.latest_version(name)
+            if version != pinned:
+                plog.append({"dt": None, "run_id": "", "status": f"{what} of {name}",
+                             "tables": {**m["tables"], name: version}, "dates": m["dates"]})
 
     def latest_version(self, name: str) -> int | None:
         """The newest committed version, published or not (writers and publish recovery only)."""
@@ -180,6 +192,7 @@ class TableStore:
                 partition_values={p[len("partition."):]: actions[p][i] for p in parts},
                 num_records=actions["num_records"][i],
                 size_bytes=actions["size_bytes"][i],
+                modified_ms=actions["modification_time"][i],
             ))
         return out
 
@@ -239,21 +252,22 @@ class TableStore:
         cols = list(partition)
         data = df.drop(*[c for c in cols if c in df.columns])
         meta = {"job": job, "run_id": run_id, "partition": json.dumps(partition)}
-        if self.native:
-            from pyspark.sql import functions as F
+        with self._published_alone(name, "partition replace"):
+            if self.native:
+                from pyspark.sql import functions as F
 
-            for c, v in partition.items():
-                data = data.withColumn(c, F.lit(v))
-            where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
-            self._retry_conflicts(name, lambda: (
-                _writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
-                .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
-            return self._written(name)
-        rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
-        adds = self._write_files(data, name, rel_dir, partition)
-        schema = self._arrow_schema(data, partition_cols=cols)
-        self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
-        return self._written(name)
+                for c, v in partition.items():
+                    data = data.withColumn(c, F.lit(v))
+                where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+                self._retry_conflicts(name, lambda: (
+                    _writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
+                    .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
+            else:
+                rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
+                adds = self._write_files(data, name, rel_dir, partition)
+                schema = self._arrow_schema(data, partition_cols=cols)
+                self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
+        return self.latest_version(name)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
                            job: str = "", run_id: str = "") -> int:
@@ -274,38 +288,41 @@ class TableStore:
         cols = [*fixed, by]
         data = df.withColumn(by, F.col(by).cast("string")).drop(*[c for c in fixed if c in df.columns])
         meta = {"job": job, "run_id": run_id, "partition": json.dumps({**fixed, by: values})}
-        if self.native:
-            for c, v in fixed.items():
-                data = data.withColumn(c, F.lit(v))
-            where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
-                                 [f"{by} IN ({', '.join(repr(v) for v in values)})"])
-            self._retry_conflicts(name, lambda: (
-                _writer(data.select(*[c for c in data.columns if c not in cols], *cols), name).format("delta")
-                .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
-                .partitionBy(*cols).save(self.path(name))))
-            return self._written(name)
-        run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
-        adds = self._write_files(data, name, run_dir, fixed, by=by)
-        stray = sorted({a.partition_values[by] for a in adds} - set(values))
-        if stray:  # checked on the written files (no second pass over df); nothing is committed
-            raise TableError(f"table {name!r}: rows with {by} in {stray}, outside the partitions {values} being replaced")
-        schema = self._arrow_schema(data.drop(by), partition_cols=cols)
-        filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
-        self._commit(name, adds, schema, cols, filters, meta)
-        return self._written(name)
+        with self._published_alone(name, "partition replace"):
+            if self.native:
+                for c, v in fixed.items():
+                    data = data.withColumn(c, F.lit(v))
+                where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
+                                     [f"{by} IN ({', '.join(repr(v) for v in values)})"])
+                self._retry_conflicts(name, lambda: (
+                    _writer(data.select(*[c for c in data.columns if c not in cols], *cols), name).format("delta")
+                    .mode("overwrite").option("replaceWhere", where).option("userMetadata", json.dumps(meta))
+                    .partitionBy(*cols).save(self.path(name))))
+            else:
+                run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
+                adds = self._write_files(data, name, run_dir, fixed, by=by)
+                stray = sorted({a.partition_values[by] for a in adds} - set(values))
+                if stray:  # checked on the written files (no second pass over df); nothing is committed
+                    raise TableError(f"table {name!r}: rows with {by} in {stray}, outside the partitions {values} "
+                                     f"being replaced")
+                schema = self._arrow_schema(data.drop(by), partition_cols=cols)
+                filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
+                self._commit(name, adds, schema, cols, filters, meta)
+        return self.latest_version(name)
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
         self.check_contract(df, name)
         meta = {"job": job, "run_id": run_id}
-        if self.native:
-            self._retry_conflicts(name, lambda: (
-                _writer(df, name).format("delta").mode("overwrite").option("overwriteSchema", "true")
-                .option("userMetadata", json.dumps(meta)).save(self.path(name))))
-            return self._written(name)
-        adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
-        self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
-        return self._written(name)
+        with self._published_alone(name, "overwrite"):
+            if self.native:
+                self._retry_conflicts(name, lambda: (
+                    _writer(df, name).format("delta").mode("overwrite").option("overwriteSchema", "true")
+                    .option("userMetadata", json.dumps(meta)).save(self.path(name))))
+            else:
+                adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
+                self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
+        return self.latest_version(name)
 
     # ---- staged writes: files first, commit later (stage 1 verifies between the two) -------------
     def stage_partition(self, df, name: str, partition: Mapping[str, str]) -> "Staged":
@@ -400,12 +417,15 @@ class TableStore:
             shutil.rmtree(_local_path(path), ignore_errors=True)
 
     def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = True) -> list[str]:
-        """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run."""
-        # full: also the files no version ever referred to (a failed or discarded run's); the default
-        # (lite) mode only removes files that a version removed
-        listed = self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                          enforce_retention_duration=retention_hours >= 168, full=True)
-        return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
+        """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run.
+        A stage-1 table is vacuumed holding the publish lock, at its latest (= published) version: a build
+        committing meanwhile would have its new files taken for unreferenced ones."""
+        with self._published_alone(name, "vacuum"):
+            # full: also the files no version ever referred to (a failed or discarded run's); the default
+            # (lite) mode only removes files that a version removed
+            listed = self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                              enforce_retention_duration=retention_hours >= 168, full=True)
+            return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
 
     def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:
         """Native Delta stages a run's files in <table>/_staging/run-<id>/, a folder Delta's vacuum skips

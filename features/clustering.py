@@ -21,7 +21,9 @@ ASSIGNMENT_SCHEMA = T.StructType([
     T.StructField("distance", T.FloatType()),  # 1 - cos(item, centroid); null for the reserved id
 ])
 
-_INDEXES: dict = {}  # clusters version -> deserialised faiss index, one per Python process
+# clusters key -> deserialised faiss index: the latest one only, per Python process (a worker lives as long as
+# the session: each clustering it met would otherwise stay, ~100 MB at C = 1e5)
+_INDEXES: dict = {}
 
 
 def sample_items(df: DataFrame, n: int, seed: int) -> DataFrame:
@@ -156,6 +158,7 @@ def _cached_index(key: str, index_bc, threads: int):
         import faiss
 
         faiss.omp_set_num_threads(threads)  # Spark already runs one Python worker per core
+        _INDEXES.clear()
         index = _INDEXES[key] = deserialize(index_bc.value)
     return index
 

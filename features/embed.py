@@ -22,7 +22,7 @@ EMBEDDING_SCHEMA = T.StructType([
     T.StructField("embedding", T.ArrayType(T.FloatType())),  # null: the image did not decode
 ])
 
-_ENCODERS: dict = {}  # encoder_version -> ImageEncoder, one per Python process
+_ENCODERS: dict = {}  # content key -> ImageEncoder: the latest one only, per Python process (as _INDEXES)
 
 
 def load_encoder(spec: EncoderSpec, state: bytes):
@@ -43,6 +43,7 @@ def cached_encoder(key: str, spec: EncoderSpec, state_bc, threads: int):
         import torch
 
         torch.set_num_threads(threads)  # Spark already runs one Python worker per core
+        _ENCODERS.clear()
         encoder = _ENCODERS[key] = load_encoder(spec, bytes(state_bc.value))
     return encoder
 
@@ -93,14 +94,17 @@ def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int
         s = EncoderSpec(**spec_d)
         encoder = None
         for pdf in batches:
-            arrays = [decode_image(b, s.image_px) for b in pdf["image"]]
-            ok = [i for i, a in enumerate(arrays) if a is not None]
-            result = [None] * len(arrays)
-            if ok:
-                encoder = encoder or cached_encoder(key, s, state_bc, threads)
-                vecs = embed_array(encoder, np.stack([arrays[i] for i in ok]), batch_size)
-                for j, i in enumerate(ok):
-                    result[i] = vecs[j]
+            result = [None] * len(pdf)
+            # batch_size images decoded at a time: an Arrow batch holds attach_batch_size rows (8,192 by
+            # default), whose pixels decoded at once would take ~1.2 GB per worker at 224 px.
+            for start in range(0, len(pdf), batch_size):
+                arrays = [decode_image(b, s.image_px) for b in pdf["image"].iloc[start:start + batch_size]]
+                ok = [i for i, a in enumerate(arrays) if a is not None]
+                if ok:
+                    encoder = encoder or cached_encoder(key, s, state_bc, threads)
+                    vecs = embed_array(encoder, np.stack([arrays[i] for i in ok]), batch_size)
+                    for j, i in enumerate(ok):
+                        result[start + i] = vecs[j]
             out = pd.DataFrame({"item_id": pdf["item_id"].values, "embedding": result})
             for c in keep:
                 out[c] = pdf[c].values

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from features import clustering as K
 from features.embed import embed_images
 from etl.registry import (ClustersSpec, EncoderSpec, RegistryError, clusters_index_bytes, clusters_spec, encoder_spec,
                           encoder_state_bytes, parse_ref, register_clusters)
+
+log = logging.getLogger(__name__)
 
 
 class FeatureError(RuntimeError):
@@ -125,6 +128,18 @@ def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
     return out
 
 
+def _written_span(store: TableStore, name: str, key: str, values) -> dict:
+    """{value: (oldest, newest) modification time, ms, of the partition's files}; a partition without files
+    is absent."""
+    out: dict = {}
+    for f in store.files(name):
+        v = f.partition_values.get(key)
+        if v in values and f.modified_ms is not None:
+            old, new = out.get(v, (f.modified_ms, f.modified_ms))
+            out[v] = (min(old, f.modified_ms), max(new, f.modified_ms))
+    return out
+
+
 def _dates(df: DataFrame) -> list[str]:
     return sorted(r["dt"] for r in df.select("dt").distinct().collect())
 
@@ -194,7 +209,8 @@ def _sample_matrix(emb: DataFrame, n: int, seed: int) -> np.ndarray:
 
 def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | None:
     """The clusters_ref version when it already is what build_clusters would make (same encoder version,
-    C, iterations, sample and seed) and item_clusters holds it; else None."""
+    C, iterations, sample, seed, levels, index kind and its HNSW settings, drift quantile) and
+    item_clusters holds it; else None."""
     f = cfg.features
     try:
         mv = registry.resolve(f.clusters_ref)  # once: an alias moved meanwhile must not mix two versions
@@ -205,7 +221,11 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
             and tags.get("kmeans_seed") == str(f.kmeans_seed)
-            and spec.levels == tuple(f.levels))
+            and spec.levels == tuple(f.levels)
+            and tags.get("far_quantile") == str(f.drift_far_quantile))
+    kind = K.index_type(f.n_clusters, f.large_c_threshold)
+    same = same and tags.get("index_type") == kind and (kind != "hnsw" or (
+        tags.get("hnsw_m") == str(f.hnsw_m) and tags.get("hnsw_ef_search") == str(f.hnsw_ef_search)))
     return spec if same and _item_clusters_hold(store, spec.feature_version) else None
 
 
@@ -280,6 +300,18 @@ def _write_item_clusters(store: TableStore, r: Report, assigned: DataFrame, n_as
     r.check()
 
 
+def _take_back_item_clusters(store: TableStore, assigned: DataFrame, dates: list[str], fv: str, job: str,
+                             run_id: str) -> None:
+    """Empty feature version fv's item_clusters partitions again: its registry version is about to go, and
+    rows of a version no registry entry describes would be kept for ever (and block the number's reuse)."""
+    try:
+        store.replace_partitions(assigned.select("item_id", "cluster_id", "distance", "dt").limit(0), T.ITEM_CLUSTERS,
+                                 by="dt", values=dates, fixed={"feature_version": fv}, job=job, run_id=run_id)
+    except Exception as e:  # noqa: BLE001 - the original failure is the one raised; this one is logged
+        log.error("item_clusters keeps the rows of feature_version %s, whose clusters version is removed (%s: %s); "
+                  "they are read by nothing", fv, type(e).__name__, e)
+
+
 def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters") -> Report:
     """k-means over item_embeddings of encoder_ref -> a new courier-clusters version (index, centroids,
     stats in MLflow) and item_clusters for every item (reserved id where no usable embedding)."""
@@ -332,10 +364,13 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
                               "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
         r.counts = {"items": n_items, "assigned": stats["items"], "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)),
                     "trained_on": len(x), "empty_clusters": stats["empty_clusters"]}
+        dates = _dates(items)
         try:
             _refuse_a_reused_feature_version(store, fv)
-            _write_item_clusters(store, r, assigned, n, _dates(items), fv, job, run_id)
+            _write_item_clusters(store, r, assigned, n, dates, fv, job, run_id)
         except BaseException:
+            if T.ITEM_CLUSTERS in r.versions:  # committed, then the check (or the job) failed: rows go too
+                _take_back_item_clusters(store, assigned, dates, fv, job, run_id)
             registry.delete_version(mv.name, mv.version)  # no ref may resolve to a clustering never published
             raise
     name, kind_ref, alias = parse_ref(f.clusters_ref)
@@ -485,11 +520,15 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
              store.read(T.CTR_TRAIN).select("dt", "feature_version").distinct().collect()}
             if store.exists(T.CTR_TRAIN) else {})
     stale = {d for d in log_dates if have.get(d) != fv}
-    # A date whose ctr_log was rebuilt (new raw files, other sampling settings) after its attach: the
-    # row counts, from the tables' statistics, no longer match.
+    # A date whose ctr_log was rebuilt (new raw files, other sampling settings or rules) after its attach:
+    # the row counts, from the tables' statistics, no longer match; or, where a rebuild kept the count
+    # but changed labels or histories, its ctr_log files are newer than its ctr_train files.
     log_rows = _rows_in(store, T.CTR_LOG, "dt", log_dates)
     train_rows = _rows_in(store, T.CTR_TRAIN, "dt", log_dates) if have else {}
     stale |= {d for d in log_dates if d in have and log_rows[d] != train_rows[d]}
+    log_span = _written_span(store, T.CTR_LOG, "dt", set(log_dates))
+    train_span = _written_span(store, T.CTR_TRAIN, "dt", set(log_dates)) if have else {}
+    stale |= {d for d in log_span.keys() & train_span.keys() if log_span[d][1] > train_span[d][0]}
     if n_new and log_dates:
         ctr_all = store.read(T.CTR_LOG).where(F.col("dt").isin(log_dates))
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))

@@ -4,7 +4,8 @@ Stage 1: raw search log -> quarantine, items, item_images, pv_samples, ctr_log, 
 partitioned by dt). Each date is verified before it is published, and its six tables are published as
 a unit; a date whose inputs and config did not change since its last publish commits nothing
 (`unchanged`). Dates of a range are built in order (a date reads the item images of earlier dates).
-Exit codes: 0 built/unchanged, 1 the input or the counts refused publishing, 2 bad arguments/config.
+Exit codes: 0 built/unchanged, 1 the input or the counts refused publishing, 2 bad arguments/config,
+3 the job failed (a crash, its traceback printed: never read as a refusal), 143 stopped by SIGTERM.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
+from jobs.common import CRASHED, check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
 
 JOB = "build_samples"
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from etl.build import InputError, PublishError, VerifyError
 
     return run_job(JOB, __doc__, add_arguments, body, check_args=check_date_range,
-                   expected_errors=(InputError, PublishError, VerifyError), argv=argv)
+                   expected_errors=(InputError, PublishError, VerifyError), argv=argv, crash_status=CRASHED)
 
 
 if __name__ == "__main__":

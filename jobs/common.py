@@ -157,6 +157,11 @@ class JobContext:
         print(f"[{self.name}] {message}", flush=True)
 
 
+# The exit status of a job that failed (a traceback), for jobs whose status 1 is an outcome (a refused publish,
+# a rejected model): a scheduler must not read a crash as that outcome.
+CRASHED = 3
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (a scheduler's timeout or "mark failed", a worker shutting down) raises SystemExit(143) in
     the job: Python's default ends the process without unwinding, which left the MLflow run RUNNING for
@@ -173,8 +178,8 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     session, the body, and the session stopped whatever happens. The body opens its MLflow run with
     `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad input, a
     refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print their
-    message without a traceback. `crash_status`: the exit status of any other exception (its traceback
-    printed), for a job whose status 1 means an outcome; else Python's (1)."""
+    message without a traceback. `crash_status` (CRASHED): the exit status of any other exception (its
+    traceback printed), for a job whose status 1 means an outcome; else Python's (1)."""
     import yaml
 
     from etl.config import ConfigError

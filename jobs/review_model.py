@@ -20,10 +20,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import run_job, status_file_argument  # noqa: E402
+from jobs.common import CRASHED, run_job, status_file_argument  # noqa: E402
 
 JOB = "review_model"
-CRASHED = 3  # 0-2 are decisions (training/ctr/review.py)
 
 
 def add_arguments(p) -> None:

@@ -149,3 +149,42 @@ def test_a_service_that_cannot_start_fails_the_start_and_leaves_nothing_running(
     assert not list((tmp_path / "run" / "pids").glob("*.pid"))
     assert not (tmp_path / "run" / "cluster.env").exists()
     print(f"failed start reported in {time.monotonic() - t0:.1f}s")
+
+
+def test_delta_rs_reaches_the_object_store_from_the_config_alone(cluster_services, spark, tmp_path, monkeypatch):
+    """A deployment that writes the store's endpoint and keys in its config (spark.hadoop.fs.s3a.*) and
+    exports no AWS_* variable: the table layer's delta-rs calls (existence, versions, file lists, vacuum)
+    take them from the config, as Spark's S3A client does."""
+    import uuid
+
+    import pyarrow as pa
+    from conftest import write_config
+    from deltalake import write_deltalake
+
+    from etl import fs
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    env = cluster_services.env
+    tables = f"s3a://{cluster_services.bucket}/config-only-{uuid.uuid4().hex[:8]}/tables"
+    cfg = load_config(write_config(tmp_path, {"paths": {"tables_root": tables}, "spark": {"conf": {
+        "spark.hadoop.fs.s3a.endpoint": env["COURIER_S3_ENDPOINT"].split("://", 1)[1],  # no scheme: ssl says
+        "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
+        "spark.hadoop.fs.s3a.endpoint.region": env["AWS_DEFAULT_REGION"],
+        "spark.hadoop.fs.s3a.access.key": env["AWS_ACCESS_KEY_ID"],
+        "spark.hadoop.fs.s3a.secret.key": env["AWS_SECRET_ACCESS_KEY"]}}}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "COURIER_S3_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    options = fs.delta_storage_options(fs.options_for(cfg))
+    assert options["AWS_ENDPOINT_URL"] == env["COURIER_S3_ENDPOINT"] and options["AWS_ALLOW_HTTP"] == "true"
+    path = f"{tables}/t"
+    write_deltalake(path, pa.table({"x": [1, 2, 3]}), storage_options=options)
+    write_deltalake(path, pa.table({"x": [4]}), mode="overwrite", storage_options=options)
+
+    store = TableStore(spark, cfg)
+    assert store.exists("t") and store.latest_version("t") == 1 and store.version("t") == 1
+    assert len(store.files("t")) == 1 and len(store.files("t", version=0)) == 1
+    assert store.files("t")[0].uri != store.files("t", version=0)[0].uri
+    assert len(store.vacuum("t", retention_hours=0, dry_run=True)) == 1  # version 0's file, no longer referenced
+    assert not store.exists("absent")

@@ -274,6 +274,30 @@ def _quality(world):
     return _QUALITY
 
 
+def test_embedding_decodes_an_arrow_batch_in_chunks_with_the_same_vectors(world, spark):
+    """embed_images decodes embed_batch_size images at a time inside an Arrow batch of thousands; each
+    row's vector is still its own image's (as embedded alone) and an undecodable row stays null, also
+    when it sits in the middle of a chunk."""
+    from features.embed import decode_image, embed_array, embed_images, load_encoder
+    from etl.registry import encoder_spec, encoder_state_bytes
+
+    cfg, store = world["cfg"], world["store"]
+    spec = encoder_spec(f"courier-encoder/{world['trained']}")
+    imgs = store.read("item_images").where(f"dt = '{D1}'").select("item_id", "image").orderBy("item_id").limit(7)
+    rows = [(r["item_id"], bytes(r["image"])) for r in imgs.collect()]
+    rows.insert(4, ("broken", b"not an image"))
+    state = encoder_state_bytes(spec)
+    frame = spark.createDataFrame(rows, "item_id string, image binary").coalesce(1)
+    got = {r["item_id"]: r["embedding"] for r in embed_images(frame, spec, spark.sparkContext.broadcast(state), 3)
+           .collect()}
+    assert len(got) == 8 and got["broken"] is None
+    encoder = load_encoder(spec, state)
+    for item_id, image in rows:
+        if item_id != "broken":
+            alone = embed_array(encoder, decode_image(image, cfg.samples.image_px)[None], 1)[0]
+            np.testing.assert_allclose(got[item_id], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_same_style_items_share_clusters_far_above_chance(world, capsys):
     with capsys.disabled():
         q = _quality(world)
@@ -518,6 +542,73 @@ def test_a_rebuilt_ctr_log_date_is_attached_again(world, day2):
     assert rep.info["affected_partitions"] == [D1] and set(rep.versions) == {"ctr_train"}
     assert store.read("ctr_train").where(f"dt = '{D1}'").count() == log_d1
     assert P.refresh(spark, cfg, store, D2).versions == {}
+
+
+def test_a_date_rebuilt_with_the_same_row_count_is_attached_again(world, day2):
+    """A rebuild can change labels or click histories and keep every impression (here: l_click 5 -> 2, so
+    the row count is unchanged): its ctr_log files are newer than the date's ctr_train files, and the
+    refresh re-attaches it with the new histories."""
+    from etl.build import build_date
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    half = _with(cfg, "samples", neg_rate=cfg.samples.neg_rate / 2)
+    build_date(spark, half, store, D1, "test", force=True)
+    P.refresh(spark, cfg, store, D2)  # ctr_train current with this ctr_log
+    assert P.refresh(spark, cfg, store, D2).versions == {}
+    rows = store.read("ctr_train").where(f"dt = '{D1}'").count()
+    assert store.read("ctr_train").where(f"dt = '{D1}' AND size(history) > 2").count() > 0
+    build_date(spark, _with(half, "samples", l_click=2), store, D1, "test", force=True)
+    assert store.read("ctr_log").where(f"dt = '{D1}'").count() == rows
+    rep = P.refresh(spark, cfg, store, D2)
+    assert rep.info["affected_partitions"] == [D1] and set(rep.versions) == {"ctr_train"}
+    train = store.read("ctr_train").where(f"dt = '{D1}'")
+    assert train.count() == rows and train.where("size(history) > 2").count() == 0
+    assert P.refresh(spark, cfg, store, D2).versions == {}
+
+
+def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
+    """build_clusters --skip-if-current keeps the current clustering only when the config would build the
+    same one: another seed, drift quantile, or index (HNSW above large_c_threshold, its graph settings)
+    makes it build anew."""
+    from features import pipeline as P
+
+    cfg, store = world["cfg"], world["store"]
+    expected = _clusters(world).spec.feature_version  # (also points MLflow at the world's registry)
+    current = P.current_clusters_match(cfg, store)
+    assert current is not None and current.feature_version == expected
+    f = cfg.features
+    for change in ({"kmeans_seed": f.kmeans_seed + 1}, {"drift_far_quantile": 0.5},
+                   {"large_c_threshold": f.n_clusters}):  # n_clusters >= threshold: an HNSW index
+        assert P.current_clusters_match(_with(cfg, "features", **change), store) is None, change
+
+
+def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, monkeypatch):
+    """build_clusters commits item_clusters, then checks the committed rows: when that check (or the job)
+    fails, the registry version is removed and so are its rows, so that no row of a feature version
+    without a registry entry stays; the alias keeps its version."""
+    from etl.registry import CLUSTERS_MODEL, alias_version, versions
+    from etl.tracking import setup_mlflow
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    setup_mlflow(cfg)
+    real_rows_in = P._rows_in
+
+    def miscounted(store_, name, key, values, **fixed):  # only the check after the commit passes fixed=
+        counts = real_rows_in(store_, name, key, values, **fixed)
+        return {k: v + 1 for k, v in counts.items()} if fixed else counts
+
+    before_versions = {v.version for v in versions(CLUSTERS_MODEL)}
+    before_fvs = {r[0] for r in store.read("item_clusters").select("feature_version").distinct().collect()}
+    alias_before = alias_version(CLUSTERS_MODEL, "current").version
+    monkeypatch.setattr(P, "_rows_in", miscounted)
+    with pytest.raises(Exception, match="item_clusters"):
+        P.build_clusters(spark, cfg, store, "check-fails")
+    monkeypatch.undo()
+    assert {v.version for v in versions(CLUSTERS_MODEL)} == before_versions
+    assert {r[0] for r in store.read("item_clusters").select("feature_version").distinct().collect()} == before_fvs
+    assert alias_version(CLUSTERS_MODEL, "current").version == alias_before
 
 
 def test_a_restarted_registry_cannot_reuse_a_feature_version(world, day2):

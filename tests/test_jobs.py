@@ -95,6 +95,25 @@ def test_tables_read_back_with_spark_and_mlflow_has_the_run(spark, submitted):
     assert run.data.metrics["pv_samples"] > 0
 
 
+def test_build_samples_tells_a_refusal_from_a_crash(submitted, tmp_path):
+    """A scheduler retries a crash and sends a refusal to a person: input that cannot be published exits 1
+    with one line; any other failure (here the tables root is a file) exits 3 with its traceback."""
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    base = [sys.executable, "jobs/build_samples.py", "--conf", str(submitted[0])]
+    refused = subprocess.run([*base, "--date", "2026-11-25"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "build_samples: error: no raw search log for 2026-11-25" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    not_a_folder = tmp_path / "tables"
+    not_a_folder.write_text("a file where the tables belong")
+    crashed = subprocess.run([*base, "--date", "2026-11-22", "--force", "--set", f"paths.tables_root={not_a_folder}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    assert "Traceback" in crashed.stderr and "build_samples: error: the job failed (exit 3)" in crashed.stderr
+    assert not_a_folder.read_text() == "a file where the tables belong"
+
+
 def test_status_file_is_one_json_line_written_whole(tmp_path):
     """--status-file (the scheduler's XCom): one JSON line; a rerun replaces it; no temporary file stays."""
     import argparse

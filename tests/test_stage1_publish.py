@@ -174,3 +174,68 @@ def test_the_publish_lock_has_one_holder_and_ends_with_its_process(tmp_path):
     assert '"run_id": "run-dead"' in lock_file.read_text()  # its file stays, its lock does not
     with plog.lock("run-c", wait_s=0):
         assert '"run_id": "run-c"' in lock_file.read_text()
+
+
+def test_a_manifest_on_a_hadoop_file_system_appears_whole(spark, tmp_path, monkeypatch):
+    """HDFS shows a file while it is written and keeps it half written when the writer dies: a manifest
+    there is written under a temporary name and renamed, so a run killed mid-write leaves the last
+    manifest the latest (a half one would fail every reader). file:// goes through Hadoop as hdfs:// does."""
+    from etl.publish import PublishLog
+
+    plog = PublishLog(f"file://{tmp_path}", spark)
+    first = plog.append({"tables": {"items": 0}, "dates": {}})
+    assert plog.latest() == first and first["seq"] == 0
+    real = PublishLog._write_hadoop
+
+    def dies_half_way(hfs, jpath, text):
+        real(hfs, jpath, text[: len(text) // 2])
+        raise RuntimeError("the run died while writing")
+
+    monkeypatch.setattr(PublishLog, "_write_hadoop", staticmethod(dies_half_way))
+    with pytest.raises(RuntimeError, match="died while writing"):
+        plog.append({"tables": {"items": 1}, "dates": {}})
+    monkeypatch.undo()
+    assert plog.latest() == first
+    assert not [n for n in os.listdir(tmp_path / "_publish") if ".tmp" in n]
+    second = plog.append({"tables": {"items": 1}, "dates": {}})
+    assert second["seq"] == 1 and plog.latest() == second
+    assert not plog._create(f"{1:020d}.json", "{}") and plog.latest() == second  # written once, never replaced
+    with plog.lock("run-a", wait_s=0):  # the lock file is created the same way
+        assert plog._held_by()["run_id"] == "run-a" and not plog._create("_lock", "{}")
+    assert "_lock" not in os.listdir(tmp_path / "_publish")
+
+
+def test_a_vacuum_of_a_stage1_table_publishes_its_commits_and_refuses_unpublished_versions(spark, tmp_path):
+    """A vacuum commits too (delta-rs logs it): it runs holding the publish lock and publishes the version
+    it ends at, so the next build has nothing to "recover". While a dead run's commit is unpublished it
+    is refused: vacuuming at the published version would delete that commit's files under it."""
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.publish import PublishLog, recover
+    from etl.tables import TableError, TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, ["i1", "i2", "i3"])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+    store = TableStore(spark, cfg)
+    build_date(spark, cfg, store, D0, "run-d0")
+    plog = PublishLog(cfg.tables_root, spark)
+    items = store.read("items")
+    dead = store.stage_partition(items.drop("dt"), "items", {"dt": D1})  # a run that died before its commit
+    dead_files = list(Path(dead.folder.split(":", 1)[-1]).rglob("*.parquet"))
+    assert dead_files
+
+    listed = store.vacuum("items", retention_hours=0, dry_run=False)
+    assert {os.path.basename(p) for p in listed} >= {p.name for p in dead_files}
+    assert not any(p.exists() for p in dead_files)
+    assert plog.latest()["tables"]["items"] == store.latest_version("items") == store.version("items")
+    assert recover(store, plog) == []  # the vacuum's own commits are published: nothing to undo
+    assert sorted(r["item_id"] for r in store.read("items").collect()) == ["i1", "i2", "i3"]
+
+    published = store.version("items")
+    store.commit_staged(store.stage_partition(items.drop("dt"), "items", {"dt": D1}))  # committed, never published
+    with pytest.raises(TableError, match="did not publish"):
+        store.vacuum("items", retention_hours=0, dry_run=False)
+    assert store.version("items") == published and store.latest_version("items") == published + 1
+    assert store.read("items", version=published + 1).where(f"dt = '{D1}'").count() == 3  # its files are intact

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -238,6 +239,37 @@ def test_a_skipped_step_puts_batchnorm_statistics_back(trained, spark, tmp_path,
     weights = torch.load(tmp_path / "encoder.pt", weights_only=True)
     means = [v for k, v in weights.items() if k.endswith("running_mean")]
     assert means and all(torch.isfinite(v).all() for v in means)
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_skipped_without_a_scaler(trained, spark, tmp_path, monkeypatch):
+    """fp32 (and bf16) have no GradScaler to refuse inf/NaN gradients: a step whose loss is finite but whose
+    gradients are not is skipped and counted, so Adam never writes NaN into the weights."""
+    import dataclasses
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training import train as TR
+    from training.launch import make_spec
+
+    real_forward, calls = TR.forward, []
+
+    def nan_gradient_forward(model, batch, device, amp_dtype, **extra):
+        loss, parts = real_forward(model, batch, device, amp_dtype, **extra)
+        calls.append(1)
+        if len(calls) == 1:  # the loss stays finite; every gradient through it becomes NaN
+            loss.register_hook(lambda grad: grad * float("nan"))
+        return loss, parts
+
+    monkeypatch.setattr(TR, "forward", nan_gradient_forward)
+    conf, _ = trained
+    cfg = load_config(conf)
+    spec = dataclasses.asdict(make_spec(cfg, TableStore(spark, cfg).files("courier_train"), str(tmp_path), None, False))
+    spec["train"].update(max_steps=2, num_workers=1, decode_workers=0, use_gpu=False, precision="fp32")
+    result = _train_in_process(spec)
+    assert result["skipped"] == 1 and result["steps"] == 2 and len(calls) == 3
+    assert all(math.isfinite(x) for x in result["losses"])
+    weights = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
 def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypatch):

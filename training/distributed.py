@@ -308,8 +308,17 @@ def _accept_set_to_none(optimizer: torch.optim.Optimizer) -> None:
     cls.zero_grad = zero_grad
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
-    """``optimizer.step()`` (through ``scaler.step`` when a GradScaler is given), right for both backends.
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Every gradient the optimizer holds is finite. Read after the reduction, so every rank answers the same."""
+    peaks = [p.grad.detach().abs().amax().float() for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]  # amax propagates NaN; a peak, unlike a norm, cannot overflow
+    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"] = None) -> bool:
+    """``optimizer.step()`` (through ``scaler.step`` when a GradScaler is enabled), right for both backends;
+    False, with nothing applied, when no enabled GradScaler guards the step (fp32, bf16) and a reduced
+    gradient is not finite (an enabled scaler skips such a step itself).
 
     Horovod's DistributedOptimizer reduces gradients asynchronously while backward runs and waits for
     them in ``step()``; a GradScaler unscales (and checks for inf) *before* calling ``step()``, i.e.
@@ -317,13 +326,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp
     land afterwards. So for Horovod: ``synchronize()`` first, then step inside ``skip_synchronize()``
     (Horovod's documented AMP recipe). DDP has reduced everything by the end of backward.
     """
-    step = (lambda: scaler.step(optimizer)) if scaler is not None else optimizer.step
+    def step() -> bool:
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+            return True
+        if not grads_finite(optimizer):
+            return False
+        optimizer.step()
+        return True
+
     if hasattr(optimizer, "skip_synchronize"):  # hvd.DistributedOptimizer
         optimizer.synchronize()
         with optimizer.skip_synchronize():
-            step()
-    else:
-        step()
+            return step()
+    return step()
 
 
 def broadcast_parameters(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

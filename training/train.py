@@ -10,8 +10,9 @@ Step semantics (every rank, every step, in lock-step):
    (an all-reduced "has data" flag decides when the epoch ends), so every row is read exactly once;
 2. forward under autocast (fp16 + GradScaler on CUDA, bf16 or fp32 on CPU); each rank's loss is its
    share of the global loss (see training/courier.py), so the backward is (loss * world_size);
-3. a non-finite loss on any rank skips the step on every rank (counted); `max_bad_steps` consecutive
-   skips abort the run with an error.
+3. a non-finite loss on any rank skips the step on every rank (counted), and so does a non-finite reduced
+   gradient when no GradScaler guards the step (fp32, bf16); `max_bad_steps` consecutive skips abort the
+   run with an error.
 Files (checkpoints, metrics, the result) go through etl.fs: checkpoint_dir is a local folder or an
 s3a:// prefix alike; a worker on another machine reaches the object store with the spec's `storage`.
 Resume: the checkpoint holds model, optimizer, scaler and (epoch, batch index); randomness is seeded per step; the reader
@@ -93,14 +94,16 @@ def forward(model, batch: dict, device: torch.device, amp_dtype: torch.dtype | N
         return model(*(batch[k] for k in BATCH_KEYS), **extra)
 
 
-def update(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, loss_scale: float = 1) -> None:
+def update(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, loss_scale: float = 1) -> bool:
     """Step 2's update: the gradients of loss * loss_scale (through the GradScaler), the optimizer step.
     The step goes through `dist.optimizer_step`: under Horovod the scaler must unscale the gradients
-    only once they are reduced (a plain `scaler.step` unscaled them while the reduction still ran)."""
+    only once they are reduced (a plain `scaler.step` unscaled them while the reduction still ran).
+    False when nothing was applied: fp32/bf16 (no scaler) and a non-finite gradient from a finite loss."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
-    dist.optimizer_step(optimizer, scaler)
+    applied = dist.optimizer_step(optimizer, scaler)
     scaler.update()
+    return applied
 
 
 def empty_batch(batch_size: int, l_pv: int, l_click: int, px: int) -> dict:
@@ -321,17 +324,21 @@ def train_fn(spec_dict: dict) -> dict:
                 # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
                 global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
                 batch_index += 1
-                if not torch.isfinite(global_loss).all():
+                # A finite loss can still have non-finite gradients. Under fp16 the GradScaler skips that step
+                # and lowers its scale (its normal working, not counted); without one (fp32, bf16) update()
+                # applies nothing and the step is skipped like a non-finite loss.
+                if not (torch.isfinite(global_loss).all()
+                        and update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))):
                     restore_bn_running_stats(bn_stats)
                     bad_in_a_row += 1
                     position["skipped"] += 1
                     if bad_in_a_row >= t["max_bad_steps"]:
                         raise FloatingPointError(
-                            f"{bad_in_a_row} consecutive non-finite losses (last at epoch {epoch}, batch "
-                            f"{batch_index}); lower train.lr or use train.precision fp32/bf16")
+                            f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at epoch "
+                            f"{epoch}, batch {batch_index}); lower train.lr, or under fp16 use train.precision "
+                            f"fp32/bf16")
                     continue
                 bad_in_a_row = 0
-                update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))
                 position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
                 step = position["global_step"]
                 losses.append(float(global_loss.item()))

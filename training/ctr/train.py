@@ -175,7 +175,9 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
 def _new_model(spec: ModelSpec, ctr, seen: CtrTensors) -> CTRModel:
     torch.manual_seed(ctr.seed)  # the same seed gives the same initial weights and the same model
     model = CTRModel(spec)
-    model.mark_seen(seen.take(torch.arange(len(seen))))
+    # The id columns only: take() of every row would gather the (N, L, d) history vectors of vector mode.
+    model.mark_seen({"item": seen.item, "hist_item": seen.hist_item, "hist_mask": seen.hist_mask, "user": seen.user,
+                     "query": seen.query})
     return model
 
 
