@@ -144,27 +144,25 @@ class TableStore:
         """A direct change of a stage-1 table under a publish log (a partition replace, an overwrite, a
         vacuum, which commits too), made while holding the publish lock: no build commits or recovers
         between, and the version the change ends at is published alone (a manifest moving only this
-        table's pin), so readers see it and publish recovery does not take it for an orphan. Refused
-        while the table holds versions no manifest published (a build died between its commits: the
-        next build undoes them). Any other table, or none published yet: the change as it is."""
-        from etl.publish import PublishLog
+        table's pin), so readers see it and publish recovery does not take it for an orphan. Versions a
+        dead build committed and never published are undone first, as the next build would do: the change
+        would otherwise publish them. Any other table, or none published yet: the change as it is."""
+        from etl.publish import PublishLog, recover
 
         plog = PublishLog(self.root, self.spark) if name in catalog.STAGE1 else None
         if plog is None or plog.latest() is None:
             yield
             return
         with plog.lock(f"{what} of {name}"):
+            recover(self, plog)
             m = plog.latest()
-            pinned, latest = m["tables"].get(name), self.latest_version(name)
-            if latest is not None and latest != pinned:
-                raise TableError(f"table {name!r}: versions after the published v{pinned} (up to v{latest}) were "
-                                 f"committed by a run that did not publish; build any date first (its recovery "
-                                 f"undoes them), then retry the {what}")
+            # after a recovery a restored table's newest version holds its published content: pinned too
+            before = {t: v if (latest := self.latest_version(t)) is None else latest for t, v in m["tables"].items()}
             yield
-            version = self.latest_version(name)
-            if version != pinned:
-                plog.append({"dt": None, "run_id": "", "status": f"{what} of {name}",
-                             "tables": {**m["tables"], name: version}, "dates": m["dates"]})
+            after = {**before, name: self.latest_version(name)}
+            if after != m["tables"]:
+                plog.append({"dt": None, "run_id": "", "status": f"{what} of {name}", "tables": after,
+                             "dates": m["dates"]})
 
     def latest_version(self, name: str) -> int | None:
         """The newest committed version, published or not (writers and publish recovery only)."""
@@ -419,12 +417,16 @@ class TableStore:
     def vacuum(self, name: str, retention_hours: int = 168, dry_run: bool = True) -> list[str]:
         """Files no version within the retention refers to (e.g. those of failed runs); deleted unless dry_run.
         A stage-1 table is vacuumed holding the publish lock, at its latest (= published) version: a build
-        committing meanwhile would have its new files taken for unreferenced ones."""
-        with self._published_alone(name, "vacuum"):
+        publishing meanwhile would have its new files taken for unreferenced ones. Files a running build
+        has staged and not committed yet are referenced by no version either: keep the retention above
+        the longest build (the default, 168 h, is enforced; a shorter one is the caller's choice)."""
+        with self._published_alone(name, "vacuum") if not dry_run else contextlib.nullcontext():
             # full: also the files no version ever referred to (a failed or discarded run's); the default
             # (lite) mode only removes files that a version removed
-            listed = self._delta(name).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                              enforce_retention_duration=retention_hours >= 168, full=True)
+            self._delta(name)  # a clear error for a table that does not exist, or was never published
+            # the newest version: under the lock it holds the published content (a restore, after a recovery)
+            listed = self._open(self.path(name)).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                                        enforce_retention_duration=retention_hours >= 168, full=True)
             return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
 
     def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:

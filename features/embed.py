@@ -4,12 +4,13 @@ The driver broadcasts the encoder's state dict bytes once; each executor Python 
 ImageEncoder from the version's tags and loads the weights with ``torch.load(weights_only=True)`` on
 its first batch, then keeps it in a module-level cache keyed by the encoder version and a digest of its
 weights (Spark reuses its Python workers across tasks and jobs), so the model is loaded once per
-process, not per batch.
+process, not per batch; the cache holds the latest encoder only.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Callable
 
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
@@ -77,6 +78,23 @@ def embed_array(encoder, images, batch_size: int):
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
+def embed_rows(images: list, px: int, batch_size: int, encoder: Callable[[], object]) -> list:
+    """The embedding of each image's bytes (None where it does not decode), decoding batch_size images at
+    a time: an Arrow batch holds attach_batch_size rows (8,192 by default), whose pixels decoded at once
+    would take ~1.2 GB per Python worker at 224 px. `encoder()` is called only when an image decodes."""
+    import numpy as np
+
+    result = [None] * len(images)
+    for start in range(0, len(images), batch_size):
+        arrays = [decode_image(b, px) for b in images[start:start + batch_size]]
+        ok = [i for i, a in enumerate(arrays) if a is not None]
+        if ok:
+            vecs = embed_array(encoder(), np.stack([arrays[i] for i in ok]), batch_size)
+            for j, i in enumerate(ok):
+                result[start + i] = vecs[j]
+    return result
+
+
 def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int, threads: int = 1,
                  keep: tuple[str, ...] = ()) -> DataFrame:
     """(item_id, image bytes, *keep) -> (item_id, embedding, *keep). One output row per input row; an
@@ -85,26 +103,15 @@ def embed_images(images: DataFrame, spec: EncoderSpec, state_bc, batch_size: int
     key = content_key(spec.encoder_version, state_bc.value)  # on the driver, once
 
     def run(batches):
-        import numpy as np
         import pandas as pd
 
-        from features.embed import cached_encoder, decode_image, embed_array
+        from features.embed import cached_encoder, embed_rows
         from etl.registry import EncoderSpec
 
         s = EncoderSpec(**spec_d)
-        encoder = None
         for pdf in batches:
-            result = [None] * len(pdf)
-            # batch_size images decoded at a time: an Arrow batch holds attach_batch_size rows (8,192 by
-            # default), whose pixels decoded at once would take ~1.2 GB per worker at 224 px.
-            for start in range(0, len(pdf), batch_size):
-                arrays = [decode_image(b, s.image_px) for b in pdf["image"].iloc[start:start + batch_size]]
-                ok = [i for i, a in enumerate(arrays) if a is not None]
-                if ok:
-                    encoder = encoder or cached_encoder(key, s, state_bc, threads)
-                    vecs = embed_array(encoder, np.stack([arrays[i] for i in ok]), batch_size)
-                    for j, i in enumerate(ok):
-                        result[start + i] = vecs[j]
+            result = embed_rows(pdf["image"].tolist(), s.image_px, batch_size,
+                                lambda: cached_encoder(key, s, state_bc, threads))
             out = pd.DataFrame({"item_id": pdf["item_id"].values, "embedding": result})
             for c in keep:
                 out[c] = pdf[c].values

@@ -221,11 +221,12 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
             and tags.get("kmeans_seed") == str(f.kmeans_seed)
-            and spec.levels == tuple(f.levels)
-            and tags.get("far_quantile") == str(f.drift_far_quantile))
+            and spec.levels == tuple(f.levels) and spec.far_quantile == f.drift_far_quantile)
     kind = K.index_type(f.n_clusters, f.large_c_threshold)
-    same = same and tags.get("index_type") == kind and (kind != "hnsw" or (
-        tags.get("hnsw_m") == str(f.hnsw_m) and tags.get("hnsw_ef_search") == str(f.hnsw_ef_search)))
+    # A version built before its HNSW settings were tagged has none: taken as built with these.
+    same = same and tags.get("index_type", kind) == kind and (kind != "hnsw" or (
+        tags.get("hnsw_m", str(f.hnsw_m)) == str(f.hnsw_m)
+        and tags.get("hnsw_ef_search", str(f.hnsw_ef_search)) == str(f.hnsw_ef_search)))
     return spec if same and _item_clusters_hold(store, spec.feature_version) else None
 
 
@@ -364,14 +365,15 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
                               "index_type": kind, "kmeans_seconds": round(train_s, 2), "cluster_stats": stats})
         r.counts = {"items": n_items, "assigned": stats["items"], "no_image": int(sizes.get(NO_IMAGE_CLUSTER_ID, 0)),
                     "trained_on": len(x), "empty_clusters": stats["empty_clusters"]}
-        dates = _dates(items)
+        dates = None
         try:
             _refuse_a_reused_feature_version(store, fv)
+            dates = _dates(items)
             _write_item_clusters(store, r, assigned, n, dates, fv, job, run_id)
         except BaseException:
+            registry.delete_version(mv.name, mv.version)  # no ref may resolve to a clustering never published
             if T.ITEM_CLUSTERS in r.versions:  # committed, then the check (or the job) failed: rows go too
                 _take_back_item_clusters(store, assigned, dates, fv, job, run_id)
-            registry.delete_version(mv.name, mv.version)  # no ref may resolve to a clustering never published
             raise
     name, kind_ref, alias = parse_ref(f.clusters_ref)
     if kind_ref == "alias":

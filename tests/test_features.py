@@ -274,7 +274,7 @@ def _quality(world):
     return _QUALITY
 
 
-def test_embedding_decodes_an_arrow_batch_in_chunks_with_the_same_vectors(world, spark):
+def test_embedding_decodes_an_arrow_batch_in_chunks_with_the_same_vectors(world, spark, monkeypatch):
     """embed_images decodes embed_batch_size images at a time inside an Arrow batch of thousands; each
     row's vector is still its own image's (as embedded alone) and an undecodable row stays null, also
     when it sits in the middle of a chunk."""
@@ -296,6 +296,20 @@ def test_embedding_decodes_an_arrow_batch_in_chunks_with_the_same_vectors(world,
         if item_id != "broken":
             alone = embed_array(encoder, decode_image(image, cfg.samples.image_px)[None], 1)[0]
             np.testing.assert_allclose(got[item_id], alone, rtol=1e-4, atol=1e-5)
+
+    # what each executor runs per Arrow batch: never more than batch_size images decoded at once
+    import features.embed as E
+
+    decoded_at_once, real_embed = [], E.embed_array
+
+    def recording(enc, images, batch_size):
+        decoded_at_once.append(len(images))
+        return real_embed(enc, images, batch_size)
+
+    monkeypatch.setattr(E, "embed_array", recording)
+    again = E.embed_rows([image for _, image in rows], cfg.samples.image_px, 3, lambda: encoder)
+    assert decoded_at_once == [3, 2, 2]  # 8 rows in chunks of 3; the broken one (5th) is not stacked
+    assert again[4] is None and all(np.allclose(again[i], got[rows[i][0]], atol=1e-5) for i in (0, 1, 2, 3, 5, 6, 7))
 
 
 def test_same_style_items_share_clusters_far_above_chance(world, capsys):
@@ -588,7 +602,7 @@ def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, m
     fails, the registry version is removed and so are its rows, so that no row of a feature version
     without a registry entry stays; the alias keeps its version."""
     from etl.registry import CLUSTERS_MODEL, alias_version, versions
-    from etl.tracking import setup_mlflow
+    from etl.tracking import setup_mlflow, start_run
     from features import pipeline as P
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
@@ -603,8 +617,8 @@ def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, m
     before_fvs = {r[0] for r in store.read("item_clusters").select("feature_version").distinct().collect()}
     alias_before = alias_version(CLUSTERS_MODEL, "current").version
     monkeypatch.setattr(P, "_rows_in", miscounted)
-    with pytest.raises(Exception, match="item_clusters"):
-        P.build_clusters(spark, cfg, store, "check-fails")
+    with start_run(cfg, "clusters whose check fails") as run, pytest.raises(Exception, match="item_clusters"):
+        P.build_clusters(spark, cfg, store, run.info.run_id)
     monkeypatch.undo()
     assert {v.version for v in versions(CLUSTERS_MODEL)} == before_versions
     assert {r[0] for r in store.read("item_clusters").select("feature_version").distinct().collect()} == before_fvs
