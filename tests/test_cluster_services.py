@@ -151,6 +151,7 @@ def test_a_service_that_cannot_start_fails_the_start_and_leaves_nothing_running(
     print(f"failed start reported in {time.monotonic() - t0:.1f}s")
 
 
+@pytest.mark.cluster
 def test_delta_rs_reaches_the_object_store_from_the_config_alone(cluster_services, spark, tmp_path, monkeypatch):
     """A deployment that writes the store's endpoint and keys in its config (spark.hadoop.fs.s3a.*) and
     exports no AWS_* variable: the table layer's delta-rs calls (existence, versions, file lists, vacuum)
