@@ -128,16 +128,18 @@ def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
     return out
 
 
-def _written_span(store: TableStore, name: str, key: str, values) -> dict:
-    """{value: (oldest, newest) modification time, ms, of the partition's files}; a partition without files
-    is absent."""
-    out: dict = {}
-    for f in store.files(name):
+def _partition_stats(files, key: str) -> dict:
+    """{value of `key`: (rows, oldest, newest)} over a table's files: the partition's row count (the files'
+    statistics) and the oldest and newest modification time of its files (ms; None when not recorded)."""
+    rows: dict = {}
+    times: dict = {}
+    for f in files:
         v = f.partition_values.get(key)
-        if v in values and f.modified_ms is not None:
-            old, new = out.get(v, (f.modified_ms, f.modified_ms))
-            out[v] = (min(old, f.modified_ms), max(new, f.modified_ms))
-    return out
+        rows[v] = rows.get(v, 0) + (f.num_records or 0)
+        if f.modified_ms is not None:
+            times.setdefault(v, []).append(f.modified_ms)
+    return {v: (n, min(times[v]) if v in times else None, max(times[v]) if v in times else None)
+            for v, n in rows.items()}
 
 
 def _dates(df: DataFrame) -> list[str]:
@@ -516,8 +518,9 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
-    log_dates = sorted({fl.partition_values["dt"] for fl in store.files(T.CTR_LOG)
-                        if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date})
+    log_files = [fl for fl in store.files(T.CTR_LOG)
+                 if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
+    log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
     have = ({row["dt"]: row["feature_version"] for row in
              store.read(T.CTR_TRAIN).select("dt", "feature_version").distinct().collect()}
             if store.exists(T.CTR_TRAIN) else {})
@@ -525,12 +528,14 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     # A date whose ctr_log was rebuilt (new raw files, other sampling settings or rules) after its attach:
     # the row counts, from the tables' statistics, no longer match; or, where a rebuild kept the count
     # but changed labels or histories, its ctr_log files are newer than its ctr_train files.
-    log_rows = _rows_in(store, T.CTR_LOG, "dt", log_dates)
-    train_rows = _rows_in(store, T.CTR_TRAIN, "dt", log_dates) if have else {}
-    stale |= {d for d in log_dates if d in have and log_rows[d] != train_rows[d]}
-    log_span = _written_span(store, T.CTR_LOG, "dt", set(log_dates))
-    train_span = _written_span(store, T.CTR_TRAIN, "dt", set(log_dates)) if have else {}
-    stale |= {d for d in log_span.keys() & train_span.keys() if log_span[d][1] > train_span[d][0]}
+    log_stats = _partition_stats(log_files, "dt")
+    train_stats = _partition_stats(store.files(T.CTR_TRAIN), "dt") if have else {}
+    for d in log_dates:
+        rows, _, log_newest = log_stats[d]
+        train_rows, train_oldest, _ = train_stats.get(d, (0, None, None))
+        if (d in have and rows != train_rows) or (
+                None not in (log_newest, train_oldest) and log_newest > train_oldest):
+            stale.add(d)
     if n_new and log_dates:
         ctr_all = store.read(T.CTR_LOG).where(F.col("dt").isin(log_dates))
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
