@@ -421,10 +421,10 @@ class TableStore:
         has staged and not committed yet are referenced by no version either: keep the retention above
         the longest build (the default, 168 h, is enforced; a shorter one is the caller's choice)."""
         with self._published_alone(name, "vacuum") if not dry_run else contextlib.nullcontext():
-            # full: also the files no version ever referred to (a failed or discarded run's); the default
-            # (lite) mode only removes files that a version removed
             self._delta(name)  # a clear error for a table that does not exist, or was never published
-            # the newest version: under the lock it holds the published content (a restore, after a recovery)
+            # The newest version: under the lock it holds the published content (a restore, after a recovery).
+            # full: also the files no version ever referred to (a failed or discarded run's); the default
+            # (lite) mode only removes files that a version removed.
             listed = self._open(self.path(name)).vacuum(retention_hours=retention_hours, dry_run=dry_run,
                                                         enforce_retention_duration=retention_hours >= 168, full=True)
             return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])

@@ -119,15 +119,6 @@ def _arrow_batch(spark, cfg: Config) -> None:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.features.attach_batch_size))
 
 
-def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
-    out = {v: 0 for v in values}
-    for f in store.files(name):
-        pv = f.partition_values
-        if pv.get(key) in out and all(pv.get(k) == v for k, v in fixed.items()):
-            out[pv[key]] += f.num_records or 0
-    return out
-
-
 def _partition_stats(files, key: str) -> dict:
     """{value of `key`: (rows, oldest, newest)} over a table's files: the partition's row count (the files'
     statistics) and the oldest and newest modification time of its files (ms; None when not recorded)."""
@@ -140,6 +131,13 @@ def _partition_stats(files, key: str) -> dict:
             times.setdefault(v, []).append(f.modified_ms)
     return {v: (n, min(times[v]) if v in times else None, max(times[v]) if v in times else None)
             for v, n in rows.items()}
+
+
+def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
+    """{value: rows} of the table's partitions key=value (with the `fixed` partition values), 0 for none."""
+    stats = _partition_stats([f for f in store.files(name)
+                              if all(f.partition_values.get(k) == v for k, v in fixed.items())], key)
+    return {v: stats[v][0] if v in stats else 0 for v in values}
 
 
 def _dates(df: DataFrame) -> list[str]:
