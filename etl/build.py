@@ -39,6 +39,8 @@ JOB = "build_samples"
 # 3: a click labels only a PV of its own date's log; MPO and key-colour PNG images; an event is judged by
 # the catalog of its own date; a local image's change time is part of the fingerprint.
 RULES_VERSION = 3
+# The raw log's folder under raw_root, and the quarantine `source` of its rows.
+SEARCH_LOG = "search_log"
 # The most unknown-item event ids sent to every executor (~50 MB); more are joined by a shuffle.
 MAX_BROADCAST_IDS = 1_000_000
 
@@ -85,7 +87,7 @@ def _dated_lines(spark, base: str, files: dict) -> DataFrame:
 
 def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: bool) -> DateInputs:
     sc = cfg.samples
-    log_base = under_root(cfg.raw_root, "search_log")
+    log_base = under_root(cfg.raw_root, SEARCH_LOG)
     catalog_base = under_root(cfg.raw_root, "catalog")
     today = discover(spark, log_base, date, sc.input_ignore)
     if today is None:
@@ -124,7 +126,7 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         "samples": dataclasses.asdict(sc),
         "images_root": cfg.images_root,
         "files": sorted((kind, x, f.name, scans[f.path].size, scans[f.path].sha256)
-                        for kind, files in (("search_log", log_files), ("catalog", catalog_files))
+                        for kind, files in ((SEARCH_LOG, log_files), ("catalog", catalog_files))
                         for x, di in files.items() for f in di.read),
         "images": sorted(images.listing) + sorted(images.rejected),
         # courier_train joins the item images of earlier dates: their published builds are inputs too.
@@ -134,6 +136,17 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
 
 
 # ---- compute: every table's rows staged (uncommitted), every count taken --------------------------
+def published_click_rejections(store: TableStore, inputs: DateInputs) -> DataFrame | None:
+    """(dt, event_id, reason) of the clicks the builds of the earlier dates read for click history
+    quarantined with a click reason; None when no earlier date is read (keep_published_click_verdicts)."""
+    earlier = sorted(x for x in inputs.log_files if x < inputs.dt)
+    if not earlier or not store.exists(T.QUARANTINE):
+        return None
+    return (store.read(T.QUARANTINE, partitions={"dt": earlier, "job": [JOB]})
+            .where((F.col("source") == SEARCH_LOG) & F.col("reason").isin(*S.CLICK_REASONS))
+            .select(F.col("dt").cast("string").alias("dt"), "event_id", "reason"))
+
+
 def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: str,
             progress: Callable[[str], None] | None) -> tuple[dict, DateReport]:
     sc = cfg.samples
@@ -145,7 +158,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     todays_items = catalog.where((F.col("dt") == date) & F.col("reason").isNull())
 
     # ---- events: parse, dedupe, check item references and clicks -------------------------------
-    raw = _dated_lines(spark, under_root(cfg.raw_root, "search_log"), inputs.log_files)
+    raw = _dated_lines(spark, under_root(cfg.raw_root, SEARCH_LOG), inputs.log_files)
     # Materialized after the dedupe: the item check joins its input with itself (see materialize),
     # which would otherwise run the Python parser twice.
     # Kept partitioned by pv_id (its last window's): the item and click checks then need no shuffle.
@@ -155,8 +168,11 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     few = unknown.count() <= MAX_BROADCAST_IDS
     # A valid event's raw text is never read again (only rejected rows are quarantined with theirs):
     # not keeping it makes the events' blocks ~40 % smaller.
-    events = materialize(S.mark_bad_clicks(S.mark_unknown_items(deduped, unknown, broadcast=few))
-                         .withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value"))))
+    checked = S.mark_bad_clicks(S.mark_unknown_items(deduped, unknown, broadcast=few))
+    published = published_click_rejections(store, inputs)
+    if published is not None:
+        checked = S.keep_published_click_verdicts(checked, date, published)
+    events = materialize(checked.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value"))))
     release(deduped, unknown)
     # Only what the samples read travels through the shuffle by user (not the raw text).
     valid = events.where(F.col("reason").isNull()).select(*S.VALID_EVENT_COLUMNS)
@@ -184,7 +200,7 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     # ---- quarantine: every rejected row of this date, with its reason ---------------------------
     quarantine = (
         rejected_events
-        .select(F.lit("search_log").alias("source"), "reason", "detail", F.col("value").alias("raw"), "raw_b64",
+        .select(F.lit(SEARCH_LOG).alias("source"), "reason", "detail", F.col("value").alias("raw"), "raw_b64",
                 "event_id")
         .unionByName(catalog.where((F.col("dt") == date) & F.col("reason").isNotNull())
                      .select(F.lit("catalog").alias("source"), "reason", "detail", F.col("value").alias("raw"),

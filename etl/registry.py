@@ -3,7 +3,8 @@ tags and moves aliases. Every stage goes through it; nothing else calls the regi
 
 Models (names in etl.contracts) and the lineage each version carries as tags:
 
-    courier-encoder   run_id, data.table, data.version, method, backbone, image_px, dim, proj_head,
+    courier-encoder   run_id, data.table, data.version, data.dates (the courier_train dates it trained
+                      on), method, backbone, image_px, dim, proj_head,
                       state_artifact (the weights-only state dict stage 3 loads)      -> EncoderSpec
     courier-clusters  encoder_ref, encoder_version, n_clusters, levels, dim, index_type, far_distance,
                       far_quantile, mean_distance, kmeans_iters/_sample/_seed, trained_on -> ClustersSpec
@@ -170,11 +171,25 @@ def promote(name: str, version: str) -> None:
 
 
 # ---- courier-encoder ----------------------------------------------------------------------------
-def encoder_tags(run_id: str, data_version: int, method: str, backbone: str, image_px: int, dim: int,
-                 proj_head: bool, state_artifact: str) -> dict:
-    return {"run_id": run_id, "data.table": COURIER_TRAIN, "data.version": str(data_version), "method": method,
-            "backbone": backbone, "image_px": str(image_px), "dim": str(dim), "proj_head": str(proj_head).lower(),
-            "state_artifact": state_artifact}
+def encoder_tags(run_id: str, data_version: int, dates: list[str], method: str, backbone: str, image_px: int,
+                 dim: int, proj_head: bool, state_artifact: str) -> dict:
+    return {"run_id": run_id, "data.table": COURIER_TRAIN, "data.version": str(data_version),
+            "data.dates": ",".join(sorted(dates)), "method": method, "backbone": backbone, "image_px": str(image_px),
+            "dim": str(dim), "proj_head": str(proj_head).lower(), "state_artifact": state_artifact}
+
+
+def encoder_training_dates(feature_version: str) -> list[str] | None:
+    """The courier_train dates the encoder of a feature version trained on (its data.dates tag); None
+    when that is unknown: a feature version of no courier-encoder, or an encoder registered before its
+    dates were recorded."""
+    encoder = encoder_version_of(feature_version)
+    if encoder is None:
+        return None
+    try:
+        dates = resolve(f"{ENCODER_MODEL}/{version_number(encoder)}").tags.get("data.dates")
+    except RegistryError:
+        return None
+    return None if dates is None else [d for d in dates.split(",") if d]
 
 
 @dataclass(frozen=True)

@@ -421,6 +421,28 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
                           F.when(F.col("_is_click") & valid, ~same_date).alias("pv_on_other_date"))
 
 
+# mark_bad_clicks' reasons: a click's verdict that depends on the page it refers to
+CLICK_REASONS = ("orphan_click", "click_user_mismatch", "click_not_on_pv", "click_before_pv", "duplicate_click")
+
+
+def keep_published_click_verdicts(events: DataFrame, date: str, published: DataFrame) -> DataFrame:
+    """The clicks of the earlier dates in `events` (read for click history) take the verdict their own
+    date's build published, not the one mark_bad_clicks just gave them: that build read the pages
+    before them, and this one may not (a click just after midnight at the start of the history window
+    refers to a page a day further back, which would make it an `orphan_click` here and drop it from
+    the histories). `published`: (dt, event_id, reason) of the click reasons those builds quarantined.
+
+    A broadcast left join (the rejections are few): the events keep their partitioning."""
+    verdicts = (published.groupBy(F.col("dt").alias("_v_dt"), F.col("event_id").alias("_v_id"))
+                .agg(F.min("reason").alias("_v_reason")))
+    earlier_click = ((F.col("dt") < F.lit(date)) & (F.col("event_type") == "click")
+                     & (F.col("reason").isNull() | F.col("reason").isin(*CLICK_REASONS)))
+    joined = events.join(F.broadcast(verdicts), (events["dt"] == verdicts["_v_dt"])
+                         & (events["event_id"] == verdicts["_v_id"]), how="left")
+    return joined.select(*[F.when(earlier_click, F.col("_v_reason")).otherwise(F.col("reason")).alias("reason")
+                           if c == "reason" else F.col(c) for c in events.columns])
+
+
 def _position(array: Column, value: Column) -> Column:
     """1-based int position of value's first occurrence in array, 0 when absent (array_position, whose
     Python wrapper in Spark 3.5 takes only a literal value)."""

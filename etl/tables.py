@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 from etl import catalog, fs
 from etl.config import Config, is_uri, under_root
@@ -195,23 +195,31 @@ class TableStore:
         return out
 
     # ---- reads ----------------------------------------------------------------------------------
-    def read(self, name: str, version: int | None = None):
-        """A Spark DataFrame of the table (latest or a pinned version), partition columns included."""
+    def read(self, name: str, version: int | None = None, partitions: Mapping[str, Collection[str]] | None = None):
+        """A Spark DataFrame of the table (latest or a pinned version), partition columns included;
+        with `partitions` ({column: values}), only the partitions whose values are among those."""
+        from pyspark.sql import functions as F
+        from pyspark.sql.types import StructType
+
         if self.native:
             reader = self.spark.read.format("delta")
             if version is None:
                 version = self.version(name)
             if version is not None:
                 reader = reader.option("versionAsOf", version)
-            return reader.load(self.path(name))
-        from pyspark.sql import functions as F
-        from pyspark.sql.types import StructType
+            df = reader.load(self.path(name))
+            for col, values in (partitions or {}).items():
+                df = df.where(F.col(col).isin(*values))
+            return df
 
         dt = self._delta(name, version)
         version = dt.version()  # one snapshot for the schema and the file list (pins can move)
         schema = StructType.fromJson(json.loads(dt.schema().to_json()))
         partition_cols = dt.metadata().partition_columns
-        files = self.files(name, version)
+        # Files outside `partitions` are left out of the plan (not filtered in it): the plan, and the
+        # code Spark generates for it, stay the same when other partitions come and go.
+        files = [f for f in self.files(name, version)
+                 if all(f.partition_values.get(c) in set(v) for c, v in (partitions or {}).items())]
         if not files:
             return self.spark.createDataFrame([], schema)
         data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])

@@ -55,7 +55,8 @@ def body(ctx) -> None:
         if holdout:
             ctx.say(holdout)
         L.log_result(result)
-        mv = L.register_encoder(ctx.cfg, result["encoder_path"], run.info.run_id, plan.data_version, alias=a.alias)
+        mv = L.register_encoder(ctx.cfg, result["encoder_path"], run.info.run_id, plan.data_version, plan.dates,
+                                 alias=a.alias)
     L.mark_done(plan, run.info.run_id, mv.version)
     loss = result["losses"][-1] if result["losses"] else float("nan")
     ctx.say(f"done: {result['steps']} steps ({result['skipped']} skipped), final loss {loss:.4f}, "

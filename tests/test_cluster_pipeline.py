@@ -272,7 +272,7 @@ def _local_reference(spark, cluster_conf: Path, tmp_path: Path, encoder: Path):
         build_date(spark, cfg, store, d, "local-reference")
     with start_run(cfg, "reference-encoder") as run:  # the cluster's weights, registered locally
         register_encoder(cfg, str(encoder), run.info.run_id, data_version=store.version("courier_train"),
-                         alias="champion")
+                         dates=dates[:-1], alias="champion")  # the cluster's run held out the latest date
     with start_run(cfg, "reference-features") as run:
         P.embed_items(spark, cfg, store, None, run.info.run_id)
         P.build_clusters(spark, cfg, store, run.info.run_id)

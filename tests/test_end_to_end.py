@@ -31,7 +31,7 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     from training.ctr.review import review_and_report
     from training.ctr.pipeline import train_and_register
     from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
-    from training.launch import TrainPlan, launch, register_encoder
+    from training.launch import TrainPlan, launch, register_encoder, split_holdout
 
     cfg = load_config(write_config(tmp_path, {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": REVIEW}))
     simulate(cfg.raw_root, cfg.images_root, cfg.truth_root, preset="tiny", seed=7, image_px=32)
@@ -46,15 +46,18 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     dropped = sum(sum(r.counts["train_dropped"].values()) for r in reports)  # PVs without usable images
     assert counts["courier_train"] + dropped == counts["pv_samples"]
 
-    # Stage 2: a few steps of COURIER, registered with the alias stage 3 reads.
+    # Stage 2: a few steps of COURIER on every date but the last (the CTR eval date), registered with
+    # the alias stage 3 reads.
     setup_mlflow(cfg)
     ckpt = os.path.join(cfg.checkpoints_root, "e2e")
     os.makedirs(ckpt)
     with start_run(cfg, "e2e-train") as run:
-        plan = TrainPlan("e2e", store.version("courier_train"), store.files("courier_train"), [], ckpt, None)
+        files, held_out = split_holdout(store.files("courier_train"), True)
+        plan = TrainPlan("e2e", store.version("courier_train"), files, held_out, ckpt, None)
+        assert plan.dates == dates[:-1]
         result = launch(cfg, spark, plan, run.info.run_id)
         encoder = register_encoder(cfg, result["encoder_path"], run.info.run_id,
-                                   data_version=store.version("courier_train"), alias="champion")
+                                   data_version=store.version("courier_train"), dates=plan.dates, alias="champion")
     assert result["steps"] == TRAIN["max_steps"]
 
     # Stages 3-4: embeddings of every decodable image, k-means, features on every ctr_log impression.

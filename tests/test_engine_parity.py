@@ -126,6 +126,8 @@ def main(out: Path) -> None:
             "t": per_partition(store.read("t")),
             "t_v0": per_partition(store.read("t", version=0)),
             "t_v1": per_partition(store.read("t", version=1)),
+            # only the partitions asked for, of a pinned version too
+            "t_v1_one": per_partition(store.read("t", version=1, partitions={"dt": [DATES[1], DATES[2]]})),
             "m": per_partition(store.read("m")),
             "m_v0": per_partition(store.read("m", version=0)),
             "u": row_set_hash(store.read("u")),
@@ -164,7 +166,7 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     rs, native = res["engines"]["delta-rs"], res["engines"]["spark-delta"]
     # every table and partition, latest and pinned versions: the same row sets on both engines
-    for key in ("t", "t_v0", "t_v1", "m", "m_v0", "u", "u_v0", "files_rows", "columns", "codecs"):
+    for key in ("t", "t_v0", "t_v1", "t_v1_one", "m", "m_v0", "u", "u_v0", "files_rows", "columns", "codecs"):
         assert rs[key] == native[key], key
     assert rs["codecs"] == {"t": ["SNAPPY"], "courier_train": ["ZSTD"]}
     # a dead run's staged files: listed by a vacuum and removed, the committed rows untouched, on both engines
@@ -175,6 +177,7 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     exp = res["expected"]
     assert rs["t"] == exp["t"] and rs["t_v0"] == exp["t_v0"]
     assert rs["t_v1"] == {**exp["t_v0"], DATES[1]: exp["t"][DATES[1]]}
+    assert rs["t_v1_one"] == {DATES[1]: exp["t"][DATES[1]]}
     assert set(rs["m"]) == {DATES[2]} and set(rs["m_v0"]) == {DATES[1], DATES[2]}  # DATES[1] emptied
     assert rs["u"] != rs["u_v0"] and rs["u"][0] == 9 and rs["u_v0"][0] == 12
     assert rs["files_rows"] == {DATES[0]: 25, DATES[1]: 30, DATES[2]: 0}

@@ -45,11 +45,12 @@ def world(spark, tmp_path_factory):
     with start_run(cfg, "train tiny") as run:
         plan = TrainPlan("tiny", store.version("courier_train"), store.files("courier_train"), [], ckpt, None)
         result = launch(cfg, spark, plan, run.info.run_id)
-        trained = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=0, alias="champion")
+        trained = register_encoder(cfg, result["encoder_path"], run.info.run_id, data_version=0, dates=plan.dates,
+                                   alias="champion")
         torch.manual_seed(cfg.train.seed)  # the weights the training started from
         init_path = os.path.join(ckpt, "init.pt")
         torch.save(ImageEncoder(cfg.train.backbone, dim=cfg.train.dim).state_dict(), init_path)
-        untrained = register_encoder(cfg, init_path, run.info.run_id, data_version=0)
+        untrained = register_encoder(cfg, init_path, run.info.run_id, data_version=0, dates=plan.dates)
     t_train = time.perf_counter() - t0
     reports = {}
     with start_run(cfg, "features") as run:

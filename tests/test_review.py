@@ -277,3 +277,52 @@ def test_skip_if_done_hash_is_the_resolved_inputs_not_how_they_were_named():
     assert ctr_config_hash(dataclasses.asdict(CtrConf(lr=0.01)), snap, train) != base
     assert ctr_config_hash(dataclasses.asdict(CtrConf()), Snapshot(8, "fv", ("2026-11-22",)), train) != base
     assert ctr_config_hash(dataclasses.asdict(CtrConf()), snap, train[1:]) != base
+
+
+def test_a_model_whose_encoder_saw_the_eval_dates_is_neither_trained_nor_promoted(env, tmp_path, spark):
+    """An encoder trained on the eval date (or a later one) has seen the eval clicks in its PVs' click
+    histories: train_ctr refuses such a cluster-id model, and the review refuses one registered anyway."""
+    import dataclasses
+
+    from etl import registry
+    from etl.config import load_config
+    from etl.contracts import CTR_MODEL, ENCODER_MODEL
+    from etl.tables import TableStore
+    from etl.tracking import setup_mlflow, start_run
+    from tests.conftest import write_config
+    from training.ctr.data import CtrDataError, dates_after_eval_start
+    from training.ctr.pipeline import train_and_register
+
+    assert dates_after_eval_start(["2026-11-18", "2026-11-23"], ["2026-11-22", "2026-11-21"]) == ["2026-11-23"]
+    assert dates_after_eval_start(DATES[:-1], [DATES[-1]]) == []
+
+    cfg = load_config(write_config(tmp_path, {"ctr": CTR, "review": REVIEW}))
+    store = TableStore(spark, cfg)
+    setup_mlflow(cfg)
+    try:
+        with start_run(cfg, "an encoder") as run:  # a version with lineage tags only: no weights are read here
+            enc = registry.register_version(ENCODER_MODEL, str(tmp_path), run.info.run_id,
+                                            {"data.dates": ",".join(DATES)})
+        write_ctr_train(spark, store, rows_per_date=2000, feature_version=f"{ENCODER_MODEL}-v{enc.version}.clusters-v1")
+
+        def train(mode):
+            return train_and_register(dataclasses.replace(cfg, ctr=dataclasses.replace(cfg.ctr, feature_mode=mode)),
+                                      store, progress=lambda m: None)["model_version"]
+
+        with pytest.raises(CtrDataError, match=rf"trained on courier_train date\(s\) \['{DATES[-1]}'\], on or after"):
+            train("cluster_id")
+        v_none = train("none")  # no image feature: the encoder takes no part
+        registry.tag_version(ENCODER_MODEL, enc.version, {"data.dates": ",".join(DATES[:-1])})
+        v_cluster = train("cluster_id")
+        assert registry.promote(CTR_MODEL, v_none) is None and _champion() == v_none
+
+        # Registered before the encoder's dates were known to overlap (here: re-tagged): the review refuses.
+        registry.tag_version(ENCODER_MODEL, enc.version, {"data.dates": ",".join(DATES)})
+        out = _review((None, cfg, store), v_cluster)
+        assert out.decision == "refused" and _champion() == v_none
+        assert len(out.reasons) == 1 and out.reasons[0].startswith(f"v{v_cluster}: the image encoder"), out.reasons
+        registry.tag_version(ENCODER_MODEL, enc.version, {"data.dates": ",".join(DATES[:-1])})
+        out = _review((None, cfg, store), v_cluster)
+        assert out.decision in ("promoted", "rejected"), out.reasons
+    finally:
+        setup_mlflow(env[1])  # the module's registry again

@@ -293,7 +293,8 @@ def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypat
 
     monkeypatch.setattr(registry, "tag_version", fail)
     with start_run(cfg, "registration fails"), pytest.raises(RuntimeError, match="went away"):
-        register_encoder(cfg, os.path.join(_checkpoints(conf, "full"), "encoder.pt"), "run-y", data_version=2)
+        register_encoder(cfg, os.path.join(_checkpoints(conf, "full"), "encoder.pt"), "run-y", data_version=2,
+                         dates=["2026-11-20"])
     assert {v.version for v in client.search_model_versions("name = 'courier-encoder'")} == before
 
 

@@ -32,6 +32,11 @@ class TrainPlan:
     resume: bool = False  # continue that run (from its last checkpoint, if it wrote one)
 
     @property
+    def dates(self) -> list[str]:
+        """The courier_train dates trained on (the held-out date not among them)."""
+        return sorted({f.partition_values.get("dt") for f in self.files})
+
+    @property
     def done_path(self) -> str:
         return fs.join(self.checkpoint_dir, "done.json")
 
@@ -225,9 +230,11 @@ def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
     return json.loads(fs.read_text(result_path))
 
 
-def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int, alias: str | None = None):
+def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: int, dates: list[str],
+                     alias: str | None = None):
     """Log the trained encoder to the run and register it as a new `courier-encoder` version with its
-    lineage (run, data version, method, backbone) as version tags."""
+    lineage (run, data version and the dates trained on, method, backbone) as version tags; stage 4
+    refuses to evaluate its cluster ids on those dates or earlier ones."""
     import mlflow
     import torch
     import torchvision
@@ -254,7 +261,8 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
             fs.copy_to_local(encoder_path, os.path.join(tmp, os.path.basename(state_artifact)))
             mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
         registry.tag_version(MODEL_NAME, version.version, registry.encoder_tags(
-            run_id, data_version, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head, state_artifact))
+            run_id, data_version, dates, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head,
+            state_artifact))
     except BaseException:  # a version without its weights or lineage must not be what courier-encoder/latest names
         registry.delete_version(MODEL_NAME, version.version)
         raise

@@ -67,6 +67,14 @@ def split_dates(available: list[str], train_dates: list | None, eval_dates: list
     return tr, ev
 
 
+def dates_after_eval_start(encoder_dates: list[str], eval_dates: list[str]) -> list[str]:
+    """The image encoder's training dates on or after the first eval date. The encoder learnt from its
+    dates' PVs and their click histories, and a PV's history holds the user's earlier clicks: an encoder
+    trained on an eval date, or on any later one, has seen the eval dates' clicks, and cluster ids from
+    it would carry the labels they are evaluated on."""
+    return sorted(d for d in encoder_dates if d >= min(eval_dates))
+
+
 def validation_split(train_dates: list[str], last_n: int) -> tuple[list[str], list[str]]:
     """(fit dates, validation dates): the last `last_n` training dates validate, when at least one date
     is left to fit on; otherwise ([all], []) and the last epoch is kept. Eval dates are never involved."""

@@ -42,24 +42,41 @@ def load_frames(store, version: int, train_dates: list[str], eval_dates: list[st
     return tr, ev, Snapshot(version, fv_eval, tuple(eval_dates))
 
 
+def encoder_leak(feature_version: str, feature_mode: str, eval_dates: list[str]) -> str | None:
+    """Why a model of `feature_mode` on `feature_version` cannot be evaluated on `eval_dates`: its image
+    encoder trained on an eval date or a later one (ctr_data.dates_after_eval_start); None when it may
+    (or the encoder's dates are unknown: see registry.encoder_training_dates)."""
+    if feature_mode == "none":  # no image feature: the encoder takes no part in the model
+        return None
+    seen = ctr_data.dates_after_eval_start(registry.encoder_training_dates(feature_version) or [], eval_dates)
+    if not seen:
+        return None
+    return (f"the image encoder of feature_version {feature_version!r} was trained on courier_train date(s) "
+            f"{seen}, on or after the first eval date {min(eval_dates)}: those PVs and their click histories hold "
+            "the eval dates' clicks, so its cluster ids would carry the labels they are scored on. Evaluate on "
+            "dates after the encoder's (ctr.eval_dates), or use an encoder trained on earlier dates only "
+            "(train.holdout_last_date holds out the latest)")
+
+
 def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bool = False,
                        progress: Callable[[str], None] = print) -> dict:
     """The whole train_ctr job body (Spark session and store given). Returns a summary dict."""
     import mlflow
 
     from etl.config import flat_params
-    from etl.tracking import start_run
+    from etl.tracking import setup_mlflow, start_run
     from training.ctr.metrics import flat_metrics, nan_to_none
     from training.ctr.train import fit_and_evaluate
 
     ctr = cfg.ctr
     version, train_dates, eval_dates = resolve_dates(store, ctr)
     tr, ev, snap = load_frames(store, version, train_dates, eval_dates, ctr.feature_mode == "vector")
+    setup_mlflow(cfg)
+    leak = encoder_leak(snap.feature_version, ctr.feature_mode, eval_dates)
+    if leak:
+        raise ctr_data.CtrDataError(leak)
     digest = registry.ctr_config_hash(dataclasses.asdict(ctr), snap, train_dates)
     if skip_if_done:
-        from etl.tracking import setup_mlflow
-
-        setup_mlflow(cfg)
         done = registry.find_by_tag(CTR_MODEL, "config_hash", digest)
         if done is not None:
             progress(f"[{JOB}] ctr-model v{done.version} was already trained from these inputs "

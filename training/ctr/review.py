@@ -2,7 +2,9 @@
 
 1. Both versions must carry the same evaluation snapshot (same ctr_train Delta version, feature_version
    and eval dates, from their lineage tags); otherwise the review refuses: numbers from different data
-   are not comparable, and another feature_version means the cluster ids mean different things.
+   are not comparable, and another feature_version means the cluster ids mean different things. It
+   refuses too when a model's image encoder was trained on an eval date or a later one (its cluster ids
+   would carry the eval labels: training.ctr.pipeline.encoder_leak).
 2. Both models are **re-scored** here on that pinned snapshot (not trusted from their training runs), with
    the same GAUC grouping and the same cold-start item set (eval items seen in neither model's training
    dates).
@@ -148,6 +150,7 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
     from etl.registry import Snapshot
     from training.ctr import data as ctr_data
     from training.ctr.metrics import evaluate_predictions
+    from training.ctr.pipeline import encoder_leak
     from training.ctr.train import level_scores, load_registered, score_frame
 
     versions = registry.versions(MODEL_NAME)
@@ -187,8 +190,15 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
                 "champion on this snapshot")
             return out
 
-    # Re-score every model on the pinned snapshot.
     models = {chall_v: chall} if champ is None else {chall_v: chall, str(champ.version): champ}
+    # A model whose image encoder saw the eval dates scores higher than it would on new data.
+    leaks = [f"v{v}: {leak}" for v, mv in models.items()
+             if (leak := encoder_leak(snap.feature_version, mv.tags.get("feature_mode", ""), list(snap.eval_dates)))]
+    if leaks:
+        out.reasons.extend(leaks)
+        return out
+
+    # Re-score every model on the pinned snapshot.
     loaded = {v: load_registered(mv) for v, mv in models.items()}
     with_vector = any(m.spec.feature_mode == "vector" for m, _ in loaded.values())
     train_dates = sorted({d for _, tags in loaded.values() for d in tags.get("train.dates", "").split(",") if d})
