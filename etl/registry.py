@@ -271,6 +271,15 @@ def encoder_version_of(feature_version: str) -> str | None:
     return encoder if dot and encoder.startswith(f"{ENCODER_MODEL}-v") else None
 
 
+def clusters_ref_of(feature_version: str) -> str | None:
+    """'courier-encoder-v3.courier-clusters-v2' -> 'courier-clusters/2', the clustering that made a
+    feature version; None for anything else."""
+    encoder = encoder_version_of(feature_version)
+    clusters = feature_version[len(encoder) + 1:] if encoder else ""
+    m = re.fullmatch(rf"{re.escape(CLUSTERS_MODEL)}-v(\d+)", clusters)
+    return f"{CLUSTERS_MODEL}/{m.group(1)}" if m else None
+
+
 def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far_distance: float,
                   mean_distance: float, trained_on: int) -> dict:
     """A clustering's lineage: its encoder, the k-means settings (features config) and the build's

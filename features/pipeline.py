@@ -437,6 +437,24 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     return r
 
 
+def attached_rows(spark, cfg: Config, store: TableStore, ctr_log: DataFrame, clusters_ref: str,
+                  columns: list[str]):
+    """`columns` of ctr_log rows attached with the clustering `clusters_ref`, collected to pandas and
+    written nowhere: the review scores a champion of an older feature version on the impressions its
+    challenger is evaluated on, with the features that clustering gives them (its item_clusters rows;
+    items it never clustered embedded and assigned on the fly, as its daily refresh would have)."""
+    _arrow_batch(spark, cfg)
+    with _Cache() as cache:
+        clu = load_clusters(spark, clusters_ref, cache)
+        enc = load_encoder(spark, clu.spec.encoder_ref, cache)
+        feats, _ = feature_lookup(cfg, store, clu, enc, ctr_log)
+        feats, _ = cache.persist(feats)
+        _check_unique(feats)
+        out = A.attach(ctr_log, feats, clu.spec.feature_version, "item_vector" in columns, clu.spec.dim,
+                       clu.level_map(spark))
+        return out.select(*[c for c in columns if c in out.columns]).toPandas()
+
+
 def _check_unique(feats: DataFrame) -> None:
     dup = feats.groupBy("item_id").count().where("count > 1").limit(5).collect()
     if dup:  # a duplicate would multiply impressions: refuse rather than break conservation

@@ -1,16 +1,17 @@
 """python jobs/review_model.py --conf conf/local.yaml [--version N] [--allow-first] [--no-tsne]
 
 Registry review of `ctr-model`: re-score the challenger (default: the latest version) and the current
-@champion on their pinned evaluation snapshot, apply the gates of the config's `review:` section and
-move @champion to the challenger only when every gate passes (logic: training/ctr/review.py). A first
+@champion on the challenger's pinned evaluation snapshot (the champion with its own features), apply
+the gates of the config's `review:` section and move @champion to the challenger only when every gate
+passes (logic: training/ctr/review.py). A first
 model (no champion yet) is promoted only with --allow-first. Writes review.html (plots inline) and
 review.md with PNG plots as artifacts of an MLflow run and prints a one-screen summary.
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
-mismatched snapshots, no champion without --allow-first, too few eval rows, unknown version), 3 the
-review failed (a crash: never read as a rejection). The decision is final once made: it is printed
-(and written to --status-file) before the report, so a report that fails after a promotion exits 3
-and still says that @champion moved.
+a champion that trained on the challenger's eval dates, no champion without --allow-first, too few
+eval rows, unknown version), 3 the review failed (a crash: never read as a rejection). The decision
+is final once made: it is printed (and written to --status-file) before the report, so a report that
+fails after a promotion exits 3 and still says that @champion moved.
 With --status-file (schedulers): the decision is written there as one JSON line and the exit status is
 0 whenever the review reached a decision and its report was logged.
 """

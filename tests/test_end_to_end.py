@@ -121,3 +121,25 @@ def test_simulate_to_review_on_tiny(spark, tmp_path):
     assert len(review_runs) == 3
     artifacts = {a.path for a in client.list_artifacts(review_runs[0].info.run_id, "review")}
     assert {"review/review.md", "review/review.html"} <= artifacts
+
+    # A re-cluster (another k: a new feature version) and the daily DAG's CTR gate: the challenger is
+    # trained on the re-attached ctr_train; @champion (the multi_cluster model, of the old feature
+    # version) is re-scored on the same eval impressions with the features of its own clustering,
+    # rebuilt here: they reproduce its training run's eval AUC.
+    from etl import registry
+
+    registry.promote(MODEL_NAME, challenger["model_version"])
+    old_auc = float(client.get_model_version(MODEL_NAME, challenger["model_version"]).tags["eval.auc"])
+    reclustered = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, n_clusters=6))
+    with start_run(cfg, "e2e-recluster") as run:
+        P.build_clusters(spark, reclustered, store, run.info.run_id)
+        P.attach_dates(spark, reclustered, store, dates, run.info.run_id)
+    new = train_ctr("multi_cluster")
+    assert new["snapshot"] != challenger["snapshot"]
+    third = review_and_report(cfg, store, new["model_version"], with_tsne=False)
+    assert third.decision in ("promoted", "rejected"), third.reasons
+    assert third.champion == challenger["model_version"] and "with the features of its own" in third.notes[0]
+    rescored = third.reports[challenger["model_version"]]["overall"]
+    assert rescored["rows"] == third.reports[new["model_version"]]["overall"]["rows"] \
+        == new["report"]["overall"]["rows"]
+    assert abs(rescored["auc"] - old_auc) < 1e-6, (rescored["auc"], old_auc)

@@ -111,6 +111,52 @@ def test_review_sequence(env, capsys):
     assert {"review.md", "review.html", "auc_gauc.png", "category_gain.png", "training_curves.png"} <= files
 
 
+def test_a_champion_from_an_earlier_snapshot_is_rescored_on_the_challengers_eval_dates(env):
+    """The daily case: @champion was trained and evaluated a day earlier. The challenger's eval date is
+    new to it, so both are scored on the challenger's impressions; the other way round (a challenger
+    evaluated on a date the champion trained on) is refused."""
+    from etl import registry
+    from etl.contracts import CTR_MODEL as MODEL_NAME
+    from training.ctr import data as ctr_data
+    from training.ctr.metrics import evaluate_predictions
+    from training.ctr.train import load_registered, score_frame
+
+    _, cfg, store = env
+    v_day1 = _train(env, feature_mode="cluster_id", train_dates=[DATES[0]], eval_dates=[DATES[1]])["model_version"]
+    v_day2 = _train(env, feature_mode="cluster_id", seed=3)["model_version"]  # train DATES[:2], eval DATES[2]
+    registry.promote(MODEL_NAME, v_day1)
+    out = _review(env, v_day2)
+    assert out.decision in ("promoted", "rejected"), out.reasons
+    assert out.notes and out.notes[0].startswith(f"champion v{v_day1} was evaluated on ")
+    assert "eval dates" in out.notes[0]
+    # The champion's numbers are its scores on the challenger's eval date, not on its own.
+    ev = ctr_data.read_ctr_frame(store, 2, [DATES[2]], False)
+    model, _ = load_registered(registry.resolve(f"{MODEL_NAME}/{v_day1}"))
+    expected = evaluate_predictions(ev, score_frame(model, ev), cold_items=set(), group_col=cfg.ctr.gauc_by)
+    assert out.reports[v_day1]["overall"]["auc"] == expected["overall"]["auc"]
+    assert out.reports[v_day1]["overall"]["rows"] == len(ev)
+
+    registry.promote(MODEL_NAME, v_day2)
+    out = _review(env, v_day1)
+    assert out.decision == "refused" and _champion() == v_day2
+    assert f"it trained on ['{DATES[1]}'], on or after the challenger's first eval date" in out.reasons[0]
+
+
+def test_what_keeps_a_champion_from_being_rescored():
+    from etl.registry import Snapshot
+    from training.ctr.review import not_rescorable
+
+    snap = Snapshot(5, "courier-encoder-v2.courier-clusters-v4", ("2026-11-22",))
+    ok = {"train.dates": "2026-11-20,2026-11-21", "feature_version": snap.feature_version, "feature_mode": "cluster_id"}
+    assert not_rescorable(ok, snap) is None
+    assert not_rescorable({**ok, "feature_version": "courier-encoder-v1.courier-clusters-v3"}, snap) is None
+    assert "trained on ['2026-11-22', '2026-11-23']" in not_rescorable(
+        {**ok, "train.dates": "2026-11-21,2026-11-22,2026-11-23"}, snap)
+    assert "names no courier-clusters version" in not_rescorable({**ok, "feature_version": "fv-test"}, snap)
+    assert "vector-mode" in not_rescorable({**ok, "feature_version": "courier-encoder-v1.courier-clusters-v3",
+                                            "feature_mode": "vector"}, snap)
+
+
 def test_feature_version_mismatch_is_refused(env):
     from etl.registry import Snapshot
 

@@ -144,7 +144,7 @@ def summary_text(outcome) -> str:
     """The one-screen stdout summary."""
     lines = [f"== ctr-model review: challenger v{outcome.challenger} vs champion "
              f"{'v' + outcome.champion if outcome.champion else '(none)'} ==",
-             f"snapshot: {outcome.snapshot}"]
+             f"snapshot: {outcome.snapshot}", *[f"note: {n}" for n in outcome.notes]]
     if outcome.reports:
         lines.append(f"{'model':<30}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'cold AUC':>10}{'rows':>9}")
         for v, rep in sorted(outcome.reports.items(), key=lambda kv: int(kv[0])):
@@ -177,6 +177,7 @@ def _report_blocks(outcome, folder: str, tsne) -> list[tuple]:
                 [("", f"champion: {'v' + outcome.champion if outcome.champion else 'none'}")],
                 [("", "evaluation snapshot: "), ("code", str(outcome.snapshot)),
                  ("", " (both models re-scored on it)")],
+                *[[("", n)] for n in outcome.notes],
                 *[[("", f"v{v} model selection: validation dates "), ("code", t.get("validation.dates", "none")),
                    ("", f", {t.get('selected_epochs', 'n/a')} epoch(s) chosen there (the eval dates choose nothing)")]
                   for v, t in sorted(outcome.tags.items(), key=lambda kv: int(kv[0]))]])]

@@ -1,13 +1,15 @@
 """Registry review: may a challenger `ctr-model` version replace the current @champion?
 
-1. Both versions must carry the same evaluation snapshot (same ctr_train Delta version, feature_version
-   and eval dates, from their lineage tags); otherwise the review refuses: numbers from different data
-   are not comparable, and another feature_version means the cluster ids mean different things. It
-   refuses too when a model's image encoder was trained on an eval date or a later one (its cluster ids
-   would carry the eval labels: training.ctr.pipeline.encoder_leak).
-2. Both models are **re-scored** here on that pinned snapshot (not trusted from their training runs), with
-   the same GAUC grouping and the same cold-start item set (eval items seen in neither model's training
-   dates).
+1. Both models are scored on the challenger's evaluation snapshot (ctr_train Delta version,
+   feature_version and eval dates, from its lineage tags). A champion evaluated on another snapshot
+   (an earlier day's, or before a re-cluster) is re-scored on the challenger's eval impressions when it
+   never trained on them (`not_rescorable`), with the features of its own feature_version (attached
+   here with its clustering when that differs: the cluster ids of two clusterings mean different
+   things); otherwise the review refuses. It refuses too when a model's image encoder was trained on an
+   eval date or a later one (its cluster ids would carry the eval labels: training.ctr.pipeline.encoder_leak).
+2. Both models are **re-scored** here (not trusted from their training runs) on the same impressions,
+   with the same GAUC grouping and the same cold-start item set (eval items seen in neither model's
+   training dates).
 3. Gates (config `review:`), all must pass:
    - eval rows >= min_eval_rows (otherwise refused: too little evidence for any decision);
    - AUC(challenger) >= AUC(champion) - auc_tol, and the same for GAUC with gauc_tol;
@@ -56,6 +58,7 @@ class ReviewOutcome:
     # multi_cluster models: version -> [{level, ids, auc, gauc, auc_gain, gauc_gain}], the gain being the
     # model's metric minus the metric with that level's ids hidden (scored as "no usable image")
     level_gains: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the models were compared, where it is not plain
 
     @property
     def exit_code(self) -> int:
@@ -182,18 +185,26 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
             out.reasons.append(f"champion v{champ.version}: {exc}")
             return out
         diff = snap.differences(champ_snap)
-        if diff:
+        why_not = diff and not_rescorable(champ.tags, snap)
+        if why_not:
             out.reasons.append(
-                f"evaluation snapshots differ (challenger v{chall_v} vs champion v{champ.version}): {'; '.join(diff)}. "
-                f"Retrain the challenger with ctr.table_version={champ_snap.table_version} and "
-                f"ctr.eval_dates={list(champ_snap.eval_dates)} on the same feature version, or review against a "
-                "champion on this snapshot")
+                f"evaluation snapshots differ (challenger v{chall_v} vs champion v{champ.version}): {'; '.join(diff)}; "
+                f"the champion cannot be re-scored on the challenger's: {why_not}. Retrain the challenger with "
+                f"ctr.table_version={champ_snap.table_version} and ctr.eval_dates={list(champ_snap.eval_dates)} on "
+                "the same feature version, or review against a champion on this snapshot")
             return out
+        if diff:
+            out.notes.append(
+                f"champion v{champ.version} was evaluated on {champ_snap.key} ({'; '.join(diff)}): it is re-scored "
+                "here on the challenger's eval impressions, which it never trained on"
+                + (f", with the features of its own feature_version {champ_snap.feature_version!r}"
+                   if champ_snap.feature_version != snap.feature_version else ""))
 
     models = {chall_v: chall} if champ is None else {chall_v: chall, str(champ.version): champ}
+    own_fv = {v: mv.tags["feature_version"] for v, mv in models.items()}
     # A model whose image encoder saw the eval dates scores higher than it would on new data.
     leaks = [f"v{v}: {leak}" for v, mv in models.items()
-             if (leak := encoder_leak(snap.feature_version, mv.tags.get("feature_mode", ""), list(snap.eval_dates)))]
+             if (leak := encoder_leak(own_fv[v], mv.tags.get("feature_mode", ""), list(snap.eval_dates)))]
     if leaks:
         out.reasons.extend(leaks)
         return out
@@ -214,14 +225,16 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
     tr = ctr_data.read_ctr_frame(store, snap.table_version, train_dates, with_vector) if train_dates else None
     seen = ctr_data.seen_items(tr) if tr is not None else set()
     cold = set(ev["item_id"].unique().tolist()) - seen
+    # The same impressions for every model, each with the features of its own feature version.
+    frames = {v: ev if own_fv[v] == fv else _rows_with_features(cfg, store, snap, own_fv[v], ev) for v in loaded}
     for v, (model, tags) in loaded.items():
-        probs = score_frame(model, ev, [tr] if tr is not None else None)
-        out.reports[v] = evaluate_predictions(ev, probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
+        probs = score_frame(model, frames[v], [tr] if tr is not None and frames[v] is ev else None)
+        out.reports[v] = evaluate_predictions(frames[v], probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
         out.tags[v] = tags
         out.curves[v] = _curve(tags.get("run_id"))
         full = out.reports[v]["overall"]
-        for name, n_ids, hidden in level_scores(model, ev):
-            o = evaluate_predictions(ev, hidden, cold_items=cold, group_col=cfg.ctr.gauc_by)["overall"]
+        for name, n_ids, hidden in level_scores(model, frames[v]):
+            o = evaluate_predictions(frames[v], hidden, cold_items=cold, group_col=cfg.ctr.gauc_by)["overall"]
             out.level_gains.setdefault(v, []).append(
                 {"level": name, "ids": n_ids, "auc": o["auc"], "gauc": o["gauc"],
                  "auc_gain": full["auc"] - o["auc"], "gauc_gain": full["gauc"] - o["gauc"]})
@@ -245,6 +258,44 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         out.decision = APPROVED
         out.reasons = ["first model, promoted with --allow-first"] if champ is None else ["every gate passed"]
     return out
+
+
+def not_rescorable(champion_tags: dict, snap) -> str | None:
+    """Why a champion evaluated on another snapshot cannot be re-scored on the challenger's `snap`
+    (None when it can). It can when it never trained on those eval dates (its training dates, the
+    validation dates among them, all precede them) and its features can be rebuilt for those
+    impressions: its own feature version names a clustering, or is the snapshot's."""
+    from etl import registry
+
+    first_eval = min(snap.eval_dates)
+    seen = sorted(d for d in champion_tags.get("train.dates", "").split(",") if d and d >= first_eval)
+    if seen:
+        return f"it trained on {seen}, on or after the challenger's first eval date {first_eval}"
+    fv = champion_tags.get("feature_version")
+    if fv != snap.feature_version:
+        if champion_tags.get("feature_mode") == "vector":
+            return f"a vector-mode champion of another feature_version ({fv!r}) is scored on its own snapshot only"
+        if registry.clusters_ref_of(fv) is None:
+            return f"its feature_version {fv!r} names no courier-clusters version to rebuild its features with"
+    return None
+
+
+def _rows_with_features(cfg, store, snap, feature_version: str, ev):
+    """The snapshot's eval impressions (the rows of `ev`, in its order) with the features of another
+    feature version, attached here with that version's clustering (features.pipeline.attached_rows)."""
+    from etl import registry
+    from features.pipeline import attached_rows
+    from training.ctr import data as ctr_data
+
+    impressions = (store.read(T.CTR_TRAIN, snap.table_version, partitions={"dt": list(snap.eval_dates)})
+                   .select(*T.CTR_LOG.columns, "dt"))
+    frame = attached_rows(store.spark, cfg, store, impressions, registry.clusters_ref_of(feature_version),
+                          ctr_data.BASE_COLUMNS + ctr_data.LEVEL_COLUMNS)
+    frame = frame.sort_values(ctr_data.ROW_ORDER, kind="mergesort", ignore_index=True)
+    if not frame[ctr_data.ROW_ORDER].equals(ev[ctr_data.ROW_ORDER]):  # one row per impression, as attach promises
+        raise ctr_data.CtrDataError(f"the eval impressions attached with {feature_version!r} are not the snapshot's "
+                                    f"{len(ev)} rows ({len(frame)} rows)")
+    return frame
 
 
 def _float(x):
