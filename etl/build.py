@@ -38,10 +38,12 @@ JOB = "build_samples"
 # Part of every date's fingerprint: bump it when a rule changes what the same input builds.
 # 3: a click labels only a PV of its own date's log; MPO and key-colour PNG images; an event is judged by
 # the catalog of its own date; a local image's change time is part of the fingerprint.
-RULES_VERSION = 3
+# 4: an earlier date's click whose page lies outside the history window keeps its published verdict.
+RULES_VERSION = 4
 # The raw log's folder under raw_root, and the quarantine `source` of its rows.
 SEARCH_LOG = "search_log"
-# The most unknown-item event ids sent to every executor (~50 MB); more are joined by a shuffle.
+# The most unknown-item event ids, or earlier dates' click verdicts, sent to every executor (~50 MB);
+# more are joined by a shuffle.
 MAX_BROADCAST_IDS = 1_000_000
 
 __all__ = ["JOB", "DateReport", "InputError", "PublishError", "VerifyError", "build_date", "log_date", "log_reports",
@@ -171,7 +173,8 @@ def compute(spark, cfg: Config, store: TableStore, inputs: DateInputs, run_id: s
     checked = S.mark_bad_clicks(S.mark_unknown_items(deduped, unknown, broadcast=few))
     published = published_click_rejections(store, inputs)
     if published is not None:
-        checked = S.keep_published_click_verdicts(checked, date, published)
+        checked = S.keep_published_click_verdicts(checked, date, published,
+                                                  broadcast=published.count() <= MAX_BROADCAST_IDS)
     events = materialize(checked.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value"))))
     release(deduped, unknown)
     # Only what the samples read travels through the shuffle by user (not the raw text).

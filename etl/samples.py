@@ -377,6 +377,11 @@ def mark_unknown_items(events: DataFrame, unknown: DataFrame, broadcast: bool = 
             .select(*events.columns))
 
 
+# mark_bad_clicks' reasons: a click's verdict that depends on the page it refers to
+ORPHAN_CLICK = "orphan_click"
+CLICK_REASONS = (ORPHAN_CLICK, "click_user_mismatch", "click_not_on_pv", "click_before_pv", "duplicate_click")
+
+
 def mark_bad_clicks(events: DataFrame) -> DataFrame:
     """Valid clicks that cannot label an impression get a reason, and each valid PV its
     `clicked_items` (the items of its valid clicks in the same date's log: its positives; null on other
@@ -402,7 +407,7 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
         F.col("user_id").alias("user_id"), F.col("items").alias("items"), F.col("ts").alias("ts"),
         F.col("dt").alias("dt"))), ignorenulls=True).over(by_pv)
     first = _first_reason(
-        (F.col("_pv.user_id").isNull(), "orphan_click"),
+        (F.col("_pv.user_id").isNull(), ORPHAN_CLICK),
         (F.col("_pv.user_id") != F.col("user_id"), "click_user_mismatch"),
         (~F.array_contains("_pv.items", F.col("item_id")), "click_not_on_pv"),
         (F.col("ts") < F.col("_pv.ts"), "click_before_pv"),
@@ -421,25 +426,25 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
                           F.when(F.col("_is_click") & valid, ~same_date).alias("pv_on_other_date"))
 
 
-# mark_bad_clicks' reasons: a click's verdict that depends on the page it refers to
-CLICK_REASONS = ("orphan_click", "click_user_mismatch", "click_not_on_pv", "click_before_pv", "duplicate_click")
+def keep_published_click_verdicts(events: DataFrame, date: str, published: DataFrame,
+                                  broadcast: bool = True) -> DataFrame:
+    """A click of an earlier date in `events` (read for click history) whose page was not read here
+    (mark_bad_clicks: `orphan_click`) takes the verdict its own date's build published: that build
+    read the days before it, this one reads only the history window (a click just after midnight at
+    the start of the window refers to a page a day further back; re-judged here it would leave the
+    histories). Every other verdict stands: where the page was read, this build judges it with at least
+    the context the earlier one had. `published`: (dt, event_id, reason) of the click reasons those
+    builds quarantined; a click in none of them passed.
 
-
-def keep_published_click_verdicts(events: DataFrame, date: str, published: DataFrame) -> DataFrame:
-    """The clicks of the earlier dates in `events` (read for click history) take the verdict their own
-    date's build published, not the one mark_bad_clicks just gave them: that build read the pages
-    before them, and this one may not (a click just after midnight at the start of the history window
-    refers to a page a day further back, which would make it an `orphan_click` here and drop it from
-    the histories). `published`: (dt, event_id, reason) of the click reasons those builds quarantined.
-
-    A broadcast left join (the rejections are few): the events keep their partitioning."""
+    With `broadcast` (the verdicts are few) a broadcast left join: the events keep their partitioning."""
     verdicts = (published.groupBy(F.col("dt").alias("_v_dt"), F.col("event_id").alias("_v_id"))
                 .agg(F.min("reason").alias("_v_reason")))
-    earlier_click = ((F.col("dt") < F.lit(date)) & (F.col("event_type") == "click")
-                     & (F.col("reason").isNull() | F.col("reason").isin(*CLICK_REASONS)))
-    joined = events.join(F.broadcast(verdicts), (events["dt"] == verdicts["_v_dt"])
-                         & (events["event_id"] == verdicts["_v_id"]), how="left")
-    return joined.select(*[F.when(earlier_click, F.col("_v_reason")).otherwise(F.col("reason")).alias("reason")
+    verdicts = F.broadcast(verdicts) if broadcast else verdicts
+    page_not_read = ((F.col("dt") < F.lit(date)) & (F.col("event_type") == "click")
+                     & (F.col("reason") == ORPHAN_CLICK))
+    joined = events.join(verdicts, (events["dt"] == verdicts["_v_dt"]) & (events["event_id"] == verdicts["_v_id"]),
+                         how="left")
+    return joined.select(*[F.when(page_not_read, F.col("_v_reason")).otherwise(F.col("reason")).alias("reason")
                            if c == "reason" else F.col(c) for c in events.columns])
 
 

@@ -84,6 +84,13 @@ def _partition_dir(values: Mapping[str, str]) -> str:
     return "/".join(f"{k}={v}" for k, v in values.items())
 
 
+def _values(column: str, values) -> Collection:
+    """A partition filter's values; a bare string would be read as its characters."""
+    if isinstance(values, str):
+        raise TableError(f"partitions[{column!r}]: a collection of values, not the string {values!r}")
+    return values
+
+
 class TableStore:
     """Delta tables under ``cfg.tables_root``: one folder per table name."""
 
@@ -201,6 +208,7 @@ class TableStore:
         from pyspark.sql import functions as F
         from pyspark.sql.types import StructType
 
+        partitions = {c: {str(v) for v in _values(c, vs)} for c, vs in (partitions or {}).items()}
         if self.native:
             reader = self.spark.read.format("delta")
             if version is None:
@@ -208,8 +216,8 @@ class TableStore:
             if version is not None:
                 reader = reader.option("versionAsOf", version)
             df = reader.load(self.path(name))
-            for col, values in (partitions or {}).items():
-                df = df.where(F.col(col).isin(*values))
+            for col, values in partitions.items():
+                df = df.where(F.col(col).cast("string").isin(*sorted(values)))
             return df
 
         dt = self._delta(name, version)
@@ -218,8 +226,11 @@ class TableStore:
         partition_cols = dt.metadata().partition_columns
         # Files outside `partitions` are left out of the plan (not filtered in it): the plan, and the
         # code Spark generates for it, stay the same when other partitions come and go.
+        unknown = sorted(set(partitions) - set(partition_cols))
+        if unknown:
+            raise TableError(f"table {name!r}: {unknown} not among its partition columns {partition_cols}")
         files = [f for f in self.files(name, version)
-                 if all(f.partition_values.get(c) in set(v) for c, v in (partitions or {}).items())]
+                 if all(str(f.partition_values.get(c)) in v for c, v in partitions.items())]
         if not files:
             return self.spark.createDataFrame([], schema)
         data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])

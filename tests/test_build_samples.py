@@ -1,6 +1,8 @@
 """Stage 1 on a hand-written log with a known answer: real Spark, real Delta (delta-rs)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import click, pv, write_catalog, write_log
 
@@ -275,27 +277,35 @@ def test_written_tables_match_the_catalogue(known):
 def test_an_earlier_dates_clicks_keep_the_verdicts_their_own_build_published(spark, tmp_path):
     """With a one-day history window, 2026-11-21 reads 2026-11-20 but not 2026-11-19. The click b15
     (in 2026-11-20's log, on p7 of 2026-11-19's) was valid when 2026-11-20 was built; re-judged here
-    without p7 it would be an orphan_click and leave u9's click history. The published verdicts hold:
-    b15 stays in the history, and the clicks 2026-11-20 quarantined stay out."""
+    without p7 it would be an orphan_click and leave u9's click history. Its published verdict holds:
+    b15 stays in the history. A click whose page this build reads is judged again: e1, logged just
+    before midnight on a page logged just after it, was an orphan_click in 2026-11-20's build and
+    enters u7's history here; x6 (no page anywhere) stays out of u3's."""
     from etl.build import build_date
     from etl.config import load_config
     from etl.tables import TableStore
-    from conftest import write_config
+    from conftest import write_config, write_jsonl
 
     cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 32,
                                                           "history_lookback_days": 1}}))
     write_known_log(cfg)
     D2 = "2026-11-21"
+    write_jsonl(Path(cfg.raw_root) / "search_log" / f"dt={D1}" / "part-00001.jsonl",
+                [click("e1", "2026-11-21T00:00:03Z", "u7", "p30", "i5")])  # within ts_skew_minutes
     write_log(cfg, D2, [pv("c1", "2026-11-21T09:00:00Z", "u9", "p20", ["i3", "i4"]),
                         click("c2", "2026-11-21T09:00:05Z", "u9", "p20", "i3"),
-                        # u3's only click before is x6 (orphan_click in 2026-11-20's build): no history
                         pv("c3", "2026-11-21T09:00:00Z", "u3", "p21", ["i3", "i4"]),
-                        click("c4", "2026-11-21T09:00:05Z", "u3", "p21", "i4")])
+                        click("c4", "2026-11-21T09:00:05Z", "u3", "p21", "i4"),
+                        pv("c5", "2026-11-21T00:00:01Z", "u7", "p30", ["i5", "i6"]),  # e1 labels nothing here
+                        pv("c6", "2026-11-21T01:00:00Z", "u7", "p31", ["i1", "i2"]),
+                        click("c7", "2026-11-21T01:00:05Z", "u7", "p31", "i1")])
     store = TableStore(spark, cfg)
     reports = [build_date(spark, cfg, store, d, "run-1") for d in (D0, D1, D2)]
+    assert reports[1].counts["quarantine"]["search_log"]["orphan_click"] == 2  # x6 and e1
     s = rows_by(store.read("pv_samples").where(f"dt = '{D2}'"), "pv_id")
     assert s["p20"]["click_history"] == ["i2"] and s["p20"]["pv_labels"] == [1, 0]
-    assert "p21" not in s and reports[2].counts["pv_dropped"] == {"no_history": 1}
+    assert s["p31"]["click_history"] == ["i5"]
+    assert set(s) == {"p20", "p31"} and reports[2].counts["pv_dropped"] == {"no_history": 1, "no_positive": 1}
     # The date's own counts are unchanged by the earlier dates' verdicts.
-    assert reports[2].counts["valid_click"] == 2 and reports[2].counts["quarantine"]["search_log"] == {}
+    assert reports[2].counts["valid_click"] == 3 and reports[2].counts["quarantine"]["search_log"] == {}
     reports[2].check()

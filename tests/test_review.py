@@ -155,9 +155,11 @@ def test_what_keeps_a_champion_from_being_rescored():
     assert "names no courier-clusters version" in not_rescorable({**ok, "feature_version": "fv-test"}, snap)
     assert "vector-mode" in not_rescorable({**ok, "feature_version": "courier-encoder-v1.courier-clusters-v3",
                                             "feature_mode": "vector"}, snap)
+    assert not_rescorable({**ok, "feature_version": "fv-test", "feature_mode": "none"}, snap) is None
+    assert "training dates are unknown" in not_rescorable({k: v for k, v in ok.items() if k != "train.dates"}, snap)
 
 
-def test_feature_version_mismatch_is_refused(env):
+def test_snapshot_differences_name_each_part(env):
     from etl.registry import Snapshot
 
     a = Snapshot(3, "fv-a", ("2026-11-22",))
@@ -370,5 +372,23 @@ def test_a_model_whose_encoder_saw_the_eval_dates_is_neither_trained_nor_promote
         registry.tag_version(ENCODER_MODEL, enc.version, {"data.dates": ",".join(DATES[:-1])})
         out = _review((None, cfg, store), v_cluster)
         assert out.decision in ("promoted", "rejected"), out.reasons
+
+        # Re-clustered twice (new feature versions; their clusterings are not in this registry). A
+        # champion without an image feature is re-scored on the challenger's rows as they are; one whose
+        # features cannot be rebuilt (its clustering is gone) makes the review refuse, not crash.
+        write_ctr_train(spark, store, rows_per_date=2000,
+                        feature_version=f"{ENCODER_MODEL}-v{enc.version}.courier-clusters-v77")
+        v_gone = train("cluster_id")
+        write_ctr_train(spark, store, rows_per_date=2000,
+                        feature_version=f"{ENCODER_MODEL}-v{enc.version}.courier-clusters-v78")
+        v_new = train("cluster_id")
+        registry.promote(CTR_MODEL, v_none)
+        out = _review((None, cfg, store), v_new)
+        assert out.decision in ("promoted", "rejected"), out.reasons
+        assert out.reports[v_none]["overall"]["rows"] == out.reports[v_new]["overall"]["rows"] == 2000
+        registry.promote(CTR_MODEL, v_gone)
+        out = _review((None, cfg, store), v_new)
+        assert out.decision == "refused" and _champion() == v_gone
+        assert "courier-clusters-v77' cannot be rebuilt" in out.reasons[0] and "courier-clusters" in out.reasons[0]
     finally:
         setup_mlflow(env[1])  # the module's registry again

@@ -77,6 +77,12 @@ def test_replace_partition_and_time_travel(spark, cfg_factory):
     assert store.read("t", version=0).count() == 5
     assert {f.partition_values["dt"] for f in store.files("t")} == {"2026-11-20"}
     assert sum(f.num_records for f in store.files("t")) == 2
+    assert store.read("t", version=0, partitions={"dt": ["2026-11-20", "2026-11-23"]}).count() == 5
+    assert store.read("t", partitions={"dt": ["2026-11-21"]}).count() == 0
+    with pytest.raises(TableError, match="not the string"):
+        store.read("t", partitions={"dt": "2026-11-20"})
+    with pytest.raises(TableError, match=r"\['id'\] not among its partition columns"):
+        store.read("t", partitions={"id": ["1"]})
     with pytest.raises(TableError, match="schema differs"):
         store.replace_partition(spark.range(2).withColumn("y", F.lit(1)), "t", {"dt": "2026-11-22"})
     with pytest.raises(TableError, match="does not exist"):

@@ -225,8 +225,15 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
     tr = ctr_data.read_ctr_frame(store, snap.table_version, train_dates, with_vector) if train_dates else None
     seen = ctr_data.seen_items(tr) if tr is not None else set()
     cold = set(ev["item_id"].unique().tolist()) - seen
-    # The same impressions for every model, each with the features of its own feature version.
-    frames = {v: ev if own_fv[v] == fv else _rows_with_features(cfg, store, snap, own_fv[v], ev) for v in loaded}
+    # The same impressions for every model, each with the features of its own feature version (a model
+    # without an image feature reads none).
+    try:
+        frames = {v: ev if own_fv[v] == fv or model.spec.feature_mode == "none"
+                  else _rows_with_features(cfg, store, snap, own_fv[v], ev) for v, (model, _) in loaded.items()}
+    except _rebuild_errors() as exc:
+        out.reasons.append(f"the champion's features of feature_version {own_fv[str(champ.version)]!r} cannot be "
+                           f"rebuilt for the challenger's eval impressions: {exc}")
+        return out
     for v, (model, tags) in loaded.items():
         probs = score_frame(model, frames[v], [tr] if tr is not None and frames[v] is ev else None)
         out.reports[v] = evaluate_predictions(frames[v], probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
@@ -260,19 +267,34 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
     return out
 
 
+def _rebuild_errors() -> tuple:
+    """What `_rows_with_features` raises when a champion's features cannot be rebuilt (its clustering
+    or encoder gone from the registry, its item_clusters rows or item images missing): a refusal with
+    the reason, not a crash."""
+    from etl.registry import RegistryError
+    from etl.tables import TableError
+    from features.pipeline import FeatureError
+    from training.ctr.data import CtrDataError
+
+    return (CtrDataError, FeatureError, RegistryError, TableError)
+
+
 def not_rescorable(champion_tags: dict, snap) -> str | None:
     """Why a champion evaluated on another snapshot cannot be re-scored on the challenger's `snap`
     (None when it can). It can when it never trained on those eval dates (its training dates, the
     validation dates among them, all precede them) and its features can be rebuilt for those
-    impressions: its own feature version names a clustering, or is the snapshot's."""
+    impressions: its own feature version names a clustering, or is the snapshot's, or it reads no
+    image feature."""
     from etl import registry
 
+    if not champion_tags.get("train.dates"):
+        return "its training dates are unknown (no train.dates tag)"
     first_eval = min(snap.eval_dates)
-    seen = sorted(d for d in champion_tags.get("train.dates", "").split(",") if d and d >= first_eval)
+    seen = sorted(d for d in champion_tags["train.dates"].split(",") if d and d >= first_eval)
     if seen:
         return f"it trained on {seen}, on or after the challenger's first eval date {first_eval}"
     fv = champion_tags.get("feature_version")
-    if fv != snap.feature_version:
+    if fv != snap.feature_version and champion_tags.get("feature_mode") != "none":
         if champion_tags.get("feature_mode") == "vector":
             return f"a vector-mode champion of another feature_version ({fv!r}) is scored on its own snapshot only"
         if registry.clusters_ref_of(fv) is None:
