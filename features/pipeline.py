@@ -421,14 +421,10 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     with _Cache() as cache:
         clu = load_clusters(spark, cfg.features.clusters_ref, cache)
         _require_published(cfg, store, clu.spec.feature_version)
-        enc = load_encoder(spark, clu.spec.encoder_ref, cache)
         ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
-        feats, missing = feature_lookup(cfg, store, clu, enc, ctr)
         r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
-        feats, n_feats = cache.persist(feats)
-        _check_unique(feats)
-        out, _ = cache.persist(A.attach(ctr, feats, clu.spec.feature_version, cfg.features.include_vector,
-                                        clu.spec.dim, clu.level_map(spark)))
+        out, missing, n_feats = _attach_with(spark, cfg, store, clu, ctr, cfg.features.include_vector, cache)
+        out, _ = cache.persist(out)
         _count_attached(r, ctr, out, dates)
         r.counts.update({"on_the_fly_items": missing.count(), "feature_items": n_feats})
         r.check()  # verify, before the commit: a mismatch writes nothing
@@ -446,13 +442,20 @@ def attached_rows(spark, cfg: Config, store: TableStore, ctr_log: DataFrame, clu
     _arrow_batch(spark, cfg)
     with _Cache() as cache:
         clu = load_clusters(spark, clusters_ref, cache)
-        enc = load_encoder(spark, clu.spec.encoder_ref, cache)
-        feats, _ = feature_lookup(cfg, store, clu, enc, ctr_log)
-        feats, _ = cache.persist(feats)
-        _check_unique(feats)
-        out = A.attach(ctr_log, feats, clu.spec.feature_version, "item_vector" in columns, clu.spec.dim,
-                       clu.level_map(spark))
+        out, _, _ = _attach_with(spark, cfg, store, clu, ctr_log, "item_vector" in columns, cache)
         return out.select(*[c for c in columns if c in out.columns]).toPandas()
+
+
+def _attach_with(spark, cfg: Config, store: TableStore, clu: Clusters, ctr_log: DataFrame, include_vector: bool,
+                 cache: _Cache) -> tuple[DataFrame, DataFrame, int]:
+    """(ctr_log rows attached with the clustering `clu`, the items assigned on the fly, the feature
+    items): its encoder loaded, every item's features looked up once (materialised, checked unique)."""
+    enc = load_encoder(spark, clu.spec.encoder_ref, cache)
+    feats, missing = feature_lookup(cfg, store, clu, enc, ctr_log)
+    feats, n_feats = cache.persist(feats)
+    _check_unique(feats)
+    return (A.attach(ctr_log, feats, clu.spec.feature_version, include_vector, clu.spec.dim, clu.level_map(spark)),
+            missing, n_feats)
 
 
 def _check_unique(feats: DataFrame) -> None:

@@ -67,12 +67,12 @@ def split_dates(available: list[str], train_dates: list | None, eval_dates: list
     return tr, ev
 
 
-def dates_after_eval_start(encoder_dates: list[str], eval_dates: list[str]) -> list[str]:
-    """The image encoder's training dates on or after the first eval date. The encoder learnt from its
-    dates' PVs and their click histories, and a PV's history holds the user's earlier clicks: an encoder
-    trained on an eval date, or on any later one, has seen the eval dates' clicks, and cluster ids from
-    it would carry the labels they are evaluated on."""
-    return sorted(d for d in encoder_dates if d >= min(eval_dates))
+def dates_after_eval_start(trained_dates: list[str], eval_dates: list[str]) -> list[str]:
+    """The training dates (of an image encoder, or of a CTR model) on or after the first eval date. A
+    PV's click history holds the user's earlier clicks: whatever trained on an eval date, or on any
+    later one, has seen the eval dates' clicks; an encoder's cluster ids would carry the labels they
+    are evaluated on, and a model would be scored on what it learnt from."""
+    return sorted(d for d in trained_dates if d and d >= min(eval_dates))
 
 
 def validation_split(train_dates: list[str], last_n: int) -> tuple[list[str], list[str]]:

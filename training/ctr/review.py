@@ -289,10 +289,11 @@ def not_rescorable(champion_tags: dict, snap) -> str | None:
 
     if not champion_tags.get("train.dates"):
         return "its training dates are unknown (no train.dates tag)"
-    first_eval = min(snap.eval_dates)
-    seen = sorted(d for d in champion_tags["train.dates"].split(",") if d and d >= first_eval)
+    from training.ctr.data import dates_after_eval_start
+
+    seen = dates_after_eval_start(champion_tags["train.dates"].split(","), list(snap.eval_dates))
     if seen:
-        return f"it trained on {seen}, on or after the challenger's first eval date {first_eval}"
+        return f"it trained on {seen}, on or after the challenger's first eval date {min(snap.eval_dates)}"
     fv = champion_tags.get("feature_version")
     if fv != snap.feature_version and champion_tags.get("feature_mode") != "none":
         if champion_tags.get("feature_mode") == "vector":
