@@ -176,6 +176,10 @@ class TableStore:
         path = self.path(name)
         return self._open(path).version() if self._is_delta(path) else None
 
+    def columns(self, name: str) -> list[str]:
+        """The table's column names (its Delta schema, partition columns included)."""
+        return [f.name for f in self._delta(name).schema().fields]
+
     def history(self, name: str) -> list[dict]:
         return self._delta(name).history()
 

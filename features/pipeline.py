@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 
 from etl import catalog as T, registry
 from etl.config import Config
+from etl.publish import PublishLog
 from etl.tables import TableStore
 from features import NO_IMAGE_CLUSTER_ID
 from features import attach as A
@@ -131,6 +132,80 @@ def _partition_stats(files, key: str) -> dict:
             times.setdefault(v, []).append(f.modified_ms)
     return {v: (n, min(times[v]) if v in times else None, max(times[v]) if v in times else None)
             for v, n in rows.items()}
+
+
+@dataclass(frozen=True)
+class LogSnapshot:
+    """The ctr_log an attach reads: the version readers use and, per date, the fingerprint of the stage-1
+    build that published its rows, both from one publish manifest (a build publishing meanwhile changes
+    neither). `record`: ctr_train takes those fingerprints (a new table, or one that has the column)."""
+    version: int | None
+    fingerprints: dict
+    record: bool
+
+    def read(self, store: TableStore, dates) -> DataFrame:
+        return store.read(T.CTR_LOG, self.version).where(F.col("dt").isin(list(dates)))
+
+    def stamp(self, ctr_train: DataFrame, dates) -> DataFrame:
+        """ctr_train rows of `dates` with the fingerprint of the build their ctr_log rows come from (null
+        where no build was published: a tables root written before the publish log)."""
+        if not self.record:
+            return ctr_train
+        known = [x for d in sorted(dates) if d in self.fingerprints for x in (F.lit(d), F.lit(self.fingerprints[d]))]
+        fp = F.element_at(F.create_map(*known), F.col("dt").cast("string")) if known else F.lit(None)
+        return ctr_train.select(*[c for c in ctr_train.columns if c != "dt"],
+                                fp.cast("string").alias(T.CTR_LOG_FINGERPRINT), "dt")
+
+
+def log_snapshot(store: TableStore) -> LogSnapshot:
+    version, fingerprints = PublishLog(store.root, store.spark).published(T.CTR_LOG)
+    record = not store.exists(T.CTR_TRAIN) or T.CTR_LOG_FINGERPRINT in store.columns(T.CTR_TRAIN)
+    if not record:
+        log.warning("%s predates %s: a rebuilt ctr_log date is found by its row count and file times only; "
+                    "attach every date under a new tables root (or drop %s) to record them",
+                    T.CTR_TRAIN, T.CTR_LOG_FINGERPRINT, T.CTR_TRAIN)
+    return LogSnapshot(version, fingerprints, record)
+
+
+def _attached(store: TableStore) -> dict:
+    """{dt: (feature_version, ctr_log fingerprint or None)} of the ctr_train partitions; a partition
+    holding more than one pair (none written here) maps to (None, None): attached again."""
+    if not store.exists(T.CTR_TRAIN):
+        return {}
+    train = store.read(T.CTR_TRAIN)
+    fp = F.col(T.CTR_LOG_FINGERPRINT) if T.CTR_LOG_FINGERPRINT in train.columns else F.lit(None).cast("string")
+    out: dict = {}
+    for row in train.select("dt", "feature_version", fp.alias("fp")).distinct().collect():
+        pair = (row["feature_version"], row["fp"])
+        out[row["dt"]] = pair if out.get(row["dt"], pair) == pair else (None, None)
+    return out
+
+
+def stale_dates(fv: str, fingerprints: dict, attached: dict, log_stats: dict, train_stats: dict) -> set:
+    """The ctr_log dates (`log_stats`' keys) whose ctr_train partition must be attached again: missing, of
+    another feature version than `fv`, or attached from a ctr_log that was rebuilt since (new raw files,
+    other sampling settings or rules).
+
+    fingerprints: {dt: published stage-1 fingerprint}; attached: {dt: (feature_version, recorded
+    fingerprint)} (`_attached`); *_stats: {dt: (rows, oldest, newest file time)} (`_partition_stats`).
+    A rebuild is known exactly when both fingerprints are: they differ, whatever the files' times say (a
+    copy that keeps them, a build that published while the attach ran). Rows attached without one (a
+    ctr_train older than the column, a tables root older than the publish log): the row counts, from the
+    tables' statistics, differ; or, where a rebuild kept the count but changed labels or histories, its
+    ctr_log files are newer than the date's ctr_train files."""
+    stale = set()
+    for d, (rows, _, log_newest) in log_stats.items():
+        version, then = attached.get(d, (None, None))
+        now = fingerprints.get(d)
+        train_rows, train_oldest, _ = train_stats.get(d, (0, None, None))
+        if version != fv:
+            stale.add(d)
+        elif now and then:
+            if now != then:
+                stale.add(d)
+        elif rows != train_rows or (None not in (log_newest, train_oldest) and log_newest > train_oldest):
+            stale.add(d)
+    return stale
 
 
 def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
@@ -421,10 +496,11 @@ def attach_dates(spark, cfg: Config, store: TableStore, dates: list[str], run_id
     with _Cache() as cache:
         clu = load_clusters(spark, cfg.features.clusters_ref, cache)
         _require_published(cfg, store, clu.spec.feature_version)
-        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(dates))
+        snap = log_snapshot(store)
+        ctr = snap.read(store, dates)
         r = Report(job, info={"feature_version": clu.spec.feature_version, "dates": dates})
         out, missing, n_feats = _attach_with(spark, cfg, store, clu, ctr, cfg.features.include_vector, cache)
-        out, _ = cache.persist(out)
+        out, _ = cache.persist(snap.stamp(out, dates))
         _count_attached(r, ctr, out, dates)
         r.counts.update({"on_the_fly_items": missing.count(), "feature_items": n_feats})
         r.check()  # verify, before the commit: a mismatch writes nothing
@@ -487,6 +563,7 @@ class RefreshPlan:
     clustered: DataFrame  # item_clusters rows of the current feature version
     new: DataFrame
     n_new: int
+    log: LogSnapshot | None = None  # the ctr_log the affected partitions are attached from
     new_dates: list[str] = field(default_factory=list)
     affected: list[str] = field(default_factory=list)
 
@@ -527,7 +604,7 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
 def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache) -> RefreshPlan:
     """The new items of the day (first seen up to `date`, not in item_clusters of the current feature
     version) and the ctr_train partitions that need (re)attaching: missing, of another feature
-    version, or mentioning a new item."""
+    version, attached from a ctr_log rebuilt since (`stale_dates`), or mentioning a new item."""
     clu = load_clusters(spark, cfg.features.clusters_ref, cache)
     fv = clu.spec.feature_version
     items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
@@ -537,26 +614,15 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
-    log_files = [fl for fl in store.files(T.CTR_LOG)
+    plan.log = snap = log_snapshot(store)
+    log_files = [fl for fl in store.files(T.CTR_LOG, snap.version)
                  if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
-    have = ({row["dt"]: row["feature_version"] for row in
-             store.read(T.CTR_TRAIN).select("dt", "feature_version").distinct().collect()}
-            if store.exists(T.CTR_TRAIN) else {})
-    stale = {d for d in log_dates if have.get(d) != fv}
-    # A date whose ctr_log was rebuilt (new raw files, other sampling settings or rules) after its attach:
-    # the row counts, from the tables' statistics, no longer match; or, where a rebuild kept the count
-    # but changed labels or histories, its ctr_log files are newer than its ctr_train files.
-    log_stats = _partition_stats(log_files, "dt")
-    train_stats = _partition_stats(store.files(T.CTR_TRAIN), "dt") if have else {}
-    for d in log_dates:
-        rows, _, log_newest = log_stats[d]
-        train_rows, train_oldest, _ = train_stats.get(d, (0, None, None))
-        if (d in have and rows != train_rows) or (
-                None not in (log_newest, train_oldest) and log_newest > train_oldest):
-            stale.add(d)
+    attached = _attached(store)
+    stale = stale_dates(fv, snap.fingerprints, attached, _partition_stats(log_files, "dt"),
+                        _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
     if n_new and log_dates:
-        ctr_all = store.read(T.CTR_LOG).where(F.col("dt").isin(log_dates))
+        ctr_all = snap.read(store, log_dates)
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
                     .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
         stale |= {row["dt"] for row in mentions.collect()}
@@ -593,13 +659,14 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
                                   "embed_items and build_clusters to move the features to it")
     r.info["affected_partitions"] = plan.affected
     if plan.affected:
-        ctr = store.read(T.CTR_LOG).where(F.col("dt").isin(plan.affected))
+        ctr = plan.log.read(store, plan.affected)
         feats, missing = feature_lookup(cfg, store, plan.clu, plan.enc, ctr,
                                         extra_clusters=clu_new, extra_embeddings=emb_new)
         feats, _ = cache.persist(feats)
         _check_unique(feats)
-        staged[T.CTR_TRAIN] = cache.persist(A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim,
-                                                     plan.clu.level_map(ctr.sparkSession)))
+        staged[T.CTR_TRAIN] = cache.persist(plan.log.stamp(
+            A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim, plan.clu.level_map(ctr.sparkSession)),
+            plan.affected))
         _count_attached(r, ctr, staged[T.CTR_TRAIN][0], plan.affected)
         r.counts["on_the_fly_items"] = missing.count()
     return staged

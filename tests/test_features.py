@@ -162,6 +162,7 @@ def test_clusters_are_registered_with_their_encoder_and_stats(world):
 
 # ---- ctr_train: conservation, reserved ids, sim scores ----------------------------------------------
 def test_ctr_train_one_row_per_impression_with_reserved_ids(world):
+    from etl.publish import PublishLog
     from features import NO_IMAGE_CLUSTER_ID
 
     cfg, store = world["cfg"], world["store"]
@@ -175,7 +176,10 @@ def test_ctr_train_one_row_per_impression_with_reserved_ids(world):
     assert (merged["history"].map(list) == merged["history_t"].map(list)).all()
     assert list(out.columns) == ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "ts",
                                  "history", "item_cluster_id", "history_cluster_ids", "sim_scores",
-                                 "feature_version", "dt"]
+                                 "feature_version", "ctr_log_fingerprint", "dt"]
+    # the stage-1 build whose ctr_log rows these are (read from the same manifest as the rows)
+    built = PublishLog(store.root, store.spark).published_dates()[D1]["fingerprint"]
+    assert set(out["ctr_log_fingerprint"]) == {built}
     assert (out["history_cluster_ids"].map(len) == out["history"].map(len)).all()
     assert (out["sim_scores"].map(len) == out["history"].map(len)).all()
     truth = pd.read_parquet(os.path.join(cfg.truth_root, "item_styles.parquet")).set_index("item_id")
@@ -580,6 +584,69 @@ def test_a_date_rebuilt_with_the_same_row_count_is_attached_again(world, day2):
     train = store.read("ctr_train").where(f"dt = '{D1}'")
     assert train.count() == rows and train.where("size(history) > 2").count() == 0
     assert P.refresh(spark, cfg, store, D2).versions == {}
+
+
+def test_a_rebuild_published_while_a_refresh_attached_is_attached_again(world, day2):
+    """A build publishes a date while a refresh is attaching it (the refresh read the old ctr_log and
+    commits after the new files were written; the row count is the same): the file times say ctr_train is
+    newer, but the fingerprint its rows recorded is the old build's, so the next refresh attaches the
+    date again, from the new ctr_log."""
+    from etl import catalog as T
+    from etl.build import build_date
+    from etl.publish import PublishLog
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+
+    def recorded(d):
+        return {r[0] for r in store.read(T.CTR_TRAIN).where(f"dt = '{d}'").select(T.CTR_LOG_FINGERPRINT)
+                .distinct().collect()}
+
+    three = _with(cfg, "samples", l_click=3)
+    build_date(spark, three, store, D1, "test", force=True)
+    rows = store.read(T.CTR_LOG).where(f"dt = '{D1}'").count()
+    built_with_three = PublishLog(store.root, spark).published_dates()[D1]["fingerprint"]
+
+    def rebuild_meanwhile(stage):
+        if stage == "computed":  # everything read and attached, nothing committed yet
+            build_date(spark, _with(three, "samples", l_click=1), store, D1, "test", force=True)
+
+    rep = P.refresh(spark, cfg, store, D2, hook=rebuild_meanwhile)
+    assert D1 in rep.info["affected_partitions"] and T.CTR_TRAIN in rep.versions
+    assert recorded(D1) == {built_with_three}  # what it read, not what was published meanwhile
+    assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}' AND size(history) > 1").count() > 0
+    published = PublishLog(store.root, spark).published_dates()[D1]["fingerprint"]
+    assert published != built_with_three and store.read(T.CTR_LOG).where(f"dt = '{D1}'").count() == rows
+    log_newest = max(f.modified_ms for f in store.files(T.CTR_LOG) if f.partition_values["dt"] == D1)
+    train_oldest = min(f.modified_ms for f in store.files(T.CTR_TRAIN) if f.partition_values["dt"] == D1)
+    assert log_newest < train_oldest  # the file times alone would call the date current
+
+    rep = P.refresh(spark, cfg, store, D2)
+    assert rep.info["affected_partitions"] == [D1] and set(rep.versions) == {T.CTR_TRAIN}
+    assert recorded(D1) == {published}
+    train = store.read(T.CTR_TRAIN).where(f"dt = '{D1}'")
+    assert train.count() == rows and train.where("size(history) > 1").count() == 0  # l_click=1's histories
+    assert P.refresh(spark, cfg, store, D2).versions == {}
+
+
+def test_stale_dates_trust_the_fingerprints_over_the_file_times():
+    """The staleness rules alone: the recorded fingerprint decides where there is one; the row counts and
+    file times only where a partition was attached without one."""
+    from features.pipeline import stale_dates
+
+    fv = "fv1"
+    log_stats = {"a": (10, 1, 5), "b": (10, 1, 5), "c": (10, 1, 9), "d": (10, 1, 5), "e": (10, 1, 9),
+                 "f": (12, 1, 5), "g": (10, 1, 5), "h": (10, 1, 5)}
+    train_stats = {d: (10, 7, 8) for d in "abcdefg"}
+    published = {d: "new" for d in "abcdefgh"}
+    attached = {"a": (fv, "new"),  # current
+                "b": (fv, "old"),  # rebuilt since: stale although its files are older than ctr_train's
+                "c": (fv, "new"),  # its ctr_log files are newer (a forced rebuild of the same inputs): current
+                "d": (fv, None), "e": (fv, None), "f": (fv, None),  # no fingerprint: counts and times
+                "g": ("fv0", "new")}  # another feature version; h: never attached
+    assert stale_dates(fv, published, attached, log_stats, train_stats) == {"b", "e", "f", "g", "h"}
+    # No fingerprint published (a tables root older than the publish log): counts and times everywhere.
+    assert stale_dates(fv, {}, attached, log_stats, train_stats) == {"c", "e", "f", "g", "h"}
 
 
 def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
