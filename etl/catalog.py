@@ -67,14 +67,14 @@ ITEM_EMBEDDINGS = Table("item_embeddings", 3, ("encoder_version", "dt"), ("item_
                         key=("item_id",))
 ITEM_CLUSTERS = Table("item_clusters", 3, ("feature_version", "dt"), ("item_id", "cluster_id", "distance"),
                       key=("item_id",))
-# ctr_log_fingerprint: the fingerprint of the stage-1 build whose ctr_log rows a ctr_train partition
-# attaches (the publish manifest's `dates`), so the refresh knows exactly which dates a rebuild made stale.
+# ctr_log_digest: the digest of the ctr_log files a ctr_train partition was attached from
+# (features.pipeline.ctr_log_digests), so the refresh knows exactly which dates a rebuild made stale.
 # Optional: a ctr_train written before it existed keeps its schema (etl.tables refuses to mix two).
-CTR_LOG_FINGERPRINT = "ctr_log_fingerprint"
+CTR_LOG_DIGEST = "ctr_log_digest"
 CTR_TRAIN = Table("ctr_train", 4, ("dt",),
                   CTR_LOG.columns + ("item_cluster_id", "history_cluster_ids", "sim_scores", "feature_version"),
                   key=CTR_LOG.key,
-                  optional=("item_cluster_levels", "history_cluster_levels", "item_vector", CTR_LOG_FINGERPRINT))
+                  optional=("item_cluster_levels", "history_cluster_levels", "item_vector", CTR_LOG_DIGEST))
 
 TABLES = {t: t for t in (*STAGE1, ITEM_EMBEDDINGS, ITEM_CLUSTERS, CTR_TRAIN)}
 

@@ -147,15 +147,6 @@ class PublishLog:
         m = self.latest()
         return dict(m["dates"]) if m else {}
 
-    def published(self, name: str) -> tuple[int | None, dict]:
-        """(the version of stage-1 table `name` readers use, {dt: fingerprint}), both from one manifest:
-        the table's rows at that version are what the builds of those fingerprints published. (None, {})
-        when nothing was ever published (read the latest)."""
-        m = self.latest()
-        if m is None:
-            return None, {}
-        return m["tables"].get(name), {d: e.get("fingerprint") for d, e in m["dates"].items()}
-
     def append(self, entry: dict) -> dict:
         """Write the next manifest (seq = latest + 1). Raises PublishError if another run wrote it."""
         m = self.latest()

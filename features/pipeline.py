@@ -9,6 +9,7 @@ Writes (each one Delta commit; see etl.tables.TableStore.replace_partitions):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ from pyspark.sql import functions as F
 
 from etl import catalog as T, registry
 from etl.config import Config
-from etl.publish import PublishLog
 from etl.tables import TableStore
 from features import NO_IMAGE_CLUSTER_ID
 from features import attach as A
@@ -134,74 +134,89 @@ def _partition_stats(files, key: str) -> dict:
             for v, n in rows.items()}
 
 
+def ctr_log_digests(files) -> dict:
+    """{dt: sha256 of the names of the date's ctr_log data files (with their folder), sorted}. Delta never
+    rewrites a file: a date's rows change only with its set of files (any rebuild writes new ones, forced
+    or not), and a copy of the tables root keeps the names whatever it does to their times."""
+    names: dict = {}
+    for f in files:
+        names.setdefault(f.partition_values.get("dt"), []).append("/".join(f.uri.rsplit("/", 2)[-2:]))
+    return {d: hashlib.sha256("\n".join(sorted(n)).encode()).hexdigest() for d, n in names.items() if d}
+
+
 @dataclass(frozen=True)
 class LogSnapshot:
-    """The ctr_log an attach reads: the version readers use and, per date, the fingerprint of the stage-1
-    build that published its rows, both from one publish manifest (a build publishing meanwhile changes
-    neither). `record`: ctr_train takes those fingerprints (a new table, or one that has the column)."""
+    """The ctr_log an attach reads: one version (the published one; a build publishing meanwhile changes
+    nothing here), its files, and the digest of each date's files (`ctr_log_digests`). `record`: ctr_train
+    takes the digests (a new table, or one that has the column: etl.tables refuses to mix two schemas)."""
     version: int | None
-    fingerprints: dict
+    files: list
+    digests: dict
     record: bool
 
     def read(self, store: TableStore, dates) -> DataFrame:
         return store.read(T.CTR_LOG, self.version).where(F.col("dt").isin(list(dates)))
 
     def stamp(self, ctr_train: DataFrame, dates) -> DataFrame:
-        """ctr_train rows of `dates` with the fingerprint of the build their ctr_log rows come from (null
-        where no build was published: a tables root written before the publish log)."""
+        """ctr_train rows of `dates` with the digest of the ctr_log files they were attached from."""
         if not self.record:
             return ctr_train
-        known = [x for d in sorted(dates) if d in self.fingerprints for x in (F.lit(d), F.lit(self.fingerprints[d]))]
-        fp = F.element_at(F.create_map(*known), F.col("dt").cast("string")) if known else F.lit(None)
+        known = [x for d in sorted(dates) if d in self.digests for x in (F.lit(d), F.lit(self.digests[d]))]
+        digest = F.element_at(F.create_map(*known), F.col("dt").cast("string")) if known else F.lit(None)
         return ctr_train.select(*[c for c in ctr_train.columns if c != "dt"],
-                                fp.cast("string").alias(T.CTR_LOG_FINGERPRINT), "dt")
+                                digest.cast("string").alias(T.CTR_LOG_DIGEST), "dt")
+
+
+def records_digests(store: TableStore) -> bool:
+    """Whether ctr_train takes ctr_log digests: a new table, or one written since the column exists."""
+    return not store.exists(T.CTR_TRAIN) or T.CTR_LOG_DIGEST in store.columns(T.CTR_TRAIN)
 
 
 def log_snapshot(store: TableStore) -> LogSnapshot:
-    version, fingerprints = PublishLog(store.root, store.spark).published(T.CTR_LOG)
-    record = not store.exists(T.CTR_TRAIN) or T.CTR_LOG_FINGERPRINT in store.columns(T.CTR_TRAIN)
+    version = store.version(T.CTR_LOG)
+    files = store.files(T.CTR_LOG, version)
+    record = records_digests(store)
     if not record:
         log.warning("%s predates %s: a rebuilt ctr_log date is found by its row count and file times only; "
                     "attach every date under a new tables root (or drop %s) to record them",
-                    T.CTR_TRAIN, T.CTR_LOG_FINGERPRINT, T.CTR_TRAIN)
-    return LogSnapshot(version, fingerprints, record)
+                    T.CTR_TRAIN, T.CTR_LOG_DIGEST, T.CTR_TRAIN)
+    return LogSnapshot(version, files, ctr_log_digests(files), record)
 
 
 def _attached(store: TableStore) -> dict:
-    """{dt: (feature_version, ctr_log fingerprint or None)} of the ctr_train partitions; a partition
-    holding more than one pair (none written here) maps to (None, None): attached again."""
+    """{dt: (feature_version, ctr_log digest or None)} of the ctr_train partitions; a partition holding
+    more than one pair (none written here) maps to (None, None): attached again."""
     if not store.exists(T.CTR_TRAIN):
         return {}
     train = store.read(T.CTR_TRAIN)
-    fp = F.col(T.CTR_LOG_FINGERPRINT) if T.CTR_LOG_FINGERPRINT in train.columns else F.lit(None).cast("string")
+    digest = F.col(T.CTR_LOG_DIGEST) if T.CTR_LOG_DIGEST in train.columns else F.lit(None).cast("string")
     out: dict = {}
-    for row in train.select("dt", "feature_version", fp.alias("fp")).distinct().collect():
-        pair = (row["feature_version"], row["fp"])
+    for row in train.select("dt", "feature_version", digest.alias("digest")).distinct().collect():
+        pair = (row["feature_version"], row["digest"])
         out[row["dt"]] = pair if out.get(row["dt"], pair) == pair else (None, None)
     return out
 
 
-def stale_dates(fv: str, fingerprints: dict, attached: dict, log_stats: dict, train_stats: dict) -> set:
+def stale_dates(fv: str, digests: dict, attached: dict, log_stats: dict, train_stats: dict) -> set:
     """The ctr_log dates (`log_stats`' keys) whose ctr_train partition must be attached again: missing, of
-    another feature version than `fv`, or attached from a ctr_log that was rebuilt since (new raw files,
-    other sampling settings or rules).
+    another feature version than `fv`, or attached from ctr_log files that were replaced since (a rebuild:
+    new raw files, other settings or rules, or forced).
 
-    fingerprints: {dt: published stage-1 fingerprint}; attached: {dt: (feature_version, recorded
-    fingerprint)} (`_attached`); *_stats: {dt: (rows, oldest, newest file time)} (`_partition_stats`).
-    A rebuild is known exactly when both fingerprints are: they differ, whatever the files' times say (a
-    copy that keeps them, a build that published while the attach ran). Rows attached without one (a
-    ctr_train older than the column, a tables root older than the publish log): the row counts, from the
-    tables' statistics, differ; or, where a rebuild kept the count but changed labels or histories, its
-    ctr_log files are newer than the date's ctr_train files."""
+    digests: {dt: digest of ctr_log's files now} (`ctr_log_digests`); attached: {dt: (feature_version,
+    recorded digest)} (`_attached`); *_stats: {dt: (rows, oldest, newest file time)} (`_partition_stats`).
+    Where the partition recorded a digest, the digests decide, whatever the files' times say (a copy that
+    keeps or resets them, a build that published while the attach ran). Rows attached without one (a
+    ctr_train older than the column): the row counts, from the tables' statistics, differ; or, where a
+    rebuild kept the count but changed labels or histories, its ctr_log files are newer than the date's
+    ctr_train files."""
     stale = set()
     for d, (rows, _, log_newest) in log_stats.items():
         version, then = attached.get(d, (None, None))
-        now = fingerprints.get(d)
         train_rows, train_oldest, _ = train_stats.get(d, (0, None, None))
         if version != fv:
             stale.add(d)
-        elif now and then:
-            if now != then:
+        elif then is not None:
+            if then != digests.get(d):
                 stale.add(d)
         elif rows != train_rows or (None not in (log_newest, train_oldest) and log_newest > train_oldest):
             stale.add(d)
@@ -615,11 +630,10 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     if n_new:
         plan.new_dates = _dates(new)
     plan.log = snap = log_snapshot(store)
-    log_files = [fl for fl in store.files(T.CTR_LOG, snap.version)
-                 if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
+    log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
     attached = _attached(store)
-    stale = stale_dates(fv, snap.fingerprints, attached, _partition_stats(log_files, "dt"),
+    stale = stale_dates(fv, snap.digests, attached, _partition_stats(log_files, "dt"),
                         _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
     if n_new and log_dates:
         ctr_all = snap.read(store, log_dates)

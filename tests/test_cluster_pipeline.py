@@ -51,9 +51,9 @@ STAGE_SETTINGS = {"train": TRAIN, "features": FEATURES, "ctr": CTR, "review": RE
 # encoder / clustering of this run need not be version 1 there).
 TABLES = ("quarantine", "items", "item_images", "pv_samples", "ctr_log", "courier_train", "item_embeddings",
           "item_clusters", "ctr_train")
-# ctr_log_fingerprint covers the build's inputs, their roots included (an s3a prefix against a local path).
+# ctr_log_digest names the ctr_log files, which each run writes under names of its own.
 RUN_SPECIFIC = {"quarantine": ("job_run_id",), "item_embeddings": ("encoder_version",),
-                "item_clusters": ("feature_version",), "ctr_train": ("feature_version", "ctr_log_fingerprint")}
+                "item_clusters": ("feature_version",), "ctr_train": ("feature_version", "ctr_log_digest")}
 
 
 def _deep_update(base: dict, extra: dict) -> dict:

@@ -162,8 +162,8 @@ def test_clusters_are_registered_with_their_encoder_and_stats(world):
 
 # ---- ctr_train: conservation, reserved ids, sim scores ----------------------------------------------
 def test_ctr_train_one_row_per_impression_with_reserved_ids(world):
-    from etl.publish import PublishLog
     from features import NO_IMAGE_CLUSTER_ID
+    from features.pipeline import ctr_log_digests
 
     cfg, store = world["cfg"], world["store"]
     log = store.read("ctr_log").where(f"dt = '{D1}'").toPandas()
@@ -176,10 +176,9 @@ def test_ctr_train_one_row_per_impression_with_reserved_ids(world):
     assert (merged["history"].map(list) == merged["history_t"].map(list)).all()
     assert list(out.columns) == ["user_id", "item_id", "pv_id", "session_id", "query", "position", "label", "ts",
                                  "history", "item_cluster_id", "history_cluster_ids", "sim_scores",
-                                 "feature_version", "ctr_log_fingerprint", "dt"]
-    # the stage-1 build whose ctr_log rows these are (read from the same manifest as the rows)
-    built = PublishLog(store.root, store.spark).published_dates()[D1]["fingerprint"]
-    assert set(out["ctr_log_fingerprint"]) == {built}
+                                 "feature_version", "ctr_log_digest", "dt"]
+    # the ctr_log files these rows were attached from
+    assert set(out["ctr_log_digest"]) == {ctr_log_digests(store.files("ctr_log"))[D1]}
     assert (out["history_cluster_ids"].map(len) == out["history"].map(len)).all()
     assert (out["sim_scores"].map(len) == out["history"].map(len)).all()
     truth = pd.read_parquet(os.path.join(cfg.truth_root, "item_styles.parquet")).set_index("item_id")
@@ -586,26 +585,28 @@ def test_a_date_rebuilt_with_the_same_row_count_is_attached_again(world, day2):
     assert P.refresh(spark, cfg, store, D2).versions == {}
 
 
-def test_a_rebuild_published_while_a_refresh_attached_is_attached_again(world, day2):
+def test_a_rebuild_the_file_times_cannot_show_is_attached_again(world, day2):
     """A build publishes a date while a refresh is attaching it (the refresh read the old ctr_log and
     commits after the new files were written; the row count is the same): the file times say ctr_train is
-    newer, but the fingerprint its rows recorded is the old build's, so the next refresh attaches the
-    date again, from the new ctr_log."""
+    newer, but the ctr_log files its rows recorded are gone, so the next refresh attaches the date again.
+    So does a forced rebuild of the same inputs (a code change without a rules version)."""
     from etl import catalog as T
     from etl.build import build_date
-    from etl.publish import PublishLog
     from features import pipeline as P
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
 
     def recorded(d):
-        return {r[0] for r in store.read(T.CTR_TRAIN).where(f"dt = '{d}'").select(T.CTR_LOG_FINGERPRINT)
+        return {r[0] for r in store.read(T.CTR_TRAIN).where(f"dt = '{d}'").select(T.CTR_LOG_DIGEST)
                 .distinct().collect()}
+
+    def files_now(d):
+        return P.ctr_log_digests(store.files(T.CTR_LOG))[d]
 
     three = _with(cfg, "samples", l_click=3)
     build_date(spark, three, store, D1, "test", force=True)
     rows = store.read(T.CTR_LOG).where(f"dt = '{D1}'").count()
-    built_with_three = PublishLog(store.root, spark).published_dates()[D1]["fingerprint"]
+    built_with_three = files_now(D1)
 
     def rebuild_meanwhile(stage):
         if stage == "computed":  # everything read and attached, nothing committed yet
@@ -615,38 +616,67 @@ def test_a_rebuild_published_while_a_refresh_attached_is_attached_again(world, d
     assert D1 in rep.info["affected_partitions"] and T.CTR_TRAIN in rep.versions
     assert recorded(D1) == {built_with_three}  # what it read, not what was published meanwhile
     assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}' AND size(history) > 1").count() > 0
-    published = PublishLog(store.root, spark).published_dates()[D1]["fingerprint"]
-    assert published != built_with_three and store.read(T.CTR_LOG).where(f"dt = '{D1}'").count() == rows
+    assert files_now(D1) != built_with_three and store.read(T.CTR_LOG).where(f"dt = '{D1}'").count() == rows
     log_newest = max(f.modified_ms for f in store.files(T.CTR_LOG) if f.partition_values["dt"] == D1)
     train_oldest = min(f.modified_ms for f in store.files(T.CTR_TRAIN) if f.partition_values["dt"] == D1)
     assert log_newest < train_oldest  # the file times alone would call the date current
 
     rep = P.refresh(spark, cfg, store, D2)
     assert rep.info["affected_partitions"] == [D1] and set(rep.versions) == {T.CTR_TRAIN}
-    assert recorded(D1) == {published}
+    assert recorded(D1) == {files_now(D1)}
     train = store.read(T.CTR_TRAIN).where(f"dt = '{D1}'")
     assert train.count() == rows and train.where("size(history) > 1").count() == 0  # l_click=1's histories
     assert P.refresh(spark, cfg, store, D2).versions == {}
 
+    build_date(spark, _with(three, "samples", l_click=1), store, D1, "test", force=True)  # same inputs
+    rep = P.refresh(spark, cfg, store, D2)
+    assert rep.info["affected_partitions"] == [D1] and recorded(D1) == {files_now(D1)}
+    assert P.refresh(spark, cfg, store, D2).versions == {}
 
-def test_stale_dates_trust_the_fingerprints_over_the_file_times():
-    """The staleness rules alone: the recorded fingerprint decides where there is one; the row counts and
-    file times only where a partition was attached without one."""
+
+def test_stale_dates_follow_the_recorded_files_over_the_file_times():
+    """The staleness rules alone: the recorded digest of the ctr_log files decides where there is one; the
+    row counts and file times only where a partition was attached without one."""
     from features.pipeline import stale_dates
 
     fv = "fv1"
-    log_stats = {"a": (10, 1, 5), "b": (10, 1, 5), "c": (10, 1, 9), "d": (10, 1, 5), "e": (10, 1, 9),
-                 "f": (12, 1, 5), "g": (10, 1, 5), "h": (10, 1, 5)}
-    train_stats = {d: (10, 7, 8) for d in "abcdefg"}
-    published = {d: "new" for d in "abcdefgh"}
-    attached = {"a": (fv, "new"),  # current
-                "b": (fv, "old"),  # rebuilt since: stale although its files are older than ctr_train's
-                "c": (fv, "new"),  # its ctr_log files are newer (a forced rebuild of the same inputs): current
-                "d": (fv, None), "e": (fv, None), "f": (fv, None),  # no fingerprint: counts and times
-                "g": ("fv0", "new")}  # another feature version; h: never attached
-    assert stale_dates(fv, published, attached, log_stats, train_stats) == {"b", "e", "f", "g", "h"}
-    # No fingerprint published (a tables root older than the publish log): counts and times everywhere.
-    assert stale_dates(fv, {}, attached, log_stats, train_stats) == {"c", "e", "f", "g", "h"}
+    log_stats = {"a": (10, 1, 9), "b": (10, 1, 5), "d": (10, 1, 5), "e": (10, 1, 9), "f": (12, 1, 5),
+                 "g": (10, 1, 5), "h": (10, 1, 5)}
+    train_stats = {d: (10, 7, 8) for d in "abdefg"}
+    digests = {d: "now" for d in log_stats}
+    attached = {"a": (fv, "now"),  # the same files, though newer than ctr_train's (a copy that reset times)
+                "b": (fv, "gone"),  # other files: stale although they are older than ctr_train's
+                "d": (fv, None), "e": (fv, None), "f": (fv, None),  # no digest: counts and times
+                "g": ("fv0", "now")}  # another feature version; h: never attached
+    assert stale_dates(fv, digests, attached, log_stats, train_stats) == {"b", "e", "f", "g", "h"}
+    # A ctr_train that recorded no digest at all: counts and times everywhere.
+    older = {d: (v, None) for d, (v, _) in attached.items()}
+    assert stale_dates(fv, digests, older, log_stats, train_stats) == {"a", "e", "f", "g", "h"}
+
+
+def test_a_ctr_train_without_the_digest_column_keeps_its_schema(spark, tmp_path):
+    """A ctr_train written before ctr_log_digest existed: the attach writes it without the column (its
+    Delta schema would refuse a mix of the two) and the refresh judges it by counts and file times."""
+    from etl import catalog as T
+    from etl.config import load_config
+    from etl.tables import TableError, TableStore
+    from features import pipeline as P
+    from tests.conftest import write_config
+    from tests.ctr_synth import DATES, write_ctr_train
+
+    store = TableStore(spark, load_config(write_config(tmp_path, {})))
+    write_ctr_train(spark, store, rows_per_date=20, dates=DATES[:2])
+    assert not P.records_digests(store)
+    assert P._attached(store) == {d: ("fv-test", None) for d in DATES[:2]}
+    rows = store.read(T.CTR_TRAIN).where(f"dt = '{DATES[0]}'")
+    digests = {DATES[0]: "d0"}
+    old = P.LogSnapshot(None, [], digests, record=False)
+    assert old.stamp(rows, [DATES[0]]).columns == rows.columns
+    store.replace_partitions(old.stamp(rows, [DATES[0]]), T.CTR_TRAIN, by="dt", values=[DATES[0]])
+    with pytest.raises(TableError, match="schema differs"):
+        new = P.LogSnapshot(None, [], digests, record=True).stamp(rows, [DATES[0]])
+        store.replace_partitions(new, T.CTR_TRAIN, by="dt", values=[DATES[0]])
+    assert store.read(T.CTR_TRAIN).count() == 40
 
 
 def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
