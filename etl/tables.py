@@ -235,9 +235,14 @@ class TableStore:
             raise TableError(f"table {name!r}: {unknown} not among its partition columns {partition_cols}")
         files = [f for f in self.files(name, version)
                  if all(str(f.partition_values.get(c)) in v for c, v in partitions.items())]
-        if not files:
-            return self.spark.createDataFrame([], schema)
         data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
+        if not files:
+            # The schema a read of files has (data columns nullable as a Parquet scan makes them, partition
+            # columns tagged as below), or a writer's schema check would take an empty date for another one.
+            empty = self.spark.createDataFrame([], _as_nullable(data_schema))
+            for col in partition_cols:
+                empty = empty.withColumn(col, F.lit("").cast(schema[col].dataType))
+            return empty.select(*schema.fieldNames())
         frames: dict[tuple, list[str]] = {}
         for f in files:
             frames.setdefault(tuple(f.partition_values.get(c) for c in partition_cols), []).append(f.uri)
@@ -577,6 +582,20 @@ class Staged:
     spark_schema: object
     rows: int
     size_bytes: int | None
+
+
+def _as_nullable(dtype):
+    """dtype with every field, array element and map value nullable (Spark's `asNullable`, which a file
+    scan applies to the schema it is given)."""
+    from pyspark.sql import types as ST
+
+    if isinstance(dtype, ST.StructType):
+        return ST.StructType([ST.StructField(f.name, _as_nullable(f.dataType), True, f.metadata) for f in dtype])
+    if isinstance(dtype, ST.ArrayType):
+        return ST.ArrayType(_as_nullable(dtype.elementType), True)
+    if isinstance(dtype, ST.MapType):
+        return ST.MapType(_as_nullable(dtype.keyType), _as_nullable(dtype.valueType), True)
+    return dtype
 
 
 def _writer(df, name: str):

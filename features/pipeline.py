@@ -155,7 +155,7 @@ class LogSnapshot:
     record: bool
 
     def read(self, store: TableStore, dates) -> DataFrame:
-        return store.read(T.CTR_LOG, self.version).where(F.col("dt").isin(list(dates)))
+        return store.read(T.CTR_LOG, self.version, partitions={"dt": list(dates)})
 
     def stamp(self, ctr_train: DataFrame, dates) -> DataFrame:
         """ctr_train rows of `dates` with the digest of the ctr_log files they were attached from."""
@@ -198,9 +198,10 @@ def _attached(store: TableStore) -> dict:
 
 
 def stale_dates(fv: str, digests: dict, attached: dict, log_stats: dict, train_stats: dict) -> set:
-    """The ctr_log dates (`log_stats`' keys) whose ctr_train partition must be attached again: missing, of
-    another feature version than `fv`, or attached from ctr_log files that were replaced since (a rebuild:
-    new raw files, other settings or rules, or forced).
+    """The dates whose ctr_train partition must be attached again: a ctr_log date (`log_stats`' keys)
+    whose partition is missing, of another feature version than `fv`, or attached from ctr_log files that
+    were replaced since (a rebuild: new raw files, other settings or rules, or forced); and an attached
+    date whose ctr_log has no rows now (rebuilt empty: its ctr_train partition is emptied).
 
     digests: {dt: digest of ctr_log's files now} (`ctr_log_digests`); attached: {dt: (feature_version,
     recorded digest)} (`_attached`); *_stats: {dt: (rows, oldest, newest file time)} (`_partition_stats`).
@@ -220,7 +221,7 @@ def stale_dates(fv: str, digests: dict, attached: dict, log_stats: dict, train_s
                 stale.add(d)
         elif rows != train_rows or (None not in (log_newest, train_oldest) and log_newest > train_oldest):
             stale.add(d)
-    return stale
+    return stale | {d for d in attached if d not in log_stats}
 
 
 def _rows_in(store: TableStore, name: str, key: str, values, **fixed) -> dict:
@@ -632,7 +633,7 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan.log = snap = log_snapshot(store)
     log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
-    attached = _attached(store)
+    attached = {d: v for d, v in _attached(store).items() if d <= date}
     stale = stale_dates(fv, snap.digests, attached, _partition_stats(log_files, "dt"),
                         _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
     if n_new and log_dates:

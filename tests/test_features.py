@@ -564,8 +564,8 @@ def test_a_rebuilt_ctr_log_date_is_attached_again(world, day2):
 
 def test_a_date_rebuilt_with_the_same_row_count_is_attached_again(world, day2):
     """A rebuild can change labels or click histories and keep every impression (here: l_click 5 -> 2, so
-    the row count is unchanged): its ctr_log files are newer than the date's ctr_train files, and the
-    refresh re-attaches it with the new histories."""
+    the row count is unchanged): its ctr_log files are not those the date's ctr_train rows recorded, and
+    the refresh re-attaches it with the new histories."""
     from etl.build import build_date
     from features import pipeline as P
 
@@ -585,11 +585,12 @@ def test_a_date_rebuilt_with_the_same_row_count_is_attached_again(world, day2):
     assert P.refresh(spark, cfg, store, D2).versions == {}
 
 
-def test_a_rebuild_the_file_times_cannot_show_is_attached_again(world, day2):
-    """A build publishes a date while a refresh is attaching it (the refresh read the old ctr_log and
-    commits after the new files were written; the row count is the same): the file times say ctr_train is
-    newer, but the ctr_log files its rows recorded are gone, so the next refresh attaches the date again.
-    So does a forced rebuild of the same inputs (a code change without a rules version)."""
+def test_a_rebuild_the_file_times_cannot_show_is_attached_again(world, day2, monkeypatch):
+    """A build publishes a date while a refresh is attaching it, after the refresh planned (the refresh
+    still reads the ctr_log version it planned with, and commits after the new files were written; the row
+    count is the same): the file times say ctr_train is newer, but the ctr_log files its rows recorded are
+    gone, so the next refresh attaches the date again. So does a forced rebuild of the same inputs (a code
+    change without a rules version)."""
     from etl import catalog as T
     from etl.build import build_date
     from features import pipeline as P
@@ -608,13 +609,18 @@ def test_a_rebuild_the_file_times_cannot_show_is_attached_again(world, day2):
     rows = store.read(T.CTR_LOG).where(f"dt = '{D1}'").count()
     built_with_three = files_now(D1)
 
-    def rebuild_meanwhile(stage):
-        if stage == "computed":  # everything read and attached, nothing committed yet
-            build_date(spark, _with(three, "samples", l_click=1), store, D1, "test", force=True)
+    compute = P.compute_refresh
 
-    rep = P.refresh(spark, cfg, store, D2, hook=rebuild_meanwhile)
+    def rebuild_meanwhile(*args):  # planned, nothing read or attached yet
+        build_date(spark, _with(three, "samples", l_click=1), store, D1, "test", force=True)
+        return compute(*args)
+
+    monkeypatch.setattr(P, "compute_refresh", rebuild_meanwhile)
+    rep = P.refresh(spark, cfg, store, D2)
+    monkeypatch.undo()
     assert D1 in rep.info["affected_partitions"] and T.CTR_TRAIN in rep.versions
-    assert recorded(D1) == {built_with_three}  # what it read, not what was published meanwhile
+    # the rows and the digest of the version it planned with (l_click=3), not of the one published meanwhile
+    assert recorded(D1) == {built_with_three}
     assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}' AND size(history) > 1").count() > 0
     assert files_now(D1) != built_with_three and store.read(T.CTR_LOG).where(f"dt = '{D1}'").count() == rows
     log_newest = max(f.modified_ms for f in store.files(T.CTR_LOG) if f.partition_values["dt"] == D1)
@@ -647,16 +653,18 @@ def test_stale_dates_follow_the_recorded_files_over_the_file_times():
     attached = {"a": (fv, "now"),  # the same files, though newer than ctr_train's (a copy that reset times)
                 "b": (fv, "gone"),  # other files: stale although they are older than ctr_train's
                 "d": (fv, None), "e": (fv, None), "f": (fv, None),  # no digest: counts and times
-                "g": ("fv0", "now")}  # another feature version; h: never attached
-    assert stale_dates(fv, digests, attached, log_stats, train_stats) == {"b", "e", "f", "g", "h"}
+                "g": ("fv0", "now"),  # another feature version; h: never attached
+                "i": (fv, "gone")}  # ctr_log rebuilt empty (no files): its rows must go
+    assert stale_dates(fv, digests, attached, log_stats, train_stats) == {"b", "e", "f", "g", "h", "i"}
     # A ctr_train that recorded no digest at all: counts and times everywhere.
     older = {d: (v, None) for d, (v, _) in attached.items()}
-    assert stale_dates(fv, digests, older, log_stats, train_stats) == {"a", "e", "f", "g", "h"}
+    assert stale_dates(fv, digests, older, log_stats, train_stats) == {"a", "e", "f", "g", "h", "i"}
 
 
 def test_a_ctr_train_without_the_digest_column_keeps_its_schema(spark, tmp_path):
     """A ctr_train written before ctr_log_digest existed: the attach writes it without the column (its
-    Delta schema would refuse a mix of the two) and the refresh judges it by counts and file times."""
+    Delta schema would refuse a mix of the two), and its partitions record no digest, so stale_dates
+    judges them by counts and file times."""
     from etl import catalog as T
     from etl.config import load_config
     from etl.tables import TableError, TableStore

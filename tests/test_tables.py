@@ -79,6 +79,8 @@ def test_replace_partition_and_time_travel(spark, cfg_factory):
     assert sum(f.num_records for f in store.files("t")) == 2
     assert store.read("t", version=0, partitions={"dt": ["2026-11-20", "2026-11-23"]}).count() == 5
     assert store.read("t", partitions={"dt": ["2026-11-21"]}).count() == 0
+    # no file read, the same schema as a read of files (nullability included: writers compare schemas)
+    assert store.read("t", partitions={"dt": ["2026-11-21"]}).schema == store.read("t").schema
     with pytest.raises(TableError, match="not the string"):
         store.read("t", partitions={"dt": "2026-11-20"})
     with pytest.raises(TableError, match=r"\['id'\] not among its partition columns"):
