@@ -640,6 +640,40 @@ def test_a_rebuild_the_file_times_cannot_show_is_attached_again(world, day2, mon
     assert P.refresh(spark, cfg, store, D2).versions == {}
 
 
+def test_a_date_rebuilt_empty_loses_its_ctr_train_rows(world, day2, tmp_path):
+    """A date's raw log replaced by an empty one and rebuilt (--allow-empty): its ctr_log has no files
+    now, and the refresh empties its ctr_train partition rather than keeping impressions ctr_log no longer
+    has. The log restored and rebuilt, the date is attached again."""
+    import shutil
+
+    from etl import catalog as T
+    from etl.build import build_date
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    folder = os.path.join(cfg.raw_root, "search_log", f"dt={D1}")
+    kept = tmp_path / "kept"
+    shutil.move(folder, kept)
+    try:
+        os.makedirs(folder)
+        open(os.path.join(folder, "part-00000.jsonl"), "w").close()
+        build_date(spark, cfg, store, D1, "test", allow_empty=True)
+        assert store.read(T.CTR_LOG).where(f"dt = '{D1}'").count() == 0
+        assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}'").count() > 0
+        rep = P.refresh(spark, cfg, store, D2)
+        assert D1 in rep.info["affected_partitions"] and T.CTR_TRAIN in rep.versions
+        assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}'").count() == 0
+        assert P.refresh(spark, cfg, store, D2).versions == {}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.move(kept, folder)
+    build_date(spark, cfg, store, D1, "test")
+    rep = P.refresh(spark, cfg, store, D2)
+    assert D1 in rep.info["affected_partitions"]
+    rows = store.read(T.CTR_LOG).where(f"dt = '{D1}'").count()
+    assert store.read(T.CTR_TRAIN).where(f"dt = '{D1}'").count() == rows > 0
+
+
 def test_stale_dates_follow_the_recorded_files_over_the_file_times():
     """The staleness rules alone: the recorded digest of the ctr_log files decides where there is one; the
     row counts and file times only where a partition was attached without one."""
