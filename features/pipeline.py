@@ -539,11 +539,13 @@ def attached_rows(spark, cfg: Config, store: TableStore, ctr_log: DataFrame, clu
 
 
 def _attach_with(spark, cfg: Config, store: TableStore, clu: Clusters, ctr_log: DataFrame, include_vector: bool,
-                 cache: _Cache) -> tuple[DataFrame, DataFrame, int]:
+                 cache: _Cache, enc: Encoder | None = None, extra_clusters: DataFrame | None = None,
+                 extra_embeddings: DataFrame | None = None) -> tuple[DataFrame, DataFrame, int]:
     """(ctr_log rows attached with the clustering `clu`, the items assigned on the fly, the feature
-    items): its encoder loaded, every item's features looked up once (materialised, checked unique)."""
-    enc = load_encoder(spark, clu.spec.encoder_ref, cache)
-    feats, missing = feature_lookup(cfg, store, clu, enc, ctr_log)
+    items): its encoder loaded (unless given), every item's features looked up once (with the extras of
+    `feature_lookup`; materialised, checked unique)."""
+    enc = enc or load_encoder(spark, clu.spec.encoder_ref, cache)
+    feats, missing = feature_lookup(cfg, store, clu, enc, ctr_log, extra_clusters, extra_embeddings)
     feats, n_feats = cache.persist(feats)
     _check_unique(feats)
     return (A.attach(ctr_log, feats, clu.spec.feature_version, include_vector, clu.spec.dim, clu.level_map(spark)),
@@ -649,7 +651,7 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
     """Every table's new rows, materialised (nothing committed): the new items' embeddings and cluster
     ids merged into their partitions, and the affected ctr_train partitions re-attached. Fills the
     report's counts, identities and drift measure. Returns {table: (frame, rows)}."""
-    f, spec = cfg.features, plan.clu.spec
+    f = cfg.features
     staged: dict = {}
     emb_new = clu_new = None
     if plan.n_new:
@@ -675,13 +677,9 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
     r.info["affected_partitions"] = plan.affected
     if plan.affected:
         ctr = plan.log.read(store, plan.affected)
-        feats, missing = feature_lookup(cfg, store, plan.clu, plan.enc, ctr,
-                                        extra_clusters=clu_new, extra_embeddings=emb_new)
-        feats, _ = cache.persist(feats)
-        _check_unique(feats)
-        staged[T.CTR_TRAIN] = cache.persist(plan.log.stamp(
-            A.attach(ctr, feats, plan.fv, f.include_vector, spec.dim, plan.clu.level_map(ctr.sparkSession)),
-            plan.affected))
+        out, missing, _ = _attach_with(ctr.sparkSession, cfg, store, plan.clu, ctr, f.include_vector, cache,
+                                       plan.enc, extra_clusters=clu_new, extra_embeddings=emb_new)
+        staged[T.CTR_TRAIN] = cache.persist(plan.log.stamp(out, plan.affected))
         _count_attached(r, ctr, staged[T.CTR_TRAIN][0], plan.affected)
         r.counts["on_the_fly_items"] = missing.count()
     return staged
