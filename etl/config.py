@@ -84,7 +84,7 @@ class SimulatorConf:
 
 @dataclass(frozen=True)
 class SamplesConf:
-    session_gap_minutes: int = 30  # a new session after this much inactivity (unless the log has session ids)
+    session_gap_minutes: int = 30  # a new session after a gap longer than this (unless the log has session ids)
     l_pv: int = 5  # PV items kept per sample, positives first (paper: 5)
     l_click: int = 5  # click history length, most recent first (paper: 5)
     neg_rate: float = 0.2  # share of non-clicked impressions kept (paper: 20%)

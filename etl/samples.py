@@ -460,8 +460,9 @@ def _with_micros(events: DataFrame) -> DataFrame:
 
 
 def sessionize(events: DataFrame, gap_minutes: int) -> DataFrame:
-    """Add session_id to valid events: the log's own session id, else a new session per user after
-    `gap_minutes` of inactivity (id = user_id + ':' + the session's first epoch second). Also adds `_t`
+    """Add session_id to valid events: the log's own session id, else a new session per user where the
+    gap since the user's previous event is longer than `gap_minutes` (exactly `gap_minutes` stays in
+    the session; id = user_id + ':' + the session's first epoch second). Also adds `_t`
     (ts in microseconds), which click_history's windows sort by as these do."""
     # Ordered by the columns (_t, event_id) (as click_history): one sort serves every window by user.
     events = _with_micros(events)

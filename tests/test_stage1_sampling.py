@@ -39,3 +39,18 @@ def test_each_impression_is_decided_on_its_own(spark):
     mixed = sum(0 < sum(ks) < len(ks) for ks in pages.values()) / len(pages)
     # Per impression at 0.2 with ~10 negatives a page: P(mixed) ~ 0.89; per page it would be 0.
     assert mixed > 0.8, mixed
+
+
+def test_a_session_ends_after_a_gap_longer_than_session_gap_minutes(spark):
+    from etl.samples import sessionize
+
+    at = dt.datetime(2026, 11, 20, 8, tzinfo=dt.timezone.utc)
+    # u1's gaps: exactly 30 min (same session), then 30 min + 1 us (a new one); u2 carries its own ids.
+    times = {"e1": at, "e2": at + dt.timedelta(minutes=30),
+             "e3": at + dt.timedelta(minutes=60, microseconds=1), "e4": at + dt.timedelta(minutes=61)}
+    rows = [(e, "u1", t, None) for e, t in times.items()]
+    rows += [("f1", "u2", at, "s-a"), ("f2", "u2", at + dt.timedelta(hours=5), "s-a")]
+    events = spark.createDataFrame(rows, "event_id string, user_id string, ts timestamp, session_id string")
+    got = {r["event_id"]: r["session_id"] for r in sessionize(events, 30).collect()}
+    first, second = (f"u1:{int(times[e].timestamp())}" for e in ("e1", "e3"))  # the session's first second
+    assert got == {"e1": first, "e2": first, "e3": second, "e4": second, "f1": "s-a", "f2": "s-a"}
