@@ -70,6 +70,40 @@ def test_every_mode_trains_and_reports(results):
     assert results["simscore"].report["overall"]["auc"] > results["none"].report["overall"]["auc"] + 0.1
 
 
+def test_a_cluster_the_training_rows_never_held_reads_the_no_image_row(results, frames, tmp_path):
+    import numpy as np
+    import torch
+
+    from training.ctr.train import WEIGHTS, load_model, save_model, score_frame
+
+    _, ev, _ = frames
+    trained = results["cluster_id"].model
+    assert bool(trained.cluster.seen.all())  # every cluster of the synthetic table is in its training dates
+    rows = ev.head(300)
+
+    def as_cluster(c):  # the target and every history item in cluster c
+        return rows.assign(item_cluster_id=c, history_cluster_ids=[[c] * len(h) for h in rows["history_cluster_ids"]])
+
+    no_image = score_frame(trained, as_cluster(-1))
+    # An id past the table (a cluster first filled after training, met when a champion is re-scored on
+    # newer dates) scores as no image instead of failing.
+    np.testing.assert_allclose(score_frame(trained, as_cluster(10_000)), no_image, rtol=1e-6)
+    c = int(rows["item_cluster_id"].max())
+    assert not np.allclose(score_frame(trained, as_cluster(c)), no_image)  # a trained cluster reads its row
+    # The same model where the training rows lacked cluster c: c now scores as no image.
+    save_model(trained, str(tmp_path / "m"))
+    unseen = load_model(str(tmp_path / "m"))
+    unseen.cluster.seen[c + 2] = False  # row = id + 2
+    np.testing.assert_allclose(score_frame(unseen, as_cluster(c)), no_image, rtol=1e-6)
+    # A model saved before `seen` existed reads every row as trained (its scores are unchanged).
+    state = torch.load(tmp_path / "m" / WEIGHTS, weights_only=True)
+    del state["cluster.seen"]
+    torch.save(state, tmp_path / "m" / WEIGHTS)
+    old = load_model(str(tmp_path / "m"))
+    assert bool(old.cluster.seen.all())
+    np.testing.assert_allclose(score_frame(old, rows), score_frame(trained, rows), rtol=1e-6)
+
+
 def test_weights_round_trip_with_weights_only_load(results, frames, tmp_path):
     import numpy as np
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from etl.config import FEATURE_MODES as MODES
 from etl.config import LEVEL_COMBINES
-from training.ctr.data import POSITION_BUCKETS, QUERY_BUCKETS
+from training.ctr.data import NO_IMAGE_ROW, POSITION_BUCKETS, QUERY_BUCKETS
 
 # Cluster-ID rows start at unit scale (torch's default): at 0.05 the target/history products the
 # attention unit must learn from are ~1e-3 and a small run barely moves (measured: AUC 0.53 vs 0.71 on a
@@ -109,6 +109,36 @@ class HashedEmbedding(nn.Module):
         return self.emb(idx)
 
 
+class ClusterEmbedding(nn.Embedding):
+    """A cluster-id embedding (row 0 = padding, row NO_IMAGE_ROW = an item without an image) in which a
+    cluster the training rows never held reads the no-image row: the model learned nothing of that
+    cluster's images, as of an item without one, so it takes that trained path instead of an untrained
+    random row. That also covers an id past the table (a cluster the training and evaluation data did not
+    hold, e.g. first filled by a later refresh), which a champion re-scored on newer dates meets.
+
+    `seen` is a buffer, saved with the weights; a model saved before it existed read every row as trained.
+    """
+
+    def __init__(self, rows: int, dim: int, init_std: float):
+        super().__init__(rows, dim, padding_idx=0)
+        nn.init.normal_(self.weight, std=init_std)
+        self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool))
+        self.seen[:NO_IMAGE_ROW + 1] = True  # padding and no image: always their own rows
+
+    @torch.no_grad()
+    def mark_seen(self, rows: torch.Tensor) -> None:
+        self.seen[rows.reshape(-1)] = True
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        in_table = rows < self.num_embeddings
+        known = in_table & self.seen[torch.where(in_table, rows, torch.zeros_like(rows))]
+        return super().forward(torch.where(known, rows, torch.full_like(rows, NO_IMAGE_ROW)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "seen", torch.ones(self.num_embeddings, dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class CTRModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -122,8 +152,7 @@ class CTRModel(nn.Module):
         self.position = nn.Embedding(s.position_buckets, s.context_dim)
         item_dim = s.id_dim
         if s.feature_mode in ("cluster_id", "multi_cluster"):
-            self.cluster = nn.Embedding(s.num_cluster_rows, s.cluster_dim, padding_idx=0)
-            nn.init.normal_(self.cluster.weight, std=CLUSTER_INIT_STD)
+            self.cluster = ClusterEmbedding(s.num_cluster_rows, s.cluster_dim, CLUSTER_INIT_STD)
             item_dim += s.cluster_dim
         if s.feature_mode == "multi_cluster":
             if not s.level_rows:
@@ -131,10 +160,9 @@ class CTRModel(nn.Module):
                                  "features.levels, then attach, so ctr_train carries item_cluster_levels")
             if s.level_combine not in LEVEL_COMBINES:
                 raise ValueError(f"level_combine must be one of {LEVEL_COMBINES}, got {s.level_combine!r}")
-            self.levels = nn.ModuleList(nn.Embedding(rows, s.cluster_dim, padding_idx=0) for rows in s.level_rows)
             concat = s.level_combine == "concat"
-            for emb in self.levels:
-                nn.init.normal_(emb.weight, std=CLUSTER_INIT_STD if concat else CLUSTER_INIT_STD / len(s.level_rows))
+            std = CLUSTER_INIT_STD if concat else CLUSTER_INIT_STD / len(s.level_rows)
+            self.levels = nn.ModuleList(ClusterEmbedding(rows, s.cluster_dim, std) for rows in s.level_rows)
             if concat:
                 item_dim += s.cluster_dim * len(s.level_rows)
         elif s.feature_mode == "vector":
@@ -157,15 +185,12 @@ class CTRModel(nn.Module):
                   levels: torch.Tensor | None = None) -> torch.Tensor:
         parts = [self.item_id(ids)]
         if self.spec.feature_mode in ("cluster_id", "multi_cluster"):
-            if int(clusters.max()) >= self.spec.num_cluster_rows:
-                raise ValueError(f"cluster id {int(clusters.max()) - 2} is beyond the {self.spec.num_cluster_rows - 2} "
-                                 "ids this model was built for (another clustering: retrain on its ctr_train)")
             image = self.cluster(clusters)
             if self.spec.feature_mode == "multi_cluster":
                 if levels is None or levels.shape[-1] != len(self.levels):
                     raise ValueError(f"this model reads {len(self.levels)} cluster level(s); the data has "
                                      f"{0 if levels is None else levels.shape[-1]}")
-                coarse = [emb(levels[..., k].clamp(max=emb.num_embeddings - 1)) for k, emb in enumerate(self.levels)]
+                coarse = [emb(levels[..., k]) for k, emb in enumerate(self.levels)]
                 if self.spec.level_combine == "concat":  # [fine | level 1 | .. | level K]
                     image = torch.cat([image, *coarse], dim=-1)
                 else:  # fine row + one row per coarser level, summed
@@ -183,6 +208,13 @@ class CTRModel(nn.Module):
         self.item_id.mark_seen(batch["hist_item"][batch["hist_mask"]])
         self.user_id.mark_seen(batch["user"])
         self.query.mark_seen(batch["query"])
+        if self.spec.feature_mode in ("cluster_id", "multi_cluster"):
+            self.cluster.mark_seen(batch["item_cluster"])
+            self.cluster.mark_seen(batch["hist_cluster"][batch["hist_mask"]])
+        if self.spec.feature_mode == "multi_cluster":
+            for k, emb in enumerate(self.levels):
+                emb.mark_seen(batch["item_levels"][:, k])
+                emb.mark_seen(batch["hist_levels"][..., k][batch["hist_mask"]])
 
     def forward(self, b: dict) -> torch.Tensor:
         """Logits (B,) for a batch dict from `CtrTensors.take`."""

@@ -126,7 +126,9 @@ def run_review(cfg, store, challenger_version: str | None = None, allow_first: b
 def promote(outcome: ReviewOutcome) -> ReviewOutcome:
     """Deployment of an approved challenger: @champion moves to it (the registry's only alias change),
     provided @champion is still the version it was compared with; a review that finished meanwhile
-    may have moved it, and this challenger was never compared with that one."""
+    may have moved it, and this challenger was never compared with that one. The registry has no
+    compare-and-set for aliases, so the re-read and the move are two calls: two reviews that finish
+    within that moment can both move it (the scheduled refresh runs one review at a time)."""
     from etl import registry
 
     if outcome.decision == APPROVED:

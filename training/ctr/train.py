@@ -177,7 +177,8 @@ def _new_model(spec: ModelSpec, ctr, seen: CtrTensors) -> CTRModel:
     model = CTRModel(spec)
     # The id columns only: take() of every row would gather the (N, L, d) history vectors of vector mode.
     model.mark_seen({"item": seen.item, "hist_item": seen.hist_item, "hist_mask": seen.hist_mask, "user": seen.user,
-                     "query": seen.query})
+                     "query": seen.query, "item_cluster": seen.item_cluster, "hist_cluster": seen.hist_cluster,
+                     "item_levels": seen.item_levels, "hist_levels": seen.hist_levels})
     return model
 
 
