@@ -38,10 +38,12 @@ def normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     finite = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), bool)
     safe = np.where(finite[:, None], x, 0.0).astype(np.float32) if x.size else x
-    norms = np.linalg.norm(safe, axis=1) if x.size else np.zeros(len(x), np.float32)
+    # The norm in float64, as Spark's unit_vector takes it: in float32 the squares of a finite row of
+    # values over ~1e19 overflow to inf, and the row would read as all zeros yet count as ok.
+    norms = np.linalg.norm(safe.astype(np.float64), axis=1) if x.size else np.zeros(len(x))
     ok = finite & (norms > 0)
     out = np.zeros_like(safe)
-    out[ok] = safe[ok] / norms[ok, None]
+    out[ok] = (safe[ok] / norms[ok, None]).astype(np.float32)
     return out, ok
 
 

@@ -123,6 +123,20 @@ def test_udf_assignments_equal_direct_faiss_search(world):
     assert (K.deserialize(K.serialize(hnsw)).search(K.normalize(x)[0], 1)[1] == hnsw.search(K.normalize(x)[0], 1)[1]).all()
 
 
+def test_normalize_takes_the_norm_without_overflow_or_underflow():
+    from features import clustering as K
+
+    x = np.ones((4, 256), np.float32)
+    x[0] *= 3e18  # finite, but its squares overflow float32
+    x[1] *= 1e-25  # its squares underflow float32
+    x[2] = 0.0
+    x[3, 0] = np.inf
+    unit, ok = K.normalize(x)
+    assert ok.tolist() == [True, True, False, False] and unit.dtype == np.float32
+    np.testing.assert_allclose(unit[:2], np.full((2, 256), 1 / 16, np.float32), rtol=1e-6)
+    assert not unit[2:].any()
+
+
 def test_executor_index_cache_follows_the_index_not_its_name(world):
     """Spark reuses Python workers across jobs: two different indexes under one name must not share a
     cached index (a stale cache once mixed up another registry's courier-clusters-v1 with this one's)."""
