@@ -391,6 +391,11 @@ def _validate(cfg: Config) -> None:
          f"spark.conf {SESSION_TIME_ZONE} must be UTC (or left out): the jobs read the log's dates in UTC"),
         (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
         (cfg.train.method in TRAIN_METHODS, _one_of("train.method", TRAIN_METHODS)),
+        # The supervised baseline's classifier reads the encoder's output, never a projection head, whose
+        # unused parameters DDP (find_unused_parameters off) would wait for in every step.
+        (not (cfg.train.method == "supervised" and cfg.train.proj_head),
+         "train.proj_head is not used by train.method=supervised (its classifier reads the encoder's output): "
+         "leave proj_head false"),
         (cfg.train.backend in TRAIN_BACKENDS, _one_of("train.backend", TRAIN_BACKENDS)),
         (cfg.train.precision in PRECISIONS, _one_of("train.precision", PRECISIONS)),
         (cfg.train.reconstruction in RECONSTRUCTION_MODES, _one_of("train.reconstruction", RECONSTRUCTION_MODES)),

@@ -48,3 +48,37 @@ def test_baseline_model_trains_on_a_courier_batch(method):
     if method == "supervised":
         with pytest.raises(ValueError, match="categories"):
             model(*args)
+
+
+@pytest.mark.parametrize("method", ["simclr", "supervised"])
+def test_padded_slots_stay_out_of_the_backbone_s_batchnorm_statistics(method):
+    """Stage 3 embeds with the running statistics: blank padding images must not be averaged into them."""
+    import copy
+
+    torch.manual_seed(0)
+    B, lp, lc, px = 2, 4, 3, 16
+    model = BaselineModel(ImageEncoder("tiny_cnn", dim=32), method, num_classes=4)
+    reference = copy.deepcopy(model.encoder)
+    pv_images = torch.randint(0, 255, (B, lp, 3, px, px), dtype=torch.uint8)
+    click_images = torch.randint(0, 255, (B, lc, 3, px, px), dtype=torch.uint8)
+    pv_mask, click_mask = torch.ones(B, lp, dtype=torch.long), torch.ones(B, lc, dtype=torch.long)
+    pv_mask[:, 2:], click_mask[1:] = 0, 0
+    pv_images[~pv_mask.bool()], click_images[~click_mask.bool()] = 0, 0  # as the trainer pads
+    extra = {"categories": torch.tensor([[0] * lp, [3] * lp])} if method == "supervised" else {}
+    torch.manual_seed(1)
+    model(pv_images, torch.zeros(B, lp, dtype=torch.long), pv_mask, click_images, click_mask, **extra)
+    # The same forward on the real images alone (the same augmentation draws for SimCLR: one per image).
+    if method == "supervised":
+        reference.encode(pv_images[pv_mask.bool()])
+    else:
+        from training.baselines import augment
+
+        images = torch.cat([pv_images.flatten(0, 1), click_images.flatten(0, 1)])
+        real = torch.cat([pv_mask.reshape(-1), click_mask.reshape(-1)]).bool()
+        torch.manual_seed(1)
+        v1, v2 = augment(images), augment(images)
+        reference.encode(v1[real]), reference.encode(v2[real])
+    stats = {k: v for k, v in model.encoder.state_dict().items() if "running" in k}
+    assert stats
+    for k, v in stats.items():
+        torch.testing.assert_close(v, reference.state_dict()[k], msg=k)

@@ -35,6 +35,7 @@ def test_shipped_configs_load():
     ({"train": {"max_steps": -1}}, "train.max_steps must be >= 1"),
     ({"train": {"dim": 0}}, "train.dim must be >= 1"),
     ({"train": {"keep_checkpoints": -1}}, "train.keep_checkpoints must be >= 0"),
+    ({"train": {"method": "supervised", "proj_head": True}}, "train.proj_head is not used by train.method=supervised"),
     # a traceback before (AttributeError on .startswith)
     ({"paths": {"data_root": 5}}, "paths.data_root must be a path or URI string, got int 5"),
     ({"mlflow": {"tracking_uri": 5}}, "mlflow.tracking_uri must be a URI string, got int 5"),

@@ -66,6 +66,27 @@ def test_training_lowers_the_loss_and_beats_the_untrained_encoder(trained):
     assert trained_auc > untrained_auc + 0.02, line
 
 
+def test_the_images_counted_are_every_rank_s_real_images(trained, spark):
+    """The throughput counts the images of every rank's batches (they differ: a short last batch, a rank
+    whose shard ran out), not rank 0's times the world size: over the run, every training row's real
+    images once per epoch."""
+    from pyspark.sql import functions as F
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    result = json.loads(open(os.path.join(_checkpoints(conf, "full"), "result.json")).read())
+    assert result["world_size"] == 2 and result["skipped"] == 0
+    version = json.loads(open(os.path.join(_checkpoints(conf, "full"), "run.json")).read())["identity"]["data_version"]
+    rows = TableStore(spark, cfg).read("courier_train", version=version)
+    last = rows.agg(F.max("dt")).first()[0]  # held out (train.holdout_last_date)
+    per_row = F.aggregate(F.concat("pv_mask", "click_mask"), F.lit(0), lambda a, m: a + m)
+    real = rows.where(F.col("dt") != last).agg(F.sum(per_row)).first()[0]
+    assert result["images"] == TRAIN_SETTINGS["epochs"] * real, (result["images"], real)
+
+
 def test_the_run_is_tracked_and_the_encoder_registered(trained):
     import mlflow
 
@@ -137,6 +158,26 @@ def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trai
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=32, seed=5))
     with pytest.raises(TrainError, match=r"train.batch_size: 16 -> 32; train.seed: 0 -> 5"):
         plan_training(other, store, "pinned", resume=True, skip_if_done=False)
+    # The objective and the optimizer too (a restored optimizer state would ignore a new lr) ...
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 10, use_ucs=False))
+    with pytest.raises(TrainError, match=r"train.lr: .*; train.use_ucs: True -> False"):
+        plan_training(other, store, "pinned", resume=True, skip_if_done=False)
+    # ... unless the run.json was written before a setting was kept: it cannot say, so the resume goes on.
+    identity = {k: v for k, v in run_identity(cfg, latest - 1).items() if k not in ("train.lr", "train.use_ucs")}
+    _write_marker(folder, "run-x", identity)
+    assert plan_training(other, store, "pinned", resume=True, skip_if_done=False).resume
+    # A finished run is not resumed (it would train no step and register its encoder again); the
+    # pipeline's --skip-if-done finds it done.
+    fs.write_text(os.path.join(folder, "done.json"), json.dumps({"model_version": "7"}))
+    with pytest.raises(TrainError, match="finished and registered courier-encoder v7; there is nothing to resume"):
+        plan_training(cfg, store, "pinned", resume=True, skip_if_done=False)
+    assert plan_training(cfg, store, "pinned", resume=False, skip_if_done=True).resume
+    # Rows padded to other widths than this config's: refused before any process starts (a rank that
+    # runs out of rows would send empty batches of the config's widths into the all-gather).
+    wide = dataclasses.replace(cfg, samples=dataclasses.replace(cfg.samples, l_pv=cfg.samples.l_pv + 1))
+    with pytest.raises(TrainError, match=rf"holds rows of l_pv={cfg.samples.l_pv}, l_click={cfg.samples.l_click}, "
+                                         rf"this config says l_pv={cfg.samples.l_pv + 1}"):
+        plan_training(wide, store, "fresh", resume=False, skip_if_done=False)
 
 
 def test_a_run_that_died_before_its_first_checkpoint_resumes_from_step_0(trained, spark):

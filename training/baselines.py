@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import distributed as D
-from training.courier import _global_count
+from training.courier import _global_count, encode_real
 from training.distributed import gather_with_grad
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -157,8 +157,9 @@ class BaselineModel(nn.Module):
     """SimCLR / SimSiam / supervised pre-training on the same images and encoder as COURIER.
 
     forward() takes CourierModel's arguments (plus `categories` (B, l_pv) for supervised) and returns
-    (loss share, components). The images are every PV and history slot of the batch; padded slots (mask
-    0) are encoded too (all ranks must gather equal shapes) but take no part in the loss.
+    (loss share, components). The images are every PV and history slot of the batch; only the real ones
+    (mask 1) go through the backbone, padded slots get zero embeddings (every rank still gathers its
+    full, equal shape) and take no part in the loss.
     """
 
     def __init__(self, encoder: nn.Module, method: str, gather: Gather = gather_with_grad, tau: float = 0.2,
@@ -170,22 +171,22 @@ class BaselineModel(nn.Module):
         self.predictor = SimSiamPredictor(encoder.dim) if method == "simsiam" else None
         self.classifier = CategoryClassifier(encoder.dim, num_classes) if method == "supervised" else None
 
-    def _embed(self, images):
-        e = self.encoder.encode(images)
+    def _embed(self, images, mask):
+        e = encode_real(self.encoder, images, mask.bool())
         return self.encoder.project(e) if self.encoder.proj is not None else e  # SimCLR's head, if any
 
     def forward(self, pv_images, pv_labels, pv_mask, click_images, click_mask, categories=None):
         if self.method == "supervised":
             if categories is None:
                 raise ValueError("the supervised baseline needs item categories")
-            e = self.encoder.encode(pv_images.flatten(0, 1))
+            e = encode_real(self.encoder, pv_images.flatten(0, 1), pv_mask.reshape(-1).bool())
             loss = supervised_loss(e, categories.reshape(-1), self.classifier, mask=pv_mask.reshape(-1),
                                    gather=self.gather)
             return loss, {"loss": loss.detach()}
         images = torch.cat([pv_images.flatten(0, 1), click_images.flatten(0, 1)])
         mask = torch.cat([pv_mask.reshape(-1), click_mask.reshape(-1)])
         v1, v2 = augment(images), augment(images)  # two independent views of every image
-        z1, z2 = self._embed(v1), self._embed(v2)
+        z1, z2 = self._embed(v1, mask), self._embed(v2, mask)
         if self.method == "simclr":
             loss = nt_xent_loss(z1, z2, self.tau, self.gather, mask=mask)
         else:

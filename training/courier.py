@@ -521,6 +521,14 @@ class CourierLoss(nn.Module):
                             mha=self.reconstruction.mha, projector=projector, gather=self.gather)
 
 
+def encode_real(encoder: ImageEncoder, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(n, d) embeddings of images (n, 3, H, W): the backbone encodes only the rows where keep (n,) is
+    True, in one batch, and the others are zero. Padded slots (blank images) so never enter the
+    backbone's BatchNorm statistics, which stage 3 embeds with."""
+    emb = encoder.encode(images[keep])
+    return emb.new_zeros(keep.numel(), emb.shape[-1]).index_put((keep.nonzero().squeeze(1),), emb)
+
+
 class CourierModel(nn.Module):
     """Encoder + COURIER loss in one module (what DDP wraps), like MoCo's builder.
 
@@ -542,8 +550,7 @@ class CourierModel(nn.Module):
         lc = click_mask.shape[1]
         imgs = torch.cat([pv_images.flatten(0, 1), click_images.flatten(0, 1)], dim=0)
         keep = torch.cat([pv_mask.reshape(-1), click_mask.reshape(-1)]).bool()
-        emb = self.encoder.encode(imgs[keep])
-        out = emb.new_zeros(keep.numel(), emb.shape[-1]).index_put((keep.nonzero().squeeze(1),), emb)
+        out = encode_real(self.encoder, imgs, keep)
         return out[: B * lp].view(B, lp, -1), out[B * lp:].view(B, lc, -1)
 
     def forward(self, pv_images, pv_labels, pv_mask, click_images, click_mask):

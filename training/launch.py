@@ -42,9 +42,12 @@ class TrainPlan:
 
 
 # The settings a checkpoint's position and weights mean something under: the reader's order depends on
-# (seed, epoch, rank, world size, batch size, grouping) and the files, the weights on the model's shape.
+# (seed, epoch, rank, world size, batch size, grouping) and the files, the weights on the model's shape,
+# and the run trains one objective with one optimizer (a resumed optimizer state restores its own lr and
+# weight decay, so a changed one would be ignored while the run's parameters said otherwise).
 RESUME_SETTINGS = ("batch_size", "num_workers", "seed", "batch_grouping", "holdout_last_date", "method",
-                   "backbone", "dim", "proj_head")
+                   "backbone", "dim", "proj_head", "lr", "weight_decay", "tau", "use_ucs", "use_contrast",
+                   "reconstruction", "use_negatives")
 
 
 def run_identity(cfg: Config, data_version: int) -> dict:
@@ -76,18 +79,40 @@ def plan_training(cfg: Config, store, run_name: str | None, resume: bool, skip_i
     files = store.files(TABLE, version)
     if not files:
         raise TrainError(f"{TABLE} v{version} has no rows to train on")
+    _refuse_other_widths(cfg, version, files)
     files, holdout = split_holdout(files, t.holdout_last_date)
     plan = TrainPlan(name, version, files, holdout, checkpoint_dir, marker, resume)
-    if resume and not fs.exists(plan.done_path):
+    if resume and fs.exists(plan.done_path):
+        if not skip_if_done:  # (with it, the job says there is nothing to do)
+            raise TrainError(f"--resume of {name}: the run finished and registered {MODEL_NAME} "
+                             f"v{finished_version(plan)}; there is nothing to resume (a new run: --run-name)")
+    elif resume:
         _refuse_changed_settings(plan, run_identity(cfg, version))
     return plan
+
+
+def _refuse_other_widths(cfg: Config, version: int, files) -> None:
+    """Every file's rows are padded to the samples.l_pv / l_click of this config: a rank that runs out
+    of rows sends empty batches of those widths, which a table built with others would meet in the
+    all-gather with other shapes (gloo fails, NCCL can hang). One row of each file is read."""
+    from training.reader import row_widths
+
+    want = (cfg.samples.l_pv, cfg.samples.l_click)
+    for f in files:
+        got = row_widths(f.uri)
+        if got is not None and got != want:
+            raise TrainError(f"{TABLE} v{version} (dt={f.partition_values.get('dt')}) holds rows of l_pv={got[0]}, "
+                             f"l_click={got[1]}, this config says l_pv={want[0]}, l_click={want[1]}: train with the "
+                             f"settings it was built with (--set samples.l_pv={got[0]} "
+                             f"--set samples.l_click={got[1]}), or rebuild those dates")
 
 
 def _refuse_changed_settings(plan: TrainPlan, now: dict) -> None:
     then = plan.marker.get("identity")
     if then is None:  # a run.json written before identities were kept: nothing to compare
         return
-    changed = [f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in now if then.get(k) != now[k]]
+    # A setting the run.json does not name was added since the run started: it cannot say.
+    changed = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in now if k in then and then[k] != now[k]]
     if changed:
         raise TrainError(f"--resume of {plan.run_name}: the run started with other settings ({'; '.join(changed)}); "
                          "its checkpoint's position would skip or repeat rows. Resume with the run's settings, "

@@ -316,6 +316,23 @@ def _column_numpy(name: str, column) -> np.ndarray:
     return values
 
 
+def row_widths(url: str) -> tuple[int, int] | None:
+    """(l_pv, l_click) of the first row of a courier_train file, which pads every row to them; None for
+    a file without rows."""
+    import pyarrow.parquet as pq
+
+    from etl import fs
+
+    filesystem, path = fs.filesystem(url)
+    with filesystem.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        group = next((g for g in range(pf.num_row_groups) if pf.metadata.row_group(g).num_rows), None)
+        if group is None:
+            return None
+        first = pf.read_row_group(group, columns=["pv_labels", "click_mask"]).slice(0, 1).to_pylist()[0]
+    return len(first["pv_labels"]), len(first["click_mask"])
+
+
 def _read_slice(s: Slice, columns: Sequence[str] = COLUMNS) -> dict:
     """The ``columns`` (default: COLUMNS) of one slice as numpy arrays, read from exactly one row group of one file.
 

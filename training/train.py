@@ -314,15 +314,17 @@ def train_fn(spec_dict: dict) -> dict:
                         cat[i] = categories.get(q, -1)
                     extra["categories"] = cat.to(device)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                images = int(batch["pv_mask"].sum() + batch["click_mask"].sum())
+                images = batch["pv_mask"].sum() + batch["click_mask"].sum()  # this rank's real images
                 # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
                 torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
                 # The forward updates BatchNorm's running statistics; a step skipped below puts them back,
                 # or one fp16 overflow would leave NaN statistics for evaluation (training uses the batch's).
                 bn_stats = bn_running_stats(raw_model)
                 loss, parts = forward(model, batch, device, amp_dtype, **extra)
-                # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere.
-                global_loss = dist.all_reduce_sum(loss.detach().float().reshape(1))
+                # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere. The
+                # same all-reduce sums the ranks' image counts (ranks' batches differ: short, or exhausted).
+                summed = dist.all_reduce_sum(torch.stack([loss.detach().float(), images.float()]))
+                global_loss, global_images = summed[:1], int(summed[1].item())
                 batch_index += 1
                 # A finite loss can still have non-finite gradients. Under fp16 the GradScaler skips that step
                 # and lowers its scale (its normal working, not counted); without one (fp32, bf16) update()
@@ -344,7 +346,7 @@ def train_fn(spec_dict: dict) -> dict:
                 losses.append(float(global_loss.item()))
                 metrics = {"loss": losses[-1], **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
                                                  for k, v in parts.items() if torch.is_tensor(v)}}
-                tracker.step(step, metrics, images * world, t["log_every"])
+                tracker.step(step, metrics, global_images, t["log_every"])
                 if step % t["checkpoint_every"] == 0 and rank == 0:
                     save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
                     tracker.flush()
@@ -358,7 +360,8 @@ def train_fn(spec_dict: dict) -> dict:
         position.update(epoch=epoch + 1, batch=0)
     tracker.close()
     result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
-              "losses": losses, "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
+              "losses": losses, "images": tracker.images,  # real images of the steps taken, every rank's
+              "images_per_s": tracker.images / max(time.perf_counter() - tracker.t0, 1e-9)}
     if rank == 0:
         save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
         encoder_path = fs.join(spec.checkpoint_dir, "encoder.pt")  # the encoder alone, for stage 3
