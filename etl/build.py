@@ -87,18 +87,39 @@ def _dated_lines(spark, base: str, files: dict) -> DataFrame:
             .select("value", F.col("dt").cast("string").alias("dt"), name.alias("file")))
 
 
+# A catalog date without a search log (a first catalog dump, a day the log was lost) is built as an
+# empty log date, which publishes its items and their images for the dates after it.
+_CATALOG_ONLY = ("give such a date an empty search log (an empty file in its search_log/dt=<date>/ folder) "
+                 "and build it with --allow-empty, which publishes its items and their images")
+
+
+def _is_date(name: str) -> bool:
+    try:
+        return dt.date.fromisoformat(name).isoformat() == name
+    except ValueError:
+        return False
+
+
 def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: bool) -> DateInputs:
     sc = cfg.samples
     log_base = under_root(cfg.raw_root, SEARCH_LOG)
     catalog_base = under_root(cfg.raw_root, "catalog")
     today = discover(spark, log_base, date, sc.input_ignore)
     if today is None:
-        raise InputError(f"no raw search log for {date}: expected files under {log_base}/dt={date}/")
+        raise InputError(f"no raw search log for {date}: expected files under {log_base}/dt={date}/"
+                         + (f" (the catalog has this date: {_CATALOG_ONLY})" if discover(
+                             spark, catalog_base, date, sc.input_ignore) is not None else ""))
     d = dt.date.fromisoformat(date)
     window = [(d - dt.timedelta(days=i)).isoformat() for i in range(sc.history_lookback_days, 0, -1)]
     log_files = {x: f for x in window if (f := discover(spark, log_base, x, sc.input_ignore)) is not None}
     log_files[date] = today
-    catalog_dates = [p[3:] for p in list_dir(spark, catalog_base) if p.startswith("dt=") and p[3:] <= date]
+    folders = sorted(p[3:] for p in list_dir(spark, catalog_base) if p.startswith("dt="))
+    # A folder whose name is no date (`dt=2026-11-19.bad`, a delivery set aside) is not a catalog date:
+    # compared as a string it would sort among them, and no build could ever publish it.
+    not_dates = [x for x in folders if not _is_date(x)]
+    if not_dates:
+        log.warning("%s: ignoring folder(s) %s: not dt=YYYY-MM-DD", catalog_base, [f"dt={x}" for x in not_dates])
+    catalog_dates = [x for x in folders if x not in not_dates and x <= date]
     if not catalog_dates:
         raise InputError(f"no item catalog on or before {date} under {catalog_base}")
     catalog_files = {x: discover(spark, catalog_base, x, sc.input_ignore) for x in catalog_dates}
@@ -109,15 +130,14 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
     earlier = sorted({x for x in log_files if x < date} | {x for x in catalog_dates if x < date})
     missing = [x for x in earlier if x not in published]
     if missing:
+        catalog_only = [x for x in missing if x not in log_files and discover(spark, log_base, x, []) is None]
         raise PublishError(f"{date}: earlier date(s) {missing} have raw input inside this date's history/catalog "
                            f"window but are not published yet; build them first (a --date .. --end-date range "
-                           f"builds in order)")
+                           f"builds in order)" + (f". {catalog_only} have a catalog but no search log: "
+                                                  f"{_CATALOG_ONLY}" if catalog_only else ""))
 
     scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read])
-    if sum(scans[f.path].lines for f in today.read) == 0 and not allow_empty:
-        raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
-                         f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
-                         f"ones (pass --allow-empty to publish an empty date)")
+    empty = sum(scans[f.path].lines for f in today.read) == 0
 
     catalog = materialize(S.parse_catalog(_dated_lines(spark, catalog_base, catalog_files)))
     todays = [(r["item_id"], r["image_uri"]) for r in catalog.where(
@@ -134,7 +154,15 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         # courier_train joins the item images of earlier dates: their published builds are inputs too.
         "earlier": {x: published[x].get("fingerprint") for x in sorted(published) if x < date},
     }
-    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fingerprint(parts), published)
+    fp = fingerprint(parts)
+    # An empty date already published empty from these inputs (with --allow-empty) is unchanged, not
+    # refused: a backfill over it goes on.
+    if empty and not allow_empty and published.get(date, {}).get("fingerprint") != fp:
+        release(catalog)
+        raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
+                         f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
+                         f"ones (pass --allow-empty to publish an empty date)")
+    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published)
 
 
 # ---- compute: every table's rows staged (uncommitted), every count taken --------------------------

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from etl.spark import file_open_cost, glob_escape, hadoop_path
@@ -155,6 +156,16 @@ def _scan_stream(name: str, raw) -> tuple[str, int]:
     return stored.digest.hexdigest(), lines + (last not in (b"", b"\n", b"\r"))
 
 
+def _unreadable(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+# What a damaged file raises while it is read and decompressed: a truncated .gz (EOFError), bytes that are
+# not gzip or bzip2 (BadGzipFile, an OSError; ValueError), a corrupt deflate stream (zlib.error), or a
+# file the job may not read (PermissionError).
+_DAMAGED = (EOFError, OSError, ValueError, zlib.error)
+
+
 def _local_file(path: str) -> str | None:
     """The local file a qualified `file:` path names, or None (another scheme, or not that file)."""
     return path[len("file:"):] if path.startswith("file:/") and os.path.isfile(path[len("file:"):]) else None
@@ -172,8 +183,9 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
     from pyspark.sql import types as T
 
     schema = T.StructType([T.StructField("path", T.StringType()), T.StructField("sha256", T.StringType()),
-                           T.StructField("lines", T.LongType()), T.StructField("size", T.LongType())])
-    types = ("string", "string", "int64", "int64")  # pyarrow's type names, in the schema's order
+                           T.StructField("lines", T.LongType()), T.StructField("size", T.LongType()),
+                           T.StructField("error", T.StringType())])
+    types = ("string", "string", "int64", "int64", "string")  # pyarrow's type names, in the schema's order
 
     def batch_of(rows):
         import pyarrow as pa
@@ -183,17 +195,24 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
 
     def scan(batches):  # Arrow record batches: the bytes reach Python without pandas
         for batch in batches:
-            paths = batch.column("path").to_pylist()
-            yield batch_of([(p, *_scan_bytes(p, c), len(c)) for p, c in zip(paths, batch.column("content").to_pylist())])
+            rows = []
+            for p, c in zip(batch.column("path").to_pylist(), batch.column("content").to_pylist()):
+                try:
+                    rows.append((p, *_scan_bytes(p, c), len(c), None))
+                except _DAMAGED as e:
+                    rows.append((p, None, None, len(c), _unreadable(e)))
+            yield batch_of(rows)
 
     def scan_local(batches):
         for batch in batches:
             rows = []
             for p, local in zip(batch.column("path").to_pylist(), batch.column("local").to_pylist()):
                 try:
-                    rows.append((p, *_scan_local(local), os.path.getsize(local)))
+                    rows.append((p, *_scan_local(local), os.path.getsize(local), None))
                 except FileNotFoundError:  # gone since it was listed: reported by the driver below
                     pass
+                except _DAMAGED as e:
+                    rows.append((p, None, None, None, _unreadable(e)))
             yield batch_of(rows)
 
     local = {f.path: _local_file(f.path) for f in files}
@@ -203,7 +222,12 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
     else:
         df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
               .select("path", "content").mapInArrow(scan, schema))
-    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in df.collect()}
+    scanned = df.collect()
+    damaged = sorted(f"{r['path']} ({r['error']})" for r in scanned if r["error"] is not None)
+    if damaged:
+        raise InputError(f"{len(damaged)} file(s) could not be read to the end: {'; '.join(damaged)}. Replace them "
+                         "with complete copies, or move them out of the date's folder, and run the date again")
+    got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in scanned}
     # binaryFile reports paths qualified like listStatus does; fall back to the name for safety.
     out = dict(empty)
     for f in files:

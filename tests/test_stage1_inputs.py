@@ -114,6 +114,32 @@ def test_unreadable_files_fail_the_date_listing_them(spark, messy):
     shutil.rmtree(bad)
 
 
+def test_a_damaged_compressed_file_fails_the_date_naming_it(spark, messy):
+    """A truncated .gz or a .bz2 that is not bzip2 is an InputError naming each file (exit 1), read by the
+    executors from local files or through Spark's binaryFile source alike; nothing is committed."""
+    from etl.build import InputError, build_date
+    from etl.inputs import discover, scan_files
+
+    cfg, store, _ = messy
+    versions = {t: store.version(t) for t in ("pv_samples", "quarantine")}
+    bad = Path(cfg.raw_root) / "search_log" / "dt=2026-11-25"
+    bad.mkdir(parents=True)
+    whole = gzip.compress(b"".join(json.dumps({"event_id": f"z{i}"}).encode() + b"\n" for i in range(2000)))
+    (bad / "part-00000.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (bad / "part-00001.jsonl.bz2").write_bytes(b"plain text, not bzip2\n")
+    (bad / "part-00002.jsonl").write_text(json.dumps({"event_id": "ok"}) + "\n")
+    try:
+        with pytest.raises(InputError, match=r"2 file\(s\) could not be read to the end: .*part-00000.jsonl.gz "
+                                             r"\(EOFError: .*\); .*part-00001.jsonl.bz2 \(OSError: "):
+            build_date(spark, cfg, store, "2026-11-25", "run-x")
+        assert {t: store.version(t) for t in versions} == versions
+        files = discover(spark, str(Path(cfg.raw_root) / "search_log"), "2026-11-25", []).read
+        with pytest.raises(InputError, match=r"part-00000.jsonl.gz \(EOFError"):
+            scan_files(spark, files, stream_local=False)
+    finally:
+        shutil.rmtree(bad)
+
+
 def test_strict_parsing_and_semantic_reasons(messy):
     _, store, reports = messy
     q = reports[D1].counts["quarantine"]["search_log"]
@@ -200,8 +226,32 @@ def test_empty_folder_is_refused_unless_allowed(spark, messy):
     assert store.read("pv_samples").where(f"dt = '{D2}'").count() == 0
     report = build_date(spark, cfg, store, D2, "run-e2", allow_empty=True)
     assert report.status == "built" and report.counts["raw_rows"] == 0 and report.versions
+    # Published empty from these inputs: a rerun without --allow-empty (a backfill over it) is unchanged.
+    assert build_date(spark, cfg, store, D2, "run-e3").status == "unchanged"
     with pytest.raises(InputError, match="no raw search log for 2026-11-22"):
         build_date(spark, cfg, store, "2026-11-22", "run-m")
+    # A catalog date without a search log: both the date and a later one name the way out.
+    from etl.build import PublishError
+
+    write_catalog(cfg, "2026-11-22", ["only-in-catalog-22"])
+    later = Path(cfg.raw_root) / "search_log" / "dt=2026-11-23"
+    later.mkdir(parents=True)
+    (later / "part-00000.jsonl").write_text("")
+    set_aside = Path(cfg.raw_root) / "catalog" / "dt=2026-11-20.bad"  # no date: ignored, never waited for
+    set_aside.mkdir()
+    (set_aside / "items.jsonl").write_text("{}\n")
+    try:
+        with pytest.raises(InputError, match=r"no raw search log for 2026-11-22.*the catalog has this date: "
+                                             r"give such a date an empty search log .* --allow-empty"):
+            build_date(spark, cfg, store, "2026-11-22", "run-m")
+        with pytest.raises(PublishError, match=r"earlier date\(s\) \['2026-11-22'\] have raw input .*"
+                                               r"\['2026-11-22'\] have a catalog but no search log: give such"):
+            build_date(spark, cfg, store, "2026-11-23", "run-m", allow_empty=True)
+    finally:
+        shutil.rmtree(Path(cfg.raw_root) / "catalog" / "dt=2026-11-22")
+        (Path(cfg.images_root) / "only-in-catalog-22.png").unlink()
+        shutil.rmtree(later)
+        shutil.rmtree(set_aside)
 
 
 def test_a_date_before_its_earlier_dates_fails_naming_them(spark, messy, tmp_path):
