@@ -76,6 +76,7 @@ class DateInputs:
     images: object  # ImagePlan of today's items
     fingerprint: str
     published: dict  # dt -> manifest entry of the dates published so far
+    own_files: dict  # input kind -> digest of this date's own files of that kind (kept in its manifest entry)
 
 
 def _dated_lines(spark, base: str, files: dict) -> DataFrame:
@@ -91,6 +92,24 @@ def _dated_lines(spark, base: str, files: dict) -> DataFrame:
 # empty log date, which publishes its items and their images for the dates after it.
 _CATALOG_ONLY = ("give such a date an empty search log (an empty file in its search_log/dt=<date>/ folder) "
                  "and build it with --allow-empty, which publishes its items and their images")
+
+
+def _files_digest(files, scans: dict) -> str:
+    """sha256 of one date folder's data files (name, size, content sha256); files: a DateInput or None."""
+    read = files.read if files else []
+    return fingerprint(sorted((f.name, scans[f.path].size, scans[f.path].sha256) for f in read))
+
+
+def _changed_since_published(date: str, window: list[str], catalog_dates: list[str], log_files: dict,
+                             catalog_files: dict, scans: dict, published: dict) -> list[str]:
+    """The earlier dates this build reads whose own files are no longer those their build published
+    from (a late file, a replaced or removed one): "<date> (<kind>)". This build would read rows their
+    published tables and counts never saw (and judge clicks by verdicts that were never given). A date
+    published before its files were recorded cannot say, and is not listed."""
+    read = {SEARCH_LOG: (window, log_files), "catalog": (catalog_dates, catalog_files)}
+    return sorted(f"{x} ({kind})" for kind, (dates, files) in read.items() for x in dates
+                  if x < date and (then := published.get(x, {}).get("files", {}).get(kind)) is not None
+                  and then != _files_digest(files.get(x), scans))
 
 
 def _is_date(name: str) -> bool:
@@ -137,6 +156,11 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                                                   f"{_CATALOG_ONLY}" if catalog_only else ""))
 
     scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read])
+    changed = _changed_since_published(date, window, catalog_dates, log_files, catalog_files, scans, published)
+    if changed:
+        raise PublishError(f"{date}: the input of published date(s) {changed} changed since they were published "
+                           f"(a file added, replaced or removed); rebuild them first (a --date {changed[0][:10]} "
+                           f"--end-date {date} range rebuilds in order)")
     empty = sum(scans[f.path].lines for f in today.read) == 0
 
     catalog = materialize(S.parse_catalog(_dated_lines(spark, catalog_base, catalog_files)))
@@ -162,7 +186,8 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
                          f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
                          f"ones (pass --allow-empty to publish an empty date)")
-    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published)
+    own = {SEARCH_LOG: _files_digest(today, scans), "catalog": _files_digest(catalog_files.get(date), scans)}
+    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published, own)
 
 
 # ---- compute: every table's rows staged (uncommitted), every count taken --------------------------
@@ -371,7 +396,8 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
             discard(store, staged)
             raise
         latest = plog.latest()
-        dates = {**latest["dates"], report.dt: {"fingerprint": inputs.fingerprint, "run_id": run_id}}
+        dates = {**latest["dates"], report.dt: {"fingerprint": inputs.fingerprint, "run_id": run_id,
+                                                "files": inputs.own_files}}
         plog.append({"dt": report.dt, "run_id": run_id, "status": "published",
                      "tables": {**latest["tables"], **report.versions}, "dates": dates,
                      "rows": report.counts["table_rows"]})

@@ -3,6 +3,7 @@ commits leaves every reader on the last published set, and the next run undoes t
 before it publishes. Real subprocess, real Spark and Delta."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,38 @@ def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged
         assert store.read(t).count() == report.counts["table_rows"][t], t
     assert store.read("items").count() == 3
     assert not any(os.path.exists(u.removeprefix("file://")) for u in dead_files)  # the dead run's data went too
+
+
+def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_it(spark, tmp_path):
+    """A late file in an already published date: the next date would read its rows for click history
+    (and judge its clicks as passed) while that date's tables and counts never saw them. It is refused
+    naming the date, until that date is rebuilt; a catalog file changed after publishing likewise."""
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.publish import PublishError
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    store = TableStore(spark, cfg)
+    write_catalog(cfg, D0, ["i1", "i2"])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+    write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u1", "p1", ["i1", "i2"]),
+                        click("b1", "2026-11-20T10:00:05Z", "u1", "p1", "i2")])
+    assert build_date(spark, cfg, store, D0, "run-0").status == "built"
+    late = Path(cfg.raw_root) / "search_log" / f"dt={D0}" / "part-00001.jsonl"  # delivered after D0 was built
+    late.write_text(json.dumps(click("a2", "2026-11-19T10:00:09Z", "u1", "pX", "i2")) + "\n")
+    with pytest.raises(PublishError, match=rf"input of published date\(s\) \['{D0} \(search_log\)'\] changed "
+                                           rf".*--date {D0} --end-date {D1}"):
+        build_date(spark, cfg, store, D1, "run-1")
+    assert not store.exists("pv_samples") or store.read("pv_samples").where(f"dt = '{D1}'").count() == 0
+    d0 = build_date(spark, cfg, store, D0, "run-2")  # D0 again, now with the late file (its orphan click counted)
+    assert d0.status == "built" and d0.counts["quarantine"]["search_log"] == {"orphan_click": 1}
+    assert build_date(spark, cfg, store, D1, "run-3").status == "built"
+    # A catalog file of D0 replaced after publishing: D1 is rebuilt only after D0 again.
+    write_catalog(cfg, D0, ["i1", "i2", "i3"])
+    with pytest.raises(PublishError, match=rf"\['{D0} \(catalog\)'\] changed"):
+        build_date(spark, cfg, store, D1, "run-4", force=True)
 
 
 def test_a_publish_that_cannot_start_leaves_no_staged_files(spark, tmp_path, monkeypatch):
