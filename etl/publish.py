@@ -103,7 +103,12 @@ class PublishLog:
         if hfs.exists(jpath):
             return False
         if is_object_store(path):  # S3A: the object appears whole when the stream closes (no rename there)
-            self._write_hadoop(hfs, jpath, text)
+            try:
+                self._write_hadoop(hfs, jpath, text)
+            except Exception as e:
+                if _already_exists(e):  # S3A's create checks again: another run created it in between
+                    return False
+                raise
             return True
         # HDFS and other Hadoop file systems show a created file while it is written, and keep it half
         # written when the run dies: written in full under a name of its own, then renamed (atomic on
@@ -230,6 +235,12 @@ class PublishLog:
         finally:
             if self._held_by().get("run_id") == me["run_id"]:  # never another run's lock
                 self._delete(LOCK_NAME)
+
+
+def _already_exists(e: Exception) -> bool:
+    """A Hadoop FileAlreadyExistsException, as Py4J raises it."""
+    java = getattr(e, "java_exception", None)
+    return java is not None and java.getClass().getName().endswith(".FileAlreadyExistsException")
 
 
 def _alive(pid: int) -> bool:

@@ -240,6 +240,37 @@ def test_a_manifest_on_a_hadoop_file_system_appears_whole(spark, tmp_path, monke
     assert "_lock" not in os.listdir(tmp_path / "_publish")
 
 
+def test_a_lock_created_between_the_check_and_the_create_is_a_wait_not_a_crash(spark, tmp_path, monkeypatch):
+    """On an object store the lock file is written straight (S3A has no rename), and S3A's create refuses
+    a name that appeared after this run's check: that is the lock taken by another run (wait), not an
+    error. The local file system refuses the same way; here the check is made to miss the file."""
+    from etl import publish as P
+
+    plog = P.PublishLog(f"file://{tmp_path}", spark)
+    real = P.PublishLog._hfs
+
+    class RacedCheck:  # the other run creates the file right after this run's exists()
+        def __init__(self, hfs):
+            self.hfs = hfs
+
+        def exists(self, jpath):
+            return False
+
+        def __getattr__(self, name):
+            return getattr(self.hfs, name)
+
+    def raced(self, path):
+        jpath, hfs = real(self, path)
+        return jpath, RacedCheck(hfs)
+
+    with plog.lock("run-a", wait_s=0):
+        monkeypatch.setattr(P, "is_object_store", lambda path: True)
+        monkeypatch.setattr(P.PublishLog, "_hfs", raced)
+        assert not plog._create("_lock", "{}")
+        monkeypatch.undo()
+        assert plog._held_by()["run_id"] == "run-a"  # the holder's file is untouched
+
+
 def test_a_vacuum_of_a_stage1_table_publishes_its_commits_and_undoes_unpublished_versions(spark, tmp_path):
     """A vacuum commits too (delta-rs logs it): it runs holding the publish lock and publishes the version
     it ends at, so the next build has nothing to "recover". A dead run's unpublished commit is undone
