@@ -91,6 +91,15 @@ def _values(column: str, values) -> Collection:
     return values
 
 
+def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
+    """The versions a reader may still time-travel to: each committed within the retention, and the one
+    that was current when the retention began. history: delta-rs DeltaTable.history() entries."""
+    cutoff_ms = (time.time() - retention_hours * 3600) * 1000
+    within = [h["version"] for h in history if h["timestamp"] >= cutoff_ms]
+    before = [h["version"] for h in history if h["timestamp"] < cutoff_ms]
+    return sorted(within + ([max(before)] if before else []))
+
+
 class TableStore:
     """Delta tables under ``cfg.tables_root``: one folder per table name."""
 
@@ -452,9 +461,14 @@ class TableStore:
             self._delta(name)  # a clear error for a table that does not exist, or was never published
             # The newest version: under the lock it holds the published content (a restore, after a recovery).
             # full: also the files no version ever referred to (a failed or discarded run's); the default
-            # (lite) mode only removes files that a version removed.
-            listed = self._open(self.path(name)).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                                        enforce_retention_duration=retention_hours >= 168, full=True)
+            # (lite) mode only removes files that a version removed. keep_versions: delta-rs 1.5.0's full
+            # mode also takes a file that a recent version removed for an orphan when the file itself is
+            # older than the retention (delta-rs #4290, fixed after 1.5.0): a partition rebuilt today
+            # would lose the files its previous version still reads.
+            table = self._open(self.path(name))
+            listed = table.vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                  enforce_retention_duration=retention_hours >= 168, full=True,
+                                  keep_versions=_versions_within(table.history(), retention_hours))
             return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
 
     def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:
