@@ -224,10 +224,9 @@ class TableStore:
         partitions = {c: {str(v) for v in _values(c, vs)} for c, vs in (partitions or {}).items()}
         if self.native:
             reader = self.spark.read.format("delta")
-            if version is None:
-                version = self.version(name)
-            if version is not None:
-                reader = reader.option("versionAsOf", version)
+            if version is None:  # a stage-1 table at its published version (an error when there is none)
+                version = self._delta(name).version()
+            reader = reader.option("versionAsOf", version)
             df = reader.load(self.path(name))
             for col, values in partitions.items():
                 df = df.where(F.col(col).cast("string").isin(*sorted(values)))

@@ -88,7 +88,8 @@ def main(out: Path) -> None:
     from etl import catalog as T
     from etl.config import load_config
     from etl.spark import get_spark
-    from etl.tables import TableStore
+    from etl.publish import PublishLog
+    from etl.tables import TableError, TableStore
     from test_tables import file_codecs
 
     confs = {e: Path(out / f"{e}.yaml") for e in ("delta-rs", "spark-delta")}
@@ -137,6 +138,13 @@ def main(out: Path) -> None:
             "dead_run": {"staged": len(dead_files), "listed": dead_files <= listed, "left": len(left),
                          "rows_after": store.read(T.COURIER_TRAIN).count()},
         }
+        # Once a publish log exists, a stage-1 table it does not list (its first build died before
+        # publishing) has no version to read on either engine: an error, never its unpublished rows.
+        PublishLog(store.root, spark).append({"tables": {}, "dates": {}})
+        try:
+            result["engines"][engine]["unpublished_read"] = store.read(T.COURIER_TRAIN).count()
+        except TableError as e:
+            result["engines"][engine]["unpublished_read"] = str(e)
     # each engine reads the other's tables, latest and pinned
     cross = {}
     for reader, writer in (("delta-rs", "spark-delta"), ("spark-delta", "delta-rs")):
@@ -173,6 +181,7 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     for engine in (rs, native):
         assert engine["dead_run"] == {"staged": engine["dead_run"]["staged"], "listed": True, "left": 0,
                                       "rows_after": 20} and engine["dead_run"]["staged"] > 0, engine["dead_run"]
+        assert "courier_train' has no published version yet" in str(engine["unpublished_read"])
     # ... and the content written (not merely equal to each other)
     exp = res["expected"]
     assert rs["t"] == exp["t"] and rs["t_v0"] == exp["t_v0"]
