@@ -181,14 +181,12 @@ def encoder_tags(run_id: str, data_version: int, dates: list[str], method: str, 
 def encoder_training_dates(feature_version: str) -> list[str] | None:
     """The courier_train dates the encoder of a feature version trained on (its data.dates tag); None
     when that is unknown: a feature version of no courier-encoder, or an encoder registered before its
-    dates were recorded."""
+    dates were recorded. Raises RegistryError when the feature version names an encoder version this
+    registry does not hold (deleted, or another registry's): its dates cannot be checked."""
     encoder = encoder_version_of(feature_version)
     if encoder is None:
         return None
-    try:
-        dates = resolve(f"{ENCODER_MODEL}/{version_number(encoder)}").tags.get("data.dates")
-    except RegistryError:
-        return None
+    dates = resolve(f"{ENCODER_MODEL}/{version_number(encoder)}").tags.get("data.dates")
     return None if dates is None else [d for d in dates.split(",") if d]
 
 

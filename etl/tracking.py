@@ -36,11 +36,12 @@ def setup_mlflow(cfg: Config) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    artifacts = cfg.mlflow_artifact_root
+    if not is_uri(artifacts):
+        artifacts = Path(artifacts).resolve().as_uri()
     if exp is None:
-        artifacts = cfg.mlflow_artifact_root
-        if not is_uri(artifacts):
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
-            artifacts = Path(artifacts).resolve().as_uri()
+        if not is_uri(cfg.mlflow_artifact_root):
+            Path(cfg.mlflow_artifact_root).mkdir(parents=True, exist_ok=True)
         try:
             exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException as e:  # another job created it meanwhile
@@ -50,6 +51,12 @@ def setup_mlflow(cfg: Config) -> str:
             exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
+        # An experiment keeps the artifact location it was created with: a changed mlflow.artifact_root
+        # does not move it (MLflow has no such change), so runs keep writing to the old place.
+        if exp.artifact_location.rstrip("/") != artifacts.rstrip("/"):
+            log.warning("MLflow experiment %r stores its artifacts in %s, not in mlflow.artifact_root %s: an "
+                        "experiment keeps the location it was created with (name another mlflow.experiment "
+                        "to use the new root)", cfg.mlflow.experiment, exp.artifact_location, artifacts)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

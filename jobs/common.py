@@ -185,6 +185,8 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     from etl.config import ConfigError
 
     codes = expected_errors if isinstance(expected_errors, dict) else {e: 1 for e in expected_errors}
+    # A config value refused only where the body uses it (a path outside its root...) is a bad config too.
+    codes = {ConfigError: 2, **codes}
     p = job_parser(description, one_line_errors=True)
     add_arguments(p)
     args = p.parse_args(argv)

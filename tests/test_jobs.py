@@ -146,6 +146,14 @@ def test_a_crash_exits_with_the_jobs_crash_status(tmp_path):
                          timeout=300)
     assert out.returncode == 3, out.stderr[-3000:]
     assert "ZeroDivisionError: boom in the body" in out.stderr and "crashy: error: the job failed (exit 3)" in out.stderr
+    # A config value the body refuses (here a path outside its root, as --run-name ../x meets) is a bad
+    # config: one line and exit 2, as before the session starts, not a crash.
+    code = ("import sys\nfrom jobs.common import run_job\nfrom etl.config import under_root\n"
+            "def body(ctx):\n    under_root(ctx.cfg.checkpoints_root, '../elsewhere')\n"
+            f"sys.exit(run_job('pathy', 'd', lambda p: None, body, argv=['--conf', {str(conf)!r}], crash_status=3))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "pathy: error: " in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
 def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
@@ -161,3 +169,21 @@ def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "JVM SPARK_LOCAL_IP=127.0.0.1" in out.stdout
+
+
+def test_a_changed_artifact_root_under_an_existing_experiment_is_warned_about(tmp_path, caplog):
+    """MLflow keeps an experiment's artifact location: a config that names another root is told so."""
+    import logging
+
+    from etl.config import load_config
+    from etl.tracking import setup_mlflow
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    first = load_config(write_config(tmp_path, {"mlflow": {"tracking_uri": db, "artifact_root": str(tmp_path / "a")}}))
+    moved = load_config(write_config(tmp_path, {"mlflow": {"tracking_uri": db, "artifact_root": str(tmp_path / "b")}}))
+    with caplog.at_level(logging.WARNING, logger="etl.tracking"):
+        setup_mlflow(first)
+        setup_mlflow(first)
+        assert not caplog.records  # created there, and still there
+        setup_mlflow(moved)
+    assert len(caplog.records) == 1 and f"{(tmp_path / 'a').as_uri()}, not in mlflow.artifact_root" in caplog.text

@@ -390,5 +390,13 @@ def test_a_model_whose_encoder_saw_the_eval_dates_is_neither_trained_nor_promote
         out = _review((None, cfg, store), v_new)
         assert out.decision == "refused" and _champion() == v_gone
         assert "courier-clusters-v77' cannot be rebuilt" in out.reasons[0] and "courier-clusters" in out.reasons[0]
+
+        # An encoder this registry does not hold (deleted, or another registry's): its dates cannot be
+        # checked, so a model with an image feature is refused; one without reads no encoder.
+        write_ctr_train(spark, store, rows_per_date=2000,
+                        feature_version=f"{ENCODER_MODEL}-v999.courier-clusters-v79")
+        with pytest.raises(CtrDataError, match=r"courier-encoder-v999.courier-clusters-v79' cannot be found"):
+            train("cluster_id")
+        assert train("none")
     finally:
         setup_mlflow(env[1])  # the module's registry again

@@ -48,7 +48,12 @@ def encoder_leak(feature_version: str, feature_mode: str, eval_dates: list[str])
     (or the encoder's dates are unknown: see registry.encoder_training_dates)."""
     if feature_mode == "none":  # no image feature: the encoder takes no part in the model
         return None
-    seen = ctr_data.dates_after_eval_start(registry.encoder_training_dates(feature_version) or [], eval_dates)
+    try:
+        trained_on = registry.encoder_training_dates(feature_version)
+    except registry.RegistryError as e:
+        return (f"the image encoder of feature_version {feature_version!r} cannot be found ({e}), so whether it "
+                "trained on the eval dates cannot be checked")
+    seen = ctr_data.dates_after_eval_start(trained_on or [], eval_dates)
     if not seen:
         return None
     return (f"the image encoder of feature_version {feature_version!r} was trained on courier_train date(s) "
