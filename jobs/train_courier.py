@@ -40,6 +40,7 @@ def body(ctx) -> None:
         ctx.say(f"{plan.run_name} already finished (MLflow run {plan.marker['mlflow_run_id']}): nothing to do")
         if a.alias:  # an idempotent pipeline still ends with the alias on this run's encoder
             setup_mlflow(ctx.cfg)
+            L.check_registered_by(plan, done)
             registry.set_alias(ENCODER_MODEL, a.alias, done)
             ctx.say(f"alias @{a.alias} -> {ENCODER_MODEL} v{done}")
         return

@@ -171,7 +171,15 @@ def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trai
     fs.write_text(os.path.join(folder, "done.json"), json.dumps({"model_version": "7"}))
     with pytest.raises(TrainError, match="finished and registered courier-encoder v7; there is nothing to resume"):
         plan_training(cfg, store, "pinned", resume=True, skip_if_done=False)
-    assert plan_training(cfg, store, "pinned", resume=False, skip_if_done=True).resume
+    done = plan_training(cfg, store, "pinned", resume=False, skip_if_done=True)
+    assert done.resume
+    # Its done.json names a version this registry holds from another run ("full"): no alias is moved to it.
+    from etl.tracking import setup_mlflow
+    from training.launch import check_registered_by
+
+    setup_mlflow(cfg)
+    with pytest.raises(TrainError, match="v1 was registered by run .*, not by run-x"):
+        check_registered_by(done, "1")
     # Rows padded to other widths than this config's: refused before any process starts (a rank that
     # runs out of rows would send empty batches of the config's widths into the all-gather).
     wide = dataclasses.replace(cfg, samples=dataclasses.replace(cfg.samples, l_pv=cfg.samples.l_pv + 1))

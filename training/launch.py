@@ -119,6 +119,17 @@ def _refuse_changed_settings(plan: TrainPlan, now: dict) -> None:
                          "or start a new run with --run-name")
 
 
+def check_registered_by(plan: TrainPlan, version: str) -> None:
+    """The courier-encoder version a finished run's done.json names was registered by that run: over a
+    registry that numbers versions from 1 again (a new tracking store, old checkpoints) it would be
+    another run's encoder."""
+    mv = registry.resolve(f"{MODEL_NAME}/{version}")
+    if (mv.tags or {}).get("run_id") != plan.marker["mlflow_run_id"]:
+        raise TrainError(f"{plan.run_name} finished as {MODEL_NAME} v{version}, but this registry's v{version} was "
+                         f"registered by run {(mv.tags or {}).get('run_id')}, not by {plan.marker['mlflow_run_id']}: "
+                         "the checkpoints belong to another tracking store (start a new run with --run-name)")
+
+
 def finished_version(plan: TrainPlan) -> str | None:
     """The courier-encoder version a finished run registered, or None when the run is not done."""
     if plan.marker is None or not fs.exists(plan.done_path):
