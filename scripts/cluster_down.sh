@@ -18,11 +18,27 @@ fi
 # A live (non-zombie) process in the group: zombies are dead, only not yet reaped by init.
 group_alive() { ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'; }
 
+# Ours: a process of the group carries this run folder in its environment (cluster_up exports it to
+# every service). A pid file that outlived a reboot or a crash may name another program's group by now.
+ours() {
+  local pid
+  for pid in $(ps -eo pid=,pgid= | awk -v g="$1" '$2 == g {print $1}'); do
+    tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "COURIER_CLUSTER_RUN_DIR=$RUN_DIR" && return 0
+  done
+  return 1
+}
+
 stopped=0
 # Workers before the master and the store last, so no service logs errors about a vanished peer.
 order=()
 for f in "$PIDS"/mlflow.pid "$PIDS"/spark-worker-*.pid "$PIDS"/spark-master.pid "$PIDS"/s3.pid; do
-  [ -f "$f" ] && order+=("$f")
+  [ -f "$f" ] || continue
+  if group_alive "$(cat "$f")" && ! ours "$(cat "$f")"; then
+    echo "[cluster] $(basename "$f" .pid): process group $(cat "$f") is not this cluster's (a stale pid file): left alone" >&2
+    rm -f "$f"
+    continue
+  fi
+  order+=("$f")
 done
 for f in "${order[@]}"; do
   pgid="$(cat "$f")"

@@ -76,7 +76,9 @@ if compgen -G "$PIDS/*.pid" >/dev/null; then
   echo "[cluster] $RUN_DIR is half up: stopping what is left before starting again"
   COURIER_CLUSTER_LOCKED=1 bash "$ROOT/scripts/cluster_down.sh" "$RUN_DIR"
 fi
-rm -rf "$LOGS" "$PIDS" "$ENV_FILE" "$RUN_DIR/spark-work"
+# Every start is a fresh store (moto keeps its objects in memory, and the bucket is new): the tracking
+# database, whose runs and registered models name artifacts in the old bucket, starts fresh with it.
+rm -rf "$LOGS" "$PIDS" "$ENV_FILE" "$RUN_DIR/spark-work" "$RUN_DIR/mlflow.db"
 mkdir -p "$LOGS" "$PIDS"
 
 t_start=$(date +%s)
@@ -152,6 +154,15 @@ wait_healthy() {
   done
 }
 
+# Interrupted while starting (Ctrl-C, a runner's SIGTERM): the services run in process groups of their
+# own, which the signal does not reach; stop them as a failed start does. Cleared once all are up.
+interrupted() {
+  echo "[cluster] interrupted: stopping what was started" >&2
+  COURIER_CLUSTER_LOCKED=1 bash "$ROOT/scripts/cluster_down.sh" "$RUN_DIR" >&2 || true
+  exit 130
+}
+trap interrupted INT TERM HUP
+
 # ---- object store ------------------------------------------------------------------------------
 start s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT"
 # ---- Spark standalone: master + workers (started together with the store; they are independent) --
@@ -185,6 +196,7 @@ start mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$VENV/bin/mlflow" ser
 wait_healthy spark "$COURIER_SPARK_UI (master $SPARK_MASTER_URL)" "$PIDS"/spark-*.pid
 t_spark=$(date +%s)
 wait_healthy mlflow "$MLFLOW_TRACKING_URI" "$PIDS/mlflow.pid"
+trap - INT TERM HUP
 t_end=$(date +%s)
 
 echo "[cluster] up in $(( t_end - t_start ))s (jars $(( t_jars - t_start ))s, s3 ready +$(( t_s3 - t_jars ))s, spark +$(( t_spark - t_jars ))s, mlflow +$(( t_end - t_jars ))s)"

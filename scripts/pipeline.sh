@@ -86,16 +86,16 @@ review() {  # exit 0 promoted, 1 rejected by a gate, 2 refused (e.g. already cha
   "$PY" jobs/review_model.py --conf "$CONF" "$@" || rc=$?
   [ "$rc" -le 2 ] || { echo "ERROR: review_model failed (exit $rc)" >&2; exit "$rc"; }
 }
+# The champion's version, empty when there is none; any other failure (the tracking server gone) stops
+# the script with its message.
 champion="$("$PY" -c 'import sys
 from etl.config import load_config
 from etl.contracts import CHAMPION, CTR_MODEL
+from etl.registry import alias_version
 from etl.tracking import setup_mlflow
-import mlflow
 setup_mlflow(load_config(sys.argv[1]))
-try:
-    print(mlflow.MlflowClient().get_model_version_by_alias(CTR_MODEL, CHAMPION).version)
-except Exception:
-    print("")' "$CONF" 2>/dev/null)"
+champion = alias_version(CTR_MODEL, CHAMPION)
+print("" if champion is None else champion.version)' "$CONF")"
 if [ -z "$champion" ]; then  # a fresh registry: the baseline becomes the first champion, explicitly
   review --version "$baseline" --allow-first --no-tsne
 fi
