@@ -294,6 +294,16 @@ def remove(uri: str, options: S3Options | None = None, missing_ok: bool = True) 
             raise
 
 
+def remove_tree(uri: str, options: S3Options | None = None) -> None:
+    """Delete a folder, or every object under a prefix, with all it holds (nothing when there is none)."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(uri, options)
+    if _call("stat", uri, options, lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
+        return
+    _call("delete", uri, options, lambda: fs.delete_dir(path))
+
+
 def list_names(uri: str, options: S3Options | None = None) -> list[str]:
     """Names of the entries directly under a folder/prefix (empty when there is none)."""
     from pyarrow import fs as pafs

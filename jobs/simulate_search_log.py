@@ -40,13 +40,25 @@ def main(argv: list[str] | None = None) -> int:
         start_date=sim.start_date, days=sim.days, malformed_rate=sim.malformed_rate,
         bad_image_rate=sim.bad_image_rate, image_px=sim.image_px, style_drift_from=sim.style_drift_from,
         progress=lambda line: print(line, flush=True))
+    dates = sorted(manifest["dates"])
+    options = fs.options_for(cfg)
     if remote:
-        options = fs.options_for(cfg)
+        if "raw" in remote:  # each date's folders replaced whole, as locally (no part file of an older run left)
+            for date in dates:
+                for kind in ("search_log", "catalog"):
+                    fs.remove_tree(fs.join(cfg.raw_root, kind, f"dt={date}"), options)
         for k, uri in remote.items():
             n = fs.upload_tree(local[k], uri, options)
             print(f"[simulate] uploaded {n} {k} file(s) to {uri}", flush=True)
         staging.cleanup()
-    dates = sorted(manifest["dates"])
+    # Dates of an earlier simulation (another start date or length) stay, and build_samples reads them.
+    older = sorted({name[3:] for kind in ("search_log", "catalog")
+                    for name in fs.list_names(fs.join(cfg.raw_root, kind), options)
+                    if name.startswith("dt=") and name[3:] not in dates})
+    if older:
+        print(f"[simulate] WARNING: {cfg.raw_root} also holds date(s) {older} that this run did not write (an "
+              "earlier simulation?): build_samples reads them as part of the log; remove them for a clean world",
+              file=sys.stderr, flush=True)
     print(json.dumps({"dates": dates, "items": manifest["items"], "users": manifest["users"],
                       "raw_root": cfg.raw_root}, indent=2))
     print(f"[simulate] wrote {len(dates)} date(s) {dates[0]}..{dates[-1]} under {cfg.raw_root}")

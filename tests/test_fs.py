@@ -133,3 +133,6 @@ def test_upload_tree(root, tmp_path):
     for rel, data in files.items():
         assert fs.read_bytes(fs.join(root, "up", *rel.split("/"))) == data
     assert fs.list_names(fs.join(root, "up")) == ["a", "top.txt"]
+    fs.remove_tree(fs.join(root, "up", "a"))  # the folder / prefix and everything under it
+    assert fs.list_names(fs.join(root, "up")) == ["top.txt"] and not fs.exists(fs.join(root, "up", "a", "b", "y.png"))
+    fs.remove_tree(fs.join(root, "up", "a"))  # none left: nothing to do

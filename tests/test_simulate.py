@@ -300,3 +300,17 @@ def test_style_drift_changes_only_the_new_items_of_the_drift_dates(runs, tmp_pat
     assert lum and max(lum) < 110  # dark background (undrifted: grey level 0.80-0.95 of 255)
     with pytest.raises(ValueError, match="style_drift_from"):
         _run(tmp_path / "bad", style_drift_from="2026-11-20")  # the first date has no new items to drift
+
+
+def test_the_job_warns_about_dates_an_earlier_simulation_left(tmp_path, capsys):
+    """Run again with another start date, the job names the older dates it did not write: build_samples
+    would read them as part of the log."""
+    from conftest import write_config
+
+    from jobs.simulate_search_log import main
+
+    conf = str(write_config(tmp_path, {"simulator": {"preset": "tiny", "days": 1, "start_date": "2026-11-20"}}))
+    assert main(["--conf", conf]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert main(["--conf", conf, "--set", "simulator.start_date=2026-11-22"]) == 0
+    assert "also holds date(s) ['2026-11-20'] that this run did not write" in capsys.readouterr().err
