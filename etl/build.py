@@ -107,9 +107,11 @@ def _changed_since_published(date: str, window: list[str], catalog_dates: list[s
     published tables and counts never saw (and judge clicks by verdicts that were never given). A date
     published before its files were recorded cannot say, and is not listed."""
     read = {SEARCH_LOG: (window, log_files), "catalog": (catalog_dates, catalog_files)}
+    # A folder that is gone (archived past the lookback) is not read, not changed: only existing ones.
+    recorded = {x: published.get(x, {}).get("files", {}) for x in published}
     return sorted(f"{x} ({kind})" for kind, (dates, files) in read.items() for x in dates
-                  if x < date and (then := published.get(x, {}).get("files", {}).get(kind)) is not None
-                  and then != _files_digest(files.get(x), scans))
+                  if x < date and x in files and recorded.get(x, {}).get(kind) is not None
+                  and recorded[x][kind] != _files_digest(files[x], scans))
 
 
 def _is_date(name: str) -> bool:
@@ -149,7 +151,8 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
     earlier = sorted({x for x in log_files if x < date} | {x for x in catalog_dates if x < date})
     missing = [x for x in earlier if x not in published]
     if missing:
-        catalog_only = [x for x in missing if x not in log_files and discover(spark, log_base, x, []) is None]
+        catalog_only = [x for x in missing if x not in log_files
+                        and discover(spark, log_base, x, sc.input_ignore) is None]
         raise PublishError(f"{date}: earlier date(s) {missing} have raw input inside this date's history/catalog "
                            f"window but are not published yet; build them first (a --date .. --end-date range "
                            f"builds in order)" + (f". {catalog_only} have a catalog but no search log: "
@@ -179,14 +182,17 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         "earlier": {x: published[x].get("fingerprint") for x in sorted(published) if x < date},
     }
     fp = fingerprint(parts)
-    # An empty date already published empty from these inputs (with --allow-empty) is unchanged, not
-    # refused: a backfill over it goes on.
-    if empty and not allow_empty and published.get(date, {}).get("fingerprint") != fp:
+    own = {SEARCH_LOG: _files_digest(today, scans), "catalog": _files_digest(catalog_files.get(date), scans)}
+    # An empty date already published empty from these same log files (with --allow-empty) is not refused:
+    # a backfill over it goes on (rebuilding it when anything else changed).
+    before = published.get(date, {})
+    same_log = (before["files"].get(SEARCH_LOG) == own[SEARCH_LOG] if "files" in before
+                else before.get("fingerprint") == fp)
+    if empty and not allow_empty and not same_log:
         release(catalog)
         raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
                          f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
                          f"ones (pass --allow-empty to publish an empty date)")
-    own = {SEARCH_LOG: _files_digest(today, scans), "catalog": _files_digest(catalog_files.get(date), scans)}
     return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published, own)
 
 

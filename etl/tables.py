@@ -95,8 +95,9 @@ def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
     """The versions a reader may still time-travel to: each committed within the retention, and the one
     that was current when the retention began. history: delta-rs DeltaTable.history() entries."""
     cutoff_ms = (time.time() - retention_hours * 3600) * 1000
-    within = [h["version"] for h in history if h["timestamp"] >= cutoff_ms]
-    before = [h["version"] for h in history if h["timestamp"] < cutoff_ms]
+    # (a commit without a time, which this project never writes, is kept)
+    within = [h["version"] for h in history if h.get("timestamp", cutoff_ms) >= cutoff_ms]
+    before = [h["version"] for h in history if h.get("timestamp", cutoff_ms) < cutoff_ms]
     return sorted(within + ([max(before)] if before else []))
 
 

@@ -48,7 +48,11 @@ def body(ctx) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED)
+    from etl.config import ConfigError
+
+    # 1 and 2 are decisions here (rejected, refused): a config error inside the body is a failure.
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED,
+                   expected_errors={ConfigError: CRASHED})
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ group_alive() { ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found
 
 # Ours: a process of the group carries this run folder in its environment (cluster_up exports it to
 # every service). A pid file that outlived a reboot or a crash may name another program's group by now.
+# The folder is compared resolved (symlinks), however either side spelled it.
 ours() {
-  local pid
+  local pid dir
   for pid in $(ps -eo pid=,pgid= | awk -v g="$1" '$2 == g {print $1}'); do
-    tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "COURIER_CLUSTER_RUN_DIR=$RUN_DIR" && return 0
+    dir="$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | sed -n 's/^COURIER_CLUSTER_RUN_DIR=//p')" || true
+    [ -n "$dir" ] && [ "$(readlink -f "$dir")" = "$(readlink -f "$RUN_DIR")" ] && return 0
   done
   return 1
 }

@@ -228,6 +228,12 @@ def test_empty_folder_is_refused_unless_allowed(spark, messy):
     assert report.status == "built" and report.counts["raw_rows"] == 0 and report.versions
     # Published empty from these inputs: a rerun without --allow-empty (a backfill over it) is unchanged.
     assert build_date(spark, cfg, store, D2, "run-e3").status == "unchanged"
+    # ... and one where something else changed (here the config) rebuilds it: its log files are the same.
+    import dataclasses
+
+    other = dataclasses.replace(cfg, samples=dataclasses.replace(cfg.samples, l_click=cfg.samples.l_click + 1))
+    assert build_date(spark, other, store, D2, "run-e4").status == "built"
+    assert build_date(spark, cfg, store, D2, "run-e5").status == "built"  # back to the config of the others
     with pytest.raises(InputError, match="no raw search log for 2026-11-22"):
         build_date(spark, cfg, store, "2026-11-22", "run-m")
     # A catalog date without a search log: both the date and a later one name the way out.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,9 @@ def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_
     d0 = build_date(spark, cfg, store, D0, "run-2")  # D0 again, now with the late file (its orphan click counted)
     assert d0.status == "built" and d0.counts["quarantine"]["search_log"] == {"orphan_click": 1}
     assert build_date(spark, cfg, store, D1, "run-3").status == "built"
+    # D0's log folder archived away: not read any more, not a change (D1 builds, without its history).
+    shutil.rmtree(Path(cfg.raw_root) / "search_log" / f"dt={D0}")
+    assert build_date(spark, cfg, store, D1, "run-3b", force=True).status == "built"
     # A catalog file of D0 replaced after publishing: D1 is rebuilt only after D0 again.
     write_catalog(cfg, D0, ["i1", "i2", "i3"])
     with pytest.raises(PublishError, match=rf"\['{D0} \(catalog\)'\] changed"):

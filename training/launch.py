@@ -79,15 +79,16 @@ def plan_training(cfg: Config, store, run_name: str | None, resume: bool, skip_i
     files = store.files(TABLE, version)
     if not files:
         raise TrainError(f"{TABLE} v{version} has no rows to train on")
-    _refuse_other_widths(cfg, version, files)
-    files, holdout = split_holdout(files, t.holdout_last_date)
-    plan = TrainPlan(name, version, files, holdout, checkpoint_dir, marker, resume)
+    train_files, holdout = split_holdout(files, t.holdout_last_date)
+    plan = TrainPlan(name, version, train_files, holdout, checkpoint_dir, marker, resume)
     if resume and fs.exists(plan.done_path):
         if not skip_if_done:  # (with it, the job says there is nothing to do)
             raise TrainError(f"--resume of {name}: the run finished and registered {MODEL_NAME} "
                              f"v{finished_version(plan)}; there is nothing to resume (a new run: --run-name)")
-    elif resume:
+        return plan
+    if resume:
         _refuse_changed_settings(plan, run_identity(cfg, version))
+    _refuse_other_widths(cfg, version, files)
     return plan
 
 
