@@ -106,12 +106,13 @@ def _changed_since_published(date: str, window: list[str], catalog_dates: list[s
     from (a late file, a replaced or removed one): "<date> (<kind>)". This build would read rows their
     published tables and counts never saw (and judge clicks by verdicts that were never given). A date
     published before its files were recorded cannot say, and is not listed."""
+    def recorded(x: str, kind: str) -> str | None:
+        return published.get(x, {}).get("files", {}).get(kind)
+
     read = {SEARCH_LOG: (window, log_files), "catalog": (catalog_dates, catalog_files)}
     # A folder that is gone (archived past the lookback) is not read, not changed: only existing ones.
-    recorded = {x: published.get(x, {}).get("files", {}) for x in published}
     return sorted(f"{x} ({kind})" for kind, (dates, files) in read.items() for x in dates
-                  if x < date and x in files and recorded.get(x, {}).get(kind) is not None
-                  and recorded[x][kind] != _files_digest(files[x], scans))
+                  if x < date and x in files and recorded(x, kind) not in (None, _files_digest(files[x], scans)))
 
 
 def _is_date(name: str) -> bool:

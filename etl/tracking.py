@@ -36,12 +36,12 @@ def setup_mlflow(cfg: Config) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    artifacts = cfg.mlflow_artifact_root
-    if not is_uri(artifacts):
-        artifacts = Path(artifacts).resolve().as_uri()
+    root = cfg.mlflow_artifact_root
+    local = not is_uri(root)
+    artifacts = Path(root).resolve().as_uri() if local else root
     if exp is None:
-        if not is_uri(cfg.mlflow_artifact_root):
-            Path(cfg.mlflow_artifact_root).mkdir(parents=True, exist_ok=True)
+        if local:
+            Path(root).mkdir(parents=True, exist_ok=True)
         try:
             exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException as e:  # another job created it meanwhile
