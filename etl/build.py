@@ -77,6 +77,7 @@ class DateInputs:
     fingerprint: str
     published: dict  # dt -> manifest entry of the dates published so far
     own_files: dict  # input kind -> digest of this date's own files of that kind (kept in its manifest entry)
+    ignored_catalog_folders: list  # catalog/dt=<name> folders whose name is no date: not read, reported
 
 
 def _dated_lines(spark, base: str, files: dict) -> DataFrame:
@@ -194,7 +195,8 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         raise InputError(f"{log_base}/dt={date}/ holds no lines ({len(today.read)} data file(s), ignored "
                          f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
                          f"ones (pass --allow-empty to publish an empty date)")
-    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published, own)
+    return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published, own,
+                      [f"dt={x}" for x in not_dates])
 
 
 # ---- compute: every table's rows staged (uncommitted), every count taken --------------------------

@@ -83,6 +83,8 @@ class DateReport:
         for source, f in c["files"].items():
             lines.append(f"  read {source}: {f['files']} file(s), {f['bytes']} bytes, {f['lines']} lines; "
                          f"ignored {len(f['ignored'])} {f['ignored'] or ''}".rstrip())
+        if c.get("ignored_catalog_folders"):
+            lines.append(f"  ignored catalog folder(s), not dt=YYYY-MM-DD: {c['ignored_catalog_folders']}")
         for name, left, right in self.identities():
             lines.append(f"  [{'ok' if left == right else 'MISMATCH'}] {name}: {left} = {right}")
         for source, reasons in c["quarantine"].items():
@@ -127,7 +129,8 @@ def input_counts(inputs, date: str) -> dict:
         for kind, di in (("search_log", today_files), ("catalog", inputs.catalog_files.get(date)))
         if di is not None}
     return {"files": files, "raw_lines": files["search_log"]["lines"],
-            "catalog_lines": files.get("catalog", {}).get("lines", 0)}
+            "catalog_lines": files.get("catalog", {}).get("lines", 0),
+            "ignored_catalog_folders": inputs.ignored_catalog_folders}
 
 
 def event_counts(events: DataFrame, date: str) -> dict:

@@ -253,6 +253,10 @@ def test_empty_folder_is_refused_unless_allowed(spark, messy):
         with pytest.raises(PublishError, match=r"earlier date\(s\) \['2026-11-22'\] have raw input .*"
                                                r"\['2026-11-22'\] have a catalog but no search log: give such"):
             build_date(spark, cfg, store, "2026-11-23", "run-m", allow_empty=True)
+        # The set-aside folder is not read, and the date's report says so.
+        report = build_date(spark, cfg, store, D2, "run-m2", force=True)
+        assert report.counts["ignored_catalog_folders"] == ["dt=2026-11-20.bad"]
+        assert "ignored catalog folder(s), not dt=YYYY-MM-DD: ['dt=2026-11-20.bad']" in report.render()
     finally:
         shutil.rmtree(Path(cfg.raw_root) / "catalog" / "dt=2026-11-22")
         (Path(cfg.images_root) / "only-in-catalog-22.png").unlink()
