@@ -129,6 +129,23 @@ def test_kill_and_resume_equals_an_uninterrupted_run(trained):
     assert full.keys() == resumed.keys()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+    # Each step is recorded once, in MLflow and metrics.jsonl, with the uninterrupted run's loss: the steps
+    # trained again after the checkpoint are not recorded twice, and none is lost at the kill.
+    import mlflow
+
+    from etl.config import load_config
+    from etl.tracking import setup_mlflow
+
+    setup_mlflow(load_config(conf))
+    client = mlflow.MlflowClient()
+    recorded = {}
+    for name in ("full", "killed"):
+        run_id = json.loads(open(os.path.join(_checkpoints(conf, name), "run.json")).read())["mlflow_run_id"]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+        lines = [json.loads(x) for x in open(os.path.join(_checkpoints(conf, name), "metrics.jsonl"))]
+        assert [s for s, _ in history] == [r["step"] for r in lines] == list(range(1, len(lines) + 1)), name
+        recorded[name] = [v for _, v in history]
+    assert recorded["killed"] == pytest.approx(recorded["full"], abs=1e-5)
 
 
 def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trained, spark):

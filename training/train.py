@@ -193,10 +193,15 @@ def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
     return {k: int(v) for k, v in state["position"].items()}
 
 
+_MLFLOW_BATCH = 1000  # MLflow's limit of metrics in one log_batch request
+
+
 class _Tracker:
     """Rank 0's metrics: MLflow when a run id is given, a JSONL file always, a periodic progress line.
-    The JSONL lines are buffered and appended at each checkpoint and at the end (an object cannot be
-    appended to: each flush rewrites it, so flushing per step would be quadratic)."""
+    Both are buffered and written just before each checkpoint and at the end, so an object store's JSONL
+    is not rewritten per step (an object cannot be appended to) and a remote tracking server gets one
+    request per checkpoint, not one per step. A resumed run trains again the steps after its last
+    checkpoint and records only those past the last step already written: each step is recorded once."""
 
     def __init__(self, spec: TrainSpec, total_steps: int | None):
         self.enabled = dist.rank() == 0
@@ -212,6 +217,8 @@ class _Tracker:
             self.run_id = spec.mlflow_run_id
         self.jsonl = fs.join(spec.checkpoint_dir, "metrics.jsonl") if self.enabled else None
         self.pending: list[str] = []
+        self.pending_metrics: list = []  # mlflow.entities.Metric, sent at the next flush
+        self.recorded_through = _last_recorded_step(self.jsonl) if self.enabled and spec.resume else 0
 
     def step(self, step: int, metrics: dict, images: int, every: int) -> None:
         self.images += images
@@ -219,11 +226,11 @@ class _Tracker:
             return
         elapsed = time.perf_counter() - self.t0
         metrics = {**metrics, "images_per_s": self.images / max(elapsed, 1e-9)}
-        self.pending.append(json.dumps({"step": step, **metrics}) + "\n")
-        if self.mlflow:
-            self.mlflow.tracking.MlflowClient().log_batch(
-                self.run_id, metrics=[self.mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
-                                      for k, v in metrics.items()])
+        if step > self.recorded_through:  # else recorded by the run this one resumes (and trained the same)
+            self.pending.append(json.dumps({"step": step, **metrics}) + "\n")
+            if self.mlflow:
+                self.pending_metrics += [self.mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step)
+                                         for k, v in metrics.items()]
         if step % every == 0 or step == 1:
             eta = ""
             if self.total:
@@ -232,12 +239,26 @@ class _Tracker:
                   f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
 
     def flush(self):
+        # MLflow first: the JSONL says what was recorded, so a kill between the two repeats points, never loses them.
+        if self.mlflow and self.pending_metrics:
+            client = self.mlflow.tracking.MlflowClient()
+            for i in range(0, len(self.pending_metrics), _MLFLOW_BATCH):
+                client.log_batch(self.run_id, metrics=self.pending_metrics[i:i + _MLFLOW_BATCH])
+            self.pending_metrics = []
         if self.jsonl and self.pending:
             fs.append_text(self.jsonl, "".join(self.pending))
             self.pending = []
 
     def close(self):
         self.flush()
+
+
+def _last_recorded_step(jsonl: str) -> int:
+    """The last step a run's metrics.jsonl holds (0 when it has none): where a resumed run's records go on."""
+    if not fs.exists(jsonl):
+        return 0
+    lines = fs.read_text(jsonl).splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -348,8 +369,10 @@ def train_fn(spec_dict: dict) -> dict:
                                                  for k, v in parts.items() if torch.is_tensor(v)}}
                 tracker.step(step, metrics, global_images, t["log_every"])
                 if step % t["checkpoint_every"] == 0 and rank == 0:
-                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
+                    # Records first: a kill between the two trains these steps again on resume and records
+                    # them once; the other order would lose them.
                     tracker.flush()
+                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
                 if t["max_steps"] and step >= t["max_steps"]:
                     stop = True
                     break
