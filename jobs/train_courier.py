@@ -59,10 +59,10 @@ def body(ctx) -> None:
         mv = L.register_encoder(ctx.cfg, result["encoder_path"], run.info.run_id, plan.data_version, plan.dates,
                                  alias=a.alias)
     L.mark_done(plan, run.info.run_id, mv.version)
-    loss = result["losses"][-1] if result["losses"] else float("nan")
-    ctx.say(f"done: {result['steps']} steps ({result['skipped']} skipped), final loss {loss:.4f}, "
-            f"{result['images_per_s']:.1f} img/s; registered {ENCODER_MODEL} v{mv.version}; "
-            f"checkpoints in {plan.checkpoint_dir}")
+    trained = (f"final loss {result['losses'][-1]:.4f}, {result['images_per_s']:.1f} img/s" if result["losses"]
+               else "no step trained in this attempt")
+    ctx.say(f"done: {result['steps']} steps ({result['skipped']} skipped), {trained}; registered "
+            f"{ENCODER_MODEL} v{mv.version}; checkpoints in {plan.checkpoint_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

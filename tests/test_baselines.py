@@ -22,13 +22,36 @@ def test_masked_nt_xent_equals_nt_xent_on_the_real_rows():
     assert nt_xent_loss(z1, z2, 0.2, mask=torch.zeros(7)).item() == 0.0
 
 
-def test_masked_simsiam_equals_simsiam_on_the_real_rows():
+@pytest.mark.parametrize("training", [False, True])
+def test_masked_simsiam_equals_simsiam_on_the_real_rows(training):
+    """In train mode the predictor's BatchNorm takes the batch's statistics: padded (zero) rows must not
+    be among them, or the real rows' loss would move with the batch's share of padding."""
+    import copy
+
     z1, z2 = _views(d=16)
     torch.manual_seed(0)
-    pred = SimSiamPredictor(16).double().eval()  # its BatchNorm would see the padded rows in train mode
+    pred = SimSiamPredictor(16).double().train(training)
+    alone = copy.deepcopy(pred)
     mask = torch.tensor([0, 1, 1, 0, 1, 1, 1])
     real = mask.bool()
-    torch.testing.assert_close(simsiam_loss(z1, z2, pred, mask=mask), simsiam_loss(z1[real], z2[real], pred))
+    z1[~real], z2[~real] = 0, 0  # what encode_real gives padded slots
+    torch.testing.assert_close(simsiam_loss(z1, z2, pred, mask=mask), simsiam_loss(z1[real], z2[real], alone))
+    bn, bn_alone = pred.net[1], alone.net[1]  # and the running statistics are the real rows' alone
+    torch.testing.assert_close(bn.running_mean, bn_alone.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_alone.running_var)
+
+
+def test_simsiam_takes_a_batch_with_one_real_image():
+    """A rank's last batch can hold a single real image: BatchNorm has no batch statistics of one row, so
+    that row goes through the running ones (and leaves them) instead of failing the step."""
+    z1, z2 = _views(d=16)
+    pred = SimSiamPredictor(16).double().train()
+    before = pred.net[1].running_mean.clone()
+    loss = simsiam_loss(z1, z2, pred, mask=torch.tensor([0, 0, 1, 0, 0, 0, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and pred.training and pred.net[1].training
+    torch.testing.assert_close(pred.net[1].running_mean, before)
+    assert pred.net[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["simclr", "simsiam", "supervised"])

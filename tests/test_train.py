@@ -270,6 +270,19 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_and_prunes_old_
     assert again["steps"] == 4 and again["losses"] == []
     resumed = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    # The MLflow run keeps the first attempt's final loss and throughput (the resumed one trained no step).
+    import mlflow
+
+    from etl.tracking import setup_mlflow
+    from training.launch import log_result
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name="max-steps-resumed") as run:
+        log_result(first)
+        log_result(again)
+    metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+    assert metrics["final_loss"] == pytest.approx(first["losses"][-1]) and metrics["steps"] == 4
+    assert first["images_per_s"] > 0 and metrics["throughput_images_per_s"] == pytest.approx(first["images_per_s"])
 
 
 def test_a_skipped_step_puts_batchnorm_statistics_back(trained, spark, tmp_path, monkeypatch):

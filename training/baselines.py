@@ -109,14 +109,32 @@ class SimSiamPredictor(nn.Module):
                                  nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        bn = self.net[1]
+        if not (self.training and z.shape[0] == 1):
+            return self.net(z)
+        # BatchNorm has no batch statistics of a single row (a rank's last batch can hold one real image):
+        # that row is normalised with the running statistics, which it leaves as they are.
+        bn.eval()
+        try:
+            return self.net(z)
+        finally:
+            bn.train()
+
+
+def predict_real(predictor: nn.Module, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """h(z) (n, d) of the rows where keep (n,) is True, in one batch; the others are zero. Padded slots
+    (zero embeddings) so never enter the predictor's BatchNorm, whose batch statistics would otherwise
+    move the real rows' predictions with the batch's share of padding."""
+    p = predictor(z[keep])
+    return p.new_zeros(keep.numel(), p.shape[-1]).index_put((keep.nonzero().squeeze(1),), p)
 
 
 def simsiam_loss(z1: torch.Tensor, z2: torch.Tensor, predictor: nn.Module, gather: Gather = gather_with_grad,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L = 1/2 D(h(z1), sg(z2)) + 1/2 D(h(z2), sg(z1)), D = -cos. Share of the global mean over the real
-    (mask 1) images."""
-    p1, p2 = predictor(z1), predictor(z2)
+    (mask 1) images; the predictor h sees only those."""
+    keep = torch.ones(z1.shape[0], dtype=torch.bool, device=z1.device) if mask is None else mask.bool()
+    p1, p2 = predict_real(predictor, z1, keep), predict_real(predictor, z2, keep)
     per = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1) + F.cosine_similarity(p2, z1.detach(), dim=-1))
     if mask is None:
         n = torch.tensor(float(per.numel()), device=per.device, dtype=per.dtype)

@@ -158,11 +158,14 @@ def log_holdout(cfg: Config, plan: TrainPlan, encoder_path: str) -> str | None:
 
 
 def log_result(result: dict) -> None:
+    """The run's totals. An attempt that trained no step (resumed at max_steps after e.g. a failed
+    registration) has no loss or throughput of its own: the first attempt's stand, not NaN and 0."""
     import mlflow
 
-    mlflow.log_metrics({"final_loss": result["losses"][-1] if result["losses"] else float("nan"),
-                        "steps": result["steps"], "skipped_steps": result["skipped"],
-                        "throughput_images_per_s": result["images_per_s"]})
+    metrics = {"steps": result["steps"], "skipped_steps": result["skipped"]}
+    if result["losses"]:
+        metrics.update(final_loss=result["losses"][-1], throughput_images_per_s=result["images_per_s"])
+    mlflow.log_metrics(metrics)
 
 
 def mark_done(plan: TrainPlan, run_id: str, model_version: str) -> None:
