@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -594,6 +595,32 @@ def test_reader_threads_yield_to_the_training_thread(table, monkeypatch, threads
     assert seen.get(main_tid, base) == base
     background = {tid: nice for tid, nice in seen.items() if tid != main_tid}
     assert background and set(background.values()) == {min(19, base + BACKGROUND_NICE)}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_decode_workers_run_at_the_reader_s_niceness_whichever_thread_starts_them(table, pools, prefetch):
+    """A child process inherits the niceness of the thread that starts it: the prefetch thread (raised)
+    with prefetch, the training thread without. Either way the workers run at the reader's niceness,
+    and at the training thread's with background_nice 0."""
+    import os
+    import threading
+
+    from training.reader import BACKGROUND_NICE, iterate_batches
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for nice, want in ((BACKGROUND_NICE, min(19, base + BACKGROUND_NICE)), (0, base)):
+        batches = iterate_batches(table["urls"], batch_size=8, rank=0, world_size=1, seed=0, epoch=0,
+                                  decode_workers=2, prefetch=prefetch, background_nice=nice)
+        next(batches)
+        pool = pools[-1]
+        deadline = time.time() + 20  # each worker sets it as it starts: wait for both to have decoded
+        while not all(w.decoded for w in pool.workers) and time.time() < deadline:
+            assert next(batches, None) is not None, "the epoch ended before both workers decoded a batch"
+        assert len(pool.pids) == 2 and all(w.decoded for w in pool.workers)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.pids] == [want, want], nice
+        batches.close()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
 def test_bench_copy_re_encodes_every_image_at_the_asked_size_and_keeps_the_rows(table, tmp_path):

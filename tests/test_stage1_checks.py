@@ -106,3 +106,30 @@ def test_a_history_click_at_or_after_its_page_is_counted_so_verify_fails(spark):
         "ts timestamp, click_history_ts array<timestamp>, drop_reason string, n_impressions int, "
         "n_neg_dropped int, n_trimmed int, pv_items array<string>, n_pos int, repeated_on_page int")
     assert K.sample_counts(samples)["history_not_before_pv"] == 2
+
+
+@pytest.mark.parametrize("ts, parsed", [
+    ("2026-11-20T08:00:00Z", dt.datetime(2026, 11, 20, 8)),
+    ("2026-11-20 08:00:00", dt.datetime(2026, 11, 20, 8)),                          # no zone: UTC
+    ("2026-11-20T09:00:00.250+01:00", dt.datetime(2026, 11, 20, 8, 0, 0, 250000)),
+    ("2026-11-20T08:00", dt.datetime(2026, 11, 20, 8)),
+    ("2026-11-20", None),   # a date alone: Spark's cast would make it midnight
+    ("2026-11", None),      # ... the 1st of the month
+    ("08:00:00", None),     # a time alone: Spark's cast would put it on the day the build runs
+    ("T08:00:00", None),
+    ("2026-11-20T08", None),
+    ("yesterday", None),
+])
+def test_a_timestamp_is_a_date_with_a_time_of_day(spark, ts, parsed):
+    """What Spark's cast reads besides a timestamp (a date alone, a time alone on today's date) is a
+    bad_timestamp, not a made-up instant: the same line gets the same verdict on any day."""
+    import json
+
+    from etl import samples as S
+
+    line = json.dumps({"event_id": "e1", "event_type": "pv", "ts": ts, "user_id": "u1", "pv_id": "p1",
+                       "query": "q", "items": ["i1"]})
+    raw = spark.createDataFrame([(line, "2026-11-20", "part-0.json")], "value string, dt string, file string")
+    row = S.parse_events(raw, ts_skew_minutes=10).first()
+    assert row["ts"] == parsed
+    assert row["reason"] == (None if parsed else "bad_timestamp")

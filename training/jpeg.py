@@ -24,6 +24,7 @@ the training process is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -106,11 +107,16 @@ def batch_bytes(shapes: Sequence[tuple], px: int) -> int:
     return sum(int(np.prod(shape)) for shape in shapes) * 3 * px * px
 
 
-def init_worker(parent_pid: int) -> None:
+def init_worker(parent_pid: int, nice: int = -1) -> None:
     """Initializer of a decode worker process: Ctrl-C is the training process's to handle (it shuts the
     pool down), and the worker exits by itself if the training process dies without shutting it down
-    (killed, or a crash in native code): a watchdog thread checks the parent every half second."""
+    (killed, or a crash in native code): a watchdog thread checks the parent every half second.
+    ``nice`` >= 0: the worker's niceness (raised to it, never lowered; before any thread starts, so its
+    threads share it); -1 leaves what it inherited."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice >= 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
 
     def watch():
         while True:
@@ -121,12 +127,13 @@ def init_worker(parent_pid: int) -> None:
     threading.Thread(target=watch, name="courier-jpeg-watchdog", daemon=True).start()
 
 
-def serve(read_fd: int, write_fd: int, parent_pid: int, slot_fds: Sequence[int], slot_bytes: int) -> None:
+def serve(read_fd: int, write_fd: int, parent_pid: int, slot_fds: Sequence[int], slot_bytes: int,
+          nice: int = -1) -> None:
     """A decode worker's loop (see the module docstring)."""
     import mmap
     from multiprocessing.connection import Connection
 
-    init_worker(parent_pid)
+    init_worker(parent_pid, nice)
     slots = [mmap.mmap(fd, slot_bytes) for fd in slot_fds]
     requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     while True:
@@ -154,9 +161,9 @@ def serve(read_fd: int, write_fd: int, parent_pid: int, slot_fds: Sequence[int],
 
 
 def main(argv: Sequence[str]) -> None:
-    """``read_fd write_fd parent_pid slot_bytes slot_fd...`` (what the reader passes)."""
-    read_fd, write_fd, parent_pid, slot_bytes, *slot_fds = (int(a) for a in argv)
-    serve(read_fd, write_fd, parent_pid, slot_fds, slot_bytes)
+    """``read_fd write_fd parent_pid slot_bytes nice slot_fd...`` (what the reader passes)."""
+    read_fd, write_fd, parent_pid, slot_bytes, nice, *slot_fds = (int(a) for a in argv)
+    serve(read_fd, write_fd, parent_pid, slot_fds, slot_bytes, nice)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ Sharding and order (one epoch, for a given ``(urls, seed, epoch, rank, world_siz
    every image is written to its own slot of its batch's arrays, so the tensors do not depend on timing
    or on the number of threads or workers. ``decode_device`` decodes with torchvision on that device
    (nvjpeg on CUDA) instead. A background thread (``prefetch``) prepares the next batches while the
-   caller trains; it and the decode threads run at a raised niceness (``BACKGROUND_NICE``), so that they
-   take the step's idle core time only.
+   caller trains; it, the decode threads and the decode workers run at a raised niceness
+   (``BACKGROUND_NICE``), so that they take the step's idle core time only.
 
 What the trainer needs
 ----------------------
@@ -378,6 +378,17 @@ def _take(cols: dict, idx) -> dict:
 BACKGROUND_NICE = 19
 
 
+def raised_nice(nice: int) -> int:
+    """The calling thread's niceness raised by ``nice`` (at most 19); -1 (leave it) when ``nice`` <= 0 or
+    off Linux."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return -1
+    try:
+        return min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
+    except OSError:
+        return -1
+
+
 def lower_this_thread(nice: int) -> None:
     """Raise the calling thread's niceness by ``nice`` (Linux; a no-op elsewhere or when refused)."""
     if nice <= 0 or not sys.platform.startswith("linux"):
@@ -540,7 +551,7 @@ class _Worker:
     _CODE = ("import sys; sys.path.insert(0, sys.argv[1]); from training.jpeg import main; "
              "main(sys.argv[2:])")
 
-    def __init__(self, jobs: queue.Queue, slot_fds: Sequence[int], slot_bytes: int):
+    def __init__(self, jobs: queue.Queue, slot_fds: Sequence[int], slot_bytes: int, nice: int = -1):
         import subprocess
         import sys
         from multiprocessing.connection import Connection
@@ -556,7 +567,7 @@ class _Worker:
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         try:
-            args = [req_r, rep_w, os.getpid(), slot_bytes, *slot_fds]
+            args = [req_r, rep_w, os.getpid(), slot_bytes, nice, *slot_fds]
             self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, root, *map(str, args)],
                                          pass_fds=(req_r, rep_w, *slot_fds), stdin=subprocess.DEVNULL, env=env)
         except BaseException:
@@ -647,7 +658,7 @@ class _WorkerPool:
     the jobs not yet sent, lets every worker finish the one it holds, and waits for the processes to
     exit (killing one that does not)."""
 
-    def __init__(self, workers: int, slots: int, slot_bytes: int):
+    def __init__(self, workers: int, slots: int, slot_bytes: int, nice: int = -1):
         import mmap
         import tempfile
 
@@ -668,7 +679,7 @@ class _WorkerPool:
                 self.buffers.append(mmap.mmap(fd, slot_bytes))
             fds = [f if isinstance(f, int) else f.fileno() for f in self.files]
             for _ in range(workers):
-                self.workers.append(_Worker(self.jobs, fds, slot_bytes))
+                self.workers.append(_Worker(self.jobs, fds, slot_bytes, nice))
         except BaseException:
             self.close()
             raise
@@ -715,8 +726,9 @@ class _ProcessDecoder:
     it is shut down by ``close()`` (end of the epoch, an error, or the iterator closed or dropped); a
     worker also exits by itself if the training process dies."""
 
-    def __init__(self, workers: int, image_px: Optional[int], max_rows: int = 0):
+    def __init__(self, workers: int, image_px: Optional[int], max_rows: int = 0, nice: int = -1):
         self.workers = workers
+        self.nice = nice
         self.px = image_px
         self.max_rows = max_rows
         self.ahead = workers + 1
@@ -734,7 +746,7 @@ class _ProcessDecoder:
             slots = self.ahead + 1  # at most ahead + 1 batches are submitted and not yet copied out
             rows = max(self.max_rows, pv_mask.shape[0])
             largest = ((rows, *pv_mask.shape[1:]), (rows, *click_mask.shape[1:]))
-            self.pool = _WorkerPool(self.workers, slots, jpeg.batch_bytes(largest, px))
+            self.pool = _WorkerPool(self.workers, slots, jpeg.batch_bytes(largest, px), self.nice)
             for k in range(slots):
                 self.free.put(k)
         if jpeg.batch_bytes(shapes, px) > self.pool.slot_bytes:
@@ -821,11 +833,11 @@ class _TensorDecoder:
 
 
 def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image_px: Optional[int],
-                  max_rows: int = 0, nice: int = 0):
+                  max_rows: int = 0, nice: int = 0, worker_nice: int = -1):
     if decode_device is not None:
         return _TensorDecoder(decode_device, image_px)
     if decode_workers > 0:
-        return _ProcessDecoder(decode_workers, image_px, max_rows)
+        return _ProcessDecoder(decode_workers, image_px, max_rows, worker_nice)
     return _Decoder(decode_threads, image_px, nice)
 
 
@@ -982,7 +994,8 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
     it, or let it go out of scope, when stopping early); the batches are the same tensors either way.
     ``decode_device`` (e.g. ``"cuda:0"``): decode with torchvision on that device instead (the image
     tensors are then on it; workers and threads unused). ``background_nice``: the niceness added to the
-    prefetch and decode threads (``BACKGROUND_NICE``; 0 = the training thread's priority).
+    prefetch and decode threads and the decode workers (``BACKGROUND_NICE``; 0 = the training thread's
+    priority).
     """
     if batch_size < 1 or skip_batches < 0:
         raise ValueError(f"need batch_size >= 1 and skip_batches >= 0, got {batch_size}, {skip_batches}")
@@ -994,8 +1007,13 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
     raw = (_raw_batches(plan, batch_size, seed, epoch, skip_batches * batch_size) if group_by is None
            else _grouped_batches(plan, batch_size, seed, epoch, skip_batches, group_by))
 
+    # The workers are the reader too: they run at the niceness of its threads, the training thread's plus
+    # background_nice, whichever thread starts them (a child inherits its starting thread's niceness).
+    worker_nice = raised_nice(background_nice)
+
     def decoded():
-        decoder = _make_decoder(workers, decode_threads, decode_device, image_px, batch_size, background_nice)
+        decoder = _make_decoder(workers, decode_threads, decode_device, image_px, batch_size, background_nice,
+                                worker_nice)
         pending: collections.deque = collections.deque()
         try:
             for k, cols in enumerate(raw):
