@@ -104,6 +104,27 @@ def test_a_cluster_the_training_rows_never_held_reads_the_no_image_row(results, 
     np.testing.assert_allclose(score_frame(old, rows), score_frame(trained, rows), rtol=1e-6)
 
 
+def test_the_no_image_row_starts_at_zero_so_an_unseen_cluster_reads_no_signal():
+    """Where no training item lacks an image the no-image row gets no gradient: what an unseen cluster
+    reads is then its initial value, zero (no signal), not a random vector of the clusters' scale."""
+    import torch
+
+    from training.ctr.model import CLUSTER_INIT_STD, NO_IMAGE_ROW, ClusterEmbedding
+
+    torch.manual_seed(0)
+    emb = ClusterEmbedding(8, 4, CLUSTER_INIT_STD)
+    emb.mark_seen(torch.tensor([2, 3, 4]))
+    optimizer = torch.optim.Adam(emb.parameters(), lr=0.1)
+    for _ in range(5):  # trained on clusters 2-4 only
+        optimizer.zero_grad()
+        emb(torch.tensor([2, 3, 4])).pow(2).sum().neg().backward()
+        optimizer.step()
+    assert emb.weight[2:5].abs().sum() > 0
+    unseen = emb(torch.tensor([5, 7, 100]))
+    assert torch.equal(unseen, torch.zeros(3, 4))
+    assert torch.equal(emb.weight[NO_IMAGE_ROW], torch.zeros(4))
+
+
 def test_weights_round_trip_with_weights_only_load(results, frames, tmp_path):
     import numpy as np
 

@@ -116,12 +116,17 @@ class ClusterEmbedding(nn.Embedding):
     random row. That also covers an id past the table (a cluster the training and evaluation data did not
     hold, e.g. first filled by a later refresh), which a champion re-scored on newer dates meets.
 
+    The no-image row starts at zero: where no training item lacks an image it is never trained, and an
+    unseen cluster then reads no signal rather than a random vector of the clusters' scale.
+
     `seen` is a buffer, saved with the weights; a model saved before it existed read every row as trained.
     """
 
     def __init__(self, rows: int, dim: int, init_std: float):
         super().__init__(rows, dim, padding_idx=0)
         nn.init.normal_(self.weight, std=init_std)
+        with torch.no_grad():
+            self.weight[NO_IMAGE_ROW].zero_()
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool))
         self.seen[:NO_IMAGE_ROW + 1] = True  # padding and no image: always their own rows
 
