@@ -2,6 +2,7 @@
 2 gloo processes, Petastorm reader, MLflow), kill-and-resume, and DDP == one process."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -283,6 +284,44 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_and_prunes_old_
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert metrics["final_loss"] == pytest.approx(first["losses"][-1]) and metrics["steps"] == 4
     assert first["images_per_s"] > 0 and metrics["throughput_images_per_s"] == pytest.approx(first["images_per_s"])
+
+
+def test_each_step_is_recorded_once_across_failures_and_resumes(tmp_path):
+    """Records go out just before each checkpoint and on a failure. A run that recorded steps and then
+    stopped (its checkpoint's save failed, it was killed, it raised) trains those steps again when
+    resumed and records only the ones past its last record, even when it restarts from step 0 (no
+    checkpoint yet); a last line cut short in metrics.jsonl is dropped, not a crash on every resume."""
+    import mlflow
+
+    from training.train import TrainSpec, _Tracker
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("tracker")).info.run_id
+    spec = TrainSpec(urls=[], train={}, l_pv=1, l_click=1, image_px=8, checkpoint_dir=str(tmp_path / "run"),
+                     result_path=str(tmp_path / "run" / "result.json"), mlflow_run_id=run_id,
+                     mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+    def attempt(steps, resume, fail=False):
+        tracker = _Tracker(dataclasses.replace(spec, resume=resume), None)
+        for step in steps:
+            tracker.step(step, {"loss": 10.0 - step}, images=4, every=100)
+            if step % 2 == 0:
+                tracker.flush()  # what the loop does just before a checkpoint
+        if fail:
+            tracker.flush(quietly=True)  # what the loop does on its way out of an error
+        assert tracker.images == 4 * len(steps)  # this attempt's images all count, recorded or not
+
+    attempt([1, 2, 3], resume=False, fail=True)  # raised at step 3: records 1-3
+    attempt([1, 2, 3, 4], resume=False)          # no checkpoint had been saved: step 0 again, records step 4
+    attempt([3, 4, 5], resume=True)              # killed after step 5: 5 never flushed
+    jsonl = tmp_path / "run" / "metrics.jsonl"
+    with open(jsonl, "a") as fh:
+        fh.write('{"step": 5, "lo')                 # an append cut short
+    attempt([5, 6, 7], resume=True, fail=True)
+    steps = [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    history = sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, "loss"))
+    assert history == [(k, 10.0 - k) for k in range(1, 8)]
 
 
 def test_a_skipped_step_puts_batchnorm_statistics_back(trained, spark, tmp_path, monkeypatch):

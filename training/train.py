@@ -20,6 +20,7 @@ is deterministic for (seed, epoch, rank), so skipping the consumed batches conti
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -218,7 +219,9 @@ class _Tracker:
         self.jsonl = fs.join(spec.checkpoint_dir, "metrics.jsonl") if self.enabled else None
         self.pending: list[str] = []
         self.pending_metrics: list = []  # mlflow.entities.Metric, sent at the next flush
-        self.recorded_through = _last_recorded_step(self.jsonl) if self.enabled and spec.resume else 0
+        # Also without spec.resume: a run resumed before its first checkpoint starts from step 0, but it
+        # may have recorded steps (records come just before a checkpoint, whose save may have failed).
+        self.recorded_through = _recorded_through(self.jsonl) if self.enabled else 0
 
     def step(self, step: int, metrics: dict, images: int, every: int) -> None:
         self.images += images
@@ -238,7 +241,12 @@ class _Tracker:
             print(f"[train] step {step}{'/' + str(self.total) if self.total else ''} "
                   f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
 
-    def flush(self):
+    def flush(self, quietly: bool = False):
+        """quietly: on the way out of a failing run, where the run's own error is the one to raise."""
+        if quietly:
+            with contextlib.suppress(Exception):
+                self.flush()
+            return
         # MLflow first: the JSONL says what was recorded, so a kill between the two repeats points, never loses them.
         if self.mlflow and self.pending_metrics:
             client = self.mlflow.tracking.MlflowClient()
@@ -253,11 +261,16 @@ class _Tracker:
         self.flush()
 
 
-def _last_recorded_step(jsonl: str) -> int:
-    """The last step a run's metrics.jsonl holds (0 when it has none): where a resumed run's records go on."""
+def _recorded_through(jsonl: str) -> int:
+    """The last step a run's metrics.jsonl holds (0 when there is none): where a resumed run's records go
+    on. A last line cut short (a kill or a full disk during its append) is dropped from the file."""
     if not fs.exists(jsonl):
         return 0
-    lines = fs.read_text(jsonl).splitlines()
+    text = fs.read_text(jsonl)
+    whole = text[:text.rfind("\n") + 1]  # the complete lines
+    if whole != text:
+        fs.write_text(jsonl, whole)
+    lines = whole.splitlines()
     return json.loads(lines[-1])["step"] if lines else 0
 
 
@@ -310,77 +323,86 @@ def train_fn(spec_dict: dict) -> dict:
     # A run resumed from its final checkpoint (it had reached max_steps; e.g. its registration failed)
     # trains no further step: the same weights as the run that was not interrupted.
     stop = bool(t["max_steps"]) and position["global_step"] >= t["max_steps"]
-    for epoch in range(position["epoch"], t["epochs"]):
-        if stop:
-            break
-        skip = position["batch"] if epoch == position["epoch"] else 0
-        batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
-                                  seed=t["seed"], epoch=epoch, skip_batches=skip,
-                                  decode_threads=t["decode_threads"], decode_workers=decode_workers,
-                                  decode_device=device if gpu_decode else None, image_px=spec.image_px,
-                                  group_by=None if t["batch_grouping"] == "none" else t["batch_grouping"])
-        batch_index = skip
-        try:  # the reader's decode workers end with the epoch, or here on an error
-            while True:
-                raw = next(batches, None)
-                has_data = dist.all_reduce_max(torch.tensor([0 if raw is None else 1], dtype=torch.long, device=device))
-                if int(has_data.item()) == 0:
-                    break  # every rank's shard is exhausted
-                batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
-                         else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
-                extra = {}
-                if t["method"] == "supervised":  # the PV's searched category labels its items
-                    cat = torch.full((t["batch_size"], spec.l_pv), -1, dtype=torch.long)
-                    for i, q in enumerate(raw.queries if raw is not None else []):
-                        cat[i] = categories.get(q, -1)
-                    extra["categories"] = cat.to(device)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                images = batch["pv_mask"].sum() + batch["click_mask"].sum()  # this rank's real images
-                # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
-                torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
-                # The forward updates BatchNorm's running statistics; a step skipped below puts them back,
-                # or one fp16 overflow would leave NaN statistics for evaluation (training uses the batch's).
-                bn_stats = bn_running_stats(raw_model)
-                loss, parts = forward(model, batch, device, amp_dtype, **extra)
-                # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere. The
-                # same all-reduce sums the ranks' image counts (ranks' batches differ: short, or exhausted).
-                summed = dist.all_reduce_sum(torch.stack([loss.detach().float(), images.float()]))
-                global_loss, global_images = summed[:1], int(summed[1].item())
-                batch_index += 1
-                # A finite loss can still have non-finite gradients. Under fp16 the GradScaler skips that step
-                # and lowers its scale (its normal working, not counted); without one (fp32, bf16) update()
-                # applies nothing and the step is skipped like a non-finite loss.
-                if not (torch.isfinite(global_loss).all()
-                        and update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))):
-                    restore_bn_running_stats(bn_stats)
-                    bad_in_a_row += 1
-                    position["skipped"] += 1
-                    if bad_in_a_row >= t["max_bad_steps"]:
-                        raise FloatingPointError(
-                            f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at epoch "
-                            f"{epoch}, batch {batch_index}); lower train.lr, or under fp16 use train.precision "
-                            f"fp32/bf16")
-                    continue
-                bad_in_a_row = 0
-                position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
-                step = position["global_step"]
-                losses.append(float(global_loss.item()))
-                metrics = {"loss": losses[-1], **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
-                                                 for k, v in parts.items() if torch.is_tensor(v)}}
-                tracker.step(step, metrics, global_images, t["log_every"])
-                if step % t["checkpoint_every"] == 0 and rank == 0:
-                    # Records first: a kill between the two trains these steps again on resume and records
-                    # them once; the other order would lose them.
-                    tracker.flush()
-                    save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position, t["keep_checkpoints"])
-                if t["max_steps"] and step >= t["max_steps"]:
-                    stop = True
-                    break
-        finally:
-            batches.close()
-        if stop:
-            break
-        position.update(epoch=epoch + 1, batch=0)
+    try:
+        for epoch in range(position["epoch"], t["epochs"]):
+            if stop:
+                break
+            skip = position["batch"] if epoch == position["epoch"] else 0
+            batches = iterate_batches(spec.urls, batch_size=t["batch_size"], rank=rank, world_size=world,
+                                      seed=t["seed"], epoch=epoch, skip_batches=skip,
+                                      decode_threads=t["decode_threads"], decode_workers=decode_workers,
+                                      decode_device=device if gpu_decode else None, image_px=spec.image_px,
+                                      group_by=None if t["batch_grouping"] == "none" else t["batch_grouping"])
+            batch_index = skip
+            try:  # the reader's decode workers end with the epoch, or here on an error
+                while True:
+                    raw = next(batches, None)
+                    has_data = dist.all_reduce_max(
+                        torch.tensor([0 if raw is None else 1], dtype=torch.long, device=device))
+                    if int(has_data.item()) == 0:
+                        break  # every rank's shard is exhausted
+                    batch = (pad_batch(raw.as_dict(), t["batch_size"]) if raw is not None
+                             else empty_batch(t["batch_size"], spec.l_pv, spec.l_click, spec.image_px))
+                    extra = {}
+                    if t["method"] == "supervised":  # the PV's searched category labels its items
+                        cat = torch.full((t["batch_size"], spec.l_pv), -1, dtype=torch.long)
+                        for i, q in enumerate(raw.queries if raw is not None else []):
+                            cat[i] = categories.get(q, -1)
+                        extra["categories"] = cat.to(device)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    images = batch["pv_mask"].sum() + batch["click_mask"].sum()  # this rank's real images
+                    # Randomness (e.g. swin's stochastic depth) drawn per step: a resumed run draws the same.
+                    torch.manual_seed(hash((t["seed"], rank, position["global_step"])) % (2 ** 62))
+                    # The forward updates BatchNorm's running statistics; a step skipped below puts them back,
+                    # or one fp16 overflow would leave NaN statistics for evaluation (training uses the batch's).
+                    bn_stats = bn_running_stats(raw_model)
+                    loss, parts = forward(model, batch, device, amp_dtype, **extra)
+                    # The global loss is the sum of the ranks' shares; a bad value anywhere skips everywhere. The
+                    # same all-reduce sums the ranks' image counts (ranks' batches differ: short, or exhausted).
+                    summed = dist.all_reduce_sum(torch.stack([loss.detach().float(), images.float()]))
+                    global_loss, global_images = summed[:1], int(summed[1].item())
+                    batch_index += 1
+                    # A finite loss can still have non-finite gradients. Under fp16 the GradScaler skips that step
+                    # and lowers its scale (its normal working, not counted); without one (fp32, bf16) update()
+                    # applies nothing and the step is skipped like a non-finite loss.
+                    if not (torch.isfinite(global_loss).all()
+                            and update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))):
+                        restore_bn_running_stats(bn_stats)
+                        bad_in_a_row += 1
+                        position["skipped"] += 1
+                        if bad_in_a_row >= t["max_bad_steps"]:
+                            raise FloatingPointError(
+                                f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at epoch "
+                                f"{epoch}, batch {batch_index}); lower train.lr, or under fp16 use train.precision "
+                                f"fp32/bf16")
+                        continue
+                    bad_in_a_row = 0
+                    position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
+                    step = position["global_step"]
+                    losses.append(float(global_loss.item()))
+                    metrics = {"loss": losses[-1],
+                               **{k: float(dist.all_reduce_sum(v.detach().float().reshape(1)).item())
+                                  for k, v in parts.items() if torch.is_tensor(v)}}
+                    tracker.step(step, metrics, global_images, t["log_every"])
+                    if step % t["checkpoint_every"] == 0 and rank == 0:
+                        # Records first: a kill between the two trains these steps again on resume and records
+                        # them once; the other order would lose them.
+                        tracker.flush()
+                        save_checkpoint(spec.checkpoint_dir, raw_model, optimizer, scaler, position,
+                                        t["keep_checkpoints"])
+                    if t["max_steps"] and step >= t["max_steps"]:
+                        stop = True
+                        break
+            finally:
+                batches.close()
+            if stop:
+                break
+            position.update(epoch=epoch + 1, batch=0)
+    except BaseException:
+        # A failing run keeps the records of the steps it trained (a diverging loss is what one wants to
+        # see); a resume trains them again and does not record them twice.
+        tracker.flush(quietly=True)
+        raise
     tracker.close()
     result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
               "losses": losses, "images": tracker.images,  # real images of the steps taken, every rank's
