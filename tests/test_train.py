@@ -308,7 +308,7 @@ def test_each_step_is_recorded_once_across_failures_and_resumes(tmp_path):
             if step % 2 == 0:
                 tracker.flush()  # what the loop does just before a checkpoint
         if fail:
-            tracker.flush(quietly=True)  # what the loop does on its way out of an error
+            tracker.flush()  # what the loop does on its way out of an error
         assert tracker.images == 4 * len(steps)  # this attempt's images all count, recorded or not
 
     attempt([1, 2, 3], resume=False, fail=True)  # raised at step 3: records 1-3

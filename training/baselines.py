@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import distributed as D
-from training.courier import _global_count, encode_real
+from training.courier import _global_count, encode_real, on_real_rows
 from training.distributed import gather_with_grad
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -121,20 +121,13 @@ class SimSiamPredictor(nn.Module):
             bn.train()
 
 
-def predict_real(predictor: nn.Module, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """h(z) (n, d) of the rows where keep (n,) is True, in one batch; the others are zero. Padded slots
-    (zero embeddings) so never enter the predictor's BatchNorm, whose batch statistics would otherwise
-    move the real rows' predictions with the batch's share of padding."""
-    p = predictor(z[keep])
-    return p.new_zeros(keep.numel(), p.shape[-1]).index_put((keep.nonzero().squeeze(1),), p)
-
-
 def simsiam_loss(z1: torch.Tensor, z2: torch.Tensor, predictor: nn.Module, gather: Gather = gather_with_grad,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L = 1/2 D(h(z1), sg(z2)) + 1/2 D(h(z2), sg(z1)), D = -cos. Share of the global mean over the real
-    (mask 1) images; the predictor h sees only those."""
+    (mask 1) images; the predictor h sees only those (padding in its BatchNorm's batch statistics would
+    move the real rows' predictions with the batch's share of padding)."""
     keep = torch.ones(z1.shape[0], dtype=torch.bool, device=z1.device) if mask is None else mask.bool()
-    p1, p2 = predict_real(predictor, z1, keep), predict_real(predictor, z2, keep)
+    p1, p2 = on_real_rows(predictor, z1, keep), on_real_rows(predictor, z2, keep)
     per = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1) + F.cosine_similarity(p2, z1.detach(), dim=-1))
     if mask is None:
         n = torch.tensor(float(per.numel()), device=per.device, dtype=per.dtype)

@@ -521,12 +521,17 @@ class CourierLoss(nn.Module):
                             mha=self.reconstruction.mha, projector=projector, gather=self.gather)
 
 
+def on_real_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(n, d) = fn of the rows of x (n, ...) where keep (n,) is True, in one batch; the other rows are zero.
+    Padded slots so never enter fn's BatchNorm batch statistics (nor its running ones)."""
+    out = fn(x[keep])
+    return out.new_zeros(keep.numel(), out.shape[-1]).index_put((keep.nonzero().squeeze(1),), out)
+
+
 def encode_real(encoder: ImageEncoder, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(n, d) embeddings of images (n, 3, H, W): the backbone encodes only the rows where keep (n,) is
-    True, in one batch, and the others are zero. Padded slots (blank images) so never enter the
-    backbone's BatchNorm statistics, which stage 3 embeds with."""
-    emb = encoder.encode(images[keep])
-    return emb.new_zeros(keep.numel(), emb.shape[-1]).index_put((keep.nonzero().squeeze(1),), emb)
+    """(n, d) embeddings of images (n, 3, H, W), zero where keep is False: padded slots (blank images)
+    never enter the backbone's BatchNorm statistics, which stage 3 embeds with."""
+    return on_real_rows(encoder.encode, images, keep)
 
 
 class CourierModel(nn.Module):

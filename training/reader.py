@@ -55,6 +55,7 @@ What the trainer needs
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import logging
 import math
@@ -391,13 +392,10 @@ def raised_nice(nice: int) -> int:
 
 def lower_this_thread(nice: int) -> None:
     """Raise the calling thread's niceness by ``nice`` (Linux; a no-op elsewhere or when refused)."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:
-        pass
+    target = raised_nice(nice)
+    if target >= 0:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), target)
 
 
 def available_cores() -> int:

@@ -194,9 +194,6 @@ def load_checkpoint(path: str, model, optimizer, scaler) -> dict:
     return {k: int(v) for k, v in state["position"].items()}
 
 
-_MLFLOW_BATCH = 1000  # MLflow's limit of metrics in one log_batch request
-
-
 class _Tracker:
     """Rank 0's metrics: MLflow when a run id is given, a JSONL file always, a periodic progress line.
     Both are buffered and written just before each checkpoint and at the end, so an object store's JSONL
@@ -241,17 +238,10 @@ class _Tracker:
             print(f"[train] step {step}{'/' + str(self.total) if self.total else ''} "
                   f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
 
-    def flush(self, quietly: bool = False):
-        """quietly: on the way out of a failing run, where the run's own error is the one to raise."""
-        if quietly:
-            with contextlib.suppress(Exception):
-                self.flush()
-            return
+    def flush(self):
         # MLflow first: the JSONL says what was recorded, so a kill between the two repeats points, never loses them.
-        if self.mlflow and self.pending_metrics:
-            client = self.mlflow.tracking.MlflowClient()
-            for i in range(0, len(self.pending_metrics), _MLFLOW_BATCH):
-                client.log_batch(self.run_id, metrics=self.pending_metrics[i:i + _MLFLOW_BATCH])
+        if self.mlflow and self.pending_metrics:  # log_batch splits them into requests within MLflow's limits
+            self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self.pending_metrics)
             self.pending_metrics = []
         if self.jsonl and self.pending:
             fs.append_text(self.jsonl, "".join(self.pending))
@@ -400,8 +390,9 @@ def train_fn(spec_dict: dict) -> dict:
             position.update(epoch=epoch + 1, batch=0)
     except BaseException:
         # A failing run keeps the records of the steps it trained (a diverging loss is what one wants to
-        # see); a resume trains them again and does not record them twice.
-        tracker.flush(quietly=True)
+        # see); a resume trains them again and does not record them twice. The run's own error is raised.
+        with contextlib.suppress(Exception):
+            tracker.flush()
         raise
     tracker.close()
     result = {"rank": rank, "world_size": world, "steps": position["global_step"], "skipped": position["skipped"],
