@@ -369,10 +369,16 @@ def test_decode_workers_end_on_errors_and_early_stops(table, pools, tmp_path):
     images[i][0] = b"not a jpeg"
     t = t.set_column(t.schema.get_field_index("pv_images"), "pv_images", pa.array(images, t.column("pv_images").type))
     pq.write_table(t, tmp_path / "bad.parquet")
-    with pytest.raises(Exception, match="cannot identify image") as err:
+    sample = t.column("sample_id")[i].as_py()
+    bad = f"sample {sample!r}: pv_images\\[[0-9]+, 0\\] cannot be decoded: .*cannot identify image"
+    with pytest.raises(ValueError, match=bad) as err:
         list(iterate_batches([str(tmp_path / "bad.parquet")], **{**kw, "batch_size": 64}))
-    assert "JPEG decode worker pid" in "".join(getattr(err.value, "__notes__", []))
+    assert "JPEG decode worker pid" in "".join(getattr(err.value.__cause__, "__notes__", []))
     assert len(pools) == 3 and all(_gone(p) for p in pools)
+    # the same error from the training process's threads and from torchvision's batched decoder
+    for where in ({"decode_workers": 0, "decode_threads": 2}, {"decode_device": "cpu"}):
+        with pytest.raises(ValueError, match=bad):
+            list(iterate_batches([str(tmp_path / "bad.parquet")], **{**kw, "batch_size": 64, **where}))
 
 
 def test_a_decode_worker_that_dies_fails_the_epoch_without_hanging(table, pools):

@@ -42,6 +42,50 @@ except ImportError:  # a bare torch image without the project's install: PIL dec
     simplejpeg = None
 
 
+IMAGE_COLUMNS = ("pv_images", "click_images")  # a task's k: the batch column its image fills
+
+
+class ImageError(ValueError):
+    """An image of a batch that cannot be decoded: where it is (column, batch row, slot), why, and, once
+    the reader has added it, the id of the sample that holds it. Pickles with its fields (a worker's
+    error crosses a pipe)."""
+
+    def __init__(self, column: str, row: int, slot: int, reason: str, sample_id: Optional[str] = None):
+        where = f"sample {sample_id!r}: " if sample_id is not None else ""
+        super().__init__(f"{where}{column}[{row}, {slot}] cannot be decoded: {reason}")
+        self.column, self.row, self.slot, self.reason, self.sample_id = column, row, slot, reason, sample_id
+
+    def __reduce__(self):
+        return type(self), (self.column, self.row, self.slot, self.reason, self.sample_id)
+
+
+@contextlib.contextmanager
+def _naming_the_image(task: tuple):
+    """What PIL raises on bad data, for the image of a task (k, row, slot, jpeg bytes): an ImageError
+    naming its slot."""
+    from PIL import Image
+
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        k, i, j, _ = task
+        raise ImageError(IMAGE_COLUMNS[k], i, j, f"{type(e).__name__}: {e}") from e
+
+
+def decode_task(task: tuple, px: Optional[int], scratch: Optional[np.ndarray] = None) -> np.ndarray:
+    """decode_one for a task's image; one that cannot be decoded raises ImageError."""
+    with _naming_the_image(task):
+        return decode_one(task[3], px, scratch)
+
+
+def task_image_size(task: tuple) -> tuple:
+    """(width, height) of a task's image, from the header only."""
+    from PIL import Image
+
+    with _naming_the_image(task), Image.open(io.BytesIO(task[3])) as img:
+        return img.size
+
+
 def decode_one(data: bytes, px: Optional[int], scratch: Optional[np.ndarray] = None) -> np.ndarray:
     """JPEG bytes -> (3, H, W) uint8; resized to px x px (bilinear) if px is given and differs.
     ``scratch``: a C-contiguous (S, S, 3) uint8 array; a YCbCr JPEG of exactly S x S is then decoded
@@ -73,20 +117,13 @@ def _decode_into_scratch(data: bytes, scratch: np.ndarray) -> Optional[np.ndarra
         return None
 
 
-def image_size(data: bytes) -> tuple:
-    """(width, height) from the header only."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
-
-
 def decode_into(outputs: Sequence[np.ndarray], tasks: Sequence[tuple], px: int, resize: Optional[int]) -> None:
     """Decode ``tasks`` = [(k, i, j, jpeg bytes), ...] into ``outputs[k][i, j]`` (each a
     (B, L, 3, px, px) uint8 array). ``resize`` None: every image must already be px x px."""
     scratch = np.empty((px, px, 3), dtype=np.uint8)
-    for k, i, j, data in tasks:
-        arr = decode_one(data, resize, scratch)
+    for task in tasks:
+        k, i, j, _ = task
+        arr = decode_task(task, resize, scratch)
         if arr.shape != (3, px, px):
             raise ValueError(f"image of shape {arr.shape[1:]} in a batch of {px}x{px} images: "
                              "pass image_px to resize")

@@ -494,13 +494,13 @@ def _decode_jobs(cols: dict, image_px: Optional[int]) -> tuple:
         for i, j in zip(b.tolist(), s.tolist()):
             data = images[i, j]
             if not data:
-                raise ValueError(f"{name}[{i}, {j}] has mask 1 but no image bytes")
+                raise jpeg.ImageError(name, i, j, "mask 1 but no image bytes")
             tasks.append((k, i, j, data))
     px = image_px
     if px is None:
         if not tasks:
             raise ValueError("a batch without any image: pass image_px to size the tensors")
-        w, h = jpeg.image_size(tasks[0][3])
+        w, h = jpeg.task_image_size(tasks[0])
         if w != h:
             raise ValueError(f"images must be square, got {w}x{h}: pass image_px to resize")
         px = w
@@ -809,7 +809,12 @@ class _TensorDecoder:
                    for m in (pv_mask, click_mask)]
         if tasks:
             data = [torch.frombuffer(bytearray(t[3]), dtype=torch.uint8) for t in tasks]
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            try:
+                images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                for task in tasks:  # the batched decoder names no image: find it as the CPU path does
+                    jpeg.decode_task(task, None)
+                raise
             for k, out in enumerate(outputs):
                 sel = [n for n, t in enumerate(tasks) if t[0] == k]
                 if not sel:
@@ -837,6 +842,18 @@ def _make_decoder(decode_workers: int, decode_threads: int, decode_device, image
     if decode_workers > 0:
         return _ProcessDecoder(decode_workers, image_px, max_rows, worker_nice)
     return _Decoder(decode_threads, image_px, nice)
+
+
+@contextlib.contextmanager
+def _naming_the_sample(cols: dict):
+    """An image of the batch `cols` that cannot be decoded: its error names the sample that holds it
+    (courier_train's sample_id), not only its row of the batch."""
+    try:
+        yield
+    except jpeg.ImageError as e:
+        if e.sample_id is not None:
+            raise
+        raise jpeg.ImageError(e.column, e.row, e.slot, e.reason, str(cols["sample_id"][e.row])) from e
 
 
 def _to_batch(cols: dict, decoded: tuple, epoch: int, index: int) -> CourierBatch:
@@ -1015,13 +1032,18 @@ def iterate_batches(urls: Sequence[str], *, batch_size: int, rank: int, world_si
         pending: collections.deque = collections.deque()
         try:
             for k, cols in enumerate(raw):
-                pending.append((cols, decoder.submit(cols), skip_batches + k))
+                with _naming_the_sample(cols):
+                    pending.append((cols, decoder.submit(cols), skip_batches + k))
                 if len(pending) > decoder.ahead:
                     cols, result, index = pending.popleft()
-                    yield _to_batch(cols, result(), epoch, index)
+                    with _naming_the_sample(cols):
+                        images = result()
+                    yield _to_batch(cols, images, epoch, index)
             while pending:
                 cols, result, index = pending.popleft()
-                yield _to_batch(cols, result(), epoch, index)
+                with _naming_the_sample(cols):
+                    images = result()
+                yield _to_batch(cols, images, epoch, index)
         finally:
             pending.clear()
             decoder.close()
