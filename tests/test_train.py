@@ -324,6 +324,24 @@ def test_each_step_is_recorded_once_across_failures_and_resumes(tmp_path):
     assert history == [(k, 10.0 - k) for k in range(1, 8)]
 
 
+def test_the_progress_line_s_eta_counts_only_this_attempt_s_steps(tmp_path, monkeypatch, capsys):
+    """A run resumed at step 50 of 100 that took 10 s for its first step has 49 steps of 10 s left."""
+    import types
+
+    from training import train as TR
+
+    clock = iter([0.0, 10.0, 20.0])  # the tracker starts, step 51 ends, step 52 ends
+    monkeypatch.setattr(TR, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
+    spec = TR.TrainSpec(urls=[], train={}, l_pv=1, l_click=1, image_px=8, checkpoint_dir=str(tmp_path / "run"),
+                        result_path=str(tmp_path / "run" / "result.json"), resume=True)
+    tracker = TR._Tracker(spec, total_steps=100)
+    tracker.step(51, {"loss": 1.0}, images=4, every=1)
+    tracker.step(52, {"loss": 1.0}, images=4, every=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("step 51/100 loss 1.0000 0.4 img/s eta 490s"), lines
+    assert lines[1].endswith("step 52/100 loss 1.0000 0.4 img/s eta 480s"), lines
+
+
 def test_a_skipped_step_puts_batchnorm_statistics_back(trained, spark, tmp_path, monkeypatch):
     """A non-finite step is skipped, but its forward already moved BatchNorm's running statistics (an fp16
     overflow makes them NaN): the skip restores them, so the saved encoder evaluates to finite values."""

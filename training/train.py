@@ -219,11 +219,14 @@ class _Tracker:
         # Also without spec.resume: a run resumed before its first checkpoint starts from step 0, but it
         # may have recorded steps (records come just before a checkpoint, whose save may have failed).
         self.recorded_through = _recorded_through(self.jsonl) if self.enabled else 0
+        self.first_step: int | None = None  # this attempt's first step (a resumed run starts past 1)
 
     def step(self, step: int, metrics: dict, images: int, every: int) -> None:
         self.images += images
         if not self.enabled:
             return
+        if self.first_step is None:
+            self.first_step = step
         elapsed = time.perf_counter() - self.t0
         metrics = {**metrics, "images_per_s": self.images / max(elapsed, 1e-9)}
         if step > self.recorded_through:  # else recorded by the run this one resumes (and trained the same)
@@ -234,7 +237,8 @@ class _Tracker:
         if step % every == 0 or step == 1:
             eta = ""
             if self.total:
-                eta = f" eta {(self.total - step) * elapsed / max(step, 1):.0f}s"
+                per_step = elapsed / (step - self.first_step + 1)  # this attempt's steps in this attempt's time
+                eta = f" eta {(self.total - step) * per_step:.0f}s"
             print(f"[train] step {step}{'/' + str(self.total) if self.total else ''} "
                   f"loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s{eta}", flush=True)
 
