@@ -9,10 +9,10 @@ review.md with PNG plots as artifacts of an MLflow run and prints a one-screen s
 
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
 a champion that trained on the challenger's eval dates or whose features cannot be rebuilt, an image
-encoder that trained on them, no champion without --allow-first, too few eval rows, unknown version),
-3 the review failed (a crash: never read as a rejection). The decision is final once made: it is
-printed (and written to --status-file) before the report, so a report that fails after a promotion
-exits 3 and still says that @champion moved.
+encoder that trained on them, a vector-mode model on a snapshot without item_vector, no champion
+without --allow-first, too few eval rows, unknown version), 3 the review failed (a crash: never read
+as a rejection). The decision is final once made: it is printed (and written to --status-file) before
+the report, so a report that fails after a promotion exits 3 and still says that @champion moved.
 With --status-file (schedulers): the decision is written there as one JSON line and the exit status is
 0 whenever the review reached a decision and its report was logged.
 """

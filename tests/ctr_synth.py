@@ -61,11 +61,14 @@ def schema():
 
 
 def write_ctr_train(spark, store, rows_per_date: int = 2500, feature_version: str = "fv-test",
-                    dates=DATES) -> int:
-    """Write one partition per date (each date's items are new); returns the table version."""
+                    dates=DATES, with_vector: bool = True) -> int:
+    """Write one partition per date (each date's items are new); returns the table version. Without
+    `with_vector` the rows are an attach's with features.include_vector: false (no item_vector)."""
     version = None
     for k, date in enumerate(dates):
         pdf = synth_frame(100 + k, date, rows_per_date, item_offset=1000 * k, feature_version=feature_version)
         df = spark.createDataFrame(pdf, schema=schema())
+        if not with_vector:
+            df = df.drop("item_vector")
         version = store.replace_partition(df, "ctr_train", {"dt": date}, job="test")
     return version

@@ -172,15 +172,25 @@ def test_category_gate_is_pure_and_can_fail():
     from etl.config import ReviewConf
     from training.ctr.review import gate_checks
 
-    def rep(auc, cats):
+    def rep(auc, cats, positives=100):
         return {"overall": {"auc": auc, "gauc": auc, "rows": 5000},
-                "by_category": {c: {"auc": a, "rows": 1000} for c, a in cats.items()}}
+                "by_category": {c: {"auc": a, "rows": 1000, "positives": positives} for c, a in cats.items()}}
 
     review = ReviewConf(category_regression_limit=0.005, min_eval_rows=1000)
     gates = {g.name: g for g in gate_checks(rep(0.70, {"a": 0.75, "b": 0.60}), rep(0.70, {"a": 0.70, "b": 0.65}), review)}
     assert gates["auc"].passed and not gates["categories"].passed and "b -0.0500" in gates["categories"].detail
     gates = {g.name: g for g in gate_checks(rep(float("nan"), {}), rep(0.7, {}), review)}
     assert not gates["auc"].passed  # an undefined metric never passes
+    # A category with no click (or only clicks) in the eval rows: no model has an AUC there, so it is not
+    # gated; a category with both classes whose AUC is undefined (NaN scores) still fails.
+    nan = float("nan")
+    for positives in (0, 1000):
+        gates = {g.name: g for g in gate_checks(rep(0.7, {"a": nan, "b": 0.7}, positives),
+                                                rep(0.7, {"a": nan, "b": 0.7}, positives), review)}
+        assert gates["categories"].passed and "one class" in gates["categories"].detail
+        assert "a" in gates["categories"].detail.split("one class")[1]
+    gates = {g.name: g for g in gate_checks(rep(0.7, {"a": nan, "b": 0.7}), rep(0.7, {"a": 0.7, "b": 0.7}), review)}
+    assert not gates["categories"].passed and "a (AUC undefined)" in gates["categories"].detail
 
 
 def test_jobs_run_as_scripts(env):
@@ -398,5 +408,41 @@ def test_a_model_whose_encoder_saw_the_eval_dates_is_neither_trained_nor_promote
         with pytest.raises(CtrDataError, match=r"courier-encoder-v999.courier-clusters-v79' cannot be found"):
             train("cluster_id")
         assert train("none")
+    finally:
+        setup_mlflow(env[1])  # the module's registry again
+
+
+def test_a_vector_champion_on_a_snapshot_without_item_vector_is_refused(env, tmp_path, spark):
+    """The next attach left item_vector out (features.include_vector: false): the vector-mode champion
+    cannot be re-scored on the challenger's snapshot, so the review refuses (exit 2) with the reason
+    instead of failing, and @champion stays."""
+    import dataclasses
+    import shutil
+
+    from etl import registry
+    from etl.config import load_config
+    from etl.contracts import CTR_MODEL
+    from etl.tables import TableStore
+    from etl.tracking import setup_mlflow
+    from tests.conftest import write_config
+    from training.ctr.pipeline import train_and_register
+
+    cfg = load_config(write_config(tmp_path, {"ctr": CTR, "review": REVIEW}))
+    store = TableStore(spark, cfg)
+    setup_mlflow(cfg)
+    try:
+        def train(mode):
+            return train_and_register(dataclasses.replace(cfg, ctr=dataclasses.replace(cfg.ctr, feature_mode=mode)),
+                                      store, progress=lambda m: None)["model_version"]
+
+        write_ctr_train(spark, store, rows_per_date=1000)
+        v_vector = train("vector")
+        registry.promote(CTR_MODEL, v_vector)
+        shutil.rmtree(store.path("ctr_train"))  # what the error of a mixed schema says: rebuild every date
+        write_ctr_train(spark, store, rows_per_date=1000, with_vector=False)
+        v_cluster = train("cluster_id")
+        out = _review((None, cfg, store), v_cluster)
+        assert out.decision == "refused" and out.exit_code == 2 and _champion() == v_vector, out.reasons
+        assert "item_vector" in out.reasons[0] and f"v{v_vector}" in out.reasons[0], out.reasons
     finally:
         setup_mlflow(env[1])  # the module's registry again

@@ -14,7 +14,9 @@
    - eval rows >= min_eval_rows (otherwise refused: too little evidence for any decision);
    - AUC(challenger) >= AUC(champion) - auc_tol, and the same for GAUC with gauc_tol;
    - no category with >= min_category_rows eval rows loses more than category_regression_limit AUC.
-   A NaN metric (a one-class eval slice) fails its gate: nothing is promoted on an undefined number.
+   A NaN metric fails its gate: nothing is promoted on an undefined number. A category whose eval rows
+   are all clicks or all non-clicks is not gated (no model has an AUC there: it holds no evidence, and
+   gating it would reject every challenger on that snapshot).
 4. Promotion = setting the alias `champion` on the challenger (etl.registry.promote). With no champion
    yet, the challenger is promoted only when `allow_first` is given (and it has enough eval rows and
    finite metrics).
@@ -87,13 +89,16 @@ def gate_checks(challenger: dict, champion: dict, review) -> list[Gate]:
             continue
         gates.append(Gate(metric, a >= b - tol, f"{metric.upper()} {a:.4f} vs champion {b:.4f} "
                                                 f"(delta {a - b:+.4f}, tolerance -{tol})"))
-    worst, regressed, skipped = None, [], []
+    worst, regressed, skipped, one_class = None, [], [], []
     for cat, m in sorted(challenger["by_category"].items()):
         c = champion["by_category"].get(cat)
         if c is None or m["rows"] < review.min_category_rows:
             skipped.append(cat)
             continue
-        if _bad(m["auc"]) or _bad(c["auc"]):
+        if m["positives"] in (0, m["rows"]):  # the same rows for both: no model can rank them, no evidence
+            one_class.append(cat)
+            continue
+        if _bad(m["auc"]) or _bad(c["auc"]):  # both classes, yet no AUC: the model's scores are not numbers
             regressed.append(f"{cat} (AUC undefined)")
             continue
         delta = m["auc"] - c["auc"]
@@ -106,6 +111,8 @@ def gate_checks(challenger: dict, champion: dict, review) -> list[Gate]:
         detail = f"regressed: {', '.join(regressed)}; " + detail
     if skipped:
         detail += f"; not gated (< {review.min_category_rows} rows): {', '.join(skipped)}"
+    if one_class:
+        detail += f"; not gated (one class, AUC undefined for any model): {', '.join(one_class)}"
     gates.append(Gate("categories", not regressed, detail))
     return gates
 
@@ -213,9 +220,16 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
 
     # Re-score every model on the pinned snapshot.
     loaded = {v: load_registered(mv) for v, mv in models.items()}
-    with_vector = any(m.spec.feature_mode == "vector" for m, _ in loaded.values())
+    vector_models = [f"v{v}" for v, (m, _) in loaded.items() if m.spec.feature_mode == "vector"]
     train_dates = sorted({d for _, tags in loaded.values() for d in tags.get("train.dates", "").split(",") if d})
-    ev = ctr_data.read_ctr_frame(store, snap.table_version, list(snap.eval_dates), with_vector)
+    try:  # e.g. a vector-mode champion on a snapshot attached without item_vector: no evidence, not a crash
+        ev = ctr_data.read_ctr_frame(store, snap.table_version, list(snap.eval_dates), bool(vector_models))
+        tr = (ctr_data.read_ctr_frame(store, snap.table_version, train_dates, bool(vector_models))
+              if train_dates else None)
+    except ctr_data.CtrDataError as exc:
+        whose = f"the vector-mode model(s) {', '.join(vector_models)}" if vector_models else "the models"
+        out.reasons.append(f"ctr_train v{snap.table_version} cannot be read for {whose}: {exc}")
+        return out
     if ev.empty:
         out.reasons.append(f"the snapshot {snap.key} has no rows (were its partitions replaced and vacuumed?)")
         return out
@@ -224,7 +238,6 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         out.reasons.append(f"ctr_train v{snap.table_version} eval rows carry feature_version {fv!r}, the tags say "
                            f"{snap.feature_version!r}: the snapshot is not what the models were evaluated on")
         return out
-    tr = ctr_data.read_ctr_frame(store, snap.table_version, train_dates, with_vector) if train_dates else None
     seen = ctr_data.seen_items(tr) if tr is not None else set()
     cold = set(ev["item_id"].unique().tolist()) - seen
     # The same impressions for every model, each with the features of its own feature version (a model
