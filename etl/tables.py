@@ -84,6 +84,13 @@ def _partition_dir(values: Mapping[str, str]) -> str:
     return "/".join(f"{k}={v}" for k, v in values.items())
 
 
+def _replace_where(partition: Mapping[str, str]) -> str:
+    """Native Delta's replaceWhere predicate for one partition. The values are checked as path parts
+    first: a quote in one would change the predicate (and with it the rows a replace deletes)."""
+    _partition_dir(partition)
+    return " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+
+
 def _values(column: str, values) -> Collection:
     """A partition filter's values; a bare string would be read as its characters."""
     if isinstance(values, str):
@@ -99,6 +106,19 @@ def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
     within = [h["version"] for h in history if h.get("timestamp", cutoff_ms) >= cutoff_ms]
     before = [h["version"] for h in history if h.get("timestamp", cutoff_ms) < cutoff_ms]
     return sorted(within + ([max(before)] if before else []))
+
+
+def commit_metadata(entry: dict) -> dict:
+    """What this store's writer put in a commit (job, run_id, partition as JSON, any extra metadata;
+    empty values left out), from a ``history()`` entry: the JSON string ``userMetadata``, on either
+    engine. A delta-rs commit of an earlier release kept the keys loose at the top level instead."""
+    if "userMetadata" not in entry:
+        return entry
+    try:
+        meta = json.loads(entry["userMetadata"] or "{}")
+    except ValueError:  # a commit another writer made
+        return {}
+    return {k: v for k, v in meta.items() if v} if isinstance(meta, dict) else {}
 
 
 class TableStore:
@@ -191,6 +211,7 @@ class TableStore:
         return [f.name for f in self._delta(name).schema().fields]
 
     def history(self, name: str) -> list[dict]:
+        """delta-rs history() entries, one per commit (``commit_metadata`` reads what this store wrote)."""
         return self._delta(name).history()
 
     def files(self, name: str, version: int | None = None) -> list[TableFile]:
@@ -293,7 +314,7 @@ class TableStore:
 
                 for c, v in partition.items():
                     data = data.withColumn(c, F.lit(v))
-                where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+                where = _replace_where(partition)
                 self._retry_conflicts(name, lambda: (
                     _writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
                     .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
@@ -305,12 +326,13 @@ class TableStore:
         return self.latest_version(name)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
-                           job: str = "", run_id: str = "") -> int:
+                           job: str = "", run_id: str = "", extra_metadata: Mapping[str, str] | None = None) -> int:
         """Replace the partitions ``fixed + {by: v}`` for every v in ``values`` with df's rows, in ONE
         commit (several dates of a table seen whole or not at all). df carries the column ``by``; a row
         whose value is not in ``values`` is an error. A value with no rows empties that partition.
-        The table is partitioned by ``[*fixed, by]``. Returns the new version (the current one when
-        ``values`` is empty: nothing to write)."""
+        The table is partitioned by ``[*fixed, by]``. ``extra_metadata`` joins the commit's metadata
+        (``commit_metadata`` reads it back). Returns the new version (the current one when ``values`` is
+        empty: nothing to write)."""
         from pyspark.sql import functions as F
 
         self.check_contract(df, name)
@@ -319,15 +341,16 @@ class TableStore:
         if not values:
             return self.version(name)
         for v in values:
-            _partition_dir({by: v})
+            _partition_dir({**fixed, by: v})
         cols = [*fixed, by]
         data = df.withColumn(by, F.col(by).cast("string")).drop(*[c for c in fixed if c in df.columns])
-        meta = {"job": job, "run_id": run_id, "partition": json.dumps({**fixed, by: values})}
+        meta = {**(extra_metadata or {}), "job": job, "run_id": run_id,
+                "partition": json.dumps({**fixed, by: values})}
         with self._published_alone(name, "partition replace"):
             if self.native:
                 for c, v in fixed.items():
                     data = data.withColumn(c, F.lit(v))
-                where = " AND ".join([f"{c} = '{v}'" for c, v in fixed.items()] +
+                where = " AND ".join(([_replace_where(fixed)] if fixed else []) +  # values checked above
                                      [f"{by} IN ({', '.join(repr(v) for v in values)})"])
                 self._retry_conflicts(name, lambda: (
                     _writer(data.select(*[c for c in data.columns if c not in cols], *cols), name).format("delta")
@@ -403,7 +426,7 @@ class TableStore:
             data = self.spark.read.parquet(glob_escape(staged.folder))
             for c, v in partition.items():
                 data = data.withColumn(c, F.lit(v))
-            where = " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
+            where = _replace_where(partition)
             (_writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
              .option("userMetadata", json.dumps(meta)).partitionBy(*partition).save(self.path(name)))
             self._delete_folder(staged.folder)
@@ -486,7 +509,8 @@ class TableStore:
                 f = it.next()
                 files.append(f.getPath().toString())
                 newest = max(newest, f.getModificationTime())
-            if newest <= cutoff_ms:
+            # A folder without files yet may be a run that is writing its first ones: nothing to reclaim.
+            if files and newest <= cutoff_ms:
                 out += files
                 if not dry_run:
                     hfs.delete(run.getPath(), True)
@@ -561,7 +585,10 @@ class TableStore:
         from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
         path = self.path(name)
-        props = CommitProperties(custom_metadata={k: v for k, v in meta.items() if v})
+        # As Spark's Delta writes it (the writer option userMetadata): one JSON string. Loose keys at the
+        # top of commitInfo collide with Delta's own fields ("job" is a struct there), and a Spark reader
+        # of the table then fails on the log.
+        props = CommitProperties(custom_metadata={"userMetadata": json.dumps({k: v for k, v in meta.items() if v})})
         if not self._is_delta(path):
             create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error",
                                           partition_by=partition_cols or None, commit_properties=props,

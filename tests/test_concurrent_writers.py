@@ -39,7 +39,7 @@ print("LATE" if late > 0 else "ON_TIME", flush=True)
 
 
 def test_delta_rs_commits_from_concurrent_processes_all_land(spark, cfg_factory, tmp_path):
-    from etl.tables import TableStore
+    from etl.tables import TableStore, commit_metadata
 
     cfg = cfg_factory()
     store = TableStore(spark, cfg)
@@ -66,7 +66,8 @@ def test_delta_rs_commits_from_concurrent_processes_all_land(spark, cfg_factory,
     # every commit landed exactly once: version 0 (seed) + one per writer, no version lost or doubled
     history = store.history("t")
     assert store.version("t") == len(writers) and len(history) == len(writers) + 1
-    assert sorted(h["job"] for h in history if h.get("job")) == sorted(w[0] for w in writers)
+    jobs = {h["version"]: commit_metadata(h).get("job") for h in history}
+    assert sorted(j for j in jobs.values() if j) == sorted(w[0] for w in writers)
     # each new partition holds exactly its writer's rows; the twice-replaced one holds exactly one
     # writer's files and rows (the later commit), never a mix and never the seed rows
     df = store.read("t")
@@ -80,7 +81,7 @@ def test_delta_rs_commits_from_concurrent_processes_all_land(spark, cfg_factory,
     assert d0_files == adds_of[winner]
     # the loser's replace landed too, one version earlier, as a whole
     loser = "same_b" if winner == "same_a" else "same_a"
-    loser_version = next(h["version"] for h in history if h.get("job") == loser)
+    loser_version = next(v for v, j in jobs.items() if j == loser)
     before = store.read("t", version=loser_version).where(F.col("dt") == D0)
     assert {r["w"] for r in before.collect()} == {loser}
 
@@ -127,7 +128,7 @@ def native_main(out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from etl.config import load_config
     from etl.spark import get_spark
-    from etl.tables import TableStore
+    from etl.tables import TableStore, commit_metadata
 
     cfg = load_config(out / "spark-delta.yaml")
     spark = get_spark(cfg, "concurrent-writers")
@@ -152,8 +153,7 @@ def native_main(out: Path) -> None:
     df = store.read("t")
     rows = {r["dt"]: [r["n"], sorted(r["ws"])] for r in
             df.groupBy("dt").agg(F.count(F.lit(1)).alias("n"), F.collect_set("w").alias("ws")).collect()}
-    hist = [{"version": h["version"], "job": json.loads(h.get("userMetadata") or "{}").get("job")}
-            for h in store.history("t")]
+    hist = [{"version": h["version"], "job": commit_metadata(h).get("job")} for h in store.history("t")]
     (out / "result.json").write_text(json.dumps({"errors": errors, "rows": rows, "history": hist,
                                                  "version": store.version("t")}))
     spark.stop()

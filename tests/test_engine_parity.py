@@ -89,7 +89,7 @@ def main(out: Path) -> None:
     from etl.config import load_config
     from etl.spark import get_spark
     from etl.publish import PublishLog
-    from etl.tables import TableError, TableStore
+    from etl.tables import TableError, TableStore, commit_metadata
     from test_tables import file_codecs
 
     confs = {e: Path(out / f"{e}.yaml") for e in ("delta-rs", "spark-delta")}
@@ -104,11 +104,22 @@ def main(out: Path) -> None:
         # several partitions in one commit (a date range), one of them emptied
         multi = sample_frame(spark, 4, 20).withColumn(
             "dt", F.when(F.col("id") % 2 == 0, DATES[1]).otherwise(DATES[2]))
-        versions.append(store.replace_partitions(multi, "m", "dt", [DATES[1], DATES[2]]))
+        versions.append(store.replace_partitions(multi, "m", "dt", [DATES[1], DATES[2]], job="j",
+                                                 extra_metadata={"refresh_date": DATES[2]}))
         versions.append(store.replace_partitions(multi.where(f"dt = '{DATES[2]}'"), "m", "dt", [DATES[1], DATES[2]]))
         versions.append(store.overwrite(sample_frame(spark, 5, 12), "u"))
         versions.append(store.overwrite(sample_frame(spark, 6, 9), "u"))
         files = store.files("t")
+        # A partition value with a quote would widen native Delta's replaceWhere to other rows: refused on
+        # both engines, before anything is written.
+        refused = []
+        for write in (lambda: store.replace_partition(sample_frame(spark, 8, 3), "t", {"dt": "x' OR '1'='1"}),
+                      lambda: store.replace_partitions(sample_frame(spark, 8, 3).withColumn("dt", F.lit(DATES[0])),
+                                                       "m", "dt", [DATES[0]], fixed={"k": "a'b"})):
+            try:
+                write()
+            except TableError as e:
+                refused.append("not allowed in a path" in str(e))
         # courier_train carries its catalogued codec (etl.catalog) on both engines, staged or replaced.
         ct = sample_frame(spark, 7, 10).select(*[F.col("user_id").alias(c) for c in T.COURIER_TRAIN.columns])
         store.commit_staged(store.stage_partition(ct, T.COURIER_TRAIN, {"dt": DATES[0]}))
@@ -117,6 +128,9 @@ def main(out: Path) -> None:
         # (native Delta stages in _staging/, a folder Delta's own vacuum skips).
         dead = store.stage_partition(ct, T.COURIER_TRAIN, {"dt": DATES[2]})
         dead_files = {f.name for f in Path(dead.folder.split(":", 1)[-1]).rglob("*.parquet")}
+        # a run that has made its staging folder and written no file yet: not a dead run's, kept
+        starting = Path(dead.folder.split(":", 1)[-1]).parent / "run-starting"
+        starting.mkdir()
         listed = {os.path.basename(p) for p in store.vacuum(T.COURIER_TRAIN, retention_hours=0, dry_run=True)}
         store.vacuum(T.COURIER_TRAIN, retention_hours=0, dry_run=False)
         left = list(Path(dead.folder.split(":", 1)[-1]).rglob("*.parquet"))
@@ -124,6 +138,10 @@ def main(out: Path) -> None:
             "codecs": {n: file_codecs(store, n) for n in ("t", T.COURIER_TRAIN)},
             "versions": versions,
             "history_len": {n: len(store.history(n)) for n in ("t", "m", "u")},
+            "quotes_refused": refused,
+            # what the writer put in each commit, read back the same way from either engine's log
+            "m_metadata": sorted([h["version"], *map(commit_metadata(h).get, ("job", "refresh_date", "partition"))]
+                                 for h in store.history("m")),
             "t": per_partition(store.read("t")),
             "t_v0": per_partition(store.read("t", version=0)),
             "t_v1": per_partition(store.read("t", version=1)),
@@ -136,7 +154,7 @@ def main(out: Path) -> None:
             "files_rows": {d: sum(f.num_records for f in files if f.partition_values["dt"] == d) for d in DATES},
             "columns": store.read("t").columns,
             "dead_run": {"staged": len(dead_files), "listed": dead_files <= listed, "left": len(left),
-                         "rows_after": store.read(T.COURIER_TRAIN).count()},
+                         "rows_after": store.read(T.COURIER_TRAIN).count(), "starting_kept": starting.is_dir()},
         }
         # Once a publish log exists, a stage-1 table it does not list (its first build died before
         # publishing) has no version to read on either engine: an error, never its unpublished rows.
@@ -180,7 +198,8 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     # a dead run's staged files: listed by a vacuum and removed, the committed rows untouched, on both engines
     for engine in (rs, native):
         assert engine["dead_run"] == {"staged": engine["dead_run"]["staged"], "listed": True, "left": 0,
-                                      "rows_after": 20} and engine["dead_run"]["staged"] > 0, engine["dead_run"]
+                                      "rows_after": 20, "starting_kept": True} and engine["dead_run"]["staged"] > 0, \
+            engine["dead_run"]
         assert "courier_train' has no published version yet" in str(engine["unpublished_read"])
     # ... and the content written (not merely equal to each other)
     exp = res["expected"]
@@ -193,6 +212,9 @@ def test_delta_rs_and_delta_spark_give_the_same_tables(tmp_path):
     # one commit per write on both engines: versions 0, 1, 2 of t; 0, 1 of m and u
     assert rs["versions"] == native["versions"] == [0, 1, 2, 0, 1, 0, 1]
     assert rs["history_len"] == native["history_len"] == {"t": 3, "m": 2, "u": 2}
+    assert rs["quotes_refused"] == native["quotes_refused"] == [True, True]
+    partition = json.dumps({"dt": [DATES[1], DATES[2]]})
+    assert rs["m_metadata"] == native["m_metadata"] == [[0, "j", DATES[2], partition], [1, None, None, partition]]
     # each engine reads the other's tables
     for key, seen in res["cross"].items():
         writer = native if key.endswith("spark-delta") else rs
