@@ -386,9 +386,17 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
         undone = recover(store, plog)
         if undone:
             report.note = "recovered an unfinished publish: " + "; ".join(undone)
+        # After recovery each table's newest version holds its published content: this run's commit must be
+        # the very next one. Another run's commit in between (the object-store lock cannot rule one out)
+        # would be pinned with this run's in the record below.
+        start = {t: store.latest_version(t) for t in T.STAGE1}
         try:
             for n, name in enumerate(T.STAGE1, 1):
                 report.versions[name] = store.commit_staged(staged[name], JOB, run_id)
+                expected = 0 if start[name] is None else start[name] + 1
+                if report.versions[name] != expected:
+                    raise PublishError(f"{report.dt}: {name} is at v{report.versions[name]} after this run's commit, "
+                                       f"not v{expected}: another run committed to it meanwhile; rerun the date")
                 if progress:
                     progress(f"  {report.dt} {name}: committed v{report.versions[name]}")
                 pause_hook(n)

@@ -119,6 +119,43 @@ def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged
     assert not any(os.path.exists(u.removeprefix("file://")) for u in dead_files)  # the dead run's data went too
 
 
+def test_a_commit_of_another_run_between_this_run_s_commits_stops_the_publish(spark, tmp_path, monkeypatch):
+    """Two builds that both hold the object-store lock (it cannot rule that out): a version another run
+    committed to a table before this run's commit would be pinned with this run's. The publish stops,
+    its commits (and the other one) are undone, readers keep the published set, a rerun publishes."""
+    import deltalake
+
+    import etl.build
+    from etl.build import PublishError, build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, [f"i{k}" for k in range(1, 4)])
+    write_log(cfg, D0, [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+                        click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
+    write_catalog(cfg, D1, [f"i{k}" for k in range(4, 6)])
+    write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u2", "p1", ["i4", "i5"]),
+                        click("b1", "2026-11-20T10:00:05Z", "u2", "p1", "i4")])
+    store = TableStore(spark, cfg)
+    build_date(spark, cfg, store, D0, "run-d0")
+    published = {t: store.read(t).count() for t in ("items", "item_images", "pv_samples")}
+
+    def another_run_commits(n):  # after this run's second commit, before its third (item_images)
+        if n == 2:
+            path = store.path("item_images")
+            deltalake.write_deltalake(path, deltalake.DeltaTable(path).to_pyarrow_dataset().schema.empty_table(),
+                                      mode="append")
+
+    monkeypatch.setattr(etl.build, "pause_hook", another_run_commits)
+    with pytest.raises(PublishError, match="item_images is at v2 after this run's commit, not v1: another run"):
+        build_date(spark, cfg, store, D1, "run-d1")
+    monkeypatch.undo()
+    assert {t: store.read(t).count() for t in published} == published
+    report = build_date(spark, cfg, store, D1, "run-d1-again")
+    assert report.status == "built" and store.read("items").count() == published["items"] + 2
+
+
 def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_it(spark, tmp_path):
     """A late file in an already published date: the next date would read its rows for click history
     (and judge its clicks as passed) while that date's tables and counts never saw them. It is refused
