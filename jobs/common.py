@@ -173,30 +173,38 @@ def _exit_on_sigterm() -> None:
 
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
-            expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None) -> int:
-    """The frame every job shares: arguments and config (errors: one line, exit 2), logging, the Spark
-    session, the body, and the session stopped whatever happens. The body opens its MLflow run with
-    `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad input, a
-    refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print their
-    message without a traceback. `crash_status` (CRASHED): the exit status of any other exception (its
-    traceback printed), for a job whose status 1 means an outcome; else Python's (1)."""
+            expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None,
+            usage_status: int = 2) -> int:
+    """The frame every job shares: arguments and config (any error there: one line, exit `usage_status`),
+    logging, the Spark session, the body, and the session stopped whatever happens. The body opens its
+    MLflow run with `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad
+    input, a refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print
+    their message without a traceback. `crash_status` (CRASHED): the exit status of any other exception
+    (its traceback printed), for a job whose status 1 means an outcome; else Python's (1). A job whose
+    status 2 is an outcome (review_model: refused) sets `usage_status` too."""
     import yaml
 
     from etl.config import ConfigError
 
     codes = expected_errors if isinstance(expected_errors, dict) else {e: 1 for e in expected_errors}
     # A config value refused only where the body uses it (a path outside its root...) is a bad config too.
-    codes = {ConfigError: 2, **codes}
+    codes = {ConfigError: usage_status, **codes}
     p = job_parser(description, one_line_errors=True)
     add_arguments(p)
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage error (argparse's exit 2), or --help (exit 0)
+        if e.code in (0, None):
+            raise
+        return usage_status
     try:
         if check_args:
             check_args(args)
         cfg = load_job_config(args)
-    except (CliError, ConfigError, yaml.YAMLError) as e:
-        print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - nothing ran yet: whatever the arguments or the config broke is theirs
+        what = "" if isinstance(e, (CliError, ConfigError, yaml.YAMLError)) else f"the config: {type(e).__name__}: "
+        print(f"{name}: error: {what}{' '.join(str(e).split())}", file=sys.stderr)
+        return usage_status
     from etl.spark import get_spark
 
     session = None
@@ -218,4 +226,7 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
         return crash_status
     finally:
         if session is not None:
-            session.stop()
+            try:
+                session.stop()
+            except Exception as e:  # noqa: BLE001 - the job's own status stands (a JVM already gone on SIGTERM)
+                print(f"{name}: warning: stopping the Spark session failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -10,9 +10,10 @@ review.md with PNG plots as artifacts of an MLflow run and prints a one-screen s
 Exit status: 0 promoted, 1 rejected by a gate (alias unchanged), 2 refused (no comparable evidence:
 a champion that trained on the challenger's eval dates or whose features cannot be rebuilt, an image
 encoder that trained on them, a vector-mode model on a snapshot without item_vector, no champion
-without --allow-first, too few eval rows, unknown version), 3 the review failed (a crash: never read
-as a rejection). The decision is final once made: it is printed (and written to --status-file) before
-the report, so a report that fails after a promotion exits 3 and still says that @champion moved.
+without --allow-first, too few eval rows, unknown version), 3 the review failed (a crash, bad arguments
+or config: never read as a rejection). The decision is final once made: it is printed (and written to
+--status-file) before the report, so a report that fails after a promotion exits 3 and still says that
+@champion moved.
 With --status-file (schedulers): the decision is written there as one JSON line and the exit status is
 0 whenever the review reached a decision and its report was logged.
 """
@@ -50,8 +51,8 @@ def body(ctx) -> int:
 def main(argv: list[str] | None = None) -> int:
     from etl.config import ConfigError
 
-    # 1 and 2 are decisions here (rejected, refused): a config error inside the body is a failure.
-    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED,
+    # 1 and 2 are decisions here (rejected, refused): bad arguments or config, before the body or in it, fail.
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED, usage_status=CRASHED,
                    expected_errors={ConfigError: CRASHED})
 
 

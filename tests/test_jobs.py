@@ -156,6 +156,32 @@ def test_a_crash_exits_with_the_jobs_crash_status(tmp_path):
     assert out.returncode == 2 and "pathy: error: " in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
+def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsys):
+    """Whatever breaks before the body (an unknown flag, a --set that makes a section a number, a config
+    file that is not UTF-8) is one line and the usage status: 2, or 3 for review_model, whose 1 and 2
+    are decisions (rejected, refused) that a scheduler must not read from a typo."""
+    from jobs import review_model
+    from jobs.common import run_job
+
+    conf = write_config(tmp_path, {})
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"env: caf\xe9\n")
+
+    def body(ctx):
+        raise AssertionError("the body must not run")
+
+    for argv, what in ((["--conf", str(conf), "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                       (["--conf", str(conf), "--set", "features=1", "--set", "features.n_clusters=2"], "the config"),
+                       (["--conf", str(latin1)], "")):
+        for usage_status in (2, 3):
+            capsys.readouterr()
+            assert run_job("j", "d", lambda p: None, body, argv=argv, usage_status=usage_status) == usage_status, argv
+            err = capsys.readouterr().err
+            assert what in err and "Traceback" not in err, err
+    assert review_model.main(["--conf", str(conf), "--allow_first"]) == 3
+    assert review_model.main(["--conf", str(latin1)]) == 3
+
+
 def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
     """A job started with plain python (as the schedule runs them) launches the JVM itself: SPARK_LOCAL_IP
     must reach the JVM's environment at launch, or the Spark UI listens on every interface."""
