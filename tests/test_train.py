@@ -191,6 +191,12 @@ def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trai
         plan_training(cfg, store, "pinned", resume=True, skip_if_done=False)
     done = plan_training(cfg, store, "pinned", resume=False, skip_if_done=True)
     assert done.resume
+    # ... but not one that finished with other settings: it is not the run this config asks for.
+    _write_marker(folder, "run-x", run_identity(cfg, latest - 1))
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 10))
+    with pytest.raises(TrainError, match=r"pinned finished with other settings \(train.lr: .*\): it is not the run"):
+        plan_training(changed, store, "pinned", resume=False, skip_if_done=True)
+    assert plan_training(cfg, store, "pinned", resume=False, skip_if_done=True).resume
     # Its done.json names a version this registry holds from another run ("full"): no alias is moved to it.
     from etl.tracking import setup_mlflow
     from training.launch import check_registered_by

@@ -81,13 +81,14 @@ def plan_training(cfg: Config, store, run_name: str | None, resume: bool, skip_i
         raise TrainError(f"{TABLE} v{version} has no rows to train on")
     train_files, holdout = split_holdout(files, t.holdout_last_date)
     plan = TrainPlan(name, version, train_files, holdout, checkpoint_dir, marker, resume)
-    if resume and fs.exists(plan.done_path):
-        if not skip_if_done:  # (with it, the job says there is nothing to do)
-            raise TrainError(f"--resume of {name}: the run finished and registered {MODEL_NAME} "
-                             f"v{finished_version(plan)}; there is nothing to resume (a new run: --run-name)")
+    finished = resume and fs.exists(plan.done_path)
+    if finished and not skip_if_done:  # (with it, the job says there is nothing to do)
+        raise TrainError(f"--resume of {name}: the run finished and registered {MODEL_NAME} "
+                         f"v{finished_version(plan)}; there is nothing to resume (a new run: --run-name)")
+    if resume:  # a finished run too: one of other settings is not the run this config asks for
+        _refuse_changed_settings(plan, run_identity(cfg, version), finished)
+    if finished:
         return plan
-    if resume:
-        _refuse_changed_settings(plan, run_identity(cfg, version))
     _refuse_other_widths(cfg, version, files)
     return plan
 
@@ -108,14 +109,17 @@ def _refuse_other_widths(cfg: Config, version: int, files) -> None:
                              f"--set samples.l_click={got[1]}), or rebuild those dates")
 
 
-def _refuse_changed_settings(plan: TrainPlan, now: dict) -> None:
+def _refuse_changed_settings(plan: TrainPlan, now: dict, finished: bool = False) -> None:
     then = plan.marker.get("identity")
     if then is None:  # a run.json written before identities were kept: nothing to compare
         return
     # A setting the run.json does not name was added since the run started: it cannot say.
-    changed = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in now if k in then and then[k] != now[k]]
+    changed = "; ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in now if k in then and then[k] != now[k])
+    if changed and finished:
+        raise TrainError(f"{plan.run_name} finished with other settings ({changed}): it is not the run this "
+                         "config asks for, so there is nothing to skip to. Start a new run with --run-name")
     if changed:
-        raise TrainError(f"--resume of {plan.run_name}: the run started with other settings ({'; '.join(changed)}); "
+        raise TrainError(f"--resume of {plan.run_name}: the run started with other settings ({changed}); "
                          "its checkpoint's position would skip or repeat rows. Resume with the run's settings, "
                          "or start a new run with --run-name")
 
