@@ -434,9 +434,13 @@ def _validate(cfg: Config) -> None:
 def _validate_features(f: FeaturesConf) -> None:
     import re
 
-    for key in ("encoder_ref", "clusters_ref"):
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+(@[A-Za-z0-9_\-]+|/(\d+|latest))", getattr(f, key)):
-            raise ConfigError(f"features.{key}: expected <model>@<alias>, <model>/<version> or <model>/latest, "
+    from etl.contracts import CLUSTERS_MODEL, ENCODER_MODEL
+
+    # The jobs register and read these models only (lineage, feature versions): another name would be
+    # a model no job writes, and build_clusters would move an alias of courier-clusters, not of it.
+    for key, model in (("encoder_ref", ENCODER_MODEL), ("clusters_ref", CLUSTERS_MODEL)):
+        if not re.fullmatch(rf"{re.escape(model)}(@[A-Za-z0-9_\-]+|/(\d+|latest))", getattr(f, key)):
+            raise ConfigError(f"features.{key}: expected {model}@<alias>, {model}/<version> or {model}/latest, "
                               f"got {getattr(f, key)!r}")
     checks = [
         (f.n_clusters >= 2, "features.n_clusters must be >= 2"),

@@ -279,9 +279,10 @@ def clusters_ref_of(feature_version: str) -> str | None:
 
 
 def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far_distance: float,
-                  mean_distance: float, trained_on: int) -> dict:
+                  mean_distance: float, trained_on: int, build_key: str = "") -> dict:
     """A clustering's lineage: its encoder, the k-means settings (features config) and the build's
-    distance statistics that the daily refresh's drift measure compares against."""
+    distance statistics that the daily refresh's drift measure compares against; `build_key`: the
+    scheduler's run that asked for the build (build_clusters --build-key), when one did."""
     f = features
     tags = {"encoder_ref": encoder.ref, "encoder_version": encoder.encoder_version, "n_clusters": f.n_clusters,
             "dim": dim, "index_type": index_type, "far_distance": far_distance, "far_quantile": f.drift_far_quantile,
@@ -291,6 +292,8 @@ def clusters_tags(encoder: EncoderSpec, features, dim: int, index_type: str, far
         tags.update(hnsw_m=f.hnsw_m, hnsw_ef_search=f.hnsw_ef_search)
     if f.levels:
         tags["levels"] = ",".join(str(k) for k in f.levels)
+    if build_key:
+        tags["build_key"] = build_key
     return tags
 
 

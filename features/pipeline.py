@@ -24,7 +24,8 @@ from pyspark.sql import functions as F
 
 from etl import catalog as T, registry
 from etl.config import Config
-from etl.tables import TableStore
+from etl.contracts import CLUSTERS_MODEL
+from etl.tables import TableStore, commit_metadata
 from features import NO_IMAGE_CLUSTER_ID
 from features import attach as A
 from features import clustering as K
@@ -404,10 +405,30 @@ def _take_back_item_clusters(store: TableStore, assigned: DataFrame, dates: list
                   "they are read by nothing", fv, type(e).__name__, e)
 
 
-def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters") -> Report:
+def clusters_built_for(cfg: Config, store: TableStore, build_key: str) -> ClustersSpec | None:
+    """The clusters_ref version when a build_clusters run with this `build_key` made it and item_clusters
+    holds it (a retry of a build that finished after moving the alias); else None."""
+    try:
+        mv = registry.resolve(cfg.features.clusters_ref)
+    except RegistryError:
+        return None
+    if not build_key or (mv.tags or {}).get("build_key") != build_key:
+        return None
+    spec = registry.clusters_spec_of(mv)
+    return spec if _item_clusters_hold(store, spec.feature_version) else None
+
+
+def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters",
+                   build_key: str = "") -> Report:
     """k-means over item_embeddings of encoder_ref -> a new courier-clusters version (index, centroids,
-    stats in MLflow) and item_clusters for every item (reserved id where no usable embedding)."""
+    stats in MLflow) and item_clusters for every item (reserved id where no usable embedding).
+    `build_key` is kept on the version (clusters_built_for finds it)."""
     f = cfg.features
+    _, kind_ref, alias = parse_ref(f.clusters_ref)
+    if kind_ref != "alias":  # before any work: a version nothing reads would be all it made
+        raise FeatureError(f"features.clusters_ref is {f.clusters_ref!r}, a pinned version: build_clusters publishes "
+                           "a clustering by moving an alias, which refresh and attach then read. Set it to "
+                           f"{CLUSTERS_MODEL}@<alias> (e.g. --set features.clusters_ref={CLUSTERS_MODEL}@current)")
     _arrow_batch(spark, cfg)
     enc = encoder_spec(f.encoder_ref)
     ev = enc.encoder_version
@@ -449,7 +470,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
         far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
         mean = ok.agg(F.avg("distance")).first()[0]
         tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
-                                      mean if mean is not None else float("nan"), len(x))
+                                      mean if mean is not None else float("nan"), len(x), build_key)
         mv = _register_clusters(index, centroids, parents, stats, sizes, run_id, tags)
         fv = clusters_spec(f"{mv.name}/{mv.version}").feature_version
         r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,
@@ -466,10 +487,8 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
             if T.ITEM_CLUSTERS in r.versions:  # committed, then the check (or the job) failed: rows go too
                 _take_back_item_clusters(store, assigned, dates, fv, job, run_id)
             raise
-    name, kind_ref, alias = parse_ref(f.clusters_ref)
-    if kind_ref == "alias":
-        registry.set_alias(mv.name, alias, mv.version)
-        r.info["alias"] = f"@{alias} -> v{mv.version}"
+    registry.set_alias(mv.name, alias, mv.version)
+    r.info["alias"] = f"@{alias} -> v{mv.version}"
     return r
 
 
@@ -584,6 +603,7 @@ class RefreshPlan:
     log: LogSnapshot | None = None  # the ctr_log the affected partitions are attached from
     new_dates: list[str] = field(default_factory=list)
     affected: list[str] = field(default_factory=list)
+    drift_dates: list[str] = field(default_factory=list)  # the dates whose items the drift measure covers
 
     @property
     def fv(self) -> str:
@@ -632,6 +652,7 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
+    plan.drift_dates = sorted(set(plan.new_dates) | {date} | _clustered_by_an_earlier_attempt(store, fv, date))
     plan.log = snap = log_snapshot(store)
     log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
@@ -645,6 +666,23 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
         stale |= {row["dt"] for row in mentions.collect()}
     plan.affected = sorted(stale)
     return plan
+
+
+REFRESH_DATE = "refresh_date"  # item_clusters commit metadata: the day whose refresh committed the rows
+
+
+def _clustered_by_an_earlier_attempt(store: TableStore, fv: str, date: str) -> set[str]:
+    """The dates whose new items earlier attempts of `date`'s refresh committed to item_clusters of `fv`
+    (empty when none). A retry finds those items clustered already, and measures the drift over the same
+    dates as the attempts that clustered them (a catch-up covers several)."""
+    if not store.exists(T.ITEM_CLUSTERS):
+        return set()
+    dates: set[str] = set()
+    for meta in map(commit_metadata, store.history(T.ITEM_CLUSTERS)):
+        partition = json.loads(meta.get("partition") or "{}") if meta.get(REFRESH_DATE) == date else {}
+        if partition.get("feature_version") == fv:
+            dates.update(partition.get("dt", []))
+    return dates
 
 
 def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report, cache: _Cache) -> dict:
@@ -702,9 +740,9 @@ def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame | None, r: Report)
     Measured on item_clusters as it stands once the run has committed (its stored rows of those dates
     plus the new assignments), not on the new items alone: a retry after item_clusters was committed
     finds no new item, and must still report the drift its first attempt saw, or a scheduler's retry
-    would skip the re-cluster."""
+    would skip the re-cluster. The dates are the first attempt's too (`plan.drift_dates`)."""
     f, spec = cfg.features, plan.clu.spec
-    dates = sorted(set(plan.new_dates) | {plan.date})
+    dates = plan.drift_dates
     rows = plan.clustered.where(F.col("dt").isin(dates)).select("item_id", "cluster_id", "distance")
     if clu_new is not None:  # the new items are in no stored row (that is what makes them new)
         rows = rows.unionByName(clu_new.select("item_id", "cluster_id", "distance"))
@@ -733,7 +771,7 @@ def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report
         hook("committed:item_embeddings")
         r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
             staged[T.ITEM_CLUSTERS][0], T.ITEM_CLUSTERS, by="dt", values=plan.new_dates,
-            fixed={"feature_version": plan.fv}, job=job, run_id=run_id)
+            fixed={"feature_version": plan.fv}, job=job, run_id=run_id, extra_metadata={REFRESH_DATE: plan.date})
         hook("committed:item_clusters")
     if T.CTR_TRAIN in staged:
         r.versions[T.CTR_TRAIN] = store.replace_partitions(staged[T.CTR_TRAIN][0], T.CTR_TRAIN, by="dt",

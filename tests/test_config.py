@@ -59,6 +59,18 @@ def test_overrides_and_relative_paths(tmp_path):
         parse_overrides(["samples.neg_rate"])
 
 
+def test_model_refs_name_the_models_the_jobs_write(tmp_path):
+    """features.clusters_ref / encoder_ref of another model name: no job registers it, and build_clusters
+    would move courier-clusters' alias, not that model's, so a re-cluster would never reach the refresh."""
+    conf = write_config(tmp_path, {})
+    for key, ref in (("clusters_ref", "courier-clusters-prod@current"), ("encoder_ref", "my-encoder@champion"),
+                     ("clusters_ref", "courier-encoder@current"), ("clusters_ref", "courier-clusters")):
+        with pytest.raises(ConfigError, match=f"features.{key}: expected courier-"):
+            load_config(conf, {"features": {key: ref}})
+    for ref in ("courier-clusters@current", "courier-clusters/3", "courier-clusters/latest"):
+        assert load_config(conf, {"features": {"clusters_ref": ref}}).features.clusters_ref == ref
+
+
 def test_paths_from_data_stay_under_their_root(tmp_path):
     assert under_root(str(tmp_path), "a/b.png") == str(tmp_path / "a" / "b.png")
     for bad in ("../x.png", "/etc/passwd", "a/../../x"):

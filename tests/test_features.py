@@ -461,6 +461,9 @@ def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
     assert ctr.groupby("dt").size().to_dict() == log.groupby("dt").size().to_dict()
     assert (ctr["item_cluster_id"] == ctr["item_id"].map(cid)).all()
 
+    # The commit says which day's refresh clustered those dates' items (what a retry of that day reads).
+    assert P._clustered_by_an_earlier_attempt(store, fv, D2) == {D2}
+    assert P._clustered_by_an_earlier_attempt(store, fv, EMPTY_DAY) == set()
     versions, content = _versions(store), _snapshot(store)
     again = P.refresh(spark, cfg, store, D2)
     assert again.versions == {} and "noop" in again.info
@@ -735,6 +738,40 @@ def test_a_ctr_train_without_the_digest_column_keeps_its_schema(spark, tmp_path)
     assert store.read(T.CTR_TRAIN).count() == 40
 
 
+def test_a_retried_catch_up_refresh_measures_drift_over_the_first_attempt_s_dates(spark, tmp_path):
+    """A refresh of D3 that caught up D1's items (D2's refresh never ran) and stopped after committing
+    item_clusters: its retry finds those items clustered, and must still measure the drift over D1 and D3,
+    as the first attempt did, not over D3 alone."""
+    from pyspark.sql import types as ST
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from features import pipeline as P
+    from tests.conftest import write_config
+
+    store = TableStore(spark, load_config(write_config(tmp_path)))
+    schema = ST.StructType([ST.StructField("item_id", ST.StringType()), ST.StructField("cluster_id", ST.IntegerType()),
+                            ST.StructField("distance", ST.FloatType()), ST.StructField("dt", ST.StringType())])
+
+    def commit(fv, dates, refresh_date=None):
+        rows = spark.createDataFrame([(f"{fv}-{d}", 1, 0.5, d) for d in dates], schema)
+        store.replace_partitions(rows, "item_clusters", by="dt", values=dates, fixed={"feature_version": fv},
+                                 job="refresh_features", extra_metadata={"refresh_date": refresh_date} if refresh_date
+                                 else None)
+
+    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == set()  # no table yet
+    commit("fv1", ["2026-11-18", "2026-11-19"])                      # the build: no refresh date
+    commit("fv1", ["2026-11-20", "2026-11-22"], "2026-11-22")        # the catch-up's first attempt
+    commit("fv2", ["2026-11-22"], "2026-11-22")                      # another clustering's refresh of that day
+    commit("fv1", ["2026-11-23"], "2026-11-23")
+    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == {"2026-11-20", "2026-11-22"}
+    assert P._clustered_by_an_earlier_attempt(store, "fv2", "2026-11-22") == {"2026-11-22"}
+    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-23") == {"2026-11-23"}
+    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-19") == set()
+    commit("fv1", ["2026-11-21", "2026-11-22"], "2026-11-22")        # a later run of the day that found more
+    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == {"2026-11-20", "2026-11-21", "2026-11-22"}
+
+
 def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
     """build_clusters --skip-if-current keeps the current clustering only when the config would build the
     same one: another seed, drift quantile, or index (HNSW above large_c_threshold, its graph settings)
@@ -749,6 +786,17 @@ def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
     for change in ({"kmeans_seed": f.kmeans_seed + 1}, {"drift_far_quantile": 0.5},
                    {"large_c_threshold": f.n_clusters}):  # n_clusters >= threshold: an HNSW index
         assert P.current_clusters_match(_with(cfg, "features", **change), store) is None, change
+    # A build made for a scheduler's run (--build-key): a retry of that run finds it and has nothing to do.
+    from etl import registry
+
+    assert P.clusters_built_for(cfg, store, "run-1") is None
+    registry.tag_version("courier-clusters", current.version, {"build_key": "run-1"})
+    assert P.clusters_built_for(cfg, store, "run-1").version == current.version
+    assert P.clusters_built_for(cfg, store, "run-2") is None and P.clusters_built_for(cfg, store, "") is None
+    # A pinned clusters_ref has no alias to move: the build is refused before any work, not made for nothing.
+    pinned = _with(cfg, "features", clusters_ref=f"courier-clusters/{current.version}")
+    with pytest.raises(P.FeatureError, match="a pinned version: build_clusters publishes a clustering by moving"):
+        P.build_clusters(world["spark"], pinned, store, run_id="")
 
 
 def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, monkeypatch):

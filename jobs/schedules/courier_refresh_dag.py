@@ -71,8 +71,9 @@ with DAG(
     done = EmptyOperator(task_id="done")
     embed = job("embed_items", "embed_items.py")
     # No --skip-if-current here: with the same encoder and k-means settings that flag would keep the old
-    # clustering, but this branch runs because the items changed (drift) or a person asked for it.
-    cluster = job("build_clusters", "build_clusters.py")
+    # clustering, but this branch runs because the items changed (drift) or a person asked for it. The
+    # build key makes a retry of a build that moved @current and then failed a no-op, not a second build.
+    cluster = job("build_clusters", "build_clusters.py", "--build-key '{{ run_id }}'")
     # Every ctr_log date up to D whose ctr_train is of another feature version, also those before the
     # DAG's start date: what the refresh job re-attaches once the new clusters hold @current.
     reattach = job("attach_features", "refresh_features.py", f"--date {DAY}")
