@@ -386,6 +386,15 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
         undone = recover(store, plog)
         if undone:
             report.note = "recovered an unfinished publish: " + "; ".join(undone)
+        # This date was computed from the earlier dates' published tables (click verdicts, item images);
+        # another build may have published one of them again since (the lock covers only this step).
+        now = plog.latest()["dates"]
+        read, current = ({x: e.get("fingerprint") for x, e in dates.items() if x < report.dt}
+                         for dates in (inputs.published, now))
+        if read != current:
+            moved = sorted(x for x in {*read, *current} if read.get(x) != current.get(x))
+            raise PublishError(f"{report.dt}: earlier date(s) {moved} were published again while this date was built "
+                               "from their previous tables; nothing was committed: rerun the date")
         # After recovery each table's newest version holds its published content: this run's commit must be
         # the very next one. Another run's commit in between (the object-store lock cannot rule one out)
         # would be pinned with this run's in the record below.

@@ -156,6 +156,45 @@ def test_a_commit_of_another_run_between_this_run_s_commits_stops_the_publish(sp
     assert report.status == "built" and store.read("items").count() == published["items"] + 2
 
 
+def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published(spark, tmp_path, monkeypatch):
+    """Date D1 computed from D0's published tables; before D1 publishes, another build publishes D0 again
+    (its log changed). D1 would pin rows judged by D0's old verdicts: its publish stops, nothing of it is
+    committed, and a rerun builds it from the new D0."""
+    import etl.build
+    from etl.build import PublishError, build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, [f"i{k}" for k in range(1, 4)])
+    d0_log = [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+              click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")]
+    write_log(cfg, D0, d0_log)
+    write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u1", "p1", ["i2", "i3"]),
+                        click("b1", "2026-11-20T10:00:05Z", "u1", "p1", "i3")])
+    store = TableStore(spark, cfg)
+    build_date(spark, cfg, store, D0, "run-d0")
+    versions = {t: store.latest_version(t) for t in ("items", "pv_samples", "ctr_log")}
+    real_publish = etl.build._publish
+
+    def d0_published_again_first(*args, **kwargs):
+        if args[3].dt == D1:  # D1's publish (D0's own below goes straight through)
+            write_log(cfg, D0, [*d0_log, click("a2", "2026-11-19T10:00:06Z", "u1", "p0", "i2")])
+            assert build_date(spark, cfg, store, D0, "run-d0-again").status == "built"
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(etl.build, "_publish", d0_published_again_first)
+    with pytest.raises(PublishError, match=rf"earlier date\(s\) \['{D0}'\] were published again while this date"):
+        build_date(spark, cfg, store, D1, "run-d1")
+    monkeypatch.undo()
+    assert store.read("pv_samples").where(f"dt = '{D1}'").count() == 0  # nothing of D1 was committed
+    assert all(store.latest_version(t) == v + 1 for t, v in versions.items())  # D0's second publish only
+    assert build_date(spark, cfg, store, D1, "run-d1-again").status == "built"
+    # the click history of D1's page holds both of D0's clicks now
+    history = store.read("pv_samples").where(f"dt = '{D1}'").select("click_history").first()[0]
+    assert sorted(history) == ["i1", "i2"]
+
+
 def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_it(spark, tmp_path):
     """A late file in an already published date: the next date would read its rows for click history
     (and judge its clicks as passed) while that date's tables and counts never saw them. It is refused
