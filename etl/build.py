@@ -388,8 +388,9 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
             report.note = "recovered an unfinished publish: " + "; ".join(undone)
         # This date was computed from the earlier dates' published tables (click verdicts, item images);
         # another build may have published one of them again since (the lock covers only this step).
+        # (the run too: a --force rebuild publishes other tables under the same fingerprint)
         now = plog.latest()["dates"]
-        read, current = ({x: e.get("fingerprint") for x, e in dates.items() if x < report.dt}
+        read, current = ({x: (e.get("fingerprint"), e.get("run_id")) for x, e in dates.items() if x < report.dt}
                          for dates in (inputs.published, now))
         if read != current:
             moved = sorted(x for x in {*read, *current} if read.get(x) != current.get(x))

@@ -16,9 +16,9 @@ class Table(str):
     stage: int
     partition_by: tuple[str, ...]
     columns: tuple[str, ...]  # data columns, in order, partition columns excluded
-    key: tuple[str, ...]  # unique within a partition (by construction: the transforms dedupe on it; stage 1's
-    # verify names repeated keys when its counts do not add up, and the tests check it, but a publish does
-    # not pay a pass per table for it)
+    # unique within a partition, by construction (the transforms dedupe on it): stage 1's verify names
+    # repeated keys when its counts do not add up, the tests check it, a publish pays no pass for it
+    key: tuple[str, ...]
     optional: tuple[str, ...]  # data columns present only under some settings
     compression: str | None  # Parquet codec of the files TableStore writes; None = Spark's session default (snappy)
 

@@ -113,7 +113,7 @@ def commit_metadata(entry: dict) -> dict:
     empty values left out), from a ``history()`` entry: the JSON string ``userMetadata``, on either
     engine. A delta-rs commit of an earlier release kept the keys loose at the top level instead."""
     if "userMetadata" not in entry:
-        return entry
+        return {k: entry[k] for k in ("job", "run_id", "partition") if isinstance(entry.get(k), str) and entry[k]}
     try:
         meta = json.loads(entry["userMetadata"] or "{}")
     except ValueError:  # a commit another writer made

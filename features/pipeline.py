@@ -35,6 +35,8 @@ from etl.registry import (ClustersSpec, EncoderSpec, RegistryError, clusters_ind
 
 log = logging.getLogger(__name__)
 
+REFRESH_DATE = "refresh_date"  # item_clusters commit metadata: the day whose refresh committed the rows
+
 
 class FeatureError(RuntimeError):
     pass
@@ -666,9 +668,6 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
         stale |= {row["dt"] for row in mentions.collect()}
     plan.affected = sorted(stale)
     return plan
-
-
-REFRESH_DATE = "refresh_date"  # item_clusters commit metadata: the day whose refresh committed the rows
 
 
 def _clustered_by_an_earlier_attempt(store: TableStore, fv: str, date: str) -> set[str]:

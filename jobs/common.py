@@ -171,6 +171,18 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def _crashed(name: str, crash_status: int | None) -> int:
+    """The exception being handled is a crash: re-raised (Python's exit 1), or its traceback printed and
+    `crash_status` returned."""
+    if crash_status is None:
+        raise
+    import traceback
+
+    traceback.print_exc()
+    print(f"{name}: error: the job failed (exit {crash_status})", file=sys.stderr, flush=True)
+    return crash_status
+
+
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
             expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None,
@@ -201,10 +213,14 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
         if check_args:
             check_args(args)
         cfg = load_job_config(args)
-    except Exception as e:  # noqa: BLE001 - nothing ran yet: whatever the arguments or the config broke is theirs
+    except (CliError, ConfigError, yaml.YAMLError, OSError, UnicodeError, TypeError, ValueError) as e:
+        # what a bad argument or config file raises (unreadable, not UTF-8, a section given as a number);
+        # anything else is a bug of the loader, a crash below
         what = "" if isinstance(e, (CliError, ConfigError, yaml.YAMLError)) else f"the config: {type(e).__name__}: "
         print(f"{name}: error: {what}{' '.join(str(e).split())}", file=sys.stderr)
         return usage_status
+    except Exception:
+        return _crashed(name, crash_status)
     from etl.spark import get_spark
 
     session = None
@@ -217,13 +233,7 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return next(code for kind, code in codes.items() if isinstance(e, kind))
     except Exception:
-        if crash_status is None:
-            raise
-        import traceback
-
-        traceback.print_exc()
-        print(f"{name}: error: the job failed (exit {crash_status})", file=sys.stderr, flush=True)
-        return crash_status
+        return _crashed(name, crash_status)
     finally:
         if session is not None:
             try:

@@ -156,7 +156,7 @@ def test_a_crash_exits_with_the_jobs_crash_status(tmp_path):
     assert out.returncode == 2 and "pathy: error: " in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
-def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsys):
+def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsys, monkeypatch):
     """Whatever breaks before the body (an unknown flag, a --set that makes a section a number, a config
     file that is not UTF-8) is one line and the usage status: 2, or 3 for review_model, whose 1 and 2
     are decisions (rejected, refused) that a scheduler must not read from a typo."""
@@ -172,7 +172,7 @@ def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsy
 
     for argv, what in ((["--conf", str(conf), "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
                        (["--conf", str(conf), "--set", "features=1", "--set", "features.n_clusters=2"], "the config"),
-                       (["--conf", str(latin1)], "")):
+                       (["--conf", str(latin1)], "UnicodeDecodeError")):
         for usage_status in (2, 3):
             capsys.readouterr()
             assert run_job("j", "d", lambda p: None, body, argv=argv, usage_status=usage_status) == usage_status, argv
@@ -180,6 +180,17 @@ def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsy
             assert what in err and "Traceback" not in err, err
     assert review_model.main(["--conf", str(conf), "--allow_first"]) == 3
     assert review_model.main(["--conf", str(latin1)]) == 3
+    # A bug of the loader (not what a bad file raises) is a crash: its traceback and the crash status.
+    import jobs.common
+
+    def broken_loader(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(jobs.common, "load_job_config", broken_loader)
+    assert run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)], crash_status=3) == 3
+    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(KeyError):
+        run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)])
 
 
 def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):

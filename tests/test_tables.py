@@ -187,3 +187,18 @@ def test_each_table_gets_its_catalogued_parquet_codec(spark, cfg_factory):
     assert back.where("dt = '2026-11-21'").count() == 7
     store.replace_partition(spark.range(5), "t", {"dt": "2026-11-20"})
     assert file_codecs(store, "t") == ["SNAPPY"]
+
+
+def test_commit_metadata_reads_what_the_writer_put_and_nothing_else():
+    """userMetadata (this store on either engine, and Spark's writers); the loose keys of an older delta-rs
+    commit; never Delta's own commitInfo fields (Spark's `job` is a struct)."""
+    from etl.tables import commit_metadata
+
+    assert commit_metadata({"version": 3, "operation": "WRITE",
+                            "userMetadata": '{"job": "refresh_features", "run_id": "", "refresh_date": "d"}'}) == \
+        {"job": "refresh_features", "refresh_date": "d"}
+    loose = {"operation": "WRITE", "job": "build_samples", "partition": '{"dt": "d"}', "operationMetrics": {"n": 1}}
+    assert commit_metadata(loose) == {"job": "build_samples", "partition": '{"dt": "d"}'}
+    assert commit_metadata({"operation": "MERGE", "job": {"jobId": "7"}, "userMetadata": None}) == {}
+    assert commit_metadata({"operation": "WRITE", "job": {"jobId": "7"}}) == {}
+    assert commit_metadata({"userMetadata": "not json"}) == {}

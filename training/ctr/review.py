@@ -227,7 +227,8 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         tr = (ctr_data.read_ctr_frame(store, snap.table_version, train_dates, bool(vector_models))
               if train_dates else None)
     except ctr_data.CtrDataError as exc:
-        whose = f"the vector-mode model(s) {', '.join(vector_models)}" if vector_models else "the models"
+        vector = vector_models and "item_vector" in str(exc)
+        whose = f"the vector-mode model(s) {', '.join(vector_models)}" if vector else "the models"
         out.reasons.append(f"ctr_train v{snap.table_version} cannot be read for {whose}: {exc}")
         return out
     if ev.empty:
