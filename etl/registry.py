@@ -31,6 +31,7 @@ from etl.contracts import CHAMPION, CLUSTERS_MODEL, CTR_MODEL, ENCODER_MODEL
 CLUSTERS_ARTIFACT = "clusters"  # run artifact folder of a clustering: index.faiss, centroids.npy, stats.json,
 # and levels.npy (coarser ids per fine id) when it has several levels
 ENCODER_STATE_ARTIFACT = "encoder_state/v{version}/encoder.pt"  # run artifact: an encoder's state dict
+ENCODER_STATE_SHA256 = "state_sha256"  # version tag: training.train.state_digest of those weights
 
 # Which job sets a model's versions and aliases: named in "no such version" errors.
 _MADE_BY = {ENCODER_MODEL: "train_courier --alias champion", CLUSTERS_MODEL: "build_clusters",
@@ -172,10 +173,24 @@ def promote(name: str, version: str) -> None:
 
 # ---- courier-encoder ----------------------------------------------------------------------------
 def encoder_tags(run_id: str, data_version: int, dates: list[str], method: str, backbone: str, image_px: int,
-                 dim: int, proj_head: bool, state_artifact: str) -> dict:
+                 dim: int, proj_head: bool, state_artifact: str, state_sha256: str) -> dict:
+    """A courier-encoder version's lineage. Tagged in this order, so a version that holds the last
+    tag (the weights' hash) holds them all."""
     return {"run_id": run_id, "data.table": COURIER_TRAIN, "data.version": str(data_version),
             "data.dates": ",".join(sorted(dates)), "method": method, "backbone": backbone, "image_px": str(image_px),
-            "dim": str(dim), "proj_head": str(proj_head).lower(), "state_artifact": state_artifact}
+            "dim": str(dim), "proj_head": str(proj_head).lower(), "state_artifact": state_artifact,
+            ENCODER_STATE_SHA256: state_sha256}
+
+
+def encoder_registered_by(run_id: str, state_sha256: str):
+    """The courier-encoder version that run `run_id` registered from the weights of this digest, with
+    its whole lineage tagged; None when it registered none. A retry of a run whose registration succeeded
+    (and whose job failed after it) finds its version here instead of registering the same weights twice."""
+    for mv in reversed(versions(ENCODER_MODEL)):
+        tags = mv.tags or {}
+        if tags.get("run_id") == run_id and tags.get(ENCODER_STATE_SHA256) == state_sha256:
+            return mv
+    return None
 
 
 def encoder_training_dates(feature_version: str) -> list[str] | None:

@@ -277,6 +277,8 @@ def test_resuming_a_run_that_reached_max_steps_trains_no_further_and_prunes_old_
     assert again["steps"] == 4 and again["losses"] == []
     resumed = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    from training.train import state_digest
+    assert state_digest(resumed) == state_digest(weights)  # what a retried registration finds its version by
     # The MLflow run keeps the first attempt's final loss and throughput (the resumed one trained no step).
     import mlflow
 
@@ -438,6 +440,46 @@ def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypat
         register_encoder(cfg, os.path.join(_checkpoints(conf, "full"), "encoder.pt"), "run-y", data_version=2,
                          dates=["2026-11-20"])
     assert {v.version for v in client.search_model_versions("name = 'courier-encoder'")} == before
+
+
+def test_a_retried_registration_of_the_same_weights_reuses_the_run_s_version(trained, tmp_path):
+    """A retry of a run whose registration succeeded (the job failed before marking the run done) finds
+    the version that run registered from the same weights: one version, the alias on it. Other weights,
+    or the same weights from another run, are a new version."""
+    import mlflow
+
+    from etl import registry
+    from etl.config import load_config
+    from etl.tracking import setup_mlflow, start_run
+    from training.launch import register_encoder
+    from training.train import load_state, save_state
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    encoder = os.path.join(_checkpoints(conf, "full"), "encoder.pt")
+    before = len(client.search_model_versions("name = 'courier-encoder'"))
+    with start_run(cfg, "registration retried"):
+        first = register_encoder(cfg, encoder, "run-retried", data_version=2, dates=["2026-11-20"])
+        # saved again by a resumed attempt: another file, the same weights
+        resaved = str(tmp_path / "encoder.pt")
+        save_state(load_state(encoder), resaved)
+        again = register_encoder(cfg, resaved, "run-retried", data_version=2, dates=["2026-11-20"], alias="retried")
+        assert again.version == first.version
+        assert client.get_model_version_by_alias("courier-encoder", "retried").version == first.version
+        assert len(client.search_model_versions("name = 'courier-encoder'")) == before + 1
+        state = load_state(encoder)
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        state[name] = state[name] + 1e-3
+        changed = str(tmp_path / "changed.pt")
+        save_state(state, changed)
+        other_weights = register_encoder(cfg, changed, "run-retried", data_version=2, dates=["2026-11-20"])
+        other_run = register_encoder(cfg, encoder, "run-other", data_version=2, dates=["2026-11-20"])
+    assert len({first.version, other_weights.version, other_run.version}) == 3
+    tags = client.get_model_version("courier-encoder", first.version).tags
+    assert tags[registry.ENCODER_STATE_SHA256] != client.get_model_version(
+        "courier-encoder", other_weights.version).tags[registry.ENCODER_STATE_SHA256]
 
 
 def test_horovod_backend_follows_the_ddp_run(trained):

@@ -278,17 +278,33 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
                      alias: str | None = None):
     """Log the trained encoder to the run and register it as a new `courier-encoder` version with its
     lineage (run, data version and the dates trained on, method, backbone) as version tags; stage 4
-    refuses to evaluate its cluster ids on those dates or earlier ones."""
+    refuses to evaluate its cluster ids on those dates or earlier ones. A run registers given weights
+    once: a retry after its registration (the job failed before marking the run done) reuses that version."""
+    from training.train import load_state, state_digest
+
+    state = load_state(encoder_path)
+    state_sha256 = state_digest(state)
+    version = registry.encoder_registered_by(run_id, state_sha256)
+    if version is not None:  # a retry of this run after its registration: the same weights, one version
+        print(f"[train] run {run_id} registered these weights as {MODEL_NAME} v{version.version} already", flush=True)
+    else:
+        version = _register_new_encoder(cfg, encoder_path, state, run_id, data_version, dates, state_sha256)
+    if alias:
+        registry.set_alias(MODEL_NAME, alias, version.version)
+    return version
+
+
+def _register_new_encoder(cfg: Config, encoder_path: str, state: dict, run_id: str, data_version: int,
+                          dates: list[str], state_sha256: str):
     import mlflow
     import torch
     import torchvision
 
     from training.courier import ImageEncoder
-    from training.train import load_state
 
     t = cfg.train
     encoder = ImageEncoder(t.backbone, dim=t.dim, proj_head=t.proj_head)
-    encoder.load_state_dict(load_state(encoder_path))
+    encoder.load_state_dict(state)
     encoder.eval()
     info = mlflow.pytorch.log_model(
         encoder, name="encoder",
@@ -306,12 +322,10 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
             mlflow.log_artifact(os.path.join(tmp, os.path.basename(state_artifact)), os.path.dirname(state_artifact))
         registry.tag_version(MODEL_NAME, version.version, registry.encoder_tags(
             run_id, data_version, dates, t.method, t.backbone, cfg.samples.image_px, t.dim, t.proj_head,
-            state_artifact))
+            state_artifact, state_sha256))
     except BaseException:  # a version without its weights or lineage must not be what courier-encoder/latest names
         registry.delete_version(MODEL_NAME, version.version)
         raise
-    if alias:
-        registry.set_alias(MODEL_NAME, alias, version.version)
     return version
 
 

@@ -21,6 +21,7 @@ is deterministic for (seed, epoch, rank), so skipping the consumed batches conti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -155,6 +156,17 @@ def load_state(path: str):
     """torch.load(weights_only=True) from a local path or an object-store URI: tensors and plain
     containers only, nothing else is unpickled."""
     return torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values (not of the file torch.save wrote):
+    the same weights give the same digest whichever attempt saved them."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:
