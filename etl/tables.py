@@ -108,17 +108,40 @@ def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
     return sorted(within + ([max(before)] if before else []))
 
 
+# The keys a delta-rs commit of an earlier release held loose at the top of its commitInfo (userMetadata now).
+_LOOSE_KEYS = ("job", "run_id", "partition")
+
+
 def commit_metadata(entry: dict) -> dict:
     """What this store's writer put in a commit (job, run_id, partition as JSON, any extra metadata;
     empty values left out), from a ``history()`` entry: the JSON string ``userMetadata``, on either
     engine. A delta-rs commit of an earlier release kept the keys loose at the top level instead."""
     if "userMetadata" not in entry:
-        return {k: entry[k] for k in ("job", "run_id", "partition") if isinstance(entry.get(k), str) and entry[k]}
+        return {k: entry[k] for k in _LOOSE_KEYS if isinstance(entry.get(k), str) and entry[k]}
     try:
         meta = json.loads(entry["userMetadata"] or "{}")
     except ValueError:  # a commit another writer made
         return {}
     return {k: v for k, v in meta.items() if v} if isinstance(meta, dict) else {}
+
+
+def _upgraded_commit(text: str) -> str | None:
+    """A Delta commit file's text with the loose writer keys of its commitInfo moved into userMetadata
+    (what this store writes now: Spark's Delta reads commitInfo.job as a struct and fails on a string
+    there); None when the commit holds none. Every other line stays as it was, byte for byte."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        info = json.loads(line).get("commitInfo") if line.strip() else None
+        if not isinstance(info, dict):
+            continue
+        loose = {k: info[k] for k in _LOOSE_KEYS if isinstance(info.get(k), str)}
+        if not loose or "userMetadata" in info:
+            return None
+        info = {k: v for k, v in info.items() if k not in loose}
+        info["userMetadata"] = json.dumps({k: v for k, v in loose.items() if v})
+        lines[i] = json.dumps({"commitInfo": info}, separators=(",", ":"))
+        return "\n".join(lines)
+    return None
 
 
 class TableStore:
@@ -129,7 +152,8 @@ class TableStore:
         self.root = cfg.tables_root
         self.native = uses_native_delta(cfg)
         # delta-rs's settings for an object store (the config's S3A endpoint and keys); None: local
-        self._storage = fs.delta_storage_options(fs.options_for(cfg)) if fs.is_object_store(self.root) else None
+        self._fs_options = fs.options_for(cfg)
+        self._storage = fs.delta_storage_options(self._fs_options) if fs.is_object_store(self.root) else None
         if not is_uri(self.root):
             os.makedirs(self.root, exist_ok=True)
 
@@ -234,6 +258,25 @@ class TableStore:
                 size_bytes=actions["size_bytes"][i],
                 modified_ms=actions["modification_time"][i],
             ))
+        return out
+
+    def upgrade_commit_info(self, dry_run: bool = False) -> dict[str, list[int]]:
+        """Rewrite the commits of every table under the root whose commitInfo holds this store's keys
+        loose (delta-rs commits of an earlier release), so that Spark's Delta reads their logs: every
+        version, time travel and history included. Only commitInfo changes (it says who committed; no
+        reader takes data from it), each file replaced whole. {table: versions rewritten} (listed only
+        with dry_run); a second run finds nothing to do."""
+        out = {}
+        opts = self._fs_options
+        for name in (n for n in fs.list_names(self.root, opts) if _TABLE_NAME.match(n)):
+            log_dir = f"{self.path(name).rstrip('/')}/_delta_log"
+            for commit in (n for n in fs.list_names(log_dir, opts) if re.fullmatch(r"\d{20}\.json", n)):
+                upgraded = _upgraded_commit(fs.read_text(f"{log_dir}/{commit}", opts))
+                if upgraded is None:
+                    continue
+                if not dry_run:
+                    fs.write_text(f"{log_dir}/{commit}", upgraded, opts)
+                out.setdefault(name, []).append(int(commit[:20]))
         return out
 
     # ---- reads ----------------------------------------------------------------------------------

@@ -202,3 +202,65 @@ def test_commit_metadata_reads_what_the_writer_put_and_nothing_else():
     assert commit_metadata({"operation": "MERGE", "job": {"jobId": "7"}, "userMetadata": None}) == {}
     assert commit_metadata({"operation": "WRITE", "job": {"jobId": "7"}}) == {}
     assert commit_metadata({"userMetadata": "not json"}) == {}
+
+
+def write_loose_key_table(path: str) -> None:
+    """A table as an earlier release's delta-rs engine left it: three commits whose commitInfo holds the
+    writer's keys loose (a partitioned append, a partition replace, and a commit without those keys)."""
+    import pyarrow as pa
+    from deltalake import CommitProperties, write_deltalake
+
+    for i, (mode, meta) in enumerate((("append", {"job": "build_samples", "run_id": "r0", "partition": '{"dt": "a"}'}),
+                                      ("overwrite", {"job": "build_samples", "run_id": "", "partition": '{"dt": "a"}'}),
+                                      ("append", {}))):
+        write_deltalake(path, pa.table({"x": [i, 10 + i], "dt": ["a", "a"]}), mode=mode, partition_by=["dt"],
+                        predicate="dt = 'a'" if mode == "overwrite" else None,
+                        commit_properties=CommitProperties(custom_metadata=meta))
+
+
+def test_upgrade_moves_an_earlier_release_s_loose_commit_keys_into_user_metadata(spark, tmp_path):
+    """jobs/upgrade_tables.py: the loose keys move into userMetadata (what commit_metadata reads stays the
+    same), every other log line and the data stay as they were, a dry run writes nothing, a rerun finds
+    nothing. Spark's Delta reading the result is checked in test_engine_parity."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_config
+    from etl.config import load_config
+    from etl.tables import TableStore, commit_metadata
+
+    conf = write_config(tmp_path)
+    store = TableStore(spark, load_config(conf))
+    write_loose_key_table(store.path("legacy"))
+    store.replace_partition(spark.range(3), "current", {"dt": "a"}, job="build_samples", run_id="r9")
+    log_dir = os.path.join(store.path("legacy"), "_delta_log")
+
+    def log_files():
+        return {n: open(os.path.join(log_dir, n)).read() for n in sorted(os.listdir(log_dir)) if n.endswith(".json")}
+
+    def metadata():  # oldest first (history() lists the newest first)
+        return [commit_metadata(h) for h in sorted(store.history("legacy"), key=lambda h: h["version"])]
+
+    before, meta_before = log_files(), metadata()
+    assert '"job":"build_samples"' in before["00000000000000000000.json"]  # loose, as the earlier release wrote it
+    rows_before = sorted(store.read("legacy").collect())
+    assert store.upgrade_commit_info(dry_run=True) == {"legacy": [0, 1]} and log_files() == before
+    job = subprocess.run([sys.executable, "jobs/upgrade_tables.py", "--conf", str(conf)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "legacy: rewrote the commit info of 2 commit(s), versions 0..1" in job.stdout, job.stdout
+    after = log_files()
+    assert after["00000000000000000002.json"] == before["00000000000000000002.json"]  # no loose key: untouched
+    for name in ("00000000000000000000.json", "00000000000000000001.json"):
+        old, new = before[name].splitlines(), after[name].splitlines()
+        info = next(json.loads(line)["commitInfo"] for line in new if "commitInfo" in line)
+        assert not {"job", "run_id", "partition"} & set(info) and "operationMetrics" in info
+        # the add / remove / metadata lines byte for byte
+        assert [x for x in old if "commitInfo" not in x] == [x for x in new if "commitInfo" not in x]
+    assert metadata() == meta_before
+    assert meta_before == [{"job": "build_samples", "run_id": "r0", "partition": '{"dt": "a"}'},
+                               {"job": "build_samples", "partition": '{"dt": "a"}'}, {}]
+    assert sorted(store.read("legacy").collect()) == rows_before and len(rows_before) == 4
+    assert store.upgrade_commit_info() == {}  # a rerun: nothing left to do, "current" never touched
