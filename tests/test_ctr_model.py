@@ -217,14 +217,18 @@ def test_epochs_are_chosen_on_validation_dates_and_the_eval_dates_choose_nothing
     assert all("valid_auc" in p for p in a.curve) and sel["epochs"] == best_epochs(a.curve)
     # Early stopping: the selection fit ran until `patience` epochs without a better validation AUC.
     assert len(a.curve) == min(6, sel["epochs"] + 1)
-    # Flipping every eval label changes the eval curve but neither the choice nor the model.
+    # Flipping every eval label changes the eval curve but neither the choice nor the model; nor does an
+    # eval row's cluster id that no training row has (it once sized the cluster table, and so every
+    # initial weight after it).
     flipped = ev.assign(label=1 - ev["label"])
+    unseen = int(max(tr["item_cluster_id"].max(), max(max(h, default=0) for h in tr["history_cluster_ids"]))) + 50
+    flipped.iloc[0, flipped.columns.get_loc("item_cluster_id")] = unseen
     b = fit_and_evaluate(tr, flipped, ctr, "cluster_id", validation_dates=[DATES[1]])
     assert b.selection == sel
     assert [p["eval_auc"] for p in b.curve] != [p["eval_auc"] for p in a.curve]
     for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), k
-    np.testing.assert_array_equal(a.eval_probs, b.eval_probs)
+    np.testing.assert_array_equal(a.eval_probs[1:], b.eval_probs[1:])
 
 
 def _with_levels(frame, per_level=4):

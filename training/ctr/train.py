@@ -135,10 +135,12 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     enc = dict(max_history=spec.max_history, item_buckets=spec.item_buckets, user_buckets=spec.user_buckets,
                vectors=vectors)
     train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
-    rows = int(max(train.item_cluster.max(), ev.item_cluster.max(), train.hist_cluster.max(),
-                   ev.hist_cluster.max())) + 1
+    # Cluster tables sized by the training rows alone: the eval rows choose nothing, not even the table
+    # size (a larger table draws more initial weights, and every module after it would start elsewhere).
+    # An eval id past the table reads the no-image row, as any cluster training never held does.
+    rows = int(max(train.item_cluster.max(), train.hist_cluster.max())) + 1
     # Embedding rows per coarser level: its largest id (+2 offset) over items and histories, + 1.
-    level_rows = [1 + max(int(ids.max()) for d in (train, ev) for ids in (d.item_levels[:, k], d.hist_levels[..., k]))
+    level_rows = [1 + max(int(ids.max()) for ids in (train.item_levels[:, k], train.hist_levels[..., k]))
                   for k in range(train.item_levels.shape[1])]
     if spec.feature_mode == "multi_cluster" and (not level_rows or ev.item_levels.shape[1] != len(level_rows)):
         raise ValueError("feature_mode multi_cluster needs ctr_train.item_cluster_levels / history_cluster_levels "
