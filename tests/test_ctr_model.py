@@ -125,6 +125,25 @@ def test_the_no_image_row_starts_at_zero_so_an_unseen_cluster_reads_no_signal():
     assert torch.equal(emb.weight[NO_IMAGE_ROW], torch.zeros(4))
 
 
+def test_an_id_never_seen_in_training_reads_a_trained_or_zero_row():
+    """HashedEmbedding sends unseen ids to row 0: trained by id dropout where there is some, zero where
+    there is none (the query table: a query first seen on an eval date), never a random initial row."""
+    import torch
+
+    from training.ctr.model import HashedEmbedding
+
+    torch.manual_seed(0)
+    query = HashedEmbedding(16, 4)
+    query.mark_seen(torch.tensor([3, 5]))
+    optimizer = torch.optim.Adam(query.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        query(torch.tensor([3, 5])).pow(2).sum().neg().backward()
+        optimizer.step()
+    assert query(torch.tensor([3])).abs().sum() > 0 and torch.equal(query(torch.tensor([7, 9])), torch.zeros(2, 4))
+    assert HashedEmbedding(16, 4, dropout=0.1).emb.weight[0].abs().sum() > 0  # trained by the dropout instead
+
+
 def test_weights_round_trip_with_weights_only_load(results, frames, tmp_path):
     import numpy as np
 
@@ -162,6 +181,11 @@ def test_contract_violations_are_clear_errors(table):
     bad["item_cluster_id"] = bad["item_cluster_id"].astype("float")
     bad.loc[0, "item_cluster_id"] = None
     with pytest.raises(CtrDataError, match="null item_cluster_id"):
+        encode(bad, 5, 1024, 1024)
+    bad = f.copy()  # a null inside a row's history cluster ids (a null list is an empty history)
+    row = next(i for i, h in enumerate(bad["history_cluster_ids"]) if h is not None and len(h))
+    bad.at[row, "history_cluster_ids"] = [None, *list(bad.at[row, "history_cluster_ids"])[1:]]
+    with pytest.raises(CtrDataError, match="history_cluster_ids: 1 null element"):
         encode(bad, 5, 1024, 1024)
     mixed = f.copy()
     mixed.loc[0, "feature_version"] = "other"
@@ -292,7 +316,7 @@ def test_multi_cluster_mode_reads_every_level_and_round_trips(table, frames, tmp
     assert not np.allclose(scored[0][2], multi.eval_probs) and not np.allclose(scored[1][2], multi.eval_probs)
     assert level_scores(none.model, ev) == []
     # Without the level columns the mode refuses, and misaligned levels are a contract error.
-    with pytest.raises(ValueError, match="multi_cluster needs"):
+    with pytest.raises(CtrDataError, match="multi_cluster needs"):
         fit_and_evaluate(frames[0], frames[1], ctr, "multi_cluster")
     bad = ev.copy()
     bad.at[bad.index[0], "history_cluster_levels"] = [[0]] * (len(bad.at[bad.index[0], "history"]) + 1)

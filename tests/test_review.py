@@ -103,10 +103,15 @@ def test_review_sequence(env, capsys):
     out = _review(env, v_other)
     assert out.decision == "refused" and "evaluation snapshots differ" in out.reasons[0]
     assert "eval dates" in out.reasons[0] and _champion() == v_cluster
+    assert mlflow.MlflowClient().get_model_version(MODEL_NAME, v_other).tags["review.decision"] == "refused"
+    out = _review(env, v_cluster)  # the champion itself: nothing to review, its own review's tag stays
+    assert out.decision == "refused" and "already holds" in out.reasons[0]
+    assert mlflow.MlflowClient().get_model_version(MODEL_NAME, v_cluster).tags["review.decision"] == "promoted"
 
     # The review run holds the report and its plots.
     runs = mlflow.search_runs(filter_string="tags.`courier.job` = 'review_model'", output_format="list")
-    promoted = [r for r in runs if r.data.tags.get("review.challenger") == v_cluster][0]
+    promoted = [r for r in runs if r.data.tags.get("review.challenger") == v_cluster
+                and r.data.tags.get("review.decision") == "promoted"][0]
     files = {os.path.basename(f.path) for f in mlflow.MlflowClient().list_artifacts(promoted.info.run_id, "review")}
     assert {"review.md", "review.html", "auc_gauc.png", "category_gain.png", "training_curves.png"} <= files
 
@@ -181,6 +186,9 @@ def test_category_gate_is_pure_and_can_fail():
     assert gates["auc"].passed and not gates["categories"].passed and "b -0.0500" in gates["categories"].detail
     gates = {g.name: g for g in gate_checks(rep(float("nan"), {}), rep(0.7, {}), review)}
     assert not gates["auc"].passed  # an undefined metric never passes
+    # undefined for both models on the same rows: the rows hold no evidence, a refusal (not a rejection)
+    gates = {g.name: g for g in gate_checks(rep(float("nan"), {}), rep(float("nan"), {}), review)}
+    assert "auc" not in gates and not gates["metrics_defined"].passed and "both models" in gates["metrics_defined"].detail
     # A category with no click (or only clicks) in the eval rows: no model has an AUC there, so it is not
     # gated; a category with both classes whose AUC is undefined (NaN scores) still fails.
     nan = float("nan")

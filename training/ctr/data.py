@@ -141,6 +141,8 @@ def _flatten_lists(column: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray
     flat = np.concatenate(parts) if parts else np.zeros(0)
     if len(flat) != lens.sum():
         raise CtrDataError(f"{name}: nested lists are not allowed")
+    if flat.dtype == object and pd.isna(flat).any():  # a null inside a list (a null list is an empty one)
+        raise CtrDataError(f"{name}: {int(pd.isna(flat).sum())} null element(s) inside the lists")
     return flat, lens
 
 

@@ -85,7 +85,8 @@ class HashedEmbedding(nn.Module):
     `seen` (a buffer, saved with the weights) marks the buckets that held training ids; any other
     bucket is sent to row 0 at lookup, so ids never seen in training share one path instead of reading
     an untrained random row. During training a share `dropout` of ids is also sent to row 0, which is
-    what trains that shared row (otherwise cold items would get its random initialisation).
+    what trains that shared row (otherwise cold items would get its random initialisation); without
+    dropout (the query table) row 0 starts at zero and stays there.
     """
 
     def __init__(self, buckets: int, dim: int, dropout: float = 0.0, sparse: bool = False):
@@ -94,6 +95,9 @@ class HashedEmbedding(nn.Module):
         # (dense Adam over 262k x 16 rows per step dominated a step on 2 cores).
         self.emb = nn.Embedding(buckets, dim, sparse=sparse)
         nn.init.normal_(self.emb.weight, std=0.05)
+        if dropout == 0:  # nothing trains row 0: an unseen id then reads zero (no signal), not a random row
+            with torch.no_grad():
+                self.emb.weight[0].zero_()
         self.dropout = dropout
         self.register_buffer("seen", torch.zeros(buckets, dtype=torch.bool))
 

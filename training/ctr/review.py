@@ -14,7 +14,8 @@
    - eval rows >= min_eval_rows (otherwise refused: too little evidence for any decision);
    - AUC(challenger) >= AUC(champion) - auc_tol, and the same for GAUC with gauc_tol;
    - no category with >= min_category_rows eval rows loses more than category_regression_limit AUC.
-   A NaN metric fails its gate: nothing is promoted on an undefined number. A category whose eval rows
+   A NaN metric of one model fails its gate: nothing is promoted on an undefined number; undefined for
+   both (the eval rows are one class, or no group holds both) is a refusal. A category whose eval rows
    are all clicks or all non-clicks is not gated (no model has an AUC there: it holds no evidence, and
    gating it would reject every challenger on that snapshot).
 4. Promotion = setting the alias `champion` on the challenger (etl.registry.promote). With no champion
@@ -84,6 +85,10 @@ def gate_checks(challenger: dict, champion: dict, review) -> list[Gate]:
     gates.append(Gate("min_eval_rows", rows >= review.min_eval_rows, f"{rows} eval rows (need >= {review.min_eval_rows})"))
     for metric, tol in (("auc", review.auc_tol), ("gauc", review.gauc_tol)):
         a, b = challenger["overall"][metric], champion["overall"][metric]
+        if _bad(a) and _bad(b):  # the same rows rank nothing (one class; no group with both): no evidence
+            gates.append(Gate("metrics_defined", False, f"{metric.upper()} undefined for both models on these "
+                                                         "eval rows: no evidence either way"))
+            continue
         if _bad(a) or _bad(b):
             gates.append(Gate(metric, False, f"{metric.upper()} undefined (challenger {a}, champion {b})"))
             continue
@@ -429,7 +434,9 @@ def log_review(cfg, store, outcome: ReviewOutcome, with_tsne: bool = True, job: 
             for k, g in enumerate(outcome.level_gains.get(v, []), 1):
                 mlflow.log_metrics({f"{role}.level{k}.auc_gain": g["auc_gain"], f"{role}.level{k}.gauc_gain": g["gauc_gain"]})
         run_id = run.info.run_id
-    if outcome.challenger and outcome.reports:
+    # Every decision on a challenger, a refusal before any scoring too (else an earlier review's tag would
+    # stand); never on a version that already held @champion (its own review's tag stays).
+    if outcome.challenger and outcome.challenger != outcome.champion:
         registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(outcome.decision, run_id))
     print(summary_text(outcome), flush=True)
     print(f"report: MLflow run {run_id}, artifacts review/review.html (plots inline; also review.md + PNGs); "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.ctr import metrics
-from training.ctr.data import NO_IMAGE_ROW, CtrTensors, encode, seen_items, vector_table
+from training.ctr.data import NO_IMAGE_ROW, CtrDataError, CtrTensors, encode, seen_items, vector_table
 from training.ctr.model import CTRModel, ModelSpec
 
 WEIGHTS = "weights.pt"
@@ -131,7 +131,7 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     t0 = time.perf_counter()
     vectors = vector_table([train_frame, eval_frame]) if spec.feature_mode == "vector" else None
     if spec.feature_mode == "vector" and vectors is not None and len(vectors[0]) == 0:
-        raise ValueError("feature_mode=vector but no row carries an item_vector")
+        raise CtrDataError("feature_mode=vector but no row carries an item_vector (attach with features.include_vector: true)")
     enc = dict(max_history=spec.max_history, item_buckets=spec.item_buckets, user_buckets=spec.user_buckets,
                vectors=vectors)
     train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
@@ -143,8 +143,8 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     level_rows = [1 + max(int(ids.max()) for ids in (train.item_levels[:, k], train.hist_levels[..., k]))
                   for k in range(train.item_levels.shape[1])]
     if spec.feature_mode == "multi_cluster" and (not level_rows or ev.item_levels.shape[1] != len(level_rows)):
-        raise ValueError("feature_mode multi_cluster needs ctr_train.item_cluster_levels / history_cluster_levels "
-                         "(build_clusters with features.levels, then attach)")
+        raise CtrDataError("feature_mode multi_cluster needs ctr_train.item_cluster_levels / history_cluster_levels "
+                           "(build_clusters with features.levels, then attach)")
     spec = replace(spec, num_cluster_rows=rows, vector_in=int(train.vec_table.shape[1]),
                    level_rows=level_rows if spec.feature_mode == "multi_cluster" else [])
     encode_s = time.perf_counter() - t0
