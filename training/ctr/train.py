@@ -131,7 +131,8 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     t0 = time.perf_counter()
     vectors = vector_table([train_frame, eval_frame]) if spec.feature_mode == "vector" else None
     if spec.feature_mode == "vector" and vectors is not None and len(vectors[0]) == 0:
-        raise CtrDataError("feature_mode=vector but no row carries an item_vector (attach with features.include_vector: true)")
+        raise CtrDataError("feature_mode=vector but no row carries an item_vector "
+                           "(attach with features.include_vector: true)")
     enc = dict(max_history=spec.max_history, item_buckets=spec.item_buckets, user_buckets=spec.user_buckets,
                vectors=vectors)
     train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
