@@ -408,16 +408,27 @@ def _take_back_item_clusters(store: TableStore, assigned: DataFrame, dates: list
 
 
 def clusters_built_for(cfg: Config, store: TableStore, build_key: str) -> ClustersSpec | None:
-    """The clusters_ref version when a build_clusters run with this `build_key` made it and item_clusters
-    holds it (a retry of a build that finished after moving the alias); else None."""
-    try:
-        mv = registry.resolve(cfg.features.clusters_ref)
-    except RegistryError:
-        return None
-    if not build_key or (mv.tags or {}).get("build_key") != build_key:
+    """The clustering a build_clusters run with this `build_key` registered and committed to
+    item_clusters: a retry of a build that finished, or that stopped between that commit and the alias
+    move (publish_built then moves it); else None."""
+    name, kind, _ = parse_ref(cfg.features.clusters_ref)
+    mv = registry.find_by_tag(name, "build_key", build_key) if build_key and kind == "alias" else None
+    if mv is None:
         return None
     spec = registry.clusters_spec_of(mv)
     return spec if _item_clusters_hold(store, spec.feature_version) else None
+
+
+def publish_built(cfg: Config, spec: ClustersSpec) -> str:
+    """Point clusters_ref's alias at `spec` (clusters_built_for's) when the build stopped before moving
+    it; never back over a newer clustering another build published since. What was done, in words."""
+    name, _, alias = parse_ref(cfg.features.clusters_ref)
+    now = registry.alias_version(name, alias)
+    if now is not None and int(now.version) >= int(spec.version):
+        return (f"{cfg.features.clusters_ref} is v{now.version}" + (" already" if str(now.version) == spec.version
+                                                                     else f", newer than v{spec.version}"))
+    registry.set_alias(name, alias, spec.version)
+    return f"{cfg.features.clusters_ref} moved to v{spec.version} (the build had stopped before moving it)"
 
 
 def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str = "build_clusters",

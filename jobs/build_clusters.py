@@ -6,8 +6,9 @@ centroids and cluster statistics to MLflow as a new `courier-clusters` version t
 version, writes item_clusters (every catalog item; the reserved id -1 where there is no usable image)
 in one commit, then points the features.clusters_ref alias (@current) at it. A full re-cluster is
 this job again: a new, versioned clustering and feature version. A scheduler passes --build-key (its
-run's id): a retry of a build that already moved the alias (it failed afterwards, e.g. logging its
-metrics) then has nothing to do instead of building a second clustering.
+run's id): a retry of a build that already committed its clustering (it failed afterwards, e.g.
+logging its metrics, or was stopped before moving the alias, which the retry then moves) has nothing
+to build instead of building a second clustering.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def add_arguments(p) -> None:
                    help="exit 0 when features.clusters_ref already is a clustering of the same encoder with the "
                         "same settings and item_clusters holds it (idempotent pipelines)")
     p.add_argument("--build-key", default="",
-                   help="the scheduler's run id: kept on the clustering; exit 0 when features.clusters_ref already "
-                        "is the one a build with this key made (a retry of a build that finished)")
+                   help="the scheduler's run id: kept on the clustering; exit 0 without building when a build with "
+                        "this key already committed its clustering (a retry; the alias is moved to it if that "
+                        "build stopped before moving it)")
 
 
 def body(ctx) -> None:
@@ -34,7 +36,8 @@ def body(ctx) -> None:
 
     from etl.config import flat_params
     from etl.tracking import setup_mlflow
-    from features.pipeline import build_clusters, clusters_built_for, current_clusters_match, log_report
+    from features.pipeline import (build_clusters, clusters_built_for, current_clusters_match, log_report,
+                                   publish_built)
 
     key = ctx.args.build_key
     if ctx.args.skip_if_current or key:
@@ -44,9 +47,9 @@ def body(ctx) -> None:
         return ctx.say(f"{ctx.cfg.features.clusters_ref} is already {spec.name} v{spec.version} of "
                        f"{spec.encoder_version} with these settings: nothing to do")
     spec = clusters_built_for(ctx.cfg, ctx.store, key) if key else None
-    if spec is not None:
-        return ctx.say(f"{ctx.cfg.features.clusters_ref} is already {spec.name} v{spec.version}, built for "
-                       f"{key!r}: nothing to do")
+    if spec is not None:  # a retry: that build committed its item_clusters; at most the alias is left to move
+        return ctx.say(f"{spec.name} v{spec.version} was built for {key!r}: {publish_built(ctx.cfg, spec)}; "
+                       "nothing to build")
     with ctx.mlflow_run(f"{JOB} C={ctx.cfg.features.n_clusters}", params=flat_params(ctx.cfg, ("features",))) as run:
         report = build_clusters(ctx.spark, ctx.cfg, ctx.store, run.info.run_id, JOB, build_key=key)
         log_report(report)

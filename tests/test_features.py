@@ -827,6 +827,42 @@ def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, m
     assert alias_version(CLUSTERS_MODEL, "current").version == alias_before
 
 
+def test_a_build_stopped_before_its_alias_move_is_published_by_its_retry(world, monkeypatch):
+    """build_clusters commits item_clusters, then moves the alias: a build stopped in between (killed, or
+    the registry failing) leaves a committed clustering no ref names. The retry with the same --build-key
+    finds it and moves the alias instead of building a second clustering; it never moves the alias back
+    over a newer clustering."""
+    from etl import registry
+    from etl.registry import CLUSTERS_MODEL, alias_version, versions
+    from etl.tracking import setup_mlflow, start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    setup_mlflow(cfg)
+    alias_before = alias_version(CLUSTERS_MODEL, "current").version
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped before the alias moved")
+
+    monkeypatch.setattr(registry, "set_alias", stopped)
+    with start_run(cfg, "clusters stopped before the alias") as run, pytest.raises(KeyboardInterrupt):
+        P.build_clusters(spark, cfg, store, run.info.run_id, build_key="dag-run-7")
+    monkeypatch.undo()
+    built = P.clusters_built_for(cfg, store, "dag-run-7")
+    assert built is not None and int(built.version) > int(alias_before)
+    assert alias_version(CLUSTERS_MODEL, "current").version == alias_before  # no ref names it yet
+    n_versions = len(versions(CLUSTERS_MODEL))
+    assert "moved to v" in P.publish_built(cfg, built)
+    assert str(alias_version(CLUSTERS_MODEL, "current").version) == built.version
+    assert "already" in P.publish_built(cfg, built) and len(versions(CLUSTERS_MODEL)) == n_versions
+    # An older build's retry (another clustering published since) leaves the alias where it is.
+    older = P.clusters_built_for(cfg, store, "run-1")  # tagged by the test above, on the world's clustering
+    if older is not None:
+        assert "newer than" in P.publish_built(cfg, older)
+        assert str(alias_version(CLUSTERS_MODEL, "current").version) == built.version
+    registry.set_alias(CLUSTERS_MODEL, "current", alias_before)  # the world's clustering for the later tests
+
+
 def test_a_restarted_registry_cannot_reuse_a_feature_version(world, day2):
     """A registry that numbers versions from 1 again over old tables (a new tracking database): the next
     clusters version would carry a feature_version item_clusters already holds for another clustering.
