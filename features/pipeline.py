@@ -35,7 +35,11 @@ from etl.registry import (ClustersSpec, EncoderSpec, RegistryError, clusters_ind
 
 log = logging.getLogger(__name__)
 
-REFRESH_DATE = "refresh_date"  # item_clusters commit metadata: the day whose refresh committed the rows
+REFRESH_DATE = "refresh_date"  # item_clusters / ctr_train commit metadata: the day whose refresh committed the rows
+# item_clusters commit metadata: the ctr_train dates that refresh attempt went on to re-attach (JSON list)
+ATTACH_DATES = "attach_dates"
+# ctr_train commit metadata of a refresh: the item_clusters version its rows were attached after
+CLUSTERS_VERSION = "item_clusters_version"
 
 
 class FeatureError(RuntimeError):
@@ -665,7 +669,8 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
     if n_new:
         plan.new_dates = _dates(new)
-    plan.drift_dates = sorted(set(plan.new_dates) | {date} | _clustered_by_an_earlier_attempt(store, fv, date))
+    clustered_before, attach_left = _earlier_attempts(store, fv, date)
+    plan.drift_dates = sorted(set(plan.new_dates) | {date} | clustered_before)
     plan.log = snap = log_snapshot(store)
     log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
@@ -677,22 +682,39 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
                     .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
         stale |= {row["dt"] for row in mentions.collect()}
+    # An earlier attempt that committed item_clusters and stopped before ctr_train: the dates it meant to
+    # re-attach (those mentioning its new items, which are no longer new to this attempt).
+    stale |= attach_left & set(log_dates)
     plan.affected = sorted(stale)
     return plan
 
 
-def _clustered_by_an_earlier_attempt(store: TableStore, fv: str, date: str) -> set[str]:
-    """The dates whose new items earlier attempts of `date`'s refresh committed to item_clusters of `fv`
-    (empty when none). A retry finds those items clustered already, and measures the drift over the same
-    dates as the attempts that clustered them (a catch-up covers several)."""
+def _earlier_attempts(store: TableStore, fv: str, date: str) -> tuple[set[str], set[str]]:
+    """What earlier attempts of `date`'s refresh left, from the commit metadata: (the dates whose new
+    items they committed to item_clusters of `fv`, the ctr_train dates they planned to re-attach and no
+    ctr_train commit of that refresh followed). A retry finds those items clustered already: it measures
+    the drift over the same dates (a catch-up covers several) and re-attaches the dates still left."""
     if not store.exists(T.ITEM_CLUSTERS):
-        return set()
+        return set(), set()
     dates: set[str] = set()
-    for meta in map(commit_metadata, store.history(T.ITEM_CLUSTERS)):
+    attach: list[tuple[int, set[str]]] = []  # (item_clusters version, dates to re-attach) per attempt
+    for entry in store.history(T.ITEM_CLUSTERS):
+        meta = commit_metadata(entry)
         partition = json.loads(meta.get("partition") or "{}") if meta.get(REFRESH_DATE) == date else {}
         if partition.get("feature_version") == fv:
             dates.update(partition.get("dt", []))
-    return dates
+            attach.append((entry["version"], set(json.loads(meta.get(ATTACH_DATES) or "[]"))))
+    # The item_clusters version the last ctr_train commit of this day's refresh followed (versions, not
+    # clocks: the attempts may run on machines whose clocks differ).
+    ctr_commits = map(commit_metadata, store.history(T.CTR_TRAIN)) if attach and store.exists(T.CTR_TRAIN) else []
+    done = max((int(m[CLUSTERS_VERSION]) for m in ctr_commits
+                if m.get(REFRESH_DATE) == date and m.get(CLUSTERS_VERSION)), default=-1)
+    return dates, set().union(*(planned for version, planned in attach if version > done))
+
+
+def _clustered_by_an_earlier_attempt(store: TableStore, fv: str, date: str) -> set[str]:
+    """The dates whose new items earlier attempts of `date`'s refresh committed to item_clusters of `fv`."""
+    return _earlier_attempts(store, fv, date)[0]
 
 
 def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report, cache: _Cache) -> dict:
@@ -781,11 +803,15 @@ def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report
         hook("committed:item_embeddings")
         r.versions[T.ITEM_CLUSTERS] = store.replace_partitions(
             staged[T.ITEM_CLUSTERS][0], T.ITEM_CLUSTERS, by="dt", values=plan.new_dates,
-            fixed={"feature_version": plan.fv}, job=job, run_id=run_id, extra_metadata={REFRESH_DATE: plan.date})
+            fixed={"feature_version": plan.fv}, job=job, run_id=run_id,
+            extra_metadata={REFRESH_DATE: plan.date, ATTACH_DATES: json.dumps(plan.affected)})
         hook("committed:item_clusters")
     if T.CTR_TRAIN in staged:
+        # what a retry of this day reads: which item_clusters commit these rows were attached after
+        after = {REFRESH_DATE: plan.date, CLUSTERS_VERSION: str(store.version(T.ITEM_CLUSTERS))}
         r.versions[T.CTR_TRAIN] = store.replace_partitions(staged[T.CTR_TRAIN][0], T.CTR_TRAIN, by="dt",
-                                                           values=plan.affected, job=job, run_id=run_id)
+                                                           values=plan.affected, job=job, run_id=run_id,
+                                                           extra_metadata=after)
         hook("committed:ctr_train")
 
 

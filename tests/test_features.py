@@ -863,6 +863,44 @@ def test_a_build_stopped_before_its_alias_move_is_published_by_its_retry(world, 
     registry.set_alias(CLUSTERS_MODEL, "current", alias_before)  # the world's clustering for the later tests
 
 
+def test_a_refresh_stopped_after_its_item_clusters_commit_is_completed_by_its_retry(world, day2):
+    """Day 3 was attached before its refresh (its new items assigned on the fly). The refresh commits
+    their embeddings and cluster ids, then stops before re-attaching day 3: its retry finds no new item
+    left, yet must re-attach the dates the first attempt meant to (from that commit's metadata), and a
+    rerun after that commits nothing."""
+    from etl.build import build_date
+    from etl.tracking import start_run
+    from features import pipeline as P
+
+    cfg, spark, store = world["cfg"], world["spark"], world["store"]
+    d3 = "2026-11-22"
+    build_date(spark, cfg, store, d3, "test")
+    with start_run(cfg, "attach day 3 before its refresh") as run:
+        P.attach_dates(spark, cfg, store, [d3], run.info.run_id)
+
+    class Stopped(RuntimeError):
+        pass
+
+    def stop_after_clusters(stage):
+        if stage == "committed:item_clusters":
+            raise Stopped(stage)
+
+    ctr_version = store.version("ctr_train")
+    with pytest.raises(Stopped):
+        P.refresh(spark, cfg, store, d3, hook=stop_after_clusters)
+    assert store.version("ctr_train") == ctr_version
+    retry = P.refresh(spark, cfg, store, d3)
+    assert retry.counts["new_items"] == 0 and set(retry.versions) == {"ctr_train"}
+    assert d3 in retry.info["affected_partitions"]
+    fv = _clusters(world).spec.feature_version
+    cid = store.read("item_clusters").where(f"feature_version = '{fv}'").toPandas()
+    rows = store.read("ctr_train").where(f"dt = '{d3}'").toPandas()
+    assert len(rows) > 0 and (rows["item_cluster_id"] == rows["item_id"].map(dict(zip(cid["item_id"],
+                                                                                      cid["cluster_id"])))).all()
+    again = P.refresh(spark, cfg, store, d3)
+    assert again.versions == {} and "noop" in again.info
+
+
 def test_a_restarted_registry_cannot_reuse_a_feature_version(world, day2):
     """A registry that numbers versions from 1 again over old tables (a new tracking database): the next
     clusters version would carry a feature_version item_clusters already holds for another clustering.
