@@ -68,6 +68,16 @@ CODEGEN_CACHE_ENTRIES = "spark.sql.codegen.cache.maxEntries"
 _LOG4J = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
 
 
+def log4j_option(path: str) -> str:
+    """The driver JVM option naming a log4j2 config file. Spark's launcher splits Java options on
+    whitespace outside quotes: the path quoted, a checkout folder with a space in its name stays one
+    argument."""
+    return f"-Dlog4j.configurationFile='file:{path}'"
+
+
+LOG4J_OPTION = log4j_option(_LOG4J)
+
+
 def check_endpoints(cfg: Config) -> None:
     """Fail within seconds, naming the endpoint, when the configured S3A endpoint does not answer
     (S3A would retry its calls for minutes)."""
@@ -106,7 +116,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
         check_spark_master(cfg.spark.master)
         launch["spark.driver.memory"] = cfg.spark.driver_memory
         if os.path.exists(_LOG4J):
-            launch["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
+            launch["spark.driver.extraJavaOptions"] = LOG4J_OPTION
         launch.update(launch_settings(cfg, with_jvm_flags=True))
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
@@ -143,7 +153,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
     }
     if os.path.exists(_LOG4J) and "spark.driver.extraJavaOptions" not in cfg.spark.conf:
         # Only takes effect when this process starts the JVM; spark-submit passes its own options.
-        settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{_LOG4J}"
+        settings["spark.driver.extraJavaOptions"] = LOG4J_OPTION
     if uses_native_delta(cfg):
         settings["spark.sql.extensions"] = DELTA_EXTENSION
         settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG

@@ -17,6 +17,8 @@ RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 VENV="${COURIER_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 START_TIMEOUT_S="${COURIER_CLUSTER_START_TIMEOUT_S:-90}"   # per service; seconds, never a hang
+[[ "$START_TIMEOUT_S" =~ ^[0-9]+$ ]] \
+  || { echo "ERROR: COURIER_CLUSTER_START_TIMEOUT_S=$START_TIMEOUT_S: give a whole number of seconds" >&2; exit 2; }
 WORKERS=2
 WORKER_MEMORY="${COURIER_WORKER_MEMORY:-3g}"
 

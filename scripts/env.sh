@@ -22,15 +22,24 @@ exec 9>"$VENV.lock"
 flock 9
 
 stamp="$VENV/.courier-installed"
+extras_file="$VENV/.courier-extras"   # the extras of the last install
 want="$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  [ -f "$extras_file" ] || echo "$EXTRAS" > "$extras_file"   # a venv installed before the file was kept
   exit 0
 fi
 echo "[env] installing the project into $VENV (first run takes a few minutes) ..."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# faiss-cpu and faiss-gpu write the same `faiss` package: when the extras change, the one installed
+# before goes first (pip never removes it, and the two would overwrite each other's files).
+if [ -f "$extras_file" ] && [ "$(cat "$extras_file")" != "$EXTRAS" ]; then
+  echo "[env] extras changed ($(cat "$extras_file") -> $EXTRAS): removing the installed faiss first"
+  "$VENV/bin/python" -m pip uninstall -q -y faiss-cpu faiss-gpu 2> >(grep -v "is ignored\|not installed" >&2)
+fi
 # pip's own warnings about unreachable local mirrors are noise; real errors still fail the script.
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" 2> >(grep -v "is ignored" >&2)
 "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" 2> >(grep -v "is ignored" >&2)
 "$VENV/bin/python" -m pip check
 echo "$want" > "$stamp"
+echo "$EXTRAS" > "$extras_file"
 echo "[env] ready: $VENV"

@@ -49,6 +49,9 @@ pipq() {  # pip, quiet; pip's warnings about unreachable local mirrors are noise
 
 [ -x "$PY" ] || die "no Python in $VENV (run scripts/env.sh first, or set COURIER_VENV)"
 "$PY" -c "import torch" 2>/dev/null || die "torch is not importable in $VENV (run scripts/env.sh first)"
+# One build at a time: two test runs started together would build twice into the same venv and log.
+exec 8>"$VENV.horovod.lock"
+flock 8
 
 hvd_ok() {
   "$PY" - "$HVD_VERSION" <<'EOF' >/dev/null 2>&1

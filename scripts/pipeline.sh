@@ -42,18 +42,23 @@ MASTER="$(conf_value spark.master)"; DRIVER_MEMORY="$(conf_value spark.driver_me
 # The config's settings the driver JVM reads only at launch (jars, class path, driver host ...): given on
 # the command line, because set later, in the session, the Delta and S3A classes would not be on the
 # driver's class path (etl/spark.py lists them; it gives them itself when it launches the JVM).
-launch_conf=()
-while IFS= read -r kv; do [ -n "$kv" ] && launch_conf+=(--conf "$kv"); done < <("$PY" -c 'import sys
+# Read whole first: a failing read stops the script here (set -e), where a process substitution's status
+# would be lost and spark-submit would run without them.
+settings="$("$PY" -c 'import sys
 from etl.config import load_config
-from etl.spark import launch_settings
+from etl.spark import LOG4J_OPTION, launch_settings
+print(LOG4J_OPTION)
 for k, v in launch_settings(load_config(sys.argv[1])).items():
-    print(f"{k}={v}")' "$CONF")
+    print(f"{k}={v}")' "$CONF")"
+LOG4J_OPTION="$(head -n 1 <<< "$settings")"
+launch_conf=()
+while IFS= read -r kv; do [ -n "$kv" ] && launch_conf+=(--conf "$kv"); done < <(tail -n +2 <<< "$settings")
 echo "Spark master: $MASTER (spark.master in $CONF)"
 
 submit() {  # spark-submit a job with the config's master, driver memory and launch settings, and the
   # project's logging config
   "$VENV/bin/spark-submit" --master "$MASTER" --driver-memory "$DRIVER_MEMORY" ${launch_conf[@]+"${launch_conf[@]}"} \
-    --driver-java-options "-Dlog4j.configurationFile=file:$ROOT/conf/log4j2.properties" "$@"
+    --driver-java-options "$LOG4J_OPTION" "$@"
 }
 
 echo "== 2/7 build samples $first..$last =="

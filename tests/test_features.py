@@ -477,11 +477,13 @@ def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
 
 
 def test_jobs_run_under_spark_submit_and_an_empty_day_writes_an_empty_partition(world, day2):
+    from etl.spark import LOG4J_OPTION
+
     conf = world["cfg"].source
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1"}
     submit = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
-              "--driver-java-options", f"-Dlog4j.configurationFile=file:{ROOT}/conf/log4j2.properties"]
+              "--driver-java-options", LOG4J_OPTION]
     out = subprocess.run([*submit, "jobs/attach_features.py", "--conf", conf, "--date", EMPTY_DAY],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

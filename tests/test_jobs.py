@@ -208,6 +208,26 @@ def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
     assert "JVM SPARK_LOCAL_IP=127.0.0.1" in out.stdout
 
 
+def test_the_log4j_option_stays_one_java_argument_under_a_folder_with_a_space():
+    """Spark's launcher splits --driver-java-options and spark.driver.extraJavaOptions on whitespace
+    outside quotes: unquoted, a checkout under "/tmp/my repo" gave java two arguments, the second taken
+    for the main class. Asked of the launcher itself (it prints the java command, starts nothing)."""
+    import pyspark
+
+    from etl.spark import log4j_option
+
+    home = os.path.dirname(pyspark.__file__)
+    option = log4j_option("/tmp/my repo/conf/log4j2.properties")
+    java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else "java"
+    out = subprocess.run([java, "-cp", os.path.join(home, "jars", "*"), "org.apache.spark.launcher.Main",
+                          "org.apache.spark.deploy.SparkSubmit", "--driver-java-options", option, "x.py"],
+                         env={**os.environ, "SPARK_HOME": home, "SPARK_SCALA_VERSION": "2.12"},
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    args = out.stdout.decode().split("\0")
+    assert "-Dlog4j.configurationFile=file:/tmp/my repo/conf/log4j2.properties" in args, args[:12]
+
+
 def test_a_changed_artifact_root_under_an_existing_experiment_is_warned_about(tmp_path, caplog):
     """MLflow keeps an experiment's artifact location: a config that names another root is told so."""
     import logging

@@ -26,8 +26,10 @@ def _env():
 
 
 def _submit(conf, job, *args, check=True, **popen):
+    from etl.spark import LOG4J_OPTION
+
     cmd = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
-           "--driver-java-options", f"-Dlog4j.configurationFile=file:{ROOT}/conf/log4j2.properties",
+           "--driver-java-options", LOG4J_OPTION,
            f"jobs/{job}.py", "--conf", str(conf), *args]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True, **popen)
