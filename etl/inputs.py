@@ -79,24 +79,46 @@ def discover(spark, base: str, date: str, ignore: list[str]) -> DateInput | None
     jpath, fs = hadoop_path(spark, f"{base.rstrip('/')}/dt={date}")
     if not fs.exists(jpath):
         return None
-    out, bad = DateInput(dt=date), []
-    for st in sorted(fs.listStatus(jpath), key=lambda s: str(s.getPath().getName())):
+    out, bad, hints = DateInput(dt=date), [], []
+    statuses = sorted(fs.listStatus(jpath), key=lambda s: str(s.getPath().getName()))
+    local = _local_file_dir(str(fs.makeQualified(jpath).toString()))
+    for st in statuses:
         name = str(st.getPath().getName())
         f = RawFile(str(st.getPath().toString()), name, int(st.getLen()), int(st.getModificationTime()))
         kind = "unsupported" if st.isDirectory() else classify(name, ignore)
-        if kind == "read":
+        if kind == "read" and local and ":" in name:
+            # Hadoop's local file system names the checksum file .<name>.crc, a relative path that cannot
+            # hold a colon: the read would fail half-way through the job
+            bad.append(name)
+            hints.append(f"rename {name!r}: Hadoop cannot open a local file whose name holds ':'")
+        elif kind == "read":
             out.read.append(f)
         elif kind == "ignored":
             out.ignored.append(f)
         else:
             bad.append(name + ("/" if st.isDirectory() else ""))
+    if local:
+        # Hadoop's local listing leaves out what it cannot stat (a link to a file that is gone) and its own
+        # .<name>.crc checksum files: anything else on the disk and not listed would be skipped unseen.
+        listed = {str(st.getPath().getName()) for st in statuses}
+        unseen = sorted(n for n in os.listdir(local) if n not in listed and classify(n, ignore) != "ignored"
+                        and not (n.startswith(".") and n.endswith(".crc") and n[1:-4] in listed))
+        bad += unseen
+        hints += [f"{n!r} cannot be opened (a link to a file that is gone?)" for n in unseen]
     if bad:
         zst = [b for b in bad if b.endswith(UNSUPPORTED_CODECS)]
         hint = (" (Spark reads .gz and .bz2 natively; .zst needs Hadoop native libraries this Spark lacks:"
                 " decompress them, e.g. `zstd -d --rm`, or recompress as .gz)") if zst else ""
+        hint += "".join(f"; {h}" for h in hints)
         raise InputError(f"{base}/dt={date}: {len(bad)} file(s) the job cannot read: {bad}{hint}. "
                          f"Readable: *.jsonl, *.json (+ .gz, .bz2); ignored: {ignore} (samples.input_ignore)")
     return out
+
+
+def _local_file_dir(qualified: str) -> str | None:
+    """The local folder a qualified `file:` path names, or None (another scheme)."""
+    path = qualified[len("file:"):] if qualified.startswith("file:/") else None
+    return path if path and os.path.isdir(path) else None
 
 
 @dataclass(frozen=True)
@@ -130,23 +152,55 @@ class _Hashing:
         return b
 
 
-def _scan_stream(name: str, raw) -> tuple[str, int]:
-    """(sha256, lines) of a binary stream read in 8 MB chunks, decompressed by Python's own gzip/bz2
-    when `name` says so. Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines()
-    does (a last line without a newline counts; a final newline adds none)."""
+def _decompressed(stored, codec: str, chunk: int):
+    """The decompressed blocks (at most `chunk` bytes each) of a .gz or .bz2 stream: one member after
+    another, and every byte of the file must belong to one. Python's gzip skips zero bytes after the last
+    member (Hadoop's codec fails on them) and its bz2 reader drops whatever follows a stream it cannot
+    read (data silently lost to both): here either is damage, raised as what a damaged file raises."""
     import bz2
-    import gzip
 
+    def new():
+        return zlib.decompressobj(31) if codec == ".gz" else bz2.BZ2Decompressor()
+
+    kind = "gzip" if codec == ".gz" else "bzip2"
+    d, started, members = new(), False, 0
+    while data := stored.read(chunk):
+        while data:
+            if started and d.eof:  # the next member: its own header, checked by a new decompressor
+                d, members = new(), members + 1
+            started = True
+            try:
+                if codec == ".gz":
+                    yield d.decompress(data, chunk)
+                    while d.unconsumed_tail and not d.eof:
+                        yield d.decompress(d.unconsumed_tail, chunk)
+                else:
+                    yield d.decompress(data, max_length=chunk)
+                    while not d.eof and not d.needs_input:
+                        yield d.decompress(b"", max_length=chunk)
+            except (zlib.error, OSError) as e:
+                where = f"the bytes after {kind} stream {members} are not {kind} (zero padding, or data " \
+                    "appended)" if members else f"not {kind}, or damaged"
+                raise ValueError(f"{where}: {e}") from None
+            data = d.unused_data if d.eof else b""
+    if codec == ".gz" and started and not d.eof:
+        yield d.flush()  # output zlib still holds after the last input (at most its window)
+    if started and not d.eof:
+        raise EOFError(f"the {codec} stream ends before its end marker (a truncated file)")
+
+
+def _scan_stream(name: str, raw) -> tuple[str, int]:
+    """(sha256, lines) of a binary stream read in 8 MB chunks, decompressed (`_decompressed`) when `name`
+    says so. Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines() does (a last
+    line without a newline counts; a final newline adds none)."""
     chunk = 8 << 20
     lines, after_cr, last = 0, False, b""
     stored = _Hashing(raw)
-    if name.endswith(".gz"):
-        text = gzip.GzipFile(fileobj=stored, mode="rb")
-    elif name.endswith(".bz2"):
-        text = bz2.BZ2File(stored, mode="rb")
-    else:
-        text = stored
-    while block := text.read(chunk):
+    codec = _codec(name)
+    blocks = _decompressed(stored, codec, chunk) if codec else iter(lambda: stored.read(chunk), b"")
+    for block in blocks:
+        if not block:
+            continue
         # \r\n is one line end, also when a chunk ends between the two.
         crlf = block.count(b"\r\n") + (after_cr and block[:1] == b"\n")
         lines += block.count(b"\n") + block.count(b"\r") - crlf

@@ -179,7 +179,8 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     # A retry of that build (it moved @current, then failed, say, logging its metrics) has nothing to do.
     key = current.tags.get("build_key")
     assert key, current.tags
-    assert f"built for {key!r}: nothing to do" in _job("build_clusters.py", conf, "--build-key", key)
+    assert (f"v2 was built for {key!r}: courier-clusters@current is v2 already; nothing to build"
+            in _job("build_clusters.py", conf, "--build-key", key))
     assert sorted(int(v.version) for v in client.search_model_versions("name='courier-clusters'")) == [1, 2]
     from etl.tables import TableStore
 

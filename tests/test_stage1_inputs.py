@@ -111,6 +111,16 @@ def test_unreadable_files_fail_the_date_listing_them(spark, messy):
     (bad / "notes.txt").write_text("hi")
     with pytest.raises(InputError, match=r"\['notes.txt', 'part-00000.jsonl.zst'\].*zstd -d"):
         build_date(spark, cfg, store, "2026-11-25", "run-x")
+    # Two that Hadoop's local file system would skip unseen or fail on half-way: a link to a file that is
+    # gone (left out of its listing) and a name with a colon (its checksum file's name cannot hold one).
+    (bad / "notes.txt").unlink()
+    (bad / "part-00000.jsonl.zst").unlink()
+    (bad / "events-00:00.jsonl").write_text(json.dumps({"event_id": "a"}) + "\n")
+    (bad / "gone.jsonl").symlink_to(bad / "nowhere.jsonl")
+    (bad / "_SUCCESS").write_text("")
+    with pytest.raises(InputError, match=r"2 file\(s\) the job cannot read: \['events-00:00.jsonl', 'gone.jsonl'\]; "
+                                         r"rename 'events-00:00.jsonl'.*'gone.jsonl' cannot be opened"):
+        build_date(spark, cfg, store, "2026-11-25", "run-x")
     shutil.rmtree(bad)
 
 
@@ -128,9 +138,15 @@ def test_a_damaged_compressed_file_fails_the_date_naming_it(spark, messy):
     (bad / "part-00000.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     (bad / "part-00001.jsonl.bz2").write_bytes(b"plain text, not bzip2\n")
     (bad / "part-00002.jsonl").write_text(json.dumps({"event_id": "ok"}) + "\n")
+    # what Python's own readers let through: zero padding after the last gzip member (Hadoop's codec then
+    # fails half-way through the job), lines appended after a bzip2 stream (both readers drop them)
+    (bad / "part-00003.jsonl.gz").write_bytes(gzip.compress(b'{"event_id": "p"}\n') + b"\0" * 64)
+    (bad / "part-00004.jsonl.bz2").write_bytes(bz2.compress(b'{"event_id": "q"}\n') + b'{"event_id": "r"}\n')
     try:
-        with pytest.raises(InputError, match=r"2 file\(s\) could not be read to the end: .*part-00000.jsonl.gz "
-                                             r"\(EOFError: .*\); .*part-00001.jsonl.bz2 \(OSError: "):
+        with pytest.raises(InputError, match=r"4 file\(s\) could not be read to the end: .*part-00000.jsonl.gz "
+                                             r"\(EOFError: .*\); .*part-00001.jsonl.bz2 \(ValueError: not bzip2"
+                                             r".*part-00003.jsonl.gz \(ValueError: the bytes after gzip stream 1"
+                                             r".*part-00004.jsonl.bz2 \(ValueError: the bytes after bzip2 stream 1"):
             build_date(spark, cfg, store, "2026-11-25", "run-x")
         assert {t: store.version(t) for t in versions} == versions
         files = discover(spark, str(Path(cfg.raw_root) / "search_log"), "2026-11-25", []).read
