@@ -6,6 +6,7 @@ parser."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -145,7 +146,9 @@ def event_counts(events: DataFrame, date: str) -> dict:
     for r in groups:
         kinds = by_kind.setdefault(r["event_type"], {})
         kinds[r["reason"]] = kinds.get(r["reason"], 0) + r["count"]
-        rows_by_file[r["file"]] = rows_by_file.get(r["file"], 0) + r["count"]
+        # input_file_name() is a URI: a name with a space or brackets comes percent-encoded ('+' is left as is)
+        name = unquote(r["file"]) if r["file"] is not None else None
+        rows_by_file[name] = rows_by_file.get(name, 0) + r["count"]
         other_date += r["count"] if r["pv_on_other_date"] else 0
     return {
         "raw_rows": sum(rows_by_file.values()),

@@ -473,3 +473,25 @@ def test_input_scan_counts_the_lines_spark_reads_streamed_or_whole(spark, tmp_pa
         assert (streamed[f.path].size, streamed[f.path].sha256, streamed[f.path].lines) == want, name
         assert (whole[f.path].size, whole[f.path].sha256, whole[f.path].lines) == want, name
     assert spark.read.text(str(folder / "straddle.jsonl")).count() == 2
+
+
+def test_rows_parsed_per_file_are_counted_under_the_file_s_own_name(spark, tmp_path):
+    """The per-file check (lines in the file vs rows parsed) looks files up by name: Spark's
+    input_file_name() is a URI, so names with a space, brackets or a percent sign came back encoded and
+    every such file was reported as "N lines in the file, 0 parsed"."""
+    from pyspark.sql import functions as F
+
+    from etl.build import _dated_lines
+    from etl.counts import event_counts
+    from etl.inputs import discover
+
+    names = ["a b.jsonl", "x[1].jsonl", "p%20q.jsonl", "c+d.jsonl"]
+    folder = tmp_path / "raw" / "dt=2026-11-20"
+    folder.mkdir(parents=True)
+    for k, name in enumerate(names):
+        (folder / name).write_text("".join(json.dumps({"event_id": f"{k}-{i}"}) + "\n" for i in range(k + 1)))
+    files = {"2026-11-20": discover(spark, str(tmp_path / "raw"), "2026-11-20", [])}
+    events = (_dated_lines(spark, str(tmp_path / "raw"), files)
+              .select("file", "dt", F.lit("pv").alias("event_type"), F.lit(None).cast("string").alias("reason"),
+                      F.lit(None).cast("boolean").alias("pv_on_other_date")))
+    assert event_counts(events, "2026-11-20")["rows_by_file"] == {name: k + 1 for k, name in enumerate(names)}
