@@ -61,8 +61,10 @@ def _codec(name: str) -> str:
 
 
 def classify(name: str, ignore: list[str]) -> str:
-    """'read', 'ignored' or 'unsupported' for a file name in a raw date folder."""
-    if any(fnmatch.fnmatchcase(name, p) for p in ignore):
+    """'read', 'ignored' or 'unsupported' for a file name in a raw date folder. A name starting with
+    '_' or '.' is always ignored: Spark's file sources skip such files even when named one by one, so
+    reading one would count lines that no row comes from."""
+    if name.startswith(("_", ".")) or any(fnmatch.fnmatchcase(name, p) for p in ignore):
         return "ignored"
     stem = name[: -len(_codec(name))] if _codec(name) else name
     return "read" if stem.endswith(READ_SUFFIXES) else "unsupported"

@@ -101,6 +101,17 @@ def test_every_file_is_read_or_reported(messy):
     assert reports[D1].counts["raw_lines"] == reports[D1].counts["raw_rows"] == f["lines"]
 
 
+def test_hidden_names_are_ignored_whatever_the_ignore_patterns_say():
+    """Spark's file sources never read a file whose name starts with '_' or '.', even named one by one:
+    classified as read, its lines would be counted and no row would come from them."""
+    from etl.inputs import classify
+
+    for patterns in ([], ["*.tmp"], ["_SUCCESS"]):
+        assert classify("_part.jsonl", patterns) == classify(".part.jsonl.gz", patterns) == "ignored"
+        assert classify("part.jsonl", patterns) == "read" and classify("part.txt", patterns) == "unsupported"
+    assert classify("part.jsonl.tmp", ["*.tmp"]) == "ignored"
+
+
 def test_unreadable_files_fail_the_date_listing_them(spark, messy):
     from etl.build import InputError, build_date
 
