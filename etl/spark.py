@@ -78,6 +78,16 @@ def log4j_option(path: str) -> str:
 LOG4J_OPTION = log4j_option(_LOG4J)
 
 
+def driver_java_options(cfg: Config) -> str:
+    """The driver JVM's options at launch: the config's spark.driver.extraJavaOptions (a trust store, a
+    proxy...) and the project's log4j2 config, unless those name one. One value: spark-submit's
+    --driver-java-options replaces the configured options rather than adding to them."""
+    own = str(cfg.spark.conf.get("spark.driver.extraJavaOptions", "")).strip()
+    if "-Dlog4j.configurationFile" in own or not os.path.exists(_LOG4J):
+        return own
+    return f"{own} {LOG4J_OPTION}".strip()
+
+
 def check_endpoints(cfg: Config) -> None:
     """Fail within seconds, naming the endpoint, when the configured S3A endpoint does not answer
     (S3A would retry its calls for minutes)."""
@@ -115,9 +125,9 @@ def get_spark(cfg: Config, app_name: str | None = None):
         # A dead standalone master: Spark would retry registering for minutes before giving up.
         check_spark_master(cfg.spark.master)
         launch["spark.driver.memory"] = cfg.spark.driver_memory
-        if os.path.exists(_LOG4J):
-            launch["spark.driver.extraJavaOptions"] = LOG4J_OPTION
         launch.update(launch_settings(cfg, with_jvm_flags=True))
+        if driver_java_options(cfg):
+            launch["spark.driver.extraJavaOptions"] = driver_java_options(cfg)
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()

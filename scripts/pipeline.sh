@@ -46,11 +46,12 @@ MASTER="$(conf_value spark.master)"; DRIVER_MEMORY="$(conf_value spark.driver_me
 # would be lost and spark-submit would run without them.
 settings="$("$PY" -c 'import sys
 from etl.config import load_config
-from etl.spark import LOG4J_OPTION, launch_settings
-print(LOG4J_OPTION)
-for k, v in launch_settings(load_config(sys.argv[1])).items():
+from etl.spark import driver_java_options, launch_settings
+cfg = load_config(sys.argv[1])
+print(driver_java_options(cfg))
+for k, v in launch_settings(cfg).items():
     print(f"{k}={v}")' "$CONF")"
-LOG4J_OPTION="$(head -n 1 <<< "$settings")"
+JAVA_OPTIONS="$(head -n 1 <<< "$settings")"   # the config's driver JVM options and the log4j config
 launch_conf=()
 while IFS= read -r kv; do [ -n "$kv" ] && launch_conf+=(--conf "$kv"); done < <(tail -n +2 <<< "$settings")
 echo "Spark master: $MASTER (spark.master in $CONF)"
@@ -58,7 +59,7 @@ echo "Spark master: $MASTER (spark.master in $CONF)"
 submit() {  # spark-submit a job with the config's master, driver memory and launch settings, and the
   # project's logging config
   "$VENV/bin/spark-submit" --master "$MASTER" --driver-memory "$DRIVER_MEMORY" ${launch_conf[@]+"${launch_conf[@]}"} \
-    --driver-java-options "$LOG4J_OPTION" "$@"
+    --driver-java-options "$JAVA_OPTIONS" "$@"
 }
 
 echo "== 2/7 build samples $first..$last =="

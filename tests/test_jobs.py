@@ -228,6 +228,23 @@ def test_the_log4j_option_stays_one_java_argument_under_a_folder_with_a_space():
     assert "-Dlog4j.configurationFile=file:/tmp/my repo/conf/log4j2.properties" in args, args[:12]
 
 
+def test_the_driver_keeps_the_config_s_java_options_beside_the_log4j_config(tmp_path):
+    """spark-submit's --driver-java-options (scripts/pipeline.sh) replaces spark.driver.extraJavaOptions:
+    the one value must carry the config's own options (a trust store for a private CA...) and the log4j
+    config, unless the config names its own."""
+    from etl.config import load_config
+    from etl.spark import LOG4J_OPTION, driver_java_options
+
+    def options(conf):
+        return driver_java_options(load_config(write_config(tmp_path, {"spark": {"conf": conf}})))
+
+    trust = "-Djavax.net.ssl.trustStore=/etc/ca.jks"
+    assert options({"spark.driver.extraJavaOptions": trust}) == f"{trust} {LOG4J_OPTION}"
+    own = "-Dlog4j.configurationFile=file:/etc/mine.properties"
+    assert options({"spark.driver.extraJavaOptions": own}) == own
+    assert options({}) == LOG4J_OPTION
+
+
 def test_a_changed_artifact_root_under_an_existing_experiment_is_warned_about(tmp_path, caplog):
     """MLflow keeps an experiment's artifact location: a config that names another root is told so."""
     import logging
