@@ -101,10 +101,10 @@ def discover(spark, base: str, date: str, ignore: list[str]) -> DateInput | None
             bad.append(name + ("/" if st.isDirectory() else ""))
     if local:
         # Hadoop's local listing leaves out what it cannot stat (a link to a file that is gone) and its own
-        # .<name>.crc checksum files: anything else on the disk and not listed would be skipped unseen.
+        # .<name>.crc checksum files (ignored as every '.' name is): anything else on the disk and not
+        # listed would be skipped unseen.
         listed = {str(st.getPath().getName()) for st in statuses}
-        unseen = sorted(n for n in os.listdir(local) if n not in listed and classify(n, ignore) != "ignored"
-                        and not (n.startswith(".") and n.endswith(".crc") and n[1:-4] in listed))
+        unseen = sorted(n for n in os.listdir(local) if n not in listed and classify(n, ignore) != "ignored")
         bad += unseen
         hints += [f"{n!r} cannot be opened (a link to a file that is gone?)" for n in unseen]
     if bad:

@@ -126,8 +126,9 @@ def get_spark(cfg: Config, app_name: str | None = None):
         check_spark_master(cfg.spark.master)
         launch["spark.driver.memory"] = cfg.spark.driver_memory
         launch.update(launch_settings(cfg, with_jvm_flags=True))
-        if driver_java_options(cfg):
-            launch["spark.driver.extraJavaOptions"] = driver_java_options(cfg)
+        java_options = driver_java_options(cfg)
+        if java_options:
+            launch["spark.driver.extraJavaOptions"] = java_options
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()

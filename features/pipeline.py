@@ -712,11 +712,6 @@ def _earlier_attempts(store: TableStore, fv: str, date: str) -> tuple[set[str], 
     return dates, set().union(*(planned for version, planned in attach if version > done))
 
 
-def _clustered_by_an_earlier_attempt(store: TableStore, fv: str, date: str) -> set[str]:
-    """The dates whose new items earlier attempts of `date`'s refresh committed to item_clusters of `fv`."""
-    return _earlier_attempts(store, fv, date)[0]
-
-
 def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report, cache: _Cache) -> dict:
     """Every table's new rows, materialised (nothing committed): the new items' embeddings and cluster
     ids merged into their partitions, and the affected ctr_train partitions re-attached. Fills the

@@ -462,8 +462,8 @@ def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
     assert (ctr["item_cluster_id"] == ctr["item_id"].map(cid)).all()
 
     # The commit says which day's refresh clustered those dates' items (what a retry of that day reads).
-    assert P._clustered_by_an_earlier_attempt(store, fv, D2) == {D2}
-    assert P._clustered_by_an_earlier_attempt(store, fv, EMPTY_DAY) == set()
+    assert P._earlier_attempts(store, fv, D2)[0] == {D2}
+    assert P._earlier_attempts(store, fv, EMPTY_DAY)[0] == set()
     versions, content = _versions(store), _snapshot(store)
     again = P.refresh(spark, cfg, store, D2)
     assert again.versions == {} and "noop" in again.info
@@ -761,17 +761,17 @@ def test_a_retried_catch_up_refresh_measures_drift_over_the_first_attempt_s_date
                                  job="refresh_features", extra_metadata={"refresh_date": refresh_date} if refresh_date
                                  else None)
 
-    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == set()  # no table yet
+    assert P._earlier_attempts(store, "fv1", "2026-11-22")[0] == set()  # no table yet
     commit("fv1", ["2026-11-18", "2026-11-19"])                      # the build: no refresh date
     commit("fv1", ["2026-11-20", "2026-11-22"], "2026-11-22")        # the catch-up's first attempt
     commit("fv2", ["2026-11-22"], "2026-11-22")                      # another clustering's refresh of that day
     commit("fv1", ["2026-11-23"], "2026-11-23")
-    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == {"2026-11-20", "2026-11-22"}
-    assert P._clustered_by_an_earlier_attempt(store, "fv2", "2026-11-22") == {"2026-11-22"}
-    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-23") == {"2026-11-23"}
-    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-19") == set()
+    assert P._earlier_attempts(store, "fv1", "2026-11-22")[0] == {"2026-11-20", "2026-11-22"}
+    assert P._earlier_attempts(store, "fv2", "2026-11-22")[0] == {"2026-11-22"}
+    assert P._earlier_attempts(store, "fv1", "2026-11-23")[0] == {"2026-11-23"}
+    assert P._earlier_attempts(store, "fv1", "2026-11-19")[0] == set()
     commit("fv1", ["2026-11-21", "2026-11-22"], "2026-11-22")        # a later run of the day that found more
-    assert P._clustered_by_an_earlier_attempt(store, "fv1", "2026-11-22") == {"2026-11-20", "2026-11-21", "2026-11-22"}
+    assert P._earlier_attempts(store, "fv1", "2026-11-22")[0] == {"2026-11-20", "2026-11-21", "2026-11-22"}
 
 
 def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
