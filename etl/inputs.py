@@ -12,7 +12,8 @@ Every file of a raw date folder is either read or reported:
 `scan_files` reads each file's bytes once, on the executors (a local file opened and streamed by the
 executor itself; any other, e.g. `s3a://`, through Spark's `binaryFile` source), and returns per file:
 size, sha256 of the stored bytes and the number of lines after decompression with Python's own
-gzip/bz2 (not Hadoop's codecs). That line count is the anchor the report's `raw_rows` is checked
+gzip/bz2 (not Hadoop's codecs); a local file with Hadoop's checksum file (.<name>.crc) beside it is
+checked against it on the way, as Hadoop's read will. That line count is the anchor the report's `raw_rows` is checked
 against: it does not share code with the parser it checks.
 """
 from __future__ import annotations
@@ -137,9 +138,64 @@ def _scan_bytes(name: str, data: bytes) -> tuple[str, int]:
 
 def _scan_local(path: str) -> tuple[str, int]:
     """_scan_bytes of a local file, streamed: constant memory whatever the file's size (the binaryFile
-    source holds a whole file in one JVM array, at most 2 GB)."""
+    source holds a whole file in one JVM array, at most 2 GB). Where Hadoop left a checksum file beside
+    it, the bytes are checked against it as they stream by: Hadoop's read checks them too, and would
+    fail the job half-way (ChecksumException) on a file replaced by a tool that left the old one."""
     with open(path, "rb") as f:
-        return _scan_stream(path, f)
+        sidecar = _checksum_file(path)
+        return _scan_stream(path, _HadoopChecksummed(f, sidecar) if sidecar else f)
+
+
+def _checksum_file(path: str) -> str | None:
+    """Hadoop's checksum file of a local file (.<name>.crc beside it), or None."""
+    head, name = os.path.split(path)
+    sidecar = os.path.join(head, f".{name}.crc")
+    return sidecar if os.path.isfile(sidecar) else None
+
+
+class _HadoopChecksummed:
+    """A local file read through, every `bytes_per_sum` bytes checked against the CRC32 that Hadoop's
+    ChecksumFileSystem stored for them: b"crc\0", the chunk size (int32), then one big-endian CRC32 per
+    chunk, the last chunk short. Any difference, or a chunk more or less, raises ValueError."""
+
+    def __init__(self, f, sidecar: str):
+        import struct
+
+        with open(sidecar, "rb") as c:
+            data = c.read()
+        self.f, self.name = f, os.path.basename(sidecar)
+        self.size = struct.unpack(">i", data[4:8])[0] if len(data) >= 8 and data[:4] == b"crc\0" else 0
+        if self.size <= 0 or (len(data) - 8) % 4:
+            raise ValueError(f"its Hadoop checksum file {self.name} is not one; {self._remedy}")
+        self.sums = struct.unpack(f">{(len(data) - 8) // 4}I", data[8:])
+        self.chunk, self.pending = 0, b""
+
+    @property
+    def _remedy(self) -> str:
+        return f"if the file's bytes are right, delete {self.name}"
+
+    def _check(self, piece) -> None:
+        if self.chunk >= len(self.sums) or zlib.crc32(piece) != self.sums[self.chunk]:
+            raise ValueError(f"its bytes differ from the checksums in {self.name}, which Hadoop wrote beside it "
+                             f"(byte {self.chunk * self.size} on: the file was changed by a tool that left "
+                             f"{self.name} as it was, or is damaged); {self._remedy}")
+        self.chunk += 1
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        data = memoryview(self.pending + b) if self.pending else memoryview(b)
+        whole = len(data) - len(data) % self.size
+        for at in range(0, whole, self.size):
+            self._check(data[at:at + self.size])
+        self.pending = bytes(data[whole:])
+        if not b:  # the end: the short last chunk, and no chunk left unread
+            if self.pending:
+                self._check(self.pending)
+                self.pending = b""
+            if self.chunk != len(self.sums):
+                raise ValueError(f"it is shorter than the {len(self.sums)} chunks {self.name} has checksums for "
+                                 f"(it was changed by a tool that left {self.name} as it was); {self._remedy}")
+        return b
 
 
 class _Hashing:

@@ -167,6 +167,44 @@ def test_a_damaged_compressed_file_fails_the_date_naming_it(spark, messy):
         shutil.rmtree(bad)
 
 
+def test_a_local_file_changed_behind_hadoop_s_checksum_fails_the_date_naming_the_checksum_file(spark, tmp_path):
+    """A local log written through Hadoop has a .<name>.crc beside it, which Hadoop's read checks: a file
+    replaced by another tool (same size or not) made the job fail half-way with a ChecksumException.
+    The scan now checks the same checksums first: an untouched file passes, a changed one is an
+    InputError naming the checksum file to delete."""
+    from etl.inputs import InputError, _HadoopChecksummed, _scan_bytes, discover, scan_files
+    from etl.spark import hadoop_path
+
+    folder = tmp_path / "raw" / "dt=2026-11-20"
+    folder.mkdir(parents=True)
+    body = b"".join(json.dumps({"event_id": f"e{k}", "pad": "x" * (k % 37)}).encode() + b"\n" for k in range(300))
+    path = folder / "part-0.jsonl"
+    jpath, hfs = hadoop_path(spark, str(path))
+    out = hfs.create(jpath, True)  # Hadoop's local file system writes .part-0.jsonl.crc beside it
+    out.write(bytearray(body))
+    out.close()
+    assert (folder / ".part-0.jsonl.crc").exists() and len(body) % 512  # a short last chunk
+    files = discover(spark, str(tmp_path / "raw"), "2026-11-20", []).read
+    assert [f.name for f in files] == ["part-0.jsonl"]
+    assert scan_files(spark, files)[files[0].path].lines == 300 == spark.read.text(str(path)).count()
+    with open(path, "rb") as f:  # reads of any size, chunks straddling them
+        checked = _HadoopChecksummed(f, str(folder / ".part-0.jsonl.crc"))
+        assert b"".join(iter(lambda: checked.read(1000), b"")) == body
+
+    changed = {"same size": body.replace(b'"e7"', b'"e8"'), "longer": body + b'{"event_id": "late"}\n',
+               "shorter": body[:-512]}
+    for what, new in changed.items():
+        path.write_bytes(new)  # as a copy by another tool does: the old checksum file stays
+        with pytest.raises(Exception, match="Checksum"):  # what the job met half-way before
+            spark.read.text(str(path)).count()
+        with pytest.raises(InputError, match=r"part-0.jsonl \(ValueError: .*\.part-0\.jsonl\.crc.*if the file's "
+                                             r"bytes are right, delete \.part-0\.jsonl\.crc"):
+            scan_files(spark, files)
+    (folder / ".part-0.jsonl.crc").unlink()
+    lines = scan_files(spark, files)[files[0].path].lines
+    assert lines == _scan_bytes("x", body[:-512])[1] == spark.read.text(str(path)).count() < 300
+
+
 def test_strict_parsing_and_semantic_reasons(messy):
     _, store, reports = messy
     q = reports[D1].counts["quarantine"]["search_log"]
