@@ -431,6 +431,34 @@ def test_encoder_shapes(backbone, caplog):
     assert enc(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)).shape == (2, 256)
 
 
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_one_image_through_a_1x1_stage_trains_with_the_running_stats_there(grad_checkpointing):
+    """resnet18 at 32 px ends in a 1 x 1 stage: a batch holding one real image (a rank's last) raised
+    "Expected more than 1 value per channel when training". That stage's BatchNorm now normalises with its
+    running statistics and keeps them; the others still train on the batch's own statistics."""
+    torch.manual_seed(0)
+    enc = ImageEncoder("resnet18", dim=16, grad_checkpointing=grad_checkpointing).train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    enc(x).pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    after = enc.state_dict()
+    moved = {k for k, v in after.items() if k.endswith("running_mean") and not torch.equal(v, before[k])}
+    assert "backbone.bn1.running_mean" in moved and "backbone.layer3.1.bn2.running_mean" in moved  # 2 x 2
+    assert not any(k.startswith("backbone.layer4.") for k in moved)  # 1 x 1: kept
+    assert all(m.training for m in enc.modules())  # every BatchNorm back in train mode
+    # the 1 x 1 stage normalised exactly as in eval mode: the same output as that stage frozen by hand
+    enc.load_state_dict(before)
+    by_hook = enc(x.detach())
+    enc.load_state_dict(before)
+    enc.backbone.layer4.eval()
+    torch.testing.assert_close(by_hook, enc(x.detach()), rtol=0, atol=0)
+    enc.train()
+    enc(torch.randn(2, 3, 32, 32))  # two images: batch statistics everywhere, as before
+    assert not torch.equal(enc.state_dict()["backbone.layer4.1.bn2.running_mean"],
+                           before["backbone.layer4.1.bn2.running_mean"])
+
+
 @pytest.mark.parametrize("backbone", ["tiny_cnn", "resnet18"])  # swin_t: same code path, too slow on CPU
 def test_grad_checkpointing_is_exact(backbone):
     torch.manual_seed(0)

@@ -146,6 +146,20 @@ def _read_local_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _one_value_uses_running_stats(bn: nn.Module, args: tuple) -> None:
+    """BatchNorm has no batch statistics of one value per channel (one real image in a batch whose stage
+    is 1 x 1, e.g. resnet's last at <= 32 px, where torch raises): that forward normalises with the
+    running statistics and leaves them as they are, as the SimSiam predictor does for its single row."""
+    x = args[0]
+    if bn.training and x.numel() == x.shape[1]:
+        bn.training, bn._one_value = False, True
+
+
+def _back_to_train(bn: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    if getattr(bn, "_one_value", False):
+        bn.training, bn._one_value = True, False
+
+
 class ImageEncoder(nn.Module):
     """Backbone (classifier removed) + linear head to ``dim``; optional projection MLP for the loss only.
 
@@ -178,6 +192,10 @@ class ImageEncoder(nn.Module):
         )
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(_one_value_uses_running_stats)
+                m.register_forward_hook(_back_to_train)
         self.load_report: Optional[dict[str, list[str]]] = None
         if pretrained_path:
             self.load_pretrained(pretrained_path)
