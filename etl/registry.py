@@ -116,9 +116,9 @@ def alias_version(name: str, alias: str = CHAMPION):
         return None
 
 
-def find_by_tag(name: str, key: str, value: str):
-    """The latest version of `name` whose tag `key` equals `value`, or None."""
-    hits = [v for v in versions(name) if (v.tags or {}).get(key) == value]
+def find_by_tags(name: str, tags: dict[str, str]):
+    """The latest version of `name` holding every one of `tags` ({key: value}), or None."""
+    hits = [v for v in versions(name) if all((v.tags or {}).get(k) == value for k, value in tags.items())]
     return hits[-1] if hits else None
 
 
@@ -186,11 +186,7 @@ def encoder_registered_by(run_id: str, state_sha256: str):
     """The courier-encoder version that run `run_id` registered from the weights of this digest, with
     its whole lineage tagged; None when it registered none. A retry of a run whose registration succeeded
     (and whose job failed after it) finds its version here instead of registering the same weights twice."""
-    for mv in reversed(versions(ENCODER_MODEL)):
-        tags = mv.tags or {}
-        if tags.get("run_id") == run_id and tags.get(ENCODER_STATE_SHA256) == state_sha256:
-            return mv
-    return None
+    return find_by_tags(ENCODER_MODEL, {"run_id": run_id, ENCODER_STATE_SHA256: state_sha256})
 
 
 def encoder_training_dates(feature_version: str) -> list[str] | None:

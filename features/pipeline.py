@@ -416,7 +416,7 @@ def clusters_built_for(cfg: Config, store: TableStore, build_key: str) -> Cluste
     item_clusters: a retry of a build that finished, or that stopped between that commit and the alias
     move (publish_built then moves it); else None."""
     name, kind, _ = parse_ref(cfg.features.clusters_ref)
-    mv = registry.find_by_tag(name, "build_key", build_key) if build_key and kind == "alias" else None
+    mv = registry.find_by_tags(name, {"build_key": build_key}) if build_key and kind == "alias" else None
     if mv is None:
         return None
     spec = registry.clusters_spec_of(mv)

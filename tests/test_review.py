@@ -307,7 +307,7 @@ def test_an_unreachable_registry_is_an_error_not_an_empty_registry(tmp_path, mon
         use(f"sqlite:///{tmp_path}/empty.db")
         assert registry.versions("never-registered") == []
         assert registry.alias_version("never-registered") is None
-        assert registry.find_by_tag("never-registered", "k", "v") is None
+        assert registry.find_by_tags("never-registered", {"k": "v"}) is None
         use("http://127.0.0.1:9")  # nothing listens there
         for look_up in (lambda: registry.versions("ctr-model"), lambda: registry.alias_version("ctr-model")):
             with pytest.raises(mlflow.exceptions.MlflowException):

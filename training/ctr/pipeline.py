@@ -82,7 +82,7 @@ def train_and_register(cfg, store, run_name: str | None = None, skip_if_done: bo
         raise ctr_data.CtrDataError(leak)
     digest = registry.ctr_config_hash(dataclasses.asdict(ctr), snap, train_dates)
     if skip_if_done:
-        done = registry.find_by_tag(CTR_MODEL, "config_hash", digest)
+        done = registry.find_by_tags(CTR_MODEL, {"config_hash": digest})
         if done is not None:
             progress(f"[{JOB}] ctr-model v{done.version} was already trained from these inputs "
                      f"({snap.key}, config {digest}): nothing to do")
