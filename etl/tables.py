@@ -91,6 +91,12 @@ def _replace_where(partition: Mapping[str, str]) -> str:
     return " AND ".join(f"{c} = '{v}'" for c, v in partition.items())
 
 
+def _partition_value(f, column: str) -> str | None:
+    """A data file's partition value as a string, None where it is null (no filter value matches it)."""
+    value = f.partition_values.get(column)
+    return None if value is None else str(value)
+
+
 def _values(column: str, values) -> Collection:
     """A partition filter's values; a bare string would be read as its characters."""
     if isinstance(values, str):
@@ -307,7 +313,7 @@ class TableStore:
         if unknown:
             raise TableError(f"table {name!r}: {unknown} not among its partition columns {partition_cols}")
         files = [f for f in self.files(name, version)
-                 if all(str(f.partition_values.get(c)) in v for c, v in partitions.items())]
+                 if all(_partition_value(f, c) in v for c, v in partitions.items())]
         data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
         if not files:
             # The schema a read of files has (data columns nullable as a Parquet scan makes them, partition
