@@ -148,7 +148,11 @@ def is_object_store(uri: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    """base/part/...: '/'-joined for URIs, os.path.join for local paths."""
+    """base/part/...: '/'-joined for URIs, os.path.join for local paths. A part is relative and stays
+    under base: an absolute part would replace base (os.path.join's rule), a '..' would leave it."""
+    for part in parts:
+        if str(part).startswith(("/", os.sep)) or ".." in str(part).replace(os.sep, "/").split("/"):
+            raise StorageError(f"{part!r} is not a path under {base}")
     if "://" in str(base):
         return posixpath.join(str(base).rstrip("/"), *parts)
     return os.path.join(base, *parts)

@@ -98,6 +98,11 @@ def test_bad_uris():
         fs.read_bytes("gs://bucket/x")
     with pytest.raises(fs.StorageError, match="names no bucket"):
         fs.read_bytes("s3a:///x")
+    for base in ("/data/root", "s3a://bucket/root"):  # a part never replaces or leaves its base
+        assert fs.join(base, "ck", "last.pt") == f"{base}/ck/last.pt"
+        for part in ("/etc/passwd", "../up", "a/../../up"):
+            with pytest.raises(fs.StorageError, match="is not a path under"):
+                fs.join(base, "ck", part)
 
 
 def test_unreachable_endpoint_fails_fast_and_names_it():
