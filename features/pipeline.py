@@ -674,7 +674,8 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan.log = snap = log_snapshot(store)
     log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
-    attached = {d: v for d, v in _attached(store).items() if d <= date}
+    attached_now = _attached(store)
+    attached = {d: v for d, v in attached_now.items() if d <= date}
     stale = stale_dates(fv, snap.digests, attached, _partition_stats(log_files, "dt"),
                         _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
     if n_new and log_dates:
@@ -685,6 +686,9 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     # An earlier attempt that committed item_clusters and stopped before ctr_train: the dates it meant to
     # re-attach (those mentioning its new items, which are no longer new to this attempt).
     stale |= attach_left & set(log_dates)
+    # Later dates already attached with another clustering (a day refreshed after a re-cluster while later
+    # days were attached: a re-run of an older scheduled day): ctr_train holds one feature version.
+    stale |= {d for d, (version, _) in attached_now.items() if d > date and version != fv}
     plan.affected = sorted(stale)
     return plan
 

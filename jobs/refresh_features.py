@@ -3,7 +3,8 @@
 The scheduled daily feature refresh (after build_samples of the date): embed only the items not yet
 clustered (first seen up to --date), assign them to the current clusters (features.clusters_ref), merge
 them into item_embeddings / item_clusters and re-attach the ctr_train partitions that need it (missing,
-of an older feature version, or mentioning a new item). Everything is computed before the first
+of an older feature version, or mentioning a new item; a later date already attached with an older
+feature version too). Everything is computed before the first
 commit; each table changes in one commit. Rerunning the same day commits nothing. Logs a drift
 measure (share of new items farther from every centroid than the build's 95th-percentile distance,
 mean distance) and says when a full re-cluster (jobs/build_clusters.py) is due. Schedule: docs/schedule.md.

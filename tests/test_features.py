@@ -540,20 +540,26 @@ def test_clusters_need_every_item_with_an_image_embedded(world, day2):
 def test_a_recluster_then_refresh_reattaches_every_older_date(world, day2):
     """The daily schedule's re-cluster branch: build_clusters makes a new feature version, then the
     day's refresh re-attaches every ctr_train date of an older one, also the dates before the day
-    (the schedule's start) that no daily run of this schedule attached."""
+    (the schedule's start) that no daily run of this schedule attached; and, for an earlier day's
+    re-cluster (a re-run of an older scheduled day), the later days already attached: train_ctr then
+    meets one feature version, not two."""
     from etl.tracking import start_run
     from features import pipeline as P
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
-    old_fv = _clusters(world).spec.feature_version
-    with start_run(cfg, "re-cluster") as run:
-        P.build_clusters(spark, cfg, store, run.info.run_id)
-    fv = _clusters(world).spec.feature_version
-    assert fv != old_fv
-    ctr_before = store.read("ctr_train").where(f"dt in ('{D1}', '{D2}')").count()
-    with start_run(cfg, "refresh after the re-cluster") as run:
-        rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
-    assert rep.info["affected_partitions"] == [D1, D2] and set(rep.versions) == {"ctr_train"}
+    fvs = [_clusters(world).spec.feature_version]
+    for day in (D1, D2):
+        with start_run(cfg, "re-cluster") as run:
+            P.build_clusters(spark, cfg, store, run.info.run_id)
+        fvs.append(_clusters(world).spec.feature_version)
+        assert fvs[-1] not in fvs[:-1]
+        ctr_before = store.read("ctr_train").where(f"dt in ('{D1}', '{D2}')").count()
+        with start_run(cfg, f"refresh {day} after the re-cluster") as run:
+            rep = P.refresh(spark, cfg, store, day, run.info.run_id)
+        assert rep.info["affected_partitions"] == [D1, D2] and set(rep.versions) == {"ctr_train"}
+        assert {r["feature_version"] for r in store.read("ctr_train").select("feature_version").distinct().collect()} \
+            == {fvs[-1]}
+    fv = fvs[-1]
     ctr = store.read("ctr_train").toPandas()
     both = ctr[ctr["dt"].isin([D1, D2])]
     assert len(both) == ctr_before and set(both["feature_version"]) == {fv}

@@ -75,7 +75,8 @@ with DAG(
     # build key makes a retry of a build that moved @current and then failed a no-op, not a second build.
     cluster = job("build_clusters", "build_clusters.py", "--build-key '{{ run_id }}'")
     # Every ctr_log date up to D whose ctr_train is of another feature version, also those before the
-    # DAG's start date: what the refresh job re-attaches once the new clusters hold @current.
+    # DAG's start date, and later dates already attached: what the refresh job re-attaches once the new
+    # clusters hold @current.
     reattach = job("attach_features", "refresh_features.py", f"--date {DAY}")
     train_ctr = job("train_ctr", "train_ctr.py", "--skip-if-done", status=True)
     # The gate: the CTR model on the new features is a challenger like any other; the review's
