@@ -87,16 +87,39 @@ t_start=$(date +%s)
 JARS="$(bash "$ROOT/scripts/cluster_jars.sh")"
 t_jars=$(date +%s)
 
-# Free ports, all on 127.0.0.1 (bound and released here; the services bind them a moment later).
-read -r S3_PORT MASTER_PORT MASTER_UI_PORT MLFLOW_PORT W1_UI W2_UI < <("$PY" - <<'PY'
-import socket
-socks = []
-for _ in range(6):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-for s in socks: s.close()
+# Free ports, all on 127.0.0.1, found free here and bound by the services a moment (MLflow: many seconds)
+# later. They are drawn below the kernel's ephemeral range, which it never hands out by itself: a port
+# that the kernel chose (bind to port 0) could be given to an outgoing connection meanwhile.
+PORTS="$("$PY" - <<'PY'
+import random, socket
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+except (OSError, ValueError, IndexError):
+    ephemeral = 32768  # Linux's default
+pool = list(range(20000, ephemeral))
+random.shuffle(pool)
+chosen = []
+for port in pool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        chosen.append(port)
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if len(chosen) == 6:
+        break
+while len(chosen) < 6:  # no room below the ephemeral range: ports the kernel picks
+    s = socket.socket(); s.bind(("127.0.0.1", 0))
+    if s.getsockname()[1] not in chosen:
+        chosen.append(s.getsockname()[1])
+    s.close()
+print(*chosen)
 PY
-)
+)"
+read -r S3_PORT MASTER_PORT MASTER_UI_PORT MLFLOW_PORT W1_UI W2_UI <<< "$PORTS"
 SUFFIX="$("$PY" -c 'import secrets; print(secrets.token_hex(4))')"
 SPARK_HOME="$("$PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')"
 

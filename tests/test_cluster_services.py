@@ -107,6 +107,9 @@ def test_services_are_up_on_localhost_and_idempotent(cluster_services):
     listening = _listening_sockets()
     for port in ports:
         assert listening.get(port) == {"127.0.0.1"}, (port, listening.get(port))
+    # ... each one drawn below the ephemeral range, which the kernel never hands to a connection meanwhile
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(20000 <= port < ephemeral for port in ports), ports
     # A second start finds the services healthy and changes nothing.
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "cluster_up.sh"), str(cluster_services.run_dir)],
