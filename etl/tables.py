@@ -541,7 +541,27 @@ class TableStore:
             listed = table.vacuum(retention_hours=retention_hours, dry_run=dry_run,
                                   enforce_retention_duration=retention_hours >= 168, full=True,
                                   keep_versions=_versions_within(table.history(), retention_hours))
+            if not self.native and dry_run:  # delta-rs also lists what an earlier vacuum removed (its tombstones)
+                root = _local_path(self.path(name))
+                listed = [p for p in listed if os.path.lexists(os.path.join(root, p))]
+            elif not self.native:
+                self._remove_emptied_folders(name, listed)
             return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
+
+    def _remove_emptied_folders(self, name: str, removed: list[str]) -> None:
+        """delta-rs's vacuum removes files, not the run-<id>/ folders that held them: each folder it
+        emptied goes too, then its partition folder if nothing else is left there. A folder that still
+        holds anything stays (rmdir refuses it), and a folder this vacuum took nothing from is never
+        touched: a run that has just made its own is not mistaken for a dead one."""
+        root = _local_path(self.path(name))
+        for rel in sorted({os.path.dirname(p) for p in removed} - {""}):
+            for folder in (rel, os.path.dirname(rel)):
+                if not folder:
+                    break
+                try:
+                    os.rmdir(os.path.join(root, folder))
+                except OSError:  # not empty (another run's files), or gone already
+                    break
 
     def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:
         """Native Delta stages a run's files in <table>/_staging/run-<id>/, a folder Delta's vacuum skips

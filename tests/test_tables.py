@@ -44,9 +44,20 @@ def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factor
     assert orphans
     listed = store.vacuum("t", retention_hours=0, dry_run=True)
     assert {os.path.basename(p) for p in listed if p.endswith(".parquet")} == orphans
+    table = store.path("t").removeprefix("file:")
+    live = {os.path.dirname(f.uri.removeprefix("file:")) for f in store.files("t")}
+    store.replace_partition(spark.range(4), "t", {"dt": "2026-11-21"})
+    store.replace_partition(spark.range(0), "t", {"dt": "2026-11-21"})  # emptied: its folder holds nothing live
+    started = os.path.join(table, "dt=2026-11-22", "run-started")  # a run that made its folder, no file yet
+    os.makedirs(started)
     store.vacuum("t", retention_hours=0, dry_run=False)
     assert store.vacuum("t", retention_hours=0, dry_run=True) == []
     assert store.read("t").count() == 5
+    # the folders vacuum emptied are gone with it, the live one and the one it took nothing from stay
+    folders = {os.path.join(table, d, r) for d in os.listdir(table) if d.startswith("dt=")
+               for r in os.listdir(os.path.join(table, d))}
+    assert folders == live | {started}
+    assert not os.path.exists(os.path.join(table, "dt=2026-11-21"))
 
 
 def test_vacuum_keeps_the_files_of_versions_within_the_retention(spark, cfg_factory):
