@@ -133,14 +133,18 @@ def get_spark(cfg: Config, app_name: str | None = None):
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()
     builder = SparkSession.builder.appName(app_name or cfg.spark.app_name)
-    if launches_jvm or not submitted.contains("spark.master"):
-        master = cfg.spark.master
+    submitted_master = None if launches_jvm else submitted.get("spark.master", None)
+    master = submitted_master or cfg.spark.master
+    if not submitted_master:
         builder = builder.master(master)
-        if master.startswith("local"):
-            if not launches_jvm and "SPARK_LOCAL_IP" not in os.environ:
-                log.warning("the Spark UI of this spark-submit listens on every interface: export "
-                            "SPARK_LOCAL_IP=127.0.0.1 before spark-submit to keep it on this machine")
-            builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+    if master.startswith("local"):
+        if not launches_jvm and "SPARK_LOCAL_IP" not in os.environ and "spark.ui.enabled" not in cfg.spark.conf:
+            # spark-submit started the JVM without it: the UI, started with the session below, would
+            # listen on every interface (it reads only the JVM's environment). No UI unless asked for.
+            log.warning("the Spark UI is off for this spark-submit: export SPARK_LOCAL_IP=127.0.0.1 before "
+                        "spark-submit to have it on this machine only (or set spark.conf spark.ui.enabled)")
+            builder = builder.config("spark.ui.enabled", "false")
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     settings = {
         "spark.pyspark.python": sys.executable,
         "spark.driver.memory": cfg.spark.driver_memory,
