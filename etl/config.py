@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import datetime as dt
+import math
 import os
 import re
 import typing
@@ -29,6 +30,17 @@ SESSION_TIME_ZONE = "spark.sql.session.timeZone"
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+# MLflow refuses these alias names (they read as a version: "latest", "v3"), at the first alias move
+_RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
+
+
+def check_alias(alias: str, key: str) -> None:
+    """A registry alias a job may move: letters, digits, '_' and '-', and none that MLflow reserves."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or _RESERVED_ALIAS.fullmatch(alias):
+        raise ConfigError(f"{key}: {alias!r} cannot be a registry alias (letters, digits, '_' and '-'; "
+                          "'latest' and 'v<number>' are MLflow's names of versions)")
 
 
 @dataclass(frozen=True)
@@ -291,6 +303,19 @@ LEVEL_COMBINES = ("concat", "sum")
 GAUC_GROUPS = ("pv_id", "session_id")
 
 
+BACKBONE = re.compile(r"tiny_cnn|resnet(18|34|50|101|152)|swin_(v2_)?[tsb]")  # training.courier's
+
+
+def _positive(*values: float) -> bool:
+    """Every value a finite number > 0 (a NaN passes no comparison, so `x > 0` alone would refuse it
+    only where it is tested first, and inf would pass)."""
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def _non_negative(*values: float) -> bool:
+    return all(math.isfinite(v) and v >= 0 for v in values)
+
+
 def _one_of(key: str, allowed: tuple) -> str:
     """'train.backend must be ddp or horovod' (the error text of a value outside `allowed`)."""
     return f"{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}"
@@ -390,6 +415,12 @@ def _validate(cfg: Config) -> None:
         (str(cfg.spark.conf.get(SESSION_TIME_ZONE, "UTC")) == "UTC",
          f"spark.conf {SESSION_TIME_ZONE} must be UTC (or left out): the jobs read the log's dates in UTC"),
         (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
+        (cfg.simulator.seed >= 0 and (cfg.simulator.days is None or cfg.simulator.days >= 1)
+         and (cfg.simulator.image_px is None or cfg.simulator.image_px >= 8),
+         "simulator.seed must be >= 0, simulator.days >= 1 and simulator.image_px >= 8"),
+        ((cfg.simulator.malformed_rate is None or 0.0 <= cfg.simulator.malformed_rate < 0.5)
+         and (cfg.simulator.bad_image_rate is None or 0.0 <= cfg.simulator.bad_image_rate <= 1.0),
+         "simulator.malformed_rate must be in [0, 0.5) and simulator.bad_image_rate in [0, 1]"),
         (cfg.train.method in TRAIN_METHODS, _one_of("train.method", TRAIN_METHODS)),
         # The supervised baseline's classifier reads the encoder's output, never a projection head, whose
         # unused parameters DDP (find_unused_parameters off) would wait for in every step.
@@ -402,12 +433,15 @@ def _validate(cfg: Config) -> None:
         (cfg.train.batch_grouping in BATCH_GROUPINGS, _one_of("train.batch_grouping", BATCH_GROUPINGS)),
         (cfg.train.batch_size >= 1 and cfg.train.num_workers >= 1 and cfg.train.epochs >= 1,
          "train.batch_size, train.num_workers and train.epochs must be >= 1"),
-        (cfg.train.tau > 0 and cfg.train.lr > 0, "train.tau and train.lr must be > 0"),
+        (_positive(cfg.train.tau, cfg.train.lr), "train.tau and train.lr must be finite numbers > 0"),
+        (bool(BACKBONE.fullmatch(cfg.train.backbone)),
+         f"train.backbone must be tiny_cnn, resnet18/34/50/101/152 or swin_t/s/b (also swin_v2_*), "
+         f"got {cfg.train.backbone!r}"),
         (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1 and cfg.train.log_every >= 1,
          "train.checkpoint_every, train.max_bad_steps and train.log_every must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"train.max_steps must be >= 1 (or left out: no limit), got {cfg.train.max_steps!r}"),
-        (cfg.train.dim >= 1 and cfg.train.weight_decay >= 0 and cfg.train.seed >= 0,
+        (cfg.train.dim >= 1 and _non_negative(cfg.train.weight_decay) and cfg.train.seed >= 0,
          "train.dim must be >= 1, train.weight_decay and train.seed >= 0"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps every one)"),
         (cfg.mlflow.tracking_uri or not is_uri(cfg.paths.data_root),
@@ -426,6 +460,8 @@ def _validate(cfg: Config) -> None:
     _validate_features(cfg.features)
     _validate_ctr(cfg.ctr, cfg.review)
     parse_date(cfg.simulator.start_date, "simulator.start_date")
+    if cfg.simulator.style_drift_from is not None:
+        parse_date(cfg.simulator.style_drift_from, "simulator.style_drift_from")
     bad_spark = [k for k in cfg.spark.conf if not str(k).startswith("spark.")]
     if bad_spark:
         raise ConfigError(f"spark.conf: keys must start with 'spark.', got {bad_spark}")
@@ -442,6 +478,8 @@ def _validate_features(f: FeaturesConf) -> None:
         if not re.fullmatch(rf"{re.escape(model)}(@[A-Za-z0-9_\-]+|/(\d+|latest))", getattr(f, key)):
             raise ConfigError(f"features.{key}: expected {model}@<alias>, {model}/<version> or {model}/latest, "
                               f"got {getattr(f, key)!r}")
+        if "@" in getattr(f, key):
+            check_alias(getattr(f, key).split("@", 1)[1], f"features.{key}")
     checks = [
         (f.n_clusters >= 2, "features.n_clusters must be >= 2"),
         (f.kmeans_iters >= 1, "features.kmeans_iters must be >= 1"),
@@ -478,9 +516,9 @@ def _validate_ctr(c: CtrConf, r: ReviewConf) -> None:
         (c.item_buckets >= 2 and c.user_buckets >= 2, "ctr.item_buckets and ctr.user_buckets must be >= 2"),
         (0.0 <= c.id_dropout < 1.0, "ctr.id_dropout must be in [0, 1)"),
         (c.epochs >= 1 and c.batch_size >= 1 and c.threads >= 1, "ctr.epochs, batch_size and threads must be >= 1"),
-        (c.lr > 0, "ctr.lr must be > 0"),
-        (min(r.auc_tol, r.gauc_tol, r.category_regression_limit) >= 0,
-         "review.auc_tol, gauc_tol and category_regression_limit must be >= 0"),
+        (_positive(c.lr), "ctr.lr must be a finite number > 0"),
+        (_non_negative(r.auc_tol, r.gauc_tol, r.category_regression_limit),
+         "review.auc_tol, gauc_tol and category_regression_limit must be finite numbers >= 0"),
         (r.min_eval_rows >= 1 and r.min_category_rows >= 1, "review.min_eval_rows and min_category_rows must be >= 1"),
     ]
     for ok, message in checks:
@@ -514,6 +552,11 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
             raise ConfigError(f"{key} must be a path or URI string, got {type(v).__name__} {v!r}")
         if v is None or is_uri(v) or v.startswith("sqlite:"):
             return v
+        if not v.strip():
+            raise ConfigError(f"{key} is empty: give a path or URI, or leave the key out for its default")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.\-]+:", v):  # file:/srv/x (Hadoop's form), s3a:bucket/x
+            raise ConfigError(f"{key}: {v!r} reads as a URI without '//': write it as "
+                              f"{v.split(':', 1)[0]}:///... (or a plain local path)")
         return str((base_dir / os.path.expanduser(v)).resolve())
 
     raw = dict(raw)
@@ -524,8 +567,11 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     if "data_root" not in raw["paths"]:
         raw["paths"]["data_root"] = resolve(PathsConf.data_root, "paths.data_root")
     ml = dict(raw.get("mlflow") or {})
-    if ml.get("artifact_root"):
+    if ml.get("artifact_root") is not None:
         ml["artifact_root"] = resolve(ml["artifact_root"], "mlflow.artifact_root")
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("pretrained_path") is not None:  # read by the training processes
+        raw["train"] = {**train, "pretrained_path": resolve(train["pretrained_path"], "train.pretrained_path")}
     uri = ml.get("tracking_uri")
     if uri is not None and not isinstance(uri, str):
         raise ConfigError(f"mlflow.tracking_uri must be a URI string, got {type(uri).__name__} {uri!r}")

@@ -186,14 +186,15 @@ def _crashed(name: str, crash_status: int | None) -> int:
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
             expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None,
-            usage_status: int = 2) -> int:
+            usage_status: int = 2, spark: bool = True) -> int:
     """The frame every job shares: arguments and config (any error there: one line, exit `usage_status`),
     logging, the Spark session, the body, and the session stopped whatever happens. The body opens its
     MLflow run with `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad
     input, a refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print
     their message without a traceback. `crash_status` (CRASHED): the exit status of any other exception
     (its traceback printed), for a job whose status 1 means an outcome; else Python's (1). A job whose
-    status 2 is an outcome (review_model: refused) sets `usage_status` too."""
+    status 2 is an outcome (review_model: refused) sets `usage_status` too. spark=False: a job that needs
+    no session (ctx.spark is None)."""
     import yaml
 
     from etl.config import ConfigError
@@ -226,7 +227,7 @@ def run_job(name: str, description: str, add_arguments: Callable[[argparse.Argum
     session = None
     try:
         _exit_on_sigterm()
-        session = get_spark(cfg, app_name=name)
+        session = get_spark(cfg, app_name=name) if spark else None
         status = body(JobContext(name, args, cfg, session))
         return 0 if status is None else int(status)
     except tuple(codes) as e:

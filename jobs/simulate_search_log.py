@@ -14,21 +14,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from etl.config import SIMULATOR_PRESETS  # noqa: E402
-from jobs.common import job_parser, load_job_config  # noqa: E402
+from jobs.common import run_job  # noqa: E402
+
+JOB = "simulate_search_log"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
+def add_arguments(p) -> None:
     p.add_argument("--preset", choices=SIMULATOR_PRESETS, help="overrides simulator.preset")
     p.add_argument("--seed", type=int, help="overrides simulator.seed")
-    args = p.parse_args(argv)
-    cfg = load_job_config(args)
 
+
+def body(ctx) -> int:
     import tempfile
 
     from etl import fs
     from sim import simulate
 
+    args, cfg = ctx.args, ctx.cfg
     roots = {"raw": cfg.raw_root, "images": cfg.images_root, "truth": cfg.truth_root}
     remote = {k: r for k, r in roots.items() if fs.is_object_store(r)}
     staging = tempfile.TemporaryDirectory(prefix="courier-simulate-") if remote else None
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                       "raw_root": cfg.raw_root}, indent=2))
     print(f"[simulate] wrote {len(dates)} date(s) {dates[0]}..{dates[-1]} under {cfg.raw_root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv, spark=False)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@ def add_arguments(p) -> None:
                    "(default: <method>-<backbone>-v<table version>)")
 
 
+def check_args(args) -> None:
+    from etl.config import check_alias
+
+    if args.alias is not None:  # refused before the training, not by the registry after it
+        check_alias(args.alias, "--alias")
+
+
 def body(ctx) -> None:
     from etl import fs, registry
     from etl.contracts import ENCODER_MODEL
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from etl.registry import RegistryError
     from training.launch import TrainError
 
-    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(TrainError, RegistryError), argv=argv)
+    return run_job(JOB, __doc__, add_arguments, body, check_args=check_args,
+                   expected_errors=(TrainError, RegistryError), argv=argv)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ def test_shipped_configs_load():
     ({"mlflow": {"tracking_uri": 5}}, "mlflow.tracking_uri must be a URI string, got int 5"),
     # the default tracking store is a sqlite file under data_root: not in a bucket
     ({"paths": {"data_root": "s3a://bucket/courier"}}, "mlflow.tracking_uri must be set when paths.data_root is a URI"),
+    # accepted before: a NaN tolerance disabled a gate or failed every review, inf trained on nothing
+    ({"review": {"category_regression_limit": float("nan")}}, "category_regression_limit must be finite numbers >= 0"),
+    ({"review": {"gauc_tol": float("nan")}}, "gauc_tol and category_regression_limit must be finite numbers"),
+    ({"train": {"lr": float("inf")}}, "train.tau and train.lr must be finite numbers > 0"),
+    ({"train": {"tau": float("nan")}}, "train.tau and train.lr must be finite numbers > 0"),
+    ({"ctr": {"lr": float("inf")}}, "ctr.lr must be a finite number > 0"),
+    # accepted before, then failing in the training processes or after the whole k-means / training
+    ({"train": {"backbone": "resnet99"}}, "train.backbone must be tiny_cnn, resnet18/34/50/101/152"),
+    ({"features": {"clusters_ref": "courier-clusters@latest"}}, "'latest' and 'v<number>' are MLflow's names"),
+    ({"features": {"encoder_ref": "courier-encoder@V2"}}, "features.encoder_ref: 'V2' cannot be a registry alias"),
+    # an empty root was the working directory; file:/x (Hadoop's form) a folder named 'file:' under the config's
+    ({"mlflow": {"artifact_root": ""}}, "mlflow.artifact_root is empty"),
+    ({"paths": {"images_root": "file:/srv/images"}}, "paths.images_root: 'file:/srv/images' reads as a URI without"),
+    # the simulator's ranges: a ValueError not naming the key before
+    ({"simulator": {"days": 0}}, "simulator.days >= 1"),
+    ({"simulator": {"malformed_rate": 0.7}}, "simulator.malformed_rate must be in [0, 0.5)"),
+    ({"simulator": {"style_drift_from": "soon"}}, "simulator.style_drift_from: expected YYYY-MM-DD"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -57,6 +74,11 @@ def test_overrides_and_relative_paths(tmp_path):
     assert load_config(rel).data_root == str(tmp_path / "elsewhere")
     with pytest.raises(ConfigError):
         parse_overrides(["samples.neg_rate"])
+    # train.pretrained_path is a local file too: against the config's folder, not the working directory
+    rel.write_text("train:\n  pretrained_path: ../weights/r18.pt\n")
+    assert load_config(rel).train.pretrained_path == str(tmp_path / "weights" / "r18.pt")
+    for backbone in ("tiny_cnn", "resnet50", "swin_t", "swin_v2_b"):
+        assert load_config(rel, {"train": {"backbone": backbone}}).train.backbone == backbone
 
 
 def test_model_refs_name_the_models_the_jobs_write(tmp_path):

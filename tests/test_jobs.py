@@ -180,6 +180,10 @@ def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsy
             assert what in err and "Traceback" not in err, err
     assert review_model.main(["--conf", str(conf), "--allow_first"]) == 3
     assert review_model.main(["--conf", str(latin1)]) == 3
+    from jobs import train_courier  # an alias MLflow refuses: before the training, not after it
+
+    assert train_courier.main(["--conf", str(conf), "--alias", "latest"]) == 2
+    assert "'latest' cannot be a registry alias" in capsys.readouterr().err
     # A bug of the loader (not what a bad file raises) is a crash: its traceback and the crash status.
     import jobs.common
 
@@ -206,6 +210,28 @@ def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "JVM SPARK_LOCAL_IP=127.0.0.1" in out.stdout
+
+
+def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
+    """spark-submit starts the JVM before the job runs: without SPARK_LOCAL_IP in its environment the UI
+    (started with the session) would listen on every interface, also with spark-submit's own --master
+    local[2]. The job turns the UI off and says how to keep it; with SPARK_LOCAL_IP the UI stays on."""
+    conf = write_config(tmp_path, {})
+    script = tmp_path / "ui.py"
+    script.write_text("import sys\nsys.path.insert(0, %r)\nfrom jobs.common import run_job\n"
+                      "def body(ctx):\n    print('UI=' + str(ctx.spark.sparkContext.uiWebUrl))\n"
+                      "sys.exit(run_job('ui', 'd', lambda p: None, body, argv=['--conf', %r]))\n" % (str(ROOT), str(conf)))
+    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    env = {k: v for k, v in os.environ.items() if k != "SPARK_LOCAL_IP"}
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    for local_ip, ui in ((None, "UI=None"), ("127.0.0.1", "UI=http://127.0.0.1:")):
+        run_env = {**env, "SPARK_LOCAL_IP": local_ip} if local_ip else env
+        out = subprocess.run([submit, "--master", "local[2]", str(script)], cwd=ROOT, env=run_env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert ui in out.stdout, out.stdout[-2000:]
+        said = "the Spark UI is off for this spark-submit" in out.stdout + out.stderr  # (where logging goes)
+        assert said == (local_ip is None), out.stdout[-2000:]
 
 
 def test_the_log4j_option_stays_one_java_argument_under_a_folder_with_a_space():

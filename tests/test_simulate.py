@@ -314,3 +314,8 @@ def test_the_job_warns_about_dates_an_earlier_simulation_left(tmp_path, capsys):
     assert "WARNING" not in capsys.readouterr().err
     assert main(["--conf", conf, "--set", "simulator.start_date=2026-11-22"]) == 0
     assert "also holds date(s) ['2026-11-20'] that this run did not write" in capsys.readouterr().err
+    # a bad setting is one line naming the key and exit 2, as for every job (a traceback and 1 before)
+    assert main(["--conf", conf, "--set", "simulator.days=0"]) == 2
+    err = capsys.readouterr().err
+    assert "simulate_search_log: error: simulator.seed must be >= 0, simulator.days >= 1" in err, err
+    assert "Traceback" not in err
