@@ -220,7 +220,8 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
     script = tmp_path / "ui.py"
     script.write_text("import sys\nsys.path.insert(0, %r)\nfrom jobs.common import run_job\n"
                       "def body(ctx):\n    print('UI=' + str(ctx.spark.sparkContext.uiWebUrl))\n"
-                      "sys.exit(run_job('ui', 'd', lambda p: None, body, argv=['--conf', %r]))\n" % (str(ROOT), str(conf)))
+                      "sys.exit(run_job('ui', 'd', lambda p: None, body, argv=['--conf', %r]))\n"
+                      % (str(ROOT), str(conf)))
     submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
     env = {k: v for k, v in os.environ.items() if k != "SPARK_LOCAL_IP"}
     env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
