@@ -165,7 +165,8 @@ class PublishLog:
     # ---- the lock -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, run_id: str, wait_s: float = 300.0):
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
+        # token: this hold's own (run ids repeat: a vacuum and a direct write use the table's name)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "token": uuid.uuid4().hex,
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         deadline = time.monotonic() + wait_s
         hold = self._lock_local if not is_uri(self.dir) else self._lock_by_create
@@ -178,11 +179,10 @@ class PublishLog:
         except (OSError, ValueError):
             return {}
 
-    def _wait(self, deadline: float) -> None:
+    def _wait(self, deadline: float, remedy: str) -> None:
         if time.monotonic() > deadline:
             holder = self._held_by()
-            raise PublishError(f"{self.dir}/{LOCK_NAME} is held by {holder or 'an unreadable lock'}; "
-                               "if that run is dead on another host, remove the file")
+            raise PublishError(f"{self.dir}/{LOCK_NAME} is held by {holder or 'an unreadable lock'}; {remedy}")
         time.sleep(1.0)
 
     @contextlib.contextmanager
@@ -200,7 +200,9 @@ class PublishLog:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                self._wait(deadline)
+                # a kernel lock ends with its process: the holder is alive (removing the file would let a
+                # second run in beside it)
+                self._wait(deadline, "that run is still running: wait for it, or stop it")
                 continue
             try:  # the last holder removes the file as it leaves: a lock on a removed file holds nothing
                 current = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -214,26 +216,33 @@ class PublishLog:
             os.write(fd, json.dumps(me).encode("utf-8"))
             yield
         finally:
-            os.remove(path)  # while still locked: a run that opened it meanwhile sees it gone and retries
-            os.close(fd)
+            try:  # removed while still locked: a run that opened it meanwhile sees it gone and retries
+                with contextlib.suppress(FileNotFoundError):  # (removed by hand: the publish still stands)
+                    os.remove(path)
+            finally:
+                os.close(fd)
 
     @contextlib.contextmanager
     def _lock_by_create(self, me: dict, deadline: float):
         """Object stores (s3a): a create-if-absent lock file. Hadoop's S3A client checks and creates in
         two requests, so two runs starting the same second can both get it: the commit checks that no
         other run committed between its own commits before it writes the publish record."""
-        while not self._create(LOCK_NAME, json.dumps(me)):
+        while True:
+            # Hadoop's create is two requests: read the file back, and hold it only if it is this hold's
+            if self._create(LOCK_NAME, json.dumps(me)) and self._held_by().get("token") == me["token"]:
+                break
             holder = self._held_by()
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+            if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
                 log.warning("taking over the publish lock of run %s (process %s is gone)",
                             holder.get("run_id"), holder.get("pid"))
-                self._delete(LOCK_NAME)
+                if self._held_by() == holder:  # not a lock another run has taken over meanwhile
+                    self._delete(LOCK_NAME)
                 continue
-            self._wait(deadline)
+            self._wait(deadline, "if that run is dead (on another host), remove the file")
         try:
             yield
         finally:
-            if self._held_by().get("run_id") == me["run_id"]:  # never another run's lock
+            if self._held_by().get("token") == me["token"]:  # never another run's lock
                 self._delete(LOCK_NAME)
 
 

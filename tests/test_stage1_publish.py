@@ -274,10 +274,12 @@ def test_the_publish_lock_has_one_holder_and_ends_with_its_process(tmp_path):
     lock_file = tmp_path / "_publish" / "_lock"
     with plog.lock("run-a", wait_s=0):
         assert '"run_id": "run-a"' in lock_file.read_text()
-        with pytest.raises(PublishError, match="held by .*run-a"):
+        with pytest.raises(PublishError, match="held by .*run-a.*that run is still running: wait for it"):
             with plog.lock("run-b", wait_s=0):
                 pass
     assert not lock_file.exists()
+    with plog.lock("run-a", wait_s=0):
+        lock_file.unlink()  # removed by hand while held: the hold still ends without an error
     with plog.lock("run-b", wait_s=0):
         pass
 
@@ -295,6 +297,28 @@ def test_the_publish_lock_has_one_holder_and_ends_with_its_process(tmp_path):
     assert '"run_id": "run-dead"' in lock_file.read_text()  # its file stays, its lock does not
     with plog.lock("run-c", wait_s=0):
         assert '"run_id": "run-c"' in lock_file.read_text()
+
+
+def test_an_object_store_lock_is_taken_over_from_a_dead_run_and_released_only_by_its_own_hold(spark, tmp_path):
+    """The create-if-absent lock (object stores; file:// takes the same path): a dead process's lock on this
+    host is taken over; a hold releases the lock only if the file is still its own (by a token: run ids
+    repeat), never one that another hold put there meanwhile."""
+    import json
+    import socket
+
+    from etl.publish import PublishLog
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    plog = PublishLog(f"file://{tmp_path}", spark)
+    assert plog._create("_lock", json.dumps({"host": socket.gethostname(), "pid": dead.pid, "run_id": "x",
+                                             "token": "t-dead"}))
+    with plog.lock("x", wait_s=0):
+        held = plog._held_by()
+        assert held["run_id"] == "x" and held["token"] not in ("t-dead", None)
+        plog._delete("_lock")  # another hold of the same run id took it meanwhile (a takeover race)
+        assert plog._create("_lock", json.dumps({**held, "token": "t-other"}))
+    assert plog._held_by()["token"] == "t-other"  # left to its holder
 
 
 def test_a_manifest_on_a_hadoop_file_system_appears_whole(spark, tmp_path, monkeypatch):
