@@ -143,6 +143,13 @@ class PublishLog:
         names = [n for n in self._list() if n.endswith(".json")]
         return json.loads(self._read(names[-1])) if names else None
 
+    def ever_published(self, table: str, version: int) -> bool:
+        """Whether some manifest, the latest or an earlier one, pinned `table` at `version` (newest first)."""
+        for name in reversed([n for n in self._list() if n.endswith(".json")]):
+            if json.loads(self._read(name))["tables"].get(table) == version:
+                return True
+        return False
+
     def pins(self) -> dict | None:
         """{table: version} readers use; None when nothing was ever published (read the latest)."""
         m = self.latest()

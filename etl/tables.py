@@ -77,6 +77,16 @@ def _local_path(uri: str) -> str:
     return unquote(urlparse(uri).path)
 
 
+def _rewrite_keeping_time(path: str, text: str, options) -> None:
+    """Replace a log file whole, keeping its modification time where the storage lets us: Spark's Delta
+    takes a commit's time from it (history, timestampAsOf). An object store sets its own."""
+    local = None if is_uri(path) and not path.startswith("file:") else _local_path(path)
+    times = os.stat(local) if local else None
+    fs.write_text(path, text, options)
+    if times:
+        os.utime(local, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
 def _partition_dir(values: Mapping[str, str]) -> str:
     for k, v in values.items():
         if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", str(v)):
@@ -195,9 +205,24 @@ class TableStore:
             pinned, version = self._pin(name)
             if pinned and version is None:
                 raise TableError(f"table {name!r} has no published version yet; run the job that writes it first")
+        else:
+            self._check_published(name, int(version))
         if not self._is_delta(path):
             raise TableError(f"table {name!r} does not exist at {path}; run the job that writes it first")
         return self._open(path, version)
+
+    def _check_published(self, name: str, version: int) -> None:
+        """A stage-1 version asked for by number must be one readers were given: a version committed by a
+        build that died before publishing (undone by the next one) holds a date half built."""
+        pinned, current = self._pin(name)
+        if not pinned or version == current:
+            return
+        from etl.publish import PublishLog
+
+        if not PublishLog(self.root, self.spark).ever_published(name, version):
+            raise TableError(f"version {version} of {name!r} was never published (a build that stopped before "
+                             f"publishing committed it; it holds a date half built): the published version "
+                             f"now is {current}")
 
     def exists(self, name: str) -> bool:
         pinned, version = self._pin(name)
@@ -246,7 +271,9 @@ class TableStore:
 
     def files(self, name: str, version: int | None = None) -> list[TableFile]:
         """The data files of a table version with their partition values (for Petastorm readers)."""
-        dt = self._delta(name, version)
+        return self._files_of(name, self._delta(name, version))
+
+    def _files_of(self, name: str, dt) -> list[TableFile]:
         import pyarrow as pa
 
         actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
@@ -281,7 +308,7 @@ class TableStore:
                 if upgraded is None:
                     continue
                 if not dry_run:
-                    fs.write_text(f"{log_dir}/{commit}", upgraded, opts)
+                    _rewrite_keeping_time(f"{log_dir}/{commit}", upgraded, opts)
                 out.setdefault(name, []).append(int(commit[:20]))
         return out
 
@@ -297,6 +324,8 @@ class TableStore:
             reader = self.spark.read.format("delta")
             if version is None:  # a stage-1 table at its published version (an error when there is none)
                 version = self._delta(name).version()
+            else:
+                self._check_published(name, int(version))
             reader = reader.option("versionAsOf", version)
             df = reader.load(self.path(name))
             for col, values in partitions.items():
@@ -369,9 +398,10 @@ class TableStore:
                     .option("userMetadata", json.dumps(meta)).partitionBy(*cols).save(self.path(name))))
             else:
                 rel_dir = f"{_partition_dir(partition)}/run-{uuid.uuid4().hex[:12]}"
-                adds = self._write_files(data, name, rel_dir, partition)
-                schema = self._arrow_schema(data, partition_cols=cols)
-                self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
+                with self._removed_unless_committed(name, rel_dir):
+                    adds = self._write_files(data, name, rel_dir, partition)
+                    schema = self._arrow_schema(data, partition_cols=cols)
+                    self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
         return self.latest_version(name)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
@@ -407,14 +437,15 @@ class TableStore:
                     .partitionBy(*cols).save(self.path(name))))
             else:
                 run_dir = f"{_partition_dir(fixed) + '/' if fixed else ''}run-{uuid.uuid4().hex[:12]}"
-                adds = self._write_files(data, name, run_dir, fixed, by=by)
-                stray = sorted({a.partition_values[by] for a in adds} - set(values))
-                if stray:  # checked on the written files (no second pass over df); nothing is committed
-                    raise TableError(f"table {name!r}: rows with {by} in {stray}, outside the partitions {values} "
-                                     f"being replaced")
-                schema = self._arrow_schema(data.drop(by), partition_cols=cols)
-                filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
-                self._commit(name, adds, schema, cols, filters, meta)
+                with self._removed_unless_committed(name, run_dir):
+                    adds = self._write_files(data, name, run_dir, fixed, by=by)
+                    stray = sorted({a.partition_values[by] for a in adds} - set(values))
+                    if stray:  # checked on the written files (no second pass over df); nothing is committed
+                        raise TableError(f"table {name!r}: rows with {by} in {stray}, outside the partitions "
+                                         f"{values} being replaced")
+                    schema = self._arrow_schema(data.drop(by), partition_cols=cols)
+                    filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
+                    self._commit(name, adds, schema, cols, filters, meta)
         return self.latest_version(name)
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
@@ -427,9 +458,28 @@ class TableStore:
                     _writer(df, name).format("delta").mode("overwrite").option("overwriteSchema", "true")
                     .option("userMetadata", json.dumps(meta)).save(self.path(name))))
             else:
-                adds = self._write_files(df, name, f"run-{uuid.uuid4().hex[:12]}", {})
-                self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
+                run_dir = f"run-{uuid.uuid4().hex[:12]}"
+                with self._removed_unless_committed(name, run_dir):
+                    adds = self._write_files(df, name, run_dir, {})
+                    self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
         return self.latest_version(name)
+
+    @contextlib.contextmanager
+    def _removed_unless_committed(self, name: str, rel_dir: str):
+        """A direct write's own run folder (delta-rs engine), removed when the write fails and no commit
+        came meanwhile (a schema refused, rows outside the partitions, conflicts to the last try), so
+        a failure that a scheduler retries daily does not leave a copy of the data each time. When the
+        table moved on (this write's commit landed before a later step failed, or another writer's),
+        its files may be referenced: they stay, for vacuum."""
+        before = self.latest_version(name)
+        try:
+            yield
+        except BaseException:
+            if self.latest_version(name) == before:
+                import shutil
+
+                shutil.rmtree(os.path.join(_local_path(self.path(name)), rel_dir), ignore_errors=True)
+            raise
 
     # ---- staged writes: files first, commit later (stage 1 verifies between the two) -------------
     def stage_partition(self, df, name: str, partition: Mapping[str, str]) -> "Staged":
@@ -502,7 +552,7 @@ class TableStore:
         latest = self.latest_version(name)
         if latest is None:
             return
-        added = {f.uri for v in range(latest + 1) for f in self.files(name, v)}
+        added = {f.uri for v in range(latest + 1) for f in self._files_of(name, self._open(self.path(name), v))}
         for uri in sorted(added):
             self._delete_file(uri)
         self._delete_folder(f"{self.path(name).rstrip('/')}/_delta_log")
@@ -538,30 +588,32 @@ class TableStore:
             # older than the retention (delta-rs #4290, fixed after 1.5.0): a partition rebuilt today
             # would lose the files its previous version still reads.
             table = self._open(self.path(name))
-            listed = table.vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                  enforce_retention_duration=retention_hours >= 168, full=True,
-                                  keep_versions=_versions_within(table.history(), retention_hours))
-            if not self.native and dry_run:  # delta-rs also lists what an earlier vacuum removed (its tombstones)
-                root = _local_path(self.path(name))
-                listed = [p for p in listed if os.path.lexists(os.path.join(root, p))]
-            elif not self.native:
+            keep = _versions_within(table.history(), retention_hours)
+
+            def vacuum(dry: bool) -> list[str]:
+                return table.vacuum(retention_hours=retention_hours, dry_run=dry, full=True, keep_versions=keep,
+                                    enforce_retention_duration=retention_hours >= 168)
+
+            if self.native:
+                return vacuum(dry_run) + self._stale_staging(name, retention_hours, dry_run)
+            # delta-rs also lists what an earlier vacuum removed (the tombstones it keeps): the files still
+            # there are listed first, the same whether this is a dry run or not
+            root = _local_path(self.path(name))
+            listed = [p for p in vacuum(True) if os.path.lexists(os.path.join(root, p))]
+            if not dry_run:
+                vacuum(False)
                 self._remove_emptied_folders(name, listed)
-            return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
+            return listed
 
     def _remove_emptied_folders(self, name: str, removed: list[str]) -> None:
         """delta-rs's vacuum removes files, not the run-<id>/ folders that held them: each folder it
-        emptied goes too, then its partition folder if nothing else is left there. A folder that still
-        holds anything stays (rmdir refuses it), and a folder this vacuum took nothing from is never
-        touched: a run that has just made its own is not mistaken for a dead one."""
+        emptied goes too. A folder that still holds anything stays (rmdir refuses it), a folder this vacuum
+        took nothing from is never touched (a run that has just made its own is not taken for a dead one),
+        and partition folders stay (a writer may be about to make its run folder in one)."""
         root = _local_path(self.path(name))
         for rel in sorted({os.path.dirname(p) for p in removed} - {""}):
-            for folder in (rel, os.path.dirname(rel)):
-                if not folder:
-                    break
-                try:
-                    os.rmdir(os.path.join(root, folder))
-                except OSError:  # not empty (another run's files), or gone already
-                    break
+            with contextlib.suppress(OSError):  # not empty (another run's files), or gone already
+                os.rmdir(os.path.join(root, rel))
 
     def _stale_staging(self, name: str, retention_hours: float, dry_run: bool) -> list[str]:
         """Native Delta stages a run's files in <table>/_staging/run-<id>/, a folder Delta's vacuum skips

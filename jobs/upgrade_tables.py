@@ -23,11 +23,17 @@ def add_arguments(p) -> None:
 
 
 def body(ctx) -> None:
+    from etl import fs
+
     upgraded = ctx.store.upgrade_commit_info(dry_run=ctx.args.dry_run)
     verb = "would rewrite" if ctx.args.dry_run else "rewrote"
     for name, versions in sorted(upgraded.items()):
         ctx.say(f"{name}: {verb} the commit info of {len(versions)} commit(s), versions {versions[0]}..{versions[-1]}")
     total = sum(map(len, upgraded.values()))
+    if total and not ctx.args.dry_run and fs.is_object_store(ctx.cfg.tables_root):
+        ctx.say("note: the object store dated the rewritten log files now, and Spark's Delta takes a commit's "
+                "time from its file: history and timestampAsOf show those versions at this time "
+                "(versionAsOf is unchanged)")
     ctx.say(f"{verb} {total} commit(s) in {len(upgraded)} table(s) under {ctx.cfg.tables_root}"
             + ("" if total else ": every table's log is already readable by Spark's Delta"))
 

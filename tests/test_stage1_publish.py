@@ -24,7 +24,7 @@ def test_killed_between_commits_readers_see_the_published_set_and_the_next_run_r
     from etl.config import load_config
     from etl.catalog import STAGE1 as STAGE1_TABLES
     from etl.publish import PublishLog
-    from etl.tables import TableStore
+    from etl.tables import TableError, TableStore
 
     conf = write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}})
     cfg = load_config(conf)
@@ -65,6 +65,10 @@ def test_killed_between_commits_readers_see_the_published_set_and_the_next_run_r
     for t in STAGE1_TABLES:
         assert store.read(t).where(f"dt = '{D1}'").count() == 0, t
     assert (Path(cfg.tables_root) / "_publish" / "_lock").exists()  # held by the dead run
+    # asked for by number (train.table_version...), a version the dead run committed is refused
+    with pytest.raises(TableError, match=f"version {latest['items']} of 'items' was never published"):
+        store.read("items", version=latest["items"])
+    assert store.files("items", published["items"]) == store.files("items")
 
     report = build_date(spark, cfg, store, D1, "run-d1")
     assert report.status == "built" and "recovered an unfinished publish" in report.note
@@ -76,6 +80,9 @@ def test_killed_between_commits_readers_see_the_published_set_and_the_next_run_r
     assert sorted(manifests["dates"]) == [D0, D1] and manifests["tables"] == {
         t: store.latest_version(t) for t in STAGE1_TABLES}
     assert not (Path(cfg.tables_root) / "_publish" / "_lock").exists()
+    with pytest.raises(TableError, match="was never published"):  # still not: recovery undid it
+        store.files("items", latest["items"])
+    assert store.read("items", version=published["items"]).count() == 5  # an earlier published one reads
 
 
 class _Killed(BaseException):
@@ -107,7 +114,8 @@ def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged
         build_date(spark, cfg, store, D0, "run-dead")
     monkeypatch.undo()
     assert [t for t in STAGE1_TABLES if store.latest_version(t) is not None] == ["quarantine", "items"]
-    dead_files = [f.uri for t in ("quarantine", "items") for f in store.files(t, 0)]
+    # (files of versions no reader is given: TableStore.files refuses them)
+    dead_files = [f.uri for t in ("quarantine", "items") for f in store._files_of(t, store._open(store.path(t), 0))]
 
     report = build_date(spark, cfg, store, D0, "run-d0")
     assert report.status == "built" and "removed (created by a run that never published)" in report.note
@@ -413,8 +421,8 @@ def test_a_vacuum_of_a_stage1_table_publishes_its_commits_and_undoes_unpublished
 
     published = store.version("items")
     store.commit_staged(store.stage_partition(items.drop("dt"), "items", {"dt": D1}))  # committed, never published
-    orphan = [f.uri.removeprefix("file://") for f in store.files("items", published + 1)
-              if f.partition_values["dt"] == D1]
+    unpublished = store._files_of("items", store._open(store.path("items"), published + 1))  # (files refuses it)
+    orphan = [f.uri.removeprefix("file://") for f in unpublished if f.partition_values["dt"] == D1]
     assert orphan and store.version("items") == published
     store.vacuum("items", retention_hours=0, dry_run=False)  # undoes the dead commit first, as a build would
     assert plog.latest()["tables"]["items"] == store.latest_version("items") > published + 1

@@ -1,6 +1,8 @@
 """Table I/O: partition replace is one atomic commit; a failed write leaves the table as it was."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -33,8 +35,6 @@ def test_failed_write_leaves_the_table_as_it_was(spark, cfg_factory):
 
 def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factory):
     """A run that staged files and died before its commit leaves them under the table's folder."""
-    import os
-
     from etl.tables import TableStore
 
     store = TableStore(spark, cfg_factory())
@@ -50,21 +50,23 @@ def test_vacuum_removes_files_that_no_version_ever_referred_to(spark, cfg_factor
     store.replace_partition(spark.range(0), "t", {"dt": "2026-11-21"})  # emptied: its folder holds nothing live
     started = os.path.join(table, "dt=2026-11-22", "run-started")  # a run that made its folder, no file yet
     os.makedirs(started)
-    store.vacuum("t", retention_hours=0, dry_run=False)
+    removed = store.vacuum("t", retention_hours=0, dry_run=False)
+    assert orphans <= {os.path.basename(p) for p in removed}
+    # what an earlier vacuum removed is listed no more (delta-rs lists its tombstones), dry run or not
     assert store.vacuum("t", retention_hours=0, dry_run=True) == []
+    assert store.vacuum("t", retention_hours=0, dry_run=False) == []
     assert store.read("t").count() == 5
     # the folders vacuum emptied are gone with it, the live one and the one it took nothing from stay
     folders = {os.path.join(table, d, r) for d in os.listdir(table) if d.startswith("dt=")
                for r in os.listdir(os.path.join(table, d))}
     assert folders == live | {started}
-    assert not os.path.exists(os.path.join(table, "dt=2026-11-21"))
+    assert os.listdir(os.path.join(table, "dt=2026-11-21")) == []  # a partition folder stays (a writer may use it)
 
 
 def test_vacuum_keeps_the_files_of_versions_within_the_retention(spark, cfg_factory):
     """A partition rebuilt today removes files written long ago: the version before the rebuild still
     reads them until the retention has passed (delta-rs 1.5.0's full vacuum took them for orphans by
     their own age). An old file that no version ever referred to is still removed."""
-    import os
     import time
 
     from etl.tables import TableStore
@@ -121,8 +123,16 @@ def test_replace_partition_and_time_travel(spark, cfg_factory):
         store.read("t", partitions={"dt": "2026-11-20"})
     with pytest.raises(TableError, match=r"\['id'\] not among its partition columns"):
         store.read("t", partitions={"id": ["1"]})
+    table = store.path("t").removeprefix("file:")
+    folders = {d: sorted(os.listdir(os.path.join(table, d))) for d in os.listdir(table) if d.startswith("dt=")}
     with pytest.raises(TableError, match="schema differs"):
         store.replace_partition(spark.range(2).withColumn("y", F.lit(1)), "t", {"dt": "2026-11-22"})
+    with pytest.raises(TableError, match=r"rows with dt in \['2026-11-24'\], outside the partitions"):
+        store.replace_partitions(spark.range(2).withColumn("dt", F.lit("2026-11-24")), "t", by="dt",
+                                 values=["2026-11-23"])
+    # a failed write leaves no copy of its data behind (a scheduler retrying it daily added one each day)
+    assert {d: sorted(os.listdir(os.path.join(table, d))) for d in os.listdir(table) if d.startswith("dt=")} \
+        in (folders, {**folders, "dt=2026-11-22": []})
     with pytest.raises(TableError, match="does not exist"):
         store.read("missing_table")
     with pytest.raises(TableError, match="bad table name"):
@@ -249,7 +259,6 @@ def test_upgrade_moves_an_earlier_release_s_loose_commit_keys_into_user_metadata
     same), every other log line and the data stay as they were, a dry run writes nothing, a rerun finds
     nothing. Spark's Delta reading the result is checked in test_engine_parity."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -269,7 +278,13 @@ def test_upgrade_moves_an_earlier_release_s_loose_commit_keys_into_user_metadata
     def metadata():  # oldest first (history() lists the newest first)
         return [commit_metadata(h) for h in sorted(store.history("legacy"), key=lambda h: h["version"])]
 
-    before, meta_before = log_files(), metadata()
+    def times():  # Spark's Delta takes each commit's time from its log file's
+        return {n: os.stat(os.path.join(log_dir, n)).st_mtime_ns for n in sorted(os.listdir(log_dir))
+                if n.endswith(".json")}
+
+    for k, name in enumerate(sorted(times())):
+        os.utime(os.path.join(log_dir, name), (1_700_000_000 + k * 3600, 1_700_000_000 + k * 3600))
+    before, meta_before, times_before = log_files(), metadata(), times()
     assert '"job":"build_samples"' in before["00000000000000000000.json"]  # loose, as the earlier release wrote it
     rows_before = sorted(store.read("legacy").collect())
     assert store.upgrade_commit_info(dry_run=True) == {"legacy": [0, 1]} and log_files() == before
@@ -290,3 +305,4 @@ def test_upgrade_moves_an_earlier_release_s_loose_commit_keys_into_user_metadata
                                {"job": "build_samples", "partition": '{"dt": "a"}'}, {}]
     assert sorted(store.read("legacy").collect()) == rows_before and len(rows_before) == 4
     assert store.upgrade_commit_info() == {}  # a rerun: nothing left to do, "current" never touched
+    assert times() == times_before  # the commits keep their times (history, timestampAsOf)
