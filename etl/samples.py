@@ -399,8 +399,8 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
 
     orphan_click: no valid PV with that pv_id was read; click_user_mismatch: the PV was shown to another
     user; click_not_on_pv: the item was not on the page; click_before_pv: the click is timed before its
-    PV; duplicate_click: a second click on the same (pv, item) (labels are 0/1; the earliest click
-    that passed the other checks is kept).
+    PV; duplicate_click: a second click on the same (pv, item) (labels are 0/1; of the clicks that
+    passed the other checks the one kept is the earliest in the page's own date's log, else the earliest).
 
     Windows by pv_id (a pv_id has at most one valid PV after mark_duplicates), no join: one shuffle,
     none when the input is already partitioned by pv_id. The clicked items come from these windows
@@ -419,8 +419,12 @@ def mark_bad_clicks(events: DataFrame) -> DataFrame:
         (~F.array_contains("_pv.items", F.col("item_id")), "click_not_on_pv"),
         (F.col("ts") < F.col("_pv.ts"), "click_before_pv"),
     )
-    # The valid clicks of a (pv, item) rank among themselves (_is_click in the key keeps the rest out).
-    w = Window.partitionBy("pv_id", "item_id", "_is_click").orderBy(F.col("_first").isNotNull(), "ts", "event_id")
+    # The valid clicks of a (pv, item) rank among themselves (_is_click in the key keeps the rest out); one
+    # logged on the page's own date first: only such a click labels, and the one kept must be the one
+    # that can (an earlier date's copy, e.g. a page logged just after midnight, labels nothing).
+    other_date = F.coalesce(F.col("dt") != F.col("_pv.dt"), F.lit(True))
+    w = (Window.partitionBy("pv_id", "item_id", "_is_click")
+         .orderBy(F.col("_first").isNotNull(), other_date, "ts", "event_id"))
     checked = (events.withColumn("_pv", pv).withColumn("_is_click", is_click)
                .withColumn("_first", F.when(F.col("_is_click"), first))
                .withColumn("reason", F.when(F.col("_is_click"), F.coalesce(

@@ -89,6 +89,25 @@ def test_deduplicated_events_reach_the_click_check_without_a_shuffle(spark, even
     assert reasons[("e4", "p2")] == "unknown_item" and reasons[("e3", "p1")] is None
 
 
+def test_a_page_keeps_the_click_logged_on_its_own_date_over_an_earlier_date_s_copy(spark):
+    """A page logged on D (timed just before midnight, within the skew) clicked twice on one item: once in
+    D-1's log (it labels nothing: a date's labels come from its own log) and once in D's. The earlier
+    click ranked first, so D's click was quarantined as duplicate_click and the page lost its positive
+    (clicked_items empty, the page dropped as no_positive, the item a negative in ctr_log)."""
+    from etl import samples as S
+
+    def at(seconds):
+        return dt.datetime(2026, 11, 19, 23, 58) + dt.timedelta(seconds=seconds)
+
+    rows = [("d4", "pv", at(0), "u1", "px", "q", ["a", "b"], None, None, "pv", "2026-11-20", None),
+            ("y3", "click", at(10), "u1", "px", "q", None, "a", None, "c", "2026-11-19", None),
+            ("d5", "click", at(20), "u1", "px", "q", None, "a", None, "c", "2026-11-20", None)]
+    out = {r["event_id"]: r for r in S.mark_bad_clicks(spark.createDataFrame(rows, SCHEMA)).collect()}
+    assert out["d5"]["reason"] is None and out["d5"]["pv_on_other_date"] is False
+    assert out["y3"]["reason"] == "duplicate_click"
+    assert out["d4"]["clicked_items"] == ["a"]
+
+
 def test_a_history_click_at_or_after_its_page_is_counted_so_verify_fails(spark):
     """The leakage guard: sample_counts counts the PVs whose click history holds a click at or after
     the PV's own time; verify requires 0 (the strictly-before rule of click_history, checked on the data)."""
