@@ -143,13 +143,23 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
     if not_dates:
         log.warning("%s: ignoring folder(s) %s: not dt=YYYY-MM-DD", catalog_base, [f"dt={x}" for x in not_dates])
     catalog_dates = [x for x in folders if x not in not_dates and x <= date]
+    published = plog.published_dates()
+    # Every date reads every earlier catalog (where each item was first listed): a catalog folder that a
+    # published date was built from and that is gone now (archived) would make its items unknown to this
+    # build (their events quarantined as unknown_item) or new again (a second item_images row each).
+    no_catalog = _files_digest(None, {})
+    gone = sorted(x for x, p in published.items() if x < date and x not in catalog_dates
+                  and p.get("files", {}).get("catalog") not in (None, no_catalog))
+    if gone:
+        raise InputError(f"{date}: the catalog folder(s) of published date(s) {gone} are gone from {catalog_base}; "
+                         "every build reads every earlier catalog (an item's first listing), so restore them "
+                         "(catalog folders are never archived; search-log folders past the history window may be)")
     if not catalog_dates:
         raise InputError(f"no item catalog on or before {date} under {catalog_base}")
     catalog_files = {x: discover(spark, catalog_base, x, sc.input_ignore) for x in catalog_dates}
 
     # Order between dates: a date reads the click history and the catalog (and so the item images) of
     # earlier dates; building it before they are published would mask those items' images.
-    published = plog.published_dates()
     earlier = sorted({x for x in log_files if x < date} | {x for x in catalog_dates if x < date})
     missing = [x for x in earlier if x not in published]
     if missing:

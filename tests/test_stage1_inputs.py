@@ -329,6 +329,26 @@ def test_empty_folder_is_refused_unless_allowed(spark, messy):
         shutil.rmtree(set_aside)
 
 
+def test_an_archived_catalog_folder_of_a_published_date_fails_the_next_build_naming_it(spark, messy):
+    """Every build reads every earlier catalog: without D0's, its items were unknown (their events
+    quarantined as unknown_item) or new again (a second item_images row, which misplaced images in
+    courier_train's shuffle join). Nothing is built until the folder is back."""
+    from etl.build import InputError, build_date
+
+    cfg, store, _ = messy
+    versions = {t: store.version(t) for t in ("items", "item_images", "quarantine")}
+    folder = Path(cfg.raw_root) / "catalog" / f"dt={D0}"
+    archived = folder.parent.parent / "archived-catalog"
+    folder.rename(archived)
+    try:
+        with pytest.raises(InputError, match=rf"catalog folder\(s\) of published date\(s\) \['{D0}'\] are gone"):
+            build_date(spark, cfg, store, D1, "run-archived", force=True)
+    finally:
+        archived.rename(folder)
+    assert {t: store.version(t) for t in versions} == versions
+    assert build_date(spark, cfg, store, D1, "run-restored").status == "unchanged"
+
+
 def test_a_date_before_its_earlier_dates_fails_naming_them(spark, messy, tmp_path):
     from etl.build import PublishError, build_date
     from etl.config import load_config
