@@ -219,7 +219,8 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
     conf = write_config(tmp_path, {})
     script = tmp_path / "ui.py"
     script.write_text("import sys\nsys.path.insert(0, %r)\nfrom jobs.common import run_job\n"
-                      "def body(ctx):\n    print('UI=' + str(ctx.spark.sparkContext.uiWebUrl))\n"
+                      "def body(ctx):\n    sc = ctx.spark.sparkContext\n"
+                      "    print('UI=' + str(sc.uiWebUrl), 'APP=' + sc.appName)\n"
                       "sys.exit(run_job('ui', 'd', lambda p: None, body, argv=['--conf', %r]))\n"
                       % (str(ROOT), str(conf)))
     submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
@@ -230,7 +231,7 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
         out = subprocess.run([submit, "--master", "local[2]", str(script)], cwd=ROOT, env=run_env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert ui in out.stdout, out.stdout[-2000:]
+        assert ui in out.stdout and "APP=courier-ui" in out.stdout, out.stdout[-2000:]  # spark.app_name-job
         said = "the Spark UI is off for this spark-submit" in out.stdout + out.stderr  # (where logging goes)
         assert said == (local_ip is None), out.stdout[-2000:]
 
