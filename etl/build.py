@@ -39,7 +39,8 @@ JOB = "build_samples"
 # 3: a click labels only a PV of its own date's log; MPO and key-colour PNG images; an event is judged by
 # the catalog of its own date; a local image's change time is part of the fingerprint.
 # 4: an earlier date's click whose page lies outside the history window keeps its published verdict.
-RULES_VERSION = 4
+# 5: of a page's valid clicks on one item, the one in the page's own date's log is kept (it labels).
+RULES_VERSION = 5
 # The raw log's folder under raw_root, and the quarantine `source` of its rows.
 SEARCH_LOG = "search_log"
 # The most unknown-item event ids, or earlier dates' click verdicts, sent to every executor (~50 MB);
