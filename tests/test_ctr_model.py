@@ -255,6 +255,28 @@ def test_epochs_are_chosen_on_validation_dates_and_the_eval_dates_choose_nothing
     np.testing.assert_array_equal(a.eval_probs[1:], b.eval_probs[1:])
 
 
+def test_in_vector_mode_the_eval_rows_change_nothing_the_model_trains_on(table, frames):
+    """A history item borrows the vector of the same item seen as an impression: the training rows'
+    histories borrowed from eval rows too, so which eval rows existed changed the model (the first
+    training day's histories look back before the table, to items shown only on an eval date)."""
+    import dataclasses
+
+    import torch
+
+    from training.ctr.train import fit_and_evaluate
+
+    cfg, _, _ = table
+    tr, ev, _ = frames
+    ctr = dataclasses.replace(cfg.ctr, epochs=1)
+    shown = ev.copy()
+    history_items = sorted({h for hist in tr["history"] for h in hist})[:20]
+    shown["item_id"] = [history_items[k % 20] if k < 200 else x for k, x in enumerate(shown["item_id"])]
+    a, b = (fit_and_evaluate(tr, e, ctr, "vector") for e in (ev, shown))
+    assert a.data_stats["train"] == b.data_stats["train"]
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
 def _with_levels(frame, per_level=4):
     """One coarser level: fine cluster c -> c // per_level (the reserved id stays reserved)."""
     coarse = lambda c: -1 if c < 0 else c // per_level  # noqa: E731

@@ -129,13 +129,17 @@ def fit_and_evaluate(train_frame: pd.DataFrame, eval_frame: pd.DataFrame, ctr, f
     torch.set_num_threads(ctr.threads)
     spec = spec_from_conf(ctr, feature_mode)
     t0 = time.perf_counter()
-    vectors = vector_table([train_frame, eval_frame]) if spec.feature_mode == "vector" else None
-    if spec.feature_mode == "vector" and vectors is not None and len(vectors[0]) == 0:
-        raise CtrDataError("feature_mode=vector but no row carries an item_vector "
+    # vector mode: a history item borrows the vector of the same item seen as an impression. The training
+    # rows borrow from training rows only (an eval row would change what the model trains on); the eval
+    # rows from both.
+    vector = spec.feature_mode == "vector"
+    train_vectors = vector_table([train_frame]) if vector else None
+    if vector and len(train_vectors[0]) == 0:
+        raise CtrDataError("feature_mode=vector but no training row carries an item_vector "
                            "(attach with features.include_vector: true)")
-    enc = dict(max_history=spec.max_history, item_buckets=spec.item_buckets, user_buckets=spec.user_buckets,
-               vectors=vectors)
-    train, ev = encode(train_frame, **enc), encode(eval_frame, **enc)
+    enc = dict(max_history=spec.max_history, item_buckets=spec.item_buckets, user_buckets=spec.user_buckets)
+    train = encode(train_frame, **enc, vectors=train_vectors)
+    ev = encode(eval_frame, **enc, vectors=vector_table([train_frame, eval_frame]) if vector else None)
     # Cluster tables sized by the training rows alone: the eval rows choose nothing, not even the table
     # size (a larger table draws more initial weights, and every module after it would start elsewhere).
     # An eval id past the table reads the no-image row, as any cluster training never held does.
