@@ -124,6 +124,12 @@ def test_breakdowns_by_category_and_cold_start():
     assert rep["overall"]["gauc"] == pytest.approx((1.0 * 2 + 0.0 * 2 + 1.0 * 2) / 6)
     flat = metrics.flat_metrics(rep)
     assert flat["eval.category.shoe.rows"] == 4 and "eval.cold_start.auc" in flat
+    # two names that clean to the same key both keep their metrics (the second overwrote the first)
+    twins = {"overall": rep["overall"], "by_category": {"t shirt": rep["by_category"]["dress"],
+                                                        "t_shirt": rep["by_category"]["shoe"]}}
+    rows = sorted(v for k, v in metrics.flat_metrics(twins).items() if k.startswith("eval.category.t_shirt")
+                  and k.endswith(".rows"))
+    assert rows == [2, 4]
     with pytest.raises(ValueError, match="predictions"):
         metrics.evaluate_predictions(frame, probs[:3])
 

@@ -19,6 +19,7 @@ are bugs upstream, not slices to skip.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Iterable, Mapping
 
@@ -160,9 +161,13 @@ def flat_metrics(report: Mapping, prefix: str = "eval") -> dict[str, float]:
     MLflow stores it, and a missing key would hide that the slice was empty)."""
     keys = ("auc", "gauc", "logloss", "rows", "positives")
     out = {f"{prefix}.{k}": float(report["overall"][k]) for k in keys}
-    for cat, m in report.get("by_category", {}).items():
-        safe = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in cat)
-        out.update({f"{prefix}.category.{safe}.{k}": float(m[k]) for k in ("auc", "gauc", "rows")})
+    cats = report.get("by_category", {})
+    safe = {cat: "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in cat) for cat in cats}
+    for cat, m in cats.items():
+        key = safe[cat]
+        if key != cat and list(safe.values()).count(key) > 1:  # "t shirt" and "t_shirt": one key each
+            key += "_" + hashlib.sha256(cat.encode()).hexdigest()[:6]
+        out.update({f"{prefix}.category.{key}.{k}": float(m[k]) for k in ("auc", "gauc", "rows")})
     for part in ("cold_start", "warm"):
         if part in report:
             out.update({f"{prefix}.{part}.{k}": float(report[part][k]) for k in keys})
