@@ -418,6 +418,43 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped_without_a_scaler(tra
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def test_steps_the_fp16_grad_scaler_skips_are_skipped_steps_and_too_many_stop_the_job(trained, spark, tmp_path,
+                                                                                    monkeypatch):
+    """Under fp16 the GradScaler skips a step whose gradients overflow and halves its scale. Such a step
+    was reported as trained (global_step, losses, checkpoints): gradients that stay non-finite took the
+    scale to 0, froze the model, and the run registered it as trained. A skip is now a skipped step, and
+    SCALER_SKIP_LIMIT in a row stop the job. (An enabled CPU GradScaler stands in for CUDA's.)"""
+    import dataclasses
+
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training import train as TR
+    from training.launch import make_spec
+
+    real_forward, calls, nan_calls = TR.forward, [], {1, 2}
+
+    def nan_gradient_forward(model, batch, device, amp_dtype, **extra):
+        loss, parts = real_forward(model, batch, device, amp_dtype, **extra)
+        calls.append(1)
+        if len(calls) in nan_calls:  # the loss stays finite; every gradient through it becomes NaN
+            loss.register_hook(lambda grad: grad * float("nan"))
+        return loss, parts
+
+    monkeypatch.setattr(TR, "forward", nan_gradient_forward)
+    monkeypatch.setattr(TR, "grad_scaler", lambda amp_dtype: torch.amp.GradScaler("cpu", enabled=True))
+    conf, _ = trained
+    cfg = load_config(conf)
+    spec = dataclasses.asdict(make_spec(cfg, TableStore(spark, cfg).files("courier_train"), str(tmp_path), None, False))
+    spec["train"].update(max_steps=2, num_workers=1, decode_workers=0, use_gpu=False, precision="fp32")
+    result = _train_in_process(spec)  # two skips while the scale settles: two steps trained after them
+    assert result["skipped"] == 2 and result["steps"] == 2 and len(calls) == 4 and len(result["losses"]) == 2
+    monkeypatch.setattr(TR, "SCALER_SKIP_LIMIT", 3)
+    calls.clear()
+    nan_calls.update(range(1, 100))
+    with pytest.raises(FloatingPointError, match="3 consecutive fp16 steps skipped by the GradScaler"):
+        _train_in_process({**spec, "checkpoint_dir": str(tmp_path / "frozen")})
+
+
 def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypatch):
     """register_encoder creates the version, then uploads its weights and tags its lineage: when either
     fails, the version is removed, so courier-encoder/latest never names one without its weights."""

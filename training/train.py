@@ -40,6 +40,9 @@ from training.courier import (CourierLossConfig, CourierModel, ImageEncoder, bn_
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("pv_images", "pv_labels", "pv_mask", "click_images", "click_mask")
+# Consecutive fp16 steps the GradScaler may skip (halving its scale each time: 2^40 below where it was)
+# before the job stops: more than the scale ever needs to settle, far fewer than a frozen run's steps.
+SCALER_SKIP_LIMIT = 40
 
 
 @dataclass
@@ -100,12 +103,15 @@ def update(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, loss_sca
     """Step 2's update: the gradients of loss * loss_scale (through the GradScaler), the optimizer step.
     The step goes through `dist.optimizer_step`: under Horovod the scaler must unscale the gradients
     only once they are reduced (a plain `scaler.step` unscaled them while the reduction still ran).
-    False when nothing was applied: fp32/bf16 (no scaler) and a non-finite gradient from a finite loss."""
+    False when nothing was applied, a finite loss with a non-finite gradient: skipped here (fp32, bf16),
+    or by the GradScaler (fp16), which then lowers its scale."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * loss_scale if loss_scale != 1 else loss).backward()
+    scaled_by = scaler.get_scale() if scaler.is_enabled() else None
     applied = dist.optimizer_step(optimizer, scaler)
     scaler.update()
-    return applied
+    # An enabled GradScaler skips a step whose gradients hold inf/NaN exactly when it lowers its scale.
+    return applied and not (scaled_by is not None and scaler.get_scale() < scaled_by)
 
 
 def empty_batch(batch_size: int, l_pv: int, l_click: int, px: int) -> dict:
@@ -325,7 +331,7 @@ def train_fn(spec_dict: dict) -> dict:
     steps_per_epoch = math.ceil(spec.total_rows / (t["batch_size"] * world)) if spec.total_rows else None
     total_steps = t["max_steps"] or (steps_per_epoch * t["epochs"] if steps_per_epoch else None)
     tracker = _Tracker(spec, total_steps)
-    bad_in_a_row, losses = 0, []
+    bad_in_a_row, scaler_skips, losses = 0, 0, []
     # A run resumed from its final checkpoint (it had reached max_steps; e.g. its registration failed)
     # trains no further step: the same weights as the run that was not interrupted.
     stop = bool(t["max_steps"]) and position["global_step"] >= t["max_steps"]
@@ -368,21 +374,25 @@ def train_fn(spec_dict: dict) -> dict:
                     summed = dist.all_reduce_sum(torch.stack([loss.detach().float(), images.float()]))
                     global_loss, global_images = summed[:1], int(summed[1].item())
                     batch_index += 1
-                    # A finite loss can still have non-finite gradients. Under fp16 the GradScaler skips that step
-                    # and lowers its scale (its normal working, not counted); without one (fp32, bf16) update()
-                    # applies nothing and the step is skipped like a non-finite loss.
-                    if not (torch.isfinite(global_loss).all()
-                            and update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))):
+                    # A finite loss can still have non-finite gradients: update() applies nothing (fp32, bf16), or
+                    # the GradScaler skips the step and halves its scale (fp16). A few such fp16 skips in a row
+                    # are the scale settling; many mean no scale gives finite gradients (at 0 every later step is
+                    # skipped: a frozen model reported as training). Either is a skipped step.
+                    finite = bool(torch.isfinite(global_loss).all())
+                    if not (finite and update(loss, optimizer, scaler, dist.loss_scale_for_backward(backend))):
                         restore_bn_running_stats(bn_stats)
-                        bad_in_a_row += 1
                         position["skipped"] += 1
-                        if bad_in_a_row >= t["max_bad_steps"]:
+                        by_scaler = finite and scaler.is_enabled()
+                        scaler_skips, bad_in_a_row = scaler_skips + by_scaler, bad_in_a_row + (not by_scaler)
+                        if bad_in_a_row >= t["max_bad_steps"] or scaler_skips >= SCALER_SKIP_LIMIT:
+                            what = (f"{scaler_skips} consecutive fp16 steps skipped by the GradScaler (no loss scale "
+                                    f"gives finite gradients; scale now {scaler.get_scale():g})" if by_scaler else
+                                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient")
                             raise FloatingPointError(
-                                f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at epoch "
-                                f"{epoch}, batch {batch_index}); lower train.lr, or under fp16 use train.precision "
-                                f"fp32/bf16")
+                                f"{what} (last at epoch {epoch}, batch {batch_index}); lower train.lr, or under fp16 "
+                                f"use train.precision fp32/bf16")
                         continue
-                    bad_in_a_row = 0
+                    bad_in_a_row = scaler_skips = 0
                     position.update(epoch=epoch, batch=batch_index, global_step=position["global_step"] + 1)
                     step = position["global_step"]
                     losses.append(float(global_loss.item()))
