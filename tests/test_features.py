@@ -137,6 +137,27 @@ def test_normalize_takes_the_norm_without_overflow_or_underflow():
     assert not unit[2:].any()
 
 
+def test_the_spark_unit_vector_is_numpy_s_normalisation_and_refuses_the_same_rows(spark):
+    """features.attach.unit_vector (built-ins, the attach's item_vector) against clustering.normalize
+    (numpy, the index's input): the same unit vectors, and null exactly where normalize refuses a row."""
+    from features import clustering as K
+    from features.attach import unit_vector
+
+    x = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    x[1] *= 3e18
+    x[2] *= 1e-25
+    x[3] = 0.0
+    x[4, 5] = np.nan
+    x[5, 0] = np.inf
+    rows = [(i, [float(v) for v in row]) for i, row in enumerate(x)] + [(6, None)]
+    got = {r["i"]: r["v"] for r in spark.createDataFrame(rows, "i int, e array<float>")
+           .select("i", unit_vector("e").alias("v")).collect()}
+    unit, ok = K.normalize(x)
+    assert [got[i] is not None for i in range(7)] == [*ok.tolist(), False]
+    for i in np.flatnonzero(ok):
+        np.testing.assert_allclose(np.array(got[i], np.float32), unit[i], rtol=1e-6, atol=1e-7)
+
+
 def test_executor_index_cache_follows_the_index_not_its_name(world):
     """Spark reuses Python workers across jobs: two different indexes under one name must not share a
     cached index (a stale cache once mixed up another registry's courier-clusters-v1 with this one's)."""
