@@ -24,6 +24,7 @@ Semantics kept on both kinds of storage:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import threading
@@ -254,14 +255,25 @@ def read_text(uri: str, options: S3Options | None = None) -> str:
 
 
 def write_bytes(uri: str, data: bytes, options: S3Options | None = None) -> None:
-    """Write a whole file atomically (readers see the old or the new content, never a part)."""
+    """Write a whole file atomically (readers see the old or the new content, never a part) and durably
+    (on disk before it replaces the old one: after a power loss a checkpoint is the old or the new one,
+    not an empty file). A failed write leaves no temporary file behind."""
     if not is_object_store(uri):
         path = _local(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        _fsync_folder(folder)  # the rename itself
         return
     fs, path = filesystem(uri, options)
 
@@ -270,6 +282,16 @@ def write_bytes(uri: str, data: bytes, options: S3Options | None = None) -> None
             fh.write(data)
 
     _call("write", uri, options, write)
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder: the rename stands as it is
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(uri: str, text: str, options: S3Options | None = None) -> None:

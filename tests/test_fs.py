@@ -141,3 +141,21 @@ def test_upload_tree(root, tmp_path):
     fs.remove_tree(fs.join(root, "up", "a"))  # the folder / prefix and everything under it
     assert fs.list_names(fs.join(root, "up")) == ["top.txt"] and not fs.exists(fs.join(root, "up", "a", "b", "y.png"))
     fs.remove_tree(fs.join(root, "up", "a"))  # none left: nothing to do
+
+
+def test_a_failed_local_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    """A write that fails (a full disk, here the rename) kept its temporary file, a checkpoint's size,
+    and a retry added another."""
+    import os
+
+    target = tmp_path / "ck" / "last.pt"
+    fs.write_bytes(str(target), b"old")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs.os, "replace", full_disk)
+    for _ in range(2):
+        with pytest.raises(OSError, match="No space left"):
+            fs.write_bytes(str(target), b"new")
+    assert os.listdir(tmp_path / "ck") == ["last.pt"] and target.read_bytes() == b"old"
