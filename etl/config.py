@@ -57,7 +57,7 @@ class PathsConf:
 @dataclass(frozen=True)
 class SparkConf:
     master: str = "local[*]"  # ignored when spark-submit already set a master
-    app_name: str = "courier"  # the Spark application's name, before the job's: courier-build_samples
+    app_name: str = "courier"  # a session opened without a job's name (a job's application is named after it)
     shuffle_partitions: int = 8
     driver_memory: str = "4g"  # only applies when this process starts the JVM (not under spark-submit)
     conf: dict = field(default_factory=dict)  # extra spark.* settings, passed through

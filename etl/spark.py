@@ -132,8 +132,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
     # Joins spark-submit's JVM (whose conf carries its master), or starts one with the launch settings.
     SparkContext._ensure_initialized(conf=JSparkConf(loadDefaults=False).setAll(launch.items()) if launch else None)
     submitted = JSparkConf()
-    # spark.app_name names the deployment, the job says which step: "courier-build_samples"
-    builder = SparkSession.builder.appName(f"{cfg.spark.app_name}-{app_name}" if app_name else cfg.spark.app_name)
+    builder = SparkSession.builder.appName(app_name or cfg.spark.app_name)
     submitted_master = None if launches_jvm else submitted.get("spark.master", None)
     master = submitted_master or cfg.spark.master
     if not submitted_master:

@@ -231,7 +231,7 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
         out = subprocess.run([submit, "--master", "local[2]", str(script)], cwd=ROOT, env=run_env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert ui in out.stdout and "APP=courier-ui" in out.stdout, out.stdout[-2000:]  # spark.app_name-job
+        assert ui in out.stdout and "APP=ui" in out.stdout, out.stdout[-2000:]  # the job's name (event logs)
         said = "the Spark UI is off for this spark-submit" in out.stdout + out.stderr  # (where logging goes)
         assert said == (local_ip is None), out.stdout[-2000:]
 
