@@ -475,10 +475,12 @@ class TableStore:
         try:
             yield
         except BaseException:
-            if self.latest_version(name) == before:
+            path = self.path(name)
+            local = not is_uri(path) or path.startswith("file:")  # (delta-rs writes no other)
+            if local and self.latest_version(name) == before:
                 import shutil
 
-                shutil.rmtree(os.path.join(_local_path(self.path(name)), rel_dir), ignore_errors=True)
+                shutil.rmtree(os.path.join(_local_path(path), rel_dir), ignore_errors=True)
             raise
 
     # ---- staged writes: files first, commit later (stage 1 verifies between the two) -------------
@@ -596,9 +598,12 @@ class TableStore:
 
             if self.native:
                 return vacuum(dry_run) + self._stale_staging(name, retention_hours, dry_run)
+            path = self.path(name)
+            if is_uri(path) and not path.startswith("file:"):  # an object store: no folders to remove
+                return vacuum(dry_run)
             # delta-rs also lists what an earlier vacuum removed (the tombstones it keeps): the files still
             # there are listed first, the same whether this is a dry run or not
-            root = _local_path(self.path(name))
+            root = _local_path(path)
             listed = [p for p in vacuum(True) if os.path.lexists(os.path.join(root, p))]
             if not dry_run:
                 vacuum(False)
