@@ -139,13 +139,17 @@ class PublishLog:
         fs.delete(jpath, False)
 
     # ---- manifests ------------------------------------------------------------------------------
+    def _manifests(self) -> list[str]:
+        """The manifests' names, oldest first."""
+        return [n for n in self._list() if n.endswith(".json")]
+
     def latest(self) -> dict | None:
-        names = [n for n in self._list() if n.endswith(".json")]
+        names = self._manifests()
         return json.loads(self._read(names[-1])) if names else None
 
     def ever_published(self, table: str, version: int) -> bool:
         """Whether some manifest, the latest or an earlier one, pinned `table` at `version` (newest first)."""
-        for name in reversed([n for n in self._list() if n.endswith(".json")]):
+        for name in reversed(self._manifests()):
             if json.loads(self._read(name))["tables"].get(table) == version:
                 return True
         return False

@@ -77,10 +77,15 @@ def _local_path(uri: str) -> str:
     return unquote(urlparse(uri).path)
 
 
+def _on_local_disk(uri: str) -> str | None:
+    """The local path of a plain path or ``file:`` URI; None for any other scheme (an object store)."""
+    return None if is_uri(uri) and not uri.startswith("file:") else _local_path(uri)
+
+
 def _rewrite_keeping_time(path: str, text: str, options) -> None:
     """Replace a log file whole, keeping its modification time where the storage lets us: Spark's Delta
     takes a commit's time from it (history, timestampAsOf). An object store sets its own."""
-    local = None if is_uri(path) and not path.startswith("file:") else _local_path(path)
+    local = _on_local_disk(path)
     times = os.stat(local) if local else None
     fs.write_text(path, text, options)
     if times:
@@ -341,7 +346,7 @@ class TableStore:
         unknown = sorted(set(partitions) - set(partition_cols))
         if unknown:
             raise TableError(f"table {name!r}: {unknown} not among its partition columns {partition_cols}")
-        files = [f for f in self.files(name, version)
+        files = [f for f in self._files_of(name, dt)
                  if all(_partition_value(f, c) in v for c, v in partitions.items())]
         data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
         if not files:
@@ -475,12 +480,11 @@ class TableStore:
         try:
             yield
         except BaseException:
-            path = self.path(name)
-            local = not is_uri(path) or path.startswith("file:")  # (delta-rs writes no other)
+            local = _on_local_disk(self.path(name))  # (delta-rs writes no other)
             if local and self.latest_version(name) == before:
                 import shutil
 
-                shutil.rmtree(os.path.join(_local_path(path), rel_dir), ignore_errors=True)
+                shutil.rmtree(os.path.join(local, rel_dir), ignore_errors=True)
             raise
 
     # ---- staged writes: files first, commit later (stage 1 verifies between the two) -------------
@@ -560,11 +564,12 @@ class TableStore:
         self._delete_folder(f"{self.path(name).rstrip('/')}/_delta_log")
 
     def _delete_file(self, path: str) -> None:
-        if is_uri(path) and not path.startswith("file:"):
+        local = _on_local_disk(path)
+        if local is None:
             self._delete_folder(path)  # a Hadoop delete removes a file as well
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(_local_path(path))
+                os.remove(local)
 
     def _delete_folder(self, path: str) -> None:
         if is_uri(path):
@@ -598,12 +603,11 @@ class TableStore:
 
             if self.native:
                 return vacuum(dry_run) + self._stale_staging(name, retention_hours, dry_run)
-            path = self.path(name)
-            if is_uri(path) and not path.startswith("file:"):  # an object store: no folders to remove
+            root = _on_local_disk(self.path(name))
+            if root is None:  # an object store: no folders to remove
                 return vacuum(dry_run)
             # delta-rs also lists what an earlier vacuum removed (the tombstones it keeps): the files still
             # there are listed first, the same whether this is a dry run or not
-            root = _local_path(path)
             listed = [p for p in vacuum(True) if os.path.lexists(os.path.join(root, p))]
             if not dry_run:
                 vacuum(False)

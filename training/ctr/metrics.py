@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -163,9 +164,10 @@ def flat_metrics(report: Mapping, prefix: str = "eval") -> dict[str, float]:
     out = {f"{prefix}.{k}": float(report["overall"][k]) for k in keys}
     cats = report.get("by_category", {})
     safe = {cat: "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in cat) for cat in cats}
+    taken = Counter(safe.values())
     for cat, m in cats.items():
         key = safe[cat]
-        if key != cat and list(safe.values()).count(key) > 1:  # "t shirt" and "t_shirt": one key each
+        if key != cat and taken[key] > 1:  # "t shirt" and "t_shirt": one key each
             key += "_" + hashlib.sha256(cat.encode()).hexdigest()[:6]
         out.update({f"{prefix}.category.{key}.{k}": float(m[k]) for k in ("auc", "gauc", "rows")})
     for part in ("cold_start", "warm"):
