@@ -230,6 +230,18 @@ def exists(uri: str, options: S3Options | None = None) -> bool:
     return info.type != pafs.FileType.NotFound
 
 
+def exist_all(uris: list[str], options: S3Options | None = None) -> list[bool]:
+    """exists() of each of uris, all on one filesystem, in one batched look-up."""
+    from pyarrow import fs as pafs
+
+    if not uris:
+        return []
+    fs = filesystem(uris[0], options)[0]
+    paths = [filesystem(u, options)[1] for u in uris]
+    infos = _call("stat", uris[0], options, lambda: fs.get_file_info(paths))
+    return [info.type != pafs.FileType.NotFound for info in infos]
+
+
 def makedirs(uri: str, options: S3Options | None = None) -> None:
     """Create a local folder (and its parents); nothing to do on an object store."""
     if is_object_store(uri):

@@ -129,6 +129,15 @@ def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
     return sorted(within + ([max(before)] if before else []))
 
 
+COMMIT_TOKEN = "commit"  # userMetadata key: a token unique to one write, so the write finds its own version
+COMMIT_SEARCH = 50  # commits read back first when looking for it
+
+
+def _commit_meta(**meta: str) -> dict[str, str]:
+    """A write's commit metadata (job, run_id, partition, ...) with a token no other write carries."""
+    return {**meta, COMMIT_TOKEN: uuid.uuid4().hex}
+
+
 # The keys a delta-rs commit of an earlier release held loose at the top of its commitInfo (userMetadata now).
 _LOOSE_KEYS = ("job", "run_id", "partition")
 
@@ -261,6 +270,16 @@ class TableStore:
                 plog.append({"dt": None, "run_id": "", "status": f"{what} of {name}", "tables": after,
                              "dates": m["dates"]})
 
+    def _version_of(self, name: str, meta: Mapping[str, str]) -> int:
+        """The version this write's own commit became (found by its commit token): the newest version may
+        already be a concurrent writer's, and a lineage tag must name the version that holds these rows."""
+        table, token = self._open(self.path(name)), meta[COMMIT_TOKEN]
+        for limit in (COMMIT_SEARCH, None):  # the last few commits first; the whole log if others raced past
+            for entry in table.history(limit=limit):
+                if commit_metadata(entry).get(COMMIT_TOKEN) == token:
+                    return int(entry["version"])
+        raise TableError(f"table {name!r}: this write's commit (token {token}) is not in the table's log")
+
     def latest_version(self, name: str) -> int | None:
         """The newest committed version, published or not (writers and publish recovery only)."""
         path = self.path(name)
@@ -390,7 +409,7 @@ class TableStore:
         partition = {k: str(v) for k, v in partition.items()}
         cols = list(partition)
         data = df.drop(*[c for c in cols if c in df.columns])
-        meta = {"job": job, "run_id": run_id, "partition": json.dumps(partition)}
+        meta = _commit_meta(job=job, run_id=run_id, partition=json.dumps(partition))
         with self._published_alone(name, "partition replace"):
             if self.native:
                 from pyspark.sql import functions as F
@@ -407,7 +426,7 @@ class TableStore:
                     adds = self._write_files(data, name, rel_dir, partition)
                     schema = self._arrow_schema(data, partition_cols=cols)
                     self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
-        return self.latest_version(name)
+            return self._version_of(name, meta)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
                            job: str = "", run_id: str = "", extra_metadata: Mapping[str, str] | None = None) -> int:
@@ -428,8 +447,8 @@ class TableStore:
             _partition_dir({**fixed, by: v})
         cols = [*fixed, by]
         data = df.withColumn(by, F.col(by).cast("string")).drop(*[c for c in fixed if c in df.columns])
-        meta = {**(extra_metadata or {}), "job": job, "run_id": run_id,
-                "partition": json.dumps({**fixed, by: values})}
+        meta = _commit_meta(**(extra_metadata or {}), job=job, run_id=run_id,
+                            partition=json.dumps({**fixed, by: values}))
         with self._published_alone(name, "partition replace"):
             if self.native:
                 for c, v in fixed.items():
@@ -451,12 +470,12 @@ class TableStore:
                     schema = self._arrow_schema(data.drop(by), partition_cols=cols)
                     filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
                     self._commit(name, adds, schema, cols, filters, meta)
-        return self.latest_version(name)
+            return self._version_of(name, meta)
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
         self.check_contract(df, name)
-        meta = {"job": job, "run_id": run_id}
+        meta = _commit_meta(job=job, run_id=run_id)
         with self._published_alone(name, "overwrite"):
             if self.native:
                 self._retry_conflicts(name, lambda: (
@@ -467,7 +486,7 @@ class TableStore:
                 with self._removed_unless_committed(name, run_dir):
                     adds = self._write_files(df, name, run_dir, {})
                     self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
-        return self.latest_version(name)
+            return self._version_of(name, meta)
 
     @contextlib.contextmanager
     def _removed_unless_committed(self, name: str, rel_dir: str):
@@ -524,7 +543,7 @@ class TableStore:
     def commit_staged(self, staged: "Staged", job: str = "", run_id: str = "") -> int:
         """Commit staged files as one replace of their partition. Returns the new (latest) version."""
         name, partition = staged.name, staged.partition
-        meta = {"job": job, "run_id": run_id, "partition": json.dumps(partition)}
+        meta = _commit_meta(job=job, run_id=run_id, partition=json.dumps(partition))
         if self.native:
             from pyspark.sql import functions as F
 
@@ -535,10 +554,10 @@ class TableStore:
             (_writer(data, name).format("delta").mode("overwrite").option("replaceWhere", where)
              .option("userMetadata", json.dumps(meta)).partitionBy(*partition).save(self.path(name)))
             self._delete_folder(staged.folder)
-            return self.latest_version(name)
+            return self._version_of(name, meta)
         self._commit(name, staged.adds, staged.arrow_schema, list(partition),
                      [(c, "=", v) for c, v in partition.items()], meta)
-        return self.latest_version(name)
+        return self._version_of(name, meta)
 
     def discard_staged(self, staged: "Staged") -> None:
         self._delete_folder(staged.folder)
@@ -601,18 +620,23 @@ class TableStore:
                 return table.vacuum(retention_hours=retention_hours, dry_run=dry, full=True, keep_versions=keep,
                                     enforce_retention_duration=retention_hours >= 168)
 
-            if self.native:
-                return vacuum(dry_run) + self._stale_staging(name, retention_hours, dry_run)
-            root = _on_local_disk(self.path(name))
-            if root is None:  # an object store: no folders to remove
-                return vacuum(dry_run)
             # delta-rs also lists what an earlier vacuum removed (the tombstones it keeps): the files still
             # there are listed first, the same whether this is a dry run or not
-            listed = [p for p in vacuum(True) if os.path.lexists(os.path.join(root, p))]
+            listed = self._still_there(name, vacuum(True))
             if not dry_run:
                 vacuum(False)
-                self._remove_emptied_folders(name, listed)
-            return listed
+                if not self.native and _on_local_disk(self.path(name)):  # (native Delta makes no run folders)
+                    self._remove_emptied_folders(name, listed)
+            return listed + (self._stale_staging(name, retention_hours, dry_run) if self.native else [])
+
+    def _still_there(self, name: str, paths: list[str]) -> list[str]:
+        """The table-relative paths that exist (one batched look-up on an object store)."""
+        base = self.path(name)
+        root = _on_local_disk(base)
+        if root is not None:
+            return [p for p in paths if os.path.lexists(os.path.join(root, p))]
+        return [p for p, there in zip(paths, fs.exist_all([fs.join(base, p) for p in paths], self._fs_options))
+                if there]
 
     def _remove_emptied_folders(self, name: str, removed: list[str]) -> None:
         """delta-rs's vacuum removes files, not the run-<id>/ folders that held them: each folder it

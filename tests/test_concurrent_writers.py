@@ -136,12 +136,12 @@ def native_main(out: Path) -> None:
     store.replace_partition(spark.range(3).withColumn("w", F.lit("seed")), "t", {"dt": D0})
     writers = [(f"new{i}", d, 10 + i) for i, d in enumerate(NEW_DATES[:2])] + [("same_a", D0, 5), ("same_b", D0, 7)]
     frames = {n: spark.range(r).withColumn("w", F.lit(n)) for n, _, r in writers}
-    barrier, errors = threading.Barrier(len(writers)), []
+    barrier, errors, versions = threading.Barrier(len(writers)), [], {}
 
     def write(name, dt):
         try:
             barrier.wait()
-            store.replace_partition(frames[name], "t", {"dt": dt}, job=name)
+            versions[name] = store.replace_partition(frames[name], "t", {"dt": dt}, job=name)
         except Exception as e:  # noqa: BLE001 - reported to the test
             errors.append(f"{name}: {type(e).__name__}: {e}"[:2000])
 
@@ -155,7 +155,8 @@ def native_main(out: Path) -> None:
             df.groupBy("dt").agg(F.count(F.lit(1)).alias("n"), F.collect_set("w").alias("ws")).collect()}
     hist = [{"version": h["version"], "job": commit_metadata(h).get("job")} for h in store.history("t")]
     (out / "result.json").write_text(json.dumps({"errors": errors, "rows": rows, "history": hist,
-                                                 "version": store.version("t")}))
+                                                 "version": store.version("t"),
+                                                 "returned": versions}))
     spark.stop()
 
 
@@ -170,6 +171,8 @@ def test_delta_spark_concurrent_partition_replaces_all_land(tmp_path):
     assert res["errors"] == []
     assert res["version"] == 4 and sorted(h["version"] for h in res["history"]) == [0, 1, 2, 3, 4]
     assert sorted(h["job"] for h in res["history"] if h["job"]) == ["new0", "new1", "same_a", "same_b"]
+    # each write returned the version of its own commit, not the newest one when it asked
+    assert res["returned"] == {h["job"]: h["version"] for h in res["history"] if h["job"]}
     assert res["rows"][NEW_DATES[0]] == [10, ["new0"]] and res["rows"][NEW_DATES[1]] == [11, ["new1"]]
     assert res["rows"][D0] in ([5, ["same_a"]], [7, ["same_b"]])  # one writer's rows, whole
 

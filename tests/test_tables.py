@@ -5,6 +5,7 @@ import os
 
 import pytest
 from pyspark.sql import functions as F
+from s3_server import s3_server  # noqa: F401 - the fixture
 
 
 def test_failed_write_leaves_the_table_as_it_was(spark, cfg_factory):
@@ -87,6 +88,35 @@ def test_vacuum_keeps_the_files_of_versions_within_the_retention(spark, cfg_fact
     assert store.read("t", version=first).count() == 5 and store.read("t").count() == 7
 
 
+def test_vacuum_on_the_object_store_lists_only_files_still_there(s3_server, tmp_path):
+    """delta-rs's vacuum lists again the files an earlier vacuum removed (it keeps their tombstones): a
+    second vacuum of an object-store table must not report them as removed again."""
+    import pyarrow as pa
+    from conftest import write_config
+    from deltalake import write_deltalake
+
+    from etl import fs
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    o = s3_server.options
+    tables = f"s3a://{s3_server.bucket}/vacuum/tables"
+    cfg = load_config(write_config(tmp_path, {"paths": {"tables_root": tables}, "spark": {"conf": {
+        "spark.hadoop.fs.s3a.endpoint": o.endpoint, "spark.hadoop.fs.s3a.endpoint.region": o.region,
+        "spark.hadoop.fs.s3a.access.key": o.access_key, "spark.hadoop.fs.s3a.secret.key": o.secret_key}}}))
+    options = fs.delta_storage_options(fs.options_for(cfg))
+    for i, mode in enumerate(("error", "overwrite", "overwrite")):
+        write_deltalake(f"{tables}/t", pa.table({"x": [i]}), mode=mode, storage_options=options)
+    store = TableStore(None, cfg)  # (a vacuum of a delta-rs table needs no Spark)
+    old = store.vacuum("t", retention_hours=0, dry_run=True)
+    assert len(old) == 2 and all(fs.exists(f"{tables}/t/{p}", fs.options_for(cfg)) for p in old)
+    assert sorted(store.vacuum("t", retention_hours=0, dry_run=False)) == sorted(old)
+    assert not any(fs.exists(f"{tables}/t/{p}", fs.options_for(cfg)) for p in old)
+    assert store.vacuum("t", retention_hours=0, dry_run=True) == []
+    assert store.vacuum("t", retention_hours=0, dry_run=False) == []
+    assert [f.num_records for f in store.files("t")] == [1] and fs.exists(store.files("t")[0].uri, fs.options_for(cfg))
+
+
 def test_a_tables_root_with_glob_characters_reads_its_own_files(spark, tmp_path):
     """Spark reads a load path as a glob: a root named like /data/courier[prod] must still read its files."""
     from conftest import write_config
@@ -137,6 +167,32 @@ def test_replace_partition_and_time_travel(spark, cfg_factory):
         store.read("missing_table")
     with pytest.raises(TableError, match="bad table name"):
         store.path("../escape")
+
+
+def test_a_write_returns_its_own_commit_s_version_when_another_writer_committed_after_it(spark, cfg_factory):
+    """The version a write returns tags lineage (features' runs, the refresh): another writer's commit
+    landing right after this write's must not be taken for it."""
+    from etl.tables import TableStore, commit_metadata
+
+    cfg = cfg_factory()
+    store, other = TableStore(spark, cfg), TableStore(spark, cfg)
+    store.replace_partition(spark.range(3), "t", {"dt": "2026-11-20"}, job="seed")
+    commit_once = store._commit_once
+
+    def commit_then_another_writer(*args):
+        commit_once(*args)
+        other.replace_partition(spark.range(1), "t", {"dt": "2026-11-22"}, job="other")
+
+    store._commit_once = commit_then_another_writer
+    for write in (lambda: store.replace_partition(spark.range(5), "t", {"dt": "2026-11-21"}, job="mine"),
+                  lambda: store.replace_partitions(spark.range(5).withColumn("dt", F.lit("2026-11-21")), "t",
+                                                   by="dt", values=["2026-11-21"], job="mine"),
+                  lambda: store.commit_staged(store.stage_partition(spark.range(5), "t", {"dt": "2026-11-21"}),
+                                              job="mine")):
+        version = write()
+        jobs = {h["version"]: commit_metadata(h).get("job") for h in store.history("t")}
+        assert jobs[version] == "mine" and jobs[version + 1] == "other"
+        assert store.read("t", version=version).where("dt = '2026-11-21'").count() == 5
 
 
 def test_a_null_partition_value_is_not_read_as_the_string_none(spark, cfg_factory):
