@@ -370,8 +370,10 @@ class Snapshot:
         missing = [k for k in ("ctr_train.version", "feature_version", "eval.dates") if k not in tags]
         if missing:
             raise ValueError(f"model version lacks lineage tag(s) {missing}: not registered by jobs/train_ctr.py")
-        return cls(int(tags["ctr_train.version"]), tags["feature_version"],
-                   tuple(d for d in tags["eval.dates"].split(",") if d))
+        eval_dates = tuple(d for d in tags["eval.dates"].split(",") if d)
+        if not eval_dates:
+            raise ValueError("model version's eval.dates tag names no date: not registered by jobs/train_ctr.py")
+        return cls(int(tags["ctr_train.version"]), tags["feature_version"], eval_dates)
 
     def differences(self, other: "Snapshot") -> list[str]:
         out = []

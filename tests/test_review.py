@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.ctr_synth import DATES, write_ctr_train
@@ -79,8 +80,13 @@ def test_review_sequence(env, capsys):
     # 1. The first model is promoted only with the explicit flag.
     out = _review(env, v_none)
     assert out.decision == "refused" and "--allow-first" in out.reasons[0] and _champion() is None
-    out = _review(env, v_none, allow_first=True)
+    from training.ctr.review import promote, validate
+
+    _, cfg, store = env
+    out = promote(validate(cfg, store, v_none, allow_first=True))  # and its report (log_review) never written
     assert out.decision == "promoted" and _champion() == v_none
+    # the decision went with the alias, not with the report: the earlier refusal's tag does not stand
+    assert mlflow.MlflowClient().get_model_version(MODEL_NAME, v_none).tags["review.decision"] == "promoted"
 
     # 2. A better challenger (cluster ids on a table whose label is a cluster match) is promoted.
     v_cluster = _train(env, feature_mode="cluster_id")["model_version"]
@@ -97,6 +103,23 @@ def test_review_sequence(env, capsys):
     assert out.decision == "rejected" and out.exit_code == 1
     assert any(r.startswith("auc:") for r in out.reasons) and _champion() == v_cluster
     assert mlflow.MlflowClient().get_model_version(MODEL_NAME, v_worse).tags["review.decision"] == "rejected"
+
+    # A model whose scores are not numbers is rejected (not a crash), the alias untouched.
+    import training.ctr.train as ctr_train
+
+    load, score = ctr_train.load_registered, ctr_train.score_frame
+
+    def load_marking_worse(mv):
+        model, tags = load(mv)
+        model.nan_scores = str(mv.version) == v_worse
+        return model, tags
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ctr_train, "load_registered", load_marking_worse)
+        mp.setattr(ctr_train, "score_frame", lambda model, frame, *a: np.full(len(frame), np.nan)
+                   if model.nan_scores else score(model, frame, *a))
+        out = _review(env, v_worse)
+    assert out.decision == "rejected" and "are not numbers" in out.reasons[0] and _champion() == v_cluster
 
     # 4. A challenger evaluated on another snapshot (other eval dates) is refused, alias untouched.
     v_other = _train(env, feature_mode="cluster_id", train_dates=[DATES[0]], eval_dates=[DATES[1]])["model_version"]
@@ -171,6 +194,10 @@ def test_snapshot_differences_name_each_part(env):
     b = Snapshot(3, "fv-b", ("2026-11-22",))
     assert a.differences(b) == ["feature_version 'fv-a' vs 'fv-b'"]
     assert Snapshot(4, "fv-a", ("2026-11-22",)).differences(a) == ["ctr_train version 4 vs 3"]
+    tags = {"ctr_train.version": "3", "feature_version": "fv-a", "eval.dates": "2026-11-22"}
+    assert Snapshot.from_tags(tags) == a
+    with pytest.raises(ValueError, match="names no date"):  # (the review refuses it, naming the version)
+        Snapshot.from_tags({**tags, "eval.dates": ""})
 
 
 def test_category_gate_is_pure_and_can_fail():

@@ -153,6 +153,10 @@ def promote(outcome: ReviewOutcome) -> ReviewOutcome:
             return outcome
         registry.promote(MODEL_NAME, outcome.challenger)
         outcome.decision = PROMOTED
+        # The decision goes with the alias, before the report (log_review adds the review run's id): a report
+        # that fails would leave @champion tagged with an earlier review's verdict, and that version is never
+        # reviewed again.
+        registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(PROMOTED, ""))
     return outcome
 
 
@@ -163,6 +167,8 @@ def _v(version: str | None) -> str:
 def validate(cfg, store, challenger_version: str | None = None, allow_first: bool = False) -> ReviewOutcome:
     """Registry + data side of the review, read-only: the challenger's and champion's lineage, both
     re-scored on the pinned snapshot, the gates, and the decision (approved / rejected / refused)."""
+    import numpy as np
+
     from etl import registry
     from etl.registry import Snapshot
     from training.ctr import data as ctr_data
@@ -257,6 +263,11 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         return out
     for v, (model, tags) in loaded.items():
         probs = score_frame(model, frames[v], [tr] if tr is not None and frames[v] is ev else None)
+        if not np.isfinite(probs).all():  # a NaN metric fails its gate: here no metric can even be taken
+            out.decision, out.reports, out.level_gains = REJECTED, {}, {}
+            out.reasons = [f"v{v}'s scores on {snap.key} are not numbers ({int((~np.isfinite(probs)).sum())} of "
+                           f"{len(probs)} NaN or infinite): nothing is promoted on undefined metrics"]
+            return out
         out.reports[v] = evaluate_predictions(frames[v], probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
         out.tags[v] = tags
         out.curves[v] = _curve(tags.get("run_id"))
