@@ -21,7 +21,10 @@ class ServiceUnreachable(RuntimeError):
 def host_port(endpoint: str, default_port: int | None = None) -> tuple[str, int]:
     """(host, port) of ``scheme://host:port/...`` or ``host:port``."""
     parts = urlsplit(endpoint if "://" in endpoint else f"tcp://{endpoint}")
-    port = parts.port or default_port or {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port or default_port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is not a number
+        port = None
     if not parts.hostname or not port:
         raise ServiceUnreachable(f"cannot tell host and port from endpoint {endpoint!r}")
     return parts.hostname, port

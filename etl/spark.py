@@ -91,11 +91,15 @@ def driver_java_options(cfg: Config) -> str:
 def check_endpoints(cfg: Config) -> None:
     """Fail within seconds, naming the endpoint, when the configured S3A endpoint does not answer
     (S3A would retry its calls for minutes)."""
+    from etl import fs
     from etl.services import check_tcp
 
     endpoint = cfg.spark.conf.get("spark.hadoop.fs.s3a.endpoint")
     if endpoint:
-        check_tcp("S3 endpoint (spark.hadoop.fs.s3a.endpoint)", str(endpoint))
+        # host-only (S3A's documented form, e.g. s3.eu-west-2.amazonaws.com): HTTPS's port, or HTTP's when
+        # connection.ssl.enabled is false, as S3A itself connects
+        options = fs.options_for(cfg)
+        check_tcp("S3 endpoint (spark.hadoop.fs.s3a.endpoint)", f"{options.endpoint_scheme}://{options.endpoint_host}")
 
 
 def get_spark(cfg: Config, app_name: str | None = None):

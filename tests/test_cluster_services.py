@@ -47,6 +47,24 @@ def test_unreachable_services_fail_within_seconds_naming_the_endpoint(tmp_path):
     check_spark_master("local[2]")  # nothing to probe
 
 
+def test_a_host_only_s3_endpoint_is_probed_where_s3a_connects(tmp_path, monkeypatch):
+    """S3A's documented form names a host only (s3.eu-west-2.amazonaws.com): HTTPS's port 443, or HTTP's
+    80 when connection.ssl.enabled is false; a port that is not a number is a clear error too."""
+    from conftest import write_config
+
+    from etl.config import load_config
+    from etl.spark import check_endpoints
+
+    probed = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: probed.append(address) or socket.socket())
+    for extra, port in (({}, 443), ({"spark.hadoop.fs.s3a.connection.ssl.enabled": "false"}, 80)):
+        conf = {"spark.hadoop.fs.s3a.endpoint": "s3.eu-west-2.amazonaws.com", **extra}
+        check_endpoints(load_config(write_config(tmp_path, {"spark": {"conf": conf}})))
+        assert probed.pop() == ("s3.eu-west-2.amazonaws.com", port)
+    with pytest.raises(ServiceUnreachable, match="cannot tell host and port"):
+        check_tcp("S3 endpoint", "http://h:abc")
+
+
 def test_jobs_with_a_dead_service_fail_fast(tmp_path):
     """get_spark (master, S3A endpoint) and setup_mlflow (tracking server) refuse a dead endpoint before
     any client retry loop; each in a fresh process, as a job would start."""
