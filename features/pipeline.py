@@ -821,20 +821,24 @@ def _champion_version(ref: str) -> str | None:
         return None
 
 
-def refresh_status(r: Report) -> dict:
+def refresh_status(r: Report, recluster_built: bool = False) -> dict:
     """The refresh's one-line status for schedulers and operators: new items (assigned / without a usable
-    image), the drift share and whether a re-cluster is due, and the table versions committed."""
+    image), the drift share and whether a re-cluster is due, whether one was built for this scheduler run
+    already (a run cleared after its re-cluster: its drift is now measured against the clusters it built),
+    and the table versions committed."""
     drift = r.info.get("drift") or {}
     return {"date": r.info.get("date"), "feature_version": r.info.get("feature_version"),
             "new_items": r.counts.get("new_items", 0), "new_assigned": r.counts.get("new_assigned", 0),
             "new_no_image": r.counts.get("new_no_image", 0), "drift_far_share": drift.get("far_share"),
-            "recluster_due": bool(r.info.get("recluster_due", False)),
+            "recluster_due": bool(r.info.get("recluster_due", False)), "recluster_built": recluster_built,
             "committed": dict(r.versions), "noop": not r.versions}
 
 
 def render_status(status: dict) -> str:
     share = status["drift_far_share"]
     drift = "n/a" if share is None else f"{share:.1%}{' RE-CLUSTER DUE' if status['recluster_due'] else ''}"
+    if status.get("recluster_built"):
+        drift += " (this run's re-cluster is built)"
     committed = ", ".join(f"{t} v{v}" for t, v in status["committed"].items()) or "nothing (no-op)"
     return (f"{status['date']} items new={status['new_items']} assigned={status['new_assigned']} "
             f"no_image={status['new_no_image']} drift={drift} committed: {committed}")

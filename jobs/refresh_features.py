@@ -38,6 +38,10 @@ def _fault_hook():
 
 def add_arguments(p) -> None:
     p.add_argument("--date", required=True, help="the day to refresh (YYYY-MM-DD)")
+    p.add_argument("--build-key", default="",
+                   help="a scheduler's run id (the key it gives build_clusters): when a clustering was built for "
+                        "it already, the status says so (recluster_built), so that a cleared run goes down its "
+                        "re-cluster path again instead of measuring drift against the clusters it built")
     status_file_argument(p, "the day's status (what was refreshed, drift, whether a re-cluster is due)")
 
 
@@ -47,7 +51,7 @@ def check_args(args) -> None:
 
 def body(ctx) -> None:
     from etl.config import flat_params
-    from features.pipeline import log_report, refresh, refresh_status, render_status
+    from features.pipeline import clusters_built_for, log_report, refresh, refresh_status, render_status
 
     date = ctx.args.date
     params = {**flat_params(ctx.cfg, ("features",)), "date": date}
@@ -56,7 +60,9 @@ def body(ctx) -> None:
         log_report(report)
         if report.info.get("recluster_due"):
             ctx.say(report.info["message"])
-        status = refresh_status(report)
+        key = ctx.args.build_key
+        status = refresh_status(report, recluster_built=bool(key) and clusters_built_for(ctx.cfg, ctx.store, key)
+                                is not None)
         ctx.say(f"status {render_status(status)}")
         ctx.write_status(status)
     ctx.say(f"done; MLflow run {run.info.run_id}")

@@ -80,6 +80,29 @@ def test_dag_parses_in_airflow(airflow):
     assert TASKS <= tasks, tasks
 
 
+_BRANCH = """
+import json, sys, types
+sys.path.insert(0, sys.argv[1])
+import courier_refresh_dag as dag_file
+branch = dag_file.dag.get_task("recluster_due").python_callable
+for status, conf in json.loads(sys.argv[2]):
+    ti = types.SimpleNamespace(xcom_pull=lambda task_ids, status=status: json.dumps(status))
+    print(branch(ti=ti, dag_run=types.SimpleNamespace(conf=conf)))
+"""
+
+
+def test_the_branch_re_clusters_on_drift_on_request_and_for_a_run_that_built_its_clusters(airflow):
+    """A run cleared after its re-cluster built the clusters (say train_ctr failed) measures its drift
+    against those clusters, typically below the threshold: it must still take the re-cluster path (its
+    build is then a no-op, its re-attach, training and review run), not end green at `done`."""
+    cases = [({"recluster_due": True, "recluster_built": False}, {}), ({"recluster_due": False}, {}),
+             ({"recluster_due": False, "recluster_built": True}, {}), ({"recluster_due": False}, {"recluster": True})]
+    proc = subprocess.run([str(AIRFLOW.parent / "python"), "-c", _BRANCH, str(DAG_FILE.parent), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["embed_items", "done", "embed_items", "embed_items"]
+
+
 def _job(script, conf, *args):
     proc = subprocess.run([PY, str(ROOT / "jobs" / script), "--conf", str(conf), *args], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYSPARK_PYTHON": PY})
@@ -181,6 +204,12 @@ def test_backfill_retry_rerun_and_drift_branch(airflow, spark, tmp_path):
     assert key, current.tags
     assert (f"v2 was built for {key!r}: courier-clusters@current is v2 already; nothing to build"
             in _job("build_clusters.py", conf, "--build-key", key))
+    # That run cleared and run again: its refresh says a clustering was built for it (the branch then
+    # re-clusters again); no other run's key finds one (every day's status above said so too).
+    assert all(not s["recluster_built"] for s in last.values()), last
+    _job("refresh_features.py", conf, "--date", dates[2], "--build-key", key, "--status-file", str(tmp_path / "s"))
+    again = json.loads((tmp_path / "s").read_text())
+    assert again["recluster_built"] and again["noop"], again
     assert sorted(int(v.version) for v in client.search_model_versions("name='courier-clusters'")) == [1, 2]
     from etl.tables import TableStore
 

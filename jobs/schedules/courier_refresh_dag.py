@@ -32,6 +32,7 @@ DAG_ID = "courier_feature_refresh"
 HOME = "{{ var.value.courier_home }}"
 CONF = "{{ var.value.get('courier_conf', var.value.courier_home ~ '/conf/local.yaml') }}"
 DAY = "{{ ds }}"
+BUILD_KEY = "'{{ run_id }}'"  # build_clusters' key: a retry or a cleared run finds the clustering it built
 START = os.environ.get("COURIER_DAG_START", "2026-11-20")
 
 
@@ -57,23 +58,26 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     build_samples = job("build_samples", "build_samples.py", f"--date {DAY}")
-    refresh = job("refresh_features", "refresh_features.py", f"--date {DAY}", status=True)
+    # The build key is the run's: a run cleared after its re-cluster is told so by the refresh's status.
+    refresh = job("refresh_features", "refresh_features.py", f"--date {DAY} --build-key {BUILD_KEY}", status=True)
 
     @task.branch(task_id="recluster_due")
     def recluster_due(ti=None, dag_run=None) -> str:
         """Re-cluster when the refresh says drift is above features.drift_threshold, or when asked by
-        hand (trigger with conf {"recluster": true})."""
+        hand (trigger with conf {"recluster": true}); and again when this run built a clustering already
+        (cleared and run again after a later task failed: the drift it measures now is against the
+        clusters it built, and its re-attach, CTR training and review must still run)."""
         if (dag_run.conf or {}).get("recluster"):
             return "embed_items"
         status = json.loads(ti.xcom_pull(task_ids="refresh_features"))
-        return "embed_items" if status.get("recluster_due") else "done"
+        return "embed_items" if status.get("recluster_due") or status.get("recluster_built") else "done"
 
     done = EmptyOperator(task_id="done")
     embed = job("embed_items", "embed_items.py")
     # No --skip-if-current here: with the same encoder and k-means settings that flag would keep the old
     # clustering, but this branch runs because the items changed (drift) or a person asked for it. The
     # build key makes a retry of a build that moved @current and then failed a no-op, not a second build.
-    cluster = job("build_clusters", "build_clusters.py", "--build-key '{{ run_id }}'")
+    cluster = job("build_clusters", "build_clusters.py", f"--build-key {BUILD_KEY}")
     # Every ctr_log date up to D whose ctr_train is of another feature version, also those before the
     # DAG's start date, and later dates already attached: what the refresh job re-attaches once the new
     # clusters hold @current.
