@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtualenv (.venv) from pyproject.toml. Idempotent: a second run
-# with an unchanged pyproject.toml does nothing. Sourced by scripts/pipeline.sh and scripts/test.sh.
+# with an unchanged pyproject.toml does nothing. Run (with bash) by scripts/pipeline.sh and scripts/test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${COURIER_VENV:-$ROOT/.venv}"
