@@ -309,23 +309,30 @@ def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | Non
     """The clusters_ref version when it already is what build_clusters would make (same encoder version,
     C, iterations, sample, seed, levels, index kind and its HNSW settings, drift quantile) and
     item_clusters holds it; else None."""
-    f = cfg.features
     try:
-        mv = registry.resolve(f.clusters_ref)  # once: an alias moved meanwhile must not mix two versions
-        spec, tags = registry.clusters_spec_of(mv), mv.tags or {}
-        enc = encoder_spec(f.encoder_ref)
+        mv = registry.resolve(cfg.features.clusters_ref)  # once: an alias moved meanwhile must not mix two versions
+        spec = registry.clusters_spec_of(mv)
     except RegistryError:
         return None
+    return spec if _built_as_configured(cfg, mv, spec) and _item_clusters_hold(store, spec.feature_version) else None
+
+
+def _built_as_configured(cfg: Config, mv, spec: ClustersSpec) -> bool:
+    """A courier-clusters version built from the encoder at features.encoder_ref with today's settings."""
+    f, tags = cfg.features, mv.tags or {}
+    try:
+        enc = encoder_spec(f.encoder_ref)
+    except RegistryError:
+        return False
     same = (spec.encoder_version == enc.encoder_version and tags.get("n_clusters") == str(f.n_clusters)
             and tags.get("kmeans_iters") == str(f.kmeans_iters) and tags.get("kmeans_sample") == str(f.kmeans_sample)
             and tags.get("kmeans_seed") == str(f.kmeans_seed)
             and spec.levels == tuple(f.levels) and spec.far_quantile == f.drift_far_quantile)
     kind = K.index_type(f.n_clusters, f.large_c_threshold)
     # A version built before its HNSW settings were tagged has none: taken as built with these.
-    same = same and tags.get("index_type", kind) == kind and (kind != "hnsw" or (
+    return same and tags.get("index_type", kind) == kind and (kind != "hnsw" or (
         tags.get("hnsw_m", str(f.hnsw_m)) == str(f.hnsw_m)
         and tags.get("hnsw_ef_search", str(f.hnsw_ef_search)) == str(f.hnsw_ef_search)))
-    return spec if same and _item_clusters_hold(store, spec.feature_version) else None
 
 
 def _item_clusters_hold(store: TableStore, fv: str) -> bool:
@@ -411,15 +418,20 @@ def _take_back_item_clusters(store: TableStore, assigned: DataFrame, dates: list
                   "they are read by nothing", fv, type(e).__name__, e)
 
 
-def clusters_built_for(cfg: Config, store: TableStore, build_key: str) -> ClustersSpec | None:
+def clusters_built_for(cfg: Config, store: TableStore, build_key: str,
+                       as_configured: bool = True) -> ClustersSpec | None:
     """The clustering a build_clusters run with this `build_key` registered and committed to
     item_clusters: a retry of a build that finished, or that stopped between that commit and the alias
-    move (publish_built then moves it); else None."""
+    move (publish_built then moves it); else None. as_configured: only one built from today's encoder
+    and settings (a run cleared after its encoder or features.* changed builds again; the newest build
+    with the key is the one a later retry finds)."""
     name, kind, _ = parse_ref(cfg.features.clusters_ref)
     mv = registry.find_by_tags(name, {"build_key": build_key}) if build_key and kind == "alias" else None
     if mv is None:
         return None
     spec = registry.clusters_spec_of(mv)
+    if as_configured and not _built_as_configured(cfg, mv, spec):
+        return None
     return spec if _item_clusters_hold(store, spec.feature_version) else None
 
 

@@ -61,8 +61,9 @@ def body(ctx) -> None:
         if report.info.get("recluster_due"):
             ctx.say(report.info["message"])
         key = ctx.args.build_key
-        status = refresh_status(report, recluster_built=bool(key) and clusters_built_for(ctx.cfg, ctx.store, key)
-                                is not None)
+        # (built with other settings too: the run goes down the re-cluster path, where build_clusters rebuilds)
+        built = bool(key) and clusters_built_for(ctx.cfg, ctx.store, key, as_configured=False) is not None
+        status = refresh_status(report, recluster_built=built)
         ctx.say(f"status {render_status(status)}")
         ctx.write_status(status)
     ctx.say(f"done; MLflow run {run.info.run_id}")

@@ -822,6 +822,12 @@ def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
     registry.tag_version("courier-clusters", current.version, {"build_key": "run-1"})
     assert P.clusters_built_for(cfg, store, "run-1").version == current.version
     assert P.clusters_built_for(cfg, store, "run-2") is None and P.clusters_built_for(cfg, store, "") is None
+    # ... unless the settings changed before the run was cleared: it builds again (the refresh still sees
+    # that a clustering was built for the run, so the run goes down its re-cluster path)
+    for change in ({"kmeans_seed": f.kmeans_seed + 1}, {"n_clusters": f.n_clusters + 1}):
+        assert P.clusters_built_for(_with(cfg, "features", **change), store, "run-1") is None, change
+        assert P.clusters_built_for(_with(cfg, "features", **change), store, "run-1",
+                                    as_configured=False).version == current.version
     # A pinned clusters_ref has no alias to move: the build is refused before any work, not made for nothing.
     pinned = _with(cfg, "features", clusters_ref=f"courier-clusters/{current.version}")
     with pytest.raises(P.FeatureError, match="a pinned version: build_clusters publishes a clustering by moving"):
