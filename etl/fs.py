@@ -91,7 +91,8 @@ class S3Options:
     def from_spark_conf(cls, conf: Mapping, environ: Mapping[str, str] | None = None) -> "S3Options":
         """The config's ``spark.hadoop.fs.s3a.*`` settings, the environment for what they leave out."""
         base = cls.from_env(environ)
-        given = {k: str(conf[key]) for k, key in _SPARK_KEYS.items() if conf.get(key)}
+        # (a YAML false, unquoted, is a bool: str() makes it "False", which the ssl setting reads as false)
+        given = {k: str(conf[key]) for k, key in _SPARK_KEYS.items() if conf.get(key) not in (None, "")}
         return replace(base, **given)
 
     def as_dict(self) -> dict:

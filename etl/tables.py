@@ -130,11 +130,13 @@ def _versions_within(history: list[dict], retention_hours: float) -> list[int]:
 
 
 COMMIT_TOKEN = "commit"  # userMetadata key: a token unique to one write, so the write finds its own version
-COMMIT_SEARCH = 50  # commits read back first when looking for it
+COMMIT_SEARCH = (5, 100, None)  # how many commits are read back, in turn, looking for it (None: the whole log)
 
 
-def _commit_meta(**meta: str) -> dict[str, str]:
+def _commit_meta(meta: Mapping[str, str]) -> dict[str, str]:
     """A write's commit metadata (job, run_id, partition, ...) with a token no other write carries."""
+    if COMMIT_TOKEN in meta:
+        raise TableError(f"{COMMIT_TOKEN!r} is the store's own commit metadata key")
     return {**meta, COMMIT_TOKEN: uuid.uuid4().hex}
 
 
@@ -274,7 +276,7 @@ class TableStore:
         """The version this write's own commit became (found by its commit token): the newest version may
         already be a concurrent writer's, and a lineage tag must name the version that holds these rows."""
         table, token = self._open(self.path(name)), meta[COMMIT_TOKEN]
-        for limit in (COMMIT_SEARCH, None):  # the last few commits first; the whole log if others raced past
+        for limit in COMMIT_SEARCH:  # the last few commits first: others rarely race past
             for entry in table.history(limit=limit):
                 if commit_metadata(entry).get(COMMIT_TOKEN) == token:
                     return int(entry["version"])
@@ -409,7 +411,7 @@ class TableStore:
         partition = {k: str(v) for k, v in partition.items()}
         cols = list(partition)
         data = df.drop(*[c for c in cols if c in df.columns])
-        meta = _commit_meta(job=job, run_id=run_id, partition=json.dumps(partition))
+        meta = _commit_meta({"job": job, "run_id": run_id, "partition": json.dumps(partition)})
         with self._published_alone(name, "partition replace"):
             if self.native:
                 from pyspark.sql import functions as F
@@ -426,7 +428,8 @@ class TableStore:
                     adds = self._write_files(data, name, rel_dir, partition)
                     schema = self._arrow_schema(data, partition_cols=cols)
                     self._commit(name, adds, schema, cols, [(c, "=", v) for c, v in partition.items()], meta)
-            return self._version_of(name, meta)
+        # (after the lock: a look-up that fails must not keep a landed commit from being published)
+        return self._version_of(name, meta)
 
     def replace_partitions(self, df, name: str, by: str, values, fixed: Mapping[str, str] | None = None,
                            job: str = "", run_id: str = "", extra_metadata: Mapping[str, str] | None = None) -> int:
@@ -447,8 +450,8 @@ class TableStore:
             _partition_dir({**fixed, by: v})
         cols = [*fixed, by]
         data = df.withColumn(by, F.col(by).cast("string")).drop(*[c for c in fixed if c in df.columns])
-        meta = _commit_meta(**(extra_metadata or {}), job=job, run_id=run_id,
-                            partition=json.dumps({**fixed, by: values}))
+        meta = _commit_meta({**(extra_metadata or {}), "job": job, "run_id": run_id,
+                             "partition": json.dumps({**fixed, by: values})})
         with self._published_alone(name, "partition replace"):
             if self.native:
                 for c, v in fixed.items():
@@ -470,12 +473,12 @@ class TableStore:
                     schema = self._arrow_schema(data.drop(by), partition_cols=cols)
                     filters = [(c, "=", v) for c, v in fixed.items()] + [(by, "in", values)]
                     self._commit(name, adds, schema, cols, filters, meta)
-            return self._version_of(name, meta)
+        return self._version_of(name, meta)
 
     def overwrite(self, df, name: str, job: str = "", run_id: str = "") -> int:
         """Replace a whole (unpartitioned) table in one commit. Returns the new version."""
         self.check_contract(df, name)
-        meta = _commit_meta(job=job, run_id=run_id)
+        meta = _commit_meta({"job": job, "run_id": run_id})
         with self._published_alone(name, "overwrite"):
             if self.native:
                 self._retry_conflicts(name, lambda: (
@@ -486,7 +489,7 @@ class TableStore:
                 with self._removed_unless_committed(name, run_dir):
                     adds = self._write_files(df, name, run_dir, {})
                     self._commit(name, adds, self._arrow_schema(df, []), [], None, meta)
-            return self._version_of(name, meta)
+        return self._version_of(name, meta)
 
     @contextlib.contextmanager
     def _removed_unless_committed(self, name: str, rel_dir: str):
@@ -543,7 +546,7 @@ class TableStore:
     def commit_staged(self, staged: "Staged", job: str = "", run_id: str = "") -> int:
         """Commit staged files as one replace of their partition. Returns the new (latest) version."""
         name, partition = staged.name, staged.partition
-        meta = _commit_meta(job=job, run_id=run_id, partition=json.dumps(partition))
+        meta = _commit_meta({"job": job, "run_id": run_id, "partition": json.dumps(partition)})
         if self.native:
             from pyspark.sql import functions as F
 

@@ -819,7 +819,8 @@ def commit_refresh(store: TableStore, plan: RefreshPlan, staged: dict, r: Report
         hook("committed:item_clusters")
     if T.CTR_TRAIN in staged:
         # what a retry of this day reads: which item_clusters commit these rows were attached after
-        after = {REFRESH_DATE: plan.date, CLUSTERS_VERSION: str(store.version(T.ITEM_CLUSTERS))}
+        clusters_version = r.versions.get(T.ITEM_CLUSTERS, store.version(T.ITEM_CLUSTERS))  # this run's commit
+        after = {REFRESH_DATE: plan.date, CLUSTERS_VERSION: str(clusters_version)}
         r.versions[T.CTR_TRAIN] = store.replace_partitions(staged[T.CTR_TRAIN][0], T.CTR_TRAIN, by="dt",
                                                            values=plan.affected, job=job, run_id=run_id,
                                                            extra_metadata=after)

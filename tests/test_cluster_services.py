@@ -57,7 +57,8 @@ def test_a_host_only_s3_endpoint_is_probed_where_s3a_connects(tmp_path, monkeypa
 
     probed = []
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: probed.append(address) or socket.socket())
-    for extra, port in (({}, 443), ({"spark.hadoop.fs.s3a.connection.ssl.enabled": "false"}, 80)):
+    for extra, port in (({}, 443), ({"spark.hadoop.fs.s3a.connection.ssl.enabled": "false"}, 80),
+                        ({"spark.hadoop.fs.s3a.connection.ssl.enabled": False}, 80)):  # a YAML false, unquoted
         conf = {"spark.hadoop.fs.s3a.endpoint": "s3.eu-west-2.amazonaws.com", **extra}
         check_endpoints(load_config(write_config(tmp_path, {"spark": {"conf": conf}})))
         assert probed.pop() == ("s3.eu-west-2.amazonaws.com", port)

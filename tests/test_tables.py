@@ -179,11 +179,18 @@ def test_a_write_returns_its_own_commit_s_version_when_another_writer_committed_
     store.replace_partition(spark.range(3), "t", {"dt": "2026-11-20"}, job="seed")
     commit_once = store._commit_once
 
-    def commit_then_another_writer(*args):
-        commit_once(*args)
-        other.replace_partition(spark.range(1), "t", {"dt": "2026-11-22"}, job="other")
+    def commit_then_another_writer(name, *args):
+        commit_once(name, *args)
+        if name == "t":
+            other.replace_partition(spark.range(1), "t", {"dt": "2026-11-22"}, job="other")
+        else:
+            other.overwrite(spark.range(1), name, job="other")
 
+    other.overwrite(spark.range(2), "u", job="seed")
     store._commit_once = commit_then_another_writer
+    version = store.overwrite(spark.range(5), "u", job="mine")
+    jobs = {h["version"]: commit_metadata(h).get("job") for h in store.history("u")}
+    assert jobs[version] == "mine" and jobs[version + 1] == "other" and store.read("u", version=version).count() == 5
     for write in (lambda: store.replace_partition(spark.range(5), "t", {"dt": "2026-11-21"}, job="mine"),
                   lambda: store.replace_partitions(spark.range(5).withColumn("dt", F.lit("2026-11-21")), "t",
                                                    by="dt", values=["2026-11-21"], job="mine"),
