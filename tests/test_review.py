@@ -109,17 +109,19 @@ def test_review_sequence(env, capsys):
 
     load, score = ctr_train.load_registered, ctr_train.score_frame
 
-    def load_marking_worse(mv):
-        model, tags = load(mv)
-        model.nan_scores = str(mv.version) == v_worse
-        return model, tags
+    for broken, decision in ((v_worse, "rejected"), (v_cluster, "refused")):  # the challenger's fault, the champion's
+        def load_marking(mv, broken=broken):
+            model, tags = load(mv)
+            model.nan_scores = str(mv.version) == broken
+            return model, tags
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ctr_train, "load_registered", load_marking_worse)
-        mp.setattr(ctr_train, "score_frame", lambda model, frame, *a: np.full(len(frame), np.nan)
-                   if model.nan_scores else score(model, frame, *a))
-        out = _review(env, v_worse)
-    assert out.decision == "rejected" and "are not numbers" in out.reasons[0] and _champion() == v_cluster
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ctr_train, "load_registered", load_marking)
+            mp.setattr(ctr_train, "score_frame", lambda model, frame, *a: np.full(len(frame), np.nan)
+                       if model.nan_scores else score(model, frame, *a))
+            out = _review(env, v_worse)
+        assert out.decision == decision and f"v{broken}'s scores" in out.reasons[0], out.reasons
+        assert "are not numbers" in out.reasons[0] and _champion() == v_cluster
 
     # 4. A challenger evaluated on another snapshot (other eval dates) is refused, alias untouched.
     v_other = _train(env, feature_mode="cluster_id", train_dates=[DATES[0]], eval_dates=[DATES[1]])["model_version"]

@@ -263,10 +263,14 @@ def validate(cfg, store, challenger_version: str | None = None, allow_first: boo
         return out
     for v, (model, tags) in loaded.items():
         probs = score_frame(model, frames[v], [tr] if tr is not None and frames[v] is ev else None)
-        if not np.isfinite(probs).all():  # a NaN metric fails its gate: here no metric can even be taken
-            out.decision, out.reports, out.level_gains = REJECTED, {}, {}
-            out.reasons = [f"v{v}'s scores on {snap.key} are not numbers ({int((~np.isfinite(probs)).sum())} of "
-                           f"{len(probs)} NaN or infinite): nothing is promoted on undefined metrics"]
+        if not np.isfinite(probs).all():
+            # The challenger's: it fails its gates (rejected). The champion's, or a first model's: nothing to
+            # compare with, a refusal (a person decides, as for metrics undefined for both).
+            out.decision = REJECTED if v == chall_v and champ is not None else REFUSED
+            out.reports, out.level_gains = {}, {}
+            role = "challenger" if v == chall_v else "champion"
+            out.reasons = [f"{role} v{v}'s scores on {snap.key} are not numbers ({int((~np.isfinite(probs)).sum())} "
+                           f"of {len(probs)} NaN or infinite): nothing is promoted on undefined metrics"]
             return out
         out.reports[v] = evaluate_predictions(frames[v], probs, cold_items=cold, group_col=cfg.ctr.gauc_by)
         out.tags[v] = tags
