@@ -182,6 +182,21 @@ def test_a_resume_trains_on_its_own_data_version_and_refuses_other_settings(trai
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 10, use_ucs=False))
     with pytest.raises(TrainError, match=r"train.lr: .*; train.use_ucs: True -> False"):
         plan_training(other, store, "pinned", resume=True, skip_if_done=False)
+    # ... and what the run trains with: its precision, its starting weights, its decoder
+    trains_otherwise = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16",
+                                                                          gpu_decode=False))
+    with pytest.raises(TrainError, match=r"train.precision: 'auto' -> 'bf16'; train.gpu_decode: 'auto' -> False"):
+        plan_training(trains_otherwise, store, "pinned", resume=True, skip_if_done=False)
+    # A config this machine cannot run (GPU processes without GPUs) is refused before the run claims its name.
+    from training import launch as L
+
+    gpu = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_gpu=True, local_mode=True))
+    plan = plan_training(gpu, store, "no-gpu-here", resume=False, skip_if_done=False)
+    if L._cuda_devices() < gpu.train.num_workers:
+        with pytest.raises(TrainError, match="GPU processes in local mode"):
+            L.launch(gpu, spark, plan, "run-y")
+        assert not fs.exists(fs.join(plan.checkpoint_dir, "run.json"))
+        assert not plan_training(cfg, store, "no-gpu-here", resume=False, skip_if_done=False).resume
     # ... unless the run.json was written before a setting was kept: it cannot say, so the resume goes on.
     identity = {k: v for k, v in run_identity(cfg, latest - 1).items() if k not in ("train.lr", "train.use_ucs")}
     _write_marker(folder, "run-x", identity)

@@ -44,10 +44,12 @@ class TrainPlan:
 # The settings a checkpoint's position and weights mean something under: the reader's order depends on
 # (seed, epoch, rank, world size, batch size, grouping) and the files, the weights on the model's shape,
 # and the run trains one objective with one optimizer (a resumed optimizer state restores its own lr and
-# weight decay, so a changed one would be ignored while the run's parameters said otherwise).
+# weight decay, so a changed one would be ignored while the run's parameters said otherwise). Likewise the
+# precision, the weights it started from and the decoder (GPU decoding gives slightly other pixels): the run's
+# parameters, logged when it started, name them.
 RESUME_SETTINGS = ("batch_size", "num_workers", "seed", "batch_grouping", "holdout_last_date", "method",
                    "backbone", "dim", "proj_head", "lr", "weight_decay", "tau", "use_ucs", "use_contrast",
-                   "reconstruction", "use_negatives")
+                   "reconstruction", "use_negatives", "precision", "pretrained_path", "gpu_decode")
 
 
 def run_identity(cfg: Config, data_version: int) -> dict:
@@ -241,6 +243,8 @@ def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
 
     t = cfg.train
     files, checkpoint_dir, resume = plan.files, plan.checkpoint_dir, plan.resume
+    # before the run's marker: a config the machine cannot run must not claim the run's name
+    use_gpu = resolve_use_gpu(t.use_gpu, t.local_mode, spark, t.num_workers)
     if not resume:
         _write_marker(checkpoint_dir, run_id, run_identity(cfg, plan.data_version))
     elif last_checkpoint(checkpoint_dir) is None:  # it failed before its first checkpoint
@@ -249,7 +253,6 @@ def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
     spec = dataclasses.asdict(make_spec(cfg, files, checkpoint_dir, run_id, resume))
     result_path = spec["result_path"]
     fs.remove(result_path)
-    use_gpu = resolve_use_gpu(t.use_gpu, t.local_mode, spark, t.num_workers)
     spec["train"]["use_gpu"] = use_gpu
     if t.method == "supervised":  # the class list, in a fixed order, for the category classifier
         from etl.tables import TableStore
