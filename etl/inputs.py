@@ -252,20 +252,41 @@ def _scan_stream(name: str, raw) -> tuple[str, int]:
     says so. Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines() does (a last
     line without a newline counts; a final newline adds none)."""
     chunk = 8 << 20
-    lines, after_cr, last = 0, False, b""
+    lines, after_cr, last, head = 0, False, b"", b""
     stored = _Hashing(raw)
     codec = _codec(name)
     blocks = _decompressed(stored, codec, chunk) if codec else iter(lambda: stored.read(chunk), b"")
     for block in blocks:
         if not block:
             continue
+        if len(head) < 4:
+            head = (head + block)[:4]
+            _check_format(codec, head)
         # \r\n is one line end, also when a chunk ends between the two.
         crlf = block.count(b"\r\n") + (after_cr and block[:1] == b"\n")
         lines += block.count(b"\n") + block.count(b"\r") - crlf
         after_cr, last = block[-1:] == b"\r", block[-1:]
     while stored.read(chunk):  # what follows the last compressed stream is hashed too
         pass
+    if head == UTF8_BOM and lines == 0:  # Hadoop's line reader skips a leading BOM: nothing else, no line
+        return stored.digest.hexdigest(), 0
     return stored.digest.hexdigest(), lines + (last not in (b"", b"\n", b"\r"))
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+# Leading bytes of content that is not UTF-8 text: read as lines, every one of its "lines" would be
+# quarantined as bad_encoding or bad_json and the date published empty.
+_NOT_TEXT = {b"\x1f\x8b": ("gzip-compressed", "name it .gz"), b"BZh": ("bzip2-compressed", "name it .bz2"),
+             b"\x28\xb5\x2f\xfd": ("zstd-compressed", "not read: recompress it as .gz"),
+             b"\xff\xfe": ("UTF-16 text", "the log must be UTF-8"), b"\xfe\xff": ("UTF-16 text", "the log must be UTF-8")}
+
+
+def _check_format(codec: str, head: bytes) -> None:
+    """A file whose (decompressed) content opens as compressed bytes or UTF-16 is refused, naming what it is."""
+    for magic, (what, remedy) in _NOT_TEXT.items():
+        if head.startswith(magic):
+            raise ValueError(f"its decompressed content is {what} (compressed twice?)" if codec
+                             else f"its content is {what} ({remedy})")
 
 
 def _unreadable(e: BaseException) -> str:

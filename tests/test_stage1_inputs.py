@@ -153,11 +153,17 @@ def test_a_damaged_compressed_file_fails_the_date_naming_it(spark, messy):
     # fails half-way through the job), lines appended after a bzip2 stream (both readers drop them)
     (bad / "part-00003.jsonl.gz").write_bytes(gzip.compress(b'{"event_id": "p"}\n') + b"\0" * 64)
     (bad / "part-00004.jsonl.bz2").write_bytes(bz2.compress(b'{"event_id": "q"}\n') + b'{"event_id": "r"}\n')
+    # content other than UTF-8 text: every "line" would be quarantined and the date published empty
+    (bad / "part-00005.jsonl").write_bytes(whole)
+    (bad / "part-00006.jsonl").write_bytes('{"event_id": "u"}\n'.encode("utf-16"))
     try:
-        with pytest.raises(InputError, match=r"4 file\(s\) could not be read to the end: .*part-00000.jsonl.gz "
+        with pytest.raises(InputError, match=r"6 file\(s\) could not be read to the end: .*part-00000.jsonl.gz "
                                              r"\(EOFError: .*\); .*part-00001.jsonl.bz2 \(ValueError: not bzip2"
                                              r".*part-00003.jsonl.gz \(ValueError: the bytes after gzip stream 1"
-                                             r".*part-00004.jsonl.bz2 \(ValueError: the bytes after bzip2 stream 1"):
+                                             r".*part-00004.jsonl.bz2 \(ValueError: the bytes after bzip2 stream 1"
+                                             r".*part-00005.jsonl \(ValueError: its content is gzip-compressed "
+                                             r"\(name it .gz\)\).*part-00006.jsonl \(ValueError: its content is "
+                                             r"UTF-16 text"):
             build_date(spark, cfg, store, "2026-11-25", "run-x")
         assert {t: store.version(t) for t in versions} == versions
         files = discover(spark, str(Path(cfg.raw_root) / "search_log"), "2026-11-25", []).read
@@ -528,6 +534,9 @@ def test_input_scan_counts_the_lines_spark_reads_streamed_or_whole(spark, tmp_pa
         "straddle.jsonl": straddle,
         "two_members.jsonl.gz": gzip.compress(text(30, [b"\r\n"])) + gzip.compress(text(20, [b"\n"])),
         "one.jsonl.bz2": bz2.compress(text(40, [b"\r"])),
+        # an "empty" file as Windows tools write UTF-8: the BOM alone, which Hadoop's reader skips: no line
+        "bom_only.jsonl": b"\xef\xbb\xbf", "bom_only.jsonl.gz": gzip.compress(b"\xef\xbb\xbf"),
+        "bom_newline.jsonl": b"\xef\xbb\xbf\n",
     }
     folder = tmp_path / "raw" / "dt=2026-11-20"
     folder.mkdir(parents=True)
