@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 
 
 SESSION_TIME_ZONE = "spark.sql.session.timeZone"
+# Off in every session: stage 1 reads a value Spark cannot cast (a timestamp at 25:61) as null, then a
+# quarantine reason; under ANSI the cast fails the whole job instead.
+ANSI_MODE = "spark.sql.ansi.enabled"
 
 
 def is_uri(path: str) -> bool:
@@ -414,6 +417,9 @@ def _validate(cfg: Config) -> None:
         # the jobs read dates and timestamps in UTC (a date's window, the tables' timestamps)
         (str(cfg.spark.conf.get(SESSION_TIME_ZONE, "UTC")) == "UTC",
          f"spark.conf {SESSION_TIME_ZONE} must be UTC (or left out): the jobs read the log's dates in UTC"),
+        (str(cfg.spark.conf.get(ANSI_MODE, "false")).lower() == "false",
+         f"spark.conf {ANSI_MODE} must be false (or left out): stage 1 quarantines a value Spark cannot cast "
+         "(read as null), which ANSI mode turns into a failed job"),
         (cfg.simulator.preset in SIMULATOR_PRESETS, _one_of("simulator.preset", SIMULATOR_PRESETS)),
         (cfg.simulator.seed >= 0 and (cfg.simulator.days is None or cfg.simulator.days >= 1)
          and (cfg.simulator.image_px is None or cfg.simulator.image_px >= 8),

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-from etl.config import SESSION_TIME_ZONE, Config
+from etl.config import ANSI_MODE, SESSION_TIME_ZONE, Config
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
         "spark.pyspark.python": sys.executable,
         "spark.driver.memory": cfg.spark.driver_memory,
         SESSION_TIME_ZONE: "UTC",
+        ANSI_MODE: "false",  # also over a cluster's spark-defaults.conf (config.ANSI_MODE says why)
         "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
         # delta-rs and Petastorm read microsecond timestamps; Spark's default INT96 they do not.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",

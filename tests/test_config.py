@@ -119,10 +119,13 @@ def test_symlinks_and_nul_characters_cannot_leave_a_root_given_as_a_file_uri(tmp
     assert plan.rejected == [("i1", "image_path_escapes_root", "ok/b\x00.png")]
 
 
-def test_the_session_time_zone_stays_utc(tmp_path):
+def test_the_session_time_zone_stays_utc_and_ansi_mode_off(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("spark:\n  conf:\n    spark.sql.session.timeZone: Europe/Paris\n")
     with pytest.raises(ConfigError, match="spark.sql.session.timeZone must be UTC"):
+        load_config(conf)
+    conf.write_text("spark:\n  conf:\n    spark.sql.ansi.enabled: true\n")
+    with pytest.raises(ConfigError, match="spark.sql.ansi.enabled must be false"):
         load_config(conf)
     conf.write_text("spark:\n  conf:\n    spark.sql.session.timeZone: UTC\n")
     assert load_config(conf).spark.conf["spark.sql.session.timeZone"] == "UTC"
