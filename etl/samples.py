@@ -270,11 +270,18 @@ def _strict_parser(fields: dict):
 TS_SHAPE = r"^\s*\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}"
 
 
+def _missing(column: str) -> Column:
+    """No value, or a blank one: an empty user_id (logged-out traffic) would merge every such user's clicks
+    into one history, an empty session_id every such page into one session."""
+    return F.col(column).isNull() | (F.trim(column) == "")
+
+
 def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
     """Raw JSON lines (value, dt) -> one row per line with typed fields and a `reason` (null = valid).
 
     Reasons, first match wins: the parser's (bad_encoding, blank_line, bad_json, trailing_content,
-    wrong_type:<field>), then bad_event_type (missing or not pv/click), null_id, bad_timestamp,
+    wrong_type:<field>), then bad_event_type (missing or not pv/click), null_id (an id missing or blank; a
+    blank session_id reads as none: the session is derived), bad_timestamp,
     ts_outside_date (outside the date folder's UTC day widened by ts_skew_minutes), empty_pv.
     """
     # ts parsed once, as its own column: inline, to_timestamp would run once per use below (the checks
@@ -293,8 +300,7 @@ def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
                | (F.unix_micros(ts) >= day_start + 86_400 * 1_000_000 + skew))
     checked = F.coalesce("reason", _first_reason(
         (F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "bad_event_type"),
-        (F.col("event_id").isNull() | F.col("user_id").isNull() | F.col("pv_id").isNull()
-         | (~is_pv & F.col("item_id").isNull()), "null_id"),
+        (_missing("event_id") | _missing("user_id") | _missing("pv_id") | (~is_pv & _missing("item_id")), "null_id"),
         (ts.isNull(), "bad_timestamp"),
         (outside, "ts_outside_date"),
         (is_pv & (F.col("items").isNull() | (F.size("items") == 0)
@@ -304,7 +310,8 @@ def parse_events(raw: DataFrame, ts_skew_minutes: int) -> DataFrame:
     reason = F.col("_reason")
     return parsed.withColumn("_reason", checked).select(
         "value", "raw_b64", "dt", "file", "event_id", "event_type", ts.alias("ts"), "user_id", "pv_id", "query",
-        "items", "item_id", "session_id", reason.alias("reason"),
+        "items", "item_id", F.when(~_missing("session_id"), F.col("session_id")).alias("session_id"),
+        reason.alias("reason"),
         F.when(F.col("reason").isNotNull(), F.col("detail"))
         .when(reason == "ts_outside_date", F.concat(F.lit("ts "), F.col("ts_raw"))).alias("detail"),
     )
@@ -592,12 +599,12 @@ def parse_catalog(raw: DataFrame) -> DataFrame:
     """Catalog JSON lines (value, dt) -> items with a `reason` (null = valid).
 
     Reasons: the parser's (bad_encoding, blank_line, bad_json, trailing_content, wrong_type:<field>),
-    null_id (no item_id or image_uri), duplicate_item (an item_id an earlier catalog row already
+    null_id (no item_id or image_uri, or a blank one), duplicate_item (an item_id an earlier catalog row already
     defines: an earlier date, or earlier on the same date by raw text; the first definition wins).
     """
     parsed = parse_json_lines(raw, CATALOG_FIELDS)
     reason = F.coalesce("reason", _first_reason(
-        (F.col("item_id").isNull() | F.col("image_uri").isNull(), "null_id"),
+        (_missing("item_id") | _missing("image_uri"), "null_id"),
     ))
     rows = parsed.withColumn("reason", reason)
     w = Window.partitionBy("item_id").orderBy(F.col("reason").isNotNull(), "dt", "value")

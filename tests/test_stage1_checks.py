@@ -152,3 +152,31 @@ def test_a_timestamp_is_a_date_with_a_time_of_day(spark, ts, parsed):
     row = S.parse_events(raw, ts_skew_minutes=10).first()
     assert row["ts"] == parsed
     assert row["reason"] == (None if parsed else "bad_timestamp")
+
+
+def test_a_blank_id_is_a_missing_one(spark):
+    """Logged-out traffic logs user_id "" (one user with every such page's clicks), some systems
+    session_id "" (one session): a blank id is null_id, a blank session_id reads as none (derived)."""
+    import json
+
+    from etl import samples as S
+
+    def pv_line(event_id, **ids):
+        return json.dumps({"event_id": event_id, "event_type": "pv", "ts": "2026-11-20T08:00:00Z", "user_id": "u1",
+                           "pv_id": "p1", "query": "q", "items": ["i1"], **ids})
+
+    lines = [pv_line("e1", user_id=""), pv_line("e2", pv_id="  "), pv_line("", pv_id="p2"),
+             pv_line("e4", session_id=""), pv_line("e5", session_id="s5"),
+             json.dumps({"event_id": "e6", "event_type": "click", "ts": "2026-11-20T08:00:01Z", "user_id": "u1",
+                         "pv_id": "p1", "item_id": ""})]
+    raw = spark.createDataFrame([(line, "2026-11-20", "part-0.json") for line in lines],
+                                "value string, dt string, file string")
+    got = [(r["reason"], r["session_id"]) for r in S.parse_events(raw, ts_skew_minutes=10).collect()]
+    assert got == [("null_id", None), ("null_id", None), ("null_id", None), (None, None), (None, "s5"),
+                   ("null_id", None)]
+    catalog = [json.dumps({"item_id": "", "image_uri": "a.png"}), json.dumps({"item_id": "i2", "image_uri": ""}),
+               json.dumps({"item_id": "i3", "image_uri": "c.png"})]
+    raw = spark.createDataFrame([(line, "2026-11-20", "items.jsonl") for line in catalog],
+                                "value string, dt string, file string")
+    assert sorted((r["item_id"], r["reason"]) for r in S.parse_catalog(raw).collect()) == [
+        ("", "null_id"), ("i2", "null_id"), ("i3", None)]
