@@ -143,11 +143,12 @@ def register_version(name: str, source: str, run_id: str, tags: dict, descriptio
                                        tags={k: str(v) for k, v in tags.items()})
 
 
-def register_logged_model(name: str, model_uri: str):
-    """A new version of `name` from a model logged with mlflow.<flavor>.log_model (its model_uri)."""
+def register_logged_model(name: str, model_uri: str, tags: dict | None = None):
+    """A new version of `name` from a model logged with mlflow.<flavor>.log_model (its model_uri), with
+    `tags` set in the same call."""
     import mlflow
 
-    return mlflow.register_model(model_uri, name)
+    return mlflow.register_model(model_uri, name, tags=tags)
 
 
 def tag_version(name: str, version: str, tags: dict) -> None:

@@ -490,10 +490,24 @@ def test_a_registration_that_fails_half_way_leaves_no_version(trained, monkeypat
         raise RuntimeError("tracking server went away")
 
     monkeypatch.setattr(registry, "tag_version", fail)
+    encoder = os.path.join(_checkpoints(conf, "full"), "encoder.pt")
     with start_run(cfg, "registration fails"), pytest.raises(RuntimeError, match="went away"):
-        register_encoder(cfg, os.path.join(_checkpoints(conf, "full"), "encoder.pt"), "run-y", data_version=2,
-                         dates=["2026-11-20"])
+        register_encoder(cfg, encoder, "run-y", data_version=2, dates=["2026-11-20"])
     assert {v.version for v in client.search_model_versions("name = 'courier-encoder'")} == before
+    # Killed in between (no clean-up ran: a SIGKILL, an OOM kill): the retry removes what it left.
+    delete = registry.delete_version
+    monkeypatch.setattr(registry, "delete_version", lambda *a: None)
+    with start_run(cfg, "registration killed"), pytest.raises(RuntimeError, match="went away"):
+        register_encoder(cfg, encoder, "run-y", data_version=2, dates=["2026-11-20"])
+    left = {v.version for v in client.search_model_versions("name = 'courier-encoder'")} - before
+    assert len(left) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(registry, "delete_version", delete)
+    with start_run(cfg, "registration retried"):
+        version = register_encoder(cfg, encoder, "run-y", data_version=2, dates=["2026-11-20"])
+    assert {v.version for v in client.search_model_versions("name = 'courier-encoder'")} - before == {version.version}
+    assert version.version not in left
+    assert registry.ENCODER_STATE_SHA256 in client.get_model_version("courier-encoder", version.version).tags
 
 
 def test_a_retried_registration_of_the_same_weights_reuses_the_run_s_version(trained, tmp_path):

@@ -291,10 +291,23 @@ def register_encoder(cfg: Config, encoder_path: str, run_id: str, data_version: 
     if version is not None:  # a retry of this run after its registration: the same weights, one version
         print(f"[train] run {run_id} registered these weights as {MODEL_NAME} v{version.version} already", flush=True)
     else:
+        _remove_half_registered(run_id)
         version = _register_new_encoder(cfg, encoder_path, state, run_id, data_version, dates, state_sha256)
     if alias:
         registry.set_alias(MODEL_NAME, alias, version.version)
     return version
+
+
+def _remove_half_registered(run_id: str) -> None:
+    """Versions an earlier attempt of this run created and never finished (killed between creating one
+    and its last lineage tag, the weights' hash: its own clean-up never ran): courier-encoder/latest must
+    not name one, and this attempt registers the weights again."""
+    for v in registry.versions(MODEL_NAME):
+        tags = v.tags or {}
+        if tags.get("run_id") == run_id and registry.ENCODER_STATE_SHA256 not in tags and not v.aliases:
+            print(f"[train] removing {MODEL_NAME} v{v.version}, left half-registered by an earlier attempt of "
+                  f"run {run_id}", flush=True)
+            registry.delete_version(MODEL_NAME, v.version)
 
 
 def _register_new_encoder(cfg: Config, encoder_path: str, state: dict, run_id: str, data_version: int,
@@ -314,7 +327,8 @@ def _register_new_encoder(cfg: Config, encoder_path: str, state: dict, run_id: s
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
         code_paths=[os.path.dirname(os.path.abspath(__file__))], serialization_format="pickle")
-    version = registry.register_logged_model(MODEL_NAME, info.model_uri)
+    # the run's id from the start: a retry finds (and removes) a version this attempt leaves half-registered
+    version = registry.register_logged_model(MODEL_NAME, info.model_uri, tags={"run_id": run_id})
     # The bare state dict too: stage 3 rebuilds ImageEncoder from the version's tags and loads this with
     # torch.load(weights_only=True), so no pickled model is ever unpickled downstream. One folder per
     # version: a run that registers two encoders must not overwrite the first one's weights.
