@@ -192,8 +192,10 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                         for kind, files in ((SEARCH_LOG, log_files), ("catalog", catalog_files))
                         for x, di in files.items() for f in di.read),
         "images": sorted(images.listing) + sorted(images.rejected),
-        # courier_train joins the item images of earlier dates: their published builds are inputs too.
-        "earlier": {x: published[x].get("fingerprint") for x in sorted(published) if x < date},
+        # courier_train joins the item images of earlier dates: their published builds are inputs too (the
+        # run as well: a --force rebuild publishes other tables under the same fingerprint).
+        "earlier": {x: [published[x].get("fingerprint"), published[x].get("run_id")]
+                    for x in sorted(published) if x < date},
     }
     fp = fingerprint(parts)
     own = {SEARCH_LOG: _files_digest(today, scans), "catalog": _files_digest(catalog_files.get(date), scans)}
@@ -359,6 +361,15 @@ def verify(store: TableStore, staged: dict, report: DateReport, inputs: DateInpu
     if not bad:
         return
     lines = [f"{report.dt}: counts do not add up; nothing was committed:"] + [f"  {b}" for b in bad]
+    try:
+        _diagnose(store, staged, report, inputs, lines)
+    finally:  # the staged files go whatever the diagnosis does (a Spark job: it may fail, or be stopped)
+        discard(store, staged)
+    raise VerifyError("\n".join(lines))
+
+
+def _diagnose(store: TableStore, staged: dict, report: DateReport, inputs: DateInputs, lines: list[str]) -> None:
+    """What a failed verify adds to its message: the first repeated ids, the files that lost lines."""
     for name, key in ((t, t.key) for t in T.STAGE1 if t.key):
         dup = (store.read_staged(staged[name]).groupBy(*key).count().where(F.col("count") > 1)
                .orderBy(*key).limit(5).collect())
@@ -372,8 +383,6 @@ def verify(store: TableStore, staged: dict, report: DateReport, inputs: DateInpu
                 lines.append(f"  {f.name}: {inputs.scans[f.path].lines} lines in the file, "
                              f"{parsed.get(f.name, 0)} parsed")
     lines.append("counts: " + json.dumps(report.counts, sort_keys=True))
-    discard(store, staged)
-    raise VerifyError("\n".join(lines))
 
 
 # ---- commit: the date's tables published as a unit ----------------------------------------------
@@ -381,7 +390,7 @@ def commit(store: TableStore, plog: PublishLog, staged: dict, report: DateReport
            run_id: str, progress: Callable[[str], None] | None) -> None:
     try:
         _publish(store, plog, staged, report, inputs, run_id, progress)
-    except Exception:
+    except BaseException:  # a SIGTERM (SystemExit) while waiting for the lock too
         if not report.versions:  # failed before its first commit (the lock, recovery): nothing refers to them
             discard(store, staged)
         raise
@@ -401,13 +410,16 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
         # This date was computed from the earlier dates' published tables (click verdicts, item images);
         # another build may have published one of them again since (the lock covers only this step).
         # (the run too: a --force rebuild publishes other tables under the same fingerprint)
+        # This date too: another build of it (a backfill, a retry) that published meanwhile may have read
+        # newer files; publishing this one's over it would put older input back, or the same again.
         now = plog.latest()["dates"]
-        read, current = ({x: (e.get("fingerprint"), e.get("run_id")) for x, e in dates.items() if x < report.dt}
+        read, current = ({x: (e.get("fingerprint"), e.get("run_id")) for x, e in dates.items() if x <= report.dt}
                          for dates in (inputs.published, now))
         if read != current:
             moved = sorted(x for x in {*read, *current} if read.get(x) != current.get(x))
-            raise PublishError(f"{report.dt}: earlier date(s) {moved} were published again while this date was built "
-                               "from their previous tables; nothing was committed: rerun the date")
+            which = "this date was" if moved == [report.dt] else f"date(s) {moved} were"
+            raise PublishError(f"{report.dt}: {which} published by another build while this one was computed (from "
+                               "the tables published before); nothing was committed: rerun the date")
         # After recovery each table's newest version holds its published content: this run's commit must be
         # the very next one. Another run's commit in between (the object-store lock cannot rule one out)
         # would be pinned with this run's in the record below.
@@ -429,7 +441,7 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
             if moved:
                 raise PublishError(f"{report.dt}: another run committed to {sorted(moved)} while this one published "
                                    f"(newest versions {moved}, this run's {report.versions}); rerun the date")
-        except Exception:
+        except BaseException:  # (a SIGTERM between two commits too: the date is never left half-committed)
             # A commit failed part-way: undo this run's commits now (a killed run is undone by the next).
             recover(store, plog)
             discard(store, staged)

@@ -105,11 +105,25 @@ def test_a_first_publish_that_died_is_undone_without_touching_the_rerun_s_staged
                         click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")])
     store = TableStore(spark, cfg)
 
+    # A SIGTERM (a scheduler's stop: SystemExit 143 in the job) between two commits is undone by the run itself.
+    monkeypatch.setattr(etl.build, "pause_hook", lambda n: sys.exit(143) if n == 2 else None)
+    with pytest.raises(SystemExit):
+        build_date(spark, cfg, store, D0, "run-stopped")
+    assert [t for t in STAGE1_TABLES if store.latest_version(t) is not None] == []
+    killed, recover = [], etl.build.recover
+
     def die_after_second_commit(n):
         if n == 2:
+            killed.append(n)
             raise _Killed()
 
+    def no_clean_up_after_a_kill(*args):  # a SIGKILL: the run's own undo (which a SIGTERM gets) never runs
+        if killed:
+            raise _Killed()
+        return recover(*args)
+
     monkeypatch.setattr(etl.build, "pause_hook", die_after_second_commit)
+    monkeypatch.setattr(etl.build, "recover", no_clean_up_after_a_kill)
     with pytest.raises(_Killed):
         build_date(spark, cfg, store, D0, "run-dead")
     monkeypatch.undo()
@@ -200,7 +214,7 @@ def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published
 
     monkeypatch.setattr(etl.build, "_publish", d0_published_again_first)
     for attempt in (1, 2):
-        with pytest.raises(PublishError, match=rf"earlier date\(s\) \['{D0}'\] were published again while"):
+        with pytest.raises(PublishError, match=rf"date\(s\) \['{D0}'\] were published by another build while"):
             build_date(spark, cfg, store, D1, f"run-d1-{attempt}")
     monkeypatch.undo()
     assert store.read("pv_samples").where(f"dt = '{D1}'").count() == 0  # nothing of D1 was committed
@@ -209,6 +223,44 @@ def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published
     # the click history of D1's page holds both of D0's clicks now
     history = store.read("pv_samples").where(f"dt = '{D1}'").select("click_history").first()[0]
     assert sorted(history) == ["i1", "i2"]
+
+
+def test_a_date_published_by_another_build_while_this_one_computed_it_is_not_published_again(spark, tmp_path,
+                                                                                          monkeypatch):
+    """Two builds of one date (a backfill and the scheduled run): the one that publishes second read older
+    files, or the same ones; publishing it would put older input back or commit the date twice. And a
+    --force rebuild of an earlier date makes the later one's rerun a build, not `unchanged`."""
+    import etl.build
+    from etl.build import PublishError, build_date
+    from etl.config import load_config
+    from etl.tables import TableStore
+
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    write_catalog(cfg, D0, [f"i{k}" for k in range(1, 4)])
+    d0_log = [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
+              click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")]
+    write_log(cfg, D0, d0_log)
+    write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u1", "p1", ["i2", "i3"]),
+                        click("b1", "2026-11-20T10:00:05Z", "u1", "p1", "i3")])
+    store = TableStore(spark, cfg)
+    real_publish = etl.build._publish
+
+    def a_later_file_published_first(*args, **kwargs):
+        monkeypatch.setattr(etl.build, "_publish", real_publish)
+        write_log(cfg, D0, [*d0_log, click("a2", "2026-11-19T10:00:06Z", "u1", "p0", "i2")])
+        assert build_date(spark, cfg, store, D0, "run-newer").status == "built"
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(etl.build, "_publish", a_later_file_published_first)
+    with pytest.raises(PublishError, match="this date was published by another build while this one was computed"):
+        build_date(spark, cfg, store, D0, "run-older")
+    labels = [r["label"] for r in store.read("ctr_log").where(f"dt = '{D0}'").collect()]
+    assert sorted(labels) == [1, 1]  # the newer files' build stands (both items clicked)
+    assert build_date(spark, cfg, store, D0, "run-again").status == "unchanged"
+    assert build_date(spark, cfg, store, D1, "run-d1").status == "built"
+    assert build_date(spark, cfg, store, D1, "run-d1-again").status == "unchanged"
+    assert build_date(spark, cfg, store, D0, "run-forced", force=True).status == "built"
+    assert build_date(spark, cfg, store, D1, "run-d1-after-force").status == "built"
 
 
 def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_it(spark, tmp_path):
