@@ -180,12 +180,8 @@ def test_a_commit_of_another_run_between_this_run_s_commits_stops_the_publish(sp
     assert report.status == "built" and store.read("items").count() == published["items"] + 2
 
 
-def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published(spark, tmp_path, monkeypatch):
-    """Date D1 computed from D0's published tables; before D1 publishes, another build publishes D0 again
-    (its log changed). D1 would pin rows judged by D0's old verdicts: its publish stops, nothing of it is
-    committed, and a rerun builds it from the new D0."""
-    import etl.build
-    from etl.build import PublishError, build_date
+def _two_dates(spark, tmp_path):
+    """(cfg, store, D0's log lines): a catalog and a log of D0 (one click), a log of D1, nothing built."""
     from etl.config import load_config
     from etl.tables import TableStore
 
@@ -196,7 +192,16 @@ def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published
     write_log(cfg, D0, d0_log)
     write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u1", "p1", ["i2", "i3"]),
                         click("b1", "2026-11-20T10:00:05Z", "u1", "p1", "i3")])
-    store = TableStore(spark, cfg)
+    return cfg, TableStore(spark, cfg), d0_log
+
+
+def test_a_date_built_while_an_earlier_date_was_published_again_is_not_published(spark, tmp_path, monkeypatch):
+    """Date D1 computed from D0's published tables; before D1 publishes, another build publishes D0 again
+    (its log changed). D1 would pin rows judged by D0's old verdicts: its publish stops, nothing of it is
+    committed, and a rerun builds it from the new D0."""
+    import etl.build
+    from etl.build import PublishError, build_date
+    cfg, store, d0_log = _two_dates(spark, tmp_path)
     build_date(spark, cfg, store, D0, "run-d0")
     versions = {t: store.latest_version(t) for t in ("items", "pv_samples", "ctr_log")}
     real_publish = etl.build._publish
@@ -232,17 +237,7 @@ def test_a_date_published_by_another_build_while_this_one_computed_it_is_not_pub
     --force rebuild of an earlier date makes the later one's rerun a build, not `unchanged`."""
     import etl.build
     from etl.build import PublishError, build_date
-    from etl.config import load_config
-    from etl.tables import TableStore
-
-    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
-    write_catalog(cfg, D0, [f"i{k}" for k in range(1, 4)])
-    d0_log = [pv("a0", "2026-11-19T10:00:00Z", "u1", "p0", ["i1", "i2"]),
-              click("a1", "2026-11-19T10:00:05Z", "u1", "p0", "i1")]
-    write_log(cfg, D0, d0_log)
-    write_log(cfg, D1, [pv("b0", "2026-11-20T10:00:00Z", "u1", "p1", ["i2", "i3"]),
-                        click("b1", "2026-11-20T10:00:05Z", "u1", "p1", "i3")])
-    store = TableStore(spark, cfg)
+    cfg, store, d0_log = _two_dates(spark, tmp_path)
     real_publish = etl.build._publish
 
     def a_later_file_published_first(*args, **kwargs):
