@@ -260,8 +260,8 @@ class ClustersSpec:
     n_clusters: int
     dim: int
     index_type: str
-    far_distance: float  # the build's drift_far_quantile of assignment distances
-    mean_distance: float
+    far_distance: float  # drift_far_quantile of the training rows' leave-one-out distances (unseen-item scale)
+    mean_distance: float  # their mean
     far_quantile: float = 0.95
     levels: tuple = ()  # coarser cluster counts, coarsest first (features.levels); () = one level
 

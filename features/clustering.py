@@ -26,24 +26,99 @@ ASSIGNMENT_SCHEMA = T.StructType([
 _INDEXES: dict = {}
 
 
+# A sample's order: rows by this key, then item_id (xxhash64 is the same on any cluster and Spark version).
+SAMPLE_KEY = "_sample_key"
+# The sample's cut is found in this many key ranges (by the key's top 16 bits): one range's keys reach
+# the driver, ~N / 65,536 of them, never the whole sample's.
+_KEY_SHIFT = 48
+
+
 def sample_items(df: DataFrame, n: int, seed: int) -> DataFrame:
-    """At most n rows of df, chosen by a stable hash of item_id: the same sample on any cluster and run."""
+    """At most n rows of df: the n smallest by (xxhash64(item_id, seed), item_id), in that order - the
+    same sample on any cluster and run. The rows stay on the executors (sorted there); to find the n-th
+    key, the driver reads the row count of each key range, then the keys of the one range it falls in."""
     from pyspark.sql import functions as F
 
-    return df.orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id").limit(n)
+    keyed = df.withColumn(SAMPLE_KEY, F.xxhash64("item_id", F.lit(seed)))
+    key_range = F.shiftright(SAMPLE_KEY, _KEY_SHIFT)  # floor(key / 2^48): the ranges keep the key's order
+    counts = sorted((r[0], r[1]) for r in keyed.groupBy(key_range).count().collect())
+    if sum(c for _, c in counts) > n:
+        before = 0
+        for first, count in counts:  # the range holding the n-th row, and its rank there
+            if before + count >= n:
+                break
+            before += count
+        last = (keyed.where(key_range == first).select(SAMPLE_KEY, "item_id")
+                .orderBy(SAMPLE_KEY, "item_id").limit(n - before).collect()[-1])
+        key, item = F.col(SAMPLE_KEY), F.col("item_id")
+        keyed = keyed.where((key < last[0]) | ((key == last[0]) & (item <= last[1])))
+    return keyed.orderBy(SAMPLE_KEY, "item_id").drop(SAMPLE_KEY)
 
 
-def normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(L2-normalised float32 rows, ok mask). A row with NaN/inf or zero norm is not ok (left as zeros)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    finite = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), bool)
-    safe = np.where(finite[:, None], x, 0.0).astype(np.float32) if x.size else x
-    # The norm in float64, as Spark's unit_vector takes it: in float32 the squares of a finite row of
-    # values over ~1e19 overflow to inf, and the row would read as all zeros yet count as ok.
-    norms = np.linalg.norm(safe.astype(np.float64), axis=1) if x.size else np.zeros(len(x))
-    ok = finite & (norms > 0)
-    out = np.zeros_like(safe)
-    out[ok] = (safe[ok] / norms[ok, None]).astype(np.float32)
+def collect_matrix(df: DataFrame, column: str) -> np.ndarray:
+    """The array<float> `column` of df (no nulls) as one (rows, dim) float32 matrix, in df's row order.
+
+    Each Arrow batch is packed into one binary value on the executors, and the driver copies partition
+    after partition into the matrix: its memory is the matrix plus one partition, never a Python object
+    per row (toPandas + np.stack held ~3 copies of a 10 GB k-means sample). Arrays of different
+    lengths are refused."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    packed = T.StructType([T.StructField("rows", T.LongType()), T.StructField("dim", T.LongType()),
+                           T.StructField("data", T.BinaryType())])
+
+    def pack(batches):
+        for b in batches:
+            arrays = b.column(0)
+            lengths = pc.list_value_length(arrays)
+            if arrays.null_count or len(pc.unique(lengths)) > 1:
+                dim = -1  # told to the driver, which names the problem
+                data = b""
+            else:
+                dim = lengths[0].as_py() if len(b) else 0
+                data = pc.list_flatten(arrays).to_numpy(zero_copy_only=False).astype(np.float32).tobytes()
+            yield pa.RecordBatch.from_pydict({"rows": [len(b)], "dim": [dim], "data": [data]},
+                                             schema=pa.schema([("rows", pa.int64()), ("dim", pa.int64()),
+                                                               ("data", pa.binary())]))
+
+    rows = df.count()
+    out = None
+    at = 0
+    for r in df.select(column).mapInArrow(pack, packed).toLocalIterator():
+        if r["rows"] == 0:
+            continue
+        if r["dim"] < 0 or (out is not None and r["dim"] != out.shape[1]):
+            raise ValueError(f"{column}: arrays of different lengths, or null arrays; a matrix needs one length")
+        if out is None:
+            out = np.empty((rows, r["dim"]), np.float32)
+        if at + r["rows"] > rows:
+            raise ValueError(f"{column}: more rows than the {rows} counted (the input changed while read)")
+        out[at:at + r["rows"]] = np.frombuffer(r["data"], np.float32).reshape(r["rows"], r["dim"])
+        at += r["rows"]
+    if out is None:
+        return np.zeros((0, 0), np.float32)
+    if at != rows:
+        raise ValueError(f"{column}: {at} rows read, {rows} counted (the input changed while read)")
+    return out
+
+
+def normalize(x: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised float32 rows, ok mask). A row with NaN/inf or zero norm is not ok (left as zeros).
+    Chunk by chunk: the output and one chunk's temporaries at a time (k-means samples reach 10 GB)."""
+    x = np.asarray(x)
+    out = np.zeros(x.shape, np.float32)
+    ok = np.zeros(len(x), bool)
+    for lo in range(0, len(x), chunk):
+        # The norm in float64, as Spark's unit_vector takes it: in float32 the squares of a finite row of
+        # values over ~1e19 overflow to inf, and the row would read as all zeros yet count as ok.
+        part = np.asarray(x[lo:lo + chunk], np.float32).astype(np.float64)
+        finite = np.isfinite(part).all(axis=1)
+        part[~finite] = 0.0
+        norms = np.linalg.norm(part, axis=1)
+        good = finite & (norms > 0)
+        out[lo:lo + chunk][good] = (part[good] / norms[good, None]).astype(np.float32)
+        ok[lo:lo + chunk] = good
     return out, ok
 
 
@@ -71,7 +146,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, max_s
     import faiss
 
     xn, ok = normalize(x)
-    xn = xn[ok]
+    xn = xn if ok.all() else xn[ok]  # a copy only where a row is left out
     if len(xn) < k:
         raise ValueError(f"k-means needs at least n_clusters={k} usable embeddings, got {len(xn)}")
     if max_sample and len(xn) > max_sample:
@@ -140,6 +215,39 @@ def assign(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids[ok] = nn[:, 0].astype(np.int32)
         dist[ok] = (1.0 - sims[:, 0]).astype(np.float32)
     return ids, dist
+
+
+def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.ndarray:
+    """Cosine distances of the k-means training rows x (raw) as if each row had not been trained on ->
+    float32, one per usable row (rows `normalize` rejects are left out).
+
+    A training row pulled its own centroid towards itself, so it sits nearer to it than an unseen item
+    of the same distribution: at a few dozen rows per cluster, 20-40 % of unseen items land beyond the
+    training rows' own 95th-percentile distance. The drift measure compares new items against this
+    instead: for row x_i of cluster k, the spherical centroid without it, c_k^(-i) = (S_k - x_i) /
+    ||S_k - x_i|| (S_k: the sum of cluster k's unit rows), or the second-nearest centroid where that is
+    nearer. Two passes over x in chunks (the sums need every row's cluster first); x stays as it is."""
+    n_centroids, d = index.ntotal, index.d
+    S = np.zeros((n_centroids, d), np.float64)  # S_k = sum_{i in k} x_i over unit rows
+    nearest, second_sim = [], []
+    for lo in range(0, len(x), chunk):
+        xn, ok = normalize(x[lo:lo + chunk])
+        xn = xn[ok]
+        sims, nn = index.search(xn, 2)  # (m, 2): nearest and second-nearest centroid
+        np.add.at(S, nn[:, 0], xn)
+        nearest.append(nn[:, 0])
+        # no second centroid (C = 1): FAISS gives -1 and -inf similarity, so the own one always wins
+        second_sim.append(np.where(nn[:, 1] >= 0, sims[:, 1], -np.inf))
+    out = []
+    for at, lo in enumerate(range(0, len(x), chunk)):
+        xn, ok = normalize(x[lo:lo + chunk])
+        rest = S[nearest[at]] - xn[ok]  # (m, d): S_k - x_i, the cluster without row i
+        norm = np.linalg.norm(rest, axis=1)
+        # a cluster of one row has no centroid left: only another centroid can be its nearest
+        own_sim = np.where(norm > 0, np.einsum("ij,ij->i", rest, xn[ok]) / np.where(norm > 0, norm, 1.0), -np.inf)
+        # 1 - cos, at most 2 (a lone row of a one-centroid clustering has no centroid at all)
+        out.append(np.minimum(1.0 - np.maximum(own_sim, second_sim[at]), 2.0).astype(np.float32))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def cluster_stats(ids: np.ndarray, k: int) -> dict:

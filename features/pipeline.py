@@ -299,10 +299,7 @@ def embed_items(spark, cfg: Config, store: TableStore, dates: list[str] | None, 
 # ---- stage 3b: clusters -------------------------------------------------------------------------
 def _sample_matrix(emb: DataFrame, n: int, seed: int) -> np.ndarray:
     """At most n usable embeddings, chosen by a stable hash of item_id (same sample on any cluster)."""
-    rows = K.sample_items(emb.where(F.col("embedding").isNotNull()), n, seed).select("embedding").toPandas()
-    if rows.empty:
-        return np.zeros((0, 0), np.float32)
-    return np.stack(rows["embedding"].to_numpy()).astype(np.float32)
+    return K.collect_matrix(K.sample_items(emb.where(F.col("embedding").isNotNull()), n, seed), "embedding")
 
 
 def current_clusters_match(cfg: Config, store: TableStore) -> ClustersSpec | None:
@@ -495,11 +492,11 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
         sizes = {r["cluster_id"]: r["count"] for r in assigned.groupBy("cluster_id").count().collect()}
         ids = np.repeat(np.array(list(sizes), np.int64), np.array(list(sizes.values()), np.int64))
         stats = K.cluster_stats(ids, f.n_clusters)
-        ok = assigned.where(F.col("cluster_id") >= 0)
-        far = ok.approxQuantile("distance", [f.drift_far_quantile], 1e-3)
-        mean = ok.agg(F.avg("distance")).first()[0]
-        tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far[0] if far else float("nan"),
-                                      mean if mean is not None else float("nan"), len(x), build_key)
+        # The drift measure's yardstick: the training rows' distances as unseen items would have them.
+        base = K.leave_one_out_distances(x, index)
+        far = float(np.quantile(base, f.drift_far_quantile)) if len(base) else float("nan")
+        mean = float(base.mean()) if len(base) else float("nan")
+        tags = registry.clusters_tags(enc, f, int(x.shape[1]), kind, far, mean, len(x), build_key)
         mv = _register_clusters(index, centroids, parents, stats, sizes, run_id, tags)
         fv = clusters_spec(f"{mv.name}/{mv.version}").feature_version
         r = Report(job, info={"encoder": enc.ref, "clusters": f"{mv.name}/{mv.version}", "feature_version": fv,

@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,24 @@ pytest_plugins = ("cluster_services",)  # the `cluster_services` fixture (tests 
 # active exception") - seen at exit in gloo's teardown under torch 2.14.1 in ~1 of 250 tests, after the
 # rank's work was done. Any other failure, or the abort twice in a row, still fails the test.
 gloo_ranks_may_abort = pytest.mark.flaky(reruns=1, only_rerun=["SIGABRT", "Signal 6"])
+
+
+_PYTEST_PID = os.getpid()
+
+
+def _interrupted(signum, frame):
+    if os.getpid() != _PYTEST_PID:  # a process forked by a test: it dies of the signal, as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A SIGTERM (a CI timeout, a stopped job) ends the run as Ctrl-C does: pytest then tears the fixtures
+    # down, and the servers they started (moto, MLflow) stop with the run instead of outliving it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def write_config(tmp_path: Path, overrides: dict | None = None) -> Path:

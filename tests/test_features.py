@@ -137,6 +137,77 @@ def test_normalize_takes_the_norm_without_overflow_or_underflow():
     assert not unit[2:].any()
 
 
+def test_leave_one_out_distances_are_each_row_s_distance_to_its_cluster_without_it():
+    """Brute force: for every training row, drop it, recompute its cluster's spherical centroid from the
+    other rows, and take the nearest of that and the other centroids. Chunked like the real input."""
+    from features import clustering as K
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    x[7] = np.nan  # not usable: left out, as k-means leaves it out
+    centroids = K.train_kmeans(x, 6, 10)
+    index = K.build_index(centroids, "flat")
+    xn, ok = K.normalize(x)
+    own, _ = K.assign(index, x)
+    want = []
+    for i in np.flatnonzero(ok):
+        members = [j for j in np.flatnonzero(ok) if own[j] == own[i] and j != i]
+        others = [c for k, c in enumerate(centroids) if k != own[i]]
+        cands = [xn[members].sum(0) / np.linalg.norm(xn[members].sum(0))] if members else []
+        want.append(1.0 - max(float(xn[i] @ c) for c in cands + others))
+    got = K.leave_one_out_distances(x, index, chunk=17)
+    assert got.shape == (119,)
+    np.testing.assert_allclose(got, np.array(want, np.float32), atol=2e-6)
+    _, in_sample = K.assign(index, x)
+    assert (got >= in_sample[ok] - 1e-6).all() and (got > in_sample[ok] + 1e-3).mean() > 0.5
+
+
+def test_the_drift_yardstick_puts_unseen_items_of_the_same_kind_near_its_quantile():
+    """Few rows per cluster (the demo's scale): measured against the training rows' own distances, new
+    items of the same distribution look drifted; against their leave-one-out distances they do not."""
+    from features import clustering as K
+
+    rng = np.random.default_rng(11)
+    mu = rng.normal(size=(20, 64))
+
+    def draw(n):
+        return (mu[rng.integers(20, size=n)] + rng.normal(size=(n, 64))).astype(np.float32)
+
+    x, new = draw(600), draw(3000)
+    index = K.build_index(K.train_kmeans(x, 32, 20), "flat")
+    _, d_new = K.assign(index, new)
+    _, d_train = K.assign(index, x)
+    in_sample = float(np.mean(d_new > np.quantile(d_train, 0.95)))
+    loo = float(np.mean(d_new > np.quantile(K.leave_one_out_distances(x, index), 0.95)))
+    assert in_sample > 0.10 and 0.02 < loo < 0.08, (in_sample, loo)
+
+
+def test_the_k_means_sample_is_the_smallest_hash_keys_in_order_as_one_matrix(spark, monkeypatch):
+    """sample_items + collect_matrix against the plain definition (sort every row by the key, take n,
+    stack them), over several partitions, with the cut in a range of one key or of hundreds (4 ranges)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from features import clustering as K
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 8)).astype(np.float32)
+    schema = T.StructType([T.StructField("item_id", T.StringType()),
+                           T.StructField("embedding", T.ArrayType(T.FloatType()))])
+    df = spark.createDataFrame([(f"i{i:05d}", v.tolist()) for i, v in enumerate(x)], schema).repartition(5)
+    keys = {r["item_id"]: (r["k"], r["item_id"])
+            for r in df.select("item_id", F.xxhash64("item_id", F.lit(9)).alias("k")).collect()}
+    for shift, n in [(48, 1), (48, 1000), (62, 7), (62, 1000), (62, 2999), (62, 3000), (62, 5000)]:
+        monkeypatch.setattr(K, "_KEY_SHIFT", shift)
+        want = sorted(keys, key=keys.get)[:n]
+        got = K.collect_matrix(K.sample_items(df, n, 9), "embedding")
+        np.testing.assert_array_equal(got, x[[int(i[1:]) for i in want]], err_msg=f"{shift} {n}")
+    ragged = spark.createDataFrame([("a", [1.0, 2.0]), ("b", [1.0])], schema)
+    with pytest.raises(ValueError, match="different lengths"):
+        K.collect_matrix(ragged, "embedding")
+    assert K.collect_matrix(df.limit(0), "embedding").shape == (0, 0)
+
+
 def test_the_spark_unit_vector_is_numpy_s_normalisation_and_refuses_the_same_rows(spark):
     """features.attach.unit_vector (built-ins, the attach's item_vector) against clustering.normalize
     (numpy, the index's input): the same unit vectors, and null exactly where normalize refuses a row."""
