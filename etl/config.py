@@ -224,7 +224,7 @@ class CtrConf:
     batch_size: int = 1024  # impressions per step (id tables update sparsely, so a step stays cheap)
     seed: int = 0
     threads: int = 2  # torch intra-op threads
-    gauc_by: str = "pv_id"  # GAUC groups: pv_id (a result page, the paper's in-page ranking) | session_id
+    gauc_by: str = "pv_id"  # GAUC groups: pv_id (a result page, the paper's in-page ranking) | session_id, per user
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ _KEY_SHIFT = 48
 def sample_items(df: DataFrame, n: int, seed: int) -> DataFrame:
     """At most n rows of df: the n smallest by (xxhash64(item_id, seed), item_id), in that order - the
     same sample on any cluster and run. The rows stay on the executors (sorted there); to find the n-th
-    key, the driver reads the row count of each key range, then the keys of the one range it falls in."""
+    key, the driver reads the row count of each key range, then the keys of the one range it falls in.
+    item_id must be unique and not null (the caller checks): rows tied with the n-th would all be kept."""
     from pyspark.sql import functions as F
 
     keyed = df.withColumn(SAMPLE_KEY, F.xxhash64("item_id", F.lit(seed)))
@@ -103,7 +104,7 @@ def collect_matrix(df: DataFrame, column: str) -> np.ndarray:
     return out
 
 
-def normalize(x: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+def normalize(x: np.ndarray, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised float32 rows, ok mask). A row with NaN/inf or zero norm is not ok (left as zeros).
     Chunk by chunk: the output and one chunk's temporaries at a time (k-means samples reach 10 GB)."""
     x = np.asarray(x)
@@ -146,7 +147,13 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, max_s
     import faiss
 
     xn, ok = normalize(x)
-    xn = xn if ok.all() else xn[ok]  # a copy only where a row is left out
+    if not ok.all():  # the usable rows moved up in place, chunk by chunk: no second copy of the sample
+        m = 0
+        for lo in range(0, len(xn), 1 << 14):
+            part = xn[lo:lo + (1 << 14)][ok[lo:lo + (1 << 14)]]  # a copy; written at m <= lo
+            xn[m:m + len(part)] = part
+            m += len(part)
+        xn = xn[:m]
     if len(xn) < k:
         raise ValueError(f"k-means needs at least n_clusters={k} usable embeddings, got {len(xn)}")
     if max_sample and len(xn) > max_sample:
@@ -222,7 +229,7 @@ def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.nd
     float32, one per usable row (rows `normalize` rejects are left out).
 
     A training row pulled its own centroid towards itself, so it sits nearer to it than an unseen item
-    of the same distribution: at a few dozen rows per cluster, 20-40 % of unseen items land beyond the
+    of the same distribution: at a few dozen rows per cluster, 15-40 % of unseen items land beyond the
     training rows' own 95th-percentile distance. The drift measure compares new items against this
     instead: for row x_i of cluster k, the spherical centroid without it, c_k^(-i) = (S_k - x_i) /
     ||S_k - x_i|| (S_k: the sum of cluster k's unit rows), or the second-nearest centroid where that is
@@ -234,9 +241,11 @@ def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.nd
         xn, ok = normalize(x[lo:lo + chunk])
         xn = xn[ok]
         sims, nn = index.search(xn, 2)  # (m, 2): nearest and second-nearest centroid
+        if (nn[:, 0] < 0).any():
+            raise ValueError("a training row found no centroid in the index")
         np.add.at(S, nn[:, 0], xn)
         nearest.append(nn[:, 0])
-        # no second centroid (C = 1): FAISS gives -1 and -inf similarity, so the own one always wins
+        # no second centroid (C = 1): FAISS gives id -1 (and -FLT_MAX), so the own one always wins
         second_sim.append(np.where(nn[:, 1] >= 0, sims[:, 1], -np.inf))
     out = []
     for at, lo in enumerate(range(0, len(x), chunk)):

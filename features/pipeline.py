@@ -403,6 +403,15 @@ def _write_item_clusters(store: TableStore, r: Report, assigned: DataFrame, n_as
     r.check()
 
 
+def _may_hold(store: TableStore, r: Report, fv: str) -> bool:
+    """Whether item_clusters may hold rows of fv after a failure: its commit returned, or it landed and
+    then its version lookup (or a SIGTERM) failed; when even that cannot be read, taking back is safe."""
+    try:
+        return T.ITEM_CLUSTERS in r.versions or _item_clusters_hold(store, fv)
+    except Exception:  # noqa: BLE001 - emptying partitions that hold nothing of fv changes no row
+        return True
+
+
 def _take_back_item_clusters(store: TableStore, assigned: DataFrame, dates: list[str], fv: str, job: str,
                              run_id: str) -> None:
     """Empty feature version fv's item_clusters partitions again: its registry version is about to go, and
@@ -461,6 +470,13 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     if not store.exists(T.ITEM_EMBEDDINGS):
         raise FeatureError("item_embeddings does not exist: run jobs/embed_items.py first")
     emb = store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == ev).select("item_id", "embedding")
+    items = store.read(T.ITEMS).select("item_id", "dt")
+    # Before the sample (it needs unique ids) and k-means (hours at scale): a table that cannot be clustered.
+    for frame, table in ((items, T.ITEMS), (emb, f"{T.ITEM_EMBEDDINGS} of {ev}")):
+        dup = frame.groupBy("item_id").count().where("count > 1 or item_id is null").limit(5).collect()
+        if dup:
+            raise FeatureError(f"{table} holds item ids more than once, or null ones (e.g. "
+                               f"{[r['item_id'] for r in dup]})")
     x = _sample_matrix(emb, f.kmeans_sample, f.kmeans_seed)
     if len(x) < f.n_clusters:
         raise FeatureError(f"{len(x)} usable embeddings of {ev} for n_clusters={f.n_clusters}: run embed_items "
@@ -476,11 +492,6 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
     parents = K.level_parents(centroids, f.levels, f.kmeans_iters, f.kmeans_seed) if f.levels else None
     data = K.serialize(index)
     key = f"build-{run_id or os.getpid()}"
-    items = store.read(T.ITEMS).select("item_id", "dt")
-    for frame, table in ((items, T.ITEMS), (emb, f"{T.ITEM_EMBEDDINGS} of {ev}")):
-        dup = frame.groupBy("item_id").count().where("count > 1").limit(5).collect()
-        if dup:
-            raise FeatureError(f"{table} holds item ids more than once (e.g. {[r['item_id'] for r in dup]})")
     _require_embedded(store, items, emb, ev)
     n_items = items.count()
     # Every catalog item gets a row: no embedding (no usable image) -> null -> the reserved id.
@@ -510,7 +521,7 @@ def build_clusters(spark, cfg: Config, store: TableStore, run_id: str, job: str 
             _write_item_clusters(store, r, assigned, n, dates, fv, job, run_id)
         except BaseException:
             registry.delete_version(mv.name, mv.version)  # no ref may resolve to a clustering never published
-            if T.ITEM_CLUSTERS in r.versions:  # committed, then the check (or the job) failed: rows go too
+            if dates is not None and _may_hold(store, r, fv):  # committed, then the job failed: rows go too
                 _take_back_item_clusters(store, assigned, dates, fv, job, run_id)
             raise
     registry.set_alias(mv.name, alias, mv.version)

@@ -93,6 +93,14 @@ def test_gauc_equals_sklearn_per_group_weighted_mean():
     assert metrics.gauc(frame["y"], frame["s"], frame["g"])["gauc"] == pytest.approx(num / den, abs=1e-12)
 
 
+def test_gauc_by_session_keeps_two_users_with_the_same_session_id_apart():
+    frame = pd.DataFrame({"label": [1, 0, 1, 0], "item_id": list("abcd"), "query": "q",
+                          "user_id": ["u1", "u1", "u2", "u2"], "session_id": "s1", "pv_id": ["p1", "p1", "p2", "p2"]})
+    probs = np.array([0.9, 0.1, 0.2, 0.8])  # u1's session ranks perfectly (1.0), u2's backwards (0.0)
+    overall = metrics.evaluate_predictions(frame, probs, group_col="session_id")["overall"]
+    assert overall["gauc"] == 0.5 and overall["gauc_groups"] == 2  # one group would read 0.75
+
+
 def test_gauc_undefined_cases():
     empty = metrics.gauc([], [], [])
     assert math.isnan(empty["gauc"]) and empty["groups_used"] == 0

@@ -199,6 +199,27 @@ def test_contract_violations_are_clear_errors(table):
         split_dates(DATES[:1], None, None, 1)
 
 
+def test_confident_predictions_keep_their_order():
+    """Logits of 20 and 18 are different scores: rounded to float32 probabilities both read 1.0 and tie."""
+    import numpy as np
+    import torch
+
+    from tests.ctr_synth import synth_frame
+    from training.ctr.data import encode
+    from training.ctr.metrics import auc
+    from training.ctr.train import predict
+
+    data = encode(synth_frame(1, DATES[0], 3, 0), 5, 1024, 1024)
+
+    class Logits(torch.nn.Module):  # the model's interface: a batch dict in, one logit per row out
+        def forward(self, batch):
+            return torch.tensor([20.0, 18.0, -2.0])[: len(batch["item"])]
+
+    probs = predict(Logits(), data)
+    assert probs.dtype == np.float64 and probs[0] > probs[1] > probs[2]
+    assert auc(np.array([1, 0, 0]), probs) == 1.0
+
+
 def test_config_rejects_bad_ctr_and_review_values(tmp_path):
     from etl.config import ConfigError, load_config
     from tests.conftest import write_config

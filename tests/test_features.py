@@ -137,6 +137,18 @@ def test_normalize_takes_the_norm_without_overflow_or_underflow():
     assert not unit[2:].any()
 
 
+def test_k_means_leaves_unusable_rows_out_across_chunks():
+    """The usable rows are moved up in place (chunk by chunk): the same centroids as without the bad rows."""
+    from features import clustering as K
+
+    x = np.random.default_rng(4).normal(size=(50_000, 8)).astype(np.float32)
+    bad = [3, 16_390, 16_391, 40_000]  # in the first, second and third chunk of 16,384
+    x_bad = x.copy()
+    x_bad[bad[:2]] = np.nan
+    x_bad[bad[2:]] = 0.0
+    np.testing.assert_array_equal(K.train_kmeans(x_bad, 5, 4), K.train_kmeans(np.delete(x, bad, axis=0), 5, 4))
+
+
 def test_leave_one_out_distances_are_each_row_s_distance_to_its_cluster_without_it():
     """Brute force: for every training row, drop it, recompute its cluster's spherical centroid from the
     other rows, and take the nearest of that and the other centroids. Chunked like the real input."""
@@ -905,10 +917,12 @@ def test_skip_if_current_sees_every_setting_that_changes_the_clustering(world):
         P.build_clusters(world["spark"], pinned, store, run_id="")
 
 
-def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, monkeypatch):
+@pytest.mark.parametrize("failure", ["check", "version lookup"])
+def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, monkeypatch, failure):
     """build_clusters commits item_clusters, then checks the committed rows: when that check (or the job)
     fails, the registry version is removed and so are its rows, so that no row of a feature version
-    without a registry entry stays; the alias keeps its version."""
+    without a registry entry stays; the alias keeps its version. Also when the commit landed but did not
+    return (its version lookup failed, a SIGTERM): the rows are found in the table."""
     from etl.registry import CLUSTERS_MODEL, alias_version, versions
     from etl.tracking import setup_mlflow, start_run
     from features import pipeline as P
@@ -924,8 +938,20 @@ def test_a_clustering_whose_check_fails_after_its_commit_leaves_no_rows(world, m
     before_versions = {v.version for v in versions(CLUSTERS_MODEL)}
     before_fvs = {r[0] for r in store.read("item_clusters").select("feature_version").distinct().collect()}
     alias_before = alias_version(CLUSTERS_MODEL, "current").version
-    monkeypatch.setattr(P, "_rows_in", miscounted)
-    with start_run(cfg, "clusters whose check fails") as run, pytest.raises(Exception, match="item_clusters"):
+    if failure == "check":
+        monkeypatch.setattr(P, "_rows_in", miscounted)
+    else:
+        real_replace, calls = store.replace_partitions, []
+
+        def lost_return(*args, **kwargs):  # the first commit lands, then its caller never hears of it
+            version = real_replace(*args, **kwargs)
+            calls.append(version)
+            if len(calls) == 1:
+                raise RuntimeError("version lookup failed")
+            return version
+
+        monkeypatch.setattr(store, "replace_partitions", lost_return)
+    with start_run(cfg, "clusters whose check fails") as run, pytest.raises(Exception, match="item_clusters|lookup"):
         P.build_clusters(spark, cfg, store, run.info.run_id)
     monkeypatch.undo()
     assert {v.version for v in versions(CLUSTERS_MODEL)} == before_versions

@@ -144,7 +144,11 @@ def evaluate_predictions(frame: pd.DataFrame, probs: np.ndarray, cold_items: Ite
     if len(p) != len(frame):
         raise ValueError(f"{len(p)} predictions for {len(frame)} rows")
     y = frame["label"].to_numpy()
-    groups = frame[group_col].to_numpy()
+    if group_col == "session_id" and "user_id" in frame.columns:
+        # A session is one user's: ids the log supplies itself (e.g. "s1") may repeat across users.
+        groups = frame.groupby(["user_id", group_col], sort=False, dropna=False).ngroup().to_numpy()
+    else:
+        groups = frame[group_col].to_numpy()
     out = {"overall": summarize(y, p, groups), "by_category": {}, "group_by": group_col}
     cats = frame[category_col].fillna("<null>").to_numpy()
     for cat in sorted(set(cats.tolist())):

@@ -36,13 +36,14 @@ def spec_from_conf(ctr, feature_mode: str | None = None) -> ModelSpec:
 
 @torch.no_grad()
 def predict(model: CTRModel, data: CtrTensors, batch_size: int = 65536) -> np.ndarray:
-    """Click probabilities for every row of `data`, in row order."""
+    """Click probabilities for every row of `data`, in row order. The sigmoid in float64: in float32 every
+    logit above ~16.6 is exactly 1.0, and AUC would read those rows as ties."""
     model.eval()
     out = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        out.append(torch.sigmoid(model(data.take(idx))))
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+        out.append(torch.sigmoid(model(data.take(idx)).double()))
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def fit(model: CTRModel, train: CtrTensors, ctr, eval_data: CtrTensors | None = None,
