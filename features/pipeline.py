@@ -355,7 +355,8 @@ def _register_clusters(index, centroids, parents, stats: dict, sizes: dict, run_
 
 def _require_embedded(store: TableStore, items: DataFrame, emb: DataFrame, ev: str) -> None:
     """Every item with an image has a row of encoder version ev (null when the image did not decode);
-    one without would be clustered as having no image, and no refresh revisits a clustered item."""
+    one without would be clustered as having no image (a refresh revisits a clustered item only when its
+    date is rebuilt, `changed_items`)."""
     images = store.read(T.ITEM_IMAGES).select("item_id")
     todo = (items.join(images, on="item_id", how="left_semi").join(emb.select("item_id"), on="item_id", how="left_anti")
             .groupBy("dt").count().orderBy("dt").collect())
@@ -541,8 +542,11 @@ def feature_lookup(cfg: Config, store: TableStore, clu: Clusters, enc: Encoder |
                 if store.exists(T.ITEM_CLUSTERS) else None)
     embeddings = (store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == spec.encoder_version)
                   if store.exists(T.ITEM_EMBEDDINGS) else None)
-    if embeddings is not None and extra_embeddings is not None:  # extras win (a rerun after a partial commit)
+    # Extras win: a rerun after a partial commit, an item of a rebuilt date whose image changed.
+    if embeddings is not None and extra_embeddings is not None:
         embeddings = embeddings.join(extra_embeddings.select("item_id"), on="item_id", how="left_anti")
+    if clusters is not None and extra_clusters is not None:
+        clusters = clusters.join(extra_clusters.select("item_id"), on="item_id", how="left_anti")
     parts_c = [d.select("item_id", "cluster_id") for d in (clusters, extra_clusters) if d is not None]
     parts_e = [d.select("item_id", "embedding") for d in (embeddings, extra_embeddings) if d is not None]
     spark = ctr_log.sparkSession
@@ -641,6 +645,7 @@ class RefreshPlan:
     new_dates: list[str] = field(default_factory=list)
     affected: list[str] = field(default_factory=list)
     drift_dates: list[str] = field(default_factory=list)  # the dates whose items the drift measure covers
+    rebuilt: list[str] = field(default_factory=list)  # dates whose items are embedded again (rebuilt_dates)
 
     @property
     def fv(self) -> str:
@@ -676,26 +681,75 @@ def refresh(spark, cfg: Config, store: TableStore, date: str, run_id: str = "", 
     return r
 
 
+def rebuilt_dates(fv: str, digests: dict, attached: dict) -> set:
+    """The dates attached with `fv` from ctr_log files that stage 1 has replaced since (a rebuild: its
+    item_images too, so an item's image may have changed, or decode now). Partitions that recorded no
+    digest (older than the column) are not told apart from a compaction: left out."""
+    return {d for d, (version, then) in attached.items()
+            if version == fv and then is not None and digests.get(d) not in (None, then)}
+
+
+# An item's vector from the same pixels can differ in the last bits (the batch it was embedded in);
+# another image moves it far more.
+SAME_VECTOR_TOLERANCE = 1e-4
+
+
+def changed_items(cfg: Config, store: TableStore, enc: Encoder, clu: Clusters, clustered: DataFrame,
+                  again: DataFrame) -> DataFrame:
+    """(item_id, dt) of the items `again` (clustered items of rebuilt dates) whose image now gives another
+    vector than item_embeddings holds for `enc`, or another cluster id or distance than `clustered` holds
+    (an embed_items run after the rebuild renewed the vector only): a new image, one that decodes now or no
+    longer, one gone. Their rows come from the old pixels, so they are embedded and assigned again."""
+    images = store.read(T.ITEM_IMAGES).select("item_id", "image")
+    now = _embed(cfg, enc, keep=("dt",))(again.join(images, on="item_id", how="inner")
+                                          .select("item_id", "image", "dt")).select("item_id", "embedding")
+    now = again.join(now, on="item_id", how="left")  # no image: a null vector, as compute_refresh gives it
+    assigned = _assign(cfg, clu)(now.select("item_id", "embedding"))
+    stored = (store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == enc.spec.encoder_version)
+              .select("item_id", F.col("embedding").alias("stored")))
+    was = clustered.select("item_id", F.col("cluster_id").alias("was_id"), F.col("distance").alias("was_distance"))
+    pairs = (now.join(stored, on="item_id", how="left").join(assigned, on="item_id", how="left")
+             .join(was, on="item_id", how="left"))
+    a, b = F.col("embedding"), F.col("stored")
+    apart = F.aggregate(F.zip_with(a, b, lambda x, y: F.abs(x - y)), F.lit(0.0).cast("float"),
+                        lambda m, d: F.greatest(m, F.coalesce(d, F.lit(float("inf")).cast("float"))))
+    vector_differs = (a.isNull() != b.isNull()) | (a.isNotNull() & b.isNotNull() & (
+        (F.size(a) != F.size(b)) | ~(apart <= SAME_VECTOR_TOLERANCE)))
+    cluster_differs = ~F.col("cluster_id").eqNullSafe(F.col("was_id")) | (
+        F.col("distance").isNull() != F.col("was_distance").isNull()) | ~F.coalesce(
+        F.abs(F.col("distance") - F.col("was_distance")) <= SAME_VECTOR_TOLERANCE, F.lit(True))
+    return pairs.where(vector_differs | cluster_differs).select("item_id", "dt")
+
+
 def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache) -> RefreshPlan:
-    """The new items of the day (first seen up to `date`, not in item_clusters of the current feature
-    version) and the ctr_train partitions that need (re)attaching: missing, of another feature
-    version, attached from a ctr_log rebuilt since (`stale_dates`), or mentioning a new item."""
+    """The items to embed and assign (first seen up to `date`: not in item_clusters of the current
+    feature version, or first seen on a date rebuilt since it was attached, `rebuilt_dates`) and the
+    ctr_train partitions that need (re)attaching: missing, of another feature version, attached from a
+    ctr_log rebuilt since (`stale_dates`), or mentioning one of those items."""
     clu = load_clusters(spark, cfg.features.clusters_ref, cache)
     fv = clu.spec.feature_version
     items = store.read(T.ITEMS).where(F.col("dt") <= date).select("item_id", "dt")
     _require_published(cfg, store, fv)
+    snap = log_snapshot(store)
+    attached_now = _attached(store)
+    attached = {d: v for d, v in attached_now.items() if d <= date}
+    rebuilt = sorted(rebuilt_dates(fv, snap.digests, attached))
     clustered = store.read(T.ITEM_CLUSTERS).where(F.col("feature_version") == fv)
-    new, n_new = cache.persist(items.join(clustered.select("item_id"), on="item_id", how="left_anti"))
-    plan = RefreshPlan(date, clu, load_encoder(spark, clu.spec.encoder_ref, cache), clustered, new, n_new)
+    enc = load_encoder(spark, clu.spec.encoder_ref, cache)
+    new = items.join(clustered.select("item_id"), on="item_id", how="left_anti")
+    if rebuilt:
+        again = items.where(F.col("dt").isin(rebuilt)).join(clustered.select("item_id"), on="item_id", how="left_semi")
+        new = new.unionByName(changed_items(cfg, store, enc, clu, clustered, again))
+    new, n_new = cache.persist(new)
+    plan = RefreshPlan(date, clu, enc, clustered, new, n_new)
+    plan.rebuilt = rebuilt
     if n_new:
         plan.new_dates = _dates(new)
     clustered_before, attach_left = _earlier_attempts(store, fv, date)
     plan.drift_dates = sorted(set(plan.new_dates) | {date} | clustered_before)
-    plan.log = snap = log_snapshot(store)
+    plan.log = snap
     log_files = [fl for fl in snap.files if fl.partition_values.get("dt") and fl.partition_values["dt"] <= date]
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
-    attached_now = _attached(store)
-    attached = {d: v for d, v in attached_now.items() if d <= date}
     stale = stale_dates(fv, snap.digests, attached, _partition_stats(log_files, "dt"),
                         _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
     if n_new and log_dates:
@@ -742,12 +796,15 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
     report's counts, identities and drift measure. Returns {table: (frame, rows)}."""
     f = cfg.features
     staged: dict = {}
-    emb_new = clu_new = None
+    emb_new = clu_new = vectors_new = None
     if plan.n_new:
         images = store.read(T.ITEM_IMAGES).select("item_id", "image")
         emb_new, _ = cache.persist(_embed(cfg, plan.enc, keep=("dt",))(
             plan.new.join(images, on="item_id", how="inner").select("item_id", "image", "dt")))
         src = plan.new.join(emb_new.select("item_id", "embedding"), on="item_id", how="left")
+        # every new item's vector for the attach, null where it has no image now: a changed item's
+        # stored vector must not stand in for it
+        vectors_new = src.select("item_id", "embedding")
         clu_new, _ = cache.persist(_assign(cfg, plan.clu, keep=("dt",))(src.select("item_id", "embedding", "dt")))
         n_assigned = clu_new.where(F.col("cluster_id") >= 0).count()
         r.counts.update({"new_items": plan.n_new, "new_assigned": n_assigned, "new_no_image": plan.n_new - n_assigned})
@@ -758,6 +815,8 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
                                                        ("item_id", "cluster_id", "distance", "dt")))
     else:
         r.counts.update({"new_items": 0})
+    if plan.rebuilt:  # items of these dates whose image changed count among the new ones
+        r.info["rebuilt_dates"] = plan.rebuilt
     _drift(cfg, plan, clu_new, r)
     champion = _champion_version(f.encoder_ref)
     if champion and champion != plan.ev:
@@ -767,7 +826,7 @@ def compute_refresh(cfg: Config, store: TableStore, plan: RefreshPlan, r: Report
     if plan.affected:
         ctr = plan.log.read(store, plan.affected)
         out, missing, _ = _attach_with(ctr.sparkSession, cfg, store, plan.clu, ctr, f.include_vector, cache,
-                                       plan.enc, extra_clusters=clu_new, extra_embeddings=emb_new)
+                                       plan.enc, extra_clusters=clu_new, extra_embeddings=vectors_new)
         staged[T.CTR_TRAIN] = cache.persist(plan.log.stamp(out, plan.affected))
         _count_attached(r, ctr, staged[T.CTR_TRAIN][0], plan.affected)
         r.counts["on_the_fly_items"] = missing.count()
@@ -795,8 +854,9 @@ def _drift(cfg: Config, plan: RefreshPlan, clu_new: DataFrame | None, r: Report)
     f, spec = cfg.features, plan.clu.spec
     dates = plan.drift_dates
     rows = plan.clustered.where(F.col("dt").isin(dates)).select("item_id", "cluster_id", "distance")
-    if clu_new is not None:  # the new items are in no stored row (that is what makes them new)
-        rows = rows.unionByName(clu_new.select("item_id", "cluster_id", "distance"))
+    if clu_new is not None:  # an item of a rebuilt date has a stored row too: the new one counts
+        rows = (rows.join(clu_new.select("item_id"), on="item_id", how="left_anti")
+                .unionByName(clu_new.select("item_id", "cluster_id", "distance")))
     d = rows.where(F.col("cluster_id") >= 0).agg(
         F.count("*").alias("n"), F.avg("distance").alias("mean"),
         F.avg((F.col("distance") > F.lit(spec.far_distance)).cast("double")).alias("far")).first()
