@@ -699,20 +699,24 @@ def changed_items(cfg: Config, store: TableStore, enc: Encoder, clu: Clusters, c
     """(item_id, dt) of the items `again` (clustered items of rebuilt dates) whose image now gives another
     vector than item_embeddings holds for `enc`, or another cluster id or distance than `clustered` holds
     (an embed_items run after the rebuild renewed the vector only): a new image, one that decodes now or no
-    longer, one gone. Their rows come from the old pixels, so they are embedded and assigned again."""
+    longer, one gone. Their rows come from the old pixels, so they are embedded and assigned again.
+    Costs one embedding pass over those items (a rebuild of every date, as after a rules change, embeds
+    the whole catalog once more, as a new encoder does)."""
     images = store.read(T.ITEM_IMAGES).select("item_id", "image")
     now = _embed(cfg, enc, keep=("dt",))(again.join(images, on="item_id", how="inner")
                                           .select("item_id", "image", "dt")).select("item_id", "embedding")
     now = again.join(now, on="item_id", how="left")  # no image: a null vector, as compute_refresh gives it
-    assigned = _assign(cfg, clu)(now.select("item_id", "embedding"))
+    # assigned with its vector kept: the encoder runs once per item
+    assigned = _assign(cfg, clu, keep=("embedding", "dt"))(now.select("item_id", "embedding", "dt"))
     stored = (store.read(T.ITEM_EMBEDDINGS).where(F.col("encoder_version") == enc.spec.encoder_version)
               .select("item_id", F.col("embedding").alias("stored")))
     was = clustered.select("item_id", F.col("cluster_id").alias("was_id"), F.col("distance").alias("was_distance"))
-    pairs = (now.join(stored, on="item_id", how="left").join(assigned, on="item_id", how="left")
-             .join(was, on="item_id", how="left"))
+    pairs = assigned.join(stored, on="item_id", how="left").join(was, on="item_id", how="left")
     a, b = F.col("embedding"), F.col("stored")
-    apart = F.aggregate(F.zip_with(a, b, lambda x, y: F.abs(x - y)), F.lit(0.0).cast("float"),
-                        lambda m, d: F.greatest(m, F.coalesce(d, F.lit(float("inf")).cast("float"))))
+    # NaN in the same place of both is the same (unusable) vector; a null element differs from anything
+    gap = lambda x, y: F.when(F.isnan(x) & F.isnan(y), F.lit(0.0)).otherwise(F.abs(x - y))  # noqa: E731
+    apart = F.aggregate(F.zip_with(a, b, gap), F.lit(0.0).cast("double"),
+                        lambda m, d: F.greatest(m, F.coalesce(d.cast("double"), F.lit(float("inf")))))
     vector_differs = (a.isNull() != b.isNull()) | (a.isNotNull() & b.isNotNull() & (
         (F.size(a) != F.size(b)) | ~(apart <= SAME_VECTOR_TOLERANCE)))
     cluster_differs = ~F.col("cluster_id").eqNullSafe(F.col("was_id")) | (
@@ -744,7 +748,11 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     plan = RefreshPlan(date, clu, enc, clustered, new, n_new)
     plan.rebuilt = rebuilt
     if n_new:
-        plan.new_dates = _dates(new)
+        # with the dates the items' stored rows are in (an item of a rebuilt date may have been first seen
+        # on another date before): _merge rewrites those partitions too, so no item is kept twice
+        stored_in = [r["dt"] for r in clustered.join(new.select("item_id"), on="item_id", how="left_semi")
+                     .select("dt").distinct().collect()] if rebuilt else []
+        plan.new_dates = sorted(set(_dates(new)) | set(stored_in))
     clustered_before, attach_left = _earlier_attempts(store, fv, date)
     plan.drift_dates = sorted(set(plan.new_dates) | {date} | clustered_before)
     plan.log = snap

@@ -676,9 +676,10 @@ def test_a_recluster_then_refresh_reattaches_every_older_date(world, day2):
 def test_a_rebuilt_date_is_attached_again_with_its_items_embedded_again(world, day2):
     """build_samples rebuilt an attached date (here with another negative sampling rate, and one item's
     image replaced): its ctr_train rows no longer match ctr_log, and the next refresh re-attaches it. Its
-    items are embedded again to find the changed image: that item alone is new again, and gets the new
-    image's vector and cluster, in item_clusters and in every ctr_train row that shows it. Also when
-    embed_items ran after the rebuild (the vector is renewed, its cluster id is not)."""
+    items are embedded again to find the changed images: those items alone are new again. The replaced
+    image's item gets its new vector and cluster, in item_clusters and in every ctr_train row that shows
+    it, also when embed_items ran after the rebuild (that renews the vector, not the cluster id); the item
+    whose image is gone gets the reserved id and no vector."""
     from PIL import Image, ImageOps
 
     from etl.build import build_date
@@ -689,9 +690,9 @@ def test_a_rebuilt_date_is_attached_again_with_its_items_embedded_again(world, d
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
     ev = _clusters(world).spec.encoder_version
     shown = store.read("ctr_train").where(f"dt = '{D2}'").select("item_id")
-    item = (store.read("items").where(f"dt = '{D1}'").join(shown, "item_id", "left_semi")
-            .join(store.read("item_embeddings").where(f"encoder_version = '{ev}' and embedding is not null"),
-                  "item_id", "left_semi").orderBy("item_id").first()["item_id"])
+    item, gone = [r["item_id"] for r in store.read("items").where(f"dt = '{D1}'").join(shown, "item_id", "left_semi")
+                  .join(store.read("item_embeddings").where(f"encoder_version = '{ev}' and embedding is not null"),
+                        "item_id", "left_semi").orderBy("item_id").limit(2).collect()]
 
     def vector():
         row = store.read("item_embeddings").where(f"encoder_version = '{ev}' and item_id = '{item}'").first()
@@ -701,6 +702,7 @@ def test_a_rebuilt_date_is_attached_again_with_its_items_embedded_again(world, d
     path = os.path.join(cfg.images_root, f"{item}.png")
     with Image.open(path) as im:
         ImageOps.invert(im.convert("RGB")).save(path)  # other pixels, same item
+    os.replace(os.path.join(cfg.images_root, f"{gone}.png"), os.path.join(cfg.images_root, f"{gone}.png.lost"))
     build_date(spark, _with(cfg, "samples", neg_rate=cfg.samples.neg_rate / 2), store, D1, "test", force=True)
     log_d1 = store.read("ctr_log").where(f"dt = '{D1}'").count()
     assert log_d1 != store.read("ctr_train").where(f"dt = '{D1}'").count()
@@ -709,7 +711,7 @@ def test_a_rebuilt_date_is_attached_again_with_its_items_embedded_again(world, d
     with start_run(cfg, "refresh after a rebuild") as run:
         rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
     assert rep.info["rebuilt_dates"] == [D1] and D1 in rep.info["affected_partitions"]
-    assert rep.counts["new_items"] == 1  # the other items' images, and so their vectors, are the same
+    assert rep.counts["new_items"] == 2  # the other items' images, and so their vectors, are the same
     assert set(rep.versions) == {"item_embeddings", "item_clusters", "ctr_train"}
     assert store.read("ctr_train").where(f"dt = '{D1}'").count() == log_d1
     after = vector()
@@ -721,6 +723,11 @@ def test_a_rebuilt_date_is_attached_again_with_its_items_embedded_again(world, d
             .select("cluster_id").collect()] == [want]
     got = {r[0] for r in store.read("ctr_train").where(f"item_id = '{item}'").select("item_cluster_id").collect()}
     assert got == {want}
+    assert store.read("item_embeddings").where(f"encoder_version = '{ev}' and item_id = '{gone}'").count() == 0
+    assert [tuple(r) for r in store.read("item_clusters").where(f"feature_version = '{fv}' and item_id = '{gone}'")
+            .select("cluster_id", "distance").collect()] == [(-1, None)]
+    shown_gone = store.read("ctr_train").where(f"item_id = '{gone}'").select("item_cluster_id")
+    assert {r[0] for r in shown_gone.collect()} == {-1}
     assert P.refresh(spark, cfg, store, D2).versions == {}
 
 
