@@ -21,6 +21,9 @@ ASSIGNMENT_SCHEMA = T.StructType([
     T.StructField("distance", T.FloatType()),  # 1 - cos(item, centroid); null for the reserved id
 ])
 
+# Rows per chunk where a whole matrix is worked through in pieces (its float64 temporaries ~0.1 GB at d=256).
+_CHUNK_ROWS = 1 << 14
+
 # clusters key -> deserialised faiss index: the latest one only, per Python process (a worker lives as long as
 # the session: each clustering it met would otherwise stay, ~100 MB at C = 1e5)
 _INDEXES: dict = {}
@@ -104,7 +107,7 @@ def collect_matrix(df: DataFrame, column: str) -> np.ndarray:
     return out
 
 
-def normalize(x: np.ndarray, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+def normalize(x: np.ndarray, chunk: int = _CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """(L2-normalised float32 rows, ok mask). A row with NaN/inf or zero norm is not ok (left as zeros).
     Chunk by chunk: the output and one chunk's temporaries at a time (k-means samples reach 10 GB)."""
     x = np.asarray(x)
@@ -149,8 +152,8 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, max_s
     xn, ok = normalize(x)
     if not ok.all():  # the usable rows moved up in place, chunk by chunk: no second copy of the sample
         m = 0
-        for lo in range(0, len(xn), 1 << 14):
-            part = xn[lo:lo + (1 << 14)][ok[lo:lo + (1 << 14)]]  # a copy; written at m <= lo
+        for lo in range(0, len(xn), _CHUNK_ROWS):
+            part = xn[lo:lo + _CHUNK_ROWS][ok[lo:lo + _CHUNK_ROWS]]  # a copy; written at m <= lo
             xn[m:m + len(part)] = part
             m += len(part)
         xn = xn[:m]
@@ -250,10 +253,11 @@ def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.nd
     out = []
     for at, lo in enumerate(range(0, len(x), chunk)):
         xn, ok = normalize(x[lo:lo + chunk])
-        rest = S[nearest[at]] - xn[ok]  # (m, d): S_k - x_i, the cluster without row i
+        xn = xn[ok]
+        rest = S[nearest[at]] - xn  # (m, d): S_k - x_i, the cluster without row i
         norm = np.linalg.norm(rest, axis=1)
         # a cluster of one row has no centroid left: only another centroid can be its nearest
-        own_sim = np.where(norm > 0, np.einsum("ij,ij->i", rest, xn[ok]) / np.where(norm > 0, norm, 1.0), -np.inf)
+        own_sim = np.where(norm > 0, np.einsum("ij,ij->i", rest, xn) / np.where(norm > 0, norm, 1.0), -np.inf)
         # 1 - cos, at most 2 (a lone row of a one-centroid clustering has no centroid at all)
         out.append(np.minimum(1.0 - np.maximum(own_sim, second_sim[at]), 2.0).astype(np.float32))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
