@@ -760,8 +760,12 @@ def plan_refresh(spark, cfg: Config, store: TableStore, date: str, cache: _Cache
     log_dates = sorted({fl.partition_values["dt"] for fl in log_files})
     stale = stale_dates(fv, snap.digests, attached, _partition_stats(log_files, "dt"),
                         _partition_stats(store.files(T.CTR_TRAIN), "dt") if attached else {})
-    if n_new and log_dates:
-        ctr_all = snap.read(store, log_dates)
+    # An item is shown or clicked (so in a history) only from its first catalog date on: stage 1 quarantines
+    # an event naming an item its catalog did not list by then (unknown_item). So only the ctr_log dates from
+    # the earliest new item's on can mention one: a day's refresh reads its own day, not the whole log.
+    mention_dates = [d for d in log_dates if plan.new_dates and d >= plan.new_dates[0]]
+    if n_new and mention_dates:
+        ctr_all = snap.read(store, mention_dates)
         mentions = (ctr_all.select("dt", F.explode(F.array_union(F.array("item_id"), "history")).alias("item_id"))
                     .join(new.select("item_id"), on="item_id", how="left_semi").select("dt").distinct())
         stale |= {row["dt"] for row in mentions.collect()}

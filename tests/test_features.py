@@ -526,17 +526,25 @@ def test_refresh_failing_half_way_leaves_every_table_as_it_was(world, day2, monk
     assert store.version("ctr_train") == before_v["ctr_train"]
 
 
-def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2):
+def test_refresh_merges_new_items_and_a_second_run_is_a_noop(world, day2, monkeypatch):
     from etl.tracking import start_run
     from features import pipeline as P
 
     cfg, spark, store = world["cfg"], world["spark"], world["store"]
     fv = _clusters(world).spec.feature_version
+    read, real_read = [], P.LogSnapshot.read  # the ctr_log dates the refresh reads
+    monkeypatch.setattr(P.LogSnapshot, "read", lambda self, st, dates: read.extend(dates) or real_read(self, st, dates))
     with start_run(cfg, "refresh day 2") as run:
         rep = P.refresh(spark, cfg, store, D2, run.info.run_id)
     print("\n" + rep.render())
     assert rep.counts["new_items"] > 0 and set(rep.versions) == {"item_embeddings", "item_clusters", "ctr_train"}
     assert rep.info["affected_partitions"] == [D2]
+    # Day 2's new items can be mentioned from day 2 on only (stage 1 quarantines an event naming an item its
+    # catalog did not list yet): day 1's ctr_log is not read to look for them.
+    new_d2 = set(store.read("items").where(f"dt = '{D2}'").toPandas()["item_id"])
+    log_d1 = store.read("ctr_log").where(f"dt = '{D1}'").toPandas()
+    assert not new_d2 & (set(log_d1["item_id"]) | {i for h in log_d1["history"] for i in h})
+    assert set(read) == {D2}
     assert 0.0 <= rep.info["drift"]["far_share"] <= 1.0 and "recluster_due" in rep.info
     items = store.read("items").toPandas()
     clusters = store.read("item_clusters").where(f"feature_version = '{fv}'").toPandas()
