@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 
+import numpy as np
+
 # Reasons an image is quarantined (the contract with etl.build and the README's reason table).
 IMAGE_MISSING = "image_missing"
 IMAGE_ESCAPES_ROOT = "image_path_escapes_root"
@@ -41,18 +43,27 @@ def _to_rgb(img):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        import numpy as np
-
-        wide = np.asarray(img, dtype=np.int64)
         # I;16 is 0..65535; mode I from a 16-bit PNG holds the same range.
-        eight = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(eight, mode="L").convert("RGB")
+        return Image.fromarray(_to_eight_bits(img, lambda rows: rows / 257.0)).convert("RGB")
     if mode == "F":
-        import numpy as np
-
-        eight = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(eight, mode="L").convert("RGB")
+        return Image.fromarray(_to_eight_bits(img, lambda rows: rows.astype(np.float64))).convert("RGB")
     return img if mode == "RGB" else img.convert("RGB")  # convert() to the same mode is a copy
+
+
+# Rows converted at a time: the float64 temporaries of a 25-Mpixel image taken whole would be ~600 MB
+# per decoding task.
+_ROWS_PER_CHUNK = 256
+
+
+def _to_eight_bits(img, scale):
+    """8-bit greyscale (uint8 HxW) of a 16/32-bit integer or float greyscale image: scale(rows) rounded
+    and clipped to 0..255, `_ROWS_PER_CHUNK` rows at a time (the same values as the whole image at once).
+    Image.fromarray reads the uint8 result as mode L."""
+    wide = np.asarray(img)  # the image's own dtype: 2 or 4 bytes per pixel, no wider copy
+    eight = np.empty(wide.shape, dtype=np.uint8)
+    for r in range(0, wide.shape[0], _ROWS_PER_CHUNK):
+        eight[r:r + _ROWS_PER_CHUNK] = np.clip(np.rint(scale(wide[r:r + _ROWS_PER_CHUNK])), 0, 255)
+    return eight
 
 
 def normalize_local_image(path: str, px: int, quality: int, max_pixels: int):
@@ -115,7 +126,6 @@ def square_jpeg(rgb, px: int, quality: int) -> bytes:
 
 def decode_jpeg(data: bytes):
     """JPEG bytes -> HxWx3 uint8 numpy array."""
-    import numpy as np
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:

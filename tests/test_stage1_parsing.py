@@ -164,6 +164,40 @@ def test_mode_conversion_rules():
     assert abs(float(k[:6].mean()) - 90) < 8 and k[10:].mean() > 235
 
 
+def test_wide_greyscale_is_rounded_to_eight_bits_in_row_chunks_without_a_wide_copy():
+    """16/32-bit integer and float greyscale: each value rounded (value / 257 for integers) and clipped
+    to 0..255, the same as the whole image at once, converted a few rows at a time: a 25-Mpixel 16-bit
+    image must not need ~16 bytes per pixel of temporaries in a decoding task."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from etl import images as I
+
+    rng = np.random.default_rng(3)
+    rows = 2 * I._ROWS_PER_CHUNK + 37  # chunks, the last one partial
+    cases = {
+        "I;16": (rng.integers(0, 65536, (rows, 33), dtype=np.uint16), lambda a: a / 257.0),
+        "I": (rng.integers(-70000, 20_000_000, (rows, 33), dtype=np.int32), lambda a: a / 257.0),
+        "F": (rng.uniform(-40, 300, (rows, 33)).astype(np.float32), lambda a: a.astype(np.float64)),
+    }
+    for mode, (arr, scale) in cases.items():
+        img = Image.fromarray(arr)
+        assert img.mode == mode
+        whole = np.clip(np.rint(scale(arr)), 0, 255).astype(np.uint8)
+        rgb = np.asarray(I._to_rgb(img))
+        assert rgb.shape == (rows, 33, 3) and np.array_equal(rgb[..., 0], whole) and np.array_equal(rgb[..., 2], whole)
+    big = Image.fromarray(rng.integers(0, 65536, (3000, 1000), dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        I._to_rgb(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 3000 * 1000, peak / 3e6  # the 2-byte copy, the 1-byte result and one chunk's temporaries
+
+
 def test_mpo_photos_decode_as_their_first_picture():
     """Phone and camera JPEGs with a second picture (MPO: Ultra HDR, depth, previews) are images, not
     corrupt files: their first picture, as a plain JPEG of it gives."""
