@@ -9,6 +9,12 @@ Index kinds: `flat` (exact, cost ~ N*C*d per iteration) and `hnsw` (the large-C 
 the centroids rebuilt each iteration, cost ~ N*log(C)*d + C*log(C)*d). A case is NxC or NxC:hnsw.
 The extrapolation to the paper's 6e7 x 256 -> 1e5: flat from the measured N*C*d rate of the largest
 flat case, hnsw from the measured per-point cost of the largest hnsw case (times log C ratio).
+
+`--yardstick NxC` (cases skipped with `--cases ''`): the drift yardstick the build takes after k-means,
+`features.clustering.leave_one_out_distances` over the N training rows of a flat C-centroid index, against
+its floor measured in the same run (the FAISS search it cannot avoid: `normalize` + `index.search(., 2)`
+over the same chunks), and with the per-cluster sums taken by `np.add.at` (the earlier code); medians of
+--rounds.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -35,6 +42,47 @@ def data(n: int, d: int = 256, blobs: int = 2000, seed: int = 0) -> np.ndarray:
     return x
 
 
+def yardstick(case: str, rounds: int, threads: int) -> None:
+    from features import clustering as K
+
+    n, c = (int(float(v)) for v in case.split("x"))
+    x = data(n)
+    index = K.build_index(K.train_kmeans(x, c, niter=3, seed=1, max_sample=n), "flat")
+    chunk = 1 << 16
+
+    def floor():
+        for lo in range(0, n, chunk):
+            xn, ok = K.normalize(x[lo:lo + chunk])
+            index.search(xn[ok], 2)
+
+    def add_at(labels, rows, k):
+        sums = np.zeros((k, rows.shape[1]), np.float64)
+        np.add.at(sums, labels, rows)
+        return sums
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    sparse_sums = K._sums_by_label
+    times: dict = {"floor": [], "leave_one_out": [], "leave_one_out_add_at": []}
+    for _ in range(rounds):
+        times["floor"].append(timed(floor))
+        times["leave_one_out"].append(timed(lambda: K.leave_one_out_distances(x, index, chunk)))
+        K._sums_by_label = add_at
+        try:
+            times["leave_one_out_add_at"].append(timed(lambda: K.leave_one_out_distances(x, index, chunk)))
+        finally:
+            K._sums_by_label = sparse_sums
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"yardstick": {"N": n, "C": c, "threads": threads, "runs_s": times,
+                                    "median_s": {k: round(v, 2) for k, v in med.items()},
+                                    "ratio_to_floor": round(med["leave_one_out"] / med["floor"], 2),
+                                    "add_at_ratio_to_floor": round(med["leave_one_out_add_at"] / med["floor"], 2)}}),
+          flush=True)
+
+
 def main() -> int:
     import faiss
 
@@ -44,11 +92,15 @@ def main() -> int:
     p.add_argument("--cases", default=DEFAULT)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--yardstick", default=None, help="NxC: time leave_one_out_distances against its search floor")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     faiss.omp_set_num_threads(args.threads)
+    if args.yardstick:
+        yardstick(args.yardstick, args.rounds, args.threads)
     rows = []
     cache: dict = {}
-    for case in args.cases.split(","):
+    for case in filter(None, args.cases.split(",")):
         size, _, kind = case.partition(":")
         n, c = (int(float(v)) for v in size.split("x"))
         kind = kind or "flat"
@@ -63,6 +115,8 @@ def main() -> int:
                      "s_per_iter": round(s / args.iters, 3),
                      "gflops_equiv": round(2 * n * c * 256 * args.iters / s / 1e9, 1)})
         print(json.dumps(rows[-1]), flush=True)
+    if not rows:
+        return 0
     n_p, c_p, iters_p = 6e7, 1e5, 20
     flat = max((r for r in rows if r["kind"] == "flat"), key=lambda r: r["N"] * r["C"], default=None)
     hnsw = max((r for r in rows if r["kind"] == "hnsw"), key=lambda r: r["N"] * r["C"], default=None)

@@ -227,6 +227,15 @@ def assign(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, dist
 
 
+def _sums_by_label(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(k, d) float64: the sum of the rows of each label, as the sparse one-hot (k, m) matrix times rows.
+    ~10x faster than np.add.at (which adds one row at a time through a Python-level buffer)."""
+    from scipy import sparse
+
+    one_hot = sparse.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(k, len(labels)))
+    return np.asarray(one_hot @ rows.astype(np.float64))
+
+
 def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.ndarray:
     """Cosine distances of the k-means training rows x (raw) as if each row had not been trained on ->
     float32, one per usable row (rows `normalize` rejects are left out).
@@ -246,7 +255,7 @@ def leave_one_out_distances(x: np.ndarray, index, chunk: int = 1 << 16) -> np.nd
         sims, nn = index.search(xn, 2)  # (m, 2): nearest and second-nearest centroid
         if (nn[:, 0] < 0).any():
             raise ValueError("a training row found no centroid in the index")
-        np.add.at(S, nn[:, 0], xn)
+        S += _sums_by_label(nn[:, 0], xn, n_centroids)
         nearest.append(nn[:, 0])
         # no second centroid (C = 1): FAISS gives id -1 (and -FLT_MAX), so the own one always wins
         second_sim.append(np.where(nn[:, 1] >= 0, sims[:, 1], -np.inf))
