@@ -118,6 +118,21 @@ def _changed_since_published(date: str, window: list[str], catalog_dates: list[s
                   if x < date and x in files and recorded(x, kind) not in (None, _files_digest(files[x], scans)))
 
 
+def _earlier_builds(published: dict, date: str) -> str:
+    """A digest of the builds of the dates before `date` as `published` holds them (each one's fingerprint
+    and run): what a build of `date` read from them (item images, first listings, click verdicts)."""
+    return fingerprint({x: [e.get("fingerprint"), e.get("run_id")] for x, e in published.items() if x < date})
+
+
+def _built_before_an_earlier_rebuild(published: dict, date: str) -> list[str]:
+    """The published dates before `date` built from earlier dates that were published again since (a
+    rebuilt or back-filled date alone, not as a range through them): their tables hold what those dates
+    published then (an item first listed on the rebuilt date would have an item_images row on both). A date
+    published before this was recorded cannot say, and is not listed."""
+    return sorted(x for x, e in published.items()
+                  if x < date and e.get("earlier") not in (None, _earlier_builds(published, x)))
+
+
 def _is_date(name: str) -> bool:
     try:
         return dt.date.fromisoformat(name).isoformat() == name
@@ -172,6 +187,11 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                            f"builds in order)" + (f". {catalog_only} have a catalog but no search log: "
                                                   f"{_CATALOG_ONLY}" if catalog_only else ""))
 
+    stale = _built_before_an_earlier_rebuild(published, date)
+    if stale:
+        raise PublishError(f"{date}: published date(s) {stale} were built before an earlier date was published "
+                           f"again, and read its item images, first listings and click verdicts as they were; "
+                           f"rebuild them first (a --date {stale[0]} --end-date {date} range rebuilds in order)")
     scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read])
     changed = _changed_since_published(date, window, catalog_dates, log_files, catalog_files, scans, published)
     if changed:
@@ -448,7 +468,14 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
             raise
         latest = plog.latest()
         dates = {**latest["dates"], report.dt: {"fingerprint": inputs.fingerprint, "run_id": run_id,
-                                                "files": inputs.own_files}}
+                                                "files": inputs.own_files,
+                                                "earlier": _earlier_builds(inputs.published, report.dt)}}
+        later = sorted(x for x in dates if x > report.dt)
+        if later:
+            report.note = "; ".join(filter(None, [report.note, (
+                f"published later date(s) {later} read this date and are stale until rebuilt (a --date {later[0]} "
+                f"--end-date {later[-1]} range, or the range this run goes on with); a later date is refused until "
+                "then")]))
         plog.append({"dt": report.dt, "run_id": run_id, "status": "published",
                      "tables": {**latest["tables"], **report.versions}, "dates": dates,
                      "rows": report.counts["table_rows"]})

@@ -102,6 +102,18 @@ def check_endpoints(cfg: Config) -> None:
         check_tcp("S3 endpoint (spark.hadoop.fs.s3a.endpoint)", f"{options.endpoint_scheme}://{options.endpoint_host}")
 
 
+def on_this_machine(master: str) -> bool:
+    """Whether the master runs on this machine only: local[...], or a standalone master (each one of an HA
+    list) on a loopback address (the cluster-in-a-box). Its driver then keeps its ports on 127.0.0.1 too:
+    nothing off this machine has to reach them."""
+    if master.startswith("local"):
+        return True
+    if not master.startswith("spark://"):
+        return False
+    hosts = [hp.rsplit(":", 1)[0].strip("[]") for hp in master[len("spark://"):].split(",")]
+    return all(h == "localhost" or h == "::1" or h.startswith("127.") for h in hosts)
+
+
 def get_spark(cfg: Config, app_name: str | None = None):
     """Start (or join, under spark-submit) the session with the project's settings."""
     check_java()
@@ -122,7 +134,7 @@ def get_spark(cfg: Config, app_name: str | None = None):
         # silently ignored and the driver ran with Spark's default 1g heap whatever driver_memory said.
         # The master too: the launcher otherwise records its own default (local[*]) as if submitted.
         launch["spark.master"] = cfg.spark.master
-        if cfg.spark.master.startswith("local"):
+        if on_this_machine(cfg.spark.master):
             # The JVM reads it from its environment at launch only: the Spark UI (and any port not named
             # by spark.driver.bindAddress) binds to it, else to every interface.
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -141,13 +153,14 @@ def get_spark(cfg: Config, app_name: str | None = None):
     master = submitted_master or cfg.spark.master
     if not submitted_master:
         builder = builder.master(master)
+    if on_this_machine(master) and not launches_jvm and "SPARK_LOCAL_IP" not in os.environ \
+            and "spark.ui.enabled" not in cfg.spark.conf:
+        # spark-submit started the JVM without it: the UI, started with the session below, would
+        # listen on every interface (it reads only the JVM's environment). No UI unless asked for.
+        log.warning("the Spark UI is off for this spark-submit: export SPARK_LOCAL_IP=127.0.0.1 before "
+                    "spark-submit to have it on this machine only (or set spark.conf spark.ui.enabled)")
+        builder = builder.config("spark.ui.enabled", "false")
     if master.startswith("local"):
-        if not launches_jvm and "SPARK_LOCAL_IP" not in os.environ and "spark.ui.enabled" not in cfg.spark.conf:
-            # spark-submit started the JVM without it: the UI, started with the session below, would
-            # listen on every interface (it reads only the JVM's environment). No UI unless asked for.
-            log.warning("the Spark UI is off for this spark-submit: export SPARK_LOCAL_IP=127.0.0.1 before "
-                        "spark-submit to have it on this machine only (or set spark.conf spark.ui.enabled)")
-            builder = builder.config("spark.ui.enabled", "false")
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     settings = {
         "spark.pyspark.python": sys.executable,

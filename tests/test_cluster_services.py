@@ -138,6 +138,28 @@ def test_services_are_up_on_localhost_and_idempotent(cluster_services):
     print(f"idempotent cluster_up: {time.monotonic() - t0:.1f}s")
 
 
+@pytest.mark.cluster
+def test_a_job_on_the_loopback_standalone_master_keeps_its_ui_on_this_machine(cluster_services, tmp_path):
+    """A plain-python job (as the schedule runs them) on the cluster-in-a-box's standalone master at
+    127.0.0.1 launches the JVM itself: SPARK_LOCAL_IP must reach it, or its Spark UI listens on every
+    interface, as for local[*]."""
+    from etl.spark import on_this_machine
+
+    assert on_this_machine(cluster_services.spark_master) and on_this_machine("spark://localhost:1,127.0.0.2:2")
+    assert not on_this_machine("spark://10.0.0.5:7077") and not on_this_machine("spark://127.0.0.1:1,10.0.0.5:2")
+    assert not on_this_machine("yarn") and on_this_machine("local[2]")
+    conf = _cluster_conf(tmp_path, cluster_services.s3_endpoint, cluster_services.spark_master,
+                         cluster_services.mlflow_uri)
+    code = ("import sys\nfrom jobs.common import run_job\n"
+            "def body(ctx):\n    print('JVM SPARK_LOCAL_IP=' + str(ctx.spark._jvm.System.getenv('SPARK_LOCAL_IP')))\n"
+            f"sys.exit(run_job('ports', 'd', lambda p: None, body, argv=['--conf', {str(conf)!r}]))")
+    env = {k: v for k, v in cluster_services.environ(PYTHONPATH=str(ROOT), PYSPARK_PYTHON=sys.executable).items()
+           if k != "SPARK_LOCAL_IP"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "JVM SPARK_LOCAL_IP=127.0.0.1" in out.stdout, out.stdout[-2000:]
+
+
 def _listening_sockets() -> dict[int, set[str]]:
     """port -> local addresses of listening TCP sockets (from /proc/net/tcp and tcp6)."""
     out: dict[int, set[str]] = {}

@@ -293,6 +293,44 @@ def test_a_date_whose_published_input_changed_is_rebuilt_before_the_dates_after_
         build_date(spark, cfg, store, D1, "run-4", force=True)
 
 
+def test_a_date_rebuilt_alone_leaves_the_later_published_dates_refused_until_they_are_rebuilt(spark, tmp_path):
+    """Item i9 is first listed on D1, which is published; a late catalog file then lists it on D0 too, and D0
+    alone is rebuilt. D1's tables still hold i9 as new (an item_images row on both dates: a later date's
+    courier_train would find its image twice). The next date is refused naming D1 until D1 is rebuilt, and
+    D0's report says which dates it left stale."""
+    from etl.build import build_date
+    from etl.config import load_config
+    from etl.publish import PublishError
+    from etl.tables import TableStore
+
+    D2 = "2026-11-21"
+    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    store = TableStore(spark, cfg)
+    write_catalog(cfg, D0, ["i1", "i2"])
+    write_catalog(cfg, D1, ["i9"])
+    for d, t, items in ((D0, "2026-11-19", ["i1", "i2"]), (D1, "2026-11-20", ["i1", "i9"]), (D2, "2026-11-21", ["i9"])):
+        write_log(cfg, d, [pv(f"e{d}", f"{t}T10:00:00Z", "u1", f"p{d}", items),
+                           click(f"c{d}", f"{t}T10:00:05Z", "u1", f"p{d}", items[-1])])
+    assert [build_date(spark, cfg, store, d, f"run-{d}").status for d in (D0, D1)] == ["built", "built"]
+    write_catalog(cfg, D0, ["i1", "i2", "i9"])  # i9 listed on D0 after all
+    d0 = build_date(spark, cfg, store, D0, "run-d0-again")
+    assert d0.status == "built" and f"published later date(s) ['{D1}'] read this date" in d0.note
+
+    def dates_of(item):
+        return sorted(r["dt"] for r in store.read("item_images").where(f"item_id = '{item}'").collect())
+
+    assert dates_of("i9") == [D0, D1]  # D1 is stale: what the refusal below is for
+    with pytest.raises(PublishError, match=rf"published date\(s\) \['{D1}'\] were built before an earlier date "
+                                           rf"was published again.*--date {D1} --end-date {D2}"):
+        build_date(spark, cfg, store, D2, "run-d2")
+    assert not store.read("pv_samples").where(f"dt = '{D2}'").count()
+    assert build_date(spark, cfg, store, D1, "run-d1-again").status == "built"  # its fingerprint changed with D0
+    assert dates_of("i9") == [D0]
+    d2 = build_date(spark, cfg, store, D2, "run-d2-again")
+    assert d2.status == "built" and not d2.note
+    assert build_date(spark, cfg, store, D1, "run-d1-once-more").status == "unchanged"
+
+
 def test_a_publish_that_cannot_start_leaves_no_staged_files(spark, tmp_path, monkeypatch):
     """The lock held elsewhere (here: refused at once) fails the date before its first commit: the files
     it staged are removed, not left for a vacuum."""
