@@ -41,7 +41,8 @@ JOB = "build_samples"
 # 4: an earlier date's click whose page lies outside the history window keeps its published verdict.
 # 5: of a page's valid clicks on one item, the one in the page's own date's log is kept (it labels).
 # 6: a blank id (user_id "", ...) is null_id, a blank session_id reads as none (the session is derived).
-RULES_VERSION = 6
+# 7: 1-bit and 16-bit greyscale images with a key colour (PNG tRNS) are composited on white too.
+RULES_VERSION = 7
 # The raw log's folder under raw_root, and the quarantine `source` of its rows.
 SEARCH_LOG = "search_log"
 # The most unknown-item event ids, or earlier dates' click verdicts, sent to every executor (~50 MB);

@@ -7,7 +7,8 @@ never raises for a bad image; the reason says what was wrong.
 Conversion rules to 8-bit RGB (documented in the README, "Stage 1"):
 - animated images (GIF, APNG, WebP): the first frame;
 - EXIF orientation is applied (a phone photo stored sideways is turned upright);
-- transparency (RGBA, LA, PA, a palette with a transparent index): composited on white, the usual
+- transparency (RGBA, LA, PA, a palette with a transparent index, a key colour in RGB or 1-, 8- or 16-bit
+  greyscale): composited on white, the usual
   background of a product image;
 - 16-bit and 32-bit integer greyscale (I;16*, I): the high byte (value / 257, rounded), not a clip at 255;
   float greyscale (F): clipped to [0, 255];
@@ -35,9 +36,15 @@ def _to_rgb(img):
         img.seek(0)
     ImageOps.exif_transpose(img, in_place=True)  # the same pixels without a copy of the full-size image
     mode = img.mode
-    if mode in ("P", "L", "RGB") and "transparency" in img.info:  # a key colour (PNG tRNS, GIF): see-through
+    if mode in ("P", "L", "RGB", "1") and "transparency" in img.info:  # a key colour (PNG tRNS, GIF): see-through
         img = img.convert("RGBA")
         mode = "RGBA"
+    if (mode.startswith("I;16") or mode == "I") and "transparency" in img.info:
+        # A 16-bit key colour: Pillow's RGBA conversion drops it (the pixels came out opaque), so the mask
+        # is taken here from the 16-bit values.
+        seen = Image.fromarray(np.where(np.asarray(img) == img.info["transparency"], 0, 255).astype(np.uint8))
+        img = Image.merge("LA", (Image.fromarray(_to_eight_bits(img, lambda rows: rows / 257.0)), seen))
+        mode = "LA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

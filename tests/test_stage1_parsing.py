@@ -162,6 +162,17 @@ def test_mode_conversion_rules():
     grey.paste(90, (0, 0, 16, 8))
     k = _decoded(_save(grey, "PNG", transparency=0), px=16)
     assert abs(float(k[:6].mean()) - 90) < 8 and k[10:].mean() > 235
+    # ... and 1-bit and 16-bit greyscale ones (logos, line art), which came out black
+    bits = Image.new("1", (16, 16), 0)
+    bits.paste(1, (0, 0, 16, 8))  # top half white, bottom half black (the key colour)
+    k = _decoded(_save(bits, "PNG", transparency=0), px=16)
+    assert k[:6].mean() > 235 and k[10:].mean() > 235
+    k = _decoded(_save(Image.new("1", (16, 16), 1), "PNG", transparency=0), px=16)  # nothing see-through
+    assert k.mean() > 235
+    deep = np.full((16, 16), 1000, dtype=np.uint16)  # the key colour
+    deep[:8] = 40000  # top half: 40000 / 257 = 156
+    k = _decoded(_save(Image.fromarray(deep), "PNG", transparency=1000), px=16)
+    assert abs(float(k[:6].mean()) - 156) < 8 and k[10:].mean() > 235
 
 
 def test_wide_greyscale_is_rounded_to_eight_bits_in_row_chunks_without_a_wide_copy():
