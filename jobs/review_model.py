@@ -41,9 +41,11 @@ def body(ctx) -> int:
 
     setup_mlflow(ctx.cfg)
     outcome = validate(ctx.cfg, ctx.store, ctx.args.version, ctx.args.allow_first)  # gates: read-only
-    promote(outcome)  # deployment: @champion moves only when every gate passed
-    ctx.say(f"decision: {outcome.decision} (challenger {outcome.challenger}, champion before {outcome.champion})")
-    ctx.write_status(outcome.status())  # before the report: a failing report must not hide the decision
+    try:
+        promote(outcome)  # deployment: @champion moves only when every gate passed
+    finally:  # said even when the move failed part-way (whether the alias moved is in the decision)
+        ctx.say(f"decision: {outcome.decision} (challenger {outcome.challenger}, champion before {outcome.champion})")
+        ctx.write_status(outcome.status())  # before the report: a failing report must not hide the decision
     log_review(ctx.cfg, ctx.store, outcome, with_tsne=not ctx.args.no_tsne)
     return 0 if ctx.args.status_file else outcome.exit_code
 

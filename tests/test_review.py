@@ -318,6 +318,36 @@ def test_promotion_is_refused_when_the_champion_moved_during_the_review(env):
     assert out.decision == "promoted" and _champion() == c
 
 
+def test_a_promotion_whose_tags_fail_still_says_it_moved_the_alias_and_its_report_tags_it(env, monkeypatch):
+    """The alias moved and the registry then failed the decision tag (a blip): the outcome is `promoted`
+    (not an exception that hides the move), and the review's report writes the tags."""
+    import mlflow
+
+    from etl import registry
+    from etl.contracts import CTR_MODEL as MODEL_NAME
+    from training.ctr.review import APPROVED, ReviewOutcome, log_review, promote
+
+    versions = sorted((str(v.version) for v in registry.versions(MODEL_NAME)), key=int)
+    while len(versions) < 2:
+        versions.append(_train(env, feature_mode="none", seed=len(versions))["model_version"])
+    a, b = versions[-2:]
+    registry.promote(MODEL_NAME, a)
+    real_tag = registry.tag_version
+
+    def blip(*args, **kwargs):
+        raise ConnectionError("registry unreachable")
+
+    monkeypatch.setattr(registry, "tag_version", blip)
+    out = promote(ReviewOutcome(APPROVED, [], challenger=b, champion=a))
+    assert out.decision == "promoted" and _champion() == b
+    assert any("could not be written" in n for n in out.notes)
+    monkeypatch.setattr(registry, "tag_version", real_tag)
+    _, cfg, store = env
+    log_review(cfg, store, out, with_tsne=False)
+    tags = mlflow.MlflowClient().get_model_version(MODEL_NAME, b).tags
+    assert tags.get("review.decision") == "promoted" and tags.get("review.run_id"), tags
+
+
 def test_an_unreachable_registry_is_an_error_not_an_empty_registry(tmp_path, monkeypatch):
     """'Nothing registered' only when the registry says so: a review must not refuse (exit 0 under a
     scheduler) or promote a first model, and --skip-if-done must not retrain, because a server was down."""

@@ -29,11 +29,14 @@ approved challenger; `run_review` is the two in that order.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 
 from etl import catalog as T
 from etl.contracts import CHAMPION, CTR_MODEL as MODEL_NAME
+
+log = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
 APPROVED = "approved"  # every gate passed; becomes PROMOTED once the alias moved
@@ -155,8 +158,15 @@ def promote(outcome: ReviewOutcome) -> ReviewOutcome:
         outcome.decision = PROMOTED
         # The decision goes with the alias, before the report (log_review adds the review run's id): a report
         # that fails would leave @champion tagged with an earlier review's verdict, and that version is never
-        # reviewed again.
-        registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(PROMOTED, ""))
+        # reviewed again. The alias has moved: a failing tag (a registry blip) must not hide that; log_review
+        # tags the version again.
+        try:
+            registry.tag_version(MODEL_NAME, outcome.challenger, registry.review_tags(PROMOTED, ""))
+        except Exception as exc:  # noqa: BLE001 - the promotion stands; the tag is retried by log_review
+            log.warning("v%s is @%s, but its review tags could not be written yet: %s", outcome.challenger,
+                        CHAMPION, exc)
+            outcome.notes.append(f"the review tags of v{outcome.challenger} could not be written with the alias "
+                                 f"move ({type(exc).__name__}); the report below writes them")
     return outcome
 
 
