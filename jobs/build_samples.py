@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.common import CRASHED, check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
+from jobs.common import check_date_range, date_range_arguments, dates_param, run_job  # noqa: E402
 
 JOB = "build_samples"
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from etl.build import InputError, PublishError, VerifyError
 
     return run_job(JOB, __doc__, add_arguments, body, check_args=check_date_range,
-                   expected_errors=(InputError, PublishError, VerifyError), argv=argv, crash_status=CRASHED)
+                   expected_errors=(InputError, PublishError, VerifyError), argv=argv)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ class JobContext:
         print(f"[{self.name}] {message}", flush=True)
 
 
-# The exit status of a job that failed (a traceback), for jobs whose status 1 is an outcome (a refused publish,
-# a rejected model): a scheduler must not read a crash as that outcome.
+# The exit status of a job that failed (a traceback): 1 is an outcome in every job (a refused publish, an
+# input or a registry state to fix first, a rejected model), and a scheduler must not read a crash as one.
 CRASHED = 3
 
 
@@ -185,14 +185,14 @@ def _crashed(name: str, crash_status: int | None) -> int:
 
 def run_job(name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             body: Callable[[JobContext], int | None], check_args: Callable[[argparse.Namespace], None] | None = None,
-            expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = None,
+            expected_errors: tuple | dict = (), argv: list[str] | None = None, crash_status: int | None = CRASHED,
             usage_status: int = 2, spark: bool = True) -> int:
     """The frame every job shares: arguments and config (any error there: one line, exit `usage_status`),
     logging, the Spark session, the body, and the session stopped whatever happens. The body opens its
     MLflow run with `ctx.mlflow_run(...)` and returns the exit status (None = 0). `expected_errors` (bad
     input, a refused publish...: a tuple of exception types -> exit 1, or a dict type -> status) print
     their message without a traceback. `crash_status` (CRASHED): the exit status of any other exception
-    (its traceback printed), for a job whose status 1 means an outcome; else Python's (1). A job whose
+    (its traceback printed); None re-raises it (Python's exit 1). A job whose
     status 2 is an outcome (review_model: refused) sets `usage_status` too. spark=False: a job that needs
     no session (ctx.spark is None)."""
     import yaml

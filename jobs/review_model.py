@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from etl.config import ConfigError
 
     # 1 and 2 are decisions here (rejected, refused): bad arguments or config, before the body or in it, fail.
-    return run_job(JOB, __doc__, add_arguments, body, argv=argv, crash_status=CRASHED, usage_status=CRASHED,
+    return run_job(JOB, __doc__, add_arguments, body, argv=argv, usage_status=CRASHED,
                    expected_errors={ConfigError: CRASHED})
 
 

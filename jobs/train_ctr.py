@@ -37,7 +37,7 @@ def body(ctx) -> None:
 def main(argv: list[str] | None = None) -> int:
     from training.ctr.data import CtrDataError
 
-    return run_job(JOB, __doc__, add_arguments, body, expected_errors={CtrDataError: 2}, argv=argv)
+    return run_job(JOB, __doc__, add_arguments, body, expected_errors=(CtrDataError,), argv=argv)
 
 
 if __name__ == "__main__":

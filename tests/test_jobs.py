@@ -191,10 +191,10 @@ def test_bad_arguments_or_config_exit_with_the_jobs_usage_status(tmp_path, capsy
         raise KeyError("a bug")
 
     monkeypatch.setattr(jobs.common, "load_job_config", broken_loader)
-    assert run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)], crash_status=3) == 3
+    assert run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)]) == 3  # every job's crash status
     assert "Traceback" in capsys.readouterr().err
     with pytest.raises(KeyError):
-        run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)])
+        run_job("j", "d", lambda p: None, body, argv=["--conf", str(conf)], crash_status=None)
 
 
 def test_a_local_session_keeps_its_ports_on_this_machine(tmp_path):
