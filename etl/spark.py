@@ -153,6 +153,12 @@ def get_spark(cfg: Config, app_name: str | None = None):
     master = submitted_master or cfg.spark.master
     if not submitted_master:
         builder = builder.master(master)
+    elif submitted_master != cfg.spark.master:
+        # spark-submit records local[*] when it is given no --master: a config's cluster would be ignored
+        # without a word (and so would its driver_memory and launch jars, read by the launcher only).
+        log.warning("running on spark-submit's master %s, not the config's spark.master %s (spark-submit takes "
+                    "local[*] without --master; a job started with plain python launches with the config's)",
+                    submitted_master, cfg.spark.master)
     if on_this_machine(master) and not launches_jvm and "SPARK_LOCAL_IP" not in os.environ \
             and "spark.ui.enabled" not in cfg.spark.conf:
         # spark-submit started the JVM without it: the UI, started with the session below, would

@@ -234,6 +234,12 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
         assert ui in out.stdout and "APP=ui" in out.stdout, out.stdout[-2000:]  # the job's name (event logs)
         said = "the Spark UI is off for this spark-submit" in out.stdout + out.stderr  # (where logging goes)
         assert said == (local_ip is None), out.stdout[-2000:]
+        assert "not the config's spark.master" not in out.stdout + out.stderr  # --master local[2] is the config's
+    # Without --master spark-submit runs on its own local[*], not the config's master: said, not silent.
+    out = subprocess.run([submit, str(script)], cwd=ROOT, env={**env, "SPARK_LOCAL_IP": "127.0.0.1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running on spark-submit's master local[*], not the config's spark.master local[2]" in out.stdout + out.stderr
 
 
 def test_the_log4j_option_stays_one_java_argument_under_a_folder_with_a_space():
