@@ -141,6 +141,10 @@ class TrainConf:
     use_gpu: bool | None = None  # default: local mode, when this machine has CUDA; else when tasks get GPUs
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     checkpoint_every: int = 50  # steps
+    # how long a DDP rank waits for its peers in a collective: rank 0 writes checkpoints (model + optimizer,
+    # ~1 GB for a large backbone, to an object store) and the final encoder while the others wait in the
+    # next one, and torch's default for nccl is 10 minutes
+    collective_timeout_min: int = 60
     keep_checkpoints: int = 3  # step-*.pt files kept besides last.pt (each holds model + optimizer); 0 = all
     max_bad_steps: int = 5  # consecutive non-finite steps before the job aborts
     log_every: int = 10  # steps between progress lines
@@ -445,6 +449,7 @@ def _validate(cfg: Config) -> None:
          f"got {cfg.train.backbone!r}"),
         (cfg.train.checkpoint_every >= 1 and cfg.train.max_bad_steps >= 1 and cfg.train.log_every >= 1,
          "train.checkpoint_every, train.max_bad_steps and train.log_every must be >= 1"),
+        (cfg.train.collective_timeout_min >= 1, "train.collective_timeout_min must be >= 1 (minutes)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1,
          f"train.max_steps must be >= 1 (or left out: no limit), got {cfg.train.max_steps!r}"),
         (cfg.train.dim >= 1 and _non_negative(cfg.train.weight_decay) and cfg.train.seed >= 0,

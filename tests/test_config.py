@@ -31,6 +31,7 @@ def test_shipped_configs_load():
     ({"spark": {"broadcast_images_mb": -1}}, "spark.broadcast_images_mb must be >= 0"),
     # accepted before, then a ZeroDivisionError mid-training / "no limit" / one step
     ({"train": {"log_every": 0}}, "train.log_every must be >= 1"),
+    ({"train": {"collective_timeout_min": 0}}, "train.collective_timeout_min must be >= 1"),
     ({"train": {"max_steps": 0}}, "train.max_steps must be >= 1"),
     ({"train": {"max_steps": -1}}, "train.max_steps must be >= 1"),
     ({"train": {"dim": 0}}, "train.dim must be >= 1"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # worker processes (horovodrun runs this file as a script)
@@ -70,8 +71,11 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(NPROC))
     torch.set_num_threads(1)
-    with D.joined("ddp", process_group_backend="gloo"):
+    with D.joined("ddp", process_group_backend="gloo", timeout_s=4321):
         torch.save(report("ddp"), Path(out_dir) / f"rank{rank}.pt")
+        # the job's collective timeout reached the group (torch's gloo default is 30 min)
+        timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+        (Path(out_dir) / f"timeout{rank}.txt").write_text(str(timeout.total_seconds()))
 
 
 @gloo_ranks_may_abort
@@ -83,6 +87,7 @@ def test_ddp_gloo_two_processes(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=NPROC, join=True)
     check([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(NPROC)], "ddp")
+    assert [float((tmp_path / f"timeout{r}.txt").read_text()) for r in range(NPROC)] == [4321.0] * NPROC
 
 
 def test_horovodrun_gloo_two_processes(tmp_path):

@@ -349,6 +349,34 @@ def test_each_step_is_recorded_once_across_failures_and_resumes(tmp_path):
     assert history == [(k, 10.0 - k) for k in range(1, 8)]
 
 
+def test_a_tracking_server_refusing_the_points_does_not_stop_the_checkpoint_and_they_go_out_later(tmp_path):
+    """The tracking server refuses the run's metrics at a checkpoint's flush (here: the run was deleted,
+    then restored): the flush returns (the checkpoint after it is written), metrics.jsonl has the steps,
+    and the next flush logs every pending point to MLflow once."""
+    import mlflow
+
+    from training.train import TrainSpec, _Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("blip")).info.run_id
+    spec = TrainSpec(urls=[], train={}, l_pv=1, l_click=1, image_px=8, checkpoint_dir=str(tmp_path / "run"),
+                     result_path=str(tmp_path / "run" / "result.json"), mlflow_run_id=run_id, mlflow_tracking_uri=uri)
+    tracker = _Tracker(spec, None)
+    for step in (1, 2):
+        tracker.step(step, {"loss": 10.0 - step}, images=4, every=100)
+    client.delete_run(run_id)  # log_batch is refused now
+    tracker.flush()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and len(tracker.pending_metrics) == 2 * 2  # loss and images_per_s, kept
+    client.restore_run(run_id)
+    tracker.step(3, {"loss": 7.0}, images=4, every=100)
+    tracker.close()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(1, 9.0), (2, 8.0), (3, 7.0)] and not tracker.pending_metrics
+
+
 def test_the_progress_line_s_eta_counts_only_this_attempt_s_steps(tmp_path, monkeypatch, capsys):
     """A run resumed at step 50 of 100 that took 10 s for its first step has 49 steps of 10 s left."""
     import types

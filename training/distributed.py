@@ -49,6 +49,7 @@ Horovod is installed by ``scripts/install_horovod.sh``.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import logging
 import os
@@ -113,13 +114,17 @@ def current_backend() -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 # Process group lifecycle
 # --------------------------------------------------------------------------------------------------
-def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) -> None:
+def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None,
+         timeout_s: Optional[float] = None) -> None:
     """Join the job's process group. Idempotent.
 
     ddp: ``torch.distributed.init_process_group`` from the environment (MASTER_ADDR/PORT, RANK,
     WORLD_SIZE as set by TorchDistributor or torchrun), gloo on CPU and nccl when CUDA is available
     unless ``process_group_backend`` says otherwise (a trainer on the CPU of a GPU machine passes
-    "gloo"); with nccl, sets the CUDA device to LOCAL_RANK.
+    "gloo"); with nccl, sets the CUDA device to LOCAL_RANK. ``timeout_s``: how long a rank waits in a
+    collective for its peers (torch's default: 10 min for nccl, 30 for gloo); rank 0's checkpoint
+    and final writes happen while the others wait in the next collective, so a slow store must not
+    reach it (``train.collective_timeout_min``).
     horovod: ``hvd.init()`` (gloo or MPI controller as launched by horovodrun / horovod.spark.run);
     sets the CUDA device to ``hvd.local_rank()``.
     """
@@ -128,7 +133,8 @@ def init(backend: Backend = "ddp", process_group_backend: Optional[str] = None) 
     if backend == "ddp":
         if not dist.is_initialized():
             pg = process_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            dist.init_process_group(backend=pg, init_method="env://")
+            timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+            dist.init_process_group(backend=pg, init_method="env://", **timeout)
         if "nccl" in dist.get_backend():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -165,10 +171,10 @@ def shutdown(backend: Optional[Backend] = None, wait_for_peers: bool = True) -> 
 
 
 @contextmanager
-def joined(backend: Backend = "ddp", process_group_backend: Optional[str] = None):
+def joined(backend: Backend = "ddp", process_group_backend: Optional[str] = None, timeout_s: Optional[float] = None):
     """``init`` for the body, then ``shutdown``: waiting for the peers when the body finished, not when
     it raised (a failed peer never reaches the barrier)."""
-    init(backend, process_group_backend)
+    init(backend, process_group_backend, timeout_s)
     try:
         yield
     except BaseException:

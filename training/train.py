@@ -263,8 +263,17 @@ class _Tracker:
     def flush(self):
         # MLflow first: the JSONL says what was recorded, so a kill between the two repeats points, never loses them.
         if self.mlflow and self.pending_metrics:  # log_batch splits them into requests within MLflow's limits
-            self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self.pending_metrics)
-            self.pending_metrics = []
+            try:
+                self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self.pending_metrics)
+                self.pending_metrics = []
+            except Exception as exc:  # noqa: BLE001 - see below
+                # A tracking server's blip must not stop the run before the checkpoint this flush precedes
+                # (every rank would lose the steps since the last one): the points stay pending for the
+                # next flush, and metrics.jsonl below holds them meanwhile (a kill before that flush loses
+                # them in MLflow only).
+                log.warning("%d metric points not logged to MLflow yet (%s: %s); retried at the next flush, "
+                            "kept in metrics.jsonl", len(self.pending_metrics), type(exc).__name__,
+                            " ".join(str(exc).split())[:200])
         if self.jsonl and self.pending:
             fs.append_text(self.jsonl, "".join(self.pending))
             self.pending = []
@@ -297,7 +306,8 @@ def train_fn(spec_dict: dict) -> dict:
     t = spec.train
     backend = t["backend"]
     use_gpu = wants_gpu(t["use_gpu"])
-    dist.init(backend, "nccl" if use_gpu else "gloo")  # gloo when a GPU machine trains on its CPU
+    dist.init(backend, "nccl" if use_gpu else "gloo",  # gloo when a GPU machine trains on its CPU
+              timeout_s=60.0 * t["collective_timeout_min"])
     rank, world = dist.rank(), dist.world_size()
     device = pick_device(use_gpu)
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
