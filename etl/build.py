@@ -22,6 +22,7 @@ from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from etl import catalog as T
+from etl import fs
 from etl import counts as K
 from etl import samples as S
 from etl.config import Config, under_root
@@ -193,7 +194,8 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
         raise PublishError(f"{date}: published date(s) {stale} were built before an earlier date was published "
                            f"again, and read its item images, first listings and click verdicts as they were; "
                            f"rebuild them first (a --date {stale[0]} --end-date {date} range rebuilds in order)")
-    scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read])
+    scans = scan_files(spark, [f for di in (*log_files.values(), *catalog_files.values()) for f in di.read],
+                       storage=fs.options_for(cfg))
     changed = _changed_since_published(date, window, catalog_dates, log_files, catalog_files, scans, published)
     if changed:
         raise PublishError(f"{date}: the input of published date(s) {changed} changed since they were published "

@@ -263,6 +263,21 @@ def read_bytes(uri: str, options: S3Options | None = None) -> bytes:
     return _call("read", uri, options, read)
 
 
+def scan_stream(uri: str, consume, options: S3Options | None = None):
+    """consume(binary stream) over the file or object at uri, streamed (constant memory whatever its
+    size); its result is returned. FileNotFoundError when it is gone."""
+    fs, path = filesystem(uri, options)
+
+    def scan():
+        try:
+            with fs.open_input_stream(path) as fh:
+                return consume(fh)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {_where(uri, options)}") from None
+
+    return _call("read", uri, options, scan)
+
+
 def read_text(uri: str, options: S3Options | None = None) -> str:
     return read_bytes(uri, options).decode("utf-8")
 

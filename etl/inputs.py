@@ -27,6 +27,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
+from etl import fs
 from etl.spark import file_open_cost, glob_escape, hadoop_path
 
 READ_SUFFIXES = (".jsonl", ".json")
@@ -146,6 +147,16 @@ def _scan_local(path: str) -> tuple[str, int]:
         return _scan_stream(path, _HadoopChecksummed(f, sidecar) if sidecar else f)
 
 
+def _scan_object(uri: str, options) -> tuple[str, int, int]:
+    """(sha256, lines, size) of an object-store file, streamed by the executor itself (etl.fs, pyarrow's
+    S3): constant memory, where Spark's binaryFile source holds each file whole (and refuses one over 2 GB)."""
+    def consume(fh):
+        stored = _Hashing(fh)
+        return (*_scan_stream(uri, fh, stored), stored.size)
+
+    return fs.scan_stream(uri, consume, options)
+
+
 def _checksum_file(path: str) -> str | None:
     """Hadoop's checksum file of a local file (.<name>.crc beside it), or None."""
     head, name = os.path.split(path)
@@ -202,11 +213,12 @@ class _Hashing:
     """A binary file read through: every byte read also goes into `digest`."""
 
     def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
 
     def read(self, n=-1):
         b = self.f.read(n)
         self.digest.update(b)
+        self.size += len(b)
         return b
 
 
@@ -247,13 +259,14 @@ def _decompressed(stored, codec: str, chunk: int):
         raise EOFError(f"the {codec} stream ends before its end marker (a truncated file)")
 
 
-def _scan_stream(name: str, raw) -> tuple[str, int]:
+def _scan_stream(name: str, raw, stored: _Hashing | None = None) -> tuple[str, int]:
     """(sha256, lines) of a binary stream read in 8 MB chunks, decompressed (`_decompressed`) when `name`
     says so. Hadoop's LineRecordReader ends a line at \n, \r or \r\n, as bytes.splitlines() does (a last
-    line without a newline counts; a final newline adds none)."""
+    line without a newline counts; a final newline adds none). `stored`: the _Hashing over raw to read
+    through (its size is then the bytes read)."""
     chunk = 8 << 20
     lines, after_cr, last, head = 0, False, b"", b""
-    stored = _Hashing(raw)
+    stored = stored or _Hashing(raw)
     codec = _codec(name)
     blocks = _decompressed(stored, codec, chunk) if codec else iter(lambda: stored.read(chunk), b"")
     for block in blocks:
@@ -304,10 +317,12 @@ def _local_file(path: str) -> str | None:
     return path[len("file:"):] if path.startswith("file:/") and os.path.isfile(path[len("file:"):]) else None
 
 
-def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[str, FileScan]:
+def scan_files(spark, files: list[RawFile], stream_local: bool = True, storage=None) -> dict[str, FileScan]:
     """{path: FileScan} for every file, computed on the executors from the stored bytes: local files
-    opened by the executors themselves (one task per file, streamed; 0.3 s instead of 3 s for 207 MB),
-    others (s3a://, or every file when not stream_local) read through Spark's `binaryFile` source."""
+    opened by the executors themselves (one task per file, streamed; 0.3 s instead of 3 s for 207 MB), and
+    s3a:// files too when `storage` (etl.fs.S3Options: the config's S3 settings, which travel to the
+    executors) is given; others (or every file when not stream_local) read through Spark's `binaryFile`
+    source, which holds each file whole in memory and refuses one over 2 GB."""
     # Spark's file sources skip zero-length files: those are answered here without reading.
     empty = {f.path: FileScan(0, hashlib.sha256(b"").hexdigest(), 0) for f in files if f.size == 0}
     files = [f for f in files if f.size > 0]
@@ -336,12 +351,16 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
                     rows.append((p, None, None, len(c), _unreadable(e)))
             yield batch_of(rows)
 
-    def scan_local(batches):
+    def scan_streamed(batches):  # each file opened here, local or on the object store
         for batch in batches:
             rows = []
             for p, local in zip(batch.column("path").to_pylist(), batch.column("local").to_pylist()):
                 try:
-                    rows.append((p, *_scan_local(local), os.path.getsize(local), None))
+                    if local is not None:
+                        rows.append((p, *_scan_local(local), os.path.getsize(local), None))
+                    else:
+                        sha, lines, size = _scan_object(p, storage)
+                        rows.append((p, sha, lines, size, None))
                 except FileNotFoundError:  # gone since it was listed: reported by the driver below
                     pass
                 except _DAMAGED as e:
@@ -349,12 +368,17 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True) -> dict[s
             yield batch_of(rows)
 
     local = {f.path: _local_file(f.path) for f in files}
-    if stream_local and all(local.values()):
-        rows = spark.sparkContext.parallelize([(f.path, local[f.path]) for f in files], len(files))
-        df = spark.createDataFrame(rows, "path string, local string").mapInArrow(scan_local, schema)
-    else:
-        df = (spark.read.format("binaryFile").load([glob_escape(f.path) for f in files])
-              .select("path", "content").mapInArrow(scan, schema))
+    streamed = [f for f in files
+                if stream_local and (local[f.path] or (storage is not None and fs.is_object_store(f.path)))]
+    whole = [f for f in files if f not in streamed]
+    parts = []
+    if streamed:
+        rows = spark.sparkContext.parallelize([(f.path, local[f.path]) for f in streamed], len(streamed))
+        parts.append(spark.createDataFrame(rows, "path string, local string").mapInArrow(scan_streamed, schema))
+    if whole:
+        parts.append(spark.read.format("binaryFile").load([glob_escape(f.path) for f in whole])
+                     .select("path", "content").mapInArrow(scan, schema))
+    df = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
     scanned = df.collect()
     damaged = sorted(f"{r['path']} ({r['error']})" for r in scanned if r["error"] is not None)
     if damaged:

@@ -8,10 +8,12 @@ import bz2
 import gzip
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from conftest import click, pv, write_catalog, write_config, write_jsonl
+from s3_server import s3_server  # noqa: F401 - the fixture
 
 D0, D1, D2 = "2026-11-19", "2026-11-20", "2026-11-21"
 ITEMS = [f"i{k}" for k in range(1, 9)]
@@ -517,7 +519,12 @@ def test_input_scan_counts_the_lines_spark_reads_streamed_or_whole(spark, tmp_pa
     """scan_files' line count is the anchor raw_rows is checked against: for every line-end style,
     codec and odd ending it must equal the lines Spark's text source reads, whether the executors
     stream a local file (8 MB chunks: a \\r\\n may straddle two) or Spark's binaryFile source reads it
-    whole (as for s3a://); sizes and sha256 are the stored bytes'."""
+    whole; sizes and sha256 are the stored bytes'."""
+    _scan_every_kind_of_file(spark, tmp_path)
+
+
+def _scan_every_kind_of_file(spark, tmp_path):
+    """The checks above; (bodies by name, the streamed scan, the files)."""
     import hashlib
 
     from etl.inputs import discover, scan_files
@@ -551,6 +558,30 @@ def test_input_scan_counts_the_lines_spark_reads_streamed_or_whole(spark, tmp_pa
         assert (streamed[f.path].size, streamed[f.path].sha256, streamed[f.path].lines) == want, name
         assert (whole[f.path].size, whole[f.path].sha256, whole[f.path].lines) == want, name
     assert spark.read.text(str(folder / "straddle.jsonl")).count() == 2
+    return bodies, streamed, files
+
+
+def test_object_store_files_are_streamed_by_the_executors_with_the_same_scan(spark, tmp_path, s3_server):  # noqa: F811
+    """s3a:// log files are opened by the executors through the config's S3 settings and streamed (Spark's
+    binaryFile source held each one whole, and refuses one over 2 GB): the same sizes, sha256 and line
+    counts as the local files' scan; an object gone since it was listed is named, not skipped."""
+    from etl import fs
+    from etl.inputs import InputError, RawFile, scan_files
+
+    bodies, local, local_files = _scan_every_kind_of_file(spark, tmp_path)
+    base = s3_server.uri(f"raw-{time.time_ns()}/search_log/dt=2026-11-20")
+    files = []
+    for name, body in bodies.items():
+        fs.write_bytes(f"{base}/{name}", body, s3_server.options)
+        files.append(RawFile(f"{base}/{name}", name, len(body), 0))
+    remote = scan_files(spark, files, storage=s3_server.options)
+    for f in files:
+        want = local[next(x.path for x in local_files if x.name == f.name)]
+        assert (remote[f.path].size, remote[f.path].sha256, remote[f.path].lines) == \
+            (want.size, want.sha256, want.lines), f.name
+    gone = RawFile(f"{base}/gone.jsonl", "gone.jsonl", 10, 0)
+    with pytest.raises(InputError, match="gone.jsonl: listed but could not be read back"):
+        scan_files(spark, [files[0], gone], storage=s3_server.options)
 
 
 def test_rows_parsed_per_file_are_counted_under_the_file_s_own_name(spark, tmp_path):
