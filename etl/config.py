@@ -395,6 +395,8 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         key, raw = pair.split("=", 1)
         node = tree
         parts = key.strip().split(".")
+        if parts[:2] == ["spark", "conf"] and len(parts) > 2:  # a Spark key is one key: spark.conf.spark.ui.port
+            parts = ["spark", "conf", ".".join(parts[2:])]
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(raw)
