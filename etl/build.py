@@ -82,6 +82,7 @@ class DateInputs:
     published: dict  # dt -> manifest entry of the dates published so far
     own_files: dict  # input kind -> digest of this date's own files of that kind (kept in its manifest entry)
     ignored_catalog_folders: list  # catalog/dt=<name> folders whose name is no date: not read, reported
+    lookback_days: int = 0  # samples.history_lookback_days: the earlier dates whose logs this date reads
 
 
 def _dated_lines(spark, base: str, files: dict) -> DataFrame:
@@ -120,19 +121,30 @@ def _changed_since_published(date: str, window: list[str], catalog_dates: list[s
                   if x < date and x in files and recorded(x, kind) not in (None, _files_digest(files[x], scans)))
 
 
-def _earlier_builds(published: dict, date: str) -> str:
-    """A digest of the builds of the dates before `date` as `published` holds them (each one's fingerprint
-    and run): what a build of `date` read from them (item images, first listings, click verdicts)."""
-    return fingerprint({x: [e.get("fingerprint"), e.get("run_id")] for x, e in published.items() if x < date})
+def _earlier_builds(published: dict, date: str, lookback_days: int) -> str:
+    """A digest of what a build of `date` read from the earlier dates' published builds: the builds
+    (fingerprint and run) of the dates in its history window (their clicks, verdicts and item images), and
+    the catalog files of the earlier dates with a catalog (where each item was first listed). A log-only
+    date outside the window is not read: its rebuild leaves `date` as it is."""
+    start = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback_days)).isoformat()
+    no_catalog = _files_digest(None, {})
+    read = {}
+    for x, e in published.items():
+        catalog = e.get("files", {}).get("catalog")
+        if start <= x < date:
+            read[x] = [e.get("fingerprint"), e.get("run_id")]
+        elif x < date and catalog not in (None, no_catalog):
+            read[x] = catalog
+    return fingerprint(read)
 
 
-def _built_before_an_earlier_rebuild(published: dict, date: str) -> list[str]:
-    """The published dates before `date` built from earlier dates that were published again since (a
-    rebuilt or back-filled date alone, not as a range through them): their tables hold what those dates
-    published then (an item first listed on the rebuilt date would have an item_images row on both). A date
-    published before this was recorded cannot say, and is not listed."""
-    return sorted(x for x, e in published.items()
-                  if x < date and e.get("earlier") not in (None, _earlier_builds(published, x)))
+def _built_before_an_earlier_rebuild(published: dict, dates, lookback_days: int) -> list[str]:
+    """Those of the published `dates` that read an earlier date published again since (a rebuilt or
+    back-filled date alone, not as a range through them): their tables hold what that date published then
+    (an item its new catalog lists first kept an item_images row on both dates). A date published before
+    this was recorded cannot say, and is not listed."""
+    return sorted(x for x in dates if x in published and published[x].get("earlier") not in
+                  (None, _earlier_builds(published, x, lookback_days)))
 
 
 def _is_date(name: str) -> bool:
@@ -189,7 +201,7 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                            f"builds in order)" + (f". {catalog_only} have a catalog but no search log: "
                                                   f"{_CATALOG_ONLY}" if catalog_only else ""))
 
-    stale = _built_before_an_earlier_rebuild(published, date)
+    stale = _built_before_an_earlier_rebuild(published, [x for x in published if x < date], sc.history_lookback_days)
     if stale:
         raise PublishError(f"{date}: published date(s) {stale} were built before an earlier date was published "
                            f"again, and read its item images, first listings and click verdicts as they were; "
@@ -233,7 +245,7 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
                          f"{[f.name for f in today.ignored]}); refusing to replace {date}'s tables with empty "
                          f"ones (pass --allow-empty to publish an empty date)")
     return DateInputs(date, log_files, catalog_files, scans, catalog, images, fp, published, own,
-                      [f"dt={x}" for x in not_dates])
+                      [f"dt={x}" for x in not_dates], lookback_days=sc.history_lookback_days)
 
 
 # ---- compute: every table's rows staged (uncommitted), every count taken --------------------------
@@ -472,8 +484,9 @@ def _publish(store: TableStore, plog: PublishLog, staged: dict, report: DateRepo
         latest = plog.latest()
         dates = {**latest["dates"], report.dt: {"fingerprint": inputs.fingerprint, "run_id": run_id,
                                                 "files": inputs.own_files,
-                                                "earlier": _earlier_builds(inputs.published, report.dt)}}
-        later = sorted(x for x in dates if x > report.dt)
+                                                "earlier": _earlier_builds(inputs.published, report.dt,
+                                                                           inputs.lookback_days)}}
+        later = _built_before_an_earlier_rebuild(dates, [x for x in dates if x > report.dt], inputs.lookback_days)
         if later:
             report.note = "; ".join(filter(None, [report.note, (
                 f"published later date(s) {later} read this date and are stale until rebuilt (a --date {later[0]} "

@@ -395,11 +395,13 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         key, raw = pair.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        if parts[:2] == ["spark", "conf"] and len(parts) > 2:  # a Spark key is one key: spark.conf.spark.ui.port
+        spark_key = parts[:2] == ["spark", "conf"] and len(parts) > 2
+        if spark_key:  # a Spark key is one key: spark.conf.spark.ui.port
             parts = ["spark", "conf", ".".join(parts[2:])]
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        # A Spark setting is a string, as Spark reads it (YAML would read a secret "0123" as 83, "on" as true).
+        node[parts[-1]] = raw if spark_key else yaml.safe_load(raw)
     return tree
 
 

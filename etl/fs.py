@@ -263,19 +263,31 @@ def read_bytes(uri: str, options: S3Options | None = None) -> bytes:
     return _call("read", uri, options, read)
 
 
+class _StoreReads:
+    """A stream whose read errors (the store's: a timeout, a refused request) are StorageError, not the
+    plain OSError a damaged file's decoder raises."""
+
+    def __init__(self, fh, uri: str, options: S3Options | None):
+        self.fh, self.uri, self.options = fh, uri, options
+
+    def read(self, n=-1):
+        return _call("read", self.uri, self.options, lambda: self.fh.read(n))
+
+
 def scan_stream(uri: str, consume, options: S3Options | None = None):
     """consume(binary stream) over the file or object at uri, streamed (constant memory whatever its
-    size); its result is returned. FileNotFoundError when it is gone."""
+    size); its result is returned. FileNotFoundError when it is gone; StorageError when the store fails
+    (opening or reading); what consume raises otherwise (e.g. a decoder's error) as it is."""
     fs, path = filesystem(uri, options)
 
-    def scan():
+    def open_stream():
         try:
-            with fs.open_input_stream(path) as fh:
-                return consume(fh)
+            return fs.open_input_stream(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {_where(uri, options)}") from None
 
-    return _call("read", uri, options, scan)
+    with _call("open", uri, options, open_stream) as fh:
+        return consume(_StoreReads(fh, uri, options))
 
 
 def read_text(uri: str, options: S3Options | None = None) -> str:

@@ -42,7 +42,7 @@ def _to_rgb(img):
     if (mode.startswith("I;16") or mode == "I") and "transparency" in img.info:
         # A 16-bit key colour: Pillow's RGBA conversion drops it (the pixels came out opaque), so the mask
         # is taken here from the 16-bit values.
-        seen = Image.fromarray(np.where(np.asarray(img) == img.info["transparency"], 0, 255).astype(np.uint8))
+        seen = Image.fromarray(np.where(np.asarray(img) == img.info["transparency"], np.uint8(0), np.uint8(255)))
         img = Image.merge("LA", (Image.fromarray(_to_eight_bits(img, lambda rows: rows / 257.0)), seen))
         mode = "LA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -149,7 +149,9 @@ def _scan_local(path: str) -> tuple[str, int]:
 
 def _scan_object(uri: str, options) -> tuple[str, int, int]:
     """(sha256, lines, size) of an object-store file, streamed by the executor itself (etl.fs, pyarrow's
-    S3): constant memory, where Spark's binaryFile source holds each file whole (and refuses one over 2 GB)."""
+    S3): constant memory, where Spark's binaryFile source holds each file whole (and refuses one over 2 GB).
+    The store's own failures are fs.StorageError (a crash of the date, retried by Spark's task retries
+    first), not the damage a decoder reports."""
     def consume(fh):
         stored = _Hashing(fh)
         return (*_scan_stream(uri, fh, stored), stored.size)
@@ -363,6 +365,8 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True, storage=N
                         rows.append((p, sha, lines, size, None))
                 except FileNotFoundError:  # gone since it was listed: reported by the driver below
                     pass
+                except fs.StorageError:  # the store failed, not the file: not "damaged"
+                    raise
                 except _DAMAGED as e:
                     rows.append((p, None, None, None, _unreadable(e)))
             yield batch_of(rows)
@@ -385,10 +389,12 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True, storage=N
         raise InputError(f"{len(damaged)} file(s) could not be read to the end: {'; '.join(damaged)}. Replace them "
                          "with complete copies, or move them out of the date's folder, and run the date again")
     got = {r["path"]: FileScan(r["size"], r["sha256"], r["lines"]) for r in scanned}
-    # binaryFile reports paths qualified like listStatus does; fall back to the name for safety.
+    # binaryFile reports paths qualified like listStatus does; else the file of that name, when only one
+    # has it (dates' folders hold files of the same names: another date's scan must never stand in).
     out = dict(empty)
     for f in files:
-        hit = got.get(f.path) or next((v for k, v in got.items() if k.endswith("/" + f.name)), None)
+        by_name = [v for k, v in got.items() if k.endswith("/" + f.name)]
+        hit = got.get(f.path) or (by_name[0] if len(by_name) == 1 else None)
         if hit is None:
             raise InputError(f"{f.path}: listed but could not be read back (removed while the job ran?)")
         out[f.path] = hit

@@ -70,9 +70,10 @@ def test_overrides_and_relative_paths(tmp_path):
     cfg = load_config(write_config(tmp_path), parse_overrides(["samples.neg_rate=0.5", "samples.l_pv=3"]))
     assert (cfg.samples.neg_rate, cfg.samples.l_pv) == (0.5, 3)
     # a Spark setting is one key under spark.conf, dots and all (it was split into nested keys and refused)
+    # and its value is the string given, as Spark reads it (not YAML's octal 83 for "0123")
     cfg = load_config(write_config(tmp_path), parse_overrides(["spark.conf.spark.ui.enabled=false",
-                                                               "spark.conf.spark.sql.adaptive.enabled=true"]))
-    assert cfg.spark.conf["spark.ui.enabled"] is False and cfg.spark.conf["spark.sql.adaptive.enabled"] is True
+                                                               "spark.conf.spark.hadoop.fs.s3a.secret.key=0123"]))
+    assert cfg.spark.conf["spark.ui.enabled"] == "false" and cfg.spark.conf["spark.hadoop.fs.s3a.secret.key"] == "0123"
     (tmp_path / "sub").mkdir()
     rel = tmp_path / "sub" / "c.yaml"
     rel.write_text("paths:\n  data_root: ../elsewhere\n")

@@ -239,7 +239,8 @@ def test_a_spark_submit_without_spark_local_ip_runs_without_the_ui(tmp_path):
     out = subprocess.run([submit, str(script)], cwd=ROOT, env={**env, "SPARK_LOCAL_IP": "127.0.0.1"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "running on spark-submit's master local[*], not the config's spark.master local[2]" in out.stdout + out.stderr
+    said = out.stdout + out.stderr
+    assert "running on spark-submit's master local[*], not the config's spark.master local[2]" in said
 
 
 def test_the_log4j_option_stays_one_java_argument_under_a_folder_with_a_space():

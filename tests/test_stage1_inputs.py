@@ -582,6 +582,17 @@ def test_object_store_files_are_streamed_by_the_executors_with_the_same_scan(spa
     gone = RawFile(f"{base}/gone.jsonl", "gone.jsonl", 10, 0)
     with pytest.raises(InputError, match="gone.jsonl: listed but could not be read back"):
         scan_files(spark, [files[0], gone], storage=s3_server.options)
+    # The store failing the read (here: nothing listens at the endpoint) fails the job; the file is not
+    # called damaged.
+    import dataclasses
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(Exception) as refused:
+        scan_files(spark, files[:1], storage=dataclasses.replace(s3_server.options, endpoint=dead))
+    assert not isinstance(refused.value, InputError) and "StorageError" in str(refused.value), refused.value
 
 
 def test_rows_parsed_per_file_are_counted_under_the_file_s_own_name(spark, tmp_path):

@@ -297,14 +297,16 @@ def test_a_date_rebuilt_alone_leaves_the_later_published_dates_refused_until_the
     """Item i9 is first listed on D1, which is published; a late catalog file then lists it on D0 too, and D0
     alone is rebuilt. D1's tables still hold i9 as new (an item_images row on both dates: a later date's
     courier_train would find its image twice). The next date is refused naming D1 until D1 is rebuilt, and
-    D0's report says which dates it left stale."""
+    D0's report says which dates it left stale. A rebuild that changes only the log of a date outside a
+    later date's history window leaves that later date as it was: it is not refused."""
     from etl.build import build_date
     from etl.config import load_config
     from etl.publish import PublishError
     from etl.tables import TableStore
 
     D2 = "2026-11-21"
-    cfg = load_config(write_config(tmp_path, {"samples": {"neg_rate": 1.0, "image_px": 16}}))
+    samples = {"neg_rate": 1.0, "image_px": 16, "history_lookback_days": 1}
+    cfg = load_config(write_config(tmp_path, {"samples": samples}))
     store = TableStore(spark, cfg)
     write_catalog(cfg, D0, ["i1", "i2"])
     write_catalog(cfg, D1, ["i9"])
@@ -329,6 +331,11 @@ def test_a_date_rebuilt_alone_leaves_the_later_published_dates_refused_until_the
     d2 = build_date(spark, cfg, store, D2, "run-d2-again")
     assert d2.status == "built" and not d2.note
     assert build_date(spark, cfg, store, D1, "run-d1-once-more").status == "unchanged"
+    # A late log file of D0 alone: D1 reads D0's clicks (its window), D2 does not (nor a changed catalog).
+    late = Path(cfg.raw_root) / "search_log" / f"dt={D0}" / "part-00001.jsonl"
+    late.write_text(json.dumps(click("c-late", "2026-11-19T10:00:09Z", "u1", f"p{D0}", "i1")) + "\n")
+    d0 = build_date(spark, cfg, store, D0, "run-d0-late")
+    assert d0.status == "built" and f"published later date(s) ['{D1}'] read this date" in d0.note, d0.note
 
 
 def test_a_publish_that_cannot_start_leaves_no_staged_files(spark, tmp_path, monkeypatch):

@@ -253,6 +253,25 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_from_step_0(trained
     assert json.loads(fs.read_text(os.path.join(folder, "result.json")))["steps"] == 2
 
 
+def test_the_supervised_class_list_is_the_run_s_own_on_resume(trained, spark, tmp_path):
+    """The supervised baseline's classes are written in run.json when the run starts and read back on a
+    resume: stage 1 publishing a new category meanwhile must not resize (or reorder) the classifier
+    its checkpoint holds."""
+    from etl.config import load_config
+    from etl.tables import TableStore
+    from training.launch import _write_marker, run_categories, run_marker
+
+    conf, _ = trained
+    cfg = load_config(conf)
+    published = sorted({r["category"] for r in TableStore(spark, cfg).read("items").collect() if r["category"]})
+    assert len(published) >= 2 and run_categories(spark, cfg, None) == published
+    folder = str(tmp_path / "run")
+    os.makedirs(folder)
+    _write_marker(folder, "r1", {}, published[:-1])  # the run started before the last category existed
+    marker = run_marker(folder)
+    assert marker["categories"] == published[:-1] and run_categories(spark, cfg, marker) == published[:-1]
+
+
 def _train_in_process(spec: dict) -> dict:
     import socket
 

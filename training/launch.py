@@ -186,8 +186,24 @@ def run_marker(checkpoint_dir: str) -> dict | None:
     return json.loads(fs.read_text(path))
 
 
-def _write_marker(checkpoint_dir: str, run_id: str, identity: dict) -> None:
-    fs.write_text(fs.join(checkpoint_dir, "run.json"), json.dumps({"mlflow_run_id": run_id, "identity": identity}))
+def _write_marker(checkpoint_dir: str, run_id: str, identity: dict, categories: list[str] | None = None) -> None:
+    marker = {"mlflow_run_id": run_id, "identity": identity}
+    if categories is not None:
+        marker["categories"] = categories
+    fs.write_text(fs.join(checkpoint_dir, "run.json"), json.dumps(marker))
+
+
+def run_categories(spark, cfg: Config, marker: dict | None) -> list[str]:
+    """The supervised baseline's class list, in a fixed order: the run's own (run.json) when it has one,
+    else the categories of the items stage 1 published. Fixed with the run as the classifier's size and
+    the meaning of its indices are: a resume after a new category was published would not fit its
+    checkpoint (or would read the indices shifted)."""
+    if marker is not None and marker.get("categories") is not None:
+        return list(marker["categories"])
+    from etl.tables import TableStore
+
+    items = TableStore(spark, cfg).read(T.ITEMS).select("category").distinct()
+    return sorted(r["category"] for r in items.collect() if r["category"])
 
 
 def make_spec(cfg: Config, files, checkpoint_dir: str, run_id: str | None, resume: bool):
@@ -245,8 +261,9 @@ def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
     files, checkpoint_dir, resume = plan.files, plan.checkpoint_dir, plan.resume
     # before the run's marker: a config the machine cannot run must not claim the run's name
     use_gpu = resolve_use_gpu(t.use_gpu, t.local_mode, spark, t.num_workers)
+    categories = run_categories(spark, cfg, plan.marker) if t.method == "supervised" else None
     if not resume:
-        _write_marker(checkpoint_dir, run_id, run_identity(cfg, plan.data_version))
+        _write_marker(checkpoint_dir, run_id, run_identity(cfg, plan.data_version), categories)
     elif last_checkpoint(checkpoint_dir) is None:  # it failed before its first checkpoint
         print(f"[train] {plan.run_name} has no checkpoint yet: starting from step 0 in the same run", flush=True)
         resume = False
@@ -254,11 +271,8 @@ def launch(cfg: Config, spark, plan: TrainPlan, run_id: str) -> dict:
     result_path = spec["result_path"]
     fs.remove(result_path)
     spec["train"]["use_gpu"] = use_gpu
-    if t.method == "supervised":  # the class list, in a fixed order, for the category classifier
-        from etl.tables import TableStore
-
-        items = TableStore(spark, cfg).read(T.ITEMS).select("category").distinct()
-        spec["extra"]["categories"] = sorted(r["category"] for r in items.collect() if r["category"])
+    if categories is not None:  # the class list, in a fixed order, for the category classifier
+        spec["extra"]["categories"] = categories
     print(f"[train] {t.method} / {t.backbone} on {t.num_workers} {t.backend} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {spec['total_rows']} rows", flush=True)
     if t.backend == "ddp":

@@ -280,6 +280,9 @@ class _Tracker:
 
     def close(self):
         self.flush()
+        if self.pending_metrics:  # refused at the last flush too: said, as metrics.jsonl now holds them alone
+            log.warning("%d metric points never reached MLflow run %s; %s holds every step's",
+                        len(self.pending_metrics), self.run_id, self.jsonl)
 
 
 def _recorded_through(jsonl: str) -> int:
