@@ -106,6 +106,10 @@ def _files_digest(files, scans: dict) -> str:
     return fingerprint(sorted((f.name, scans[f.path].size, scans[f.path].sha256) for f in read))
 
 
+# The digest a date records for an input kind it has no folder of (e.g. a date without a catalog).
+_NO_FILES = _files_digest(None, {})
+
+
 def _changed_since_published(date: str, window: list[str], catalog_dates: list[str], log_files: dict,
                              catalog_files: dict, scans: dict, published: dict) -> list[str]:
     """The earlier dates this build reads whose own files are no longer those their build published
@@ -127,13 +131,12 @@ def _earlier_builds(published: dict, date: str, lookback_days: int) -> str:
     the catalog files of the earlier dates with a catalog (where each item was first listed). A log-only
     date outside the window is not read: its rebuild leaves `date` as it is."""
     start = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback_days)).isoformat()
-    no_catalog = _files_digest(None, {})
     read = {}
     for x, e in published.items():
         catalog = e.get("files", {}).get("catalog")
         if start <= x < date:
             read[x] = [e.get("fingerprint"), e.get("run_id")]
-        elif x < date and catalog not in (None, no_catalog):
+        elif x < date and catalog not in (None, _NO_FILES):
             read[x] = catalog
     return fingerprint(read)
 
@@ -178,9 +181,8 @@ def gather_inputs(spark, cfg: Config, plog: PublishLog, date: str, allow_empty: 
     # Every date reads every earlier catalog (where each item was first listed): a catalog folder that a
     # published date was built from and that is gone now (archived) would make its items unknown to this
     # build (their events quarantined as unknown_item) or new again (a second item_images row each).
-    no_catalog = _files_digest(None, {})
     gone = sorted(x for x, p in published.items() if x < date and x not in catalog_dates
-                  and p.get("files", {}).get("catalog") not in (None, no_catalog))
+                  and p.get("files", {}).get("catalog") not in (None, _NO_FILES))
     if gone:
         raise InputError(f"{date}: the catalog folder(s) of published date(s) {gone} are gone from {catalog_base}; "
                          "every build reads every earlier catalog (an item's first listing), so restore them "

@@ -43,15 +43,14 @@ def _to_rgb(img):
         # A 16-bit key colour: Pillow's RGBA conversion drops it (the pixels came out opaque), so the mask
         # is taken here from the 16-bit values.
         seen = Image.fromarray(np.where(np.asarray(img) == img.info["transparency"], np.uint8(0), np.uint8(255)))
-        img = Image.merge("LA", (Image.fromarray(_to_eight_bits(img, lambda rows: rows / 257.0)), seen))
+        img = Image.merge("LA", (Image.fromarray(_to_eight_bits(img, _high_byte)), seen))
         mode = "LA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        # I;16 is 0..65535; mode I from a 16-bit PNG holds the same range.
-        return Image.fromarray(_to_eight_bits(img, lambda rows: rows / 257.0)).convert("RGB")
+        return Image.fromarray(_to_eight_bits(img, _high_byte)).convert("RGB")
     if mode == "F":
         return Image.fromarray(_to_eight_bits(img, lambda rows: rows.astype(np.float64))).convert("RGB")
     return img if mode == "RGB" else img.convert("RGB")  # convert() to the same mode is a copy
@@ -60,6 +59,11 @@ def _to_rgb(img):
 # Rows converted at a time: the float64 temporaries of a 25-Mpixel image taken whole would be ~600 MB
 # per decoding task.
 _ROWS_PER_CHUNK = 256
+
+
+def _high_byte(rows):
+    """16-bit values on the 8-bit scale (I;16 is 0..65535; mode I from a 16-bit PNG holds the same range)."""
+    return rows / 257.0
 
 
 def _to_eight_bits(img, scale):

@@ -372,9 +372,10 @@ def scan_files(spark, files: list[RawFile], stream_local: bool = True, storage=N
             yield batch_of(rows)
 
     local = {f.path: _local_file(f.path) for f in files}
-    streamed = [f for f in files
-                if stream_local and (local[f.path] or (storage is not None and fs.is_object_store(f.path)))]
-    whole = [f for f in files if f not in streamed]
+    streamed, whole = [], []  # opened by the executors / read whole by binaryFile
+    for f in files:
+        opened = stream_local and (local[f.path] or (storage is not None and fs.is_object_store(f.path)))
+        (streamed if opened else whole).append(f)
     parts = []
     if streamed:
         rows = spark.sparkContext.parallelize([(f.path, local[f.path]) for f in streamed], len(streamed))
